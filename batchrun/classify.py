@@ -1,0 +1,440 @@
+"""What a failed request means for the job and for the batch.
+
+Pure functions: they look at a status, headers, body or exception and return a
+:class:`Verdict`; they never sleep, count, or talk to Redis. Rules follow
+/work/shared/REFERENCE.md (429 bodies, quota codes, SDK exceptions).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+
+from .backoff import wait_hint
+
+__all__ = [
+    "Action",
+    "BATCH_ID_PLACEHOLDER",
+    "KINDS",
+    "QUOTA_CODES",
+    "Verdict",
+    "classify_exception",
+    "classify_response",
+    "stream_truncated_verdict",
+]
+
+
+class Action(str, Enum):
+    RETRY = "retry"  # requeue the job with backoff
+    FAIL = "fail"  # fail this job, do not retry it
+    PAUSE = "pause"  # no job can succeed: pause the batch, never mark the job failed
+
+
+KINDS = frozenset(
+    {
+        "rate_limit_tokens",
+        "rate_limit_requests",
+        "rate_limit",
+        "request_too_large",
+        "quota",
+        "auth",
+        "permission",
+        "bad_request",
+        "not_found",
+        "unprocessable",
+        "timeout",
+        "conflict",
+        "server_error",
+        "connection",
+        "stream_broken",
+        "stream_truncated",
+        "unknown",
+    }
+)
+
+# Retrying cannot help with any of these: the account has to be fixed first.
+QUOTA_CODES = frozenset(
+    {
+        "insufficient_quota",
+        "credit_balance_exhausted",
+        "organization_spend_limit_exceeded",
+        "project_spend_limit_exceeded",
+        "organization_usage_limit_exceeded",
+    }
+)
+
+BATCH_ID_PLACEHOLDER = "BATCH_ID"
+"""Appears in PAUSE messages ("run `batchrun resume BATCH_ID`"); the caller knows the real id."""
+
+
+@dataclass(frozen=True)
+class Verdict:
+    action: Action
+    kind: str
+    message: str
+    hint: float | None = None  # seconds the server asked us to wait
+    budget_exhausted: bool = False  # rate budget empty for everyone sharing it: fleet cooldown
+    circuit: bool = False  # upstream unhealthy: counts toward the circuit breaker
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:  # catch typos here rather than in dashboards
+            raise ValueError(f"unknown verdict kind {self.kind!r}")
+
+
+# --- message hygiene ------------------------------------------------------------------------
+
+_SECRETS = re.compile(r"\bsk-[A-Za-z0-9_\-]{8,}|(?i:\bbearer\s+)[A-Za-z0-9._~+/=\-]{8,}")
+_TAGS = re.compile(r"<[^>]{0,200}>")
+_SPACES = re.compile(r"\s+")
+_MAX_SERVER_MESSAGE = 500
+
+
+def _redact(text: str) -> str:
+    # The SDK puts no key in its messages, but a proxy or a future version might.
+    return _SECRETS.sub("[redacted]", text)
+
+
+def _clean(text: str) -> str:
+    """Server text on one line, bounded: proxies send whole HTML pages."""
+    text = text.strip()
+    if text.startswith("<"):
+        text = _TAGS.sub(" ", text)
+    text = _SPACES.sub(" ", _redact(text)).strip()
+    if len(text) > _MAX_SERVER_MESSAGE:
+        text = text[: _MAX_SERVER_MESSAGE - 1].rstrip() + "…"
+    return text
+
+
+def _sentence(summary: str, server_message: str, advice: str = "") -> str:
+    """``summary: server message; advice`` — skipping the parts that are empty."""
+    text = summary
+    server_message = _clean(server_message)
+    if server_message:
+        text += ": " + (server_message.rstrip(" .") if advice else server_message)
+    if advice:
+        text += "; " + advice
+    return _redact(text)
+
+
+# --- reading error bodies -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _ErrorFields:
+    message: str = ""
+    type: str = ""
+    code: str = ""
+
+
+def _error_fields(body: object) -> _ErrorFields:
+    """Pull message/type/code out of any error body shape we meet.
+
+    ``{"error": {...}}`` from the wire, the inner ``{...}`` (the SDK stores ``body["error"]`` in
+    ``APIStatusError.body``), ``{"error": "invalid_grant", "error_description": ...}`` (OAuth),
+    plain text or an HTML page from a proxy, or nothing.
+    """
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", "replace")
+    if isinstance(body, str):
+        stripped = body.strip()
+        if stripped.startswith("{"):  # JSON handed over unparsed
+            try:
+                body = json.loads(stripped)
+            except ValueError:
+                return _ErrorFields(message=stripped)
+        else:
+            return _ErrorFields(message=stripped)
+    if not isinstance(body, Mapping):
+        return _ErrorFields()
+
+    inner = body.get("error")
+    if isinstance(inner, Mapping):
+        body = inner
+    elif isinstance(inner, str) and inner:
+        description = body.get("error_description") or body.get("message") or inner
+        return _ErrorFields(message=str(description), code=inner)
+
+    def text(key: str) -> str:
+        value = body.get(key)
+        return "" if value is None else str(value)
+
+    return _ErrorFields(message=text("message"), type=text("type"), code=text("code"))
+
+
+def _quota_code(fields: _ErrorFields) -> str | None:
+    # Key on the type (stable); the code is often more specific, so show it when it is known.
+    if fields.code in QUOTA_CODES:
+        return fields.code
+    if fields.type in QUOTA_CODES:
+        return fields.type
+    return None
+
+
+def _quota_verdict(code: str, server_message: str) -> Verdict:
+    return Verdict(
+        Action.PAUSE,
+        "quota",
+        _sentence(
+            f"the API account has no quota left ({code})",
+            server_message,
+            f"fix billing, then run `batchrun resume {BATCH_ID_PLACEHOLDER}`",
+        ),
+    )
+
+
+# --- rate limits ----------------------------------------------------------------------------
+
+_TOKENS_IN_MESSAGE = re.compile(r"\((?:TPM|TPD)\)|tokens per (?:min|day)|token rate limit", re.I)
+_REQUESTS_IN_MESSAGE = re.compile(
+    r"\((?:RPM|RPD)\)|requests per (?:min|day)|call rate limit", re.I
+)
+_PER_DAY = re.compile(r"\((?:TPD|RPD)\)|per day", re.I)
+
+
+def _limit_kind(fields: _ErrorFields, headers: Mapping[str, str]) -> str | None:
+    """Which limit a 429 hit: "tokens", "requests", or None when we cannot tell."""
+    kind = fields.type.lower()
+    for name in ("tokens", "requests"):
+        if kind.startswith(name):  # "tokens", also older "tokens_usage_based"
+            return name
+    if _TOKENS_IN_MESSAGE.search(fields.message):
+        return "tokens"
+    if _REQUESTS_IN_MESSAGE.search(fields.message):
+        return "requests"
+    # Bare 429 (no body, Azure, proxies): the bucket that reads 0 remaining is the one we hit.
+    empty = [
+        name
+        for name in ("tokens", "requests")
+        if headers.get(f"x-ratelimit-remaining-{name}", "").strip() == "0"
+    ]
+    return empty[0] if len(empty) == 1 else None
+
+
+def _rate_limit_verdict(fields: _ErrorFields, headers: Mapping[str, str], now: float) -> Verdict:
+    limit = _limit_kind(fields, headers)
+    hint = wait_hint(headers, fields.message, now=now, limit_kind=limit)
+    if limit is None:
+        kind, summary = "rate_limit", "rate limited by the server (429)"
+    else:
+        period = "per day" if _PER_DAY.search(fields.message) else "per minute"
+        kind, summary = f"rate_limit_{limit}", f"rate limited on {limit} {period} by the server"
+    return Verdict(Action.RETRY, kind, _sentence(summary, fields.message), hint, budget_exhausted=True)
+
+
+# --- classify_response ----------------------------------------------------------------------
+
+# status -> (kind, summary, advice) for client errors that only this request can fix.
+_FAIL_STATUSES = {
+    400: ("bad_request", "the server rejected the request as invalid (400)", "fix this request"),
+    404: ("not_found", "not found (404)", "check the model name and the url"),
+    413: ("request_too_large", "the request is too large (413)", "make it smaller"),
+    422: ("unprocessable", "the server could not process the request (422)", "fix this request"),
+}
+# status -> (kind, summary, advice) for problems with the key: every job would fail alike.
+_PAUSE_STATUSES = {
+    401: (
+        "auth",
+        "the API key was refused (401)",
+        f"set a valid OPENAI_API_KEY, then run `batchrun resume {BATCH_ID_PLACEHOLDER}`",
+    ),
+    403: (
+        "permission",
+        "the API key is not allowed to do this (403)",
+        "give the key's project access to this model and endpoint (or use another key), "
+        f"then run `batchrun resume {BATCH_ID_PLACEHOLDER}`",
+    ),
+}
+
+
+def classify_response(
+    status: int, headers: Mapping[str, str] | None, body: object, *, now: float
+) -> Verdict:
+    """Classify an HTTP error response. ``body`` is the parsed JSON, text, or None."""
+    lower = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    fields = _error_fields(body)
+
+    # A quota/billing error can arrive with any 4xx (429 in practice); retrying never helps.
+    quota = _quota_code(fields)
+    if quota is not None and 400 <= status < 500:
+        return _quota_verdict(quota, fields.message)
+
+    if status == 429:
+        if "request too large" in fields.message.lower():
+            # Carries code rate_limit_exceeded, but it is larger than the limit itself.
+            return Verdict(
+                Action.FAIL,
+                "request_too_large",
+                _sentence(
+                    "the request is larger than the rate limit allows, so it can never be sent",
+                    fields.message,
+                    "shorten the prompt or lower max_tokens",
+                ),
+            )
+        return _rate_limit_verdict(fields, lower, now)
+
+    if status in _PAUSE_STATUSES:
+        kind, summary, advice = _PAUSE_STATUSES[status]
+        return Verdict(Action.PAUSE, kind, _sentence(summary, fields.message, advice))
+
+    if status in _FAIL_STATUSES:
+        kind, summary, advice = _FAIL_STATUSES[status]
+        return Verdict(Action.FAIL, kind, _sentence(summary, fields.message, advice))
+
+    # Transient: the same request may well succeed later. Honour the server's hint if any.
+    hint = wait_hint(lower, fields.message, now=now)
+    if status == 408:
+        summary = "the server timed out waiting for the request (408)"
+        return Verdict(Action.RETRY, "timeout", _sentence(summary, fields.message), hint, circuit=True)
+    if status == 409:
+        summary = "the server reported a conflict (409)"
+        return Verdict(Action.RETRY, "conflict", _sentence(summary, fields.message), hint)
+    if status >= 500:
+        summary = f"the server failed ({status})"
+        return Verdict(
+            Action.RETRY, "server_error", _sentence(summary, fields.message), hint, circuit=True
+        )
+    return Verdict(Action.FAIL, "unknown", _sentence(f"unexpected HTTP status {status}", fields.message))
+
+
+# --- classify_exception ---------------------------------------------------------------------
+
+# Local file-system errors are OSErrors too, but they are bugs or setup problems, not the network.
+_NOT_NETWORK_OS_ERRORS = (
+    FileNotFoundError,
+    FileExistsError,
+    IsADirectoryError,
+    NotADirectoryError,
+    PermissionError,
+)
+
+
+def _transport_error_types() -> tuple[type[BaseException], ...]:
+    """Network error classes of the HTTP stacks in use.
+
+    Looked up in sys.modules: an exception of a class from a module that was never imported
+    cannot exist, so there is nothing to import (and no hard dependency on any of them).
+    """
+    names = [
+        ("httpx2", "TransportError"),  # openai v3's HTTP stack
+        ("httpx", "TransportError"),  # openai v1/v2, and v3 when handed an httpx client
+        ("anyio", "EndOfStream"),  # the SDK treats it as a connection error too
+        ("anyio", "BrokenResourceError"),
+        ("aiohttp", "ClientConnectionError"),
+        ("aiohttp", "ClientPayloadError"),  # body cut off mid-transfer
+    ]
+    found = []
+    for module_name, attr in names:
+        cls = getattr(sys.modules.get(module_name), attr, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def _describe(exc: BaseException) -> str:
+    """``ClassName: message`` — never a traceback."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _connection_verdict(exc: BaseException) -> Verdict:
+    return Verdict(
+        Action.RETRY,
+        "connection",
+        _sentence("could not talk to the API", _describe(exc), "the request will be sent again"),
+        circuit=True,
+    )
+
+
+def classify_exception(exc: BaseException, *, now: float) -> Verdict:
+    """Classify an exception raised while sending a request (openai SDK or transport)."""
+    openai = sys.modules.get("openai")  # not imported: it cannot have raised anything
+    if openai is not None:
+        verdict = _classify_openai(openai, exc, now)
+        if verdict is not None:
+            return verdict
+
+    if isinstance(exc, (asyncio.CancelledError, KeyboardInterrupt, SystemExit)):
+        # The worker is stopping, not the request failing: the job must run again.
+        return Verdict(
+            Action.RETRY,
+            "unknown",
+            _sentence(
+                f"the request was interrupted ({type(exc).__name__}) before it finished",
+                "",
+                "it will be sent again",
+            ),
+        )
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError, ConnectionError)):
+        return _connection_verdict(exc)
+    if isinstance(exc, OSError) and not isinstance(exc, _NOT_NETWORK_OS_ERRORS):
+        return _connection_verdict(exc)  # socket.gaierror, ssl.SSLError, ENETUNREACH, ...
+    if isinstance(exc, _transport_error_types()):
+        return _connection_verdict(exc)
+    return Verdict(Action.FAIL, "unknown", _sentence("unexpected error", _describe(exc)))
+
+
+def _classify_openai(openai: object, exc: BaseException, now: float) -> Verdict | None:
+    APIError = getattr(openai, "APIError", None)
+    if APIError is None or not isinstance(exc, APIError):
+        return None
+
+    if isinstance(exc, openai.APIStatusError):  # type: ignore[attr-defined]
+        # exc.body is the inner "error" object (the SDK unwraps it); _error_fields takes both.
+        return classify_response(exc.status_code, exc.response.headers, exc.body, now=now)
+
+    if isinstance(exc, openai.APITimeoutError):  # type: ignore[attr-defined]  (before its base)
+        return Verdict(
+            Action.RETRY,
+            "timeout",
+            _sentence("the request timed out", "", "it will be sent again"),
+            circuit=True,
+        )
+    if isinstance(exc, openai.APIConnectionError):  # type: ignore[attr-defined]
+        cause = exc.__cause__ or exc.__context__
+        detail = _describe(cause) if cause is not None else str(exc.message)
+        return Verdict(
+            Action.RETRY,
+            "connection",
+            _sentence("could not talk to the API", detail, "the request will be sent again"),
+            circuit=True,
+        )
+    if isinstance(exc, openai.APIResponseValidationError):  # type: ignore[attr-defined]
+        # A 2xx whose body does not match the schema: not a broken stream, and not transient.
+        return Verdict(
+            Action.FAIL,
+            "unknown",
+            _sentence(f"the API returned an unexpected response ({exc.status_code})", exc.message),
+        )
+
+    # Any other APIError: an "error" event in the middle of a stream.
+    fields = _error_fields(exc.body)
+    message = fields.message or str(exc.message)
+    quota = _quota_code(fields)
+    if quota is not None:
+        return _quota_verdict(quota, message)
+    return Verdict(
+        Action.RETRY,
+        "stream_broken",
+        _sentence(
+            "the stream broke off with an error from the server",
+            message,
+            "the partial answer was discarded and the request will be sent again",
+        ),
+        circuit=True,
+    )
+
+
+def stream_truncated_verdict() -> Verdict:
+    """A stream that ended without a finish_reason: the SDK raises nothing, so we say it."""
+    # circuit stays False: the cut may be ours (cancellation, proxy idle timeout), not the API's.
+    return Verdict(
+        Action.RETRY,
+        "stream_truncated",
+        "the stream ended without a finish_reason; "
+        "the partial answer was discarded and the request will be sent again",
+    )

@@ -1,0 +1,262 @@
+"""The ``batchrun`` command: a thin shell over the library."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+
+import click
+
+from batchrun import __version__
+from batchrun.connections import ENV_URL, connect, describe, is_memory, resolve_url
+from batchrun.jobfile import JobFileError
+from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
+from batchrun.store import BatchStore
+
+log = logging.getLogger("batchrun")
+
+
+def setup_logging(verbosity: int) -> None:
+    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("httpx2", "httpx", "openai", "rq.worker", "rq.queue", "rq.scheduler", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+redis_option = click.option("--redis-url", envvar=ENV_URL, default=None,
+                            help=f"Redis to share with other workers (env {ENV_URL}); none: an in-process Redis.")
+
+
+def batch_options(f):
+    """Options stored with a batch (submit and run)."""
+    opts = [
+        click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="Requests per minute (per model, or bare for all)."),
+        click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="Tokens per minute (per model, or bare for all)."),
+        click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
+                     help="Attempts per job before it goes to the errors file."),
+        click.option("--backoff-base", type=click.FloatRange(0), default=1.0, show_default=True,
+                     help="First retry waits up to this many seconds (full jitter)."),
+        click.option("--backoff-cap", type=click.FloatRange(0), default=60.0, show_default=True,
+                     help="Longest backoff in seconds (a server's wait hint may exceed it)."),
+        click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
+                     help="Jobs per shard (the unit RQ hands to a worker)."),
+        click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
+        click.option("--endpoint", default="/v1/chat/completions", show_default=True,
+                     help="URL for lines that are bare request bodies."),
+        click.option("--skip-invalid", is_flag=True, help="Submit the valid lines of a file that has invalid ones."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size) -> BatchOptions:
+    try:
+        limits = Limits.parse(rpm, tpm)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
+                        shard_size=shard_size, limits=limits)
+
+
+def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
+    url = resolve_url(redis_url)
+    return BatchStore(connect(url)), url
+
+
+def fail(message: str, code: int = 1):
+    click.echo(f"batchrun: {message}", err=True)
+    sys.exit(code)
+
+
+@click.group()
+@click.version_option(__version__)
+@click.option("-v", "--verbose", count=True, help="Show each retry and more.")
+@click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
+def main(verbose: int, quiet: int) -> None:
+    """Run bulk OpenAI requests from JSONL files at the speed your rate limits allow."""
+    setup_logging(verbose - quiet)
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(exists=True, dir_okay=False))
+@redis_option
+@batch_options
+def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, **kw):
+    """Load JOBS (JSONL) into Redis and queue its shards; prints the batch id last."""
+    from batchrun.submit import submit_file
+
+    store, url = open_store(redis_url)
+    if is_memory(url):
+        click.echo("note: no --redis-url/BATCHRUN_REDIS_URL: submitting to an in-process Redis that ends with "
+                   "this command; use `batchrun run` for a one-machine run", err=True)
+    report = _submit(store, jobs, batch_id, endpoint, skip_invalid, make_options(**kw))
+    click.echo(f"{report.added} job(s) added to batch {report.batch_id} ({report.total} in all) on {describe(url)}")
+    click.echo(report.batch_id)
+
+
+def _submit(store, jobs, batch_id, endpoint, skip_invalid, options):
+    from batchrun.submit import submit_file
+
+    def on_skip(err):
+        click.echo(f"skipped: {err}", err=True)
+
+    try:
+        return submit_file(store, jobs, batch_id=batch_id, options=options, endpoint=endpoint,
+                           skip_invalid=skip_invalid, on_skip=on_skip)
+    except JobFileError as exc:
+        fail(str(exc))
+    except ValueError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@redis_option
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per process (default 100).")
+@click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True, help="Worker processes (supervised).")
+@click.option("--burst", is_flag=True, help="Exit once no batch this Redis holds has work left (retries included).")
+@click.option("--name", default=None, help="Worker name shown by `rq info`.")
+def worker(redis_url, concurrency, processes, burst, name):
+    """Run worker process(es) that send the queued batches' requests.
+
+    OPENAI_API_KEY and OPENAI_BASE_URL are read from the environment.
+    """
+    from batchrun.worker import make_worker, preload_encodings, run_pool
+
+    url = resolve_url(redis_url)
+    if is_memory(url):
+        fail(f"a worker needs a shared Redis: pass --redis-url or set {ENV_URL} "
+             "(or use `batchrun run`, which runs workers in process)")
+    settings = WorkerSettings.from_env(concurrency=concurrency)
+    if not settings.api_key:
+        fail("OPENAI_API_KEY is not set in this worker's environment; export it "
+             "(it is read from the environment only, never stored in Redis)")
+    if processes > 1:
+        argv = ["--redis-url", url, "--processes", "1"] + (["--concurrency", str(concurrency)] if concurrency else [])
+        argv += ["--burst"] if burst else []
+        sys.exit(run_pool(argv, processes, burst=burst))
+    set_worker_settings(settings)
+    preload_encodings()
+    redis = connect(url)
+    w = make_worker(redis, burst=burst, name=name)
+    log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), settings.base_url,
+             settings.concurrency, " (burst)" if burst else "")
+    w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+
+
+@main.command()
+@click.argument("batch_id")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
+@click.option("--follow", is_flag=True, help="Keep writing until the batch is finished.")
+@redis_option
+def collect(batch_id, output, errors, follow, redis_url):
+    """Append BATCH_ID's results (and errors) that the files do not hold yet."""
+    from batchrun.collect import collect as do_collect, default_errors_path
+
+    store, _ = open_store(redis_url)
+    try:
+        report = do_collect(store, batch_id, output, errors, follow=follow,
+                            on_note=lambda m: click.echo(m, err=True))
+    except LookupError as exc:
+        fail(str(exc))
+    errors = errors or default_errors_path(output)
+    click.echo(f"{report.results_written} result(s) written to {output}, {report.errors_written} error(s) to {errors}"
+               + (f"; {report.already_there} were already there" if report.already_there else "")
+               + f"; batch is {report.state}")
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(exists=True, dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Results JSONL.")
+@click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
+@redis_option
+@batch_options
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker (default 100).")
+@click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True,
+              help="Local worker processes (with --redis-url; in-process Redis uses one in-process worker).")
+@click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
+def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, **kw):
+    """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
+    from batchrun.run import RunConfig, run_batch
+
+    cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
+                    endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
+                    concurrency=concurrency, processes=processes, mock=mock)
+    try:
+        sys.exit(run_batch(cfg))
+    except JobFileError as exc:
+        fail(str(exc))
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(batch_id, redis_url, as_json):
+    """Show where BATCH_ID's jobs are."""
+    store, _ = open_store(redis_url)
+    if not store.exists(batch_id):
+        fail(f"no batch {batch_id!r} in this Redis")
+    meta = store.meta(batch_id)
+    counts = store.counts(batch_id)
+    data = {"batch_id": batch_id, "state": meta.get("state"), "reason": meta.get("reason") or None, **counts}
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"batch {batch_id}: {data['state']}" + (f" ({data['reason']})" if data["reason"] else ""))
+    click.echo(f"  {counts['done']} done, {counts['failed']} failed, {counts['in_flight']} in flight, "
+               f"{counts['queued']} queued, {counts['waiting_retry']} waiting to retry, of {counts['total']}; "
+               f"{counts['retries']} retries so far")
+
+
+@main.command(name="list")
+@redis_option
+def list_batches(redis_url):
+    """Recent batches, one line each."""
+    store, _ = open_store(redis_url)
+    for bid in store.recent_batches():
+        m = store.meta(bid)
+        click.echo(f"{bid}  {m.get('state', '?'):9}  {m.get('done', 0)}/{m.get('total', 0)} done, "
+                   f"{m.get('failed', 0)} failed  {m.get('source', '')}")
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_option
+def resume(batch_id, redis_url):
+    """Continue a paused or interrupted batch: queue again whatever is not done."""
+    store, _ = open_store(redis_url)
+    if not store.exists(batch_id):
+        fail(f"no batch {batch_id!r} in this Redis")
+    state = store.meta(batch_id).get("state")
+    if state == "cancelled":
+        fail(f"batch {batch_id} was cancelled")
+    store.set_state(batch_id, "running", only_from=("paused", "running"))
+    store.reclaim(batch_id)
+    n = store.wake_all_shards(batch_id)
+    store.promote_parked()
+    click.echo(f"batch {batch_id} is running; {n} shard(s) with work left were queued for the workers")
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_option
+def cancel(batch_id, redis_url):
+    """Stop sending BATCH_ID's requests; what is done stays collectable."""
+    store, _ = open_store(redis_url)
+    if not store.exists(batch_id):
+        fail(f"no batch {batch_id!r} in this Redis")
+    store.set_state(batch_id, "cancelled", "cancelled by the user")
+    click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
+
+
+def _add_mock_server() -> None:
+    from batchrun.mock_server import mock_server_command
+
+    main.add_command(mock_server_command)
+
+
+_add_mock_server()

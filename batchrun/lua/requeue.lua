@@ -1,0 +1,36 @@
+-- requeue: give leased jobs back to their shard's todo set with a due time,
+-- counting a failed attempt and recording it in the job's history.
+-- A runner whose lease lapsed (and was taken over) cannot requeue: the owner
+-- must still match.
+-- KEYS[1]  batch key
+-- ARGV[1]  owner string (token|shard) of the runner
+-- ARGV[2]  shard number
+-- ARGV     then quads: custom_id, delay in ms, counts as attempt (1/0), history record JSON ('' for none)
+-- Returns  {requeued, earliest due ms or ''}
+local b = KEYS[1]
+local owner, shard = ARGV[1], ARGV[2]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n, earliest = 0, nil
+for i = 3, #ARGV, 4 do
+  local cid = ARGV[i]
+  if redis.call('HGET', b .. ':owner', cid) == owner
+      and redis.call('HEXISTS', b .. ':status', cid) == 0 then
+    local due = now + tonumber(ARGV[i + 1])
+    redis.call('ZREM', b .. ':leases', cid)
+    redis.call('HDEL', b .. ':owner', cid)
+    if ARGV[i + 2] == '1' then
+      redis.call('HINCRBY', b .. ':attempts', cid, 1)
+      redis.call('HINCRBY', b, 'retries', 1)
+    end
+    if ARGV[i + 3] ~= '' then
+      local h = redis.call('HGET', b .. ':history', cid)
+      if h then h = h .. '\n' .. ARGV[i + 3] else h = ARGV[i + 3] end
+      redis.call('HSET', b .. ':history', cid, h)
+    end
+    redis.call('ZADD', b .. ':todo:' .. shard, due, cid)
+    n = n + 1
+    if not earliest or due < earliest then earliest = due end
+  end
+end
+return {n, earliest and tostring(earliest) or ''}

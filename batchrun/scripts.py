@@ -1,0 +1,38 @@
+"""The Lua scripts in ``batchrun/lua``, loaded once per connection.
+
+Each script is one atomic state change that several workers may race on; its
+KEYS/ARGV contract is at the top of its file. Scripts read the clock with
+Redis ``TIME``, so workers on machines with skewed clocks still agree.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from importlib import resources
+
+from redis.commands.core import Script
+
+NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve")
+
+
+@lru_cache(maxsize=None)
+def source(name: str) -> str:
+    return resources.files("batchrun").joinpath("lua", f"{name}.lua").read_text()
+
+
+class Scripts:
+    """Registered scripts for one Redis client: ``scripts.lease(keys=…, args=…)``."""
+
+    def __init__(self, redis):
+        for name in NAMES:
+            setattr(self, name, redis.register_script(source(name)))
+
+    add_jobs: Script
+    lease: Script
+    complete: Script
+    requeue: Script
+    renew: Script
+    reclaim: Script
+    park: Script
+    promote: Script
+    reserve: Script

@@ -1,0 +1,257 @@
+"""Running one shard of a batch: the RQ job ``run_shard(batch_id, shard)``.
+
+A shard runner leases its shard's due jobs from Redis and keeps up to
+``concurrency`` requests in flight with asyncio. Each job ends one of three
+ways: a result or a final error (``complete``), or a requeue with a due time
+(``requeue``), which holds no slot while it waits. When only jobs waiting for
+their backoff remain, the runner parks the shard and frees its RQ worker; a
+worker's maintenance wakes the shard when it is due.
+
+Running one shard twice at once is harmless: jobs are leased one by one, and
+a job's first outcome wins. That is what makes recovery simple.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import socket
+import time
+import uuid
+from collections import Counter
+
+from batchrun import maintenance
+from batchrun.backoff import BackoffPolicy, backoff_delay
+from batchrun.batching import Batcher
+from batchrun.classify import BATCH_ID_PLACEHOLDER, Action, Verdict, classify_exception, stream_truncated_verdict
+from batchrun.limiter import SharedLimiter
+from batchrun.outputs import error_line, result_line
+from batchrun.sender import StreamTruncated, make_client, send
+from batchrun.settings import WorkerSettings, current_worker_settings
+from batchrun.store import BatchStore, LeasedJob
+from batchrun.tokens import estimate_tokens
+
+log = logging.getLogger("batchrun.worker")
+
+LEASE_BATCH = 500  # jobs per lease call at most
+SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
+
+
+def run_shard(batch_id: str, shard: int) -> dict:
+    """RQ entry point (JSON-serializable arguments and result)."""
+    from rq import get_current_job
+
+    job = get_current_job()
+    store = BatchStore(job.connection)
+    return asyncio.run(ShardRunner(store, batch_id, shard, current_worker_settings()).run())
+
+
+class ShardRunner:
+    def __init__(self, store: BatchStore, batch_id: str, shard: int, settings: WorkerSettings):
+        self.store = store
+        self.batch_id = batch_id
+        self.shard = shard
+        self.settings = settings
+        self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = f"{self.token}|{shard}"
+        self.lease_ms = int(settings.lease_seconds * 1000)
+        self.inflight: dict[str, asyncio.Task] = {}
+        self.rng = random.Random()
+        self.stats = Counter()
+        self._retry_kinds: Counter = Counter()
+        self._last_summary = time.monotonic()
+        self._stop = False
+
+    async def run(self) -> dict:
+        store, bid = self.store, self.batch_id
+        options = await asyncio.to_thread(store.options, bid)
+        await asyncio.to_thread(store.unpark, bid, self.shard)
+        self.policy = BackoffPolicy(base=options.backoff_base, factor=options.backoff_factor,
+                                    cap=options.backoff_cap, max_attempts=options.max_attempts)
+        self.limiter = SharedLimiter(store, self.settings, options)
+        self.client = make_client(self.settings)
+        self.completer = Batcher(lambda items: [store.complete(bid, items)] * len(items), name="result")
+        self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
+                                name="retry")
+        renewer = asyncio.create_task(self._renew_leases())
+        log.info("batch %s shard %d: started (concurrency %d)", bid, self.shard, self.settings.concurrency)
+        try:
+            await self._loop()
+        finally:
+            if self.inflight:
+                await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+            await self.completer.drain()
+            await self.requeuer.drain()
+            renewer.cancel()
+            await self.client.close()
+            self._summarise(force=True)
+        log.info("batch %s shard %d: stopped (%s)", bid, self.shard,
+                 ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())) or "nothing to do")
+        return dict(self.stats)
+
+    async def _loop(self) -> None:
+        started = time.monotonic()
+        next_due_ms = now_ms = None
+        concurrency = self.settings.concurrency
+        low_water = max(1, concurrency // 8)  # lease in groups, not one round trip per freed slot
+        last_maintenance = 0.0
+        while True:
+            if time.monotonic() - last_maintenance > maintenance.INTERVAL:
+                last_maintenance = time.monotonic()
+                await asyncio.to_thread(maintenance.run_once, self.store)
+            free = concurrency - len(self.inflight)
+            if free >= low_water or not self.inflight:
+                if time.monotonic() - started > self.settings.max_shard_seconds:
+                    # Give the RQ worker back so other batches get a turn; the shard continues later.
+                    await asyncio.to_thread(self.store.park, self.batch_id, self.shard, None)
+                    return
+                lease = await asyncio.to_thread(self.store.lease, self.batch_id, self.shard,
+                                                min(free, LEASE_BATCH), self.lease_ms, self.token)
+                if lease.state != "running":
+                    log.info("batch %s is %s: shard %d stops taking jobs", self.batch_id, lease.state, self.shard)
+                    return
+                for job in lease.jobs:
+                    self.inflight[job.custom_id] = asyncio.create_task(self._process(job))
+                next_due_ms, now_ms = lease.next_due_ms, lease.now_ms
+                if not lease.jobs and not self.inflight:
+                    if next_due_ms is None:
+                        return  # nothing left in this shard
+                    wait = (next_due_ms - now_ms) / 1000
+                    if wait > self.settings.park_after_seconds:
+                        await asyncio.to_thread(self.store.park, self.batch_id, self.shard, next_due_ms)
+                        log.info("batch %s shard %d: all remaining jobs wait for a retry; parked for %.1f s",
+                                 self.batch_id, self.shard, wait)
+                        return
+                    await asyncio.sleep(max(wait, 0.01))
+                    continue
+            # Wait for a slot to free, or for the next retry to come due.
+            timeout = 1.0
+            if next_due_ms is not None:
+                timeout = min(timeout, max(0.02, (next_due_ms - now_ms) / 1000))
+            if self.inflight:
+                await asyncio.wait(list(self.inflight.values()), timeout=timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            self._summarise()
+
+    async def _renew_leases(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.lease_seconds / 3)
+            try:
+                await asyncio.to_thread(self.store.renew, self.batch_id, self.owner, self.lease_ms,
+                                        list(self.inflight))
+            except Exception as exc:  # Redis away: leases may lapse; results still land once
+                log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
+
+    async def _process(self, job: LeasedJob) -> None:
+        try:
+            await self._attempt(job)
+        except Exception:
+            # A bug in batchrun, not in the request: give the job back untouched.
+            log.exception("batch %s: unexpected error on job %s; it goes back to the queue",
+                          self.batch_id, job.custom_id)
+            await self.requeuer.submit((job.custom_id, 5000, False, ""))
+        finally:
+            self.inflight.pop(job.custom_id, None)
+
+    async def _attempt(self, job: LeasedJob) -> None:
+        url, body = job.request["url"], job.request["body"]
+        model = str(body.get("model", ""))
+        rpm, tpm = self.limiter.limits(model)
+        if rpm or tpm:
+            estimate = estimate_tokens(url, body)
+            wait = await self.limiter.reserve(model, estimate.total)
+            if wait is None:
+                await self._finish_error(job, "request_too_large",
+                                         f"job {job.custom_id} needs about {estimate.total} tokens, more than the "
+                                         f"{tpm} tokens-per-minute limit for {model}; it can never be sent "
+                                         f"(reduce its prompt or max_tokens, or raise --tpm)")
+                return
+            if wait > 0:
+                await asyncio.sleep(wait)
+        try:
+            answer = await send(self.client, url, body)
+        except StreamTruncated:
+            verdict, response = stream_truncated_verdict(), None
+        except Exception as exc:
+            verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
+        else:
+            line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
+                               body=answer.body)
+            await self.completer.submit(("R", job.custom_id, json.dumps(line)))
+            self.stats["done"] += 1
+            return
+        await self._handle_failure(job, verdict, response)
+
+    async def _handle_failure(self, job: LeasedJob, verdict: Verdict, response: dict | None) -> None:
+        cid = job.custom_id
+        if verdict.action is Action.PAUSE:
+            message = verdict.message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
+            paused = await asyncio.to_thread(self.store.set_state, self.batch_id, "paused", message,
+                                             only_from=("running",))
+            if paused:
+                log.error("batch %s paused: %s", self.batch_id, message)
+            await self.requeuer.submit((cid, 0, False, ""))
+            self.stats["paused"] += 1
+            return
+        if verdict.action is Action.FAIL:
+            await self._finish_error(job, verdict.kind, verdict.message, response)
+            return
+        attempt = job.attempts + 1
+        record = {"at": round(time.time(), 3), "status": (response or {}).get("status_code"),
+                  "error": verdict.kind, "message": verdict.message[:300]}
+        if attempt >= self.policy.max_attempts:
+            history = await asyncio.to_thread(self.store.history, self.batch_id, cid)
+            record["wait"] = None
+            await self._finish_error(job, verdict.kind,
+                                     f"gave up after {attempt} attempts; last error: {verdict.message}",
+                                     response, attempts=history + [record])
+            return
+        delay = backoff_delay(attempt, self.policy, verdict.hint, self.rng)
+        record["wait"] = round(delay, 3)
+        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record)))
+        self.stats["retried"] += 1
+        self._retry_kinds[verdict.kind] += 1
+        log.debug("%s; job %s retries in %.1f s, attempt %d of %d", _event_phrase(verdict), cid, delay,
+                  attempt + 1, self.policy.max_attempts)
+
+    async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
+                            attempts: list | None = None) -> None:
+        line = error_line(job.custom_id, code=code, message=message, response=response, attempts=attempts)
+        await self.completer.submit(("E", job.custom_id, json.dumps(line)))
+        self.stats["failed"] += 1
+        log.debug("job %s failed: %s", job.custom_id, message)
+
+    def _summarise(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if not self._retry_kinds or (not force and now - self._last_summary < SUMMARY_EVERY):
+            return
+        self._last_summary = now
+        for kind, n in sorted(self._retry_kinds.items()):
+            log.info("batch %s shard %d: %s: %d job(s) requeued with backoff", self.batch_id, self.shard,
+                     kind.replace("_", " "), n)
+        self._retry_kinds.clear()
+
+
+def _event_phrase(verdict: Verdict) -> str:
+    return {
+        "rate_limit_tokens": "rate limited (TPM)",
+        "rate_limit_requests": "rate limited (RPM)",
+        "rate_limit": "rate limited",
+    }.get(verdict.kind, verdict.kind.replace("_", " "))
+
+
+def _failed_response(exc: Exception) -> dict | None:
+    """The failed HTTP answer, as the Batch API error file shows it."""
+    status = getattr(exc, "status_code", None)
+    if status is None:
+        return None
+    resp = getattr(exc, "response", None)
+    try:
+        body = resp.json() if resp is not None else getattr(exc, "body", None)
+    except Exception:
+        body = getattr(exc, "body", None)
+    request_id = getattr(exc, "request_id", None) or (resp.headers.get("x-request-id") if resp is not None else None)
+    return {"status_code": status, "request_id": request_id, "body": body}

@@ -1,0 +1,227 @@
+"""A batch's state in Redis, through thin wrappers over the Lua scripts.
+
+Every change several workers can race on is one script call; everything here
+is synchronous (redis-py), and the asyncio shard runner calls it from a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+
+from rq import Queue
+from rq.serializers import JSONSerializer
+
+from batchrun import keys
+from batchrun.scripts import Scripts
+from batchrun.settings import BatchOptions
+
+RUN_SHARD = "batchrun.shard.run_shard"
+SHARD_JOB_TIMEOUT = 4 * 3600  # runners yield long before this (WorkerSettings.max_shard_seconds)
+PROMOTE_RELAPSE_MS = 30_000  # a promoted shard whose runner never starts is due again after this
+
+
+@dataclass(frozen=True, slots=True)
+class LeasedJob:
+    custom_id: str
+    attempts: int  # failed attempts so far
+    request: dict  # {"method", "url", "body"}
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    state: str  # the batch's state: only 'running' hands out jobs
+    next_due_ms: int | None  # earliest due time left in the shard's todo set
+    now_ms: int  # Redis server time when the lease was taken
+    jobs: list[LeasedJob]
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+class BatchStore:
+    def __init__(self, redis):
+        self.redis = redis
+        self.scripts = Scripts(redis)
+        self.queue = Queue(keys.QUEUE, connection=redis, serializer=JSONSerializer)
+
+    # -- batches ---------------------------------------------------------
+
+    def create_batch(self, batch_id: str, options: BatchOptions, source: str = "") -> bool:
+        """Create the batch if it is new; returns False if it existed (its options stay)."""
+        key = keys.batch(batch_id)
+        fields = {"state": "running", "total": 0, "done": 0, "failed": 0, "retries": 0,
+                  "shards": 0, "created": int(time.time()), "source": source, **options.to_fields()}
+        created = self.redis.hsetnx(key, "created", fields["created"])
+        if created:
+            pipe = self.redis.pipeline()
+            pipe.hset(key, mapping=fields)
+            pipe.zadd(keys.BATCHES, {batch_id: fields["created"]})
+            pipe.sadd(keys.ACTIVE, batch_id)
+            pipe.execute()
+        return bool(created)
+
+    def exists(self, batch_id: str) -> bool:
+        return bool(self.redis.exists(keys.batch(batch_id)))
+
+    def meta(self, batch_id: str) -> dict[str, str]:
+        return {_s(k): _s(v) for k, v in self.redis.hgetall(keys.batch(batch_id)).items()}
+
+    def options(self, batch_id: str) -> BatchOptions:
+        return BatchOptions.from_fields(self.meta(batch_id))
+
+    def active_batches(self) -> list[str]:
+        return sorted(_s(b) for b in self.redis.smembers(keys.ACTIVE))
+
+    def recent_batches(self, n: int = 20) -> list[str]:
+        return [_s(b) for b in self.redis.zrevrange(keys.BATCHES, 0, n - 1)]
+
+    def set_state(self, batch_id: str, state: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> bool:
+        """Move the batch to ``state`` (if it is in one of ``only_from``, when given)."""
+        key = keys.batch(batch_id)
+        if only_from and _s(self.redis.hget(key, "state") or b"") not in only_from:
+            return False
+        self.redis.hset(key, mapping={"state": state, "reason": reason})
+        if state == "running":
+            self.redis.sadd(keys.ACTIVE, batch_id)
+        elif state in ("finished", "cancelled"):
+            self.redis.srem(keys.ACTIVE, batch_id)
+        return True
+
+    # -- jobs ------------------------------------------------------------
+
+    def add_jobs(self, batch_id: str, items: list[tuple[str, int, str]]) -> tuple[int, list[int]]:
+        """Add (custom_id, shard, request JSON) items; returns (added, shards that got jobs)."""
+        args: list = []
+        for cid, shard, req in items:
+            args += (cid, shard, req)
+        out = self.scripts.add_jobs(keys=[keys.batch(batch_id)], args=args)
+        return int(out[0]), [int(s) for s in out[1:]]
+
+    def note_shards(self, batch_id: str, n_shards: int, *, reopen: bool) -> None:
+        key = keys.batch(batch_id)
+        pipe = self.redis.pipeline()
+        pipe.hget(key, "shards")
+        current = int(pipe.execute()[0] or 0)
+        if n_shards > current:
+            self.redis.hset(key, "shards", n_shards)
+        if reopen:  # new jobs in a finished batch: it runs again
+            self.set_state(batch_id, "running", only_from=("finished",))
+
+    def lease(self, batch_id: str, shard: int, n: int, lease_ms: int, token: str) -> Lease:
+        out = self.scripts.lease(keys=[keys.batch(batch_id)], args=[shard, n, lease_ms, token])
+        state, next_due, now = _s(out[0]), _s(out[1]), int(_s(out[2]))
+        jobs = []
+        for i in range(3, len(out), 3):
+            raw = out[i + 2]
+            if not raw:
+                continue
+            jobs.append(LeasedJob(_s(out[i]), int(out[i + 1]), json.loads(raw)))
+        return Lease(state, int(float(next_due)) if next_due else None, now, jobs)
+
+    def complete(self, batch_id: str, items: list[tuple[str, str, str]]) -> tuple[int, int, int]:
+        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON)."""
+        args: list = [batch_id]
+        for kind, cid, line in items:
+            args += (kind, cid, line)
+        out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE], args=args)
+        return int(out[0]), int(out[1]), int(out[2])
+
+    def requeue(self, batch_id: str, owner: str, shard: int,
+                items: list[tuple[str, int, bool, str]]) -> tuple[int, int | None]:
+        """Give jobs back with a delay: (custom_id, delay ms, counts as attempt, history JSON or '')."""
+        args: list = [owner, shard]
+        for cid, delay_ms, counts, record in items:
+            args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record)
+        out = self.scripts.requeue(keys=[keys.batch(batch_id)], args=args)
+        return int(out[0]), (int(float(_s(out[1]))) if _s(out[1]) else None)
+
+    def renew(self, batch_id: str, owner: str, lease_ms: int, custom_ids: list[str]) -> int:
+        if not custom_ids:
+            return 0
+        return int(self.scripts.renew(keys=[keys.batch(batch_id)], args=[owner, lease_ms, *custom_ids]))
+
+    def reclaim(self, batch_id: str, limit: int = 1000) -> int:
+        return int(self.scripts.reclaim(keys=[keys.batch(batch_id), keys.PARKED], args=[batch_id, limit]))
+
+    def history(self, batch_id: str, custom_id: str) -> list[dict]:
+        raw = self.redis.hget(keys.sub(batch_id, "history"), custom_id)
+        return [json.loads(line) for line in _s(raw).splitlines()] if raw else []
+
+    # -- shards and the RQ queue --------------------------------------------
+
+    def enqueue_shards(self, batch_id: str, shards: list[int]) -> None:
+        """Put RQ jobs on the queue that run these shards. Running a shard twice is
+        harmless (jobs are leased one by one), so this may be called liberally."""
+        if not shards:
+            return
+        datas = [
+            Queue.prepare_data(RUN_SHARD, args=(batch_id, shard), timeout=SHARD_JOB_TIMEOUT,
+                               result_ttl=0, failure_ttl=86400, description=f"batchrun shard {batch_id}:{shard}")
+            for shard in shards
+        ]
+        for i in range(0, len(datas), 1000):
+            self.queue.enqueue_many(datas[i:i + 1000])
+
+    def park(self, batch_id: str, shard: int, due_ms: int | None) -> None:
+        self.scripts.park(keys=[keys.PARKED], args=[keys.parked_member(batch_id, shard), "" if due_ms is None else due_ms])
+
+    def unpark(self, batch_id: str, shard: int) -> None:
+        self.redis.zrem(keys.PARKED, keys.parked_member(batch_id, shard))
+
+    def promote_parked(self, limit: int = 100) -> int:
+        """Enqueue runners for parked shards whose time has come."""
+        members = self.scripts.promote(keys=[keys.PARKED], args=[limit, PROMOTE_RELAPSE_MS])
+        by_batch: dict[str, list[int]] = {}
+        for m in members:
+            batch_id, shard = keys.split_parked_member(_s(m))
+            by_batch.setdefault(batch_id, []).append(shard)
+        for batch_id, shards in by_batch.items():
+            self.enqueue_shards(batch_id, shards)
+        return len(members)
+
+    def wake_all_shards(self, batch_id: str) -> int:
+        """Park every shard that still has jobs, due now (used by resume)."""
+        n = int(self.meta(batch_id).get("shards", 0) or 0)
+        pipe = self.redis.pipeline()
+        for shard in range(n):
+            pipe.zcard(keys.todo(batch_id, shard))
+        waiting = [shard for shard, count in enumerate(pipe.execute()) if count]
+        for shard in waiting:
+            self.park(batch_id, shard, None)
+        return len(waiting)
+
+    # -- progress ------------------------------------------------------------
+
+    def counts(self, batch_id: str) -> dict[str, int]:
+        """Jobs by where they are: total, done, failed, in_flight, queued, waiting_retry, retries."""
+        meta = self.meta(batch_id)
+        n_shards = int(meta.get("shards", 0) or 0)
+        now_ms = self.server_time_ms()
+        pipe = self.redis.pipeline()
+        pipe.zcard(keys.sub(batch_id, "leases"))
+        for shard in range(n_shards):
+            pipe.zcount(keys.todo(batch_id, shard), "-inf", now_ms)
+            pipe.zcount(keys.todo(batch_id, shard), f"({now_ms}", "+inf")
+        res = pipe.execute()
+        return {
+            "total": int(meta.get("total", 0)),
+            "done": int(meta.get("done", 0)),
+            "failed": int(meta.get("failed", 0)),
+            "retries": int(meta.get("retries", 0)),
+            "in_flight": int(res[0]),
+            "queued": sum(res[1::2]),
+            "waiting_retry": sum(res[2::2]),
+        }
+
+    def server_time_ms(self) -> int:
+        sec, usec = self.redis.time()
+        return int(sec) * 1000 + int(usec) // 1000
+
+    def results(self, batch_id: str, start: int, count: int) -> list[bytes]:
+        return self.redis.lrange(keys.sub(batch_id, "results"), start, start + count - 1)
+
+    def results_length(self, batch_id: str) -> int:
+        return int(self.redis.llen(keys.sub(batch_id, "results")))

@@ -1,0 +1,73 @@
+"""Submitting a JSONL file: validate it, load its jobs into Redis, enqueue its shards."""
+
+from __future__ import annotations
+
+import json
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from batchrun import keys
+from batchrun.jobfile import JobFileError, LineError, read_jobs, validate_file
+from batchrun.settings import BatchOptions
+from batchrun.store import BatchStore
+
+CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
+
+
+@dataclass
+class SubmitReport:
+    batch_id: str
+    valid: int  # valid lines in the file
+    added: int  # jobs new to the batch (0 when the file was submitted before)
+    total: int  # jobs in the batch now
+    skipped: list[LineError] = field(default_factory=list)
+
+
+def new_batch_id() -> str:
+    return time.strftime("batch-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, options: BatchOptions | None = None,
+                endpoint: str = "/v1/chat/completions", skip_invalid: bool = False,
+                on_skip: Callable[[LineError], None] | None = None) -> SubmitReport:
+    """Load the jobs of ``path`` into batch ``batch_id`` (new if None) and enqueue the shards that got jobs.
+
+    Nothing is written unless the whole file is valid or ``skip_invalid`` is set.
+    """
+    valid, errors = validate_file(path, endpoint=endpoint)
+    if errors and not skip_invalid:
+        raise JobFileError(errors)
+    if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
+        raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
+    batch_id = batch_id or new_batch_id()
+    store.create_batch(batch_id, options or BatchOptions(), source=str(path))
+    shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
+
+    added, touched, index, n_shards = 0, set(), 0, 0
+    chunk: list[tuple[str, int, str]] = []
+
+    def flush() -> None:
+        nonlocal added
+        n, shards = store.add_jobs(batch_id, chunk)
+        added += n
+        touched.update(shards)
+        chunk.clear()
+
+    for job in read_jobs(path, endpoint=endpoint, skip_invalid=True, on_skip=on_skip):
+        shard = index // shard_size
+        index += 1
+        n_shards = shard + 1
+        chunk.append((job.custom_id, shard, json.dumps({"method": job.method, "url": job.url, "body": job.body})))
+        if len(chunk) >= CHUNK:
+            flush()
+    if chunk:
+        flush()
+    store.note_shards(batch_id, n_shards, reopen=added > 0)
+    store.enqueue_shards(batch_id, sorted(touched))
+    meta = store.meta(batch_id)
+    total = int(meta.get("total", 0))
+    if total == int(meta.get("done", 0)) + int(meta.get("failed", 0)) and meta.get("state") == "running":
+        store.set_state(batch_id, "finished")  # an empty file, or all of it done before
+    return SubmitReport(batch_id, valid, added, total, errors)

@@ -1,0 +1,235 @@
+"""Wait times: Go durations, retry-after, the server's hint, backoff with jitter."""
+
+from __future__ import annotations
+
+import random
+from email.utils import formatdate
+
+import pytest
+
+from batchrun.backoff import (
+    JITTER_FLOOR,
+    BackoffPolicy,
+    backoff_delay,
+    parse_duration,
+    parse_retry_after,
+    wait_hint,
+)
+
+NOW = 1_700_000_000.0
+
+TPM_84MS = (
+    "Rate limit reached for gpt-4o-mini in organization org-x on tokens per min (TPM): "
+    "Limit 200000, Used 195869, Requested 4412. Please try again in 84ms. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+RPM_4S = (
+    "Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): "
+    "Limit 15, Used 15, Requested 1. Please try again in 4s. "
+    "Visit https://platform.openai.com/account/rate-limits to learn more."
+)
+AZURE_7S = (
+    "Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-02-01 "
+    "have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after "
+    "7 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further "
+    "increase the default rate limit."
+)
+
+
+# --- parse_duration -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "text, seconds",
+    [
+        ("20ms", 0.020),
+        ("84ms", 0.084),
+        ("1s", 1.0),
+        ("1.146s", 1.146),
+        ("6.379s", 6.379),
+        ("0.5s", 0.5),
+        ("6m0s", 360.0),
+        ("1m2.5s", 62.5),
+        ("1h2m3s", 3723.0),
+        ("2h", 7200.0),
+        ("250us", 250e-6),
+        ("250µs", 250e-6),  # Go prints U+00B5
+        ("250μs", 250e-6),  # U+03BC
+        ("1500ns", 1.5e-6),
+        ("1m500ms", 60.5),
+        ("0s", 0.0),
+        (" 6m0s ", 360.0),
+    ],
+)
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["0", "-1", "-1s", "", "   ", "7", "1.5", "abc", "s", "1x", "1s garbage", "1 s", "inf", "nan", None],
+)
+def test_parse_duration_rejects_placeholders_and_garbage(text):
+    assert parse_duration(text) is None
+
+
+# --- parse_retry_after ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value, seconds",
+    [
+        ("7", 7.0),
+        (" 20 ", 20.0),
+        ("0.5", 0.5),
+        ("0", 0.0),
+        ("-3", 0.0),  # negative: no wait, not a parse error
+        (formatdate(NOW + 30, usegmt=True), 30.0),
+        (formatdate(NOW - 30, usegmt=True), 0.0),  # already past
+        ("Tue, 14 Nov 2023 22:14:20 GMT", 1_700_000_060.0 - NOW),
+    ],
+)
+def test_parse_retry_after(value, seconds):
+    assert parse_retry_after(value, NOW) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value", ["", "soon", "inf", "nan", "1e9999", "7s"])
+def test_parse_retry_after_garbage(value):
+    assert parse_retry_after(value, NOW) is None
+
+
+# --- wait_hint ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "headers, message, limit_kind, expected",
+    [
+        # the message's own wait, in every shape seen
+        ({}, TPM_84MS, None, 0.084),
+        ({}, RPM_4S, None, 4.0),
+        ({}, "... Please try again in 1m2.5s. Visit ...", None, 62.5),
+        ({}, "... Please try again in 6.379s. Visit ...", None, 6.379),
+        ({}, "... Please try again in 1.146s.", None, 1.146),
+        ({}, AZURE_7S, None, 7.0),
+        ({}, "Rate limit is exceeded. Try again in 1 second.", None, 1.0),
+        ({}, "Please try again later.", None, None),
+        # headers, any case
+        ({"Retry-After": "3"}, None, None, 3.0),
+        ({"RETRY-AFTER-MS": "1500"}, None, None, 1.5),
+        ({"retry-after": formatdate(NOW + 12, usegmt=True)}, None, None, 12.0),
+        # the largest explicit hint wins
+        ({"retry-after-ms": "84", "retry-after": "1"}, TPM_84MS, None, 1.0),
+        ({"Retry-After": "2"}, AZURE_7S, None, 7.0),
+        # reset headers only for the limit that was hit, and only without anything explicit
+        ({"X-RateLimit-Reset-Tokens": "6m0s", "x-ratelimit-reset-requests": "1s"}, None, "tokens", 360.0),
+        ({"x-ratelimit-reset-tokens": "6m0s", "X-RateLimit-Reset-Requests": "1s"}, None, "requests", 1.0),
+        ({"x-ratelimit-reset-tokens": "6m0s"}, None, None, None),
+        ({"x-ratelimit-reset-tokens": "6m0s"}, TPM_84MS, "tokens", 0.084),
+        ({"x-ratelimit-reset-tokens": "6m0s", "retry-after": "2"}, None, "tokens", 2.0),
+        # Azure placeholders and zero waits mean nothing
+        ({"x-ratelimit-reset-tokens": "-1"}, None, "tokens", None),
+        ({"x-ratelimit-reset-tokens": "0"}, None, "tokens", None),
+        ({"x-ratelimit-reset-tokens": "0s"}, None, "tokens", None),
+        ({"retry-after": "0"}, None, None, None),
+        ({"retry-after": "garbage", "retry-after-ms": "x"}, None, None, None),
+        ({}, None, None, None),
+        (None, "", None, None),
+    ],
+)
+def test_wait_hint(headers, message, limit_kind, expected):
+    hint = wait_hint(headers, message, now=NOW, limit_kind=limit_kind)
+    if expected is None:
+        assert hint is None
+    else:
+        assert hint == pytest.approx(expected)
+
+
+def test_wait_hint_rejects_unknown_limit_kind():
+    with pytest.raises(ValueError):
+        wait_hint({}, None, now=NOW, limit_kind="rate_limit_tokens")
+
+
+# --- BackoffPolicy / backoff_delay ----------------------------------------------------------
+
+POLICY = BackoffPolicy()
+SAMPLES = 2000
+
+
+def _delays(attempt, hint, policy=POLICY, seed=1, n=SAMPLES):
+    rng = random.Random(seed)
+    return [backoff_delay(attempt, policy, hint, rng) for _ in range(n)]
+
+
+def test_policy_defaults_and_validation():
+    assert POLICY == BackoffPolicy(base=1.0, factor=2.0, cap=60.0, max_attempts=10)
+    for bad in (dict(base=-1), dict(factor=0.5), dict(cap=0), dict(max_attempts=0)):
+        with pytest.raises(ValueError):
+            BackoffPolicy(**bad)
+
+
+@pytest.mark.parametrize("attempt, ceiling", [(1, 1.0), (2, 2.0), (3, 4.0), (6, 32.0), (7, 60.0), (10_000, 60.0)])
+def test_full_jitter_without_hint_stays_within_ceiling(attempt, ceiling):
+    delays = _delays(attempt, None)
+    assert all(0.0 <= d <= ceiling for d in delays)
+    # uniform over [0, ceiling]: mean near the middle, and it uses the whole range
+    assert sum(delays) / len(delays) == pytest.approx(ceiling / 2, rel=0.1)
+    assert min(delays) < 0.05 * ceiling and max(delays) > 0.95 * ceiling
+
+
+def test_delay_grows_with_attempt():
+    means = [sum(_delays(attempt, None)) / SAMPLES for attempt in range(1, 8)]
+    assert means == sorted(means)
+    assert means[-1] > 20 * means[0]
+
+
+@pytest.mark.parametrize("hint", [0.001, 0.084, 1.146, 4.0, 62.5, 360.0])
+@pytest.mark.parametrize("attempt", [1, 3, 10])
+def test_never_below_hint_and_bounded(hint, attempt):
+    delays = _delays(attempt, hint)
+    ceiling = min(POLICY.cap, POLICY.base * POLICY.factor ** (attempt - 1))
+    spread = max(JITTER_FLOOR, 0.1 * hint, ceiling / 4)
+    assert all(hint <= d <= hint + spread for d in delays)
+    assert max(delays) <= max(hint, POLICY.cap) + max(JITTER_FLOOR, 0.1 * hint, POLICY.cap / 4)
+    assert max(delays) - min(delays) > 0.9 * spread  # the jitter really spreads
+
+
+def test_small_hint_stays_small():
+    # an 84 ms hint on the first retry must not turn into seconds
+    assert max(_delays(1, 0.084)) <= 0.084 + 0.25
+    # and even after many failures it is at most hint + cap / 4
+    assert max(_delays(50, 0.084)) <= 0.084 + POLICY.cap / 4
+
+
+@pytest.mark.parametrize("hint", [0.001, 0.084, 4.0, 360.0])
+def test_jitter_has_positive_width_even_for_tiny_hints(hint):
+    tight = BackoffPolicy(base=0.0)  # no attempt-based spread at all: only the floor remains
+    a = backoff_delay(1, tight, hint, random.Random(1))
+    b = backoff_delay(1, tight, hint, random.Random(2))
+    assert a != b
+    assert min(a, b) >= hint
+    a = backoff_delay(3, POLICY, hint, random.Random(1))
+    b = backoff_delay(3, POLICY, hint, random.Random(2))
+    assert a != b and min(a, b) >= hint
+
+
+def test_workers_released_together_do_not_return_together():
+    # 50 workers told "try again in 84ms": their retries spread over a window, not one instant
+    delays = sorted(backoff_delay(1, POLICY, 0.084, random.Random(seed)) for seed in range(50))
+    assert delays[0] >= 0.084
+    assert delays[-1] - delays[0] > 0.15
+    assert len(set(delays)) == 50
+
+
+def test_deterministic_for_a_seed():
+    assert _delays(4, 2.0, seed=42, n=20) == _delays(4, 2.0, seed=42, n=20)
+    assert _delays(4, None, seed=42, n=20) == _delays(4, None, seed=42, n=20)
+
+
+@pytest.mark.parametrize("hint", [0.0, -1.0, float("nan"), float("inf")])
+def test_unusable_hint_falls_back_to_full_jitter(hint):
+    assert _delays(2, hint, n=50) == _delays(2, None, n=50)
+
+
+def test_attempt_counts_from_one():
+    with pytest.raises(ValueError):
+        backoff_delay(0, POLICY, None, random.Random(0))
