@@ -192,8 +192,10 @@ def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds) -> Job 
 def _parse_batch_line(obj: dict, line_no: int, seen: _SeenIds) -> Job | str:
     missing = [key for key in _BATCH_KEYS if key not in obj]
     if missing:
-        names = " and ".join(repr(key) for key in missing)
-        return f"missing field{'s' if len(missing) > 1 else ''} {names}"
+        names = [repr(key) for key in missing]
+        if len(names) == 1:
+            return f"missing field {names[0]}"
+        return f"missing fields {', '.join(names[:-1])} and {names[-1]}"
 
     custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:

@@ -28,6 +28,10 @@ Rate limits, as OpenAI applies them, per (API key, model):
 * Every response carries ``x-ratelimit-*`` headers for the configured limits (reset = time until
   the bucket is full again) and ``x-request-id``.
 
+Faults (``error_rates``) are drawn with the seeded RNG once per admitted request, so they come
+after the charge: HTTP 500/503/429/insufficient_quota, and for ``stream: true`` only, a stream that
+breaks halfway (disconnect, truncate without a finish_reason, or an SSE error event).
+
 Answers are deterministic: see ``reply_text``. ``usage`` is counted with tiktoken, independently
 of batchrun's own estimator.
 """
@@ -114,7 +118,9 @@ class MockConfig:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens!r}")
         for kind, rate in self.error_rates.items():
             if kind not in FAULT_KINDS:
-                raise ValueError(f"unknown error kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}")
+                raise ValueError(
+                    f"unknown error kind {kind!r}; expected one of {', '.join(FAULT_KINDS)}"
+                )
             if not 0.0 <= rate <= 1.0:
                 raise ValueError(f"error rate for {kind} must be within [0, 1], got {rate!r}")
 
@@ -122,12 +128,17 @@ class MockConfig:
 # --- small helpers -------------------------------------------------------------------------------
 
 
+def _ceil_ms(seconds: float) -> int:
+    # round() first: 0.084 s is 84.00000000000001 ms in floats, which must not become 85
+    return math.ceil(round(max(seconds, 0.0) * 1000, 6))
+
+
 def go_duration(seconds: float) -> str:
     """Format a duration the way Go (and so OpenAI) does: 84ms, 1.146s, 6m0s, 1m2.5s, 1h2m3s.
 
     Rounded up to the millisecond, so waiting that long is always enough.
     """
-    ms = math.ceil(round(max(seconds, 0.0) * 1000, 6))
+    ms = _ceil_ms(seconds)
     if ms == 0:
         return "0s"
     if ms < 1000:
@@ -270,7 +281,9 @@ BAD_JSON = _invalid(
     "not valid JSON. If you have trouble figuring out how to fix this, please contact us through "
     "our help center at help.openai.com.)"
 )
-JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"}
+JSON_TYPES = {
+    str: "string", int: "integer", float: "number", bool: "boolean", dict: "object", list: "array"
+}
 
 
 def _json_type(value: Any) -> str:
@@ -446,7 +459,10 @@ class RateLimiter:
             capacity = max(capacity, 1.0)  # a bucket that cannot hold one request would never admit
         return limit, capacity, limit / 60
 
-    def _level(self, key: str, model: str, kind: str, capacity: float, rate: float, now: float):
+    def _level(
+        self, key: str, model: str, kind: str, capacity: float, rate: float, now: float
+    ) -> list[float]:
+        """The bucket, refilled up to now."""
         bucket = self.buckets.get((key, model, kind))
         if bucket is None:
             bucket = self.buckets[(key, model, kind)] = [capacity, now]
@@ -505,6 +521,7 @@ class Stats:
 
     def __init__(self) -> None:
         self.requests = 0
+        self.requests_admitted = 0
         self.by_status: dict[int, int] = {}
         self.tokens_charged = 0
         self.completion_tokens = 0
@@ -513,6 +530,7 @@ class Stats:
         self.per_second: deque[list[int]] = deque(maxlen=PER_SECOND_KEPT)
 
     def admitted(self, tokens: int) -> None:
+        self.requests_admitted += 1
         self.tokens_charged += tokens
         second = int(time.time())
         if self.per_second and self.per_second[-1][0] == second:
@@ -525,7 +543,7 @@ class Stats:
         return {
             "requests": self.requests,
             "by_status": {str(k): v for k, v in sorted(self.by_status.items())},
-            "requests_admitted": sum(s[1] for s in self.per_second),
+            "requests_admitted": self.requests_admitted,
             "tokens_charged": self.tokens_charged,
             "completion_tokens": self.completion_tokens,
             "rate_limited": dict(self.rate_limited),
@@ -566,13 +584,16 @@ class MockOpenAI:
     def _json(self, status: int, payload: dict, headers: dict[str, str]) -> web.Response:
         self.stats.by_status[status] = self.stats.by_status.get(status, 0) + 1
         return web.Response(
-            body=json.dumps(payload).encode(), status=status, headers=headers, content_type="application/json"
+            body=json.dumps(payload).encode(),
+            status=status,
+            headers=headers,
+            content_type="application/json",
         )
 
     def _rate_limited(self, payload: dict, headers: dict[str, str], wait: float | None) -> web.Response:
         if wait is not None and self.config.retry_after_header:
-            headers["retry-after-ms"] = str(math.ceil(wait * 1000))
-            headers["retry-after"] = str(math.ceil(wait))
+            headers["retry-after-ms"] = str(_ceil_ms(wait))
+            headers["retry-after"] = str(math.ceil(_ceil_ms(wait) / 1000))  # whole seconds
         return self._json(429, payload, headers)
 
     # request handling
@@ -595,71 +616,61 @@ class MockOpenAI:
         if problem:
             return self._json(400, problem, self._headers(key, model))
 
-        config = self.config
         n = body.get("n") or 1
-        enc = _encoding(model)
-        if endpoint == "chat/completions":
-            prompt_tokens = _chat_prompt_tokens(enc, body)
-            if config.count == "tiktoken":
-                estimate = prompt_tokens
-            else:
-                chars = sum(len(text) for key_, text in _message_values(body["messages"]) if key_ != "role")
-                estimate = math.ceil(chars / 4)
-            charge = estimate + _output_cap(body, config.default_max_tokens) * n
-        else:
-            prompts = _prompts(body["input" if endpoint == "embeddings" else "prompt"])
-            prompt_tokens = _prompt_tokens(enc, prompts)
-            estimate = prompt_tokens if config.count == "tiktoken" else _prompt_chars_estimate(prompts)
-            charge = estimate
-            if endpoint == "completions":
-                charge += _output_cap(body, config.default_max_tokens) * n * len(prompts)
-
+        prompts, prompt_tokens, charge = self._measure(endpoint, body, n)
         refusal = self.limiter.admit(key, model, charge)
         if refusal is not None:
             self.stats.rate_limited["too_large" if refusal.too_large else refusal.kind] += 1
-            return self._rate_limited(
-                refusal.body(model), self._headers(key, model), None if refusal.too_large else refusal.wait
-            )
+            wait = None if refusal.too_large else refusal.wait
+            return self._rate_limited(refusal.body(model), self._headers(key, model), wait)
         self.stats.admitted(charge)
 
         stream = bool(body.get("stream")) and endpoint != "embeddings"
         fault = self._draw_fault(stream)
-        if fault in HTTP_FAULTS:
+        if fault:
             self.stats.faults[fault] += 1
+        if fault in HTTP_FAULTS:
             return self._http_fault(fault, key, model)
-
         if endpoint == "embeddings":
-            return self._json(200, _embeddings_body(body, prompts, prompt_tokens), self._headers(key, model))
+            payload = _embeddings_body(body, prompts, prompt_tokens)
+            return self._json(200, payload, self._headers(key, model))
+
+        cap = _output_cap(body, self.config.default_max_tokens)
         if endpoint == "chat/completions":
-            answers = [_reply_pieces(endpoint, body, config.default_max_tokens)]
-        else:
-            answers = [
-                _reply_pieces(endpoint, {**body, "prompt": p}, config.default_max_tokens) for p in prompts
-            ]
-        cap = _output_cap(body, config.default_max_tokens)
-        completion_tokens = sum(len(a) for a in answers) * n
-        self.stats.completion_tokens += completion_tokens
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-        }
-        if endpoint == "chat/completions":
-            usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 0}
-            usage["completion_tokens_details"] = {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            }
-        delay = (config.latency_ms + config.latency_per_token_ms * completion_tokens) / 1000
+            answers = [_reply_pieces(endpoint, body, self.config.default_max_tokens)]
+        else:  # one answer per prompt
+            default = self.config.default_max_tokens
+            answers = [_reply_pieces(endpoint, {**body, "prompt": p}, default) for p in prompts]
+        usage = _usage(endpoint, prompt_tokens, sum(len(a) for a in answers) * n)
+        self.stats.completion_tokens += usage["completion_tokens"]
         if stream:
-            if fault:
-                self.stats.faults[fault] += 1
             return await self._stream(request, endpoint, body, answers, n, cap, usage, fault, key)
+        delay = self.config.latency_ms + self.config.latency_per_token_ms * usage["completion_tokens"]
         if delay > 0:
-            await asyncio.sleep(delay)
-        return self._json(200, _completion_body(endpoint, body, answers, n, cap, usage), self._headers(key, model))
+            await asyncio.sleep(delay / 1000)
+        payload = _completion_body(endpoint, body, answers, n, cap, usage)
+        return self._json(200, payload, self._headers(key, model))
+
+    def _measure(self, endpoint: str, body: dict, n: int) -> tuple[list, int, int]:
+        """(prompts, prompt tokens for usage, admission charge) of a valid request."""
+        config = self.config
+        enc = _encoding(body["model"])
+        if endpoint == "chat/completions":
+            prompts = [body["messages"]]
+            prompt_tokens = _chat_prompt_tokens(enc, body)
+            if config.count == "tiktoken":
+                estimate = prompt_tokens
+            else:
+                values = _message_values(body["messages"])
+                estimate = math.ceil(sum(len(text) for key, text in values if key != "role") / 4)
+        else:
+            prompts = _prompts(body["input" if endpoint == "embeddings" else "prompt"])
+            prompt_tokens = _prompt_tokens(enc, prompts)
+            estimate = prompt_tokens if config.count == "tiktoken" else _prompt_chars_estimate(prompts)
+        charge = estimate
+        if endpoint != "embeddings":
+            charge += _output_cap(body, config.default_max_tokens) * n * len(prompts)
+        return prompts, prompt_tokens, charge
 
     def _draw_fault(self, stream: bool) -> str | None:
         rates = self.config.error_rates
@@ -723,11 +734,13 @@ class MockOpenAI:
         self.stats.by_status[200] = self.stats.by_status.get(200, 0) + 1
         try:
             await response.prepare(request)
-            per_event = config.latency_per_token_ms * usage["completion_tokens"] / 1000 / max(len(content), 1)
+            spread = config.latency_per_token_ms * usage["completion_tokens"] / 1000
+            per_event = spread / max(len(content), 1)
             await _send_paced(response, events, per_event)
             if fault == "stream_disconnect":
                 # Close without the chunked-encoding terminator: the client sees a broken body.
-                request.transport.close()
+                if request.transport is not None:
+                    request.transport.close()
                 return response
             await response.write_eof()
         except ConnectionError:  # the client went away; nothing left to tell it
@@ -781,6 +794,23 @@ def _new_id(prefix: str) -> str:
     return prefix + base64.b32encode(os.urandom(20)).decode().rstrip("=")[:29]
 
 
+def _usage(endpoint: str, prompt_tokens: int, completion_tokens: int) -> dict:
+    usage: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    if endpoint == "chat/completions":
+        usage["prompt_tokens_details"] = {"cached_tokens": 0, "audio_tokens": 0}
+        usage["completion_tokens_details"] = {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        }
+    return usage
+
+
 def _completion_body(
     endpoint: str, body: dict, answers: list[list[str]], n: int, cap: int, usage: dict
 ) -> dict:
@@ -806,7 +836,9 @@ def _completion_body(
         finish = "length" if len(pieces) == cap else "stop"
         text = "".join(pieces)
         for _ in range(n):
-            choices.append({"text": text, "index": len(choices), "logprobs": None, "finish_reason": finish})
+            choices.append(
+                {"text": text, "index": len(choices), "logprobs": None, "finish_reason": finish}
+            )
     return {
         "id": _new_id("cmpl-"),
         "object": "text_completion",
@@ -968,7 +1000,9 @@ class MockServerThread:
     def start(self) -> MockServerThread:
         ready = threading.Event()
         failure: list[BaseException] = []
-        self._thread = threading.Thread(target=self._run, args=(ready, failure), name="mock-openai", daemon=True)
+        self._thread = threading.Thread(
+            target=self._run, args=(ready, failure), name="mock-openai", daemon=True
+        )
         self._thread.start()
         ready.wait()
         if failure:
@@ -1068,9 +1102,20 @@ def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple
 
 @click.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
-@click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on (0 picks a free one).")
-@click.option("--rpm", type=click.IntRange(min=1), help="Requests per minute per key and model [default: unlimited].")
-@click.option("--tpm", type=click.IntRange(min=1), help="Tokens per minute per key and model [default: unlimited].")
+@click.option(
+    "--port", default=8000, show_default=True, type=int, help="Port to listen on (0 picks a free one)."
+)
+@click.option(
+    "--rpm",
+    type=click.IntRange(min=1),
+    help="Requests per minute, per API key and model, as OpenAI counts them [default: unlimited].",
+)
+@click.option(
+    "--tpm",
+    type=click.IntRange(min=1),
+    help="Tokens per minute, per API key and model; a request is charged its prompt estimate plus "
+    "max_tokens x n at admission [default: unlimited].",
+)
 @click.option(
     "--burst-seconds",
     default=60.0,
@@ -1079,7 +1124,13 @@ def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple
     help="Bucket capacity in seconds of refill: limit * BURST / 60 can be spent at once.",
 )
 @click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Time to first token.")
-@click.option("--latency-per-token-ms", default=0.0, show_default=True, type=float, help="Extra time per output token.")
+@click.option(
+    "--latency-per-token-ms",
+    default=0.0,
+    show_default=True,
+    type=float,
+    help="Extra time per output token (streams spread it over their chunks).",
+)
 @click.option(
     "--error-rate",
     "error_rate",
@@ -1104,7 +1155,11 @@ def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple
     help="Output cap of requests that set no max_tokens.",
 )
 @click.option("--seed", type=int, help="Seed for fault injection, for reproducible runs.")
-@click.option("--retry-after-header", is_flag=True, help="Add retry-after-ms and retry-after to rate-limit 429s.")
+@click.option(
+    "--retry-after-header",
+    is_flag=True,
+    help="Add retry-after-ms and retry-after headers to rate-limit 429s (OpenAI sends them only sometimes).",
+)
 def mock_server_command(
     host: str,
     port: int,

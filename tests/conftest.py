@@ -1,0 +1,107 @@
+"""Shared fixtures: Redis backends (fakeredis and the real server), a BatchStore, batches made quickly.
+
+The real Redis is 127.0.0.1:6379, database 13, flushed before and after each test that uses it.
+When it is unreachable the "real" tests are skipped, unless BATCHRUN_REQUIRE_REDIS=1 (as in CI),
+which makes them fail instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import fakeredis
+import pytest
+import redis
+
+from batchrun.settings import BatchOptions
+from batchrun.store import BatchStore
+
+REAL_REDIS_URL = "redis://127.0.0.1:6379/13"
+
+
+def _require_redis() -> bool:
+    return os.environ.get("BATCHRUN_REQUIRE_REDIS", "").strip() not in ("", "0", "false", "no")
+
+
+def _connect_real_redis() -> redis.Redis:
+    """A client on DB 13, flushed; skips (or fails, under BATCHRUN_REQUIRE_REDIS=1) if Redis is down."""
+    client = redis.Redis.from_url(REAL_REDIS_URL, socket_connect_timeout=1.0)
+    try:
+        client.ping()
+    except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+        client.close()
+        reason = f"real Redis at {REAL_REDIS_URL} is unreachable ({exc})"
+        if _require_redis():
+            pytest.fail(f"{reason}, and BATCHRUN_REQUIRE_REDIS=1 requires it")
+        pytest.skip(reason)
+    client.flushdb()
+    return client
+
+
+@pytest.fixture(params=[
+    pytest.param("fake", id="fake"),
+    pytest.param("real", id="real", marks=pytest.mark.redis),
+])
+def redis_client(request):
+    """A Redis client with an empty database: fakeredis ("fake") or the real server's DB 13 ("real")."""
+    if request.param == "fake":
+        client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+        yield client
+        client.close()
+        return
+    client = _connect_real_redis()
+    try:
+        yield client
+    finally:
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+
+@pytest.fixture
+def store(redis_client) -> BatchStore:
+    return BatchStore(redis_client)
+
+
+@pytest.fixture
+def real_redis_url():
+    """The URL of the real Redis DB 13 (flushed before and after), for tests that start other processes."""
+    client = _connect_real_redis()
+    try:
+        yield REAL_REDIS_URL
+    finally:
+        try:
+            client.flushdb()
+        finally:
+            client.close()
+
+
+def request_json(i: int, model: str = "gpt-4o-mini") -> str:
+    return json.dumps({"method": "POST", "url": "/v1/chat/completions",
+                       "body": {"model": model, "max_tokens": 20,
+                                "messages": [{"role": "user", "content": f"Say the number {i}."}]}})
+
+
+def make_batch(store: BatchStore, batch_id: str, n_jobs: int, shard_size: int = 1000, *,
+               model: str = "gpt-4o-mini", prefix: str = "job", **options) -> list[str]:
+    """Create batch ``batch_id`` with ``n_jobs`` chat jobs, ``shard_size`` per shard; returns the custom_ids.
+
+    Extra keyword arguments go to ``BatchOptions``. The custom_ids are ``f"{prefix}-{i:05d}"``; job i is in
+    shard ``i // shard_size``.
+    """
+    store.create_batch(batch_id, BatchOptions(shard_size=shard_size, **options))
+    cids = [f"{prefix}-{i:05d}" for i in range(n_jobs)]
+    items = [(cid, i // shard_size, request_json(i, model)) for i, cid in enumerate(cids)]
+    for start in range(0, len(items), 2000):
+        store.add_jobs(batch_id, items[start:start + 2000])
+    n_shards = (n_jobs + shard_size - 1) // shard_size
+    store.note_shards(batch_id, n_shards, reopen=n_jobs > 0)
+    return cids
+
+
+@pytest.fixture(name="make_batch")
+def make_batch_fixture():
+    """The ``make_batch(store, batch_id, n_jobs, shard_size=...)`` helper, as a fixture."""
+    return make_batch

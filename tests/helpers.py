@@ -1,0 +1,78 @@
+"""Shared helpers for the end-to-end tests: job files, result checks, running workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from batchrun.mock_server import reply_text
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def write_jobs(path: Path, n: int, *, stream_every: int = 0, max_tokens: int = 20, model: str = "gpt-4o-mini",
+               prefix: str = "req") -> Path:
+    with open(path, "w") as f:
+        for i in range(n):
+            body = {"model": model, "max_tokens": max_tokens,
+                    "messages": [{"role": "system", "content": "Answer briefly."},
+                                 {"role": "user", "content": f"Tell me one fact about the number {i}."}]}
+            if stream_every and i % stream_every == 0:
+                body["stream"] = True
+            f.write(json.dumps({"custom_id": f"{prefix}-{i}", "method": "POST",
+                                "url": "/v1/chat/completions", "body": body}) + "\n")
+    return path
+
+
+def read_lines(path: Path) -> list[dict]:
+    if not Path(path).exists():
+        return []
+    return [json.loads(line) for line in open(path)]
+
+
+def requests_by_id(jobs_path: Path) -> dict[str, dict]:
+    return {j["custom_id"]: j for j in read_lines(jobs_path)}
+
+
+def check_exactly_once(jobs_path: Path, results_path: Path, errors_path: Path) -> tuple[list[dict], list[dict]]:
+    """Every custom_id exactly once across results and errors; each result answers its own request."""
+    jobs = requests_by_id(jobs_path)
+    results, errors = read_lines(results_path), read_lines(errors_path)
+    ids = [r["custom_id"] for r in results] + [e["custom_id"] for e in errors]
+    assert len(ids) == len(set(ids)), "a custom_id was written twice"
+    assert set(ids) == set(jobs), f"missing: {sorted(set(jobs) - set(ids))[:5]}, extra: {sorted(set(ids) - set(jobs))[:5]}"
+    for r in results:
+        job = jobs[r["custom_id"]]
+        assert r["response"]["status_code"] == 200
+        body = r["response"]["body"]
+        content = body["choices"][0]["message"]["content"]
+        assert content == reply_text(job["url"], job["body"]), f"result of {r['custom_id']} is not its answer"
+        assert body["usage"]["completion_tokens"] > 0
+    return results, errors
+
+
+def batchrun_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "batchrun", *args]
+
+
+def cli_env(**extra: str) -> dict:
+    env = {**os.environ, **extra}
+    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
+    return env
+
+
+def run_thread_worker(redis, settings, timeout: float = 120) -> None:
+    """Run one in-process burst worker until no running batch has work left."""
+    from batchrun.settings import set_worker_settings
+    from batchrun.worker import make_worker
+
+    set_worker_settings(settings)
+    w = make_worker(redis, burst=True, threaded=True)
+    t = threading.Thread(target=w.work, kwargs={"burst": True, "logging_level": "WARNING"}, daemon=True)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the burst worker did not end by itself"

@@ -1,0 +1,190 @@
+"""End to end: submit, workers, collect, against the mock server, on fakeredis and on the real Redis."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from batchrun.collect import collect
+from batchrun.mock_server import MockConfig, MockServerThread
+from batchrun.settings import BatchOptions, Limits, WorkerSettings
+from batchrun.store import BatchStore
+from batchrun.submit import submit_file
+from tests.helpers import (ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker,
+                           write_jobs)
+
+FAST_RETRIES = dict(backoff_base=0.05, backoff_cap=0.5)
+
+
+def settings_for(server, **kw) -> WorkerSettings:
+    return WorkerSettings(base_url=server.base_url, api_key="sk-test", concurrency=kw.pop("concurrency", 50), **kw)
+
+
+def test_every_job_ends_once_despite_faults(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300, stream_every=4)
+    faults = {"429": 0.1, "500": 0.05, "stream_disconnect": 0.1, "stream_truncate": 0.1, "stream_error": 0.05}
+    with MockServerThread(MockConfig(error_rates=faults, seed=1)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=60, **FAST_RETRIES))
+        run_thread_worker(store.redis, settings_for(srv))
+        stats = srv.stats()
+    out, err = tmp_path / "results.jsonl", tmp_path / "errors.jsonl"
+    report = collect(store, rep.batch_id, str(out), str(err))
+    assert report.finished and report.results_written == 300
+    results, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    assert stats["by_status"].get("429", 0) > 0 and stats["by_status"].get("500", 0) > 0
+    streamed = [r for r in results if int(r["custom_id"].split("-")[1]) % 4 == 0]
+    assert all(r["response"]["body"]["object"] == "chat.completion" for r in streamed)
+    assert all(r["response"]["body"]["usage"]["total_tokens"] > 0 for r in streamed)
+
+
+def test_resubmit_adds_nothing_and_collect_appends_only_missing(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 40)
+    with MockServerThread(MockConfig()) as srv:
+        first = submit_file(store, str(jobs), batch_id="same", options=BatchOptions(shard_size=10))
+        again = submit_file(store, str(jobs), batch_id="same")
+        assert (first.added, again.added, again.total) == (40, 0, 40)
+        run_thread_worker(store.redis, settings_for(srv))
+        again = submit_file(store, str(jobs), batch_id="same")  # after the batch finished, too
+        assert again.added == 0 and store.meta("same")["state"] == "finished"
+        assert srv.stats()["requests"] == 40
+    out = tmp_path / "results.jsonl"
+    # A crash left a truncated line: collect repairs it and writes that job again.
+    out.write_text("")
+    collect(store, "same", str(out))
+    lines = out.read_text().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]) + lines[-1][:30])  # the last line cut mid-write
+    second = collect(store, "same", str(out))
+    assert second.results_written == 1 and second.already_there == 39
+    third = collect(store, "same", str(out))
+    assert third.results_written == 0
+    check_exactly_once(jobs, out, tmp_path / "results.errors.jsonl")
+
+
+def test_quota_exhaustion_pauses_the_batch_and_resume_finishes_it(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 50)
+    with MockServerThread(MockConfig(error_rates={"insufficient_quota": 1.0})) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=25))
+        run_thread_worker(store.redis, settings_for(srv, concurrency=5))
+        meta = store.meta(rep.batch_id)
+        assert meta["state"] == "paused" and "quota" in meta["reason"]
+        assert rep.batch_id in meta["reason"]  # the message says which batch to resume
+        assert int(meta["failed"]) == 0 and int(meta["done"]) == 0
+        assert store.counts(rep.batch_id)["in_flight"] == 0
+
+        srv.set_config(error_rates={})  # the user fixed billing
+        store.set_state(rep.batch_id, "running", only_from=("paused",))
+        store.wake_all_shards(rep.batch_id)
+        run_thread_worker(store.redis, settings_for(srv))
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    assert collect(store, rep.batch_id, str(out), str(err)).finished
+    _, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+
+
+def test_exhausted_attempts_go_to_errors_with_their_history(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    with MockServerThread(MockConfig(error_rates={"500": 1.0})) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(max_attempts=3, **FAST_RETRIES))
+        run_thread_worker(store.redis, settings_for(srv))
+        assert srv.stats()["requests"] == 15  # exactly max_attempts each
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(out), str(err))
+    errors = read_lines(err)
+    assert len(errors) == 5 and not read_lines(out)
+    for e in errors:
+        assert e["error"]["code"] == "server_error"
+        assert "after 3 attempts" in e["error"]["message"]
+        assert e["response"]["status_code"] == 500
+        assert [a["status"] for a in e["attempts"]] == [500, 500, 500]
+        assert all(a["wait"] is not None for a in e["attempts"][:2])
+
+
+def test_bad_request_fails_at_once_with_the_servers_message(store: BatchStore, tmp_path):
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "empty", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "gpt-4o-mini", "messages": []}}) + "\n")
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs))
+        run_thread_worker(store.redis, settings_for(srv))
+        assert srv.stats()["requests"] == 1
+    err = tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(tmp_path / "r.jsonl"), str(err))
+    [line] = read_lines(err)
+    assert line["response"]["status_code"] == 400
+    assert "too short" in line["error"]["message"]
+    assert line["response"]["body"]["error"]["type"] == "invalid_request_error"
+
+
+def test_request_larger_than_the_limit_fails_fast_without_being_sent(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3, max_tokens=5000)
+    with MockServerThread(MockConfig()) as srv:
+        opts = BatchOptions(limits=Limits.parse(tpm=["gpt-4o-mini=1000"]))
+        rep = submit_file(store, str(jobs), options=opts)
+        started = time.monotonic()
+        run_thread_worker(store.redis, settings_for(srv))
+        assert time.monotonic() - started < 10
+        assert srv.stats()["requests"] == 0
+    err = tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(tmp_path / "r.jsonl"), str(err))
+    lines = read_lines(err)
+    assert len(lines) == 3 and all(e["error"]["code"] == "request_too_large" for e in lines)
+    assert "1000 tokens-per-minute" in lines[0]["error"]["message"]
+
+
+@pytest.mark.redis
+def test_two_worker_processes_on_real_redis_with_server_429s(real_redis_url, tmp_path):
+    """The issue's scenario, scaled for CI: submit, two `worker --burst` processes, collect."""
+    n = 600
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n, stream_every=10)
+    # 100 requests/s with a 1 s bucket: the workers (with no client-side limit) run into 429s.
+    with MockServerThread(MockConfig(rpm=6000, burst_seconds=1, seed=3)) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        sub = subprocess.run(batchrun_cmd("submit", str(jobs), "--shard-size", "100", "--backoff-base", "0.2"),
+                             env=env, capture_output=True, text=True, timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        batch_id = sub.stdout.strip().splitlines()[-1]
+        workers = [subprocess.Popen(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "50"), env=env)
+                   for _ in range(2)]
+        for w in workers:
+            assert w.wait(timeout=180) == 0
+        stats = srv.stats()
+    out, err = tmp_path / "results.jsonl", tmp_path / "errors.jsonl"
+    col = subprocess.run(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err)),
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert col.returncode == 0, col.stderr
+    assert f"{n} result(s) written" in col.stdout
+    _, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    assert stats["by_status"].get("429", 0) > 0, "the scenario should have met the server's limit"
+
+
+def test_run_demo_with_mock_prints_where_results_are(tmp_path):
+    out = tmp_path / "results.jsonl"
+    env = cli_env()
+    env.pop("BATCHRUN_REDIS_URL", None)
+    env.pop("OPENAI_API_KEY", None)
+    proc = subprocess.run(batchrun_cmd("run", str(ROOT / "jobs.example.jsonl"), "-o", str(out), "--mock"),
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert f"12 result(s) in {out}" in proc.stdout
+    assert len({line["custom_id"] for line in read_lines(out)}) == 12
+
+
+def test_submit_of_an_invalid_file_names_the_line_and_submits_nothing(real_redis_url, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    with open(jobs, "a") as f:
+        f.write('{"custom_id": "req-0", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}\n')
+    env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
+    proc = subprocess.run(batchrun_cmd("submit", str(jobs)), env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "line 4" in proc.stderr and "duplicate custom_id 'req-0'" in proc.stderr
+    listing = subprocess.run(batchrun_cmd("list"), env=env, capture_output=True, text=True, timeout=60)
+    assert listing.stdout.strip() == ""
+    skipped = subprocess.run(batchrun_cmd("submit", str(jobs), "--skip-invalid"), env=env, capture_output=True,
+                             text=True, timeout=60)
+    assert skipped.returncode == 0 and "skipped" in skipped.stderr and "line 4" in skipped.stderr
+    assert "3 job(s) added" in skipped.stdout
