@@ -40,6 +40,10 @@ def todo(batch_id: str, shard: int) -> str:
     return f"{batch(batch_id)}:todo:{shard}"
 
 
+def circuit(endpoint_id: str) -> str:
+    return f"{PREFIX}:circuit:{endpoint_id}"
+
+
 def budget(budget_id: str) -> str:
     return f"{PREFIX}:budget:{budget_id}"
 

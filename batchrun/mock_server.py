@@ -791,7 +791,7 @@ def _model_object(name: str) -> dict:
 
 
 def _new_id(prefix: str) -> str:
-    return prefix + base64.b32encode(os.urandom(20)).decode().rstrip("=")[:29]
+    return prefix + os.urandom(15).hex()
 
 
 def _usage(endpoint: str, prompt_tokens: int, completion_tokens: int) -> dict:

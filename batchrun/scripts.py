@@ -12,7 +12,8 @@ from importlib import resources
 
 from redis.commands.core import Script
 
-NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve")
+NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
+         "cool_down", "circuit")
 
 
 @lru_cache(maxsize=None)
@@ -36,3 +37,5 @@ class Scripts:
     park: Script
     promote: Script
     reserve: Script
+    cool_down: Script
+    circuit: Script

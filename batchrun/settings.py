@@ -82,6 +82,17 @@ class BatchOptions:
         return opts
 
 
+@dataclass(frozen=True)
+class CircuitPolicy:
+    """When an endpoint counts as down: most recent requests failed with 5xx or connection errors."""
+
+    window_ms: int = 10_000  # outcomes are counted over this window
+    min_outcomes: int = 10  # no verdict on fewer
+    failure_share: float = 0.5  # this share of outage-like failures opens the circuit
+    first_cooling_ms: int = 5_000  # then 10 s, 20 s, ... after each failed probe
+    max_cooling_ms: int = 60_000
+
+
 @dataclass
 class WorkerSettings:
     """What one worker process brings: concurrency, timeouts, and its API credentials."""
@@ -93,6 +104,7 @@ class WorkerSettings:
     max_shard_seconds: float = 600.0  # a runner yields its RQ worker after this, so batches share workers
     base_url: str = DEFAULT_BASE_URL
     api_key: str = field(default="", repr=False)
+    circuit: CircuitPolicy = field(default_factory=CircuitPolicy)
 
     @classmethod
     def from_env(cls, **overrides) -> "WorkerSettings":

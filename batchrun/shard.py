@@ -61,7 +61,8 @@ class ShardRunner:
         self.inflight: dict[str, asyncio.Task] = {}
         self.rng = random.Random()
         self.stats = Counter()
-        self._retry_kinds: Counter = Counter()
+        self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
+        self._side_tasks: set[asyncio.Task] = set()
         self._last_summary = time.monotonic()
         self._stop = False
 
@@ -83,6 +84,9 @@ class ShardRunner:
         finally:
             if self.inflight:
                 await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+            if self._side_tasks:
+                await asyncio.gather(*self._side_tasks, return_exceptions=True)
+            await self.limiter.drain()
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
@@ -160,17 +164,16 @@ class ShardRunner:
         url, body = job.request["url"], job.request["body"]
         model = str(body.get("model", ""))
         rpm, tpm = self.limiter.limits(model)
-        if rpm or tpm:
-            estimate = estimate_tokens(url, body)
-            wait = await self.limiter.reserve(model, estimate.total)
-            if wait is None:
-                await self._finish_error(job, "request_too_large",
-                                         f"job {job.custom_id} needs about {estimate.total} tokens, more than the "
-                                         f"{tpm} tokens-per-minute limit for {model}; it can never be sent "
-                                         f"(reduce its prompt or max_tokens, or raise --tpm)")
-                return
-            if wait > 0:
-                await asyncio.sleep(wait)
+        cost = estimate_tokens(url, body).total if tpm else 0
+        admission = await self.limiter.admit(model, cost)
+        if admission is None:
+            await self._finish_error(job, "request_too_large",
+                                     f"job {job.custom_id} needs about {cost} tokens, more than the "
+                                     f"{tpm} tokens-per-minute limit for {model}; it can never be sent "
+                                     f"(reduce its prompt or max_tokens, or raise --tpm)")
+            return
+        if admission.wait > 0:
+            await asyncio.sleep(admission.wait)
         try:
             answer = await send(self.client, url, body)
         except StreamTruncated:
@@ -178,15 +181,23 @@ class ShardRunner:
         except Exception as exc:
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
         else:
+            self._background(self.limiter.record(False, admission.probe))
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
                                body=answer.body)
             await self.completer.submit(("R", job.custom_id, json.dumps(line)))
             self.stats["done"] += 1
             return
-        await self._handle_failure(job, verdict, response)
+        await self._handle_failure(job, model, verdict, response, admission.probe)
 
-    async def _handle_failure(self, job: LeasedJob, verdict: Verdict, response: dict | None) -> None:
+    def _background(self, coro) -> None:
+        task = asyncio.create_task(coro)
+        self._side_tasks.add(task)
+        task.add_done_callback(self._side_tasks.discard)
+
+    async def _handle_failure(self, job: LeasedJob, model: str, verdict: Verdict, response: dict | None,
+                              probe: bool) -> None:
         cid = job.custom_id
+        circuit = await self.limiter.record(verdict.circuit, probe)
         if verdict.action is Action.PAUSE:
             message = verdict.message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
             paused = await asyncio.to_thread(self.store.set_state, self.batch_id, "paused", message,
@@ -199,6 +210,15 @@ class ShardRunner:
         if verdict.action is Action.FAIL:
             await self._finish_error(job, verdict.kind, verdict.message, response)
             return
+        if verdict.circuit and circuit.open:
+            # An outage, not this job's fault: it waits for the circuit and keeps its attempts.
+            delay = max(0.0, (circuit.open_until_ms - circuit.now_ms) / 1000) + self.rng.uniform(0, 1)
+            await self.requeuer.submit((cid, int(delay * 1000), False, ""))
+            self.stats["held_by_circuit"] += 1
+            self._note_event("circuit_open", delay)
+            return
+        if verdict.budget_exhausted:
+            await self.limiter.cool_down(model, verdict.hint or 1.0)
         attempt = job.attempts + 1
         record = {"at": round(time.time(), 3), "status": (response or {}).get("status_code"),
                   "error": verdict.kind, "message": verdict.message[:300]}
@@ -213,8 +233,8 @@ class ShardRunner:
         record["wait"] = round(delay, 3)
         await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record)))
         self.stats["retried"] += 1
-        self._retry_kinds[verdict.kind] += 1
-        log.debug("%s; job %s retries in %.1f s, attempt %d of %d", _event_phrase(verdict), cid, delay,
+        self._note_event(verdict.kind, delay)
+        log.debug("%s; job %s retries in %.1f s, attempt %d of %d", event_phrase(verdict.kind), cid, delay,
                   attempt + 1, self.policy.max_attempts)
 
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
@@ -224,23 +244,35 @@ class ShardRunner:
         self.stats["failed"] += 1
         log.debug("job %s failed: %s", job.custom_id, message)
 
+    def _note_event(self, kind: str, delay: float) -> None:
+        n, soonest = self._events.get(kind, (0, None))
+        self._events[kind] = (n + 1, delay if soonest is None else min(soonest, delay))
+
     def _summarise(self, force: bool = False) -> None:
+        """One line per event class every few seconds, not one per request (`-v` shows each)."""
         now = time.monotonic()
-        if not self._retry_kinds or (not force and now - self._last_summary < SUMMARY_EVERY):
+        if not self._events or (not force and now - self._last_summary < SUMMARY_EVERY):
             return
         self._last_summary = now
-        for kind, n in sorted(self._retry_kinds.items()):
-            log.info("batch %s shard %d: %s: %d job(s) requeued with backoff", self.batch_id, self.shard,
-                     kind.replace("_", " "), n)
-        self._retry_kinds.clear()
+        for kind, (n, soonest) in sorted(self._events.items()):
+            if kind == "circuit_open":
+                log.warning("batch %s shard %d: %s is failing; circuit open, %d job(s) wait %.1f s or more "
+                            "without losing attempts", self.batch_id, self.shard, self.settings.base_url, n, soonest)
+            else:
+                log.info("batch %s shard %d: %s: %d job(s) requeued, next retry in %.1f s",
+                         self.batch_id, self.shard, event_phrase(kind), n, soonest)
+        self._events.clear()
 
 
-def _event_phrase(verdict: Verdict) -> str:
+def event_phrase(kind: str) -> str:
     return {
         "rate_limit_tokens": "rate limited (TPM)",
         "rate_limit_requests": "rate limited (RPM)",
         "rate_limit": "rate limited",
-    }.get(verdict.kind, verdict.kind.replace("_", " "))
+        "server_error": "server error",
+        "stream_broken": "stream broke mid-way",
+        "stream_truncated": "stream ended without a finish_reason",
+    }.get(kind, kind.replace("_", " "))
 
 
 def _failed_response(exc: Exception) -> dict | None:

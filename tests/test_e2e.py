@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import threading
 import time
 
 import pytest
 
 from batchrun.collect import collect
 from batchrun.mock_server import MockConfig, MockServerThread
-from batchrun.settings import BatchOptions, Limits, WorkerSettings
+from batchrun.settings import BatchOptions, CircuitPolicy, Limits, WorkerSettings
 from batchrun.store import BatchStore
 from batchrun.submit import submit_file
 from tests.helpers import (ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker,
@@ -87,7 +88,7 @@ def test_quota_exhaustion_pauses_the_batch_and_resume_finishes_it(store: BatchSt
 
 def test_exhausted_attempts_go_to_errors_with_their_history(store: BatchStore, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
-    with MockServerThread(MockConfig(error_rates={"500": 1.0})) as srv:
+    with MockServerThread(MockConfig(error_rates={"429": 1.0})) as srv:
         rep = submit_file(store, str(jobs), options=BatchOptions(max_attempts=3, **FAST_RETRIES))
         run_thread_worker(store.redis, settings_for(srv))
         assert srv.stats()["requests"] == 15  # exactly max_attempts each
@@ -96,11 +97,29 @@ def test_exhausted_attempts_go_to_errors_with_their_history(store: BatchStore, t
     errors = read_lines(err)
     assert len(errors) == 5 and not read_lines(out)
     for e in errors:
-        assert e["error"]["code"] == "server_error"
-        assert "after 3 attempts" in e["error"]["message"]
-        assert e["response"]["status_code"] == 500
-        assert [a["status"] for a in e["attempts"]] == [500, 500, 500]
-        assert all(a["wait"] is not None for a in e["attempts"][:2])
+        assert e["error"]["code"].startswith("rate_limit")
+        assert "after 3 attempts" in e["error"]["message"] and "Please try again in" in e["error"]["message"]
+        assert e["response"]["status_code"] == 429
+        assert [a["status"] for a in e["attempts"]] == [429, 429, 429]
+        assert all(a["wait"] > 0 for a in e["attempts"][:2]) and e["attempts"][2]["wait"] is None
+
+
+def test_an_outage_opens_the_circuit_and_costs_no_job_its_attempts(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30)
+    circuit = CircuitPolicy(min_outcomes=5, first_cooling_ms=500, max_cooling_ms=1000)
+    with MockServerThread(MockConfig(error_rates={"500": 1.0})) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(max_attempts=3, **FAST_RETRIES))
+        healer = threading.Timer(3.0, lambda: srv.set_config(error_rates={}))
+        healer.start()
+        run_thread_worker(store.redis, settings_for(srv, concurrency=10, circuit=circuit))
+        healer.join()
+        sent_500 = srv.stats()["by_status"]["500"]
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(out), str(err))
+    _, errors = check_exactly_once(jobs, out, err)
+    assert not errors, "an outage must not use up the jobs' attempts"
+    # While open, the circuit let through one probe at a time, not the whole batch.
+    assert sent_500 < 30 * 3
 
 
 def test_bad_request_fails_at_once_with_the_servers_message(store: BatchStore, tmp_path):

@@ -1,0 +1,48 @@
+-- circuit: record how requests to an endpoint ended, and open the circuit when
+-- most recent ones failed with 5xx or connection errors (an outage): then
+-- nothing is sent for a cooling period (doubling on each failed probe, up to a
+-- cap) until one probe request succeeds.
+-- KEYS[1]  circuit hash (state, ok, fail, win_start, open_until, probe_until, trips, url)
+-- ARGV[1]  endpoint URL (shown by `status`)
+-- ARGV[2]  window in ms over which outcomes are counted
+-- ARGV[3]  fewest outcomes in the window before the circuit may open
+-- ARGV[4]  failure share that opens it (0..1)
+-- ARGV[5]  first cooling period, ms
+-- ARGV[6]  longest cooling period, ms
+-- ARGV[7]  successes since the last call
+-- ARGV[8]  failures (outage-like) since the last call
+-- ARGV[9]  probe outcome: '1' succeeded, '0' failed, '' no probe
+-- Returns  {state, open_until ms, now ms}
+local k = KEYS[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local h = redis.call('HMGET', k, 'state', 'ok', 'fail', 'win_start', 'open_until', 'trips')
+local state = h[1] or 'closed'
+local ok, fail, win_start = tonumber(h[2] or 0), tonumber(h[3] or 0), tonumber(h[4] or 0)
+local open_until, trips = tonumber(h[5] or 0), tonumber(h[6] or 0)
+local window, min_n, ratio = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local base_cool, max_cool = tonumber(ARGV[5]), tonumber(ARGV[6])
+
+local function open()
+  trips = trips + 1
+  state = 'open'
+  open_until = now + math.min(max_cool, base_cool * 2 ^ (trips - 1))
+  ok, fail, win_start = 0, 0, now
+end
+
+if ARGV[9] == '1' then
+  state, trips, ok, fail, win_start = 'closed', 0, 0, 0, now
+elseif ARGV[9] == '0' then
+  open()
+end
+if state == 'closed' then
+  if now - win_start > window then ok, fail, win_start = 0, 0, now end
+  ok = ok + tonumber(ARGV[7])
+  fail = fail + tonumber(ARGV[8])
+  if ok + fail >= min_n and fail >= ratio * (ok + fail) then open() end
+end
+redis.call('HSET', k, 'state', state, 'ok', ok, 'fail', fail, 'win_start', tostring(win_start),
+           'open_until', tostring(open_until), 'trips', trips, 'url', ARGV[1],
+           'probe_until', state == 'open' and '0' or (redis.call('HGET', k, 'probe_until') or '0'))
+redis.call('PEXPIRE', k, 86400000)
+return {state, tostring(math.floor(open_until)), tostring(math.floor(now))}

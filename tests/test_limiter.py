@@ -1,0 +1,281 @@
+"""The shared requests/tokens budget: reserve.lua through SharedLimiter.admit.
+
+Buckets hold ``limit * burst_seconds / 60`` and refill at ``limit / 60`` per second; a reservation is
+granted in arrival order and may run the bucket into debt, which its caller pays off by waiting.
+(Cooldowns and the circuit breaker, which reserve.lua also honours, are left at rest here.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+
+import pytest
+import redis
+
+from batchrun import keys
+from batchrun.limiter import SharedLimiter, budget_id
+from batchrun.settings import BatchOptions, Limits, WorkerSettings
+from batchrun.store import BatchStore
+
+MODEL = "gpt-4o-mini"
+BASE_URL = "http://127.0.0.1:9/v1"
+
+
+def limiter_for(store: BatchStore, *, rpm: str | None = None, tpm: str | None = None, burst_seconds: float = 60.0,
+                api_key: str = "sk-x", base_url: str = BASE_URL) -> SharedLimiter:
+    limits = Limits.parse(rpm=[rpm] if rpm else [], tpm=[tpm] if tpm else [])
+    return SharedLimiter(store, WorkerSettings(base_url=base_url, api_key=api_key),
+                         BatchOptions(limits=limits, burst_seconds=burst_seconds))
+
+
+def reserve_all(limiter: SharedLimiter, costs: list[int], model: str = MODEL) -> list[float | None]:
+    """Reserve all at once, in this order (they arrive in one script call); the waits, in order."""
+    async def go():
+        out = await asyncio.gather(*(reserve(limiter, model, c) for c in costs))
+        await limiter.drain()
+        return list(out)
+    return asyncio.run(go())
+
+
+async def reserve(limiter: SharedLimiter, model: str, cost: int) -> float | None:
+    """Seconds to wait before sending, or None if the request can never fit."""
+    admission = await limiter.admit(model, cost)
+    return None if admission is None else admission.wait
+
+
+def budget_key(api_key: str = "sk-x", model: str = MODEL, base_url: str = BASE_URL) -> str:
+    return keys.budget(budget_id(base_url, WorkerSettings(api_key=api_key).key_fingerprint(), model))
+
+
+def bucket(store: BatchStore, key: str | None = None) -> dict[str, float]:
+    raw = store.redis.hgetall(key or budget_key())
+    return {k.decode(): float(v) for k, v in raw.items()}
+
+
+# --- burst, then waits of cost / rate ---------------------------------------------------------
+
+
+def test_fresh_budget_grants_burst_then_waits_cost_over_rate(store):
+    limiter = limiter_for(store, rpm="60", tpm="6000")  # capacity 60 requests, 6000 tokens; 100 tokens/s
+    waits = reserve_all(limiter, [6000, 100, 100, 250])
+    assert waits[0] == 0.0  # the whole burst at once
+    assert waits[1] == pytest.approx(1.0, abs=0.1) and waits[1] <= 1.0
+    assert waits[2] == pytest.approx(2.0, abs=0.1) and waits[2] <= 2.0
+    assert waits[3] == pytest.approx(4.5, abs=0.1) and waits[3] <= 4.5
+    b = bucket(store)
+    assert b["tok"] == pytest.approx(-450, abs=10)  # in debt by what the waiters still owe
+    assert b["req"] == pytest.approx(56, abs=0.2)
+    assert 0 < store.redis.pttl(budget_key()) <= 3_600_000
+
+
+def test_requests_per_minute_burst(store):
+    limiter = limiter_for(store, rpm="60")  # 60 requests at once, then one a second
+    waits = reserve_all(limiter, [1] * 62)
+    assert waits[:60] == [0.0] * 60
+    assert waits[60] == pytest.approx(1.0, abs=0.15) and waits[60] <= 1.0
+    assert waits[61] == pytest.approx(2.0, abs=0.15) and waits[61] <= 2.0
+
+
+def test_budget_refills_over_time(store):
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)  # 1000 tokens capacity, 1000 tokens/s
+    assert reserve_all(limiter, [1000]) == [0.0]
+    time.sleep(0.3)
+    wait = reserve_all(limiter, [500])[0]
+    assert 0.1 <= wait <= 0.2 + 0.05  # ~300 tokens came back: 200 short, 0.2 s
+    time.sleep(1.5)
+    assert reserve_all(limiter, [1000]) == [0.0]  # refilled to capacity (not beyond)
+    assert reserve_all(limiter, [100])[0] == pytest.approx(0.1, abs=0.03)
+
+
+def test_no_limits_means_no_wait(store):
+    limiter = limiter_for(store)
+    assert reserve_all(limiter, [10**9, 5] * 50) == [0.0] * 100
+    assert reserve_all(limiter, [10**9]) == [0.0]
+
+
+# --- requests that can never fit --------------------------------------------------------------
+
+
+def test_request_above_capacity_never_fits_and_takes_nothing(store):
+    limiter = limiter_for(store, rpm="60", tpm="6000")
+    assert reserve_all(limiter, [6001]) == [None]
+    b = bucket(store)  # the budget exists, untouched
+    assert b["tok"] == pytest.approx(6000) and b["req"] == pytest.approx(60)
+    assert reserve_all(limiter, [6000, 6001, 6001]) == [0.0, None, None]
+    assert bucket(store)["req"] == pytest.approx(59, abs=0.1)  # only the one that fits took a request
+
+
+def test_capacity_follows_burst_seconds(store):
+    # The bound is the bucket's capacity (tpm * burst_seconds / 60), not the per-minute limit.
+    limiter = limiter_for(store, tpm="6000", burst_seconds=1)  # capacity 100 tokens
+    assert reserve_all(limiter, [101, 100, 50]) == [None, 0.0, pytest.approx(0.5, abs=0.05)]
+
+
+def test_script_contract_in_one_call(store):
+    """Several costs in one call are served in order: {ms, verdict} each; verdict -1 marks one that never fits."""
+    out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test")],
+                                args=[0, 60000, 1, 5, 600, 2000, 600, 300])
+    out = [int(x) for x in out]
+    assert out[1::2] == [0, -1, 0, 0]
+    assert out[0::2] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
+
+
+# --- first come, first served -----------------------------------------------------------------
+
+
+def test_large_request_is_served_at_its_turn(store):
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)  # 1000 tokens, 1000 tokens/s
+    waits = reserve_all(limiter, [100] * 10 + [100] * 5 + [900] + [100] * 3)
+    small_before, large, small_after = waits[10:15], waits[15], waits[16:]
+    assert waits[:10] == [0.0] * 10
+    assert small_before == sorted(small_before) and small_before[0] > 0
+    assert large is not None
+    # Its wait is its own debt, counted behind the earlier ones: ~ (500 + 900) / 1000 s.
+    assert large == pytest.approx(1.4, abs=0.1) and large > small_before[-1]
+    # Those who came later wait behind it, not before it.
+    assert all(w > large for w in small_after)
+    assert small_after[0] == pytest.approx(large + 0.1, abs=0.05)
+
+
+def test_concurrent_reservations_in_one_process_share_the_budget(store):
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)
+
+    async def go():
+        waits = await asyncio.gather(*(reserve(limiter, MODEL, 100) for _ in range(30)))
+        await limiter.drain()
+        return waits
+    waits = sorted(asyncio.run(go()))
+    assert waits[:10] == [0.0] * 10
+    # 2000 tokens of debt: the last waits ~2 s, and they are spaced by ~0.1 s.
+    assert waits[-1] == pytest.approx(2.0, abs=0.1)
+    assert all(b - a == pytest.approx(0.1, abs=0.02) for a, b in zip(waits[10:], waits[11:]))
+
+
+# --- whose budget -----------------------------------------------------------------------------
+
+
+def test_budget_shared_by_key_and_model_not_by_batch(store):
+    a = limiter_for(store, tpm="6000")
+    b = limiter_for(store, tpm="6000")  # another batch, same key and model
+    assert reserve_all(a, [6000]) == [0.0]
+    assert reserve_all(b, [100])[0] == pytest.approx(1.0, abs=0.1)
+    other_model = reserve_all(b, [6000], model="gpt-4o")
+    other_key = reserve_all(limiter_for(store, tpm="6000", api_key="sk-y"), [6000])
+    other_url = reserve_all(limiter_for(store, tpm="6000", base_url="http://other/v1"), [6000])
+    assert other_model == other_key == other_url == [0.0]
+    assert len(store.redis.keys(keys.budget("*"))) == 4
+
+
+def test_budget_key_does_not_reveal_the_api_key(store):
+    limiter = limiter_for(store, rpm="60", tpm="6000", api_key="sk-secret-123")
+    reserve_all(limiter, [100, 200])
+    assert limiter.budget_key(MODEL) == budget_key(api_key="sk-secret-123")
+    assert store.redis.keys("*") == [budget_key(api_key="sk-secret-123").encode()]
+
+    async def outcomes():  # the endpoint's circuit state, written by circuit.lua
+        await limiter.record(False)
+        await limiter.record(True)
+        await limiter.drain()
+    asyncio.run(outcomes())
+    found = store.redis.keys("*")
+    assert len(found) == 2
+    for key in found:
+        assert b"sk-secret" not in key and b"secret-123" not in key
+        kind = store.redis.type(key)
+        if kind == b"hash":
+            values = [v for kv in store.redis.hgetall(key).items() for v in kv]
+        elif kind == b"string":
+            values = [store.redis.get(key)]
+        else:
+            values = []
+        for v in values:
+            assert b"sk-secret" not in v and b"secret-123" not in v
+
+
+# --- several processes on one budget (real Redis) ---------------------------------------------
+
+RATE = 1000.0  # tokens per second: tpm 60000
+CAPACITY = 1000.0  # burst_seconds 1
+COST = 100
+RUN_MS = 2000
+TASKS = 4
+
+
+def _hammer_budget_body(url: str, barrier, out) -> None:
+    """Reserve 100-token requests from several tasks until admissions reach ~2 s past the start.
+
+    Each admission is the Redis server time read just before reserving plus the wait; a task that is
+    told to wait sleeps most of it, so the budget keeps refilling while the processes compete.
+    """
+    client = redis.Redis.from_url(url)
+    store = BatchStore(client)
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)
+    barrier.wait(timeout=30)
+    start = store.server_time_ms()
+    admitted: list[float] = []
+
+    async def task():
+        while True:
+            now = store.server_time_ms()
+            wait = await reserve(limiter, MODEL, COST)
+            assert wait is not None
+            admitted.append(now + wait * 1000)
+            if now + wait * 1000 > start + RUN_MS:
+                return
+            if wait > 0.05:
+                await asyncio.sleep(wait - 0.05)
+
+    async def main():
+        await asyncio.gather(*(task() for _ in range(TASKS)))
+        await limiter.drain()
+
+    asyncio.run(main())
+    client.close()
+    out.put(admitted)
+
+
+def _hammer_budget(*args) -> None:
+    """Process entry: run the body, and report an exception as a string rather than die silently."""
+    out = args[-1]
+    try:
+        _hammer_budget_body(*args)
+    except BaseException:
+        import traceback
+        out.put(traceback.format_exc())
+        raise
+
+
+@pytest.mark.redis
+def test_two_processes_never_exceed_the_budget(real_redis_url):
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_hammer_budget, args=(real_redis_url, barrier, out)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        per_proc = []
+        while len(per_proc) < len(procs) and not any(isinstance(x, str) for x in per_proc):
+            per_proc.append(out.get(timeout=30))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [x for x in per_proc if isinstance(x, str)]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs)
+    assert all(len(a) > 5 for a in per_proc), "both processes took part"
+    times = sorted(t for a in per_proc for t in a)
+    first = times[0]
+    tolerance = COST  # admissions are read a moment before the script's own clock
+    for i, t in enumerate(times):
+        in_window = sum(1 for u in times[i:] if u <= t + 1000)
+        assert in_window * COST <= CAPACITY + RATE * 1.0 + tolerance, f"{in_window} admitted in [{t}, {t} + 1 s]"
+    # Over the whole run: no more than the burst plus the refill.
+    span = (times[-1] - first) / 1000
+    assert len(times) * COST <= CAPACITY + RATE * span + tolerance
+    # ...and the limiter is not needlessly strict: the processes got about what the budget allows.
+    early = sum(1 for t in times if t <= first + RUN_MS)
+    assert early * COST >= 0.8 * (CAPACITY + RATE * RUN_MS / 1000)
