@@ -234,10 +234,7 @@ def resume(batch_id, redis_url):
     state = store.meta(batch_id).get("state")
     if state == "cancelled":
         fail(f"batch {batch_id} was cancelled")
-    store.set_state(batch_id, "running", only_from=("paused", "running"))
-    store.reclaim(batch_id)
-    n = store.wake_all_shards(batch_id)
-    store.promote_parked()
+    n = store.resume(batch_id)
     click.echo(f"batch {batch_id} is running; {n} shard(s) with work left were queued for the workers")
 
 

@@ -104,6 +104,7 @@ class MockConfig:
     seed: int | None = None
     retry_after_header: bool = False  # 429s also carry retry-after-ms / retry-after
     default_max_tokens: int = 64  # output cap when the request sets none
+    log_requests: bool = False  # keep (time, request digest, status, wait hint) per request, for tests
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -234,6 +235,15 @@ def _reply_pieces(endpoint: str, body: dict, default_max_tokens: int) -> list[st
         return head[:length]
     start = int(digest[20:28], 16)
     return head + [FILLER[(start + i) % len(FILLER)] for i in range(length - len(head))]
+
+
+MOCK_DIGEST = web.RequestKey("mock_digest", str)  # for the request log
+MOCK_WAIT = web.ResponseKey("mock_wait", float)
+
+
+def request_digest(body: dict) -> str:
+    """Identifies a request body in the request log (same body, same digest)."""
+    return hashlib.sha256(_canonical(body)).hexdigest()[:16]
 
 
 def reply_text(endpoint: str, body: dict, *, default_max_tokens: int = 64) -> str:
@@ -528,6 +538,7 @@ class Stats:
         self.rate_limited = {"requests": 0, "tokens": 0, "too_large": 0}
         self.faults = dict.fromkeys(FAULT_KINDS, 0)
         self.per_second: deque[list[int]] = deque(maxlen=PER_SECOND_KEPT)
+        self.log: list[list] = []  # with MockConfig.log_requests: [unix time, request digest, status, wait]
 
     def admitted(self, tokens: int) -> None:
         self.requests_admitted += 1
@@ -549,6 +560,7 @@ class Stats:
             "rate_limited": dict(self.rate_limited),
             "faults": dict(self.faults),
             "per_second": [list(s) for s in self.per_second],
+            "log": [list(entry) for entry in self.log],
         }
 
 
@@ -594,12 +606,23 @@ class MockOpenAI:
         if wait is not None and self.config.retry_after_header:
             headers["retry-after-ms"] = str(_ceil_ms(wait))
             headers["retry-after"] = str(math.ceil(_ceil_ms(wait) / 1000))  # whole seconds
-        return self._json(429, payload, headers)
+        response = self._json(429, payload, headers)
+        response[MOCK_WAIT] = wait  # for the request log
+        return response
 
     # request handling
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         """Every POST /v1/{chat/completions,completions,embeddings} comes through here."""
+        if not self.config.log_requests:
+            return await self._handle(request)
+        arrived = time.time()
+        response = await self._handle(request)
+        digest = request.get(MOCK_DIGEST)
+        self.stats.log.append([arrived, digest, response.status, response.get(MOCK_WAIT)])
+        return response
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
         self.stats.requests += 1
         endpoint = request.match_info["endpoint"]
         key = _bearer_key(request)
@@ -611,6 +634,8 @@ class MockOpenAI:
             body = None
         if not isinstance(body, dict):
             return self._json(400, BAD_JSON, self._headers(None, None))
+        if self.config.log_requests:
+            request[MOCK_DIGEST] = request_digest(body)
         problem = _validate(endpoint, body)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         if problem:

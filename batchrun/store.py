@@ -193,6 +193,16 @@ class BatchStore:
             self.park(batch_id, shard, None)
         return len(waiting)
 
+    def resume(self, batch_id: str) -> int:
+        """Run a paused or interrupted batch again: expired leases come back, and every shard
+        with work left gets a runner (queued work is not duplicated: shards are idempotent).
+        Returns the number of shards queued."""
+        self.set_state(batch_id, "running", only_from=("paused", "running"))
+        self.reclaim(batch_id)
+        n = self.wake_all_shards(batch_id)
+        self.promote_parked()
+        return n
+
     # -- progress ------------------------------------------------------------
 
     def counts(self, batch_id: str) -> dict[str, int]:

@@ -77,8 +77,7 @@ def test_quota_exhaustion_pauses_the_batch_and_resume_finishes_it(store: BatchSt
         assert store.counts(rep.batch_id)["in_flight"] == 0
 
         srv.set_config(error_rates={})  # the user fixed billing
-        store.set_state(rep.batch_id, "running", only_from=("paused",))
-        store.wake_all_shards(rep.batch_id)
+        store.resume(rep.batch_id)
         run_thread_worker(store.redis, settings_for(srv))
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
     assert collect(store, rep.batch_id, str(out), str(err)).finished
@@ -207,3 +206,48 @@ def test_submit_of_an_invalid_file_names_the_line_and_submits_nothing(real_redis
                              text=True, timeout=60)
     assert skipped.returncode == 0 and "skipped" in skipped.stderr and "line 4" in skipped.stderr
     assert "3 job(s) added" in skipped.stdout
+
+
+def test_a_stormy_batch_finishes_within_its_request_budget(store: BatchStore, tmp_path):
+    """1,000 streamed jobs; 20 % of requests answered 429, 5 % 500, 3 % broken streams."""
+    n = 1000
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n, stream_every=1)
+    faults = {"429": 0.20, "500": 0.05, "stream_disconnect": 0.015, "stream_truncate": 0.015}
+    with MockServerThread(MockConfig(error_rates=faults, seed=7)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=250, backoff_base=0.1))
+        started = time.monotonic()
+        run_thread_worker(store.redis, settings_for(srv, concurrency=100), timeout=300)
+        elapsed = time.monotonic() - started
+        sent = srv.stats()["requests"]
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(out), str(err))
+    _, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    failure_rate = sum(faults.values())
+    print(f"{n} jobs, {sent} requests sent ({sent / n:.3f} per job), {elapsed:.1f} s")
+    assert sent <= 1.1 * n / (1 - failure_rate)
+
+
+def test_no_retry_is_sent_before_the_servers_hint_has_passed(store: BatchStore, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 120)
+    config = MockConfig(rpm=1200, burst_seconds=1, error_rates={"429": 0.15, "500": 0.05}, seed=5,
+                        log_requests=True, retry_after_header=True)
+    with MockServerThread(config) as srv:
+        limits = Limits.parse(rpm=["1200"])  # the client knows the limit; the server still throws 429s
+        rep = submit_file(store, str(jobs), options=BatchOptions(burst_seconds=1, limits=limits, **FAST_RETRIES))
+        run_thread_worker(store.redis, settings_for(srv, concurrency=40))
+        log = srv.stats()["log"]
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collect(store, rep.batch_id, str(out), str(err))
+    assert not check_exactly_once(jobs, out, err)[1]
+    by_request: dict[str, list] = {}
+    for arrived, digest, status, wait in log:
+        by_request.setdefault(digest, []).append((arrived, status, wait))
+    hinted = 0
+    for attempts in by_request.values():
+        attempts.sort()
+        for (t1, status, wait), (t2, _, _) in zip(attempts, attempts[1:]):
+            if status == 429 and wait:
+                hinted += 1
+                assert t2 - t1 >= wait, f"retried after {t2 - t1:.3f} s, the server asked for {wait:.3f} s"
+    assert hinted >= 10, "the scenario should have produced hinted 429s"
