@@ -200,9 +200,13 @@ def status(batch_id, redis_url, as_json):
     store, _ = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis")
+    from batchrun.progress import describe_conditions
+
     meta = store.meta(batch_id)
     counts = store.counts(batch_id)
-    data = {"batch_id": batch_id, "state": meta.get("state"), "reason": meta.get("reason") or None, **counts}
+    conditions = store.fleet_conditions()
+    data = {"batch_id": batch_id, "state": meta.get("state"), "reason": meta.get("reason") or None, **counts,
+            **conditions}
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -210,6 +214,9 @@ def status(batch_id, redis_url, as_json):
     click.echo(f"  {counts['done']} done, {counts['failed']} failed, {counts['in_flight']} in flight, "
                f"{counts['queued']} queued, {counts['waiting_retry']} waiting to retry, of {counts['total']}; "
                f"{counts['retries']} retries so far")
+    held = describe_conditions(conditions)
+    if held:
+        click.echo(f"  fleet: {held}")
 
 
 @main.command(name="list")

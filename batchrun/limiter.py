@@ -61,6 +61,10 @@ class SharedLimiter:
         self._recorder = Batcher(self._flush_outcomes, name="circuit outcome", max_delay=0.02)
         self._rng = random.Random()
 
+    @property
+    def burst_seconds(self) -> float:
+        return self._options.burst_seconds
+
     def limits(self, model: str) -> tuple[int, int]:
         return self._options.limits.for_model(model)
 

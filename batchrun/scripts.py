@@ -13,7 +13,7 @@ from importlib import resources
 from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
-         "cool_down", "circuit")
+         "cool_down", "circuit", "set_state")
 
 
 @lru_cache(maxsize=None)
@@ -39,3 +39,4 @@ class Scripts:
     reserve: Script
     cool_down: Script
     circuit: Script
+    set_state: Script

@@ -167,10 +167,11 @@ class ShardRunner:
         cost = estimate_tokens(url, body).total if tpm else 0
         admission = await self.limiter.admit(model, cost)
         if admission is None:
+            capacity = int(tpm * self.limiter.burst_seconds / 60)
             await self._finish_error(job, "request_too_large",
-                                     f"job {job.custom_id} needs about {cost} tokens, more than the "
-                                     f"{tpm} tokens-per-minute limit for {model}; it can never be sent "
-                                     f"(reduce its prompt or max_tokens, or raise --tpm)")
+                                     f"job {job.custom_id} needs about {cost} tokens, more than the {capacity} "
+                                     f"the {tpm} tokens-per-minute budget of {model} can ever hold; it can never "
+                                     f"be sent (reduce its prompt or max_tokens, or raise --tpm)")
             return
         if admission.wait > 0:
             await asyncio.sleep(admission.wait)

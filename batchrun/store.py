@@ -79,16 +79,9 @@ class BatchStore:
         return [_s(b) for b in self.redis.zrevrange(keys.BATCHES, 0, n - 1)]
 
     def set_state(self, batch_id: str, state: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> bool:
-        """Move the batch to ``state`` (if it is in one of ``only_from``, when given)."""
-        key = keys.batch(batch_id)
-        if only_from and _s(self.redis.hget(key, "state") or b"") not in only_from:
-            return False
-        self.redis.hset(key, mapping={"state": state, "reason": reason})
-        if state == "running":
-            self.redis.sadd(keys.ACTIVE, batch_id)
-        elif state in ("finished", "cancelled"):
-            self.redis.srem(keys.ACTIVE, batch_id)
-        return True
+        """Move the batch to ``state`` (only from one of ``only_from``, when given), atomically."""
+        return bool(self.scripts.set_state(keys=[keys.batch(batch_id), keys.ACTIVE],
+                                           args=[batch_id, state, reason, *only_from]))
 
     # -- jobs ------------------------------------------------------------
 
@@ -100,15 +93,9 @@ class BatchStore:
         out = self.scripts.add_jobs(keys=[keys.batch(batch_id)], args=args)
         return int(out[0]), [int(s) for s in out[1:]]
 
-    def note_shards(self, batch_id: str, n_shards: int, *, reopen: bool) -> None:
-        key = keys.batch(batch_id)
-        pipe = self.redis.pipeline()
-        pipe.hget(key, "shards")
-        current = int(pipe.execute()[0] or 0)
-        if n_shards > current:
-            self.redis.hset(key, "shards", n_shards)
-        if reopen:  # new jobs in a finished batch: it runs again
-            self.set_state(batch_id, "running", only_from=("finished",))
+    def reopen(self, batch_id: str) -> None:
+        """New jobs in a finished batch: it runs again."""
+        self.set_state(batch_id, "running", only_from=("finished",))
 
     def lease(self, batch_id: str, shard: int, n: int, lease_ms: int, token: str) -> Lease:
         out = self.scripts.lease(keys=[keys.batch(batch_id)], args=[shard, n, lease_ms, token])
@@ -225,6 +212,22 @@ class BatchStore:
             "queued": sum(res[1::2]),
             "waiting_retry": sum(res[2::2]),
         }
+
+    def fleet_conditions(self) -> dict[str, list[dict]]:
+        """What holds the whole fleet back now: open circuits and budget cooldowns."""
+        now_ms = self.server_time_ms()
+        circuits, cooldowns = [], []
+        for key in self.redis.scan_iter(match=f"{keys.PREFIX}:circuit:*", count=100):
+            c = {_s(k): _s(v) for k, v in self.redis.hgetall(key).items()}
+            if c.get("state") == "open":
+                circuits.append({"endpoint": c.get("url", "?"),
+                                 "seconds_left": max(0.0, (float(c.get("open_until", 0)) - now_ms) / 1000)})
+        for key in self.redis.scan_iter(match=f"{keys.PREFIX}:budget:*", count=100):
+            until = self.redis.hget(key, "cool_until")
+            if until and float(until) > now_ms:
+                model = _s(key).split(":", 4)[-1]
+                cooldowns.append({"model": model, "seconds_left": (float(until) - now_ms) / 1000})
+        return {"circuits": circuits, "cooldowns": cooldowns}
 
     def server_time_ms(self) -> int:
         sec, usec = self.redis.time()

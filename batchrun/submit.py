@@ -45,7 +45,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     store.create_batch(batch_id, options or BatchOptions(), source=str(path))
     shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
 
-    added, touched, index, n_shards = 0, set(), 0, 0
+    added, touched, index = 0, set(), 0
     chunk: list[tuple[str, int, str]] = []
 
     def flush() -> None:
@@ -58,13 +58,13 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     for job in read_jobs(path, endpoint=endpoint, skip_invalid=True, on_skip=on_skip):
         shard = index // shard_size
         index += 1
-        n_shards = shard + 1
         chunk.append((job.custom_id, shard, json.dumps({"method": job.method, "url": job.url, "body": job.body})))
         if len(chunk) >= CHUNK:
             flush()
     if chunk:
         flush()
-    store.note_shards(batch_id, n_shards, reopen=added > 0)
+    if added:
+        store.reopen(batch_id)
     store.enqueue_shards(batch_id, sorted(touched))
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))

@@ -96,8 +96,6 @@ def make_batch(store: BatchStore, batch_id: str, n_jobs: int, shard_size: int = 
     items = [(cid, i // shard_size, request_json(i, model)) for i, cid in enumerate(cids)]
     for start in range(0, len(items), 2000):
         store.add_jobs(batch_id, items[start:start + 2000])
-    n_shards = (n_jobs + shard_size - 1) // shard_size
-    store.note_shards(batch_id, n_shards, reopen=n_jobs > 0)
     return cids
 
 

@@ -313,9 +313,6 @@ def test_cooled_circuit_lets_exactly_one_probe_through(store):
     assert b["tok"] == pytest.approx(5_900, abs=1) and b["req"] == pytest.approx(59, abs=0.1)  # the probe's cost only
 
 
-@pytest.mark.xfail(strict=True, reason="reserve.lua grants a request that can never fit (cost above the bucket's "
-                                       "capacity) as the open circuit's probe: take() returns -1, then "
-                                       "out[i - 1] = math.max(w, 0) turns it into (0, 2)")
 def test_probe_is_never_a_request_that_cannot_fit(store):
     _open_circuit(store, store.server_time_ms() - 1)
     out = _gate(store, [7_000, 100])  # 7000 > 6000 tokens capacity
@@ -337,11 +334,6 @@ def test_cooldown_holds_everybody_then_releases_them_spaced(store):
     assert waits[2] - waits[1] == pytest.approx(0.1, abs=0.005)
 
 
-@pytest.mark.xfail(strict=True, raises=redis.ResponseError,
-                   reason="cool_down.lua on a budget hash that does not exist yet writes 'ts' (and cool_*) but no "
-                          "'req'/'tok'; reserve.lua takes a present 'ts' as an initialised bucket and fails on "
-                          "'req + elapsed ...' (user_script:64: arithmetic on nil 'req'), so every reservation on "
-                          "that budget errors until the hash expires")
 def test_cooldown_on_a_fresh_budget(store):
     limiter = limiter_for(store, rpm="600")
 

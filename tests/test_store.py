@@ -19,6 +19,7 @@ from rq.serializers import JSONSerializer
 import batchrun.store as store_module
 from batchrun import keys
 from batchrun.store import RUN_SHARD, BatchStore
+from tests.conftest import request_json
 
 BID = "b1"
 TOKEN = "runner-a"
@@ -483,45 +484,23 @@ def test_resume_reclaims_and_queues_shards_with_work(store, make_batch):
     assert rq_count(store) == 2
 
 
-# --- races between a check in Python and the write after it --------------------------------
+# --- changes that used to be a check in Python and a write after it ---------------------------
 
 
-def _interleave(monkeypatch, store: BatchStore, when, other) -> None:
-    """Run ``other()`` just before the first ``hset`` for which ``when(args, kwargs)`` holds."""
-    real = store.redis.hset
-    fired = []
-
-    def hset(*args, **kwargs):
-        if not fired and when(args, kwargs):
-            fired.append(True)
-            other()
-        return real(*args, **kwargs)
-    monkeypatch.setattr(store.redis, "hset", hset)
-
-
-@pytest.mark.xfail(strict=True, reason="store.note_shards (store.py) reads 'shards' and writes the larger value "
-                                       "in two steps: a concurrent submit that recorded more shards in between is "
-                                       "overwritten with the smaller count, so counts() and wake_all_shards() "
-                                       "(resume) ignore the last shards")
-def test_note_shards_keeps_the_largest_count_under_concurrency(store, make_batch, monkeypatch):
+def test_the_shard_count_only_grows_whatever_order_jobs_arrive_in(store, make_batch):
     make_batch(store, BID, 0)
-    other = BatchStore(store.redis)
-    _interleave(monkeypatch, store, lambda a, kw: a[1:2] == ("shards",) and a[2] == 3,
-                lambda: other.note_shards(BID, 5, reopen=False))
-    store.note_shards(BID, 3, reopen=False)
+    store.add_jobs(BID, [("late", 4, request_json(1))])  # a submit that got further first
+    store.add_jobs(BID, [("early", 2, request_json(2))])
     assert store.meta(BID)["shards"] == "5"
 
 
-@pytest.mark.xfail(strict=True, reason="store.set_state(..., only_from=...) checks the state with HGET and writes "
-                                       "with HSET in two steps: a batch that complete.lua finishes in between is "
-                                       "turned to 'paused' (shard.py's PAUSE path) although it was no longer "
-                                       "'running'; resumed, it stays 'running' forever with no job left")
-def test_set_state_only_from_is_atomic(store, make_batch, monkeypatch):
+def test_set_state_only_from_does_not_touch_a_batch_in_another_state(store, make_batch):
     cids = make_batch(store, BID, 1)
-    _interleave(monkeypatch, store, lambda a, kw: (kw.get("mapping") or {}).get("state") == "paused",
-                lambda: store.complete(BID, [("R", cids[0], line(cids[0]))]))
-    store.set_state(BID, "paused", "invalid API key", only_from=("running",))
+    store.complete(BID, [("R", cids[0], line(cids[0]))])
+    assert not store.set_state(BID, "paused", "invalid API key", only_from=("running",))
     assert store.meta(BID)["state"] == "finished"
+    assert store.set_state(BID, "cancelled", "by the user")
+    assert store.meta(BID)["state"] == "cancelled"
 
 
 # --- counts -----------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ local spacing = tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local out = {}
+local cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
 
 -- The circuit first: an open circuit grants nothing and spends no budget.
 local c = redis.call('HMGET', KEYS[2], 'state', 'open_until', 'probe_until')
@@ -33,7 +34,9 @@ local probe_granted = false
 if cstate == 'open' then
   for i = 5, #ARGV do
     local verdict, ms = 1, 0
-    if now < open_until then
+    if tpm > 0 and tonumber(ARGV[i]) > cap_t then
+      verdict = -1  -- can never fit: never the probe
+    elseif now < open_until then
       ms = open_until - now
     elseif now >= probe_until and not probe_granted then
       probe_granted = true
@@ -45,6 +48,9 @@ if cstate == 'open' then
     if verdict == 1 then
       out[#out + 1] = math.ceil(ms)
       out[#out + 1] = 1
+    elseif verdict == -1 then
+      out[#out + 1] = -1
+      out[#out + 1] = -1
     else
       out[#out + 1] = -2  -- placeholder: the probe still takes budget below
       out[#out + 1] = 2
@@ -53,13 +59,11 @@ if cstate == 'open' then
   if not probe_granted then return out end
 end
 
-local cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
 local s = redis.call('HMGET', KEYS[1], 'req', 'tok', 'ts', 'cool_until', 'cool_next')
 local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local cool_until, cool_next = tonumber(s[4] or 0), tonumber(s[5] or 0)
-if not ts then
-  req, tok, ts = cap_r, cap_t, now
-end
+-- A budget starts full; fields cool_down.lua wrote without them start full too.
+req, tok, ts = req or cap_r, tok or cap_t, ts or now
 local elapsed = math.max(0, now - ts)
 req = math.min(cap_r, req + elapsed * rpm / 60000)
 tok = math.min(cap_t, tok + elapsed * tpm / 60000)

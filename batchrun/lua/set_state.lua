@@ -1,0 +1,25 @@
+-- set_state: move a batch to a new state, optionally only from given states,
+-- so that e.g. a pause cannot overwrite a batch that just finished.
+-- KEYS[1]  batch key
+-- KEYS[2]  set of active batch ids
+-- ARGV[1]  batch id
+-- ARGV[2]  new state
+-- ARGV[3]  reason ('' for none)
+-- ARGV     then the states it may move from (none: any)
+-- Returns  1 if the state changed, 0 if not
+local cur = redis.call('HGET', KEYS[1], 'state')
+if not cur then return 0 end
+if #ARGV > 3 then
+  local allowed = false
+  for i = 4, #ARGV do
+    if ARGV[i] == cur then allowed = true end
+  end
+  if not allowed then return 0 end
+end
+redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3])
+if ARGV[2] == 'running' or ARGV[2] == 'paused' then
+  redis.call('SADD', KEYS[2], ARGV[1])
+elseif ARGV[2] == 'finished' or ARGV[2] == 'cancelled' then
+  redis.call('SREM', KEYS[2], ARGV[1])
+end
+return 1
