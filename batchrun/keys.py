@@ -23,6 +23,7 @@ PREFIX = "batchrun"
 BATCHES = f"{PREFIX}:batches"  # zset batch id -> created (unix s), for `list`
 ACTIVE = f"{PREFIX}:active"  # set of batch ids with work left
 PARKED = f"{PREFIX}:parked"  # zset "batch_id:shard" -> due ms
+BUDGETS = f"{PREFIX}:budgets"  # set of budget keys in use (for maintenance and `limits`)
 QUEUE = "batchrun"  # the RQ queue shard jobs go to
 
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

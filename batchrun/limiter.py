@@ -4,7 +4,8 @@ A budget is identified by the API's base URL, a fingerprint of the API key
 (never the key) and the model: every worker on the same Redis sending with the
 same key to the same model draws from it, whichever batch it runs. A circuit
 belongs to an endpoint (base URL). Both are small hashes in Redis, changed only
-by ``reserve.lua``, ``cool_down.lua`` and ``circuit.lua`` on Redis server time.
+by the Lua scripts (``reserve``, ``settle``, ``observe``, ``cool_down``,
+``release_held``, ``circuit``) on Redis server time.
 
 Calls from the many requests of a runner are grouped (``Batcher``), so the
 gate costs a fraction of a round trip per request.
@@ -22,13 +23,15 @@ from batchrun.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
 
-DEFAULT_SPACING_MS = 5.0  # release rate after a cooldown when the RPM is not known (200/s)
+HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
+FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 
 
 @dataclass(frozen=True, slots=True)
 class Admission:
     wait: float  # seconds to sleep before sending
     probe: bool  # this request probes an open circuit
+    charge: int  # tokens taken from the budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,14 +53,22 @@ def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
     return f"{_digest(base_url)}:{key_fingerprint}:{model}"
 
 
+def _s(x) -> str:
+    return x.decode() if isinstance(x, bytes) else str(x)
+
+
 class SharedLimiter:
-    def __init__(self, store: BatchStore, settings: WorkerSettings, options: BatchOptions):
+    def __init__(self, store: BatchStore, settings: WorkerSettings, options: BatchOptions, token: str = ""):
         self._store = store
         self._settings = settings
         self._options = options
         self._circuit: CircuitPolicy = settings.circuit
+        self._token = token
         self.circuit_key = keys.circuit(_digest(settings.base_url))
         self._gates: dict[str, Batcher] = {}
+        self._settlers: dict[str, Batcher] = {}
+        self._observers: dict[str, Batcher] = {}
+        self._held: dict[str, list[int]] = {}  # model -> [requests, tokens] reserved but not sent yet
         self._recorder = Batcher(self._flush_outcomes, name="circuit outcome", max_delay=0.02)
         self._rng = random.Random()
 
@@ -66,41 +77,109 @@ class SharedLimiter:
         return self._options.burst_seconds
 
     def limits(self, model: str) -> tuple[int, int]:
+        """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
         return self._options.limits.for_model(model)
 
     def budget_key(self, model: str) -> str:
         return keys.budget(budget_id(self._settings.base_url, self._settings.key_fingerprint(), model))
 
-    async def admit(self, model: str, tokens: int) -> Admission | None:
+    # -- before sending ------------------------------------------------------------
+
+    async def admit(self, model: str, input_tokens: int, output_tokens: int) -> Admission | None:
         """Wait for the circuit if it is open, then reserve; None if the request can never fit."""
         gate = self._gates.get(model)
         if gate is None:
-            gate = self._gates[model] = Batcher(self._flush_for(model), name="reservation", max_delay=0.002)
+            gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
+            self._held[model] = [0, 0]
         while True:
-            ms, verdict = await gate.submit(tokens)
+            ms, verdict, charge = await gate.submit((input_tokens, output_tokens))
             if verdict == -1:
                 return None
             if verdict == 1:  # circuit open: come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
                 continue
-            return Admission(ms / 1000, probe=verdict == 2)
+            held = self._held[model]
+            held[0] += 1
+            held[1] += charge
+            return Admission(ms / 1000, probe=verdict == 2, charge=charge)
 
-    def _flush_for(self, model: str):
+    def sent(self, model: str, admission: Admission) -> None:
+        """The request left: the server may charge it now (it is no longer held)."""
+        held = self._held[model]
+        held[0] -= 1
+        held[1] -= admission.charge
+
+    def _reserver(self, model: str):
         rpm, tpm = self.limits(model)
-        spacing = 60000 / rpm if rpm else DEFAULT_SPACING_MS
-        args = [rpm, tpm, self._options.burst_seconds, spacing]
-        keys_ = [self.budget_key(model), self.circuit_key]
+        args = [rpm, tpm, self._options.burst_seconds, 0]
+        keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(costs: list[int]) -> list[tuple[int, int]]:
-            out = self._store.scripts.reserve(keys=keys_, args=[*args, *costs])
-            return [(int(out[i]), int(out[i + 1])) for i in range(0, len(out), 2)]
+        def flush(items: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+            flat = [x for item in items for x in item]
+            out = self._store.scripts.reserve(keys=keys_, args=[*args, *flat])
+            return [(int(out[i]), int(out[i + 1]), int(out[i + 2])) for i in range(0, len(out), 3)]
 
         return flush
+
+    # -- after the answer --------------------------------------------------------------
+
+    async def settle_unused(self, model: str, admission: Admission, input_tokens: int, output_tokens: int) -> None:
+        """The server did not charge this request (it refused it): give its reservation back."""
+        settler = self._settlers.get(model)
+        if settler is None:
+            key = self.budget_key(model)
+
+            def flush(items):
+                sums = [sum(col) for col in zip(*items)]
+                self._store.scripts.settle(keys=[key], args=sums)
+
+            settler = self._settlers[model] = Batcher(flush, name="settlement", max_delay=0.01)
+        await settler.submit((1, admission.charge, input_tokens, output_tokens))
+
+    async def observe(self, model: str, headers, admission: Admission, latency: float) -> None:
+        """Let the server's x-ratelimit-* headers correct the budget (limits, burst, charge ratio)."""
+        if headers is None or "x-ratelimit-remaining-tokens" not in headers and \
+                "x-ratelimit-remaining-requests" not in headers:
+            return
+        observer = self._observers.get(model)
+        if observer is None:
+            key = self.budget_key(model)
+            rpm, tpm = self.limits(model)
+
+            def flush(items):  # the latest observation says the most
+                self._store.scripts.observe(keys=[key], args=[*items[-1], rpm, tpm])
+
+            observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
+        await observer.submit((
+            headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
+            headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
+            admission.charge, "1" if latency <= FRESH_HEADERS_S else "0"))
 
     async def cool_down(self, model: str, seconds: float) -> None:
         """The server said this budget is exhausted: the whole fleet holds off for ``seconds``."""
         await asyncio.to_thread(self._store.scripts.cool_down, keys=[self.budget_key(model)],
                                 args=[max(1, int(seconds * 1000))])
+
+    # -- reservations held, for when this runner dies ------------------------------------
+
+    def report_held(self) -> None:
+        """Tell the fleet what this runner holds (called periodically from a thread)."""
+        if not self._held:
+            return
+        sec, usec = self._store.redis.time()
+        now_ms = int(sec) * 1000 + int(usec) // 1000
+        pipe = self._store.redis.pipeline()
+        for model, (r, t) in self._held.items():
+            pipe.hset(self.budget_key(model) + ":held", self._token, f"{max(r, 0)}|{max(t, 0)}|{now_ms}")
+        pipe.execute()
+
+    def forget_held(self) -> None:
+        pipe = self._store.redis.pipeline()
+        for model in self._held:
+            pipe.hdel(self.budget_key(model) + ":held", self._token)
+        pipe.execute()
+
+    # -- the circuit ------------------------------------------------------------------
 
     async def record(self, failed: bool, probe: bool = False) -> CircuitState:
         """Count an outcome toward the endpoint's circuit (failed = outage-like)."""
@@ -116,11 +195,24 @@ class SharedLimiter:
             keys=[self.circuit_key],
             args=[self._settings.base_url, p.window_ms, p.min_outcomes, p.failure_share, p.first_cooling_ms,
                   p.max_cooling_ms, ok, fail, probe_result])
-        state = CircuitState(*(x.decode() if isinstance(x, bytes) else str(x) for x in out[:1]),
-                             int(out[1]), int(out[2]))
+        state = CircuitState(_s(out[0]), int(out[1]), int(out[2]))
         return [state] * len(items)
 
     async def drain(self) -> None:
-        for b in self._gates.values():
-            await b.drain()
+        for group in (self._gates, self._settlers, self._observers):
+            for b in group.values():
+                await b.drain()
         await self._recorder.drain()
+
+
+def release_held(store: BatchStore) -> int:
+    """Give back the reservations of runners that stopped reporting (maintenance)."""
+    released = 0
+    for key in store.redis.smembers(keys.BUDGETS):
+        key = _s(key)
+        if not store.redis.exists(key):
+            store.redis.srem(keys.BUDGETS, key)
+            continue
+        r, _ = store.scripts.release_held(keys=[key, key + ":held"], args=[HELD_STALE_MS])
+        released += int(float(_s(r)))
+    return released

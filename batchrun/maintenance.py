@@ -27,6 +27,10 @@ def run_once(store: BatchStore, *, force: bool = False) -> None:
         if n:
             log.warning("batch %s: %d job(s) whose worker stopped answering go back to the queue", batch_id, n)
     store.promote_parked()
+    from batchrun.limiter import release_held
+
+    if release_held(store):
+        log.warning("reservations held by a worker that stopped answering went back to the budget")
 
 
 def work_left(store: BatchStore) -> bool:

@@ -13,7 +13,7 @@ from importlib import resources
 from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
-         "cool_down", "circuit", "set_state")
+         "cool_down", "circuit", "set_state", "settle", "observe", "release_held")
 
 
 @lru_cache(maxsize=None)
@@ -40,3 +40,6 @@ class Scripts:
     cool_down: Script
     circuit: Script
     set_state: Script
+    settle: Script
+    observe: Script
+    release_held: Script

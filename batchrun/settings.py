@@ -61,7 +61,7 @@ class BatchOptions:
     backoff_factor: float = 2.0
     backoff_cap: float = 60.0
     shard_size: int = 1000
-    burst_seconds: float = 60.0
+    burst_seconds: float = 0.0  # 0: learn the server's burst from its headers (one second's worth until then)
     limits: Limits = field(default_factory=Limits)
 
     def to_fields(self) -> dict[str, str]:

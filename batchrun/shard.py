@@ -38,6 +38,9 @@ log = logging.getLogger("batchrun.worker")
 
 LEASE_BATCH = 500  # jobs per lease call at most
 SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
+# Statuses of requests the server refused before processing them, charging nothing
+# (OpenAI does not count refused requests against the limits).
+REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
 
 
 def run_shard(batch_id: str, shard: int) -> dict:
@@ -72,7 +75,7 @@ class ShardRunner:
         await asyncio.to_thread(store.unpark, bid, self.shard)
         self.policy = BackoffPolicy(base=options.backoff_base, factor=options.backoff_factor,
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
-        self.limiter = SharedLimiter(store, self.settings, options)
+        self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
         self.client = make_client(self.settings)
         self.completer = Batcher(lambda items: [store.complete(bid, items)] * len(items), name="result")
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
@@ -87,6 +90,7 @@ class ShardRunner:
             if self._side_tasks:
                 await asyncio.gather(*self._side_tasks, return_exceptions=True)
             await self.limiter.drain()
+            await asyncio.to_thread(self.limiter.forget_held)
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
@@ -146,6 +150,7 @@ class ShardRunner:
             try:
                 await asyncio.to_thread(self.store.renew, self.batch_id, self.owner, self.lease_ms,
                                         list(self.inflight))
+                await asyncio.to_thread(self.limiter.report_held)
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
 
@@ -163,31 +168,41 @@ class ShardRunner:
     async def _attempt(self, job: LeasedJob) -> None:
         url, body = job.request["url"], job.request["body"]
         model = str(body.get("model", ""))
-        rpm, tpm = self.limiter.limits(model)
-        cost = estimate_tokens(url, body).total if tpm else 0
-        admission = await self.limiter.admit(model, cost)
+        estimate = estimate_tokens(url, body)
+        admission = await self.limiter.admit(model, estimate.input_tokens, estimate.output_tokens)
         if admission is None:
-            capacity = int(tpm * self.limiter.burst_seconds / 60)
+            rpm, tpm = self.limiter.limits(model)
+            limit = f"--tpm {tpm}" if tpm else "the server's tokens-per-minute limit"
             await self._finish_error(job, "request_too_large",
-                                     f"job {job.custom_id} needs about {cost} tokens, more than the {capacity} "
-                                     f"the {tpm} tokens-per-minute budget of {model} can ever hold; it can never "
-                                     f"be sent (reduce its prompt or max_tokens, or raise --tpm)")
+                                     f"job {job.custom_id} needs about {estimate.total} tokens, more than {limit} "
+                                     f"allows for {model} at once; it can never be sent (reduce its prompt or "
+                                     f"max_tokens, or raise the limit)")
             return
         if admission.wait > 0:
             await asyncio.sleep(admission.wait)
+        self.limiter.sent(model, admission)
+        started = time.monotonic()
         try:
             answer = await send(self.client, url, body)
         except StreamTruncated:
-            verdict, response = stream_truncated_verdict(), None
+            verdict, response, headers = stream_truncated_verdict(), None, None
         except Exception as exc:
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
+            headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
+            self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - started))
             self._background(self.limiter.record(False, admission.probe))
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
                                body=answer.body)
             await self.completer.submit(("R", job.custom_id, json.dumps(line)))
             self.stats["done"] += 1
             return
+        if headers is not None:
+            self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started))
+        if response is not None and response["status_code"] in REFUSED_UNCHARGED:
+            # Refused before it was processed: the server charged nothing, so neither does the budget.
+            self._background(self.limiter.settle_unused(model, admission, estimate.input_tokens,
+                                                        estimate.output_tokens))
         await self._handle_failure(job, model, verdict, response, admission.probe)
 
     def _background(self, coro) -> None:

@@ -161,7 +161,7 @@ def test_request_larger_than_the_limit_fails_fast_without_being_sent(store: Batc
     collect(store, rep.batch_id, str(tmp_path / "r.jsonl"), str(err))
     lines = read_lines(err)
     assert len(lines) == 3 and all(e["error"]["code"] == "request_too_large" for e in lines)
-    assert "1000 tokens-per-minute" in lines[0]["error"]["message"]
+    assert "more than --tpm 1000 allows for gpt-4o-mini" in lines[0]["error"]["message"]
 
 
 @pytest.mark.redis

@@ -41,7 +41,7 @@ def reserve_all(limiter: SharedLimiter, costs: list[int], model: str = MODEL) ->
 
 async def reserve(limiter: SharedLimiter, model: str, cost: int) -> float | None:
     """Seconds to wait before sending, or None if the request can never fit."""
-    admission = await limiter.admit(model, cost)
+    admission = await limiter.admit(model, 0, cost)  # all of it as output: charged exactly (no calibration)
     return None if admission is None else admission.wait
 
 
@@ -67,7 +67,7 @@ def test_fresh_budget_grants_burst_then_waits_cost_over_rate(store):
     b = bucket(store)
     assert b["tok"] == pytest.approx(-450, abs=10)  # in debt by what the waiters still owe
     assert b["req"] == pytest.approx(56, abs=0.2)
-    assert 0 < store.redis.pttl(budget_key()) <= 3_600_000
+    assert 0 < store.redis.pttl(budget_key()) <= 86_400_000  # what it learnt is kept a day
 
 
 def test_requests_per_minute_burst(store):
@@ -115,11 +115,12 @@ def test_capacity_follows_burst_seconds(store):
 
 def test_script_contract_in_one_call(store):
     """Several costs in one call are served in order: {ms, verdict} each; verdict -1 marks one that never fits."""
-    out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test")],
-                                args=[0, 60000, 1, 5, 600, 2000, 600, 300])
+    out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
+                                args=[0, 60000, 1, 5, 0, 600, 0, 2000, 0, 600, 0, 300])
     out = [int(x) for x in out]
-    assert out[1::2] == [0, -1, 0, 0]
-    assert out[0::2] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
+    assert out[1::3] == [0, -1, 0, 0]
+    assert out[0::3] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
+    assert out[2::3] == [600, 0, 600, 300]
 
 
 # --- first come, first served -----------------------------------------------------------------
@@ -172,7 +173,8 @@ def test_budget_key_does_not_reveal_the_api_key(store):
     limiter = limiter_for(store, rpm="60", tpm="6000", api_key="sk-secret-123")
     reserve_all(limiter, [100, 200])
     assert limiter.budget_key(MODEL) == budget_key(api_key="sk-secret-123")
-    assert store.redis.keys("*") == [budget_key(api_key="sk-secret-123").encode()]
+    assert sorted(store.redis.keys("*")) == sorted([budget_key(api_key="sk-secret-123").encode(),
+                                                    keys.BUDGETS.encode()])
 
     async def outcomes():  # the endpoint's circuit state, written by circuit.lua
         await limiter.record(False)
@@ -180,7 +182,7 @@ def test_budget_key_does_not_reveal_the_api_key(store):
         await limiter.drain()
     asyncio.run(outcomes())
     found = store.redis.keys("*")
-    assert len(found) == 2
+    assert len(found) == 3
     for key in found:
         assert b"sk-secret" not in key and b"secret-123" not in key
         kind = store.redis.type(key)
@@ -188,6 +190,8 @@ def test_budget_key_does_not_reveal_the_api_key(store):
             values = [v for kv in store.redis.hgetall(key).items() for v in kv]
         elif kind == b"string":
             values = [store.redis.get(key)]
+        elif kind == b"set":
+            values = list(store.redis.smembers(key))
         else:
             values = []
         for v in values:
@@ -285,9 +289,11 @@ def test_two_processes_never_exceed_the_budget(real_redis_url):
 
 
 def _gate(store: BatchStore, costs: list[int], *, rpm=60, tpm=6000, burst=60, spacing=1000) -> list[tuple[int, int]]:
-    out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate")],
-                                                 args=[rpm, tpm, burst, spacing, *costs])]
-    return list(zip(out[0::2], out[1::2]))
+    """(ms, verdict) per cost; each cost goes in as output tokens, charged exactly."""
+    flat = [x for c in costs for x in (0, c)]
+    out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate"), keys.BUDGETS],
+                                                 args=[rpm, tpm, burst, spacing, *flat])]
+    return list(zip(out[0::3], out[1::3]))
 
 
 def _open_circuit(store: BatchStore, open_until_ms: float) -> None:

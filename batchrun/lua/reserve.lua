@@ -1,106 +1,119 @@
 -- reserve: the gate every request passes before it is sent. In one call it
---  * takes capacity from the shared requests/tokens-per-minute budget: buckets
---    refill continuously at limit/60 per second up to their burst capacity; a
---    reservation is granted in arrival order and may run the bucket into debt,
---    and the caller waits until its debt is paid off: first come first served
---    (a large request is not starved by small ones) and nobody polls Redis;
---  * honours the budget's cooldown (set by cool_down.lua after a 429): requests
---    reserved during it are released one `spacing` apart after it ends, so
---    traffic resumes gradually;
+--  * takes capacity from the shared requests/tokens-per-minute budget. Buckets
+--    refill continuously at limit/60 per second up to their burst capacity. A
+--    reservation is granted in arrival order and may run the bucket into debt;
+--    the caller waits until its debt is paid off: first come first served (a
+--    large request is not starved by small ones) and nobody polls Redis.
+--  * charges what the server will charge: k * input estimate + output, where k
+--    is learnt from the server's headers (observe.lua).
+--  * uses limits learnt from the headers where none were configured, and the
+--    burst capacity the headers showed (unless one was configured).
+--  * honours the budget's cooldown (cool_down.lua, after a 429): requests
+--    reserved during it are released one `spacing` apart after it ends.
 --  * honours the endpoint's circuit breaker (circuit.lua): while open nothing is
---    granted; once the cooling period is over exactly one request is let through
---    as a probe.
--- KEYS[1]  budget hash (req, tok, ts, cool_until, cool_next)
+--    granted; once its cooling period is over exactly one request may probe.
+-- KEYS[1]  budget hash
 -- KEYS[2]  circuit hash of the endpoint (state, open_until, probe_until)
--- ARGV[1]  requests per minute (0: no limit)
--- ARGV[2]  tokens per minute (0: no limit)
--- ARGV[3]  burst capacity in seconds' worth of the limit (60: a full minute)
--- ARGV[4]  spacing in ms between requests released after a cooldown
--- ARGV     then the token cost of each request, in order
--- Returns  for each request two integers {ms, verdict}:
+-- KEYS[3]  set of budgets in use (this budget joins it, for maintenance and `batchrun limits`)
+-- ARGV[1]  requests per minute configured (0: learn from headers, or none)
+-- ARGV[2]  tokens per minute configured (0: learn from headers, or none)
+-- ARGV[3]  burst capacity in seconds' worth of the limit (0: learn from headers)
+-- ARGV[4]  spacing in ms between requests released after a cooldown (0: 60000/rpm, else 5)
+-- ARGV     then for each request: input token estimate, output token reservation
+-- Returns  for each request {ms, verdict, charge}:
 --          verdict 0: granted, send after ms;  2: granted as the circuit's probe;
 --          1: not granted (circuit open), ask again after ms;  -1: can never fit.
-local rpm, tpm, burst = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
-local spacing = tonumber(ARGV[4])
+--          charge: the tokens taken (give them back with settle.lua if unused).
+local b = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 'lim_rpm', 'lim_tpm',
+                     'cap_r', 'cap_t', 'k', 's_in', 's_out')
+local rpm = tonumber(ARGV[1]) > 0 and tonumber(ARGV[1]) or tonumber(s[6] or 0)
+local tpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[7] or 0)
+local burst = tonumber(ARGV[3])
+local cap_r, cap_t, max_t
+if burst > 0 then
+  cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
+  max_t = cap_t
+else
+  -- Until the headers show more, one second's worth: no start-of-minute burst
+  -- on a server that enforces per second.
+  cap_r = math.max(1, tonumber(s[8] or 0), rpm / 60)
+  cap_t = math.max(tonumber(s[9] or 0), tpm / 60)
+  max_t = tpm  -- "Request too large" is judged against the per-minute limit
+end
+local k = tonumber(s[10] or 1)
+local spacing = tonumber(ARGV[4])
+if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
+local n = (#ARGV - 4) / 2
 local out = {}
-local cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
+
+local function charge_of(i)
+  return math.ceil(k * tonumber(ARGV[3 + 2 * i]) + tonumber(ARGV[4 + 2 * i]))
+end
 
 -- The circuit first: an open circuit grants nothing and spends no budget.
 local c = redis.call('HMGET', KEYS[2], 'state', 'open_until', 'probe_until')
-local cstate, open_until, probe_until = c[1] or 'closed', tonumber(c[2] or 0), tonumber(c[3] or 0)
-local probe_granted = false
-if cstate == 'open' then
-  for i = 5, #ARGV do
-    local verdict, ms = 1, 0
-    if tpm > 0 and tonumber(ARGV[i]) > cap_t then
-      verdict = -1  -- can never fit: never the probe
+local circuit_open = c[1] == 'open'
+local probe = nil
+if circuit_open then
+  local open_until, probe_until = tonumber(c[2] or 0), tonumber(c[3] or 0)
+  for i = 1, n do
+    if tpm > 0 and charge_of(i) > max_t then
+      out[#out + 1], out[#out + 2], out[#out + 3] = -1, -1, 0
     elseif now < open_until then
-      ms = open_until - now
-    elseif now >= probe_until and not probe_granted then
-      probe_granted = true
-      verdict = 2
+      out[#out + 1], out[#out + 2], out[#out + 3] = math.ceil(open_until - now), 1, 0
+    elseif now >= probe_until and not probe then
+      probe = i
       redis.call('HSET', KEYS[2], 'probe_until', tostring(now + 30000))
+      out[#out + 1], out[#out + 2], out[#out + 3] = 0, 2, 0
     else
-      ms = 1000  -- a probe is out: ask again shortly
-    end
-    if verdict == 1 then
-      out[#out + 1] = math.ceil(ms)
-      out[#out + 1] = 1
-    elseif verdict == -1 then
-      out[#out + 1] = -1
-      out[#out + 1] = -1
-    else
-      out[#out + 1] = -2  -- placeholder: the probe still takes budget below
-      out[#out + 1] = 2
+      out[#out + 1], out[#out + 2], out[#out + 3] = 1000, 1, 0  -- a probe is out: ask again soon
     end
   end
-  if not probe_granted then return out end
+  if not probe then return out end
 end
 
-local s = redis.call('HMGET', KEYS[1], 'req', 'tok', 'ts', 'cool_until', 'cool_next')
-local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+local req, tok, ts = tonumber(s[1] or cap_r), tonumber(s[2] or cap_t), tonumber(s[3] or now)
 local cool_until, cool_next = tonumber(s[4] or 0), tonumber(s[5] or 0)
--- A budget starts full; fields cool_down.lua wrote without them start full too.
-req, tok, ts = req or cap_r, tok or cap_t, ts or now
+local s_in, s_out = tonumber(s[11] or 0), tonumber(s[12] or 0)
 local elapsed = math.max(0, now - ts)
 req = math.min(cap_r, req + elapsed * rpm / 60000)
 tok = math.min(cap_t, tok + elapsed * tpm / 60000)
 
-local function take(cost)
-  if tpm > 0 and cost > cap_t then return -1 end
+local function take(i)
+  local charge = charge_of(i)
+  if tpm > 0 and charge > max_t then return -1, -1, 0 end
   local w = 0
   if rpm > 0 then
     req = req - 1
     if req < 0 then w = math.max(w, -req * 60000 / rpm) end
   end
   if tpm > 0 then
-    tok = tok - cost
+    tok = tok - charge
     if tok < 0 then w = math.max(w, -tok * 60000 / tpm) end
   end
   if now < cool_until then
-    -- Reserved during a cooldown: released one spacing apart after it.
     cool_next = math.max(cool_next, cool_until) + spacing
     w = math.max(w, cool_next - now)
   end
-  return math.ceil(w)
+  s_in = s_in + tonumber(ARGV[3 + 2 * i])
+  s_out = s_out + tonumber(ARGV[4 + 2 * i])
+  return math.ceil(w), 0, charge
 end
 
-if cstate == 'open' then
-  for i = 2, #out, 2 do
-    if out[i] == 2 then
-      local w = take(tonumber(ARGV[4 + i / 2]))
-      out[i - 1] = math.max(w, 0)
-    end
-  end
-else
-  for i = 5, #ARGV do
-    out[#out + 1] = take(tonumber(ARGV[i]))
-    out[#out + 1] = out[#out] < 0 and -1 or 0
+for i = 1, n do
+  if not circuit_open then
+    out[#out + 1], out[#out + 2], out[#out + 3] = take(i)
+  elseif i == probe then
+    local ms, verdict, charge = take(i)
+    out[3 * i - 2], out[3 * i] = ms, charge
   end
 end
-redis.call('HSET', KEYS[1], 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
-           'cool_next', tostring(cool_next))
-redis.call('PEXPIRE', KEYS[1], 3600000)
+redis.call('HSET', b, 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
+           'cool_next', tostring(cool_next), 's_in', tostring(s_in), 's_out', tostring(s_out),
+           'cfg_rpm', ARGV[1], 'cfg_tpm', ARGV[2])
+redis.call('PEXPIRE', b, 86400000)
+redis.call('SADD', KEYS[3], b)
 return out
