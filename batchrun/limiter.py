@@ -32,6 +32,7 @@ class Admission:
     wait: float  # seconds to sleep before sending
     probe: bool  # this request probes an open circuit
     charge: int  # tokens taken from the budget
+    mark: int  # the budget's running total of tokens taken, this request included
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +70,7 @@ class SharedLimiter:
         self._settlers: dict[str, Batcher] = {}
         self._observers: dict[str, Batcher] = {}
         self._held: dict[str, list[int]] = {}  # model -> [requests, tokens] reserved but not sent yet
+        self._admitted: dict[str, list[int]] = {}  # model -> [input, output] estimates admitted, not reported
         self._recorder = Batcher(self._flush_outcomes, name="circuit outcome", max_delay=0.02)
         self._rng = random.Random()
 
@@ -92,7 +94,7 @@ class SharedLimiter:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
             self._held[model] = [0, 0]
         while True:
-            ms, verdict, charge = await gate.submit((input_tokens, output_tokens))
+            ms, verdict, charge, mark = await gate.submit((input_tokens, output_tokens))
             if verdict == -1:
                 return None
             if verdict == 1:  # circuit open: come back when it may have closed, not all at once
@@ -101,7 +103,7 @@ class SharedLimiter:
             held = self._held[model]
             held[0] += 1
             held[1] += charge
-            return Admission(ms / 1000, probe=verdict == 2, charge=charge)
+            return Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
 
     def sent(self, model: str, admission: Admission) -> None:
         """The request left: the server may charge it now (it is no longer held)."""
@@ -114,30 +116,35 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(items: list[tuple[int, int]]) -> list[tuple[int, int, int]]:
+        def flush(items: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
             flat = [x for item in items for x in item]
-            out = self._store.scripts.reserve(keys=keys_, args=[*args, *flat])
-            return [(int(out[i]), int(out[i + 1]), int(out[i + 2])) for i in range(0, len(out), 3)]
+            out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
+            return [tuple(out[i:i + 4]) for i in range(0, len(out), 4)]
 
         return flush
 
     # -- after the answer --------------------------------------------------------------
 
-    async def settle_unused(self, model: str, admission: Admission, input_tokens: int, output_tokens: int) -> None:
+    async def settle_unused(self, model: str, admission: Admission) -> None:
         """The server did not charge this request (it refused it): give its reservation back."""
         settler = self._settlers.get(model)
         if settler is None:
             key = self.budget_key(model)
 
             def flush(items):
-                sums = [sum(col) for col in zip(*items)]
-                self._store.scripts.settle(keys=[key], args=sums)
+                self._store.scripts.settle(keys=[key], args=[sum(r for r, _ in items), sum(t for _, t in items)])
 
             settler = self._settlers[model] = Batcher(flush, name="settlement", max_delay=0.01)
-        await settler.submit((1, admission.charge, input_tokens, output_tokens))
+        await settler.submit((1, admission.charge))
 
-    async def observe(self, model: str, headers, admission: Admission, latency: float) -> None:
-        """Let the server's x-ratelimit-* headers correct the budget (limits, burst, charge ratio)."""
+    async def observe(self, model: str, headers, admission: Admission, latency: float, *,
+                      input_tokens: int, output_tokens: int, charged: bool) -> None:
+        """After an answer: the server's x-ratelimit-* headers correct the budget (limits, burst,
+        sync), and what it admitted feeds the calibration of its charge."""
+        if charged:
+            admitted = self._admitted.setdefault(model, [0, 0])
+            admitted[0] += input_tokens
+            admitted[1] += output_tokens
         if headers is None or "x-ratelimit-remaining-tokens" not in headers and \
                 "x-ratelimit-remaining-requests" not in headers:
             return
@@ -146,14 +153,19 @@ class SharedLimiter:
             key = self.budget_key(model)
             rpm, tpm = self.limits(model)
 
-            def flush(items):  # the latest observation says the most
-                self._store.scripts.observe(keys=[key], args=[*items[-1], rpm, tpm])
+            def flush(items):  # the latest headers say the most
+                *head, mark = items[-1]
+                admitted = self._admitted.get(model, [0, 0])
+                sent_in, sent_out = admitted
+                admitted[0] -= sent_in
+                admitted[1] -= sent_out
+                self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         await observer.submit((
             headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
             headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
-            admission.charge, "1" if latency <= FRESH_HEADERS_S else "0"))
+            admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark))
 
     async def cool_down(self, model: str, seconds: float) -> None:
         """The server said this budget is exhausted: the whole fleet holds off for ``seconds``."""

@@ -190,19 +190,22 @@ class ShardRunner:
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
             headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
-            self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - started))
+            self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - started,
+                                                  input_tokens=estimate.input_tokens,
+                                                  output_tokens=estimate.output_tokens, charged=True))
             self._background(self.limiter.record(False, admission.probe))
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
                                body=answer.body)
             await self.completer.submit(("R", job.custom_id, json.dumps(line)))
             self.stats["done"] += 1
             return
-        if headers is not None:
-            self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started))
-        if response is not None and response["status_code"] in REFUSED_UNCHARGED:
-            # Refused before it was processed: the server charged nothing, so neither does the budget.
-            self._background(self.limiter.settle_unused(model, admission, estimate.input_tokens,
-                                                        estimate.output_tokens))
+        # Refused before it was processed: the server charged nothing, so neither does the budget.
+        refused = response is not None and response["status_code"] in REFUSED_UNCHARGED
+        self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started,
+                                              input_tokens=estimate.input_tokens,
+                                              output_tokens=estimate.output_tokens, charged=not refused))
+        if refused:
+            self._background(self.limiter.settle_unused(model, admission))
         await self._handle_failure(job, model, verdict, response, admission.probe)
 
     def _background(self, coro) -> None:

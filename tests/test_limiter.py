@@ -118,9 +118,10 @@ def test_script_contract_in_one_call(store):
     out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
                                 args=[0, 60000, 1, 5, 0, 600, 0, 2000, 0, 600, 0, 300])
     out = [int(x) for x in out]
-    assert out[1::3] == [0, -1, 0, 0]
-    assert out[0::3] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
-    assert out[2::3] == [600, 0, 600, 300]
+    assert out[1::4] == [0, -1, 0, 0]
+    assert out[0::4] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
+    assert out[2::4] == [600, 0, 600, 300]
+    assert out[3::4] == [600, 0, 1200, 1500]  # running total of tokens taken
 
 
 # --- first come, first served -----------------------------------------------------------------
@@ -293,7 +294,7 @@ def _gate(store: BatchStore, costs: list[int], *, rpm=60, tpm=6000, burst=60, sp
     flat = [x for c in costs for x in (0, c)]
     out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate"), keys.BUDGETS],
                                                  args=[rpm, tpm, burst, spacing, *flat])]
-    return list(zip(out[0::3], out[1::3]))
+    return list(zip(out[0::4], out[1::4]))
 
 
 def _open_circuit(store: BatchStore, open_until_ms: float) -> None:

@@ -2,11 +2,14 @@
 --  * Limits: x-ratelimit-limit-* are learnt (used where none were configured).
 --  * Burst: the capacity is at least what the server showed remaining plus the
 --    charge it had just taken.
---  * Adaptation: when the server says less remains than the budget thinks
---    (another client on the same key, a lower limit), the budget drops to it.
---  * Calibration: over windows of >= 10 s, the tokens the server consumed
---    (refill - change of remaining) against the estimates sent give k, the
---    ratio of the server's charge to our input estimate.
+--  * Sync: the server's remaining tokens, less what the fleet reserved after
+--    the request these headers answered, is what the budget holds now. Less
+--    than we thought (another client on the same key, a lower limit) slows the
+--    fleet; more (the server's initial burst) lets it use what is there.
+--  * Calibration: over windows of >= 2 s in which the server's bucket was not
+--    full, the tokens it consumed (refill - change of remaining), less the
+--    output reserved, against the input estimates of the requests it admitted,
+--    give k: the ratio of the server's charge to our input estimate.
 -- KEYS[1]  budget hash
 -- ARGV[1]  x-ratelimit-limit-requests ('' if absent)
 -- ARGV[2]  x-ratelimit-limit-tokens ('' if absent)
@@ -16,12 +19,15 @@
 -- ARGV[6]  '1' if the answer came fast enough for remaining to be current
 -- ARGV[7]  requests per minute configured (0: none)
 -- ARGV[8]  tokens per minute configured (0: none)
+-- ARGV[9]  the budget's running total of tokens taken when that request was reserved (reserve.lua's mark)
+-- ARGV[10] input estimates of the requests the server admitted since this runner last reported
+-- ARGV[11] output reservations of those requests
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_r', 'cap_t', 'k',
-                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out')
+                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent')
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
 local lim_r = tonumber(ARGV[1]) or tonumber(s[4] or 0)
 local lim_t = tonumber(ARGV[2]) or tonumber(s[5] or 0)
@@ -34,31 +40,34 @@ if rem_t then cap_t = math.max(cap_t, rem_t + tonumber(ARGV[5])) end
 if lim_r > 0 then cap_r = math.min(cap_r, lim_r) end
 if lim_t > 0 then cap_t = math.min(cap_t, lim_t) end
 
--- Bring the buckets to now, then let the server correct them downwards.
+-- Bring the buckets to now, then to what the server says.
 local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local elapsed = math.max(0, now - ts)
-if rpm > 0 then req = req + elapsed * rpm / 60000 end
-if tpm > 0 then tok = tok + elapsed * tpm / 60000 end
-if ARGV[6] == '1' then
-  if rem_r and rem_r < req then req = rem_r end
-  if rem_t and rem_t < tok then tok = rem_t end
+if rpm > 0 then req = math.min(math.max(cap_r, 1), req + elapsed * rpm / 60000) end
+if tpm > 0 then tok = math.min(cap_t, tok + elapsed * tpm / 60000) end
+if ARGV[6] == '1' and rem_t and tpm > 0 then
+  local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
+  tok = math.min(cap_t, rem_t - reserved_since)
 end
+if ARGV[6] == '1' and rem_r and rem_r < req then req = rem_r end
 
 local k = tonumber(s[8] or 1)
-local fields = {'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
+local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
+local s_out = tonumber(s[10] or 0) + tonumber(ARGV[11])
+local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
                 'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now)}
 if rem_t and tpm > 0 then
-  local s_in, s_out = tonumber(s[9] or 0), tonumber(s[10] or 0)
   local obs_t = tonumber(s[11] or 0)
   local window = now - obs_t
-  -- Only windows in which the server's bucket was busy (not full) tell the charge.
-  local busy = rem_t < 0.5 * cap_t
+  -- Only windows in which the server's bucket was not full tell the charge
+  -- (a full bucket throws its refill away).
+  local busy = rem_t < 0.9 * cap_t
   if obs_t == 0 or not busy then
     fields[#fields + 1], fields[#fields + 2] = 'obs_t', busy and tostring(now) or '0'
     fields[#fields + 1], fields[#fields + 2] = 'obs_rem', tostring(rem_t)
     fields[#fields + 1], fields[#fields + 2] = 'obs_in', tostring(s_in)
     fields[#fields + 1], fields[#fields + 2] = 'obs_out', tostring(s_out)
-  elseif window >= 10000 then
+  elseif window >= 2000 then
     local consumed = tpm * window / 60000 - (rem_t - tonumber(s[12]))
     local d_in, d_out = s_in - tonumber(s[13]), s_out - tonumber(s[14])
     if d_in > 0 and consumed > 0 then
