@@ -71,13 +71,47 @@ def fail(message: str, code: int = 1):
     sys.exit(code)
 
 
-@click.group()
+def load_config(path: str) -> dict:
+    """A TOML config file as click's default_map: top-level keys apply to every command
+    that has such an option, a [command] table to that command only."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as exc:
+        raise click.FileError(path, hint=exc.strerror) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
+    default_map = {}
+    for name, command in main.commands.items():
+        params = {p.name for p in command.params}
+        entry = {k: v for k, v in shared.items() if k in params}
+        entry.update({k.replace("-", "_"): v for k, v in data.get(name, {}).items()})
+        default_map[name] = entry
+    return default_map
+
+
+@click.group(context_settings={"auto_envvar_prefix": "BATCHRUN"})
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True, help="Show each retry and more.")
 @click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
-def main(verbose: int, quiet: int) -> None:
-    """Run bulk OpenAI requests from JSONL files at the speed your rate limits allow."""
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default=None, envvar="BATCHRUN_CONFIG",
+              help="TOML file of option defaults (env BATCHRUN_CONFIG).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) -> None:
+    """Run bulk OpenAI requests from JSONL files at the speed your rate limits allow.
+
+    Every option can also come from the environment, as BATCHRUN_<COMMAND>_<OPTION>
+    (e.g. BATCHRUN_WORKER_CONCURRENCY=200, BATCHRUN_SUBMIT_TPM="gpt-4o-mini=2000000"),
+    or from a TOML file given with --config.
+    """
     setup_logging(verbose - quiet)
+    if config_path:
+        ctx.default_map = load_config(config_path)
 
 
 @main.command()
@@ -255,6 +289,31 @@ def cancel(batch_id, redis_url):
         fail(f"no batch {batch_id!r} in this Redis")
     store.set_state(batch_id, "cancelled", "cancelled by the user")
     click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
+
+
+@main.command()
+@redis_option
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def limits(redis_url, as_json):
+    """Each shared budget: configured limit, learnt limit, burst, calibration and what is available now."""
+    from batchrun.limiter import describe_budgets
+
+    store, _ = open_store(redis_url)
+    budgets = describe_budgets(store)
+    if as_json:
+        click.echo(json.dumps(budgets))
+        return
+    if not budgets:
+        click.echo("no budget in use on this Redis yet")
+    for b in budgets:
+        click.echo(f"{b['model']} (endpoint {b['endpoint']}, key {b['key_fingerprint']}):")
+        for kind in ("tpm", "rpm"):
+            click.echo(f"  {kind.upper()}: configured {b['configured_' + kind] or '-'}, learnt "
+                       f"{b['learnt_' + kind] or '-'}; burst {b['burst_' + kind]:.0f}; available now "
+                       f"{b['available_' + kind]:.0f}" + (" (queued requests owe this)" if b['available_' + kind] < 0
+                                                           else ""))
+        click.echo(f"  the server charges {b['charge_ratio']:.3f} x our input estimate (learnt)"
+                   + (f"; cooling down {b['cooldown_seconds']:.1f} s" if b["cooldown_seconds"] else ""))
 
 
 def _add_mock_server() -> None:

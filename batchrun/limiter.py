@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import heapq
+import itertools
 import random
 from dataclasses import dataclass
 
@@ -24,6 +26,7 @@ from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
 
 HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
+LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 
 
@@ -72,6 +75,9 @@ class SharedLimiter:
         self._held: dict[str, list[int]] = {}  # model -> [requests, tokens] reserved but not sent yet
         self._admitted: dict[str, list[int]] = {}  # model -> [input, output] estimates admitted, not reported
         self._recorder = Batcher(self._flush_outcomes, name="circuit outcome", max_delay=0.02)
+        self._waiters: dict[str, list] = {}  # model -> heap of (mark, request mark, seq, deadline, future)
+        self._schedulers: dict[str, asyncio.Task] = {}
+        self._seq = itertools.count()
         self._rng = random.Random()
 
     @property
@@ -87,14 +93,17 @@ class SharedLimiter:
 
     # -- before sending ------------------------------------------------------------
 
-    async def admit(self, model: str, input_tokens: int, output_tokens: int) -> Admission | None:
-        """Wait for the circuit if it is open, then reserve; None if the request can never fit."""
+    async def admit(self, model: str, input_tokens: int, output_tokens: int, *,
+                    wait_turn: bool = True) -> Admission | None:
+        """Wait for the circuit if it is open, reserve, and wait for this request's turn;
+        None if it can never fit. On return the request may be sent (with ``wait_turn=False``:
+        after ``admission.wait``, as things stood when it was reserved)."""
         gate = self._gates.get(model)
         if gate is None:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
             self._held[model] = [0, 0]
         while True:
-            ms, verdict, charge, mark = await gate.submit((input_tokens, output_tokens))
+            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens))
             if verdict == -1:
                 return None
             if verdict == 1:  # circuit open: come back when it may have closed, not all at once
@@ -103,7 +112,56 @@ class SharedLimiter:
             held = self._held[model]
             held[0] += 1
             held[1] += charge
+            if ms > 0 and verdict == 0 and wait_turn:
+                await self._wait_turn(model, mark, mark_r, ms / 1000)
             return Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+
+    async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> None:
+        """Wait until the budget's level reaches this reservation's marks. The level, not the
+        wait computed at reservation, decides: headers that move the budget move the waiters too,
+        who still go in the order they reserved. ``wait`` is used when no rate is known."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        heapq.heappush(self._waiters.setdefault(model, []), (mark, mark_r, next(self._seq), loop.time() + wait, future))
+        task = self._schedulers.get(model)
+        if task is None or task.done():
+            self._schedulers[model] = loop.create_task(self._schedule(model))
+        await future
+
+    async def _schedule(self, model: str) -> None:
+        loop = asyncio.get_running_loop()
+        rpm, tpm = self.limits(model)
+        key, burst = self.budget_key(model), self._options.burst_seconds
+        waiters = self._waiters[model]
+        while waiters:
+            now_ms, avail, rate, avail_r, rate_r, cool_until = (
+                float(_s(x)) for x in await asyncio.to_thread(self._store.scripts.level, keys=[key],
+                                                               args=[rpm, tpm, burst]))
+            read_at = loop.time()
+            while waiters and loop.time() - read_at < LEVEL_REFRESH_S:
+                elapsed_ms = (loop.time() - read_at) * 1000
+                level, level_r = avail + rate * elapsed_ms, avail_r + rate_r * elapsed_ms
+                cooling = now_ms + elapsed_ms < cool_until
+                while waiters:
+                    mark, mark_r, _, deadline, future = waiters[0]
+                    if rate or rate_r:
+                        due = not cooling and (not rate or mark <= level) and (not rate_r or mark_r <= level_r)
+                    else:
+                        due = loop.time() >= deadline
+                    if not due:
+                        break
+                    heapq.heappop(waiters)
+                    if not future.done():
+                        future.set_result(None)
+                if not waiters:
+                    break
+                mark, mark_r, _, deadline, _ = waiters[0]
+                if rate or rate_r:
+                    sleep = max((mark - level) / rate if rate else 0, (mark_r - level_r) / rate_r if rate_r else 0,
+                                (cool_until - now_ms - elapsed_ms) if cooling else 0) / 1000
+                else:
+                    sleep = deadline - loop.time()
+                await asyncio.sleep(min(max(sleep, 0.001), LEVEL_REFRESH_S - (loop.time() - read_at)))
 
     def sent(self, model: str, admission: Admission) -> None:
         """The request left: the server may charge it now (it is no longer held)."""
@@ -116,10 +174,10 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(items: list[tuple[int, int]]) -> list[tuple[int, int, int, int]]:
+        def flush(items: list[tuple[int, int]]) -> list[tuple[int, ...]]:
             flat = [x for item in items for x in item]
             out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
-            return [tuple(out[i:i + 4]) for i in range(0, len(out), 4)]
+            return [tuple(out[i:i + 5]) for i in range(0, len(out), 5)]
 
         return flush
 
@@ -228,3 +286,30 @@ def release_held(store: BatchStore) -> int:
         r, _ = store.scripts.release_held(keys=[key, key + ":held"], args=[HELD_STALE_MS])
         released += int(float(_s(r)))
     return released
+
+
+def describe_budgets(store: BatchStore) -> list[dict]:
+    """What `batchrun limits` shows: each budget in use, its limits and its state now."""
+    now_ms = store.server_time_ms()
+    out = []
+    for key in sorted(_s(k) for k in store.redis.smembers(keys.BUDGETS)):
+        h = {_s(k): _s(v) for k, v in store.redis.hgetall(key).items()}
+        if not h:
+            continue
+        _, _, endpoint, fingerprint, model = key.split(":", 4)
+        f = {name: float(h.get(name) or 0) for name in ("req", "tok", "ts", "cfg_rpm", "cfg_tpm", "lim_rpm",
+                                                         "lim_tpm", "cap_r", "cap_t", "k", "cool_until")}
+        rpm = f["cfg_rpm"] or f["lim_rpm"]
+        tpm = f["cfg_tpm"] or f["lim_tpm"]
+        elapsed = max(0.0, now_ms - f["ts"])
+        out.append({
+            "model": model, "endpoint": endpoint, "key_fingerprint": fingerprint,
+            "configured_rpm": int(f["cfg_rpm"]), "configured_tpm": int(f["cfg_tpm"]),
+            "learnt_rpm": int(f["lim_rpm"]), "learnt_tpm": int(f["lim_tpm"]),
+            "burst_rpm": f["cap_r"], "burst_tpm": f["cap_t"],
+            "available_rpm": min(f["cap_r"] or rpm, f["req"] + elapsed * rpm / 60000),
+            "available_tpm": min(f["cap_t"] or tpm, f["tok"] + elapsed * tpm / 60000),
+            "charge_ratio": f["k"] or 1.0,
+            "cooldown_seconds": max(0.0, (f["cool_until"] - now_ms) / 1000),
+        })
+    return out

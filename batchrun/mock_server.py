@@ -543,12 +543,19 @@ class Stats:
     def admitted(self, tokens: int) -> None:
         self.requests_admitted += 1
         self.tokens_charged += tokens
+        bucket = self._this_second()
+        bucket[1] += 1
+        bucket[2] += tokens
+
+    def refused(self) -> None:
+        self._this_second()[3] += 1
+
+    def _this_second(self) -> list[int]:
+        """[unix second, requests admitted, tokens charged, requests refused by the rate limits]"""
         second = int(time.time())
-        if self.per_second and self.per_second[-1][0] == second:
-            self.per_second[-1][1] += 1
-            self.per_second[-1][2] += tokens
-        else:
-            self.per_second.append([second, 1, tokens])
+        if not self.per_second or self.per_second[-1][0] != second:
+            self.per_second.append([second, 0, 0, 0])
+        return self.per_second[-1]
 
     def snapshot(self) -> dict:
         return {
@@ -646,6 +653,7 @@ class MockOpenAI:
         refusal = self.limiter.admit(key, model, charge)
         if refusal is not None:
             self.stats.rate_limited["too_large" if refusal.too_large else refusal.kind] += 1
+            self.stats.refused()
             wait = None if refusal.too_large else refusal.wait
             return self._rate_limited(refusal.body(model), self._headers(key, model), wait)
         self.stats.admitted(charge)

@@ -13,7 +13,7 @@ from importlib import resources
 from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
-         "cool_down", "circuit", "set_state", "settle", "observe", "release_held")
+         "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level")
 
 
 @lru_cache(maxsize=None)
@@ -43,3 +43,4 @@ class Scripts:
     settle: Script
     observe: Script
     release_held: Script
+    level: Script

@@ -178,8 +178,6 @@ class ShardRunner:
                                      f"allows for {model} at once; it can never be sent (reduce its prompt or "
                                      f"max_tokens, or raise the limit)")
             return
-        if admission.wait > 0:
-            await asyncio.sleep(admission.wait)
         self.limiter.sent(model, admission)
         started = time.monotonic()
         try:
@@ -204,7 +202,8 @@ class ShardRunner:
         self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started,
                                               input_tokens=estimate.input_tokens,
                                               output_tokens=estimate.output_tokens, charged=not refused))
-        if refused:
+        if refused and not verdict.budget_exhausted:
+            # (a 429 that says the budget is exhausted empties it instead: see cool_down)
             self._background(self.limiter.settle_unused(model, admission))
         await self._handle_failure(job, model, verdict, response, admission.probe)
 

@@ -41,7 +41,8 @@ def reserve_all(limiter: SharedLimiter, costs: list[int], model: str = MODEL) ->
 
 async def reserve(limiter: SharedLimiter, model: str, cost: int) -> float | None:
     """Seconds to wait before sending, or None if the request can never fit."""
-    admission = await limiter.admit(model, 0, cost)  # all of it as output: charged exactly (no calibration)
+    # All of it as output: charged exactly (no calibration). The wait as computed, not waited out.
+    admission = await limiter.admit(model, 0, cost, wait_turn=False)
     return None if admission is None else admission.wait
 
 
@@ -118,10 +119,11 @@ def test_script_contract_in_one_call(store):
     out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
                                 args=[0, 60000, 1, 5, 0, 600, 0, 2000, 0, 600, 0, 300])
     out = [int(x) for x in out]
-    assert out[1::4] == [0, -1, 0, 0]
-    assert out[0::4] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
-    assert out[2::4] == [600, 0, 600, 300]
-    assert out[3::4] == [600, 0, 1200, 1500]  # running total of tokens taken
+    assert out[1::5] == [0, -1, 0, 0]
+    assert out[0::5] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
+    assert out[2::5] == [600, 0, 600, 300]
+    assert out[3::5] == [600, 0, 1200, 1500]  # running total of tokens taken
+    assert out[4::5] == [1, 0, 2, 3]  # ... and of requests
 
 
 # --- first come, first served -----------------------------------------------------------------
@@ -294,7 +296,7 @@ def _gate(store: BatchStore, costs: list[int], *, rpm=60, tpm=6000, burst=60, sp
     flat = [x for c in costs for x in (0, c)]
     out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate"), keys.BUDGETS],
                                                  args=[rpm, tpm, burst, spacing, *flat])]
-    return list(zip(out[0::4], out[1::4]))
+    return list(zip(out[0::5], out[1::5]))
 
 
 def _open_circuit(store: BatchStore, open_until_ms: float) -> None:
@@ -350,3 +352,116 @@ def test_cooldown_on_a_fresh_budget(store):
         await limiter.drain()
         return wait
     assert asyncio.run(go()) == pytest.approx(1.1, abs=0.05)
+
+
+# --- what the server's headers teach the budget (observe.lua), and held reservations -------------
+
+
+def admit(limiter: SharedLimiter, input_tokens: int, output_tokens: int):
+    async def go():
+        a = await limiter.admit(MODEL, input_tokens, output_tokens, wait_turn=False)
+        await limiter.drain()
+        return a
+    return asyncio.run(go())
+
+
+def observe(limiter: SharedLimiter, admission, *, remaining: int | None = None, limit: int | None = None,
+            admitted: tuple[int, int] = (0, 0), latency: float = 0.05) -> None:
+    headers = {}
+    if remaining is not None:
+        headers["x-ratelimit-remaining-tokens"] = str(remaining)
+    if limit is not None:
+        headers["x-ratelimit-limit-tokens"] = str(limit)
+
+    async def go():
+        await limiter.observe(MODEL, headers, admission, latency, input_tokens=admitted[0],
+                              output_tokens=admitted[1], charged=True)
+        await limiter.drain()
+    asyncio.run(go())
+
+
+def test_headers_saying_less_remains_slow_the_fleet(store):
+    limiter = limiter_for(store, tpm="6000")  # full bucket of 6000, 100 tokens/s
+    first = admit(limiter, 0, 100)
+    assert first.wait == 0 and admit(limiter, 0, 100).wait == 0
+    # Another client spent the budget: the server says nothing remained after our first request.
+    observe(limiter, first, remaining=0)
+    # Our second request (reserved after the first) is owed, and one second's worth (100) is kept
+    # as headroom: the next waits for all three.
+    assert admit(limiter, 0, 100).wait == pytest.approx(3.0, abs=0.1)
+
+
+def test_stale_headers_do_not_move_the_budget(store):
+    limiter = limiter_for(store, tpm="6000")
+    first = admit(limiter, 0, 100)
+    observe(limiter, first, remaining=0, latency=30)  # a slow answer: its remaining is old news
+    assert admit(limiter, 0, 100).wait == 0
+
+
+def test_limits_are_learnt_from_the_headers_when_none_were_given(store):
+    limiter = limiter_for(store, burst_seconds=0)  # no --tpm, burst learnt
+    first = admit(limiter, 0, 100)
+    assert first.wait == 0 and admit(limiter, 0, 100_000).wait == 0  # nothing known: no limit yet
+    observe(limiter, first, limit=6000, remaining=5000)
+    b = bucket(store)
+    assert b["lim_tpm"] == 6000 and b["cap_t"] == 5100  # what remained plus what it had just charged
+    # 5000 remained after `first`, and 100000 was reserved since: a deep debt at 100 tokens/s.
+    assert admit(limiter, 0, 100).wait == pytest.approx((100_000 - 5000 + 100) / 100, rel=0.01)
+
+
+def test_burst_starts_at_one_seconds_worth_and_grows_to_what_the_server_shows(store):
+    limiter = limiter_for(store, tpm="6000", burst_seconds=0)
+    first = admit(limiter, 0, 100)
+    assert first.wait == 0
+    assert admit(limiter, 0, 100).wait == pytest.approx(1.0, abs=0.05)  # no start-of-minute burst
+    observe(limiter, first, remaining=5900)  # the server's bucket held a whole minute
+    # 5900 remained after `first`; the second's 100 came later, and one second's worth (100) stays
+    # as headroom: 5700 may go at once.
+    assert admit(limiter, 0, 5700).wait == pytest.approx(0, abs=0.05)
+    assert admit(limiter, 0, 100).wait == pytest.approx(1.0, abs=0.05)
+
+
+def test_calibration_learns_how_the_servers_charge_relates_to_the_estimate(store):
+    limiter = limiter_for(store, tpm="6000")  # the server refills 100 tokens/s
+    a = admit(limiter, 0, 1000)
+    observe(limiter, a, remaining=5000)  # capacity 6000 learnt; the bucket is below 90 %: a window opens
+    started = time.monotonic()
+    time.sleep(2.1)
+    # In the window the server admitted requests we estimated at 1000 input + 500 output tokens,
+    # and its remaining fell by 3500 while it refilled ~100/s: it charged ~3710, i.e. 3.2 x our input.
+    observe(limiter, a, remaining=1500, admitted=(1000, 500))
+    refill = 100 * (time.monotonic() - started)
+    k_new = (3500 + refill - 500) / 1000
+    assert bucket(store)["k"] == pytest.approx(0.5 * 1 + 0.5 * k_new, abs=0.03)
+    # Reservations now charge what the server will: k x input + output.
+    assert admit(limiter, 100, 50).charge == pytest.approx(bucket(store)["k"] * 100 + 50, abs=1)
+
+
+def test_a_dead_runners_reservations_come_back(store):
+    from batchrun.limiter import HELD_STALE_MS, release_held
+
+    dead = SharedLimiter(store, WorkerSettings(base_url=BASE_URL, api_key="sk-x"),
+                         BatchOptions(limits=Limits.parse(tpm=["6000"]), burst_seconds=60), token="dead-runner")
+    assert admit(dead, 0, 6000).wait == 0
+    assert admit(dead, 0, 3000).wait == pytest.approx(30, abs=0.1)  # waiting its turn when the runner dies
+    dead.report_held()
+    live = limiter_for(store, tpm="6000")
+    assert admit(live, 0, 100).wait == pytest.approx(31, abs=0.1)
+    assert release_held(store) == 0  # the dead runner's report is still fresh
+    held_key = budget_key() + ":held"
+    r, t, at = store.redis.hget(held_key, "dead-runner").decode().split("|")
+    assert (r, t) == ("2", "9000")
+    store.redis.hset(held_key, "dead-runner", f"{r}|{t}|{float(at) - HELD_STALE_MS - 1000}")
+    assert release_held(store) == 2
+    assert not store.redis.hexists(held_key, "dead-runner")
+    # 9000 came back: only the live runner's 100 is owed now (the bucket had run 3100 into debt).
+    assert admit(live, 0, 100).wait == pytest.approx(0, abs=0.05)
+
+
+def test_sent_requests_are_not_held(store):
+    limiter = SharedLimiter(store, WorkerSettings(base_url=BASE_URL, api_key="sk-x"),
+                            BatchOptions(limits=Limits.parse(tpm=["6000"])), token="r1")
+    a = admit(limiter, 0, 500)
+    limiter.sent(MODEL, a)
+    limiter.report_held()
+    assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("0|0|")

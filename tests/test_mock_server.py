@@ -410,9 +410,9 @@ def test_admission_charge(count):
     # The charge uses the cap (50 x n), not the shorter answer: no refund.
     assert short.usage.completion_tokens < 100
     assert stats["tokens_charged"] == chat_prompt + 50 * 2 + embed_prompt
-    per_second = stats["per_second"]  # [[unix second, admitted, tokens]]; two if a second ticked over
+    per_second = stats["per_second"]  # [[unix second, admitted, tokens, refused]]; two if a second ticked over
     assert 1 <= len(per_second) <= 2 and abs(per_second[0][0] - time.time()) < 5
-    assert [sum(col) for col in zip(*per_second)][1:] == [3, stats["tokens_charged"]]
+    assert [sum(col) for col in zip(*per_second)][1:3] == [3, stats["tokens_charged"]]
 
 
 # --- faults ---------------------------------------------------------------------------------------

@@ -5,7 +5,9 @@
 --  * Sync: the server's remaining tokens, less what the fleet reserved after
 --    the request these headers answered, is what the budget holds now. Less
 --    than we thought (another client on the same key, a lower limit) slows the
---    fleet; more (the server's initial burst) lets it use what is there.
+--    fleet; more (the server's initial burst) lets it use what is there. A
+--    headroom of one second's worth stays unused: at the limit the server's
+--    bucket hovers at empty, and without it every small error is a 429.
 --  * Calibration: over windows of >= 2 s in which the server's bucket was not
 --    full, the tokens it consumed (refill - change of remaining), less the
 --    output reserved, against the input estimates of the requests it admitted,
@@ -27,7 +29,7 @@ local b = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_r', 'cap_t', 'k',
-                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent')
+                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent', 'obs_mark')
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
 local lim_r = tonumber(ARGV[1]) or tonumber(s[4] or 0)
 local lim_t = tonumber(ARGV[2]) or tonumber(s[5] or 0)
@@ -45,16 +47,19 @@ local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local elapsed = math.max(0, now - ts)
 if rpm > 0 then req = math.min(math.max(cap_r, 1), req + elapsed * rpm / 60000) end
 if tpm > 0 then tok = math.min(cap_t, tok + elapsed * tpm / 60000) end
-if ARGV[6] == '1' and rem_t and tpm > 0 then
+-- Only headers newer than those already applied (answers can overtake each other).
+local fresh = ARGV[6] == '1' and tonumber(ARGV[9]) >= tonumber(s[16] or 0)
+if fresh and rem_t and tpm > 0 then
   local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
-  tok = math.min(cap_t, rem_t - reserved_since)
+  tok = math.min(cap_t, rem_t - reserved_since - tpm / 60)
 end
-if ARGV[6] == '1' and rem_r and rem_r < req then req = rem_r end
+if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
 
 local k = tonumber(s[8] or 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
 local s_out = tonumber(s[10] or 0) + tonumber(ARGV[11])
-local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
+local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),
+                'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
                 'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now)}
 if rem_t and tpm > 0 then
   local obs_t = tonumber(s[11] or 0)

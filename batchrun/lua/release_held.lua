@@ -18,10 +18,9 @@ for i = 1, #entries, 2 do
   end
 end
 if back_r > 0 or back_t > 0 then
-  local s = redis.call('HMGET', KEYS[1], 'req', 'tok', 'spent')
+  local s = redis.call('HMGET', KEYS[1], 'req', 'tok')
   if s[1] then
-    redis.call('HSET', KEYS[1], 'req', tostring(tonumber(s[1]) + back_r), 'tok', tostring(tonumber(s[2]) + back_t),
-               'spent', tostring(tonumber(s[3] or 0) - back_t))
+    redis.call('HSET', KEYS[1], 'req', tostring(tonumber(s[1]) + back_r), 'tok', tostring(tonumber(s[2]) + back_t))
   end
 end
 return {tostring(back_r), tostring(back_t)}

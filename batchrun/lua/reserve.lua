@@ -20,17 +20,19 @@
 -- ARGV[3]  burst capacity in seconds' worth of the limit (0: learn from headers)
 -- ARGV[4]  spacing in ms between requests released after a cooldown (0: 60000/rpm, else 5)
 -- ARGV     then for each request: input token estimate, output token reservation
--- Returns  for each request {ms, verdict, charge, mark}:
+-- Returns  for each request {ms, verdict, charge, mark, request mark}:
 --          verdict 0: granted, send after ms;  2: granted as the circuit's probe;
 --          1: not granted (circuit open), ask again after ms;  -1: can never fit.
 --          charge: the tokens taken (give them back with settle.lua if unused).
 --          mark: the budget's running total of tokens taken, including this
---          request (observe.lua uses it to tell what was reserved after it).
+--          request (observe.lua uses it to tell what was reserved after it;
+--          level.lua tells when the budget has reached it); request mark: the
+--          same count in requests.
 local b = KEYS[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 'lim_rpm', 'lim_tpm',
-                     'cap_r', 'cap_t', 'k', 'spent')
+                     'cap_r', 'cap_t', 'k', 'spent', 'spent_r')
 local rpm = tonumber(ARGV[1]) > 0 and tonumber(ARGV[1]) or tonumber(s[6] or 0)
 local tpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[7] or 0)
 local burst = tonumber(ARGV[3])
@@ -64,15 +66,15 @@ if circuit_open then
   for i = 1, n do
     local r
     if tpm > 0 and charge_of(i) > max_t then
-      r = {-1, -1, 0, 0}
+      r = {-1, -1, 0, 0, 0}
     elseif now < open_until then
-      r = {math.ceil(open_until - now), 1, 0, 0}
+      r = {math.ceil(open_until - now), 1, 0, 0, 0}
     elseif now >= probe_until and not probe then
       probe = i
       redis.call('HSET', KEYS[2], 'probe_until', tostring(now + 30000))
-      r = {0, 2, 0, 0}
+      r = {0, 2, 0, 0, 0}
     else
-      r = {1000, 1, 0, 0}  -- a probe is out: ask again soon
+      r = {1000, 1, 0, 0, 0}  -- a probe is out: ask again soon
     end
     for _, v in ipairs(r) do out[#out + 1] = v end
   end
@@ -81,14 +83,14 @@ end
 
 local req, tok, ts = tonumber(s[1] or cap_r), tonumber(s[2] or cap_t), tonumber(s[3] or now)
 local cool_until, cool_next = tonumber(s[4] or 0), tonumber(s[5] or 0)
-local spent = tonumber(s[11] or 0)
+local spent, spent_r = tonumber(s[11] or 0), tonumber(s[12] or 0)
 local elapsed = math.max(0, now - ts)
 req = math.min(cap_r, req + elapsed * rpm / 60000)
 tok = math.min(cap_t, tok + elapsed * tpm / 60000)
 
 local function take(i)
   local charge = charge_of(i)
-  if tpm > 0 and charge > max_t then return {-1, -1, 0, 0} end
+  if tpm > 0 and charge > max_t then return {-1, -1, 0, 0, 0} end
   local w = 0
   if rpm > 0 then
     req = req - 1
@@ -103,7 +105,8 @@ local function take(i)
     w = math.max(w, cool_next - now)
   end
   spent = spent + charge
-  return {math.ceil(w), 0, charge, spent}
+  spent_r = spent_r + 1
+  return {math.ceil(w), 0, charge, spent, spent_r}
 end
 
 for i = 1, n do
@@ -111,11 +114,11 @@ for i = 1, n do
     for _, v in ipairs(take(i)) do out[#out + 1] = v end
   elseif i == probe then
     local r = take(i)
-    out[4 * i - 3], out[4 * i - 1], out[4 * i] = r[1], r[3], r[4]
+    out[5 * i - 4], out[5 * i - 2], out[5 * i - 1], out[5 * i] = r[1], r[3], r[4], r[5]
   end
 end
 redis.call('HSET', b, 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
-           'cool_next', tostring(cool_next), 'spent', tostring(spent),
+           'cool_next', tostring(cool_next), 'spent', tostring(spent), 'spent_r', tostring(spent_r),
            'cfg_rpm', ARGV[1], 'cfg_tpm', ARGV[2])
 redis.call('PEXPIRE', b, 86400000)
 redis.call('SADD', KEYS[3], b)

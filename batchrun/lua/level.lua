@@ -1,0 +1,26 @@
+-- level: how far a budget has come, for runners whose requests wait their turn.
+-- A reservation's mark is the budget's running total of tokens taken up to and
+-- including it; it may be sent once `avail` (tokens taken + tokens available
+-- now) reaches its mark. Waiters follow the level rather than a wait fixed at
+-- reservation, so that when the server's headers move the budget (sync) they
+-- go earlier or later, still in the order they reserved.
+-- KEYS[1]  budget hash
+-- ARGV[1]  requests per minute configured (0: learnt or none)
+-- ARGV[2]  tokens per minute configured (0: learnt or none)
+-- ARGV[3]  burst capacity in seconds' worth (0: learnt)
+-- Returns  {now ms, avail tokens, tokens per ms, avail requests, requests per ms, cooldown end ms}
+--          as strings (a rate of 0: no such limit)
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local s = redis.call('HMGET', KEYS[1], 'tok', 'ts', 'spent', 'lim_tpm', 'cap_t', 'cool_until',
+                     'req', 'spent_r', 'lim_rpm', 'cap_r')
+local rpm = tonumber(ARGV[1]) > 0 and tonumber(ARGV[1]) or tonumber(s[9] or 0)
+local tpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[4] or 0)
+local burst = tonumber(ARGV[3])
+local cap_t = burst > 0 and tpm * burst / 60 or math.max(tonumber(s[5] or 0), tpm / 60)
+local cap_r = burst > 0 and rpm * burst / 60 or math.max(1, tonumber(s[10] or 0), rpm / 60)
+local elapsed = math.max(0, now - tonumber(s[2] or now))
+local tok = math.min(cap_t, tonumber(s[1] or cap_t) + elapsed * tpm / 60000)
+local req = math.min(cap_r, tonumber(s[7] or cap_r) + elapsed * rpm / 60000)
+return {tostring(now), tostring(tonumber(s[3] or 0) + tok), tostring(tpm / 60000),
+        tostring(tonumber(s[8] or 0) + req), tostring(rpm / 60000), s[6] or '0'}
