@@ -42,6 +42,9 @@ def batch_options(f):
                      help="Longest backoff in seconds (a server's wait hint may exceed it)."),
         click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
                      help="Jobs per shard (the unit RQ hands to a worker)."),
+        click.option("--burst-seconds", type=click.FloatRange(0), default=0.0, show_default=True,
+                     help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
+                          "headers show (one second's worth until they do)."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -52,13 +55,13 @@ def batch_options(f):
     return f
 
 
-def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size) -> BatchOptions:
+def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
-                        shard_size=shard_size, limits=limits)
+                        shard_size=shard_size, burst_seconds=burst_seconds, limits=limits)
 
 
 def open_store(redis_url: str | None) -> tuple[BatchStore, str]:

@@ -3,7 +3,9 @@
     TIKTOKEN_CACHE_DIR=../shared/tiktoken_cache python bench/budget.py [--tpm 100000] [--jobs 1000]
 
 A TPM-bound batch (varied prompt and output sizes) is run by
-  (a) one `batchrun worker` process, (b) four sharing the budget through Redis,
+  (a) one `batchrun worker` process, (b) four sharing the budget through Redis
+      (workers already running, as in a deployed fleet: the clock runs from
+      `submit` until the batch is finished),
   (c) the baseline: one process with an in-memory token bucket, the OpenAI
       cookbook's approach (full bucket at start, estimate = tiktoken + max_tokens,
       15 s pause after a 429).
@@ -94,18 +96,31 @@ class MockProcess:
 
 
 def run_batchrun(jobs: Path, mock: MockProcess, redis_url: str, workers: int, tpm: int, rpm: int) -> float:
-    redis.Redis.from_url(redis_url).flushdb()
+    """A fleet as deployed: workers already running; the clock runs from submit to the batch's end."""
+    from rq import Worker
+
+    conn = redis.Redis.from_url(redis_url)
+    conn.flushdb()
     env = {**os.environ, "BATCHRUN_REDIS_URL": redis_url, "OPENAI_BASE_URL": mock.base_url,
            "OPENAI_API_KEY": "sk-bench"}
-    subprocess.run([sys.executable, "-m", "batchrun", "-q", "submit", str(jobs), "--tpm", str(tpm), "--rpm", str(rpm),
-                    "--shard-size", "250"], env=env, check=True, stdout=subprocess.DEVNULL)
-    started = time.monotonic()
-    procs = [subprocess.Popen([sys.executable, "-m", "batchrun", "-q", "worker", "--burst", "--concurrency", "50"],
-                              env=env) for _ in range(workers)]
-    for p in procs:
-        if p.wait() != 0:
-            raise RuntimeError("a worker failed")
-    return time.monotonic() - started
+    procs = [subprocess.Popen([sys.executable, "-m", "batchrun", "-q", "worker", "--concurrency", "50"], env=env)
+             for _ in range(workers)]
+    try:
+        while Worker.count(connection=conn) < workers:
+            time.sleep(0.1)
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "batchrun", "-q", "submit", str(jobs), "--tpm", str(tpm),
+                              "--rpm", str(rpm), "--shard-size", "250"], env=env, check=True,
+                             capture_output=True, text=True)
+        batch = f"batchrun:batch:{out.stdout.split()[-1]}"
+        while conn.hget(batch, "state") != b"finished":
+            time.sleep(0.05)
+        return time.monotonic() - started
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(timeout=60)
 
 
 def run_baseline(jobs: Path, mock: MockProcess, tpm: int, rpm: int) -> float:
