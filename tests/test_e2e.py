@@ -169,8 +169,9 @@ def test_two_worker_processes_on_real_redis_with_server_429s(real_redis_url, tmp
     """The issue's scenario, scaled for CI: submit, two `worker --burst` processes, collect."""
     n = 600
     jobs = write_jobs(tmp_path / "jobs.jsonl", n, stream_every=10)
-    # 100 requests/s with a 1 s bucket: the workers (with no client-side limit) run into 429s.
-    with MockServerThread(MockConfig(rpm=6000, burst_seconds=1, seed=3)) as srv:
+    # 100 requests/s with a 1 s bucket. The workers learn that limit from the headers; the 429s come
+    # from other clients sharing the key (injected), and from the start, before anything is learnt.
+    with MockServerThread(MockConfig(rpm=6000, burst_seconds=1, seed=3, error_rates={"429": 0.05})) as srv:
         env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
         sub = subprocess.run(batchrun_cmd("submit", str(jobs), "--shard-size", "100", "--backoff-base", "0.2"),
                              env=env, capture_output=True, text=True, timeout=60)
