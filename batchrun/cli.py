@@ -219,6 +219,9 @@ def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concu
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
     from batchrun.run import RunConfig, run_batch
 
+    if logging.getLogger().level == logging.INFO:  # the progress display says it; -v shows the workers' lines
+        logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
+
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
                     concurrency=concurrency, processes=processes, mock=mock)

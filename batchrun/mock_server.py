@@ -158,12 +158,38 @@ def _canonical(value: Any) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
+class _CharEncoding:
+    """Stands in for tiktoken when its files cannot be loaded (no internet, no TIKTOKEN_CACHE_DIR):
+    the mock then counts ~4 characters a token, so the demo still runs."""
+
+    @staticmethod
+    def encode_ordinary(text: str) -> list[str]:
+        return [text[i:i + 4] for i in range(0, len(text), 4)]
+
+    @staticmethod
+    def decode(tokens: list[str]) -> str:
+        return "".join(tokens)
+
+
 @lru_cache(maxsize=256)
 def _encoding(model: str) -> tiktoken.Encoding:
     try:
-        return tiktoken.encoding_for_model(model)
-    except KeyError:  # model names newer than the installed tiktoken
-        return tiktoken.get_encoding("o200k_base")
+        try:
+            return tiktoken.encoding_for_model(model)
+        except KeyError:  # model names newer than the installed tiktoken
+            return tiktoken.get_encoding("o200k_base")
+    except Exception as exc:  # the encoding file could not be downloaded or read
+        _warn_no_tiktoken(exc)
+        return _CharEncoding()
+
+
+@lru_cache(maxsize=1)
+def _warn_no_tiktoken(exc: Exception) -> None:
+    import logging
+
+    logging.getLogger("batchrun.mock").warning(
+        "mock server: tiktoken could not load its encoding (%s); usage is counted as characters / 4",
+        type(exc).__name__)
 
 
 def _tokens(enc: tiktoken.Encoding, text: str) -> int:
