@@ -98,7 +98,23 @@ def load_config(path: str) -> dict:
     return default_map
 
 
-@click.group(context_settings={"auto_envvar_prefix": "BATCHRUN"})
+class Group(click.Group):
+    """Expected trouble becomes one sentence, not a stack trace."""
+
+    def invoke(self, ctx):
+        import redis
+
+        from batchrun.outputs import OutputFileError
+
+        try:
+            return super().invoke(ctx)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            fail(f"cannot reach Redis ({exc}); check --redis-url / {ENV_URL} and that the server runs")
+        except OutputFileError as exc:
+            fail(str(exc))
+
+
+@click.group(cls=Group, context_settings={"auto_envvar_prefix": "BATCHRUN"})
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True, help="Show each retry and more.")
 @click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
@@ -123,8 +139,6 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
 @batch_options
 def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, **kw):
     """Load JOBS (JSONL) into Redis and queue its shards; prints the batch id last."""
-    from batchrun.submit import submit_file
-
     store, url = open_store(redis_url)
     if is_memory(url):
         click.echo("note: no --redis-url/BATCHRUN_REDIS_URL: submitting to an in-process Redis that ends with "
@@ -171,7 +185,9 @@ def worker(redis_url, concurrency, processes, burst, name):
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
              "(it is read from the environment only, never stored in Redis)")
     if processes > 1:
-        argv = ["--redis-url", url, "--processes", "1"] + (["--concurrency", str(concurrency)] if concurrency else [])
+        # The Redis URL (it may hold a password) goes through the environment, not the command line.
+        os.environ[ENV_URL] = url
+        argv = ["--processes", "1"] + (["--concurrency", str(concurrency)] if concurrency else [])
         argv += ["--burst"] if burst else []
         sys.exit(run_pool(argv, processes, burst=burst))
     set_worker_settings(settings)

@@ -20,6 +20,8 @@ import itertools
 import random
 from dataclasses import dataclass
 
+import redis
+
 from batchrun import keys
 from batchrun.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
@@ -73,16 +75,11 @@ class SharedLimiter:
         self._settlers: dict[str, Batcher] = {}
         self._observers: dict[str, Batcher] = {}
         self._held: dict[str, list[int]] = {}  # model -> [requests, tokens] reserved but not sent yet
-        self._admitted: dict[str, list[int]] = {}  # model -> [input, output] estimates admitted, not reported
         self._recorder = Batcher(self._flush_outcomes, name="circuit outcome", max_delay=0.02)
         self._waiters: dict[str, list] = {}  # model -> heap of (mark, request mark, seq, deadline, future)
         self._schedulers: dict[str, asyncio.Task] = {}
         self._seq = itertools.count()
         self._rng = random.Random()
-
-    @property
-    def burst_seconds(self) -> float:
-        return self._options.burst_seconds
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -112,7 +109,7 @@ class SharedLimiter:
             held = self._held[model]
             held[0] += 1
             held[1] += charge
-            if ms > 0 and verdict == 0 and wait_turn:
+            if ms > 0 and verdict in (0, 2) and wait_turn:
                 await self._wait_turn(model, mark, mark_r, ms / 1000)
             return Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
 
@@ -134,9 +131,12 @@ class SharedLimiter:
         key, burst = self.budget_key(model), self._options.burst_seconds
         waiters = self._waiters[model]
         while waiters:
-            now_ms, avail, rate, avail_r, rate_r, cool_until = (
-                float(_s(x)) for x in await asyncio.to_thread(self._store.scripts.level, keys=[key],
-                                                               args=[rpm, tpm, burst]))
+            try:
+                level = await asyncio.to_thread(self._store.scripts.level, keys=[key], args=[rpm, tpm, burst])
+            except (redis.ConnectionError, redis.TimeoutError):
+                await asyncio.sleep(1)  # Redis away: the waiters keep waiting, then carry on
+                continue
+            now_ms, avail, rate, avail_r, rate_r, cool_until = (float(_s(x)) for x in level)
             read_at = loop.time()
             while waiters and loop.time() - read_at < LEVEL_REFRESH_S:
                 elapsed_ms = (loop.time() - read_at) * 1000
@@ -199,36 +199,37 @@ class SharedLimiter:
                       input_tokens: int, output_tokens: int, charged: bool) -> None:
         """After an answer: the server's x-ratelimit-* headers correct the budget (limits, burst,
         sync), and what it admitted feeds the calibration of its charge."""
-        if charged:
-            admitted = self._admitted.setdefault(model, [0, 0])
-            admitted[0] += input_tokens
-            admitted[1] += output_tokens
-        if headers is None or "x-ratelimit-remaining-tokens" not in headers and \
-                "x-ratelimit-remaining-requests" not in headers:
+        has_headers = headers is not None and ("x-ratelimit-remaining-tokens" in headers
+                                               or "x-ratelimit-remaining-requests" in headers)
+        if not has_headers and not charged:
             return
         observer = self._observers.get(model)
         if observer is None:
             key = self.budget_key(model)
             rpm, tpm = self.limits(model)
 
-            def flush(items):  # the latest headers say the most
-                *head, mark = items[-1]
-                admitted = self._admitted.get(model, [0, 0])
-                sent_in, sent_out = admitted
-                admitted[0] -= sent_in
-                admitted[1] -= sent_out
+            def flush(items):
+                # What was admitted adds up; of the headers, the latest say the most.
+                sent_in = sum(i[0] for i in items)
+                sent_out = sum(i[1] for i in items)
+                latest = next((i[2] for i in reversed(items) if i[2] is not None), None)
+                head = latest or ("", "", "", "", 0, "0", 0)
+                *head, mark = head
                 self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
-        await observer.submit((
-            headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
-            headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
-            admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark))
+        seen = None
+        if has_headers:
+            seen = (headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
+                    headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
+                    admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
+        await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen))
 
     async def cool_down(self, model: str, seconds: float) -> None:
         """The server said this budget is exhausted: the whole fleet holds off for ``seconds``."""
+        rpm, tpm = self.limits(model)
         await asyncio.to_thread(self._store.scripts.cool_down, keys=[self.budget_key(model)],
-                                args=[max(1, int(seconds * 1000))])
+                                args=[max(1, int(seconds * 1000)), rpm, tpm])
 
     # -- reservations held, for when this runner dies ------------------------------------
 

@@ -142,8 +142,10 @@ def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) 
         workers.rq_workers.append(w)
         workers.threads.append(t)
         return workers
-    env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key}
-    cmd = [sys.executable, "-m", "batchrun", "-q", "worker", "--burst", "--redis-url", cfg.redis_url]
+    # Secrets (the API key, a Redis password) go through the environment, never the command line.
+    env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
+           "BATCHRUN_REDIS_URL": cfg.redis_url}
+    cmd = [sys.executable, "-m", "batchrun", "-q", "worker", "--burst"]
     if cfg.concurrency:
         cmd += ["--concurrency", str(cfg.concurrency)]
     for _ in range(cfg.processes):

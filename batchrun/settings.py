@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
 
@@ -24,7 +24,7 @@ class Limits:
 
     def for_model(self, model: str) -> tuple[int, int]:
         """(rpm, tpm) for a model; 0 means no limit."""
-        entry = self.by_model.get(model) or self.by_model.get("*") or {}
+        entry = {**self.by_model.get("*", {}), **self.by_model.get(model, {})}  # a bare --tpm still applies
         return int(entry.get("rpm", 0)), int(entry.get("tpm", 0))
 
     def set(self, kind: str, spec: str) -> None:
@@ -124,10 +124,6 @@ class WorkerSettings:
         """Identifies the API key without revealing it (budgets are per key)."""
         return hashlib.sha256(self.api_key.encode()).hexdigest()[:12]
 
-    def safe_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("api_key")
-        return d
 
 
 # The settings the current worker process runs with (set by `batchrun worker`;

@@ -23,6 +23,8 @@ import time
 import uuid
 from collections import Counter
 
+import redis
+
 from batchrun import maintenance
 from batchrun.backoff import BackoffPolicy, backoff_delay
 from batchrun.batching import Batcher
@@ -67,12 +69,11 @@ class ShardRunner:
         self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
         self._side_tasks: set[asyncio.Task] = set()
         self._last_summary = time.monotonic()
-        self._stop = False
 
     async def run(self) -> dict:
         store, bid = self.store, self.batch_id
-        options = await asyncio.to_thread(store.options, bid)
-        await asyncio.to_thread(store.unpark, bid, self.shard)
+        options = await self._redis(store.options, bid)
+        await self._redis(store.unpark, bid, self.shard)
         self.policy = BackoffPolicy(base=options.backoff_base, factor=options.backoff_factor,
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
         self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
@@ -94,11 +95,26 @@ class ShardRunner:
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
+            # Jobs requeued by requests that were still in flight when the loop ended (a yield, a
+            # pause that was already resumed) need a runner: park the shard so one starts.
+            await self._redis(self.store.park_if_waiting, self.batch_id, self.shard)
             await self.client.close()
             self._summarise(force=True)
         log.info("batch %s shard %d: stopped (%s)", bid, self.shard,
                  ", ".join(f"{k} {v}" for k, v in sorted(self.stats.items())) or "nothing to do")
         return dict(self.stats)
+
+    async def _redis(self, fn, *args, **kwargs):
+        """A store call from the event loop, retried while Redis is unreachable."""
+        delay = 0.2
+        while True:
+            try:
+                return await asyncio.to_thread(fn, *args, **kwargs)
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning("batch %s shard %d: Redis unreachable (%s); retrying in %.1f s",
+                            self.batch_id, self.shard, exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
 
     async def _loop(self) -> None:
         started = time.monotonic()
@@ -109,15 +125,14 @@ class ShardRunner:
         while True:
             if time.monotonic() - last_maintenance > maintenance.INTERVAL:
                 last_maintenance = time.monotonic()
-                await asyncio.to_thread(maintenance.run_once, self.store)
+                await self._redis(maintenance.run_once, self.store)
             free = concurrency - len(self.inflight)
             if free >= low_water or not self.inflight:
                 if time.monotonic() - started > self.settings.max_shard_seconds:
                     # Give the RQ worker back so other batches get a turn; the shard continues later.
-                    await asyncio.to_thread(self.store.park, self.batch_id, self.shard, None)
-                    return
-                lease = await asyncio.to_thread(self.store.lease, self.batch_id, self.shard,
-                                                min(free, LEASE_BATCH), self.lease_ms, self.token)
+                    return  # run() parks the shard on the way out if work is left
+                lease = await self._redis(self.store.lease, self.batch_id, self.shard,
+                                          min(free, LEASE_BATCH), self.lease_ms, self.token)
                 if lease.state != "running":
                     log.info("batch %s is %s: shard %d stops taking jobs", self.batch_id, lease.state, self.shard)
                     return
@@ -129,7 +144,7 @@ class ShardRunner:
                         return  # nothing left in this shard
                     wait = (next_due_ms - now_ms) / 1000
                     if wait > self.settings.park_after_seconds:
-                        await asyncio.to_thread(self.store.park, self.batch_id, self.shard, next_due_ms)
+                        await self._redis(self.store.park, self.batch_id, self.shard, next_due_ms)
                         log.info("batch %s shard %d: all remaining jobs wait for a retry; parked for %.1f s",
                                  self.batch_id, self.shard, wait)
                         return
@@ -157,11 +172,15 @@ class ShardRunner:
     async def _process(self, job: LeasedJob) -> None:
         try:
             await self._attempt(job)
-        except Exception:
-            # A bug in batchrun, not in the request: give the job back untouched.
-            log.exception("batch %s: unexpected error on job %s; it goes back to the queue",
-                          self.batch_id, job.custom_id)
-            await self.requeuer.submit((job.custom_id, 5000, False, ""))
+        except Exception as exc:
+            # A bug in batchrun, not in the request: it costs the job an attempt, so that one that
+            # fails every time ends in the errors file instead of looping forever.
+            log.exception("batch %s: unexpected error on job %s", self.batch_id, job.custom_id)
+            verdict = Verdict(Action.RETRY, "unknown", f"batchrun failed on this job: {type(exc).__name__}: {exc}")
+            try:
+                await self._handle_failure(job, "", verdict, None, False)
+            except Exception:
+                await self.requeuer.submit((job.custom_id, 5000, True, ""))
         finally:
             self.inflight.pop(job.custom_id, None)
 

@@ -155,6 +155,14 @@ class BatchStore:
     def park(self, batch_id: str, shard: int, due_ms: int | None) -> None:
         self.scripts.park(keys=[keys.PARKED], args=[keys.parked_member(batch_id, shard), "" if due_ms is None else due_ms])
 
+    def park_if_waiting(self, batch_id: str, shard: int) -> bool:
+        """Park the shard at its earliest due time if it has jobs left and the batch is running."""
+        first = self.redis.zrange(keys.todo(batch_id, shard), 0, 0, withscores=True)
+        if not first or _s(self.redis.hget(keys.batch(batch_id), "state") or b"") != "running":
+            return False
+        self.park(batch_id, shard, int(first[0][1]))
+        return True
+
     def unpark(self, batch_id: str, shard: int) -> None:
         self.redis.zrem(keys.PARKED, keys.parked_member(batch_id, shard))
 

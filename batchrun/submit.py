@@ -45,14 +45,12 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     store.create_batch(batch_id, options or BatchOptions(), source=str(path))
     shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
 
-    added, touched, index = 0, set(), 0
+    added, index = 0, 0
     chunk: list[tuple[str, int, str]] = []
 
     def flush() -> None:
         nonlocal added
-        n, shards = store.add_jobs(batch_id, chunk)
-        added += n
-        touched.update(shards)
+        added += store.add_jobs(batch_id, chunk)[0]
         chunk.clear()
 
     for job in read_jobs(path, endpoint=endpoint, skip_invalid=True, on_skip=on_skip):
@@ -65,9 +63,14 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         flush()
     if added:
         store.reopen(batch_id)
-    store.enqueue_shards(batch_id, sorted(touched))
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
-    if total == int(meta.get("done", 0)) + int(meta.get("failed", 0)) and meta.get("state") == "running":
-        store.set_state(batch_id, "finished")  # an empty file, or all of it done before
+    if total == int(meta.get("done", 0)) + int(meta.get("failed", 0)):
+        store.set_state(batch_id, "finished", only_from=("running",))  # an empty file, or all of it done before
+    elif meta.get("state") == "running":
+        # Every shard with work left gets a runner, not only those that got new jobs: a submit
+        # interrupted before it enqueued, or run again, still leaves a batch that runs.
+        store.wake_all_shards(batch_id)
+        while store.promote_parked(limit=1000) == 1000:
+            pass
     return SubmitReport(batch_id, valid, added, total, errors)

@@ -17,6 +17,7 @@ import subprocess
 import sys
 import time
 
+import redis
 from rq import Queue, SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
@@ -35,12 +36,17 @@ class BatchWorkerMixin:
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         store = BatchStore(self.connection)
         while True:
-            maintenance.run_once(store)
-            result = super().dequeue_job_and_maintain_ttl(POLL_SECONDS, POLL_SECONDS)
-            if result is not None or self._stop_requested:
-                return result
-            if self.batchrun_burst and not maintenance.work_left(store):
-                return None
+            try:
+                maintenance.run_once(store)
+                result = super().dequeue_job_and_maintain_ttl(POLL_SECONDS, POLL_SECONDS)
+                if result is not None or self._stop_requested:
+                    return result
+                if self.batchrun_burst and not maintenance.work_left(store):
+                    return None
+            except (redis.ConnectionError, redis.TimeoutError) as exc:
+                # Keep the worker: it continues when Redis is back.
+                log.warning("Redis unreachable (%s); worker %s retries in %d s", exc, self.name, POLL_SECONDS)
+                time.sleep(POLL_SECONDS)
 
 
 class BatchWorker(BatchWorkerMixin, Worker):
@@ -106,12 +112,3 @@ def run_pool(argv: list[str], processes: int, *, burst: bool) -> int:
             time.sleep(1)
             start(slot)
     return 0
-
-
-def worker_env_problem(base_url: str, api_key: str) -> str | None:
-    if not api_key:
-        return ("OPENAI_API_KEY is not set in this worker's environment; export it "
-                "(it is read from the environment only and never stored in Redis)")
-    return None
-
-

@@ -28,6 +28,7 @@ local function open()
   state = 'open'
   open_until = now + math.min(max_cool, base_cool * 2 ^ (trips - 1))
   ok, fail, win_start = 0, 0, now
+  redis.call('HSET', k, 'probe_until', '0')  -- one probe may go once the cooling is over
 end
 
 if ARGV[9] == '1' then
@@ -42,7 +43,6 @@ if state == 'closed' then
   if ok + fail >= min_n and fail >= ratio * (ok + fail) then open() end
 end
 redis.call('HSET', k, 'state', state, 'ok', ok, 'fail', fail, 'win_start', tostring(win_start),
-           'open_until', tostring(open_until), 'trips', trips, 'url', ARGV[1],
-           'probe_until', state == 'open' and '0' or (redis.call('HGET', k, 'probe_until') or '0'))
+           'open_until', tostring(open_until), 'trips', trips, 'url', ARGV[1])
 redis.call('PEXPIRE', k, 86400000)
 return {state, tostring(math.floor(open_until)), tostring(math.floor(now))}

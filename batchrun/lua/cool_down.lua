@@ -3,24 +3,29 @@
 -- afterwards traffic comes back at the refill rate, not all at once.
 -- KEYS[1]  budget hash
 -- ARGV[1]  cooldown in ms (the server's wait hint)
--- Returns  the cooldown's end, ms (Redis server time)
+-- ARGV[2]  requests per minute configured (0: learnt or none)
+-- ARGV[3]  tokens per minute configured (0: learnt or none)
+-- Returns  1
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local s = redis.call('HMGET', KEYS[1], 'cool_until', 'req', 'tok')
+local s = redis.call('HMGET', KEYS[1], 'cool_until', 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm')
 local cool_until = math.max(tonumber(s[1] or 0), now + tonumber(ARGV[1]))
-local fields = {'cool_until', tostring(cool_until), 'ts', tostring(now)}
+local fields = {'cool_until', tostring(cool_until)}
 if tonumber(s[1] or 0) < now then
   fields[#fields + 1] = 'cool_next'
   fields[#fields + 1] = tostring(cool_until)
 end
-if s[2] and tonumber(s[2]) > 0 then
-  fields[#fields + 1] = 'req'
-  fields[#fields + 1] = '0'
-end
-if s[3] and tonumber(s[3]) > 0 then
-  fields[#fields + 1] = 'tok'
-  fields[#fields + 1] = '0'
+if s[4] then
+  -- Refill to now first (a bucket in debt keeps paying it off), then empty what is left.
+  local rpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[5] or 0)
+  local tpm = tonumber(ARGV[3]) > 0 and tonumber(ARGV[3]) or tonumber(s[6] or 0)
+  local elapsed = math.max(0, now - tonumber(s[4]))
+  local req = tonumber(s[2] or 0) + elapsed * rpm / 60000
+  local tok = tonumber(s[3] or 0) + elapsed * tpm / 60000
+  for _, v in ipairs({'req', tostring(math.min(req, 0)), 'tok', tostring(math.min(tok, 0)), 'ts', tostring(now)}) do
+    fields[#fields + 1] = v
+  end
 end
 redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('PEXPIRE', KEYS[1], 3600000)
-return tostring(math.floor(cool_until))
+redis.call('PEXPIRE', KEYS[1], 86400000)
+return 1

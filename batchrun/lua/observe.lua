@@ -41,6 +41,8 @@ if rem_r then cap_r = math.max(cap_r, rem_r + 1) end
 if rem_t then cap_t = math.max(cap_t, rem_t + tonumber(ARGV[5])) end
 if lim_r > 0 then cap_r = math.min(cap_r, lim_r) end
 if lim_t > 0 then cap_t = math.min(cap_t, lim_t) end
+-- As reserve.lua: at least one second's worth, also before any remaining-* header was seen.
+cap_r, cap_t = math.max(cap_r, 1, rpm / 60), math.max(cap_t, tpm / 60)
 
 -- Bring the buckets to now, then to what the server says.
 local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
@@ -87,4 +89,5 @@ if rem_t and tpm > 0 then
   end
 end
 redis.call('HSET', b, unpack(fields))
+redis.call('PEXPIRE', b, 86400000)
 return tostring(k)
