@@ -263,3 +263,27 @@ def test_no_retry_is_sent_before_the_servers_hint_has_passed(store: BatchStore, 
                 hinted += 1
                 assert t2 - t1 >= wait, f"retried after {t2 - t1:.3f} s, the server asked for {wait:.3f} s"
     assert hinted >= 10, "the scenario should have produced hinted 429s"
+
+
+def test_submitting_again_gives_a_runner_to_every_shard_with_work_left(store: BatchStore, tmp_path):
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30)
+    submit_file(store, str(jobs), batch_id="again", options=BatchOptions(shard_size=10))
+    queue = Queue("batchrun", connection=store.redis, serializer=JSONSerializer)
+    queue.empty()  # the first submit was cut off before its shards reached the queue
+    store.redis.delete("batchrun:parked")
+    assert submit_file(store, str(jobs), batch_id="again").added == 0
+    assert queue.count >= 3
+    with MockServerThread(MockConfig()) as srv:
+        run_thread_worker(store.redis, settings_for(srv))
+    assert store.meta("again")["state"] == "finished"
+
+
+def test_expected_trouble_is_one_sentence_not_a_stack_trace(tmp_path):
+    env = cli_env(BATCHRUN_REDIS_URL="redis://127.0.0.1:1/0")  # nothing listens there
+    proc = subprocess.run(batchrun_cmd("status", "some-batch"), env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1
+    assert "cannot reach Redis" in proc.stderr and "Traceback" not in proc.stderr

@@ -465,3 +465,19 @@ def test_sent_requests_are_not_held(store):
     limiter.sent(MODEL, a)
     limiter.report_held()
     assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("0|0|")
+
+
+def _record(store: BatchStore, ok: int, fail: int, probe: str = "") -> None:
+    store.scripts.circuit(keys=[keys.circuit("gate")],
+                          args=["http://x/v1", 10_000, 10, 0.5, 5_000, 60_000, ok, fail, probe])
+
+
+def test_one_probe_per_cooling_period_however_often_outcomes_arrive(store):
+    _record(store, 0, 20)  # an outage opens the circuit
+    store.redis.hset(keys.circuit("gate"), "open_until", "0")  # its cooling period is over
+    _record(store, 0, 1)  # a straggler's failure arrives while it is open
+    assert [v for _, v in _gate(store, [1])] == [2]  # the probe
+    _record(store, 0, 1)  # another straggler
+    assert [v for _, v in _gate(store, [1, 1])] == [1, 1]  # no second probe while the first is out
+    _record(store, 0, 0, probe="1")  # the probe succeeded
+    assert [v for _, v in _gate(store, [1, 1])] == [0, 0]

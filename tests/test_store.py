@@ -628,3 +628,14 @@ def test_concurrent_runners_end_each_job_exactly_once(real_redis_url, make_batch
     assert leases(store) == {} and owners(store) == {}
     assert all(client.zcard(keys.todo(BID, s)) == 0 for s in range(N_SHARDS))
     client.close()
+
+
+def test_park_if_waiting_parks_a_running_shard_with_jobs_left_only(store, make_batch):
+    make_batch(store, BID, 3, shard_size=2)  # shard 0: 2 jobs, shard 1: 1 job
+    store.lease(BID, 1, 10, 30_000, "r1")
+    assert store.park_if_waiting(BID, 0)
+    assert not store.park_if_waiting(BID, 1)  # its only job is leased
+    assert store.redis.zscore(keys.PARKED, keys.parked_member(BID, 0)) is not None
+    store.set_state(BID, "paused", "quota")
+    store.unpark(BID, 0)
+    assert not store.park_if_waiting(BID, 0)  # a paused batch waits for resume
