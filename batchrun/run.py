@@ -12,7 +12,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 
@@ -72,9 +71,9 @@ def run_batch(cfg: RunConfig) -> int:
             return state == "paused" or not workers.alive()
 
         try:
-            result = collect(store, bid, cfg.output, errors_path, follow=True, poll=0.3,
-                             on_note=lambda m: click.echo(m, err=True), on_progress=lambda r: progress.update(),
-                             should_stop=should_stop)
+            collect(store, bid, cfg.output, errors_path, follow=True, poll=0.3,
+                    on_note=lambda m: click.echo(m, err=True), on_progress=lambda r: progress.update(),
+                    should_stop=should_stop)
         except KeyboardInterrupt:
             progress.close()
             click.echo("\ninterrupted: workers stop; finished results are in the files.", err=True)

@@ -11,7 +11,6 @@ as the queue is empty). ``ThreadWorker`` runs shard jobs in its own thread, for
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys

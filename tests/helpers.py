@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -76,3 +75,28 @@ def run_thread_worker(redis, settings, timeout: float = 120) -> None:
     t.start()
     t.join(timeout)
     assert not t.is_alive(), "the burst worker did not end by itself"
+
+
+def run_in_processes(target, arg_tuples: list[tuple], timeout: float) -> list:
+    """Run ``target(*args, barrier, queue)`` in one spawned process per args tuple; each puts one
+    result on the queue (a str means it failed). Returns the results; fails on any error."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, out = ctx.Barrier(len(arg_tuples)), ctx.Queue()
+    procs = [ctx.Process(target=target, args=(*args, barrier, out)) for args in arg_tuples]
+    for p in procs:
+        p.start()
+    results: list = []
+    try:
+        while len(results) < len(procs) and not any(isinstance(x, str) for x in results):
+            results.append(out.get(timeout=timeout))
+    finally:
+        for p in procs:
+            p.join(timeout=10)
+            if p.is_alive():
+                p.kill()
+    errors = [x for x in results if isinstance(x, str)]
+    assert not errors, errors[0]
+    assert all(p.exitcode == 0 for p in procs)
+    return results

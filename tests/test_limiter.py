@@ -8,7 +8,6 @@ granted in arrival order and may run the bucket into debt, which its caller pays
 from __future__ import annotations
 
 import asyncio
-import multiprocessing
 import time
 
 import pytest
@@ -18,6 +17,7 @@ from batchrun import keys
 from batchrun.limiter import SharedLimiter, budget_id
 from batchrun.settings import BatchOptions, Limits, WorkerSettings
 from batchrun.store import BatchStore
+from tests.helpers import run_in_processes
 
 MODEL = "gpt-4o-mini"
 BASE_URL = "http://127.0.0.1:9/v1"
@@ -256,23 +256,7 @@ def _hammer_budget(*args) -> None:
 
 @pytest.mark.redis
 def test_two_processes_never_exceed_the_budget(real_redis_url):
-    ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_hammer_budget, args=(real_redis_url, barrier, out)) for _ in range(2)]
-    for p in procs:
-        p.start()
-    try:
-        per_proc = []
-        while len(per_proc) < len(procs) and not any(isinstance(x, str) for x in per_proc):
-            per_proc.append(out.get(timeout=30))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [x for x in per_proc if isinstance(x, str)]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs)
+    per_proc = run_in_processes(_hammer_budget, [(real_redis_url,)] * 2, timeout=30)
     assert all(len(a) > 5 for a in per_proc), "both processes took part"
     times = sorted(t for a in per_proc for t in a)
     first = times[0]

@@ -6,7 +6,6 @@ Every test runs twice, on fakeredis and on the real Redis (DB 13); the concurren
 from __future__ import annotations
 
 import json
-import multiprocessing
 import random
 import time
 from collections import Counter
@@ -20,6 +19,7 @@ import batchrun.store as store_module
 from batchrun import keys
 from batchrun.store import RUN_SHARD, BatchStore
 from tests.conftest import request_json
+from tests.helpers import run_in_processes
 
 BID = "b1"
 TOKEN = "runner-a"
@@ -590,24 +590,7 @@ def test_concurrent_runners_end_each_job_exactly_once(real_redis_url, make_batch
     client = redis.Redis.from_url(real_redis_url)
     store = BatchStore(client)
     cids = make_batch(store, BID, N_JOBS, shard_size=N_JOBS // N_SHARDS)
-    ctx = multiprocessing.get_context("spawn")
-    barrier, out = ctx.Barrier(N_PROCS), ctx.Queue()
-    procs = [ctx.Process(target=_hammer, args=(real_redis_url, BID, cids, seed, barrier, out))
-             for seed in range(N_PROCS)]
-    for p in procs:
-        p.start()
-    try:
-        stats = []
-        while len(stats) < len(procs) and not any(isinstance(x, str) for x in stats):
-            stats.append(out.get(timeout=40))
-    finally:
-        for p in procs:
-            p.join(timeout=10)
-            if p.is_alive():
-                p.kill()
-    errors = [x for x in stats if isinstance(x, str)]
-    assert not errors, errors[0]
-    assert all(p.exitcode == 0 for p in procs)
+    stats = run_in_processes(_hammer, [(real_redis_url, BID, cids, seed) for seed in range(N_PROCS)], timeout=40)
     total = Counter()
     for s in stats:
         total.update(s)
