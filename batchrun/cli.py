@@ -169,7 +169,9 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options):
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True, help="Worker processes (supervised).")
 @click.option("--burst", is_flag=True, help="Exit once no batch this Redis holds has work left (retries included).")
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
-def worker(redis_url, concurrency, processes, burst, name):
+@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish (a second signal stops at once).")
+def worker(redis_url, concurrency, processes, burst, name, grace):
     """Run worker process(es) that send the queued batches' requests.
 
     OPENAI_API_KEY and OPENAI_BASE_URL are read from the environment.
@@ -180,14 +182,14 @@ def worker(redis_url, concurrency, processes, burst, name):
     if is_memory(url):
         fail(f"a worker needs a shared Redis: pass --redis-url or set {ENV_URL} "
              "(or use `batchrun run`, which runs workers in process)")
-    settings = WorkerSettings.from_env(concurrency=concurrency)
+    settings = WorkerSettings.from_env(concurrency=concurrency, grace_seconds=grace)
     if not settings.api_key:
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
              "(it is read from the environment only, never stored in Redis)")
     if processes > 1:
         # The Redis URL (it may hold a password) goes through the environment, not the command line.
         os.environ[ENV_URL] = url
-        argv = ["--processes", "1"] + (["--concurrency", str(concurrency)] if concurrency else [])
+        argv = ["--processes", "1", "--grace", str(grace)] + (["--concurrency", str(concurrency)] if concurrency else [])
         argv += ["--burst"] if burst else []
         sys.exit(run_pool(argv, processes, burst=burst))
     set_worker_settings(settings)
@@ -231,7 +233,10 @@ def collect(batch_id, output, errors, follow, redis_url):
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True,
               help="Local worker processes (with --redis-url; in-process Redis uses one in-process worker).")
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
-def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, **kw):
+@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
+              help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
+def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
+        **kw):
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
     from batchrun.run import RunConfig, run_batch
 
@@ -240,7 +245,7 @@ def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concu
 
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
-                    concurrency=concurrency, processes=processes, mock=mock)
+                    concurrency=concurrency, processes=processes, mock=mock, grace=grace)
     try:
         sys.exit(run_batch(cfg))
     except JobFileError as exc:
@@ -287,13 +292,48 @@ def list_batches(redis_url):
 
 
 @main.command()
-@click.argument("batch_id")
+@click.argument("target")
 @redis_option
-def resume(batch_id, redis_url):
-    """Continue a paused or interrupted batch: queue again whatever is not done."""
+@click.option("-o", "--output", type=click.Path(dir_okay=False), default=None,
+              help="With a JOBS file: the results file to complete.")
+@click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
+@click.option("--retry-failed", is_flag=True, help="With a JOBS file: send again the jobs in the errors file too.")
+@click.option("--mock", is_flag=True, help="With a JOBS file: send to the built-in mock server.")
+@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker.")
+@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True, help="As for run.")
+@click.pass_context
+def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace):
+    """Continue a batch: TARGET is a BATCH_ID, or a JOBS file.
+
+    \b
+    batchrun resume BATCH_ID           queue again whatever is not done (after a crash, a pause,
+                                       burst workers that left, a Redis restart with persistence)
+    batchrun resume JOBS.jsonl -o OUT  when the Redis state is gone: run, as a new batch, only the
+                                       custom_ids missing from OUT (and its errors file), appending
+                                       to the same files
+    """
+    from pathlib import Path
+
+    if Path(target).is_file():
+        if not output:
+            fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
+        from batchrun.run import RunConfig, run_batch
+
+        if logging.getLogger().level == logging.INFO:  # as for run: the progress display says it
+            logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
+
+        cfg = RunConfig(jobs=target, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=None,
+                        endpoint="/v1/chat/completions", skip_invalid=False, options=BatchOptions(),
+                        concurrency=concurrency, processes=1, mock=mock, grace=grace, only_missing=True,
+                        retry_failed=retry_failed)
+        try:
+            sys.exit(run_batch(cfg))
+        except JobFileError as exc:
+            fail(str(exc))
+    batch_id = target
     store, _ = open_store(redis_url)
     if not store.exists(batch_id):
-        fail(f"no batch {batch_id!r} in this Redis")
+        fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
     state = store.meta(batch_id).get("state")
     if state == "cancelled":
         fail(f"batch {batch_id} was cancelled")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shlex
 import subprocess
 import sys
 import threading
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 
 import click
 
+from batchrun import shard
 from batchrun.collect import collect, default_errors_path
 from batchrun.connections import connect, describe, is_memory
 from batchrun.progress import Progress
@@ -40,12 +42,16 @@ class RunConfig:
     concurrency: int | None
     processes: int
     mock: bool
+    grace: float = 30.0
+    only_missing: bool = False  # resume from the files: skip custom_ids the outputs already hold
+    retry_failed: bool = False  # ...but send again those in the errors file
 
 
 def run_batch(cfg: RunConfig) -> int:
     errors_path = cfg.errors or default_errors_path(cfg.output)
+    skip = _already_done(cfg, errors_path) if cfg.only_missing else None
     with ExitStack() as stack:
-        settings = WorkerSettings.from_env(concurrency=cfg.concurrency)
+        settings = WorkerSettings.from_env(concurrency=cfg.concurrency, grace_seconds=cfg.grace)
         if cfg.mock:
             from batchrun.mock_server import MockConfig, MockServerThread
 
@@ -57,7 +63,7 @@ def run_batch(cfg: RunConfig) -> int:
 
         store = BatchStore(connect(cfg.redis_url))
         report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
-                             skip_invalid=cfg.skip_invalid,
+                             skip_invalid=cfg.skip_invalid, skip_ids=skip,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
         click.echo(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}", err=True)
@@ -76,8 +82,18 @@ def run_batch(cfg: RunConfig) -> int:
                     should_stop=should_stop)
         except KeyboardInterrupt:
             progress.close()
-            click.echo("\ninterrupted: workers stop; finished results are in the files.", err=True)
-            _print_resume(cfg, bid)
+            click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
+                       f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
+            try:
+                shard.STOP.set()
+                workers.stop()
+                collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True))
+            except KeyboardInterrupt:
+                click.echo("stopped at once", err=True)
+            counts = store.counts(bid)
+            click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}; "
+                       f"{counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
+            _print_resume(cfg, bid, errors_path)
             return 130
         progress.close()
 
@@ -86,26 +102,51 @@ def run_batch(cfg: RunConfig) -> int:
     click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}")
     if meta.get("state") == "paused":
         click.echo(f"batch {bid} is paused: {meta.get('reason')}", err=True)
-        _print_resume(cfg, bid)
+        _print_resume(cfg, bid, errors_path)
         return 2
     if meta.get("state") != "finished":
         click.echo(f"batch {bid} is {meta.get('state')} with work left", err=True)
-        _print_resume(cfg, bid)
+        _print_resume(cfg, bid, errors_path)
         return 1
     return 0
 
 
-def _print_resume(cfg: RunConfig, bid: str) -> None:
-    if is_memory(cfg.redis_url):
-        click.echo(f"to finish it, run the same command again with --batch-id {bid}: jobs already in "
-                   f"{cfg.output} are skipped", err=True)
+def _already_done(cfg: RunConfig, errors_path: str) -> set[str]:
+    """custom_ids the output files hold (results, and errors unless they are to be retried)."""
+    from pathlib import Path
+
+    from batchrun.outputs import read_custom_ids, repair_truncated_tail
+
+    for path in (cfg.output, errors_path):
+        note = repair_truncated_tail(path) if Path(path).exists() else None
+        if note:
+            click.echo(note, err=True)
+    done = read_custom_ids(cfg.output)
+    if cfg.retry_failed and Path(errors_path).exists():
+        kept = f"{errors_path}.previous"
+        os.replace(errors_path, kept)  # their new outcome goes to a fresh errors file
+        click.echo(f"the errors of the previous run are sent again; the old errors file is now {kept}", err=True)
     else:
-        click.echo(f"to continue: batchrun resume {bid} --redis-url {describe(cfg.redis_url)} && "
-                   f"batchrun worker --burst && batchrun collect {bid} -o {cfg.output}", err=True)
+        done |= read_custom_ids(errors_path)
+    return done
+
+
+def _print_resume(cfg: RunConfig, bid: str, errors_path: str) -> None:
+    """The exact command that continues where this run stopped."""
+    errors = f" --errors {shlex.quote(errors_path)}" if cfg.errors else ""
+    if is_memory(cfg.redis_url):
+        # The in-process Redis is gone with this process: continue from the files.
+        click.echo(f"to finish the batch: batchrun resume {shlex.quote(cfg.jobs)} -o {shlex.quote(cfg.output)}"
+                   f"{errors}{' --mock' if cfg.mock else ''}", err=True)
+    else:
+        click.echo(f"to finish the batch: batchrun run {shlex.quote(cfg.jobs)} -o {shlex.quote(cfg.output)}"
+                   f"{errors} --batch-id {bid}{' --mock' if cfg.mock else ''} (with the same --redis-url)",
+                   err=True)
 
 
 class _Workers:
-    def __init__(self):
+    def __init__(self, grace: float):
+        self.grace = grace
         self.threads: list[threading.Thread] = []
         self.procs: list[subprocess.Popen] = []
         self.rq_workers = []
@@ -120,10 +161,10 @@ class _Workers:
             if p.poll() is None:
                 p.terminate()
         for t in self.threads:
-            t.join(timeout=60)
+            t.join(timeout=self.grace + 30)
         for p in self.procs:
             try:
-                p.wait(timeout=60)
+                p.wait(timeout=self.grace + 30)
             except subprocess.TimeoutExpired:
                 p.kill()
 
@@ -131,7 +172,7 @@ class _Workers:
 def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) -> _Workers:
     from batchrun.worker import make_worker, preload_encodings
 
-    workers = _Workers()
+    workers = _Workers(cfg.grace)
     if is_memory(cfg.redis_url):
         set_worker_settings(settings)
         preload_encodings()
@@ -144,9 +185,10 @@ def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) 
     # Secrets (the API key, a Redis password) go through the environment, never the command line.
     env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
            "BATCHRUN_REDIS_URL": cfg.redis_url}
-    cmd = [sys.executable, "-m", "batchrun", "-q", "worker", "--burst"]
+    cmd = [sys.executable, "-m", "batchrun", "-q", "worker", "--burst", "--grace", str(cfg.grace)]
     if cfg.concurrency:
         cmd += ["--concurrency", str(cfg.concurrency)]
     for _ in range(cfg.processes):
-        workers.procs.append(subprocess.Popen(cmd, env=env))
+        # Own session: a Ctrl-C at the terminal reaches `run` only, which stops them once, gracefully.
+        workers.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
     return workers

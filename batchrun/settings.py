@@ -99,6 +99,7 @@ class WorkerSettings:
 
     concurrency: int = 100
     lease_seconds: float = 30.0  # a dead worker's jobs come back after this
+    grace_seconds: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
     request_timeout: float = 600.0
     park_after_seconds: float = 3.0  # a shard waiting longer than this for retries frees its worker
     max_shard_seconds: float = 600.0  # a runner yields its RQ worker after this, so batches share workers
@@ -115,6 +116,8 @@ class WorkerSettings:
         )
         if env.get("BATCHRUN_CONCURRENCY"):
             s.concurrency = int(env["BATCHRUN_CONCURRENCY"])
+        if env.get("BATCHRUN_LEASE_SECONDS"):
+            s.lease_seconds = float(env["BATCHRUN_LEASE_SECONDS"])
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)

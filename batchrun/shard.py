@@ -19,6 +19,7 @@ import logging
 import os
 import random
 import socket
+import threading
 import time
 import uuid
 from collections import Counter
@@ -37,6 +38,10 @@ from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
 
 log = logging.getLogger("batchrun.worker")
+
+# Set when this process should stop taking jobs (SIGTERM in a work horse, Ctrl-C in `run`):
+# runners finish their in-flight requests within the grace period and give back the rest.
+STOP = threading.Event()
 
 LEASE_BATCH = 500  # jobs per lease call at most
 SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
@@ -87,11 +92,19 @@ class ShardRunner:
             await self._loop()
         finally:
             if self.inflight:
-                await asyncio.gather(*self.inflight.values(), return_exceptions=True)
+                grace = self.settings.grace_seconds if STOP.is_set() else None
+                if grace is not None:
+                    log.warning("batch %s shard %d: stopping; %d request(s) in flight get %.0f s to finish, "
+                                "the shard's other jobs go back to the queue", bid, self.shard, len(self.inflight),
+                                grace)
+                _, late = await asyncio.wait(list(self.inflight.values()), timeout=grace)
+                for task in late:  # given back by _process, without costing an attempt
+                    task.cancel()
+                await asyncio.gather(*late, return_exceptions=True)
             if self._side_tasks:
                 await asyncio.gather(*self._side_tasks, return_exceptions=True)
             await self.limiter.drain()
-            await asyncio.to_thread(self.limiter.forget_held)
+            await self._redis(self.limiter.forget_held)
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
@@ -123,6 +136,8 @@ class ShardRunner:
         low_water = max(1, concurrency // 8)  # lease in groups, not one round trip per freed slot
         last_maintenance = 0.0
         while True:
+            if STOP.is_set():
+                return
             if time.monotonic() - last_maintenance > maintenance.INTERVAL:
                 last_maintenance = time.monotonic()
                 await self._redis(maintenance.run_once, self.store)
@@ -172,6 +187,10 @@ class ShardRunner:
     async def _process(self, job: LeasedJob) -> None:
         try:
             await self._attempt(job)
+        except asyncio.CancelledError:
+            # Stopping: the request may have gone out (it may be sent again), its result is not lost.
+            await self.requeuer.submit((job.custom_id, 0, False, ""))
+            raise
         except Exception as exc:
             # A bug in batchrun, not in the request: it costs the job an attempt, so that one that
             # fails every time ends in the errors file instead of looping forever.

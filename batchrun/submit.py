@@ -31,10 +31,12 @@ def new_batch_id() -> str:
 
 def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, options: BatchOptions | None = None,
                 endpoint: str = "/v1/chat/completions", skip_invalid: bool = False,
-                on_skip: Callable[[LineError], None] | None = None) -> SubmitReport:
+                on_skip: Callable[[LineError], None] | None = None,
+                skip_ids: set[str] | None = None) -> SubmitReport:
     """Load the jobs of ``path`` into batch ``batch_id`` (new if None) and enqueue the shards that got jobs.
 
-    Nothing is written unless the whole file is valid or ``skip_invalid`` is set.
+    Nothing is written unless the whole file is valid or ``skip_invalid`` is set. Jobs whose
+    custom_id is in ``skip_ids`` (already in the output files) are left out.
     """
     valid, errors = validate_file(path, endpoint=endpoint)
     if errors and not skip_invalid:
@@ -54,6 +56,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         chunk.clear()
 
     for job in read_jobs(path, endpoint=endpoint, skip_invalid=True, on_skip=on_skip):
+        if skip_ids and job.custom_id in skip_ids:
+            continue
         shard = index // shard_size
         index += 1
         chunk.append((job.custom_id, shard, json.dumps({"method": job.method, "url": job.url, "body": job.body})))

@@ -21,7 +21,7 @@ from rq import Queue, SimpleWorker, Worker
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from batchrun import keys, maintenance
+from batchrun import keys, maintenance, shard
 from batchrun.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -49,7 +49,16 @@ class BatchWorkerMixin:
 
 
 class BatchWorker(BatchWorkerMixin, Worker):
-    pass
+    def setup_work_horse_signals(self):
+        # The horse ignores Ctrl-C (the parent handles it) and turns SIGTERM into a graceful stop:
+        # no new jobs, in-flight requests get the grace period, the rest goes back to the queue.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, lambda signum, frame: shard.STOP.set())
+
+    def handle_warm_shutdown_request(self):
+        super().handle_warm_shutdown_request()
+        if self.horse_pid:
+            self.kill_horse(sig=signal.SIGTERM)
 
 
 class ThreadWorker(BatchWorkerMixin, SimpleWorker):

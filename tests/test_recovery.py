@@ -1,0 +1,142 @@
+"""Never lose or duplicate work: killed workers, graceful stops, Ctrl-C and resume from the files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import redis
+
+from batchrun.mock_server import MockConfig, MockServerThread
+from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
+
+pytestmark = pytest.mark.redis
+
+
+def _lines(path) -> int:
+    try:
+        with open(path) as f:
+            return sum(1 for _ in f)
+    except FileNotFoundError:
+        return 0
+
+
+def _submit(env, jobs, *extra) -> str:
+    out = subprocess.run(batchrun_cmd("submit", str(jobs), *extra), env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[-1]
+
+
+def _wait_done(conn, batch_id: str, at_least: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while int(conn.hget(f"batchrun:batch:{batch_id}", "done") or 0) < at_least:
+        assert time.monotonic() < deadline, f"fewer than {at_least} jobs done after {timeout} s"
+        time.sleep(0.05)
+
+
+def test_a_killed_workers_jobs_are_finished_by_another_and_written_once(real_redis_url, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 150)
+    conn = redis.Redis.from_url(real_redis_url)
+    with MockServerThread(MockConfig(latency_ms=200)) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test",
+                      BATCHRUN_LEASE_SECONDS="3")
+        batch_id = _submit(env, jobs, "--shard-size", "150")
+        doomed = subprocess.Popen(batchrun_cmd("-q", "worker", "--concurrency", "10"), env=env)
+        _wait_done(conn, batch_id, 20, timeout=60)
+        os.kill(doomed.pid, signal.SIGKILL)  # the RQ worker; its work horse keeps running a moment
+        subprocess.run(["pkill", "-KILL", "-P", str(doomed.pid)])  # the work horse with it, as a lost machine
+        doomed.wait()
+        killed_at = time.monotonic()
+        survivor = subprocess.run(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "20"), env=env,
+                                  timeout=120)
+        assert survivor.returncode == 0
+        recovered_in = time.monotonic() - killed_at
+        sent = srv.stats()["requests"]
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    subprocess.run(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err)), env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert not check_exactly_once(jobs, out, err)[1]
+    # Requests in flight when it died may go again (at most its concurrency), finished ones never.
+    assert sent <= 150 + 10
+    assert recovered_in < 60
+
+
+def test_sigterm_lets_requests_in_flight_finish_and_gives_back_the_rest(real_redis_url, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 200)
+    conn = redis.Redis.from_url(real_redis_url)
+    with MockServerThread(MockConfig(latency_ms=300)) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        batch_id = _submit(env, jobs, "--shard-size", "200")
+        worker = subprocess.Popen(batchrun_cmd("-q", "worker", "--concurrency", "10", "--grace", "20"), env=env)
+        _wait_done(conn, batch_id, 15, timeout=60)
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=40) == 0
+        meta = {k.decode(): v.decode() for k, v in conn.hgetall(f"batchrun:batch:{batch_id}").items()}
+        assert int(meta["done"]) < 200 and conn.zcard(f"batchrun:batch:{batch_id}:leases") == 0
+        # What it did not finish waits in the queue for the next worker, untouched.
+        assert not conn.hgetall(f"batchrun:batch:{batch_id}:attempts")
+        subprocess.run(batchrun_cmd("-q", "worker", "--burst"), env=env, timeout=120, check=True)
+        sent = srv.stats()["requests"]
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    subprocess.run(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err)), env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert not check_exactly_once(jobs, out, err)[1]
+    assert sent == 200, "the graceful stop sent nothing twice"
+
+
+def test_ctrl_c_in_run_then_the_printed_resume_command_completes_the_file(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
+    out = tmp_path / "results.jsonl"
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        env.pop("BATCHRUN_REDIS_URL", None)  # the zero-setup in-process Redis: gone with the process
+        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "10"), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while _lines(out) < 60:
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        os.killpg(run.pid, signal.SIGINT)  # Ctrl-C at a terminal
+        _, stderr = run.communicate(timeout=60)
+        assert run.returncode == 130
+        [command] = [line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith("to finish the batch")]
+        assert command == f"batchrun resume {jobs} -o {out}"
+        partial = _lines(out)
+        assert 60 <= partial < 300
+        resumed = subprocess.run(batchrun_cmd(*command.split()[1:]), env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+        sent = srv.stats()["requests"]
+    check_exactly_once(jobs, out, tmp_path / "results.errors.jsonl")
+    assert sent == 300, "no job that had finished was sent again"
+
+
+def test_resume_from_the_files_retries_failed_jobs_when_asked(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 10)
+    out, err = tmp_path / "r.jsonl", tmp_path / "r.errors.jsonl"
+    lines = [json.loads(line) for line in open(jobs)]
+    with open(out, "w") as f:  # a previous run: 6 results, 2 errors, 2 never done
+        for job in lines[:6]:
+            f.write(json.dumps({"custom_id": job["custom_id"], "response": {"status_code": 200}}) + "\n")
+    with open(err, "w") as f:
+        for job in lines[6:8]:
+            f.write(json.dumps({"custom_id": job["custom_id"], "error": {"code": "server_error"}}) + "\n")
+    with MockServerThread(MockConfig()) as srv:
+        env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        env.pop("BATCHRUN_REDIS_URL", None)
+        first = subprocess.run(batchrun_cmd("resume", str(jobs), "-o", str(out)), env=env, capture_output=True,
+                               text=True, timeout=60)
+        assert first.returncode == 0, first.stderr
+        assert srv.stats()["requests"] == 2  # only the two never done
+        again = subprocess.run(batchrun_cmd("resume", str(jobs), "-o", str(out), "--retry-failed"), env=env,
+                               capture_output=True, text=True, timeout=60)
+        assert again.returncode == 0, again.stderr
+        assert srv.stats()["requests"] == 4  # and now the two that had failed
+    ids = [line["custom_id"] for line in read_lines(out)] + [line["custom_id"] for line in read_lines(err)]
+    assert sorted(ids) == sorted(job["custom_id"] for job in lines)
+    assert len(read_lines(str(err) + ".previous")) == 2
