@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -89,7 +90,8 @@ def run_batch(cfg: RunConfig) -> int:
                 workers.stop()
                 collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True))
             except KeyboardInterrupt:
-                click.echo("stopped at once", err=True)
+                workers.abandon()
+                click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
             counts = store.counts(bid)
             click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}; "
                        f"{counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
@@ -147,6 +149,7 @@ def _print_resume(cfg: RunConfig, bid: str, errors_path: str) -> None:
 class _Workers:
     def __init__(self, grace: float):
         self.grace = grace
+        self.abandoned = False
         self.threads: list[threading.Thread] = []
         self.procs: list[subprocess.Popen] = []
         self.rq_workers = []
@@ -154,7 +157,17 @@ class _Workers:
     def alive(self) -> bool:
         return any(t.is_alive() for t in self.threads) or any(p.poll() is None for p in self.procs)
 
+    def abandon(self) -> None:
+        """Stop at once: worker threads die with this process; worker processes are killed (their
+        leases lapse and their jobs come back, as after a crash)."""
+        self.abandoned = True
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
     def stop(self) -> None:
+        if self.abandoned:
+            return
         for w in self.rq_workers:
             w._stop_requested = True
         for p in self.procs:

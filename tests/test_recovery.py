@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -140,3 +141,69 @@ def test_resume_from_the_files_retries_failed_jobs_when_asked(tmp_path):
     ids = [line["custom_id"] for line in read_lines(out)] + [line["custom_id"] for line in read_lines(err)]
     assert sorted(ids) == sorted(job["custom_id"] for job in lines)
     assert len(read_lines(str(err) + ".previous")) == 2
+
+
+def test_a_second_ctrl_c_stops_at_once_and_still_loses_nothing(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 200)
+    out = tmp_path / "results.jsonl"
+    with MockServerThread(MockConfig(latency_ms=20_000)) as srv:  # slow answers: the grace would be long
+        env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        env.pop("BATCHRUN_REDIS_URL", None)
+        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "20"), env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        deadline = time.monotonic() + 90
+        while _lines(out) < 20:  # the first 20 answers, after 20 s
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        time.sleep(1)  # the next 20 are on their way (they take 20 s)
+        os.killpg(run.pid, signal.SIGINT)
+        time.sleep(0.5)
+        stopped = time.monotonic()
+        os.killpg(run.pid, signal.SIGINT)  # the impatient second Ctrl-C
+        _, stderr = run.communicate(timeout=60)
+        assert time.monotonic() - stopped < 10, "the second Ctrl-C did not stop it at once"
+        assert "stopped at once" in stderr
+        [command] = [line.split(": ", 1)[1] for line in stderr.splitlines() if line.startswith("to finish the batch")]
+        assert all(line.endswith("}") for line in out.read_text().splitlines())  # whole lines only
+        srv.set_config(latency_ms=0)
+        resumed = subprocess.run(batchrun_cmd(*command.split()[1:]), env=env, capture_output=True, text=True,
+                                 timeout=120)
+        assert resumed.returncode == 0, resumed.stderr
+    check_exactly_once(jobs, out, tmp_path / "results.errors.jsonl")
+
+
+@pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start one")
+def test_collect_follow_and_workers_carry_on_across_a_redis_restart(tmp_path):
+    import sys
+
+    from tests.helpers import ROOT
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    from chaos import RedisServer
+
+    server = RedisServer(tmp_path)  # AOF on a spare port
+    server.start()
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    try:
+        with MockServerThread(MockConfig(latency_ms=100)) as srv:
+            env = cli_env(BATCHRUN_REDIS_URL=server.url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+            batch_id = _submit(env, jobs, "--shard-size", "100")
+            follow = subprocess.Popen(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err),
+                                                   "--follow"), env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True)
+            worker = subprocess.Popen(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "10"), env=env)
+            deadline = time.monotonic() + 60
+            while _lines(out) < 60:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+            server.kill()
+            time.sleep(2)
+            server.start()
+            assert worker.wait(timeout=120) == 0
+            stdout, stderr = follow.communicate(timeout=60)
+            assert follow.returncode == 0, stderr
+            assert "Redis is unreachable" in stderr  # it noticed, and waited
+    finally:
+        server.kill()
+    check_exactly_once(jobs, out, err)
