@@ -77,14 +77,25 @@ def run_thread_worker(redis, settings, timeout: float = 120) -> None:
     assert not t.is_alive(), "the burst worker did not end by itself"
 
 
-def run_in_processes(target, arg_tuples: list[tuple], timeout: float) -> list:
-    """Run ``target(*args, barrier, queue)`` in one spawned process per args tuple; each puts one
-    result on the queue (a str means it failed). Returns the results; fails on any error."""
+def _report_errors(body, *args) -> None:
+    """Process entry: run the body; an exception goes on the queue as text rather than dying silently."""
+    out = args[-1]
+    try:
+        body(*args)
+    except BaseException:
+        import traceback
+        out.put(traceback.format_exc())
+        raise
+
+
+def run_in_processes(body, arg_tuples: list[tuple], timeout: float) -> list:
+    """Run ``body(*args, barrier, queue)`` in one spawned process per args tuple; each puts one
+    result on the queue. Returns the results; fails on any process's error."""
     import multiprocessing
 
     ctx = multiprocessing.get_context("spawn")
     barrier, out = ctx.Barrier(len(arg_tuples)), ctx.Queue()
-    procs = [ctx.Process(target=target, args=(*args, barrier, out)) for args in arg_tuples]
+    procs = [ctx.Process(target=_report_errors, args=(body, *args, barrier, out)) for args in arg_tuples]
     for p in procs:
         p.start()
     results: list = []

@@ -574,23 +574,12 @@ def _hammer_body(url: str, batch_id: str, cids: list[str], seed: int, barrier, o
     out.put(dict(stats))
 
 
-def _hammer(*args) -> None:
-    """Process entry: run the body, and report an exception as a string rather than die silently."""
-    out = args[-1]
-    try:
-        _hammer_body(*args)
-    except BaseException:
-        import traceback
-        out.put(traceback.format_exc())
-        raise
-
-
 @pytest.mark.redis
 def test_concurrent_runners_end_each_job_exactly_once(real_redis_url, make_batch):
     client = redis.Redis.from_url(real_redis_url)
     store = BatchStore(client)
     cids = make_batch(store, BID, N_JOBS, shard_size=N_JOBS // N_SHARDS)
-    stats = run_in_processes(_hammer, [(real_redis_url, BID, cids, seed) for seed in range(N_PROCS)], timeout=90)
+    stats = run_in_processes(_hammer_body, [(real_redis_url, BID, cids, seed) for seed in range(N_PROCS)], timeout=90)
     total = Counter()
     for s in stats:
         total.update(s)
