@@ -34,13 +34,14 @@ class BatchWorkerMixin:
 
     def dequeue_job_and_maintain_ttl(self, timeout, max_idle_time=None):
         store = BatchStore(self.connection)
+        burst = self.batchrun_burst or timeout is None  # RQ asks without a timeout in burst mode
         while True:
             try:
                 maintenance.run_once(store)
                 result = super().dequeue_job_and_maintain_ttl(POLL_SECONDS, POLL_SECONDS)
                 if result is not None or self._stop_requested:
                     return result
-                if self.batchrun_burst and not maintenance.work_left(store):
+                if burst and not maintenance.work_left(store):
                     return None
             except (redis.ConnectionError, redis.TimeoutError) as exc:
                 # Keep the worker: it continues when Redis is back.

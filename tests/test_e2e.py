@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 import threading
 import time
 
@@ -287,3 +289,25 @@ def test_expected_trouble_is_one_sentence_not_a_stack_trace(tmp_path):
                           timeout=60)
     assert proc.returncode == 1
     assert "cannot reach Redis" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.redis
+def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
+    """`rq worker -c workers.settings -S json -w batchrun.worker.BatchWorker --burst`, as the README shows."""
+    import shutil
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 60)
+    rq = shutil.which("rq", path=os.path.dirname(sys.executable)) or "rq"
+    with MockServerThread(MockConfig(error_rates={"429": 0.1}, seed=2)) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        sub = subprocess.run(batchrun_cmd("submit", str(jobs), "--shard-size", "20", "--backoff-base", "0.1"),
+                             env=env, capture_output=True, text=True, timeout=60)
+        batch_id = sub.stdout.split()[-1]
+        worker = subprocess.run([rq, "worker", "-c", "workers.settings", "-S", "json", "-w",
+                                 "batchrun.worker.BatchWorker", "--burst"], env=env, cwd=ROOT,
+                                capture_output=True, text=True, timeout=120)
+        assert worker.returncode == 0, worker.stderr
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    subprocess.run(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err)), env=env, check=True,
+                   capture_output=True, timeout=60)
+    assert not check_exactly_once(jobs, out, err)[1]
