@@ -1084,6 +1084,11 @@ class MockServerThread:
             loop.run_forever()
         finally:
             loop.run_until_complete(runner.cleanup())
+            # Requests still being answered (a slow latency) end with the server, quietly.
+            pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+            for task in pending:
+                task.cancel()
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
             loop.close()
 
     def _call(self, fn: Any, *args: Any) -> Any:
