@@ -78,7 +78,9 @@ class ShardRunner:
     async def run(self) -> dict:
         store, bid = self.store, self.batch_id
         options = await self._redis(store.options, bid)
-        await self._redis(store.unpark, bid, self.shard)
+        # The shard's parked entry is this runner's lease on it (renewed with the job leases): if
+        # the runner dies, even before it leased anything, the entry comes due and a new one starts.
+        await self._redis(store.hold_shard, bid, self.shard, self.lease_ms)
         self.policy = BackoffPolicy(base=options.backoff_base, factor=options.backoff_factor,
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
         self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
@@ -108,9 +110,10 @@ class ShardRunner:
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
-            # Jobs requeued by requests that were still in flight when the loop ended (a yield, a
-            # pause that was already resumed) need a runner: park the shard so one starts.
-            await self._redis(self.store.park_if_waiting, self.batch_id, self.shard)
+            # Jobs left (requeued by requests still in flight when the loop ended, a yield, a pause
+            # already resumed) need a runner: park the shard at their due time; else let go of it.
+            if not await self._redis(self.store.park_if_waiting, self.batch_id, self.shard):
+                await self._redis(self.store.unpark, self.batch_id, self.shard)
             await self.client.close()
             self._summarise(force=True)
         log.info("batch %s shard %d: stopped (%s)", bid, self.shard,
@@ -158,8 +161,7 @@ class ShardRunner:
                     if next_due_ms is None:
                         return  # nothing left in this shard
                     wait = (next_due_ms - now_ms) / 1000
-                    if wait > self.settings.park_after_seconds:
-                        await self._redis(self.store.park, self.batch_id, self.shard, next_due_ms)
+                    if wait > self.settings.park_after_seconds:  # run() parks it on the way out
                         log.info("batch %s shard %d: all remaining jobs wait for a retry; parked for %.1f s",
                                  self.batch_id, self.shard, wait)
                         return
@@ -180,6 +182,7 @@ class ShardRunner:
             try:
                 await asyncio.to_thread(self.store.renew, self.batch_id, self.owner, self.lease_ms,
                                         list(self.inflight))
+                await asyncio.to_thread(self.store.hold_shard, self.batch_id, self.shard, self.lease_ms)
                 await asyncio.to_thread(self.limiter.report_held)
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)

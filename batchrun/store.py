@@ -156,12 +156,17 @@ class BatchStore:
         self.scripts.park(keys=[keys.PARKED], args=[keys.parked_member(batch_id, shard), "" if due_ms is None else due_ms])
 
     def park_if_waiting(self, batch_id: str, shard: int) -> bool:
-        """Park the shard at its earliest due time if it has jobs left and the batch is running."""
+        """A runner leaving its shard: if jobs are left and the batch runs, the shard's entry becomes
+        the earliest due time among them (replacing the runner's hold); returns whether it did."""
         first = self.redis.zrange(keys.todo(batch_id, shard), 0, 0, withscores=True)
         if not first or _s(self.redis.hget(keys.batch(batch_id), "state") or b"") != "running":
             return False
-        self.park(batch_id, shard, int(first[0][1]))
+        self.redis.zadd(keys.PARKED, {keys.parked_member(batch_id, shard): int(first[0][1])})
         return True
+
+    def hold_shard(self, batch_id: str, shard: int, ms: int = PROMOTE_RELAPSE_MS) -> None:
+        """A live runner's lease on its shard: the parked entry comes due only if it stops renewing."""
+        self.scripts.park(keys=[keys.PARKED], args=[keys.parked_member(batch_id, shard), ms, "hold"])
 
     def unpark(self, batch_id: str, shard: int) -> None:
         self.redis.zrem(keys.PARKED, keys.parked_member(batch_id, shard))

@@ -103,3 +103,29 @@ def make_batch(store: BatchStore, batch_id: str, n_jobs: int, shard_size: int = 
 def make_batch_fixture():
     """The ``make_batch(store, batch_id, n_jobs, shard_size=...)`` helper, as a fixture."""
     return make_batch
+
+
+@pytest.fixture
+def spawn():
+    """subprocess.Popen for tests, each process in its own group; whatever is still running when the
+    test ends (it failed half way) is killed with its children, so no worker outlives its test."""
+    import os
+    import signal
+    import subprocess
+
+    procs = []
+
+    def start(*args, **kwargs):
+        kwargs.setdefault("start_new_session", True)
+        proc = subprocess.Popen(*args, **kwargs)
+        procs.append(proc)
+        return proc
+
+    yield start
+    for proc in procs:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()

@@ -167,7 +167,7 @@ def test_request_larger_than_the_limit_fails_fast_without_being_sent(store: Batc
 
 
 @pytest.mark.redis
-def test_two_worker_processes_on_real_redis_with_server_429s(real_redis_url, tmp_path):
+def test_two_worker_processes_on_real_redis_with_server_429s(spawn, real_redis_url, tmp_path):
     """The issue's scenario, scaled for CI: submit, two `worker --burst` processes, collect."""
     n = 600
     jobs = write_jobs(tmp_path / "jobs.jsonl", n, stream_every=10)
@@ -179,7 +179,7 @@ def test_two_worker_processes_on_real_redis_with_server_429s(real_redis_url, tmp
                              env=env, capture_output=True, text=True, timeout=60)
         assert sub.returncode == 0, sub.stderr
         batch_id = sub.stdout.strip().splitlines()[-1]
-        workers = [subprocess.Popen(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "50"), env=env)
+        workers = [spawn(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "50"), env=env)
                    for _ in range(2)]
         for w in workers:
             assert w.wait(timeout=180) == 0

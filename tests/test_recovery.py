@@ -40,14 +40,14 @@ def _wait_done(conn, batch_id: str, at_least: int, timeout: float) -> None:
         time.sleep(0.05)
 
 
-def test_a_killed_workers_jobs_are_finished_by_another_and_written_once(real_redis_url, tmp_path):
+def test_a_killed_workers_jobs_are_finished_by_another_and_written_once(spawn, real_redis_url, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 150)
     conn = redis.Redis.from_url(real_redis_url)
     with MockServerThread(MockConfig(latency_ms=200)) as srv:
         env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test",
                       BATCHRUN_LEASE_SECONDS="3")
         batch_id = _submit(env, jobs, "--shard-size", "150")
-        doomed = subprocess.Popen(batchrun_cmd("-q", "worker", "--concurrency", "10"), env=env)
+        doomed = spawn(batchrun_cmd("-q", "worker", "--concurrency", "10"), env=env)
         _wait_done(conn, batch_id, 20, timeout=60)
         os.kill(doomed.pid, signal.SIGKILL)  # the RQ worker; its work horse keeps running a moment
         subprocess.run(["pkill", "-KILL", "-P", str(doomed.pid)])  # the work horse with it, as a lost machine
@@ -67,13 +67,13 @@ def test_a_killed_workers_jobs_are_finished_by_another_and_written_once(real_red
     assert recovered_in < 60
 
 
-def test_sigterm_lets_requests_in_flight_finish_and_gives_back_the_rest(real_redis_url, tmp_path):
+def test_sigterm_lets_requests_in_flight_finish_and_gives_back_the_rest(spawn, real_redis_url, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 200)
     conn = redis.Redis.from_url(real_redis_url)
     with MockServerThread(MockConfig(latency_ms=300)) as srv:
         env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
         batch_id = _submit(env, jobs, "--shard-size", "200")
-        worker = subprocess.Popen(batchrun_cmd("-q", "worker", "--concurrency", "10", "--grace", "20"), env=env)
+        worker = spawn(batchrun_cmd("-q", "worker", "--concurrency", "10", "--grace", "20"), env=env)
         _wait_done(conn, batch_id, 15, timeout=60)
         worker.send_signal(signal.SIGTERM)
         assert worker.wait(timeout=40) == 0
@@ -90,13 +90,13 @@ def test_sigterm_lets_requests_in_flight_finish_and_gives_back_the_rest(real_red
     assert sent == 200, "the graceful stop sent nothing twice"
 
 
-def test_ctrl_c_in_run_then_the_printed_resume_command_completes_the_file(tmp_path):
+def test_ctrl_c_in_run_then_the_printed_resume_command_completes_the_file(spawn, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
     out = tmp_path / "results.jsonl"
     with MockServerThread(MockConfig(latency_ms=100)) as srv:
         env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
         env.pop("BATCHRUN_REDIS_URL", None)  # the zero-setup in-process Redis: gone with the process
-        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "10"), env=env,
+        run = spawn(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "10"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 60
         while _lines(out) < 60:
@@ -143,13 +143,13 @@ def test_resume_from_the_files_retries_failed_jobs_when_asked(tmp_path):
     assert len(read_lines(str(err) + ".previous")) == 2
 
 
-def test_a_second_ctrl_c_stops_at_once_and_still_loses_nothing(tmp_path):
+def test_a_second_ctrl_c_stops_at_once_and_still_loses_nothing(spawn, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 200)
     out = tmp_path / "results.jsonl"
     with MockServerThread(MockConfig(latency_ms=20_000)) as srv:  # slow answers: the grace would be long
         env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
         env.pop("BATCHRUN_REDIS_URL", None)
-        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "20"), env=env,
+        run = spawn(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "20"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 90
         while _lines(out) < 20:  # the first 20 answers, after 20 s
@@ -173,7 +173,7 @@ def test_a_second_ctrl_c_stops_at_once_and_still_loses_nothing(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server to start one")
-def test_collect_follow_and_workers_carry_on_across_a_redis_restart(tmp_path):
+def test_collect_follow_and_workers_carry_on_across_a_redis_restart(spawn, tmp_path):
     import sys
 
     from tests.helpers import ROOT
@@ -189,10 +189,10 @@ def test_collect_follow_and_workers_carry_on_across_a_redis_restart(tmp_path):
         with MockServerThread(MockConfig(latency_ms=100)) as srv:
             env = cli_env(BATCHRUN_REDIS_URL=server.url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
             batch_id = _submit(env, jobs, "--shard-size", "100")
-            follow = subprocess.Popen(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err),
+            follow = spawn(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err),
                                                    "--follow"), env=env, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, text=True)
-            worker = subprocess.Popen(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "10"), env=env)
+            worker = spawn(batchrun_cmd("-q", "worker", "--burst", "--concurrency", "10"), env=env)
             deadline = time.monotonic() + 60
             while _lines(out) < 60:
                 assert time.monotonic() < deadline

@@ -611,3 +611,12 @@ def test_park_if_waiting_parks_a_running_shard_with_jobs_left_only(store, make_b
     store.set_state(BID, "paused", "quota")
     store.unpark(BID, 0)
     assert not store.park_if_waiting(BID, 0)  # a paused batch waits for resume
+
+
+def test_a_runner_that_dies_before_leasing_anything_still_gets_its_shard_run(store, make_batch):
+    make_batch(store, BID, 2, shard_size=2)
+    store.hold_shard(BID, 0, 300)  # a runner started: its hold on the shard lasts 300 ms unless renewed
+    assert store.promote_parked() == 0  # alive (its hold is not due)
+    time.sleep(0.35)  # ...and then killed, before it leased its jobs: nothing to reclaim
+    assert store.promote_parked() == 1  # its hold came due: the shard gets a new runner
+    assert rq_count(store) == 1
