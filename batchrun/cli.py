@@ -240,8 +240,6 @@ def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concu
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
     from batchrun.run import RunConfig, run_batch
 
-    if logging.getLogger().level == logging.INFO:  # the progress display says it; -v shows the workers' lines
-        logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
 
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
@@ -319,8 +317,6 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
         from batchrun.run import RunConfig, run_batch
 
-        if logging.getLogger().level == logging.INFO:  # as for run: the progress display says it
-            logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
 
         cfg = RunConfig(jobs=target, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=None,
                         endpoint="/v1/chat/completions", skip_invalid=False, options=BatchOptions(),

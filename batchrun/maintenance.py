@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from batchrun import keys
+from batchrun.limiter import release_held
 from batchrun.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -27,8 +28,6 @@ def run_once(store: BatchStore, *, force: bool = False) -> None:
         if n:
             log.warning("batch %s: %d job(s) whose worker stopped answering go back to the queue", batch_id, n)
     store.promote_parked()
-    from batchrun.limiter import release_held
-
     if release_held(store):
         log.warning("reservations held by a worker that stopped answering went back to the budget")
 

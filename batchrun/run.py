@@ -49,6 +49,8 @@ class RunConfig:
 
 
 def run_batch(cfg: RunConfig) -> int:
+    if logging.getLogger().level == logging.INFO:  # the progress display says it; -v shows the workers' lines
+        logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
     errors_path = cfg.errors or default_errors_path(cfg.output)
     skip = _already_done(cfg, errors_path) if cfg.only_missing else None
     with ExitStack() as stack:
