@@ -6,16 +6,45 @@ is consumed here, inside the attempt, so a stream that breaks half way fails
 the attempt like any other error; it is assembled into the same shape as a
 non-streamed answer, and a stream that ends without a finish reason raises
 ``StreamTruncated`` (the partial text is discarded).
+
+The hot path. Thousands of requests a second go through one process, so the
+SDK's per-request work is trimmed where it repeats itself, while every request
+still goes through ``AsyncOpenAI.request``: its headers and auth, its error
+mapping (``APIStatusError`` and subclasses with ``.status_code``, ``.response``
+and ``.body``, ``APIConnectionError``, ``APITimeoutError``) and its stream class.
+
+* ``LeanAsyncOpenAI._build_request``: the first plain JSON POST to a path is
+  built by the SDK itself; later ones reuse its URL, headers and timeouts (they
+  do not change from one request to the next) with only the body serialised.
+  Anything else (query parameters, extra headers, files, retries) takes the
+  SDK's own path.
+* ``send`` hands ``AsyncOpenAI.request`` a copy of one prepared
+  ``FinalRequestOptions`` per path instead of building one per call (a pydantic
+  model whose construction is ~40 µs).
+* The HTTP client is an ``httpx2.AsyncClient`` over aiohttp (the SDK's own
+  ``DefaultAioHttpClient`` idea, with a leaner transport): httpx2's default
+  connection pool scans every pooled connection on each request, which at 200+
+  connections cost more than the request itself. ``LeanHttpClient.send`` goes
+  straight to the transport for a request that needs no auth flow, and lets
+  httpx2 handle the rest (redirects included).
 """
 
 from __future__ import annotations
 
+import asyncio
+import datetime
 import time
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
 import httpx2
 from openai import AsyncOpenAI, AsyncStream
+from openai._compat import model_copy
+from openai._models import FinalRequestOptions
+from openai._types import NotGiven
+from openai._utils._json import openapi_dumps
+from yarl import URL
 
 from batchrun.settings import WorkerSettings
 
@@ -33,11 +62,13 @@ class Answer:
 
 
 def make_client(settings: WorkerSettings) -> AsyncOpenAI:
-    return AsyncOpenAI(
+    timeout = httpx2.Timeout(settings.request_timeout, connect=min(5.0, settings.request_timeout))
+    return LeanAsyncOpenAI(
         api_key=settings.api_key or "unset",
         base_url=settings.base_url,
         max_retries=0,
-        timeout=settings.request_timeout,
+        timeout=timeout,
+        http_client=LeanHttpClient(timeout=timeout, follow_redirects=True),
     )
 
 
@@ -50,15 +81,27 @@ async def send(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     """Send one request; raises the SDK's exceptions for HTTP errors and broken connections."""
     if body.get("stream"):
         return await _send_streamed(client, url, body)
-    resp = await client.post(api_path(url), body=body, cast_to=httpx2.Response)
+    resp = await client.request(httpx2.Response, _options(client, api_path(url), body))
     return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, resp.json())
+
+
+def _options(client: AsyncOpenAI, path: str, body: dict) -> FinalRequestOptions:
+    """What ``client.post(path, body=body)`` would build, from a template made once per path."""
+    templates = client.__dict__.setdefault("_batchrun_options", {})
+    template = templates.get(path)
+    if template is None:
+        template = templates[path] = FinalRequestOptions.construct(method="post", url=path, json_data=None)
+    options = model_copy(template)
+    options.json_data = body
+    return options
 
 
 async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     if url == "/v1/chat/completions" or url == "/v1/completions":
         # Ask for usage in the last chunk, so the result carries it like a plain answer.
         body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-    stream = await client.post(api_path(url), body=body, cast_to=dict, stream=True, stream_cls=AsyncStream[dict])
+    stream = await client.request(dict, _options(client, api_path(url), body), stream=True,
+                                  stream_cls=AsyncStream[dict])
     resp = stream.response
     if url == "/v1/responses":
         final = None
@@ -72,6 +115,174 @@ async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     async for chunk in stream:
         assembler.add(chunk)
     return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, assembler.result())
+
+
+# --- the lean HTTP path -----------------------------------------------------------------------
+
+
+class LeanAsyncOpenAI(AsyncOpenAI):
+    """AsyncOpenAI whose plain JSON POSTs reuse the URL, headers and timeouts the SDK built for the
+    first request to the same path. The result is the request the SDK would build: same URL, same
+    headers in the same order, same timeouts, same body bytes (``openapi_dumps``).
+
+    Only while nothing a request's headers depend on can differ: no idempotency header (OpenAI's
+    client has none), the same auth (``security``) and no per-request options; an auth provider
+    that sets headers per request takes the SDK's own path."""
+
+    @property
+    def user_agent(self) -> str:
+        return f"{AsyncOpenAI.__name__}/Python {self._version}"  # the SDK's, not this subclass's name
+
+    def _build_request(self, options: FinalRequestOptions, *, retries_taken: int = 0) -> httpx2.Request:
+        if not (retries_taken == 0 and self._idempotency_header is None and _plain_post(options)):
+            return super()._build_request(options, retries_taken=retries_taken)
+        templates = self.__dict__.setdefault("_batchrun_requests", {})
+        template = templates.get(options.url)
+        if template is None or template[0] != options.security or template[1] != self.api_key:
+            request = super()._build_request(options, retries_taken=retries_taken)
+            if request.headers.get("content-length") is None or "transfer-encoding" in request.headers:
+                return request  # not a plain body after all: no template
+            headers = httpx2.Headers([(k, v) for k, v in request.headers.raw if k.lower() != b"content-length"])
+            templates[options.url] = (dict(options.security), self.api_key, request.url, headers,
+                                      headers.encoding, request.extensions)
+            return request
+        _, _, url, headers, encoding, extensions = template
+        content = openapi_dumps(options.json_data)
+        # stream= rather than content=: the headers are complete already (httpx2 would otherwise
+        # look each default header up again); Content-Length goes last, where httpx2 puts it.
+        request = httpx2.Request("POST", url, headers=headers, stream=httpx2.ByteStream(content),
+                                 extensions=extensions)
+        request.headers.encoding = encoding
+        request.headers["Content-Length"] = str(len(content))
+        request.read()
+        return request
+
+
+def _plain_post(options: FinalRequestOptions) -> bool:
+    """A POST of a JSON object and nothing else (no per-request headers, query, files or timeout)."""
+    return (options.method == "post" and type(options.json_data) is dict and options.files is None
+            and options.content is None and options.extra_json is None and not options.params
+            and isinstance(options.headers, NotGiven) and isinstance(options.timeout, NotGiven)
+            and options.follow_redirects is None)
+
+
+class LeanHttpClient(httpx2.AsyncClient):
+    """An ``httpx2.AsyncClient`` over aiohttp whose ``send`` skips httpx2's auth and redirect
+    machinery when there is nothing for it to do (no auth, no redirect); otherwise it is httpx2's.
+    Cookies are kept by the aiohttp session, as a browser-like client would."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs.setdefault("transport", AiohttpTransport())
+        super().__init__(**kwargs)
+        self._lean_transport = kwargs["transport"]
+
+    async def send(self, request: httpx2.Request, *, stream: bool = False, auth: Any = httpx2.USE_CLIENT_DEFAULT,
+                   follow_redirects: Any = httpx2.USE_CLIENT_DEFAULT) -> httpx2.Response:
+        if auth is not httpx2.USE_CLIENT_DEFAULT or self.auth is not None or self.is_closed \
+                or self._transport_for_url(request.url) is not self._lean_transport:
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        started = time.perf_counter()
+        response = await self._lean_transport.handle_async_request(request)
+        response.request = request
+        if response.is_redirect:
+            # Rare (a base URL behind a redirect): httpx2 follows it; the request was not processed.
+            await response.aclose()
+            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+        response.default_encoding = self._default_encoding
+        try:
+            if not stream:
+                await response.aread()
+                response.elapsed = datetime.timedelta(seconds=time.perf_counter() - started)
+            return response
+        except BaseException:
+            await response.aclose()
+            raise
+
+
+# aiohttp errors as the httpx2 errors the SDK turns into APITimeoutError / APIConnectionError.
+def _map_error(exc: BaseException, request: httpx2.Request) -> BaseException:
+    if isinstance(exc, (aiohttp.ConnectionTimeoutError,)):
+        return httpx2.ConnectTimeout(str(exc) or "connect timeout", request=request)
+    if isinstance(exc, (aiohttp.ServerTimeoutError, asyncio.TimeoutError)):
+        return httpx2.ReadTimeout(str(exc) or "read timeout", request=request)
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return httpx2.ConnectError(str(exc), request=request)
+    if isinstance(exc, (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError, aiohttp.ClientOSError)):
+        return httpx2.ReadError(str(exc) or type(exc).__name__, request=request)
+    if isinstance(exc, aiohttp.ClientError):
+        return httpx2.RemoteProtocolError(str(exc) or type(exc).__name__, request=request)
+    return exc
+
+
+class _AiohttpStream(httpx2.AsyncByteStream):
+    __slots__ = ("_response", "_request")
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request):
+        self._response = response
+        self._request = request
+
+    async def __aiter__(self):
+        try:
+            async for chunk in self._response.content.iter_any():
+                yield chunk
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _map_error(exc, self._request) from exc
+
+    async def aclose(self) -> None:
+        self._response.release()
+
+
+class AiohttpTransport(httpx2.AsyncBaseTransport):
+    """httpx2 requests sent with one aiohttp session (keep-alive pool, C HTTP parser).
+
+    The body is passed as bytes; content decoding (gzip) is left to httpx2, as with its own
+    transport, so a response reads the same either way."""
+
+    def __init__(self) -> None:
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+        self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
+
+    def _open(self) -> aiohttp.ClientSession:
+        # No connection limit of its own: the runner bounds the requests in flight.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
+                                              skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        session = self._session or self._open()
+        raw_url = str(request.url)
+        url = self._urls.get(raw_url)
+        if url is None:
+            if len(self._urls) > 100:
+                self._urls.clear()
+            url = self._urls[raw_url] = URL(raw_url, encoded=True)
+        t = request.extensions.get("timeout") or {}
+        key = (t.get("connect"), t.get("read"), t.get("pool"))
+        timeout = self._timeouts.get(key)
+        if timeout is None:
+            timeout = self._timeouts[key] = aiohttp.ClientTimeout(sock_connect=key[0], sock_read=key[1],
+                                                                  connect=key[2])
+        try:
+            data = request.content
+        except httpx2.RequestNotRead:
+            data = await request.aread()
+        try:
+            response = await session._request(request.method, url, headers=request.headers.multi_items(),
+                                              data=data or None, allow_redirects=False, timeout=timeout,
+                                              compress=False)
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _map_error(exc, request) from exc
+        return httpx2.Response(response.status, headers=response.raw_headers,
+                               stream=_AiohttpStream(response, request), request=request,
+                               extensions={"http_version": b"HTTP/1.1",
+                                           "reason_phrase": (response.reason or "").encode()})
+
+    async def aclose(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
 
 class ChunkAssembler:

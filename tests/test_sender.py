@@ -1,0 +1,188 @@
+"""The lean HTTP path of batchrun.sender: the same requests, answers and exceptions as the SDK's own path.
+
+Against the real mock server over real sockets (openai v3's HTTP stack cannot be patched).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+
+import httpx2
+import openai
+import pytest
+from openai import AsyncOpenAI
+from openai._models import FinalRequestOptions
+
+from batchrun.classify import classify_exception
+from batchrun.mock_server import MockConfig, MockServerThread, reply_text
+from batchrun.sender import LeanAsyncOpenAI, StreamTruncated, make_client, send
+from batchrun.settings import WorkerSettings
+
+BODY = {"model": "gpt-4o-mini", "max_tokens": 12, "messages": [{"role": "user", "content": "Hello there"}]}
+
+
+@pytest.fixture(scope="module")
+def mock():
+    with MockServerThread(MockConfig(seed=1)) as srv:
+        yield srv
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+async def _with_client(base_url: str, fn, **settings):
+    client = make_client(WorkerSettings(base_url=base_url, api_key="sk-test", **settings))
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+def test_build_request_matches_the_sdk():
+    """Every request after the first reuses the template: same URL, headers (and order), timeouts, body."""
+    lean = LeanAsyncOpenAI(api_key="sk-x", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout=33.0)
+    sdk = AsyncOpenAI(api_key="sk-x", base_url="http://127.0.0.1:9/v1", max_retries=0, timeout=33.0)
+    for i in range(3):
+        body = {**BODY, "messages": [{"role": "user", "content": f"number {i} ü"}]}
+        a = lean._build_request(FinalRequestOptions.construct(method="post", url="/chat/completions", json_data=body))
+        b = sdk._build_request(FinalRequestOptions.construct(method="post", url="/chat/completions", json_data=body))
+        assert a.method == b.method and a.url == b.url
+        assert a.headers.raw == b.headers.raw
+        assert a.extensions == b.extensions
+        assert a.read() == b.read()
+    # Per-request headers or query parameters take the SDK's own path.
+    opts = FinalRequestOptions.construct(method="post", url="/chat/completions", json_data=BODY,
+                                         headers={"X-Extra": "1"}, params={"q": "1"})
+    a, b = lean._build_request(opts), sdk._build_request(opts)
+    assert a.headers.raw == b.headers.raw and a.url == b.url
+    assert a.headers["x-extra"] == "1" and a.url.params["q"] == "1"
+    # A new API key is not sent with the old key's headers.
+    lean.api_key = "sk-other"
+    a = lean._build_request(FinalRequestOptions.construct(method="post", url="/chat/completions", json_data=BODY))
+    assert a.headers["authorization"] == "Bearer sk-other"
+
+
+def test_plain_answer(mock):
+    async def go(client):
+        return [await send(client, "/v1/chat/completions", BODY) for _ in range(3)]
+
+    answers = run(_with_client(mock.base_url, go))
+    for answer in answers:
+        assert answer.status_code == 200
+        assert answer.request_id.startswith("req_")
+        assert answer.headers["x-request-id"] == answer.request_id
+        assert answer.body["choices"][0]["message"]["content"] == reply_text("chat/completions", BODY)
+        assert answer.body["usage"]["completion_tokens"] > 0
+
+
+def test_streamed_answer(mock):
+    body = {**BODY, "stream": True}
+
+    async def go(client):
+        return await send(client, "/v1/chat/completions", body)
+
+    answer = run(_with_client(mock.base_url, go))
+    assert answer.body["object"] == "chat.completion"
+    assert answer.body["choices"][0]["message"]["content"] == reply_text("chat/completions", body)
+    assert answer.body["usage"]["completion_tokens"] > 0
+
+
+def test_embeddings_and_completions(mock):
+    async def go(client):
+        e = await send(client, "/v1/embeddings", {"model": "text-embedding-3-small", "input": ["a", "b"]})
+        c = await send(client, "/v1/completions", {"model": "gpt-3.5-turbo-instruct", "prompt": "hi",
+                                                   "max_tokens": 5})
+        return e, c
+
+    e, c = run(_with_client(mock.base_url, go))
+    assert len(e.body["data"]) == 2
+    assert c.body["choices"][0]["text"] == reply_text("completions", {"model": "gpt-3.5-turbo-instruct",
+                                                                      "prompt": "hi", "max_tokens": 5})
+
+
+@pytest.mark.parametrize("fault, status, cls", [
+    ("500", 500, openai.InternalServerError),
+    ("429", 429, openai.RateLimitError),
+    ("insufficient_quota", 429, openai.RateLimitError),
+])
+def test_http_errors_are_the_sdk_status_errors(fault, status, cls):
+    with MockServerThread(MockConfig(error_rates={fault: 1.0}, rpm=1000)) as srv:
+        async def go(client):
+            with pytest.raises(cls) as info:
+                await send(client, "/v1/chat/completions", BODY)
+            return info.value
+
+        exc = run(_with_client(srv.base_url, go))
+    assert isinstance(exc, openai.APIStatusError)
+    assert exc.status_code == status
+    assert exc.response.headers["x-ratelimit-limit-requests"] == "1000"
+    assert isinstance(exc.body, dict) and exc.body.get("message")
+    assert classify_exception(exc, now=0).kind  # classified, never "unexpected"
+
+
+def test_bad_request_is_a_400(mock):
+    async def go(client):
+        with pytest.raises(openai.BadRequestError) as info:
+            await send(client, "/v1/chat/completions", {"model": "gpt-4o-mini"})
+        return info.value
+
+    exc = run(_with_client(mock.base_url, go))
+    assert exc.status_code == 400 and "messages" in exc.body["message"]
+
+
+def test_connection_refused_is_an_api_connection_error():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed again: nothing listens there
+
+    async def go(client):
+        with pytest.raises(openai.APIConnectionError) as info:
+            await send(client, "/v1/chat/completions", BODY)
+        return info.value
+
+    exc = run(_with_client(f"http://127.0.0.1:{port}/v1", go))
+    assert not isinstance(exc, openai.APITimeoutError)
+    assert classify_exception(exc, now=0).kind == "connection"
+
+
+def test_timeout_is_an_api_timeout_error():
+    with MockServerThread(MockConfig(latency_ms=2000)) as srv:
+        async def go(client):
+            with pytest.raises(openai.APITimeoutError):
+                await send(client, "/v1/chat/completions", BODY)
+
+        run(_with_client(srv.base_url, go, request_timeout=0.3))
+
+
+def test_broken_streams():
+    with MockServerThread(MockConfig(error_rates={"stream_disconnect": 1.0})) as srv:
+        async def go(client):
+            with pytest.raises(Exception) as info:
+                await send(client, "/v1/chat/completions", {**BODY, "stream": True})
+            return info.value
+
+        exc = run(_with_client(srv.base_url, go))
+    assert isinstance(exc, (StreamTruncated, httpx2.TransportError, openai.APIError)), repr(exc)
+    assert classify_exception(exc, now=0).action.name == "RETRY" or isinstance(exc, StreamTruncated)
+
+    with MockServerThread(MockConfig(error_rates={"stream_truncate": 1.0})) as srv:
+        async def go2(client):
+            with pytest.raises(StreamTruncated):
+                await send(client, "/v1/chat/completions", {**BODY, "stream": True})
+
+        run(_with_client(srv.base_url, go2))
+
+
+def test_many_in_flight(mock):
+    async def go(client):
+        bodies = [{**BODY, "messages": [{"role": "user", "content": f"q{i}"}]} for i in range(300)]
+        answers = await asyncio.gather(*(send(client, "/v1/chat/completions", b) for b in bodies))
+        return bodies, answers
+
+    bodies, answers = run(_with_client(mock.base_url, go))
+    for body, answer in zip(bodies, answers):
+        assert answer.body["choices"][0]["message"]["content"] == reply_text("chat/completions", body)
+    assert json.dumps(answers[0].body)
