@@ -12,6 +12,8 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:history``       hash    custom_id -> JSON lines, one per failed attempt
 ``…:status``        hash    custom_id -> 'R' (result) or 'E' (error), once ended
 ``…:results``       list    'R'/'E' + output line, in the order jobs ended
+``…:costres``       hash    custom_id -> worst-case USD set aside (--max-cost)
+``…:m:BUCKET``      hash    counts in one 5-second bucket (expires by itself)
 ==================  ======  ==================================================
 """
 
@@ -24,6 +26,7 @@ BATCHES = f"{PREFIX}:batches"  # zset batch id -> created (unix s), for `list`
 ACTIVE = f"{PREFIX}:active"  # set of batch ids with work left
 PARKED = f"{PREFIX}:parked"  # zset "batch_id:shard" -> due ms
 BUDGETS = f"{PREFIX}:budgets"  # set of budget keys in use (for maintenance and `limits`)
+ENDED = f"{PREFIX}:ended"  # set of batch ids that ended and whose keys need an expiry
 QUEUE = "batchrun"  # the RQ queue shard jobs go to
 
 BATCH_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -35,6 +38,10 @@ def batch(batch_id: str) -> str:
 
 def sub(batch_id: str, name: str) -> str:
     return f"{batch(batch_id)}:{name}"
+
+
+# A batch's keys besides its hash and the per-shard todo sets.
+SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres")
 
 
 def todo(batch_id: str, shard: int) -> str:

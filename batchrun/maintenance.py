@@ -28,6 +28,7 @@ def run_once(store: BatchStore, *, force: bool = False) -> None:
         if n:
             log.warning("batch %s: %d job(s) whose worker stopped answering go back to the queue", batch_id, n)
     store.promote_parked()
+    store.expire_ended()
     if release_held(store):
         log.warning("reservations held by a worker that stopped answering went back to the budget")
 

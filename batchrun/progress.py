@@ -5,11 +5,14 @@ from __future__ import annotations
 import sys
 import time
 
+import redis
 from tqdm import tqdm
 
+from batchrun.status import batch_status, format_duration, format_usd
 from batchrun.store import BatchStore
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
+REFRESH = 1.0  # seconds between reads of the batch's status
 
 
 class Progress:
@@ -21,35 +24,38 @@ class Progress:
         self.total = total
         self._last = 0.0
         self._last_plain = 0.0
-        self._started = time.monotonic()
-        self.bar = tqdm(total=total, unit="job", file=self.stream, dynamic_ncols=True) if self.tty else None
+        self._closed = False
+        self.bar = tqdm(total=total, unit="job", file=self.stream, dynamic_ncols=True,
+                        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]") \
+            if self.tty else None
 
-    def update(self) -> None:
+    def update(self, force: bool = False) -> None:
         now = time.monotonic()
-        if now - self._last < 0.25:
+        if not force and now - self._last < REFRESH:
             return
         self._last = now
-        c = self.store.counts(self.batch_id)
-        ended = c["done"] + c["failed"]
-        held = describe_conditions(self.store.fleet_conditions())
+        try:
+            st = batch_status(self.store, self.batch_id)
+        except (redis.ConnectionError, redis.TimeoutError, LookupError):
+            return  # the display waits; collecting carries on (or says what is wrong)
+        j = st["jobs"]
+        ended = j["done"] + j["failed"]
         if self.bar is not None:
-            self.bar.total = c["total"]
+            self.bar.total = j["total"]
             self.bar.n = ended
-            self.bar.set_postfix_str(f"{c['failed']} failed, {c['in_flight']} in flight, "
-                                     f"{c['waiting_retry']} waiting to retry" + (f"; {held}" if held else ""),
-                                     refresh=False)
+            self.bar.set_postfix_str(summary(st, short=True), refresh=False)
             self.bar.refresh()
-        elif now - self._last_plain >= PLAIN_EVERY or ended >= c["total"]:
+        elif force or now - self._last_plain >= PLAIN_EVERY or ended >= j["total"]:
             self._last_plain = now
-            rate = ended / max(now - self._started, 1e-9)
-            print(f"progress: {ended}/{c['total']} jobs ended ({c['done']} done, {c['failed']} failed), "
-                  f"{c['in_flight']} in flight, {c['waiting_retry']} waiting to retry, {rate:.0f} jobs/s"
-                  + (f"; {held}" if held else ""),
-                  file=self.stream, flush=True)
+            print(f"progress: {ended}/{j['total']} jobs ended ({j['done']} done, {j['failed']} failed); "
+                  + summary(st, short=False), file=self.stream, flush=True)
 
     def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.update(force=True)  # the last word: where the batch ended
         if self.bar is not None:
-            self.update()
             self.bar.close()
             self.bar = None
 
@@ -58,6 +64,28 @@ class Progress:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def summary(st: dict, *, short: bool) -> str:
+    """Pace against the limits, ETA, retries waiting and cost, from a `batch_status`."""
+    j, cost = st["jobs"], st["cost"]
+    parts = [f"{j['queued']} queued", f"{j['in_flight']} in flight", f"{j['waiting_retry']} waiting to retry"]
+    if not short:
+        parts.append(f"{st['last_minute']['jobs_per_second']:.1f} jobs/s")
+    for m in st["models"]:
+        pace = [f"{m['requests_per_minute']:,.0f}" + (f"/{m['rpm_limit']:,} RPM" if m["rpm_limit"] else " req/min"),
+                f"{m['tokens_per_minute']:,.0f}" + (f"/{m['tpm_limit']:,} TPM" if m["tpm_limit"] else " tok/min")]
+        parts.append(f"{m['model']} " + " ".join(pace))
+    if st["state"] == "running" and j["done"] + j["failed"] < j["total"]:
+        parts.append(f"ETA {format_duration(st['eta_seconds'])}")
+    money = f"{format_usd(cost['spent_usd'])}"
+    if cost["max_cost_usd"]:
+        money += f" of {format_usd(cost['max_cost_usd'])} cap"
+    parts.append(money)
+    held = describe_conditions(st["fleet"])
+    if held:
+        parts.append(held)
+    return ", ".join(parts)
 
 
 def describe_conditions(conditions: dict[str, list[dict]]) -> str:

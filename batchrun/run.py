@@ -46,6 +46,7 @@ class RunConfig:
     grace: float = 30.0
     only_missing: bool = False  # resume from the files: skip custom_ids the outputs already hold
     retry_failed: bool = False  # ...but send again those in the errors file
+    prices: str | None = None  # the user's price file, over the shipped table
 
 
 def run_batch(cfg: RunConfig) -> int:
@@ -66,9 +67,10 @@ def run_batch(cfg: RunConfig) -> int:
 
         store = BatchStore(connect(cfg.redis_url))
         report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
-                             skip_invalid=cfg.skip_invalid, skip_ids=skip,
+                             skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
+        _apply_new_cap(store, bid, cfg.options.max_cost)
         click.echo(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}", err=True)
 
         workers = _start_workers(cfg, settings, store)
@@ -97,7 +99,7 @@ def run_batch(cfg: RunConfig) -> int:
             counts = store.counts(bid)
             click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}; "
                        f"{counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
-            _print_resume(cfg, bid, errors_path)
+            _print_resume(cfg, bid, errors_path, store)
             return 130
         progress.close()
 
@@ -106,13 +108,24 @@ def run_batch(cfg: RunConfig) -> int:
     click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}")
     if meta.get("state") == "paused":
         click.echo(f"batch {bid} is paused: {meta.get('reason')}", err=True)
-        _print_resume(cfg, bid, errors_path)
+        _print_resume(cfg, bid, errors_path, store)
         return 2
     if meta.get("state") != "finished":
         click.echo(f"batch {bid} is {meta.get('state')} with work left", err=True)
-        _print_resume(cfg, bid, errors_path)
+        _print_resume(cfg, bid, errors_path, store)
         return 1
     return 0
+
+
+def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:
+    """`run --batch-id ID --max-cost N` on a batch that exists: N becomes its cap, and a batch
+    paused at its old cap runs again."""
+    meta = store.meta(bid)
+    if not max_cost or float(meta.get("max_cost") or 0) == max_cost:
+        return
+    store.set_max_cost(bid, max_cost)
+    if meta.get("state") == "paused" and "--max-cost" in (meta.get("reason") or ""):
+        store.resume(bid)
 
 
 def _already_done(cfg: RunConfig, errors_path: str) -> set[str]:
@@ -135,17 +148,23 @@ def _already_done(cfg: RunConfig, errors_path: str) -> set[str]:
     return done
 
 
-def _print_resume(cfg: RunConfig, bid: str, errors_path: str) -> None:
+def _print_resume(cfg: RunConfig, bid: str, errors_path: str, store: BatchStore | None = None) -> None:
     """The exact command that continues where this run stopped."""
     errors = f" --errors {shlex.quote(errors_path)}" if cfg.errors else ""
+    meta = store.meta(bid) if store is not None else {}
+    capped = "--max-cost" in (meta.get("reason") or "")
+    cap = " --max-cost USD" if capped else ""
     if is_memory(cfg.redis_url):
         # The in-process Redis is gone with this process: continue from the files.
         click.echo(f"to finish the batch: batchrun resume {shlex.quote(cfg.jobs)} -o {shlex.quote(cfg.output)}"
-                   f"{errors}{' --mock' if cfg.mock else ''}", err=True)
+                   f"{errors}{' --mock' if cfg.mock else ''}{cap}", err=True)
+        if capped:
+            click.echo(f"(the resumed run's cap counts from zero: this run spent "
+                       f"${float(meta.get('cost') or 0):.4f})", err=True)
     else:
         click.echo(f"to finish the batch: batchrun run {shlex.quote(cfg.jobs)} -o {shlex.quote(cfg.output)}"
-                   f"{errors} --batch-id {bid}{' --mock' if cfg.mock else ''} (with the same --redis-url)",
-                   err=True)
+                   f"{errors} --batch-id {bid}{' --mock' if cfg.mock else ''}{cap} (with the same --redis-url)"
+                   + (" and a cap above the old one" if capped else ""), err=True)
 
 
 class _Workers:

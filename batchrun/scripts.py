@@ -13,7 +13,7 @@ from importlib import resources
 from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
-         "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level")
+         "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics")
 
 
 @lru_cache(maxsize=None)
@@ -44,3 +44,5 @@ class Scripts:
     observe: Script
     release_held: Script
     level: Script
+    reserve_cost: Script
+    metrics: Script

@@ -62,6 +62,8 @@ class BatchOptions:
     backoff_cap: float = 60.0
     shard_size: int = 1000
     burst_seconds: float = 0.0  # 0: learn the server's burst from its headers (one second's worth until then)
+    max_cost: float = 0.0  # USD the batch may spend at most, counting requests in flight at their worst case; 0: no cap
+    keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
     limits: Limits = field(default_factory=Limits)
 
     def to_fields(self) -> dict[str, str]:

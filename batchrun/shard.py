@@ -32,8 +32,9 @@ from batchrun.batching import Batcher
 from batchrun.classify import BATCH_ID_PLACEHOLDER, Action, Verdict, classify_exception, stream_truncated_verdict
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
+from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
 from batchrun.sender import StreamTruncated, make_client, send
-from batchrun.settings import WorkerSettings, current_worker_settings
+from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
 
@@ -45,6 +46,7 @@ STOP = threading.Event()
 
 LEASE_BATCH = 500  # jobs per lease call at most
 SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
+METRICS_EVERY = 1.0  # seconds between reports of counts for `status`
 # Statuses of requests the server refused before processing them, charging nothing
 # (OpenAI does not count refused requests against the limits).
 REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
@@ -71,13 +73,20 @@ class ShardRunner:
         self.inflight: dict[str, asyncio.Task] = {}
         self.rng = random.Random()
         self.stats = Counter()
+        self.metrics = Counter()  # counts not yet reported to Redis (see store.add_metrics)
         self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
         self._side_tasks: set[asyncio.Task] = set()
         self._last_summary = time.monotonic()
 
     async def run(self) -> dict:
         store, bid = self.store, self.batch_id
-        options = await self._redis(store.options, bid)
+        meta = await self._redis(store.meta, bid)
+        if not meta:
+            log.info("batch %s no longer exists (purged or expired): shard %d has nothing to do", bid, self.shard)
+            return {}
+        options = BatchOptions.from_fields(meta)
+        self.prices = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
+        self.max_cost = options.max_cost
         # The shard's parked entry is this runner's lease on it (renewed with the job leases): if
         # the runner dies, even before it leased anything, the entry comes due and a new one starts.
         await self._redis(store.hold_shard, bid, self.shard, self.lease_ms)
@@ -88,7 +97,9 @@ class ShardRunner:
         self.completer = Batcher(lambda items: [store.complete(bid, items)] * len(items), name="result")
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
+        self.coster = Batcher(self._reserve_costs, name="cost reservation", max_delay=0.002)
         renewer = asyncio.create_task(self._renew_leases())
+        reporter = asyncio.create_task(self._report_metrics())
         log.info("batch %s shard %d: started (concurrency %d)", bid, self.shard, self.settings.concurrency)
         try:
             await self._loop()
@@ -110,6 +121,8 @@ class ShardRunner:
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
+            reporter.cancel()
+            await self._flush_metrics()
             # Jobs left (requeued by requests still in flight when the loop ended, a yield, a pause
             # already resumed) need a runner: park the shard at their due time; else let go of it.
             if not await self._redis(self.store.park_if_waiting, self.batch_id, self.shard):
@@ -187,6 +200,26 @@ class ShardRunner:
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
 
+    async def _report_metrics(self) -> None:
+        while True:
+            await asyncio.sleep(METRICS_EVERY)
+            await self._flush_metrics()
+
+    async def _flush_metrics(self) -> None:
+        if not self.metrics:
+            return
+        counts, self.metrics = self.metrics, Counter()
+        try:
+            await asyncio.to_thread(self.store.add_metrics, self.batch_id, counts)
+        except (redis.ConnectionError, redis.TimeoutError):
+            self.metrics.update(counts)  # reported with the next ones
+
+    def _reserve_costs(self, items: list[tuple[str, float]]) -> list[bool]:
+        reason, allowed = self.store.reserve_cost(self.batch_id, items)
+        if reason:
+            log.error("batch %s paused: %s", self.batch_id, reason)
+        return allowed
+
     async def _process(self, job: LeasedJob) -> None:
         try:
             await self._attempt(job)
@@ -210,6 +243,18 @@ class ShardRunner:
         url, body = job.request["url"], job.request["body"]
         model = str(body.get("model", ""))
         estimate = estimate_tokens(url, body)
+        price = self.prices.price_for(model)
+        if self.max_cost > 0:
+            if price is None:
+                await self._finish_error(job, "no_price",
+                                         f"no price is known for model {model!r}, so the batch's --max-cost cannot "
+                                         f"be kept; give its price with --prices FILE")
+                return
+            # The cap holds even if every request in flight costs its worst case.
+            worst = worst_case_cost(price, estimate.input_tokens, estimate.output_tokens)
+            if not await self.coster.submit((job.custom_id, worst)):
+                await self.requeuer.submit((job.custom_id, 0, False, ""))  # the batch is paused
+                return
         admission = await self.limiter.admit(model, estimate.input_tokens, estimate.output_tokens)
         if admission is None:
             rpm, tpm = self.limiter.limits(model)
@@ -235,11 +280,17 @@ class ShardRunner:
             self._background(self.limiter.record(False, admission.probe))
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
                                body=answer.body)
-            await self.completer.submit(("R", job.custom_id, json.dumps(line)))
+            usage = answer.body.get("usage") if isinstance(answer.body, dict) else None
+            cost = cost_of_usage(price, usage) if price is not None else 0.0
+            self._count_request(model, admission.charge, usage=usage)
+            await self.completer.submit(("R", job.custom_id, json.dumps(line), cost))
             self.stats["done"] += 1
+            self.metrics["ended"] += 1
             return
         # Refused before it was processed: the server charged nothing, so neither does the budget.
         refused = response is not None and response["status_code"] in REFUSED_UNCHARGED
+        self._count_request(model, 0 if refused else admission.charge,
+                            rate_limited=response is not None and response["status_code"] == 429)
         self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started,
                                               input_tokens=estimate.input_tokens,
                                               output_tokens=estimate.output_tokens, charged=not refused))
@@ -247,6 +298,17 @@ class ShardRunner:
             # (a 429 that says the budget is exhausted empties it instead: see cool_down)
             self._background(self.limiter.settle_unused(model, admission))
         await self._handle_failure(job, model, verdict, response, admission.probe)
+
+    def _count_request(self, model: str, charged: int, *, usage: dict | None = None,
+                       rate_limited: bool = False) -> None:
+        m = self.metrics
+        m["requests"] += 1
+        m[f"requests:{model}"] += 1
+        m[f"charged:{model}"] += charged
+        if usage:
+            m["tokens"] += int(usage.get("total_tokens") or 0)
+        if rate_limited:
+            m["rate_limited"] += 1
 
     def _background(self, coro) -> None:
         task = asyncio.create_task(coro)
@@ -292,6 +354,7 @@ class ShardRunner:
         record["wait"] = round(delay, 3)
         await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record)))
         self.stats["retried"] += 1
+        self.metrics["retries"] += 1
         self._note_event(verdict.kind, delay)
         log.debug("%s; job %s retries in %.1f s, attempt %d of %d", event_phrase(verdict.kind), cid, delay,
                   attempt + 1, self.policy.max_attempts)
@@ -301,6 +364,7 @@ class ShardRunner:
         line = error_line(job.custom_id, code=code, message=message, response=response, attempts=attempts)
         await self.completer.submit(("E", job.custom_id, json.dumps(line)))
         self.stats["failed"] += 1
+        self.metrics["ended"] += 1
         log.debug("job %s failed: %s", job.custom_id, message)
 
     def _note_event(self, kind: str, delay: float) -> None:

@@ -49,11 +49,14 @@ class BatchStore:
 
     # -- batches ---------------------------------------------------------
 
-    def create_batch(self, batch_id: str, options: BatchOptions, source: str = "") -> bool:
-        """Create the batch if it is new; returns False if it existed (its options stay)."""
+    def create_batch(self, batch_id: str, options: BatchOptions, source: str = "", prices: str = "") -> bool:
+        """Create the batch if it is new; returns False if it existed (its options stay).
+        ``prices`` is the price table (JSON) its workers use, so every machine counts alike."""
         key = keys.batch(batch_id)
         fields = {"state": "running", "total": 0, "done": 0, "failed": 0, "retries": 0,
                   "shards": 0, "created": int(time.time()), "source": source, **options.to_fields()}
+        if prices:
+            fields["prices"] = prices
         created = self.redis.hsetnx(key, "created", fields["created"])
         if created:
             pipe = self.redis.pipeline()
@@ -62,6 +65,9 @@ class BatchStore:
             pipe.sadd(keys.ACTIVE, batch_id)
             pipe.execute()
         return bool(created)
+
+    def set_max_cost(self, batch_id: str, usd: float) -> None:
+        self.redis.hset(keys.batch(batch_id), "max_cost", repr(float(usd)))
 
     def exists(self, batch_id: str) -> bool:
         return bool(self.redis.exists(keys.batch(batch_id)))
@@ -76,11 +82,19 @@ class BatchStore:
         return sorted(_s(b) for b in self.redis.smembers(keys.ACTIVE))
 
     def recent_batches(self, n: int = 20) -> list[str]:
-        return [_s(b) for b in self.redis.zrevrange(keys.BATCHES, 0, n - 1)]
+        """The newest batches first; those whose keys have expired are dropped from the index."""
+        ids = [_s(b) for b in self.redis.zrevrange(keys.BATCHES, 0, n - 1)]
+        pipe = self.redis.pipeline()
+        for bid in ids:
+            pipe.exists(keys.batch(bid))
+        gone = [bid for bid, alive in zip(ids, pipe.execute()) if not alive]
+        if gone:
+            self.redis.zrem(keys.BATCHES, *gone)
+        return [bid for bid in ids if bid not in gone]
 
     def set_state(self, batch_id: str, state: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> bool:
         """Move the batch to ``state`` (only from one of ``only_from``, when given), atomically."""
-        return bool(self.scripts.set_state(keys=[keys.batch(batch_id), keys.ACTIVE],
+        return bool(self.scripts.set_state(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED],
                                            args=[batch_id, state, reason, *only_from]))
 
     # -- jobs ------------------------------------------------------------
@@ -94,8 +108,13 @@ class BatchStore:
         return int(out[0]), [int(s) for s in out[1:]]
 
     def reopen(self, batch_id: str) -> None:
-        """New jobs in a finished batch: it runs again."""
-        self.set_state(batch_id, "running", only_from=("finished",))
+        """New jobs in a finished batch: it runs again, and its keys no longer expire."""
+        if self.set_state(batch_id, "running", only_from=("finished",)):
+            pipe = self.redis.pipeline()
+            for key in self.batch_keys(batch_id):
+                pipe.persist(key)
+            pipe.srem(keys.ENDED, batch_id)
+            pipe.execute()
 
     def lease(self, batch_id: str, shard: int, n: int, lease_ms: int, token: str) -> Lease:
         out = self.scripts.lease(keys=[keys.batch(batch_id)], args=[shard, n, lease_ms, token])
@@ -108,13 +127,48 @@ class BatchStore:
             jobs.append(LeasedJob(_s(out[i]), int(out[i + 1]), json.loads(raw)))
         return Lease(state, int(float(next_due)) if next_due else None, now, jobs)
 
-    def complete(self, batch_id: str, items: list[tuple[str, str, str]]) -> tuple[int, int, int]:
-        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON)."""
+    def complete(self, batch_id: str, items: list[tuple]) -> tuple[int, int, int]:
+        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON[, cost in USD])."""
         args: list = [batch_id]
-        for kind, cid, line in items:
-            args += (kind, cid, line)
-        out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE], args=args)
+        for kind, cid, line, *cost in items:
+            args += (kind, cid, line, repr(cost[0]) if cost and cost[0] else "0")
+        out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=args)
         return int(out[0]), int(out[1]), int(out[2])
+
+    def reserve_cost(self, batch_id: str, items: list[tuple[str, float]]) -> tuple[str, list[bool]]:
+        """Set aside each (custom_id, worst-case USD) under the batch's --max-cost. Returns the
+        reason the batch was paused ('' if it was not) and, per item, whether it may be sent."""
+        args: list = [batch_id]
+        for cid, worst in items:
+            args += (cid, repr(float(worst)))
+        out = self.scripts.reserve_cost(keys=[keys.batch(batch_id), keys.ACTIVE], args=args)
+        return _s(out[0]), [bool(int(x)) for x in out[1:]]
+
+    def add_metrics(self, batch_id: str, counts: dict[str, int]) -> None:
+        """Add a runner's counts (requests, tokens, rate_limited, ...) to the batch's totals and
+        to the current 5-second bucket."""
+        args: list = []
+        for name, n in counts.items():
+            if n:
+                args += (name, int(n))
+        if args:
+            self.scripts.metrics(keys=[keys.batch(batch_id)], args=args)
+
+    def recent_metrics(self, batch_id: str, seconds: int = 60) -> tuple[dict[str, int], float]:
+        """Counts summed over the last ``seconds`` (whole 5-second buckets), and the span in
+        seconds they cover (the current bucket counts for the part of it that has passed)."""
+        now_ms = self.server_time_ms()
+        current = now_ms // 5000
+        n = max(1, seconds // 5)
+        pipe = self.redis.pipeline()
+        for bucket in range(current - n + 1, current + 1):
+            pipe.hgetall(f"{keys.batch(batch_id)}:m:{bucket}")
+        totals: dict[str, int] = {}
+        for h in pipe.execute():
+            for k, v in h.items():
+                totals[_s(k)] = totals.get(_s(k), 0) + int(v)
+        span = (n - 1) * 5 + (now_ms % 5000) / 1000
+        return totals, span
 
     def requeue(self, batch_id: str, owner: str, shard: int,
                 items: list[tuple[str, int, bool, str]]) -> tuple[int, int | None]:
@@ -129,6 +183,46 @@ class BatchStore:
         if not custom_ids:
             return 0
         return int(self.scripts.renew(keys=[keys.batch(batch_id)], args=[owner, lease_ms, *custom_ids]))
+
+    def batch_keys(self, batch_id: str) -> list[str]:
+        """Every key of a batch but its 5-second metric buckets (which expire by themselves)."""
+        n = int(self.redis.hget(keys.batch(batch_id), "shards") or 0)
+        return [keys.batch(batch_id), *(keys.sub(batch_id, name) for name in keys.SUBKEYS),
+                *(keys.todo(batch_id, shard) for shard in range(n))]
+
+    def expire_ended(self, limit: int = 100) -> int:
+        """Give the keys of batches that finished or were cancelled their expiry (``keep_days``)."""
+        done = 0
+        for raw in self.redis.spop(keys.ENDED, limit) or ():
+            batch_id = _s(raw)
+            meta = self.meta(batch_id)
+            if meta.get("state") not in ("finished", "cancelled"):
+                continue  # reopened since
+            ttl = max(1, int(float(meta.get("keep_days", 7)) * 86400))
+            pipe = self.redis.pipeline()
+            for key in self.batch_keys(batch_id):
+                pipe.expire(key, ttl)
+            pipe.zrem(keys.PARKED, *(keys.parked_member(batch_id, s) for s in range(int(meta.get("shards", 0)) or 1)))
+            pipe.execute()
+            done += 1
+        return done
+
+    def purge(self, batch_id: str) -> int:
+        """Remove every key of a batch (cancelling it first, so runners stop). Returns keys deleted."""
+        self.set_state(batch_id, "cancelled", "purged")
+        n_shards = int(self.redis.hget(keys.batch(batch_id), "shards") or 0)
+        doomed = self.batch_keys(batch_id)
+        doomed += [_s(k) for k in self.redis.scan_iter(match=f"{keys.batch(batch_id)}:m:*", count=1000)]
+        pipe = self.redis.pipeline()
+        chunks = range(0, len(doomed), 1000)
+        for i in chunks:
+            pipe.delete(*doomed[i:i + 1000])
+        pipe.zrem(keys.BATCHES, batch_id)
+        pipe.srem(keys.ACTIVE, batch_id)
+        pipe.srem(keys.ENDED, batch_id)
+        if n_shards:
+            pipe.zrem(keys.PARKED, *(keys.parked_member(batch_id, s) for s in range(n_shards)))
+        return sum(int(x) for x in pipe.execute()[:len(chunks)])
 
     def reclaim(self, batch_id: str, limit: int = 1000) -> int:
         return int(self.scripts.reclaim(keys=[keys.batch(batch_id), keys.PARKED], args=[batch_id, limit]))

@@ -311,3 +311,37 @@ def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
     subprocess.run(batchrun_cmd("collect", batch_id, "-o", str(out), "--errors", str(err)), env=env, check=True,
                    capture_output=True, timeout=60)
     assert not check_exactly_once(jobs, out, err)[1]
+
+
+def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_finishes_it(store: BatchStore,
+                                                                                         tmp_path):
+    from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
+    from batchrun.tokens import estimate_tokens
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 60, max_tokens=200)
+    price = PriceTable.load().price_for("gpt-4o-mini")
+    worst = max(worst_case_cost(price, e.input_tokens, e.output_tokens)
+                for e in (estimate_tokens(j["url"], j["body"]) for j in read_lines(jobs)))
+    cap = 20 * worst  # room for 20 jobs at their worst; their real cost is lower
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(max_cost=cap, shard_size=30))
+        run_thread_worker(store.redis, settings_for(srv, concurrency=5))
+        meta = store.meta(rep.batch_id)
+        assert meta["state"] == "paused" and "--max-cost" in meta["reason"]
+        assert f"batchrun resume {rep.batch_id} --max-cost" in meta["reason"]
+        done = int(meta["done"])
+        assert 20 <= done < 60
+        assert float(meta["cost"]) <= cap  # never crossed
+        assert abs(float(meta["cost_reserved"])) < 1e-12  # nothing left set aside once it stopped
+        assert srv.stats()["requests"] == done  # no request went out beyond the cap
+
+        store.set_max_cost(rep.batch_id, 1.0)
+        store.resume(rep.batch_id)
+        run_thread_worker(store.redis, settings_for(srv))
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    assert collect(store, rep.batch_id, str(out), str(err)).finished
+    results, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    # The batch's cost is the sum of each answer's cost from its real usage.
+    expected = sum(cost_of_usage(price, r["response"]["body"]["usage"]) for r in results)
+    assert float(store.meta(rep.batch_id)["cost"]) == pytest.approx(expected, rel=1e-9)

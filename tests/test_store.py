@@ -620,3 +620,102 @@ def test_a_runner_that_dies_before_leasing_anything_still_gets_its_shard_run(sto
     time.sleep(0.35)  # ...and then killed, before it leased its jobs: nothing to reclaim
     assert store.promote_parked() == 1  # its hold came due: the shard gets a new runner
     assert rq_count(store) == 1
+
+
+# -- spending cap, purge and expiry (issue 6) ------------------------------------------------
+
+
+def _lease_all(store, batch_id, shard=0, n=100):
+    return [j.custom_id for j in store.lease(batch_id, shard, n, 30_000, "tok").jobs]
+
+
+def test_cost_reservations_never_let_spent_plus_set_aside_pass_the_cap(store, make_batch):
+    make_batch(store, "b", 10, max_cost=1.0)
+    cids = _lease_all(store, "b")
+    reason, ok = store.reserve_cost("b", [(cid, 0.3) for cid in cids[:5]])
+    # 0.3 + 0.3 + 0.3 = 0.9 fits; a fourth would make 1.2 > 1.0: it and those after it are refused.
+    assert ok == [True, True, True, False, False]
+    assert "past its --max-cost of $1.00" in reason and "batchrun resume b --max-cost" in reason
+    meta = store.meta("b")
+    assert meta["state"] == "paused" and meta["reason"] == reason
+    assert float(meta["cost_reserved"]) == pytest.approx(0.9)
+    # A paused batch reserves nothing more.
+    assert store.reserve_cost("b", [(cids[5], 0.01)]) == ("", [False])
+
+
+def test_an_answer_releases_its_worst_case_and_adds_its_real_cost(store, make_batch):
+    make_batch(store, "b", 4, max_cost=1.0)
+    cids = _lease_all(store, "b")
+    store.reserve_cost("b", [(cid, 0.25) for cid in cids])
+    line = json.dumps({"custom_id": cids[0]})
+    store.complete("b", [("R", cids[0], line, 0.01), ("R", cids[0], line, 0.01)])  # a duplicate was paid too
+    meta = store.meta("b")
+    assert float(meta["cost"]) == pytest.approx(0.02)
+    assert float(meta["cost_reserved"]) == pytest.approx(0.75)
+    # A requeued (refused or failed) request costs nothing and gives its reservation back.
+    store.requeue("b", "tok|0", 0, [(cids[1], 0, True, "")])
+    assert float(store.meta("b")["cost_reserved"]) == pytest.approx(0.5)
+    # Room again: 0.02 spent + 0.5 set aside + 0.45 = 0.97 <= 1.0.
+    assert store.reserve_cost("b", [(cids[1], 0.45)])[1] == [True]
+
+
+def test_a_dead_workers_reservation_counts_as_spent(store, make_batch):
+    make_batch(store, "b", 2, max_cost=1.0)
+    cids = [j.custom_id for j in store.lease("b", 0, 10, 1, "tok").jobs]  # 1 ms lease: lapses at once
+    store.reserve_cost("b", [(cids[0], 0.4)])
+    time.sleep(0.01)
+    assert store.reclaim("b") == 2
+    meta = store.meta("b")
+    assert float(meta["cost_reserved"]) == pytest.approx(0.0)
+    assert float(meta["cost_unknown"]) == pytest.approx(0.4)
+    # Its request may have been paid for: the cap still counts it.
+    assert store.reserve_cost("b", [(cids[0], 0.7)])[1] == [False]
+
+
+def test_metrics_land_in_totals_and_in_the_recent_window(store, make_batch):
+    make_batch(store, "b", 1)
+    store.add_metrics("b", {"requests": 3, "rate_limited": 1, "requests:gpt-4o-mini": 3, "ended": 0})
+    store.add_metrics("b", {"requests": 2, "tokens": 40})
+    recent, span = store.recent_metrics("b", 60)
+    assert recent["requests"] == 5 and recent["rate_limited"] == 1 and recent["tokens"] == 40
+    assert recent["requests:gpt-4o-mini"] == 3 and "ended" not in recent
+    assert 0 <= span <= 60
+    meta = store.meta("b")
+    assert (meta["n_requests"], meta["n_tokens"], meta["n_rate_limited"]) == ("5", "40", "1")
+    assert "n_requests:gpt-4o-mini" not in meta  # per-model counts are kept for the window only
+
+
+def test_purge_removes_every_key_of_the_batch_and_nothing_else(store, make_batch):
+    make_batch(store, "gone", 30, shard_size=10)
+    make_batch(store, "kept", 5)
+    store.lease("gone", 1, 3, 30_000, "tok")
+    store.add_metrics("gone", {"requests": 1})
+    store.hold_shard("gone", 2)
+    assert store.purge("gone") > 0
+    left = [k.decode() for k in store.redis.keys("*") if b"gone" in k]
+    assert left == []
+    assert store.redis.zscore(keys.PARKED, "gone:2") is None
+    assert store.recent_batches() == ["kept"] and store.exists("kept")
+    # A runner reporting for the purged batch does not bring it back.
+    store.add_metrics("gone", {"requests": 1})
+    store.complete("gone", [("R", "job-00001", "{}")])
+    assert not store.exists("gone")
+
+
+def test_ended_batches_keys_expire_after_keep_days_and_reopening_keeps_them(store, make_batch):
+    make_batch(store, "b", 3, shard_size=2, keep_days=2)
+    cids = _lease_all(store, "b") + _lease_all(store, "b", shard=1)
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid})) for cid in cids])
+    assert store.meta("b")["state"] == "finished"
+    assert store.expire_ended() == 1
+    for key in store.batch_keys("b"):
+        if store.redis.exists(key):
+            assert 2 * 86400 - 10 < store.redis.ttl(key) <= 2 * 86400, key
+    # New jobs in the finished batch: it runs again and its keys stay.
+    store.add_jobs("b", [("new", 0, json.dumps({"url": "/v1/chat/completions", "body": {"model": "m"}}))])
+    store.reopen("b")
+    assert store.redis.ttl(keys.batch("b")) == -1
+    # A cancelled batch gets its expiry too.
+    make_batch(store, "c", 1, keep_days=1)
+    store.set_state("c", "cancelled", "by the user")
+    assert store.expire_ended() == 1 and store.redis.ttl(keys.batch("c")) > 0

@@ -1,6 +1,8 @@
 -- reclaim: put jobs whose lease expired (their worker died or hung) back in
 -- their shard's todo set, due at once, and park the shard so a runner starts.
--- No attempt is counted: the job did not fail, its worker did.
+-- No attempt is counted: the job did not fail, its worker did. The worst case
+-- set aside for it under --max-cost is counted as spent ('cost_unknown'): its
+-- request may have been paid for, and nobody will report what it cost.
 -- KEYS[1]  batch key
 -- KEYS[2]  parked shards (sorted set "batch_id:shard" -> due ms)
 -- ARGV[1]  batch id
@@ -15,6 +17,12 @@ for _, cid in ipairs(expired) do
   local owner = redis.call('HGET', b .. ':owner', cid)
   redis.call('ZREM', b .. ':leases', cid)
   redis.call('HDEL', b .. ':owner', cid)
+  local held = redis.call('HGET', b .. ':costres', cid)
+  if held then
+    redis.call('HDEL', b .. ':costres', cid)
+    redis.call('HINCRBYFLOAT', b, 'cost_reserved', -tonumber(held))
+    redis.call('HINCRBYFLOAT', b, 'cost_unknown', tonumber(held))
+  end
   if owner and redis.call('HEXISTS', b .. ':status', cid) == 0 then
     local shard = string.match(owner, '|(%d+)$')
     if shard then

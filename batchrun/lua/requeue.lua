@@ -1,7 +1,8 @@
 -- requeue: give leased jobs back to their shard's todo set with a due time,
 -- counting a failed attempt and recording it in the job's history.
 -- A runner whose lease lapsed (and was taken over) cannot requeue: the owner
--- must still match.
+-- must still match. The job's worst case set aside under --max-cost is
+-- released: a refused or failed request costs nothing.
 -- KEYS[1]  batch key
 -- ARGV[1]  owner string (token|shard) of the runner
 -- ARGV[2]  shard number
@@ -19,6 +20,11 @@ for i = 3, #ARGV, 4 do
     local due = now + tonumber(ARGV[i + 1])
     redis.call('ZREM', b .. ':leases', cid)
     redis.call('HDEL', b .. ':owner', cid)
+    local held = redis.call('HGET', b .. ':costres', cid)
+    if held then
+      redis.call('HDEL', b .. ':costres', cid)
+      redis.call('HINCRBYFLOAT', b, 'cost_reserved', -tonumber(held))
+    end
     if ARGV[i + 2] == '1' then
       redis.call('HINCRBY', b .. ':attempts', cid, 1)
       redis.call('HINCRBY', b, 'retries', 1)

@@ -2,6 +2,7 @@
 -- so that e.g. a pause cannot overwrite a batch that just finished.
 -- KEYS[1]  batch key
 -- KEYS[2]  set of active batch ids
+-- KEYS[3]  set of batches that ended and whose keys need an expiry
 -- ARGV[1]  batch id
 -- ARGV[2]  new state
 -- ARGV[3]  reason ('' for none)
@@ -21,5 +22,6 @@ if ARGV[2] == 'running' or ARGV[2] == 'paused' then
   redis.call('SADD', KEYS[2], ARGV[1])
 elseif ARGV[2] == 'finished' or ARGV[2] == 'cancelled' then
   redis.call('SREM', KEYS[2], ARGV[1])
+  redis.call('SADD', KEYS[3], ARGV[1])
 end
 return 1

@@ -1,0 +1,43 @@
+-- reserve_cost: before sending, set aside each job's worst-case cost against the
+-- batch's --max-cost, so that spent + reserved never exceeds the cap. The first
+-- job that would cross it pauses the batch; it and the jobs after it in this
+-- call are refused (the runner gives them back without costing an attempt).
+-- KEYS[1]  batch key
+-- KEYS[2]  set of active batch ids
+-- ARGV[1]  batch id
+-- ARGV     then pairs: custom_id, worst-case cost in USD
+-- Returns  {reason the batch was paused or '', then 1 (reserved) or 0 (refused) per pair}
+local b = KEYS[1]
+local f = redis.call('HMGET', b, 'max_cost', 'cost', 'cost_reserved', 'cost_unknown', 'state')
+local cap = tonumber(f[1] or '0') or 0
+local spent = tonumber(f[2] or '0') or 0
+local reserved = tonumber(f[3] or '0') or 0
+local unknown = tonumber(f[4] or '0') or 0
+local refused = f[5] ~= 'running'
+local out = {''}
+local added = 0
+for i = 2, #ARGV, 2 do
+  local cid, worst = ARGV[i], tonumber(ARGV[i + 1])
+  if refused then
+    out[#out + 1] = 0
+  elseif redis.call('HEXISTS', b .. ':costres', cid) == 1 then
+    out[#out + 1] = 1  -- already set aside for this job
+  elseif cap > 0 and spent + unknown + reserved + added + worst > cap then
+    refused = true
+    out[#out + 1] = 0
+    out[1] = string.format(
+      'the next job (%s, up to $%.4f) would take the batch past its --max-cost of $%.2f ' ..
+      '($%.4f spent, $%.4f set aside for requests in flight%s); raise the cap with: ' ..
+      'batchrun resume %s --max-cost USD',
+      cid, worst, cap, spent, reserved + added,
+      unknown > 0 and string.format(', $%.4f counted for requests whose worker died', unknown) or '',
+      ARGV[1])
+    redis.call('HSET', b, 'state', 'paused', 'reason', out[1])
+  else
+    redis.call('HSET', b .. ':costres', cid, ARGV[i + 1])
+    added = added + worst
+    out[#out + 1] = 1
+  end
+end
+if added > 0 then redis.call('HINCRBYFLOAT', b, 'cost_reserved', added) end
+return out

@@ -1,0 +1,113 @@
+"""`batchrun status`, `list`, `purge` and the progress display: the fields scripts rely on."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from batchrun import keys
+from batchrun.cli import main
+from batchrun.progress import Progress
+from batchrun.settings import Limits
+from batchrun.status import batch_status, describe, format_duration
+from tests.conftest import REAL_REDIS_URL
+
+FIELDS = {"batch_id", "state", "reason", "created_at", "finished_at", "source", "jobs", "last_minute", "totals",
+          "models", "eta_seconds", "cost", "fleet"}
+
+
+def test_status_has_the_documented_fields(store, make_batch):
+    make_batch(store, "b", 100, shard_size=50, max_cost=2.5)
+    st = batch_status(store, "b")
+    assert set(st) == FIELDS
+    assert st["jobs"] == {"total": 100, "done": 0, "failed": 0, "queued": 100, "in_flight": 0, "waiting_retry": 0}
+    assert set(st["last_minute"]) == {"seconds", "requests", "tokens", "rate_limited", "retries", "ended",
+                                      "jobs_per_second"}
+    assert set(st["totals"]) == {"requests", "tokens", "rate_limited", "retries"}
+    assert set(st["cost"]) == {"spent_usd", "in_flight_usd", "unaccounted_usd", "projected_usd", "max_cost_usd",
+                               "prices_as_of"}
+    assert st["cost"]["max_cost_usd"] == 2.5 and st["cost"]["projected_usd"] is None
+    assert st["eta_seconds"] is None  # nothing ended yet: no rate to go by
+    assert st["state"] == "running" and st["reason"] is None
+    json.dumps(st)  # all of it is JSON
+
+
+def test_rates_eta_and_projected_cost_come_from_recent_counts(store, make_batch):
+    make_batch(store, "b", 100, shard_size=100, limits=Limits.parse(tpm=["gpt-4o-mini=100000"]))
+    cids = [j.custom_id for j in store.lease("b", 0, 40, 30_000, "tok").jobs]
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.002) for cid in cids])
+    store.add_metrics("b", {"requests": 45, "rate_limited": 5, "retries": 5, "ended": 40, "tokens": 4000,
+                            "requests:gpt-4o-mini": 45, "charged:gpt-4o-mini": 9000})
+    st = batch_status(store, "b")
+    span = st["last_minute"]["seconds"]
+    assert st["last_minute"]["ended"] == 40 and st["last_minute"]["rate_limited"] == 5
+    assert st["last_minute"]["jobs_per_second"] == pytest.approx(40 / span, rel=0.05)
+    # 60 jobs left at 40 per span seconds.
+    assert st["eta_seconds"] == pytest.approx(60 / (40 / span), rel=0.05)
+    [m] = st["models"]
+    assert m["model"] == "gpt-4o-mini" and m["tpm_limit"] == 100000 and m["rpm_limit"] is None
+    assert m["tokens_per_minute"] == pytest.approx(9000 * 60 / span, rel=0.05)
+    # 40 jobs cost 0.08: the 100 should cost 0.2.
+    assert st["cost"]["spent_usd"] == pytest.approx(0.08)
+    assert st["cost"]["projected_usd"] == pytest.approx(0.2)
+    assert st["totals"] == {"requests": 45, "tokens": 4000, "rate_limited": 5, "retries": 0}
+    text = "\n".join(describe(st))
+    assert "40 done" in text and "ends in" in text and "of 100,000 TPM" in text and "$0.0800 so far" in text
+
+
+def test_a_paused_batch_has_no_eta_and_says_why(store, make_batch):
+    make_batch(store, "b", 10)
+    store.set_state("b", "paused", "insufficient_quota: add credit, then batchrun resume b")
+    st = batch_status(store, "b")
+    assert st["state"] == "paused" and st["eta_seconds"] is None
+    assert "add credit" in describe(st)[0]
+
+
+def test_durations_read_naturally():
+    assert format_duration(None) == "unknown"
+    assert format_duration(42.4) == "42 s"
+    assert format_duration(125) == "2 min 05 s"
+    assert format_duration(3 * 3600 + 60 * 7) == "3 h 07 min"
+
+
+def test_progress_without_a_terminal_prints_plain_lines(store, make_batch):
+    make_batch(store, "b", 20, max_cost=1.0)
+    cids = [j.custom_id for j in store.lease("b", 0, 5, 30_000, "tok").jobs]
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.01) for cid in cids])
+    store.add_metrics("b", {"ended": 5, "requests:gpt-4o-mini": 5, "charged:gpt-4o-mini": 500})
+    out = io.StringIO()
+    with Progress(store, "b", total=20, stream=out) as progress:
+        progress.update(force=True)
+    line = out.getvalue().splitlines()[0]
+    assert line.startswith("progress: 5/20 jobs ended (5 done, 0 failed); 15 queued, 0 in flight, ")
+    assert "ETA " in line and "$0.0500 of $1.0000 cap" in line and "gpt-4o-mini" in line
+    assert "\x1b[" not in out.getvalue()  # no terminal codes in logs
+
+
+@pytest.mark.redis
+def test_status_json_list_and_purge_from_the_command_line(real_redis_url, make_batch):
+    import redis
+
+    from batchrun.store import BatchStore
+
+    store = BatchStore(redis.Redis.from_url(real_redis_url))
+    make_batch(store, "cli-b", 10)
+    runner = CliRunner()
+    res = runner.invoke(main, ["status", "cli-b", "--json", "--redis-url", REAL_REDIS_URL])
+    assert res.exit_code == 0, res.output
+    data = json.loads(res.output)
+    assert set(data) == FIELDS and data["jobs"]["total"] == 10
+
+    res = runner.invoke(main, ["list", "--redis-url", REAL_REDIS_URL])
+    assert res.exit_code == 0 and "cli-b" in res.output and "0/10 done" in res.output
+
+    res = runner.invoke(main, ["purge", "cli-b", "--redis-url", REAL_REDIS_URL], input="n\n")
+    assert res.exit_code == 1 and "nothing removed" in res.output and store.exists("cli-b")
+    res = runner.invoke(main, ["purge", "cli-b", "--yes", "--redis-url", REAL_REDIS_URL])
+    assert res.exit_code == 0 and "purged" in res.output
+    assert not store.exists("cli-b") and not store.redis.zscore(keys.BATCHES, "cli-b")
+    res = runner.invoke(main, ["status", "cli-b", "--redis-url", REAL_REDIS_URL])
+    assert res.exit_code == 1 and "no batch 'cli-b'" in res.output
