@@ -45,6 +45,13 @@ def batch_options(f):
         click.option("--burst-seconds", type=click.FloatRange(0), default=0.0, show_default=True,
                      help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
                           "headers show (one second's worth until they do)."),
+        click.option("--max-cost", type=click.FloatRange(0), default=0.0, metavar="USD",
+                     help="Hard spending cap: the batch pauses before a job could take it past this "
+                          "(requests in flight counted at their worst case); 0: no cap."),
+        click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None, envvar="BATCHRUN_PRICES",
+                     help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
+        click.option("--keep-days", type=click.FloatRange(0, min_open=True), default=7.0, show_default=True,
+                     help="Days a finished or cancelled batch's data stays in Redis."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -55,13 +62,15 @@ def batch_options(f):
     return f
 
 
-def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds) -> BatchOptions:
+def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
+                 keep_days) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
     return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
-                        shard_size=shard_size, burst_seconds=burst_seconds, limits=limits)
+                        shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
+                        limits=limits)
 
 
 def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
@@ -137,18 +146,18 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
 @click.argument("jobs", type=click.Path(exists=True, dir_okay=False))
 @redis_option
 @batch_options
-def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, **kw):
+def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, prices, **kw):
     """Load JOBS (JSONL) into Redis and queue its shards; prints the batch id last."""
     store, url = open_store(redis_url)
     if is_memory(url):
         click.echo("note: no --redis-url/BATCHRUN_REDIS_URL: submitting to an in-process Redis that ends with "
                    "this command; use `batchrun run` for a one-machine run", err=True)
-    report = _submit(store, jobs, batch_id, endpoint, skip_invalid, make_options(**kw))
+    report = _submit(store, jobs, batch_id, endpoint, skip_invalid, make_options(**kw), prices)
     click.echo(f"{report.added} job(s) added to batch {report.batch_id} ({report.total} in all) on {describe(url)}")
     click.echo(report.batch_id)
 
 
-def _submit(store, jobs, batch_id, endpoint, skip_invalid, options):
+def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
     from batchrun.submit import submit_file
 
     def on_skip(err):
@@ -156,7 +165,7 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options):
 
     try:
         return submit_file(store, jobs, batch_id=batch_id, options=options, endpoint=endpoint,
-                           skip_invalid=skip_invalid, on_skip=on_skip)
+                           skip_invalid=skip_invalid, on_skip=on_skip, prices=prices)
     except JobFileError as exc:
         fail(str(exc))
     except ValueError as exc:
@@ -211,12 +220,18 @@ def collect(batch_id, output, errors, follow, redis_url):
     """Append BATCH_ID's results (and errors) that the files do not hold yet."""
     from batchrun.collect import collect as do_collect, default_errors_path
 
+    from contextlib import nullcontext
+
+    from batchrun.progress import Progress
+
     store, _ = open_store(redis_url)
-    try:
+    if not store.exists(batch_id):
+        fail(f"no batch {batch_id!r} in this Redis")
+    shown = Progress(store, batch_id, total=int(store.meta(batch_id).get("total", 0))) if follow else nullcontext()
+    with shown as progress:
         report = do_collect(store, batch_id, output, errors, follow=follow,
-                            on_note=lambda m: click.echo(m, err=True))
-    except LookupError as exc:
-        fail(str(exc))
+                            on_note=lambda m: click.echo(m, err=True),
+                            on_progress=(lambda r: progress.update()) if follow else None)
     errors = errors or default_errors_path(output)
     click.echo(f"{report.results_written} result(s) written to {output}, {report.errors_written} error(s) to {errors}"
                + (f"; {report.already_there} were already there" if report.already_there else "")
@@ -236,57 +251,72 @@ def collect(batch_id, output, errors, follow, redis_url):
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
               help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
 def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
-        **kw):
+        prices, **kw):
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
     from batchrun.run import RunConfig, run_batch
 
 
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
-                    concurrency=concurrency, processes=processes, mock=mock, grace=grace)
+                    concurrency=concurrency, processes=processes, mock=mock, grace=grace, prices=prices)
     try:
         sys.exit(run_batch(cfg))
-    except JobFileError as exc:
+    except (JobFileError, ValueError) as exc:
         fail(str(exc))
 
 
 @main.command()
 @click.argument("batch_id")
 @redis_option
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def status(batch_id, redis_url, as_json):
-    """Show where BATCH_ID's jobs are."""
-    store, _ = open_store(redis_url)
-    if not store.exists(batch_id):
-        fail(f"no batch {batch_id!r} in this Redis")
-    from batchrun.progress import describe_conditions
+@click.option("--json", "as_json", is_flag=True, help="One JSON object (fields documented in the README).")
+@click.option("--watch", is_flag=True, help="Refresh every few seconds until the batch ends (Ctrl-C to stop watching).")
+@click.option("--every", type=click.FloatRange(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
+def status(batch_id, redis_url, as_json, watch, every):
+    """Where BATCH_ID's jobs are, its pace against the limits, its ETA and its cost."""
+    import time
 
-    meta = store.meta(batch_id)
-    counts = store.counts(batch_id)
-    conditions = store.fleet_conditions()
-    data = {"batch_id": batch_id, "state": meta.get("state"), "reason": meta.get("reason") or None, **counts,
-            **conditions}
-    if as_json:
-        click.echo(json.dumps(data))
-        return
-    click.echo(f"batch {batch_id}: {data['state']}" + (f" ({data['reason']})" if data["reason"] else ""))
-    click.echo(f"  {counts['done']} done, {counts['failed']} failed, {counts['in_flight']} in flight, "
-               f"{counts['queued']} queued, {counts['waiting_retry']} waiting to retry, of {counts['total']}; "
-               f"{counts['retries']} retries so far")
-    held = describe_conditions(conditions)
-    if held:
-        click.echo(f"  fleet: {held}")
+    from batchrun.status import batch_status, describe as describe_status
+
+    store, _ = open_store(redis_url)
+    tty = sys.stdout.isatty()
+    while True:
+        try:
+            data = batch_status(store, batch_id)
+        except LookupError as exc:
+            fail(str(exc))
+        if as_json:
+            click.echo(json.dumps(data))
+        else:
+            if watch and tty:
+                click.clear()
+            click.echo("\n".join(describe_status(data)))
+        if not watch or data["state"] in ("finished", "cancelled"):
+            return
+        try:
+            time.sleep(every)
+        except KeyboardInterrupt:
+            return
 
 
 @main.command(name="list")
 @redis_option
-def list_batches(redis_url):
-    """Recent batches, one line each."""
+@click.option("-n", "--limit", type=click.IntRange(1), default=20, show_default=True, help="How many batches.")
+def list_batches(redis_url, limit):
+    """Recent batches, newest first, one line each."""
+    import time
+
+    from batchrun.status import format_usd
+
     store, _ = open_store(redis_url)
-    for bid in store.recent_batches():
+    ids = store.recent_batches(limit)
+    if not ids:
+        click.echo("no batch on this Redis")
+    for bid in ids:
         m = store.meta(bid)
-        click.echo(f"{bid}  {m.get('state', '?'):9}  {m.get('done', 0)}/{m.get('total', 0)} done, "
-                   f"{m.get('failed', 0)} failed  {m.get('source', '')}")
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(m.get("created", 0) or 0)))
+        cost = float(m.get("cost", 0) or 0)
+        click.echo(f"{bid}  {created}  {m.get('state', '?'):9}  {m.get('done', 0)}/{m.get('total', 0)} done, "
+                   f"{m.get('failed', 0)} failed, {format_usd(cost)}  {m.get('source', '')}")
 
 
 @main.command()
@@ -299,8 +329,10 @@ def list_batches(redis_url):
 @click.option("--mock", is_flag=True, help="With a JOBS file: send to the built-in mock server.")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker.")
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True, help="As for run.")
+@click.option("--max-cost", type=click.FloatRange(0), default=None, metavar="USD",
+              help="New spending cap for the batch (a batch paused at its cap needs a higher one).")
 @click.pass_context
-def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace):
+def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost):
     """Continue a batch: TARGET is a BATCH_ID, or a JOBS file.
 
     \b
@@ -319,7 +351,8 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
 
 
         cfg = RunConfig(jobs=target, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=None,
-                        endpoint="/v1/chat/completions", skip_invalid=False, options=BatchOptions(),
+                        endpoint="/v1/chat/completions", skip_invalid=False,
+                        options=BatchOptions(max_cost=max_cost or 0.0),
                         concurrency=concurrency, processes=1, mock=mock, grace=grace, only_missing=True,
                         retry_failed=retry_failed)
         try:
@@ -330,9 +363,19 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     store, _ = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
-    state = store.meta(batch_id).get("state")
-    if state == "cancelled":
+    meta = store.meta(batch_id)
+    if meta.get("state") == "cancelled":
         fail(f"batch {batch_id} was cancelled")
+    if max_cost is not None:
+        committed = sum(float(meta.get(f) or 0) for f in ("cost", "cost_reserved", "cost_unknown"))
+        if max_cost and max_cost <= committed:
+            fail(f"batch {batch_id} has already spent or set aside ${committed:.4f}; a cap of ${max_cost:.2f} "
+                 f"would pause it again at once (give more, or 0 for no cap)")
+        store.set_max_cost(batch_id, max_cost)
+        click.echo(f"batch {batch_id}: spending cap now " + (f"${max_cost:.2f}" if max_cost else "none"))
+    elif meta.get("state") == "paused" and "--max-cost" in (meta.get("reason") or ""):
+        fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
+             f"batchrun resume {batch_id} --max-cost USD")
     n = store.resume(batch_id)
     click.echo(f"batch {batch_id} is running; {n} shard(s) with work left were queued for the workers")
 
@@ -347,6 +390,26 @@ def cancel(batch_id, redis_url):
         fail(f"no batch {batch_id!r} in this Redis")
     store.set_state(batch_id, "cancelled", "cancelled by the user")
     click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
+
+
+@main.command()
+@click.argument("batch_id")
+@redis_option
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def purge(batch_id, redis_url, yes):
+    """Remove BATCH_ID and everything it keeps in Redis (collect its results first)."""
+    store, _ = open_store(redis_url)
+    meta = store.meta(batch_id)
+    if not meta:
+        fail(f"no batch {batch_id!r} in this Redis")
+    pending = int(meta.get("total", 0)) - int(meta.get("done", 0)) - int(meta.get("failed", 0))
+    if not yes:
+        what = f"batch {batch_id} ({meta.get('state')}, {meta.get('done', 0)} results, {meta.get('failed', 0)} errors" \
+               + (f", {pending} jobs not done" if pending else "") + ")"
+        if not click.confirm(f"Remove {what} from Redis? Results not collected yet are lost", default=False):
+            fail("nothing removed")
+    n = store.purge(batch_id)
+    click.echo(f"batch {batch_id} purged ({n} keys removed)")
 
 
 @main.command()
@@ -372,6 +435,45 @@ def limits(redis_url, as_json):
                                                            else ""))
         click.echo(f"  the server charges {b['charge_ratio']:.3f} x our input estimate (learnt)"
                    + (f"; cooling down {b['cooldown_seconds']:.1f} s" if b["cooldown_seconds"] else ""))
+
+
+@main.command()
+@click.argument("jobs", type=click.Path(exists=True, dir_okay=False))
+@click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="Requests per minute (per model, or bare for all).")
+@click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="Tokens per minute (per model, or bare for all).")
+@click.option("--typical-output", type=click.IntRange(0), default=None, metavar="N",
+              help="Typical tokens per answer: adds a typical output and cost to the bounds.")
+@click.option("--prices", "prices_path", type=click.Path(dir_okay=False), default=None,
+              help="TOML price file whose models replace or extend the shipped table (env BATCHRUN_PRICES).")
+@click.option("--endpoint", default="/v1/chat/completions", show_default=True,
+              help="URL for lines that are bare request bodies.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
+    """Count JOBS' tokens; show its cost range and the shortest time your limits allow.
+
+    Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
+    """
+    from batchrun.estimate import estimate_file, render_text
+    from batchrun.pricing import PriceTable
+
+    try:
+        limits = Limits.parse(rpm, tpm)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+    try:
+        prices = PriceTable.load(prices_path)
+        report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices)
+    except ValueError as exc:  # a bad price file or --endpoint: the message says which and why
+        fail(str(exc))
+    if as_json:
+        click.echo(json.dumps(report.to_dict()))
+        return
+    shown = report.errors[:20]
+    for err in shown:
+        click.echo(f"skipped: {err}", err=True)
+    if report.invalid_lines > len(shown):
+        click.echo(f"skipped: ... and {report.invalid_lines - len(shown):,} more invalid lines", err=True)
+    click.echo(render_text(report))
 
 
 def _add_mock_server() -> None:

@@ -111,3 +111,32 @@ def test_status_json_list_and_purge_from_the_command_line(real_redis_url, make_b
     assert not store.exists("cli-b") and not store.redis.zscore(keys.BATCHES, "cli-b")
     res = runner.invoke(main, ["status", "cli-b", "--redis-url", REAL_REDIS_URL])
     assert res.exit_code == 1 and "no batch 'cli-b'" in res.output
+
+
+@pytest.mark.redis
+def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, make_batch):
+    import redis
+
+    from batchrun.store import BatchStore
+
+    store = BatchStore(redis.Redis.from_url(real_redis_url))
+    make_batch(store, "capped", 10, max_cost=0.5)
+    cids = [j.custom_id for j in store.lease("capped", 0, 10, 30_000, "tok").jobs]
+    store.complete("capped", [("R", cids[0], json.dumps({"custom_id": cids[0]}), 0.3)])
+    reason, ok = store.reserve_cost("capped", [(cids[1], 0.3)])
+    assert ok == [False] and store.meta("capped")["state"] == "paused"
+    runner = CliRunner()
+    url = ["--redis-url", REAL_REDIS_URL]
+    res = runner.invoke(main, ["status", "capped", *url])
+    assert "paused — the next job" in res.output and "--max-cost" in res.output
+    res = runner.invoke(main, ["resume", "capped", *url])
+    assert res.exit_code == 1 and "resume it with a higher one: batchrun resume capped --max-cost USD" in res.output
+    res = runner.invoke(main, ["resume", "capped", "--max-cost", "0.25", *url])
+    assert res.exit_code == 1 and "already spent or set aside $0.3000" in res.output
+    assert store.meta("capped")["state"] == "paused"
+    res = runner.invoke(main, ["resume", "capped", "--max-cost", "2", *url])
+    assert res.exit_code == 0, res.output
+    assert "spending cap now $2.00" in res.output
+    meta = store.meta("capped")
+    assert meta["state"] == "running" and float(meta["max_cost"]) == 2.0
+    assert store.reserve_cost("capped", [(cids[1], 0.3)])[1] == [True]
