@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from batchrun import keys
-from batchrun.jobfile import JobFileError, LineError, read_jobs, validate_file
+from batchrun.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
 from batchrun.settings import BatchOptions
 from batchrun.store import BatchStore
 
@@ -48,23 +50,35 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
 
     added, index = 0, 0
-    chunk: list[tuple[str, int, str]] = []
+    chunk: list[tuple[str, int, bytes]] = []
+    # The chunks go to Redis from one thread while this one reads on: Redis runs a chunk's Lua
+    # while the next chunk is parsed (at most two chunks wait, so memory stays flat).
+    sending: deque[Future] = deque()
 
     def flush() -> None:
-        nonlocal added
-        added += store.add_jobs(batch_id, chunk)[0]
-        chunk.clear()
+        nonlocal added, chunk
+        sending.append(sender.submit(store.add_jobs, batch_id, chunk))
+        chunk = []
+        while len(sending) > 2 or (sending and sending[0].done()):
+            added += sending.popleft().result()[0]
 
-    for job in read_jobs(path, endpoint=endpoint, skip_invalid=True, on_skip=on_skip):
-        if skip_ids and job.custom_id in skip_ids:
-            continue
-        shard = index // shard_size
-        index += 1
-        chunk.append((job.custom_id, shard, json.dumps({"method": job.method, "url": job.url, "body": job.body})))
-        if len(chunk) >= CHUNK:
+    if errors and on_skip is not None:
+        for err in errors:
+            on_skip(err)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-submit") as sender:
+        # validate_file has checked every line: the second pass trusts them (see iter_requests).
+        for custom_id, request in iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors]):
+            if skip_ids and custom_id in skip_ids:
+                continue
+            shard = index // shard_size
+            index += 1
+            chunk.append((custom_id, shard, request))
+            if len(chunk) >= CHUNK:
+                flush()
+        if chunk:
             flush()
-    if chunk:
-        flush()
+        while sending:
+            added += sending.popleft().result()[0]
     if added:
         store.reopen(batch_id)
     meta = store.meta(batch_id)

@@ -280,3 +280,43 @@ def test_seen_ids_keeps_first_lines_across_growth():
     assert seen.add("a" * 10_000, 6) is None  # long ids cost no more
     assert seen.add("\ud800", 7) is None  # a lone surrogate, which JSON can spell
     assert seen.add("\ud800", 8) == 7
+
+
+# --- iter_requests (submit's trusted second pass) ------------------------------------------------
+
+
+def test_iter_requests_gives_what_read_jobs_gives(tmp_path):
+    from batchrun.jobfile import iter_requests
+
+    path = tmp_path / "jobs.jsonl"
+    lines = [
+        '\ufeff{"custom_id": "a", "method": "POST", "url": "/v1/embeddings", "body": {"model": "m", "input": "x"}}',
+        "",
+        '{"model": "m", "messages": [], "metadata": {"custom_id": 7}}',
+        '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}',  # duplicate
+        '{"model": "m", "prompt": "p"}\r',
+        "   ",
+    ]
+    path.write_bytes(("\n".join(lines) + "\n").encode())
+    valid, errors = validate_file(path, endpoint="/v1/completions")
+    assert valid == 3 and [e.line_no for e in errors] == [4]
+    expected = [(j.custom_id, j.url, j.body) for j in read_jobs(path, endpoint="/v1/completions", skip_invalid=True)]
+    got = []
+    for cid, request in iter_requests(path, endpoint="/v1/completions", skip_lines=[e.line_no for e in errors]):
+        assert isinstance(request, bytes)
+        req = json.loads(request)
+        got.append((cid, req["url"], req["body"]))
+    assert got == expected
+    assert got[1] == ("7", "/v1/completions", {"model": "m", "messages": []})  # metadata removed
+    assert got[2][0] == "line-5"
+
+
+def test_iter_requests_notices_a_file_changed_since_validation(tmp_path):
+    from batchrun.jobfile import iter_requests
+
+    path = tmp_path / "jobs.jsonl"
+    path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}\n')
+    assert validate_file(path) == (1, [])
+    path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": \n')
+    with pytest.raises(JobFileError, match="changed"):
+        list(iter_requests(path))
