@@ -24,7 +24,6 @@ import fcntl
 import json
 import os
 import time
-import uuid
 
 # Lines are written out once this much is buffered; small enough that a crash loses little.
 _FLUSH_BYTES = 64 * 1024
@@ -43,12 +42,16 @@ def read_custom_ids(path: str | os.PathLike) -> set[str]:
     is not complete JSON, since ``repair_truncated_tail`` would remove it; any other line that is
     not a JSON object with a custom_id raises OutputFileError naming the file and line.
     """
+    return set(iter_custom_ids(path))
+
+
+def iter_custom_ids(path: str | os.PathLike):
+    """The custom_ids of a results or errors file, one line at a time (see ``read_custom_ids``)."""
     name = os.fsdecode(path)
-    ids: set[str] = set()
     try:
         f = open(path, "rb")
     except FileNotFoundError:
-        return ids
+        return
     with f:
         for line_no, raw in enumerate(f, start=1):
             if not raw or raw.isspace():
@@ -68,8 +71,7 @@ def read_custom_ids(path: str | os.PathLike) -> set[str]:
                     f"{name}, line {line_no}: not a result line (no custom_id); "
                     "is this the right file?"
                 )
-            ids.add(custom_id)
-    return ids
+            yield custom_id
 
 
 def repair_truncated_tail(path: str | os.PathLike) -> str | None:
@@ -194,6 +196,18 @@ class JsonlAppender:
         if self._buffered >= _FLUSH_BYTES:
             self.flush()
 
+    def write_line(self, line: bytes) -> None:
+        """Queue one line that is already a serialised JSON object (ASCII, no newline), as
+        ``write`` would have written it: e.g. an outcome line as workers stored it."""
+        if self._fd is None:
+            raise ValueError(f"{self.path}: write to a closed JsonlAppender")
+        if not line.isascii() or b"\n" in line or b"\r" in line:
+            raise ValueError(f"{self.path}: not a JSON line: {line[:80]!r}")
+        self._buffer.append(line + b"\n")
+        self._buffered += len(line) + 1
+        if self._buffered >= _FLUSH_BYTES:
+            self.flush()
+
     def flush(self, *, fsync: bool = False) -> None:
         """Write out the buffered lines; with fsync, also wait until they are on disk."""
         if self._fd is None:
@@ -280,5 +294,14 @@ def error_line(
     return line
 
 
+_random_hex: list[str] = []
+os.register_at_fork(after_in_child=_random_hex.clear)  # a forked worker draws its own
+
+
 def _new_line_id() -> str:
-    return "batch_req_" + uuid.uuid4().hex
+    # 32 random hex digits like uuid4().hex, drawn from the OS 256 at a time (one call to
+    # os.urandom instead of one per line: workers make thousands a second).
+    if not _random_hex:
+        block = os.urandom(16 * 256).hex()
+        _random_hex.extend(block[i:i + 32] for i in range(0, len(block), 32))
+    return "batch_req_" + _random_hex.pop()

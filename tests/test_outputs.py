@@ -260,3 +260,44 @@ def test_error_line_shape_with_response_and_attempts():
     assert got["error"] == {"code": "invalid_request_error", "message": "bad"}
     assert got["attempts"] == attempts
     assert list(got) == ["id", "custom_id", "response", "error", "attempts"]
+
+
+def test_line_ids_are_unique_and_shaped_like_upstream():
+    from batchrun.outputs import _new_line_id, result_line
+
+    ids = {_new_line_id() for _ in range(5000)}
+    assert len(ids) == 5000
+    for line_id in list(ids)[:50]:
+        assert line_id.startswith("batch_req_") and len(line_id) == len("batch_req_") + 32
+        int(line_id[len("batch_req_"):], 16)
+    assert result_line("a", status_code=200, request_id=None, body={})["id"] not in ids
+
+
+def test_line_ids_differ_in_a_forked_child(tmp_path):
+    import os
+
+    from batchrun.outputs import _new_line_id
+
+    _new_line_id()  # the parent's pool is filled
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.write(w, _new_line_id().encode())
+        os._exit(0)
+    os.close(w)
+    child = os.read(r, 100).decode()
+    os.waitpid(pid, 0)
+    assert child != _new_line_id()
+
+
+def test_write_line_appends_a_serialised_line(tmp_path):
+    path = tmp_path / "out.jsonl"
+    with JsonlAppender(path) as out:
+        out.write_line(b'{"custom_id": "a"}')
+        out.write({"custom_id": "b"})
+        with pytest.raises(ValueError):
+            out.write_line(b'{"custom_id": "c"}\n')
+        with pytest.raises(ValueError):
+            out.write_line('{"custom_id": "\u00e9"}'.encode())
+    assert read_custom_ids(path) == {"a", "b"}
+    assert path.read_bytes() == b'{"custom_id": "a"}\n{"custom_id": "b"}\n'

@@ -1,0 +1,60 @@
+"""collect: outcome lines from Redis into the results and errors files (on fakeredis)."""
+
+from __future__ import annotations
+
+import json
+
+import fakeredis
+
+from batchrun.collect import collect
+from batchrun.outputs import error_line, read_custom_ids, result_line
+from batchrun.store import BatchStore
+from batchrun.submit import submit_file
+
+
+def _setup(tmp_path, n):
+    store = BatchStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    jobs = tmp_path / "jobs.jsonl"
+    ids = [f"j{i}" for i in range(n - 2)] + ['odd "quoted" \\ id', "\u00e9t\u00e9"]
+    jobs.write_text("".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                                        "body": {"model": "m", "messages": []}}) + "\n" for cid in ids))
+    submit_file(store, jobs, batch_id="b")
+    return store, ids
+
+
+def test_collect_writes_each_outcome_once(tmp_path):
+    store, ids = _setup(tmp_path, 12)
+    lines = {}
+    items = []
+    for i, cid in enumerate(ids):
+        if i % 4 == 3:
+            line = error_line(cid, code="bad", message="no \u2603")
+            items.append(("E", cid, json.dumps(line)))
+        else:
+            line = result_line(cid, status_code=200, request_id="r", body={"text": "caf\u00e9", "custom_id": "x"})
+            items.append(("R", cid, json.dumps(line)))
+        lines[cid] = line
+    store.complete("b", items[:6])
+    out, err = tmp_path / "out.jsonl", tmp_path / "out.errors.jsonl"
+    first = collect(store, "b", str(out), on_note=lambda m: None)
+    assert first.results_written + first.errors_written == 6
+    store.complete("b", items[6:])
+    second = collect(store, "b", str(out), on_note=lambda m: None)
+    assert second.already_there == 6 and second.results_written + second.errors_written == len(ids) - 6
+    assert second.finished
+    written = [json.loads(x) for x in open(out)] + [json.loads(x) for x in open(err)]
+    assert sorted(written, key=lambda r: r["custom_id"]) == sorted(lines.values(), key=lambda r: r["custom_id"])
+    assert read_custom_ids(err) == {cid for i, cid in enumerate(ids) if i % 4 == 3}
+    again = collect(store, "b", str(out), on_note=lambda m: None)
+    assert again.results_written == again.errors_written == 0 and again.already_there == len(ids)
+
+
+def test_collect_skips_what_the_files_already_hold(tmp_path):
+    store, ids = _setup(tmp_path, 5)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(result_line(ids[0], status_code=200, request_id=None, body={})) + "\n")
+    store.complete("b", [("R", cid, json.dumps(result_line(cid, status_code=200, request_id=None, body={})))
+                         for cid in ids])
+    report = collect(store, "b", str(out), on_note=lambda m: None)
+    assert report.already_there == 1 and report.results_written == len(ids) - 1
+    assert sorted(json.loads(x)["custom_id"] for x in open(out)) == sorted(ids)
