@@ -123,10 +123,11 @@ def validate_file(path: str | os.PathLike, *, endpoint: str = "/v1/chat/completi
     command raises ``JobFileError(errors)`` if there are errors and --skip-invalid was not given,
     and otherwise streams ``read_jobs`` as a second pass.
     """
+    _check_endpoint(endpoint)
     valid = 0
     errors: list[LineError] = []
-    for item in iter_jobs(path, endpoint=endpoint):
-        if isinstance(item, Job):
+    for item in _iter_jobs(os.fsdecode(path), endpoint, build=False):
+        if item is True:
             valid += 1
         else:
             errors.append(item)
@@ -164,7 +165,13 @@ def _iter_requests(path: str, endpoint: str, skip_lines: frozenset[int]) -> Iter
             if not raw:
                 continue
             try:
-                obj = loads(raw)
+                text = raw.decode("utf-8")
+                try:
+                    obj, end = _scan_json(text, 0)
+                    if end != len(text):
+                        raise ValueError
+                except (StopIteration, ValueError):
+                    obj = loads(text)
                 if "body" in obj or "custom_id" in obj or "url" in obj or "method" in obj:
                     custom_id = obj["custom_id"]
                     if not isinstance(custom_id, str) or not isinstance(obj["body"], dict):
@@ -199,7 +206,9 @@ def _read_jobs(path: str, endpoint: str, skip_invalid: bool, on_skip) -> Iterato
             raise JobFileError([item], headline=f"{path} has an invalid line (jobs before it were already read):")
 
 
-def _iter_jobs(path: str, endpoint: str) -> Iterator[Job | LineError]:
+def _iter_jobs(path: str, endpoint: str, build: bool = True) -> Iterator[Job | LineError]:
+    """Jobs and LineErrors in file order; with ``build=False``, True in place of each Job (a
+    validating pass has no use for them)."""
     seen = _SeenIds()
     # Binary, so that the file is split on b"\n" only and bad UTF-8 is reported per line
     # instead of failing the whole read. Iterating a buffered file reads one line at a time.
@@ -209,43 +218,60 @@ def _iter_jobs(path: str, endpoint: str) -> Iterator[Job | LineError]:
                 raw = raw[3:]  # a UTF-8 byte order mark, as some Windows editors write
             if not raw or raw.isspace():
                 continue  # blank lines are allowed (e.g. a trailing empty line)
-            job_or_reason = _parse_line(raw, line_no, endpoint, seen)
-            if isinstance(job_or_reason, Job):
-                yield job_or_reason
-            else:
+            job_or_reason = _parse_line(raw, line_no, endpoint, seen, build)
+            if job_or_reason.__class__ is str:
                 yield LineError(path, line_no, job_or_reason)
+            else:
+                yield job_or_reason
 
 
-def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds) -> Job | str:
-    """Return the line's Job, or the reason it is invalid."""
+_scan_json = json.JSONDecoder().scan_once  # json.loads without its wrappers (see _parse_line)
+
+
+def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds, build: bool = True) -> Job | bool | str:
+    """Return the line's Job (True if not ``build``), or the reason it is invalid."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         return f"not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} of the line); save the file as UTF-8"
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        return f"not valid JSON: {e.msg} at column {e.colno}"
+    # The usual line is one object and a newline: scanned straight away (json.loads would first
+    # look for leading and trailing whitespace with regexes). Anything else, errors included,
+    # goes through json.loads, which says what is wrong.
+    obj = None
+    if text.startswith("{"):
+        try:
+            obj, end = _scan_json(text, 0)
+        except (StopIteration, ValueError):
+            obj = None
+        else:
+            if end != len(text) and not text[end:].isspace():
+                obj = None
+    if obj is None:
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            return f"not valid JSON: {e.msg} at column {e.colno}"
     if not isinstance(obj, dict):
         return f"not a JSON object (it is {_kind(obj)}); each line must be one request object"
 
-    if any(key in obj for key in _BATCH_KEYS):
-        return _parse_batch_line(obj, line_no, seen)
+    if "custom_id" in obj or "method" in obj or "url" in obj or "body" in obj:  # any of _BATCH_KEYS
+        return _parse_batch_line(obj, line_no, seen, build)
     if "model" in obj:
-        return _parse_bare_body(obj, line_no, endpoint, seen)
+        return _parse_bare_body(obj, line_no, endpoint, seen, build)
     return (
         "neither a Batch API line (custom_id, method, url, body) "
         "nor a request body (no 'model')"
     )
 
 
-def _parse_batch_line(obj: dict, line_no: int, seen: _SeenIds) -> Job | str:
-    missing = [key for key in _BATCH_KEYS if key not in obj]
-    if missing:
-        names = [repr(key) for key in missing]
-        if len(names) == 1:
-            return f"missing field {names[0]}"
-        return f"missing fields {', '.join(names[:-1])} and {names[-1]}"
+def _parse_batch_line(obj: dict, line_no: int, seen: _SeenIds, build: bool = True) -> Job | bool | str:
+    if len(obj) < 4 or "custom_id" not in obj or "method" not in obj or "url" not in obj or "body" not in obj:
+        missing = [key for key in _BATCH_KEYS if key not in obj]
+        if missing:
+            names = [repr(key) for key in missing]
+            if len(names) == 1:
+                return f"missing field {names[0]}"
+            return f"missing fields {', '.join(names[:-1])} and {names[-1]}"
 
     custom_id = obj["custom_id"]
     if not isinstance(custom_id, str) or not custom_id:
@@ -266,10 +292,10 @@ def _parse_batch_line(obj: dict, line_no: int, seen: _SeenIds) -> Job | str:
         return f"body is not an object (it is {_kind(body)})"
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "body has no 'model'"
-    return Job(custom_id, "POST", url, body, line_no)
+    return Job(custom_id, "POST", url, body, line_no) if build else True
 
 
-def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: _SeenIds) -> Job | str:
+def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: _SeenIds, build: bool = True) -> Job | bool | str:
     if not isinstance(body["model"], str) or not body["model"]:
         return "'model' must be a non-empty string"
     # The cookbook's tagging field; popped so it is not sent as the API's own `metadata`.
@@ -285,7 +311,7 @@ def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: _SeenIds) ->
     first = seen.add(custom_id, line_no)
     if first is not None:
         return f"duplicate custom_id {_short(custom_id)} (first on line {first})"
-    return Job(custom_id, "POST", endpoint, body, line_no)
+    return Job(custom_id, "POST", endpoint, body, line_no) if build else True
 
 
 def _kind(value: object) -> str:
