@@ -215,7 +215,7 @@ def test_submit_of_an_invalid_file_names_the_line_and_submits_nothing(real_redis
     assert proc.returncode == 1
     assert "line 4" in proc.stderr and "duplicate custom_id 'req-0'" in proc.stderr
     listing = subprocess.run(batchrun_cmd("list"), env=env, capture_output=True, text=True, timeout=60)
-    assert listing.stdout.strip() == ""
+    assert listing.stdout.strip() == "no batch on this Redis"
     skipped = subprocess.run(batchrun_cmd("submit", str(jobs), "--skip-invalid"), env=env, capture_output=True,
                              text=True, timeout=60)
     assert skipped.returncode == 0 and "skipped" in skipped.stderr and "line 4" in skipped.stderr
