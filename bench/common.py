@@ -73,6 +73,25 @@ def rss_mb(pid: int) -> float:
     return 0.0
 
 
+def memory_mb(pid: int) -> dict[str, float]:
+    """RSS, PSS (shared pages split among the processes sharing them) and USS (pages this process
+    alone has) of a live process, in MB, from /proc/PID/smaps_rollup."""
+    out = {"rss": 0.0, "pss": 0.0, "uss": 0.0}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                name, _, rest = line.partition(":")
+                if name == "Rss":
+                    out["rss"] = int(rest.split()[0]) / 1024
+                elif name == "Pss":
+                    out["pss"] = int(rest.split()[0]) / 1024
+                elif name in ("Private_Clean", "Private_Dirty"):
+                    out["uss"] += int(rest.split()[0]) / 1024
+    except OSError:
+        pass
+    return out
+
+
 def peak_rss_mb(pid: int) -> float:
     """Peak resident memory of a live process (VmHWM), in MB."""
     with open(f"/proc/{pid}/status") as f:
