@@ -13,6 +13,7 @@ from batchrun import __version__
 from batchrun.connections import ENV_URL, connect, describe, is_memory, resolve_url
 from batchrun.jobfile import JobFileError
 from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
+from batchrun.status import format_usd
 from batchrun.store import BatchStore
 
 log = logging.getLogger("batchrun")
@@ -68,9 +69,17 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
         raise click.BadParameter(str(exc)) from None
+    _check_finite("--max-cost", max_cost)
     return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                         shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
                         limits=limits)
+
+
+def _check_finite(name: str, value: float | None) -> None:
+    import math
+
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{name} must be a number of dollars, not {value}")
 
 
 def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
@@ -305,8 +314,6 @@ def list_batches(redis_url, limit):
     """Recent batches, newest first, one line each."""
     import time
 
-    from batchrun.status import format_usd
-
     store, _ = open_store(redis_url)
     ids = store.recent_batches(limit)
     if not ids:
@@ -331,8 +338,10 @@ def list_batches(redis_url, limit):
 @click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True, help="As for run.")
 @click.option("--max-cost", type=click.FloatRange(0), default=None, metavar="USD",
               help="New spending cap for the batch (a batch paused at its cap needs a higher one).")
+@click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="TOML price file over the batch's price table (a batch paused for a missing price needs it).")
 @click.pass_context
-def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost):
+def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost, prices):
     """Continue a batch: TARGET is a BATCH_ID, or a JOBS file.
 
     \b
@@ -344,6 +353,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     """
     from pathlib import Path
 
+    _check_finite("--max-cost", max_cost)
     if Path(target).is_file():
         if not output:
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
@@ -354,7 +364,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
                         endpoint="/v1/chat/completions", skip_invalid=False,
                         options=BatchOptions(max_cost=max_cost or 0.0),
                         concurrency=concurrency, processes=1, mock=mock, grace=grace, only_missing=True,
-                        retry_failed=retry_failed)
+                        retry_failed=retry_failed, prices=prices)
         try:
             sys.exit(run_batch(cfg))
         except JobFileError as exc:
@@ -366,16 +376,26 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     meta = store.meta(batch_id)
     if meta.get("state") == "cancelled":
         fail(f"batch {batch_id} was cancelled")
-    if max_cost is not None:
-        committed = sum(float(meta.get(f) or 0) for f in ("cost", "cost_reserved", "cost_unknown"))
-        if max_cost and max_cost <= committed:
-            fail(f"batch {batch_id} has already spent or set aside ${committed:.4f}; a cap of ${max_cost:.2f} "
-                 f"would pause it again at once (give more, or 0 for no cap)")
-        store.set_max_cost(batch_id, max_cost)
-        click.echo(f"batch {batch_id}: spending cap now " + (f"${max_cost:.2f}" if max_cost else "none"))
-    elif meta.get("state") == "paused" and "--max-cost" in (meta.get("reason") or ""):
+    if max_cost is None and meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
         fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
              f"batchrun resume {batch_id} --max-cost USD")
+    if max_cost is not None:
+        committed = store.committed_cost(batch_id)
+        if max_cost and max_cost <= committed:
+            fail(f"batch {batch_id} has already spent or set aside ${committed:.4f}; a cap of ${max_cost:.4f} "
+                 f"would pause it again at once (give more, or 0 for no cap)")
+        store.set_max_cost(batch_id, max_cost)
+        click.echo(f"batch {batch_id}: spending cap now " + (format_usd(max_cost) if max_cost else "none"))
+    if prices:
+        from batchrun.pricing import PriceTable
+
+        try:
+            table = PriceTable.from_json(meta["prices"]).with_file(prices) if meta.get("prices") \
+                else PriceTable.load(prices)
+        except ValueError as exc:
+            fail(str(exc))
+        store.set_prices(batch_id, table.to_json())
+        click.echo(f"batch {batch_id}: prices from {prices} added to its price table")
     n = store.resume(batch_id)
     click.echo(f"batch {batch_id} is running; {n} shard(s) with work left were queued for the workers")
 

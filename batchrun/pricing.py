@@ -81,6 +81,13 @@ class PriceTable:
             sources.append(f"{path} ({user_as_of})" if user_as_of else str(path))
         return cls(as_of=as_of, prices=prices, sources=tuple(sources))
 
+    def with_file(self, path: str) -> "PriceTable":
+        """This table with the user file at ``path`` over it, model by model (a batch's stored
+        table, updated by `resume --prices`)."""
+        user_as_of, user_prices = _read_price_file(os.fspath(path))
+        return PriceTable(as_of=user_as_of or self.as_of, prices={**self.prices, **user_prices},
+                          sources=(*self.sources, f"{path} ({user_as_of})" if user_as_of else str(path)))
+
     def price_for(self, model: str) -> Price | None:
         """The price of ``model``: its exact name; else, for a dated snapshot
         ("gpt-4o-mini-2024-07-18", "gpt-3.5-turbo-0125"), its alias; else the longest known

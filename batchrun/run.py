@@ -66,11 +66,12 @@ def run_batch(cfg: RunConfig) -> int:
             raise click.ClickException("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
 
         store = BatchStore(connect(cfg.redis_url))
+        if cfg.batch_id and store.exists(cfg.batch_id):
+            _apply_new_cap(store, cfg.batch_id, cfg.options.max_cost)  # before any worker runs its shards
         report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
                              skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
-        _apply_new_cap(store, bid, cfg.options.max_cost)
         click.echo(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}", err=True)
 
         workers = _start_workers(cfg, settings, store)
@@ -101,7 +102,13 @@ def run_batch(cfg: RunConfig) -> int:
                        f"{counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
             _print_resume(cfg, bid, errors_path, store)
             return 130
+        if store.meta(bid).get("state") != "finished":
+            # Paused (quota, the spending cap): the requests in flight still land and were paid
+            # for; wait for the workers to finish them, and write them too.
+            workers.stop()
+            collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True))
         progress.close()
+        store.expire_ended()  # a finished batch's keys start their --keep-days now
 
     meta = store.meta(bid)
     counts = store.counts(bid)
@@ -123,8 +130,12 @@ def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:
     meta = store.meta(bid)
     if not max_cost or float(meta.get("max_cost") or 0) == max_cost:
         return
+    committed = store.committed_cost(bid)
+    if max_cost <= committed:
+        raise ValueError(f"batch {bid} has already spent or set aside ${committed:.4f}; a cap of ${max_cost:.4f} "
+                         f"would pause it again at once")
     store.set_max_cost(bid, max_cost)
-    if meta.get("state") == "paused" and "--max-cost" in (meta.get("reason") or ""):
+    if meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
         store.resume(bid)
 
 
@@ -152,7 +163,7 @@ def _print_resume(cfg: RunConfig, bid: str, errors_path: str, store: BatchStore 
     """The exact command that continues where this run stopped."""
     errors = f" --errors {shlex.quote(errors_path)}" if cfg.errors else ""
     meta = store.meta(bid) if store is not None else {}
-    capped = "--max-cost" in (meta.get("reason") or "")
+    capped = "past its --max-cost" in (meta.get("reason") or "")
     cap = " --max-cost USD" if capped else ""
     if is_memory(cfg.redis_url):
         # The in-process Redis is gone with this process: continue from the files.

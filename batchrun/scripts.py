@@ -13,7 +13,8 @@ from importlib import resources
 from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
-         "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics")
+         "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
+         "expire_batch")
 
 
 @lru_cache(maxsize=None)
@@ -46,3 +47,4 @@ class Scripts:
     level: Script
     reserve_cost: Script
     metrics: Script
+    expire_batch: Script

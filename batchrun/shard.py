@@ -74,6 +74,7 @@ class ShardRunner:
         self.rng = random.Random()
         self.stats = Counter()
         self.metrics = Counter()  # counts not yet reported to Redis (see store.add_metrics)
+        self._on_the_wire: set[str] = set()  # jobs whose request has been sent, not yet answered
         self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
         self._side_tasks: set[asyncio.Task] = set()
         self._last_summary = time.monotonic()
@@ -83,6 +84,7 @@ class ShardRunner:
         meta = await self._redis(store.meta, bid)
         if not meta:
             log.info("batch %s no longer exists (purged or expired): shard %d has nothing to do", bid, self.shard)
+            await self._redis(store.unpark, bid, self.shard)
             return {}
         options = BatchOptions.from_fields(meta)
         self.prices = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
@@ -118,6 +120,7 @@ class ShardRunner:
                 await asyncio.gather(*self._side_tasks, return_exceptions=True)
             await self.limiter.drain()
             await self._redis(self.limiter.forget_held)
+            await self.coster.drain()  # before the requeues, which release what it set aside
             await self.completer.drain()
             await self.requeuer.drain()
             renewer.cancel()
@@ -170,6 +173,7 @@ class ShardRunner:
                 for job in lease.jobs:
                     self.inflight[job.custom_id] = asyncio.create_task(self._process(job))
                 next_due_ms, now_ms = lease.next_due_ms, lease.now_ms
+                self.max_cost = lease.max_cost  # a cap set on a running batch applies from here
                 if not lease.jobs and not self.inflight:
                     if next_due_ms is None:
                         return  # nothing left in this shard
@@ -215,7 +219,7 @@ class ShardRunner:
             self.metrics.update(counts)  # reported with the next ones
 
     def _reserve_costs(self, items: list[tuple[str, float]]) -> list[bool]:
-        reason, allowed = self.store.reserve_cost(self.batch_id, items)
+        reason, allowed = self.store.reserve_cost(self.batch_id, self.owner, items)
         if reason:
             log.error("batch %s paused: %s", self.batch_id, reason)
         return allowed
@@ -225,7 +229,7 @@ class ShardRunner:
             await self._attempt(job)
         except asyncio.CancelledError:
             # Stopping: the request may have gone out (it may be sent again), its result is not lost.
-            await self.requeuer.submit((job.custom_id, 0, False, ""))
+            await self.requeuer.submit((job.custom_id, 0, False, "", job.custom_id in self._on_the_wire))
             raise
         except Exception as exc:
             # A bug in batchrun, not in the request: it costs the job an attempt, so that one that
@@ -238,6 +242,7 @@ class ShardRunner:
                 await self.requeuer.submit((job.custom_id, 5000, True, ""))
         finally:
             self.inflight.pop(job.custom_id, None)
+            self._on_the_wire.discard(job.custom_id)
 
     async def _attempt(self, job: LeasedJob) -> None:
         url, body = job.request["url"], job.request["body"]
@@ -245,10 +250,12 @@ class ShardRunner:
         estimate = estimate_tokens(url, body)
         price = self.prices.price_for(model)
         if self.max_cost > 0:
-            if price is None:
-                await self._finish_error(job, "no_price",
-                                         f"no price is known for model {model!r}, so the batch's --max-cost cannot "
-                                         f"be kept; give its price with --prices FILE")
+            if price is None:  # not the job's fault: the batch waits for a price
+                message = (f"no price is known for model {model!r} (job {job.custom_id}), so the --max-cost "
+                           f"cannot be kept; give its price with: batchrun resume {self.batch_id} --prices FILE")
+                if await self._redis(self.store.set_state, self.batch_id, "paused", message, only_from=("running",)):
+                    log.error("batch %s paused: %s", self.batch_id, message)
+                await self.requeuer.submit((job.custom_id, 0, False, ""))
                 return
             # The cap holds even if every request in flight costs its worst case.
             worst = worst_case_cost(price, estimate.input_tokens, estimate.output_tokens)
@@ -266,6 +273,7 @@ class ShardRunner:
             return
         self.limiter.sent(model, admission)
         started = time.monotonic()
+        self._on_the_wire.add(job.custom_id)
         try:
             answer = await send(self.client, url, body)
         except StreamTruncated:
@@ -334,7 +342,7 @@ class ShardRunner:
         if verdict.circuit and circuit.open:
             # An outage, not this job's fault: it waits for the circuit and keeps its attempts.
             delay = max(0.0, (circuit.open_until_ms - circuit.now_ms) / 1000) + self.rng.uniform(0, 1)
-            await self.requeuer.submit((cid, int(delay * 1000), False, ""))
+            await self.requeuer.submit((cid, int(delay * 1000), False, "", response is None))
             self.stats["held_by_circuit"] += 1
             self._note_event("circuit_open", delay)
             return
@@ -352,7 +360,8 @@ class ShardRunner:
             return
         delay = backoff_delay(attempt, self.policy, verdict.hint, self.rng)
         record["wait"] = round(delay, 3)
-        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record)))
+        # No HTTP answer (a timeout, a broken stream): the server may have processed and billed it.
+        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record), response is None))
         self.stats["retried"] += 1
         self.metrics["retries"] += 1
         self._note_event(verdict.kind, delay)

@@ -142,7 +142,7 @@ def describe(status: dict) -> list[str]:
     lines = [f"batch {status['batch_id']}: {status['state']}" + (f" — {status['reason']}" if status["reason"] else "")]
     lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, {j['queued']} queued, "
                  f"{j['waiting_retry']} waiting to retry, of {j['total']}{share}")
-    if status["state"] == "running":
+    if status["state"] != "finished":
         lines.append(f"  last {lm['seconds']:.0f} s: {lm['requests']} requests, {lm['rate_limited']} rate limited "
                      f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s; "
                      f"ends in {format_duration(status['eta_seconds'])}")

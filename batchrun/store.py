@@ -7,7 +7,6 @@ is synchronous (redis-py), and the asyncio shard runner calls it from a thread.
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import dataclass
 
 from rq import Queue
@@ -35,6 +34,7 @@ class Lease:
     next_due_ms: int | None  # earliest due time left in the shard's todo set
     now_ms: int  # Redis server time when the lease was taken
     jobs: list[LeasedJob]
+    max_cost: float = 0.0  # the batch's spending cap now (0: none)
 
 
 def _s(value) -> str:
@@ -54,7 +54,7 @@ class BatchStore:
         ``prices`` is the price table (JSON) its workers use, so every machine counts alike."""
         key = keys.batch(batch_id)
         fields = {"state": "running", "total": 0, "done": 0, "failed": 0, "retries": 0,
-                  "shards": 0, "created": int(time.time()), "source": source, **options.to_fields()}
+                  "shards": 0, "created": self.server_time_ms() // 1000, "source": source, **options.to_fields()}
         if prices:
             fields["prices"] = prices
         created = self.redis.hsetnx(key, "created", fields["created"])
@@ -68,6 +68,14 @@ class BatchStore:
 
     def set_max_cost(self, batch_id: str, usd: float) -> None:
         self.redis.hset(keys.batch(batch_id), "max_cost", repr(float(usd)))
+
+    def set_prices(self, batch_id: str, table_json: str) -> None:
+        self.redis.hset(keys.batch(batch_id), "prices", table_json)
+
+    def committed_cost(self, batch_id: str) -> float:
+        """Spent, set aside for requests in flight, and counted for requests whose worker died."""
+        values = self.redis.hmget(keys.batch(batch_id), "cost", "cost_reserved", "cost_unknown")
+        return sum(float(v or 0) for v in values)
 
     def exists(self, batch_id: str) -> bool:
         return bool(self.redis.exists(keys.batch(batch_id)))
@@ -118,14 +126,14 @@ class BatchStore:
 
     def lease(self, batch_id: str, shard: int, n: int, lease_ms: int, token: str) -> Lease:
         out = self.scripts.lease(keys=[keys.batch(batch_id)], args=[shard, n, lease_ms, token])
-        state, next_due, now = _s(out[0]), _s(out[1]), int(_s(out[2]))
+        state, next_due, now, max_cost = _s(out[0]), _s(out[1]), int(_s(out[2])), float(_s(out[3]))
         jobs = []
-        for i in range(3, len(out), 3):
+        for i in range(4, len(out), 3):
             raw = out[i + 2]
             if not raw:
                 continue
             jobs.append(LeasedJob(_s(out[i]), int(out[i + 1]), json.loads(raw)))
-        return Lease(state, int(float(next_due)) if next_due else None, now, jobs)
+        return Lease(state, int(float(next_due)) if next_due else None, now, jobs, max_cost)
 
     def complete(self, batch_id: str, items: list[tuple]) -> tuple[int, int, int]:
         """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON[, cost in USD])."""
@@ -135,10 +143,11 @@ class BatchStore:
         out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=args)
         return int(out[0]), int(out[1]), int(out[2])
 
-    def reserve_cost(self, batch_id: str, items: list[tuple[str, float]]) -> tuple[str, list[bool]]:
-        """Set aside each (custom_id, worst-case USD) under the batch's --max-cost. Returns the
-        reason the batch was paused ('' if it was not) and, per item, whether it may be sent."""
-        args: list = [batch_id]
+    def reserve_cost(self, batch_id: str, owner: str, items: list[tuple[str, float]]) -> tuple[str, list[bool]]:
+        """Set aside each (custom_id, worst-case USD) of jobs ``owner`` leased, under the batch's
+        --max-cost. Returns the reason the batch was paused ('' if it was not) and, per item,
+        whether it may be sent."""
+        args: list = [batch_id, owner]
         for cid, worst in items:
             args += (cid, repr(float(worst)))
         out = self.scripts.reserve_cost(keys=[keys.batch(batch_id), keys.ACTIVE], args=args)
@@ -170,12 +179,12 @@ class BatchStore:
         span = (n - 1) * 5 + (now_ms % 5000) / 1000
         return totals, span
 
-    def requeue(self, batch_id: str, owner: str, shard: int,
-                items: list[tuple[str, int, bool, str]]) -> tuple[int, int | None]:
-        """Give jobs back with a delay: (custom_id, delay ms, counts as attempt, history JSON or '')."""
+    def requeue(self, batch_id: str, owner: str, shard: int, items: list[tuple]) -> tuple[int, int | None]:
+        """Give jobs back with a delay: (custom_id, delay ms, counts as attempt, history JSON or ''
+        [, maybe paid: the request may have been processed, so its worst case counts as spent])."""
         args: list = [owner, shard]
-        for cid, delay_ms, counts, record in items:
-            args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record)
+        for cid, delay_ms, counts, record, *paid in items:
+            args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record, "1" if paid and paid[0] else "0")
         out = self.scripts.requeue(keys=[keys.batch(batch_id)], args=args)
         return int(out[0]), (int(float(_s(out[1]))) if _s(out[1]) else None)
 
@@ -191,28 +200,24 @@ class BatchStore:
                 *(keys.todo(batch_id, shard) for shard in range(n))]
 
     def expire_ended(self, limit: int = 100) -> int:
-        """Give the keys of batches that finished or were cancelled their expiry (``keep_days``)."""
+        """Give the keys of batches that finished or were cancelled their expiry (``keep_days``),
+        once their last requests in flight have landed. Returns how many batches got it."""
         done = 0
-        for raw in self.redis.spop(keys.ENDED, limit) or ():
+        for raw in self.redis.srandmember(keys.ENDED, limit) or ():
             batch_id = _s(raw)
-            meta = self.meta(batch_id)
-            if meta.get("state") not in ("finished", "cancelled"):
-                continue  # reopened since
-            ttl = max(1, int(float(meta.get("keep_days", 7)) * 86400))
-            pipe = self.redis.pipeline()
-            for key in self.batch_keys(batch_id):
-                pipe.expire(key, ttl)
-            pipe.zrem(keys.PARKED, *(keys.parked_member(batch_id, s) for s in range(int(meta.get("shards", 0)) or 1)))
-            pipe.execute()
-            done += 1
+            out = self.scripts.expire_batch(keys=[keys.batch(batch_id), keys.ENDED, keys.PARKED],
+                                            args=[batch_id, *keys.SUBKEYS])
+            done += int(out) == 1
         return done
 
     def purge(self, batch_id: str) -> int:
         """Remove every key of a batch (cancelling it first, so runners stop). Returns keys deleted."""
         self.set_state(batch_id, "cancelled", "purged")
         n_shards = int(self.redis.hget(keys.batch(batch_id), "shards") or 0)
-        doomed = self.batch_keys(batch_id)
-        doomed += [_s(k) for k in self.redis.scan_iter(match=f"{keys.batch(batch_id)}:m:*", count=1000)]
+        # Sub-keys are found by name too, so that keys left without their hash go as well.
+        doomed = set(self.batch_keys(batch_id))
+        doomed |= {_s(k) for k in self.redis.scan_iter(match=f"{keys.batch(batch_id)}:*", count=1000)}
+        doomed = sorted(doomed)
         pipe = self.redis.pipeline()
         chunks = range(0, len(doomed), 1000)
         for i in chunks:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import secrets
 import time
 from collections import deque
@@ -12,6 +11,7 @@ from dataclasses import dataclass, field
 
 from batchrun import keys
 from batchrun.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
+from batchrun.pricing import PriceTable
 from batchrun.settings import BatchOptions
 from batchrun.store import BatchStore
 
@@ -27,6 +27,19 @@ class SubmitReport:
     skipped: list[LineError] = field(default_factory=list)
 
 
+def _check_prices(path, endpoint: str, table: PriceTable) -> None:
+    """A spending cap needs a price for every model of the file (an extra pass, only then)."""
+    missing: dict[str, int] = {}
+    for job in read_jobs(path, endpoint=endpoint, skip_invalid=True):
+        model = str(job.body.get("model", ""))
+        if model not in missing and table.price_for(model) is None:
+            missing[model] = job.line_no
+    if missing:
+        listed = ", ".join(f"{m!r} (first on line {n})" for m, n in missing.items())
+        raise ValueError(f"{path}: no price is known for {listed}, so --max-cost cannot be kept; "
+                         f"give the price with --prices FILE (see `batchrun estimate`)")
+
+
 def new_batch_id() -> str:
     return time.strftime("batch-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -34,11 +47,12 @@ def new_batch_id() -> str:
 def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, options: BatchOptions | None = None,
                 endpoint: str = "/v1/chat/completions", skip_invalid: bool = False,
                 on_skip: Callable[[LineError], None] | None = None,
-                skip_ids: set[str] | None = None) -> SubmitReport:
+                skip_ids: set[str] | None = None, prices: str | None = None) -> SubmitReport:
     """Load the jobs of ``path`` into batch ``batch_id`` (new if None) and enqueue the shards that got jobs.
 
     Nothing is written unless the whole file is valid or ``skip_invalid`` is set. Jobs whose
-    custom_id is in ``skip_ids`` (already in the output files) are left out.
+    custom_id is in ``skip_ids`` (already in the output files) are left out. ``prices`` is a
+    user's price file over the shipped table; the batch keeps the merged table.
     """
     valid, errors = validate_file(path, endpoint=endpoint)
     if errors and not skip_invalid:
@@ -46,7 +60,18 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
     batch_id = batch_id or new_batch_id()
-    store.create_batch(batch_id, options or BatchOptions(), source=str(path))
+    options = options or BatchOptions()
+    existing = store.meta(batch_id)
+    if existing.get("prices"):  # jobs added to a batch: its own table, updated by a new price file
+        table = PriceTable.from_json(existing["prices"])
+        table = table.with_file(prices) if prices else table
+    else:
+        table = PriceTable.load(prices)
+    if options.max_cost or float(existing.get("max_cost") or 0):
+        _check_prices(path, endpoint, table)
+    store.create_batch(batch_id, options, source=str(path), prices=table.to_json())
+    if existing and prices:
+        store.set_prices(batch_id, table.to_json())
     shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
 
     added, index = 0, 0

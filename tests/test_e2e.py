@@ -345,3 +345,47 @@ def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_fin
     # The batch's cost is the sum of each answer's cost from its real usage.
     expected = sum(cost_of_usage(price, r["response"]["body"]["usage"]) for r in results)
     assert float(store.meta(rep.batch_id)["cost"]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_a_model_without_a_price_pauses_a_capped_batch_until_its_price_is_given(store: BatchStore, tmp_path):
+    from batchrun.pricing import PriceTable, cost_of_usage
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30, model="house-model")
+    prices = tmp_path / "prices.toml"
+    prices.write_text('as_of = "2026-11-22"\n[models."house-model"]\ninput = 1.0\ncached_input = 0.5\noutput = 2.0\n')
+    with pytest.raises(ValueError, match=r"no price is known for 'house-model' \(first on line 1\)"):
+        submit_file(store, str(jobs), batch_id="refused", options=BatchOptions(max_cost=1.0))
+    assert not store.exists("refused")
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=10))
+        store.set_max_cost(rep.batch_id, 1.0)  # as `resume ID --max-cost 1` does
+        run_thread_worker(store.redis, settings_for(srv, concurrency=5))
+        meta = store.meta(rep.batch_id)
+        assert meta["state"] == "paused" and "no price is known for model 'house-model'" in meta["reason"]
+        assert f"batchrun resume {rep.batch_id} --prices FILE" in meta["reason"]
+        assert int(meta["failed"]) == 0 and srv.stats()["requests"] == 0  # nothing sent, nothing failed
+
+        table = PriceTable.from_json(meta["prices"]).with_file(str(prices))  # as `resume --prices` does
+        store.set_prices(rep.batch_id, table.to_json())
+        store.resume(rep.batch_id)
+        run_thread_worker(store.redis, settings_for(srv))
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    assert collect(store, rep.batch_id, str(out), str(err)).finished
+    results, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    price = table.price_for("house-model")
+    expected = sum(cost_of_usage(price, r["response"]["body"]["usage"]) for r in results)
+    assert float(store.meta(rep.batch_id)["cost"]) == pytest.approx(expected, rel=1e-9)
+
+
+def test_run_paused_at_its_cap_writes_the_answers_it_paid_for(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 200, max_tokens=50)
+    out = tmp_path / "out.jsonl"
+    proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(out), "--mock", "--max-cost", "0.0004",
+                                       "-c", "20"), env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "past its --max-cost of $0.0004" in proc.stderr
+    written = read_lines(out)
+    said = int(proc.stdout.split(" result(s)")[0].split()[-1])
+    assert 0 < len(written) == said < 200  # every result counted was written, paid answers included
+    assert f"batchrun resume {jobs} -o {out} --mock --max-cost USD" in proc.stderr

@@ -123,7 +123,7 @@ def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, 
     make_batch(store, "capped", 10, max_cost=0.5)
     cids = [j.custom_id for j in store.lease("capped", 0, 10, 30_000, "tok").jobs]
     store.complete("capped", [("R", cids[0], json.dumps({"custom_id": cids[0]}), 0.3)])
-    reason, ok = store.reserve_cost("capped", [(cids[1], 0.3)])
+    reason, ok = store.reserve_cost("capped", "tok|0", [(cids[1], 0.3)])
     assert ok == [False] and store.meta("capped")["state"] == "paused"
     runner = CliRunner()
     url = ["--redis-url", REAL_REDIS_URL]
@@ -136,7 +136,7 @@ def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, 
     assert store.meta("capped")["state"] == "paused"
     res = runner.invoke(main, ["resume", "capped", "--max-cost", "2", *url])
     assert res.exit_code == 0, res.output
-    assert "spending cap now $2.00" in res.output
+    assert "spending cap now $2.0000" in res.output
     meta = store.meta("capped")
     assert meta["state"] == "running" and float(meta["max_cost"]) == 2.0
-    assert store.reserve_cost("capped", [(cids[1], 0.3)])[1] == [True]
+    assert store.reserve_cost("capped", "tok|0", [(cids[1], 0.3)])[1] == [True]

@@ -632,7 +632,7 @@ def _lease_all(store, batch_id, shard=0, n=100):
 def test_cost_reservations_never_let_spent_plus_set_aside_pass_the_cap(store, make_batch):
     make_batch(store, "b", 10, max_cost=1.0)
     cids = _lease_all(store, "b")
-    reason, ok = store.reserve_cost("b", [(cid, 0.3) for cid in cids[:5]])
+    reason, ok = store.reserve_cost("b", "tok|0", [(cid, 0.3) for cid in cids[:5]])
     # 0.3 + 0.3 + 0.3 = 0.9 fits; a fourth would make 1.2 > 1.0: it and those after it are refused.
     assert ok == [True, True, True, False, False]
     assert "past its --max-cost of $1.00" in reason and "batchrun resume b --max-cost" in reason
@@ -640,13 +640,13 @@ def test_cost_reservations_never_let_spent_plus_set_aside_pass_the_cap(store, ma
     assert meta["state"] == "paused" and meta["reason"] == reason
     assert float(meta["cost_reserved"]) == pytest.approx(0.9)
     # A paused batch reserves nothing more.
-    assert store.reserve_cost("b", [(cids[5], 0.01)]) == ("", [False])
+    assert store.reserve_cost("b", "tok|0", [(cids[5], 0.01)]) == ("", [False])
 
 
 def test_an_answer_releases_its_worst_case_and_adds_its_real_cost(store, make_batch):
     make_batch(store, "b", 4, max_cost=1.0)
     cids = _lease_all(store, "b")
-    store.reserve_cost("b", [(cid, 0.25) for cid in cids])
+    store.reserve_cost("b", "tok|0", [(cid, 0.25) for cid in cids])
     line = json.dumps({"custom_id": cids[0]})
     store.complete("b", [("R", cids[0], line, 0.01), ("R", cids[0], line, 0.01)])  # a duplicate was paid too
     meta = store.meta("b")
@@ -655,21 +655,38 @@ def test_an_answer_releases_its_worst_case_and_adds_its_real_cost(store, make_ba
     # A requeued (refused or failed) request costs nothing and gives its reservation back.
     store.requeue("b", "tok|0", 0, [(cids[1], 0, True, "")])
     assert float(store.meta("b")["cost_reserved"]) == pytest.approx(0.5)
-    # Room again: 0.02 spent + 0.5 set aside + 0.45 = 0.97 <= 1.0.
-    assert store.reserve_cost("b", [(cids[1], 0.45)])[1] == [True]
+    # Room again: 0.02 spent + 0.5 set aside + 0.45 = 0.97 <= 1.0 (once the job is leased again).
+    assert store.reserve_cost("b", "tok|0", [(cids[1], 0.45)])[1] == [False]  # not leased: nothing set aside
+    assert _lease_all(store, "b") == [cids[1]]
+    assert store.reserve_cost("b", "tok|0", [(cids[1], 0.45)]) == ("", [True])
+    # A request that may have been processed before it broke counts at its worst case.
+    store.requeue("b", "tok|0", 0, [(cids[2], 0, True, "", True)])
+    meta = store.meta("b")
+    assert float(meta["cost_unknown"]) == pytest.approx(0.25)
+    assert float(meta["cost_reserved"]) == pytest.approx(0.7)
 
 
 def test_a_dead_workers_reservation_counts_as_spent(store, make_batch):
     make_batch(store, "b", 2, max_cost=1.0)
     cids = [j.custom_id for j in store.lease("b", 0, 10, 1, "tok").jobs]  # 1 ms lease: lapses at once
-    store.reserve_cost("b", [(cids[0], 0.4)])
+    store.reserve_cost("b", "tok|0", [(cids[0], 0.4)])
     time.sleep(0.01)
     assert store.reclaim("b") == 2
     meta = store.meta("b")
     assert float(meta["cost_reserved"]) == pytest.approx(0.0)
     assert float(meta["cost_unknown"]) == pytest.approx(0.4)
     # Its request may have been paid for: the cap still counts it.
-    assert store.reserve_cost("b", [(cids[0], 0.7)])[1] == [False]
+    assert sorted(_lease_all(store, "b")) == sorted(cids)
+    reason, ok = store.reserve_cost("b", "tok|0", [(cids[0], 0.7)])
+    assert ok == [False] and "$0.4000 counted for requests whose worker died" in reason
+
+
+def test_a_cancelled_batch_takes_nothing_back(store, make_batch):
+    make_batch(store, "b", 3)
+    cids = _lease_all(store, "b")
+    store.set_state("b", "cancelled", "by the user")
+    assert store.requeue("b", "tok|0", 0, [(cids[0], 0, True, "")]) == (0, None)
+    assert store.redis.zcard(keys.todo("b", 0)) == 0 and store.counts("b")["in_flight"] == 2
 
 
 def test_metrics_land_in_totals_and_in_the_recent_window(store, make_batch):
@@ -719,3 +736,45 @@ def test_ended_batches_keys_expire_after_keep_days_and_reopening_keeps_them(stor
     make_batch(store, "c", 1, keep_days=1)
     store.set_state("c", "cancelled", "by the user")
     assert store.expire_ended() == 1 and store.redis.ttl(keys.batch("c")) > 0
+
+
+def test_a_lease_carries_the_batchs_cap_so_a_new_one_applies_at_once(store, make_batch):
+    make_batch(store, "b", 4)
+    assert store.lease("b", 0, 1, 30_000, "tok").max_cost == 0.0
+    store.set_max_cost("b", 2.5)
+    assert store.lease("b", 0, 1, 30_000, "tok").max_cost == 2.5
+
+
+def test_expiry_waits_for_requests_in_flight_but_not_for_lapsed_leases(store, make_batch):
+    make_batch(store, "b", 3, keep_days=1)
+    cids = _lease_all(store, "b")
+    store.set_state("b", "cancelled", "by the user")
+    assert store.expire_ended() == 0  # three requests still out
+    assert store.redis.ttl(keys.batch("b")) == -1
+    store.complete("b", [("R", cids[0], json.dumps({"custom_id": cids[0]}))])  # they land
+    store.requeue("b", "tok|0", 0, [(cids[1], 0, True, ""), (cids[2], 0, True, "")])
+    assert store.expire_ended() == 1
+    for key in (keys.batch("b"), keys.sub("b", "results"), keys.sub("b", "status")):
+        assert 0 < store.redis.ttl(key) <= 86400, key
+    assert not store.redis.sismember(keys.ENDED, "b")
+    # A dead worker's leases (lapsed; nobody reclaims an ended batch) do not hold it back.
+    make_batch(store, "c", 2)
+    store.lease("c", 0, 2, 1, "tok")
+    store.set_state("c", "cancelled", "by the user")
+    time.sleep(0.01)
+    assert store.expire_ended() == 1 and store.redis.ttl(keys.batch("c")) > 0
+
+
+def test_a_runner_of_a_purged_batch_lets_go_of_its_shard(store, make_batch):
+    import asyncio
+
+    from batchrun.settings import WorkerSettings
+    from batchrun.shard import ShardRunner
+
+    make_batch(store, "b", 5)
+    store.purge("b")
+    store.hold_shard("b", 0)  # a runner's renewal that came after the purge
+    runner = ShardRunner(store, "b", 0, WorkerSettings(base_url="http://127.0.0.1:9/v1", api_key="sk-x"))
+    assert asyncio.run(runner.run()) == {}
+    assert store.redis.zscore(keys.PARKED, "b:0") is None
+    assert not store.exists("b")

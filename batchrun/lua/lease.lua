@@ -5,18 +5,20 @@
 -- ARGV[2]  how many jobs at most
 -- ARGV[3]  lease length in ms
 -- ARGV[4]  owner token (the runner's id)
--- Returns  {state, next_due_ms or '', now_ms, cid, attempts, request JSON, cid, ...}
+-- Returns  {state, next_due_ms or '', now_ms, max_cost, cid, attempts, request JSON, cid, ...}
 --          next_due_ms is the earliest due time still in the shard's todo set
---          after this lease, '' when the set is empty; now_ms is Redis server time.
+--          after this lease, '' when the set is empty; now_ms is Redis server time;
+--          max_cost is the batch's spending cap now ('0': none), so runners see a new one.
 local b = KEYS[1]
-local state = redis.call('HGET', b, 'state')
+local f = redis.call('HMGET', b, 'state', 'max_cost')
+local state, cap = f[1], f[2] or '0'
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 if state ~= 'running' then
-  return {state or 'missing', '', tostring(now)}
+  return {state or 'missing', '', tostring(now), cap}
 end
 local todo = b .. ':todo:' .. ARGV[1]
-local out = {state, '', tostring(now)}
+local out = {state, '', tostring(now), cap}
 local cids = redis.call('ZRANGEBYSCORE', todo, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 if #cids > 0 then
   redis.call('ZREM', todo, unpack(cids))

@@ -2,18 +2,22 @@
 -- counting a failed attempt and recording it in the job's history.
 -- A runner whose lease lapsed (and was taken over) cannot requeue: the owner
 -- must still match. The job's worst case set aside under --max-cost is
--- released: a refused or failed request costs nothing.
+-- released: a refused or failed request costs nothing, except one that may have
+-- been processed before it broke (a timeout, a broken stream), which is counted
+-- at its worst case ('cost_unknown'). A cancelled batch takes nothing back.
 -- KEYS[1]  batch key
 -- ARGV[1]  owner string (token|shard) of the runner
 -- ARGV[2]  shard number
--- ARGV     then quads: custom_id, delay in ms, counts as attempt (1/0), history record JSON ('' for none)
+-- ARGV     then quints: custom_id, delay in ms, counts as attempt (1/0), history record JSON ('' for none),
+--          maybe paid (1/0)
 -- Returns  {requeued, earliest due ms or ''}
 local b = KEYS[1]
 local owner, shard = ARGV[1], ARGV[2]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local n, earliest = 0, nil
-for i = 3, #ARGV, 4 do
+local cancelled = redis.call('HGET', b, 'state') == 'cancelled'
+for i = 3, #ARGV, 5 do
   local cid = ARGV[i]
   if redis.call('HGET', b .. ':owner', cid) == owner
       and redis.call('HEXISTS', b .. ':status', cid) == 0 then
@@ -24,19 +28,22 @@ for i = 3, #ARGV, 4 do
     if held then
       redis.call('HDEL', b .. ':costres', cid)
       redis.call('HINCRBYFLOAT', b, 'cost_reserved', -tonumber(held))
+      if ARGV[i + 4] == '1' then redis.call('HINCRBYFLOAT', b, 'cost_unknown', tonumber(held)) end
     end
-    if ARGV[i + 2] == '1' then
-      redis.call('HINCRBY', b .. ':attempts', cid, 1)
-      redis.call('HINCRBY', b, 'retries', 1)
+    if not cancelled then
+      if ARGV[i + 2] == '1' then
+        redis.call('HINCRBY', b .. ':attempts', cid, 1)
+        redis.call('HINCRBY', b, 'retries', 1)
+      end
+      if ARGV[i + 3] ~= '' then
+        local h = redis.call('HGET', b .. ':history', cid)
+        if h then h = h .. '\n' .. ARGV[i + 3] else h = ARGV[i + 3] end
+        redis.call('HSET', b .. ':history', cid, h)
+      end
+      redis.call('ZADD', b .. ':todo:' .. shard, due, cid)
+      n = n + 1
+      if not earliest or due < earliest then earliest = due end
     end
-    if ARGV[i + 3] ~= '' then
-      local h = redis.call('HGET', b .. ':history', cid)
-      if h then h = h .. '\n' .. ARGV[i + 3] else h = ARGV[i + 3] end
-      redis.call('HSET', b .. ':history', cid, h)
-    end
-    redis.call('ZADD', b .. ':todo:' .. shard, due, cid)
-    n = n + 1
-    if not earliest or due < earliest then earliest = due end
   end
 end
 return {n, earliest and tostring(earliest) or ''}

@@ -2,9 +2,12 @@
 -- batch's --max-cost, so that spent + reserved never exceeds the cap. The first
 -- job that would cross it pauses the batch; it and the jobs after it in this
 -- call are refused (the runner gives them back without costing an attempt).
+-- A job no longer leased by the caller is refused too (its lease lapsed, or it
+-- was given back while this call waited), so nothing is set aside for it.
 -- KEYS[1]  batch key
 -- KEYS[2]  set of active batch ids
 -- ARGV[1]  batch id
+-- ARGV[2]  owner string (token|shard) of the calling runner
 -- ARGV     then pairs: custom_id, worst-case cost in USD
 -- Returns  {reason the batch was paused or '', then 1 (reserved) or 0 (refused) per pair}
 local b = KEYS[1]
@@ -16,9 +19,9 @@ local unknown = tonumber(f[4] or '0') or 0
 local refused = f[5] ~= 'running'
 local out = {''}
 local added = 0
-for i = 2, #ARGV, 2 do
+for i = 3, #ARGV, 2 do
   local cid, worst = ARGV[i], tonumber(ARGV[i + 1])
-  if refused then
+  if refused or redis.call('HGET', b .. ':owner', cid) ~= ARGV[2] then
     out[#out + 1] = 0
   elseif redis.call('HEXISTS', b .. ':costres', cid) == 1 then
     out[#out + 1] = 1  -- already set aside for this job
@@ -26,7 +29,7 @@ for i = 2, #ARGV, 2 do
     refused = true
     out[#out + 1] = 0
     out[1] = string.format(
-      'the next job (%s, up to $%.4f) would take the batch past its --max-cost of $%.2f ' ..
+      'the next job (%s, up to $%.4f) would take the batch past its --max-cost of $%.4f ' ..
       '($%.4f spent, $%.4f set aside for requests in flight%s); raise the cap with: ' ..
       'batchrun resume %s --max-cost USD',
       cid, worst, cap, spent, reserved + added,
