@@ -288,23 +288,23 @@ def status(batch_id, redis_url, as_json, watch, every):
 
     store, _ = open_store(redis_url)
     tty = sys.stdout.isatty()
-    while True:
-        try:
-            data = batch_status(store, batch_id)
-        except LookupError as exc:
-            fail(str(exc))
-        if as_json:
-            click.echo(json.dumps(data))
-        else:
-            if watch and tty:
-                click.clear()
-            click.echo("\n".join(describe_status(data)))
-        if not watch or data["state"] in ("finished", "cancelled"):
-            return
-        try:
+    try:
+        while True:
+            try:
+                data = batch_status(store, batch_id)
+            except LookupError as exc:
+                fail(str(exc))
+            if as_json:
+                click.echo(json.dumps(data))
+            else:
+                if watch and tty:
+                    click.clear()
+                click.echo("\n".join(describe_status(data)))
+            if not watch or data["state"] in ("finished", "cancelled"):
+                return
             time.sleep(every)
-        except KeyboardInterrupt:
-            return
+    except KeyboardInterrupt:  # stops watching; the batch goes on
+        return
 
 
 @main.command(name="list")
