@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -129,6 +130,10 @@ class LeanAsyncOpenAI(AsyncOpenAI):
     client has none), the same auth (``security``) and no per-request options; an auth provider
     that sets headers per request takes the SDK's own path."""
 
+    def _idempotency_key(self) -> str:
+        # The SDK makes one per request (uuid4, ~2 µs); the same shape from a pool of random bytes.
+        return f"stainless-python-retry-{_random_uuid()}"
+
     @property
     def user_agent(self) -> str:
         return f"{AsyncOpenAI.__name__}/Python {self._version}"  # the SDK's, not this subclass's name
@@ -156,6 +161,22 @@ class LeanAsyncOpenAI(AsyncOpenAI):
         request.headers["Content-Length"] = str(len(content))
         request.read()
         return request
+
+
+_uuid_pool: list[str] = []
+os.register_at_fork(after_in_child=_uuid_pool.clear)  # a forked worker draws its own
+
+
+def _random_uuid() -> str:
+    """A random (version 4) UUID string, from os.urandom drawn 256 at a time."""
+    if not _uuid_pool:
+        block = bytearray(os.urandom(16 * 256))
+        for i in range(0, len(block), 16):
+            block[i + 6] = (block[i + 6] & 0x0F) | 0x40  # version 4
+            block[i + 8] = (block[i + 8] & 0x3F) | 0x80  # RFC 4122 variant
+            h = block[i:i + 16].hex()
+            _uuid_pool.append(f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}")
+    return _uuid_pool.pop()
 
 
 def _plain_post(options: FinalRequestOptions) -> bool:

@@ -160,6 +160,7 @@ def clear_cache() -> None:
     """Forget loaded encodings and the warning already given (for tests)."""
     global _warned
     encoding_for.cache_clear()
+    _counts.clear()
     with _warn_lock:
         _warned = False
 
@@ -181,6 +182,27 @@ def count_text(text: str, model: str) -> int:
     if enc is None:
         return _fallback_count(text)
     return len(enc.encode_ordinary(text))
+
+
+# Counts of the texts that recur from request to request (roles, a shared system prompt,
+# tool definitions), so that each is encoded once rather than once per request. Bounded: it
+# is emptied when full, and long texts are not kept. A count is the same either way.
+_COUNTS_KEPT = 4096
+_COUNTED_TEXT_MAX = 16_384
+_counts: dict[tuple[str, str], int] = {}
+
+
+def _encoded_length(enc: tiktoken.Encoding, text: str) -> int:
+    if len(text) > _COUNTED_TEXT_MAX:
+        return len(enc.encode_ordinary(text))  # ordinary: "<|endoftext|>" in user text must not raise
+    key = (enc.name, text)
+    n = _counts.get(key)
+    if n is None:
+        n = len(enc.encode_ordinary(text))
+        if len(_counts) >= _COUNTS_KEPT:
+            _counts.clear()
+        _counts[key] = n
+    return n
 
 
 # --- Walking request bodies --------------------------------------------------------
@@ -438,8 +460,7 @@ def estimate_tokens(
     if enc is None:
         text_tokens = sum(_fallback_count(text) for text in prompt.texts)
     else:
-        encode = enc.encode_ordinary  # ordinary: "<|endoftext|>" in user text must not raise
-        text_tokens = sum(len(encode(text)) for text in prompt.texts)
+        text_tokens = sum(_encoded_length(enc, text) for text in prompt.texts)
     return TokenEstimate(
         input_tokens=text_tokens + prompt.token_ids + prompt.overhead,
         output_tokens=output_tokens,

@@ -75,7 +75,7 @@ def run_batchrun(jobs: Path, n: int, mock: MockProcess, redis_url: str, workers:
         batch_id = sub.stdout.split()[-1]
         submitted = time.monotonic() - started
         collector = subprocess.Popen([PYTHON, "-m", "batchrun", "-q", "collect", batch_id, "-o", str(out), "--follow"],
-                                     env=batchrun_env(redis_url), stdout=subprocess.DEVNULL)
+                                     env=batchrun_env(redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         finished = None
         while collector.poll() is None:
             for pid in fleet.horse_pids():

@@ -186,3 +186,15 @@ def test_many_in_flight(mock):
     for body, answer in zip(bodies, answers):
         assert answer.body["choices"][0]["message"]["content"] == reply_text("chat/completions", body)
     assert json.dumps(answers[0].body)
+
+
+def test_idempotency_keys_are_random_uuids():
+    import uuid
+
+    lean = LeanAsyncOpenAI(api_key="sk-x", base_url="http://127.0.0.1:9/v1", max_retries=0)
+    keys = {lean._idempotency_key() for _ in range(600)}
+    assert len(keys) == 600
+    for key in list(keys)[:20]:
+        assert key.startswith("stainless-python-retry-")
+        u = uuid.UUID(key.removeprefix("stainless-python-retry-"))
+        assert u.version == 4 and str(u) == key.removeprefix("stainless-python-retry-")

@@ -521,3 +521,18 @@ def test_fallback_token_arrays_stay_exact(no_tiktoken):
     assert estimate_tokens(EMBEDDINGS, {"model": "text-embedding-3-small", "input": [1, 2, 3]}) == TokenEstimate(
         3, 0, True
     )
+
+
+def test_recurring_texts_count_the_same_from_the_cache():
+    from batchrun import tokens
+
+    body = {"model": "gpt-4o-mini", "max_tokens": 5,
+            "messages": [{"role": "system", "content": "You are terse. " * 20},
+                         {"role": "user", "content": "x" * (tokens._COUNTED_TEXT_MAX + 1)}]}
+    tokens._counts.clear()
+    first = estimate_tokens("/v1/chat/completions", body)
+    assert tokens._counts  # the short texts were kept, the long one was not
+    assert all(len(text) <= tokens._COUNTED_TEXT_MAX for _, text in tokens._counts)
+    assert estimate_tokens("/v1/chat/completions", body) == first
+    tokens._counts.clear()
+    assert estimate_tokens("/v1/chat/completions", body) == first
