@@ -192,9 +192,21 @@ def _warn_no_tiktoken(exc: Exception) -> None:
         type(exc).__name__)
 
 
+_token_counts: dict[tuple[str, str], int] = {}  # recurring texts (roles, system prompts): bounded
+
+
 def _tokens(enc: tiktoken.Encoding, text: str) -> int:
     # encode_ordinary: a prompt containing "<|endoftext|>" is text, not an error
-    return len(enc.encode_ordinary(text))
+    if len(text) > 4096:
+        return len(enc.encode_ordinary(text))
+    key = (getattr(enc, "name", "chars"), text)
+    n = _token_counts.get(key)
+    if n is None:
+        n = len(enc.encode_ordinary(text))
+        if len(_token_counts) >= 4096:
+            _token_counts.clear()
+        _token_counts[key] = n
+    return n
 
 
 def _message_values(messages: list) -> list[tuple[str, str]]:
@@ -256,7 +268,11 @@ def _reply_pieces(endpoint: str, body: dict, default_max_tokens: int) -> list[st
     low = (cap + 1) // 2
     length = low + int(digest[12:20], 16) % (cap - low + 1)
     enc = _encoding(body["model"])
-    head = [enc.decode([t]) for t in enc.encode_ordinary("mock:" + digest[:12])]
+    tokens = enc.encode_ordinary("mock:" + digest[:12])
+    if isinstance(enc, tiktoken.Encoding):  # one call for all the tokens (ASCII: each decodes alone)
+        head = [b.decode() for b in enc.decode_tokens_bytes(tokens)]
+    else:
+        head = [enc.decode([t]) for t in tokens]
     if length <= len(head):
         return head[:length]
     start = int(digest[20:28], 16)
