@@ -63,7 +63,7 @@ class Answer:
 
 
 def make_client(settings: WorkerSettings) -> AsyncOpenAI:
-    timeout = httpx2.Timeout(settings.request_timeout, connect=min(5.0, settings.request_timeout))
+    timeout = httpx2.Timeout(settings.request_timeout)  # every phase, connecting included, as before
     return LeanAsyncOpenAI(
         api_key=settings.api_key or "unset",
         base_url=settings.base_url,
