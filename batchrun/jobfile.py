@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from array import array
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
@@ -333,6 +334,9 @@ def _short(value: object) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+_two_words = struct.Struct("<QQ").unpack  # a 16-byte digest as two 64-bit integers
+
+
 class _SeenIds:
     """custom_id -> line of its first appearance, in 24 bytes per slot whatever the id's length.
 
@@ -362,18 +366,16 @@ class _SeenIds:
     def add(self, custom_id: str, line_no: int) -> int | None:
         """Record custom_id as seen on line_no; if it was seen before, return that line instead."""
         # surrogatepass: JSON can spell lone surrogates ("\ud800"), which strict UTF-8 refuses.
-        digest = int.from_bytes(blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest(),
-                                "little")
-        lo, hi = digest & 0xFFFFFFFFFFFFFFFF, digest >> 64
-        mask, los, his, lines = self._mask, self._lo, self._hi, self._lines
-        slot = lo & mask
+        lo, hi = _two_words(blake2b(custom_id.encode("utf-8", "surrogatepass"), digest_size=16).digest())
+        los, his, lines = self._lo, self._hi, self._lines
+        slot = lo & self._mask
         while True:
             first = lines[slot]
             if not first:
                 break
             if los[slot] == lo and his[slot] == hi:
                 return first
-            slot = (slot + 1) & mask
+            slot = (slot + 1) & self._mask
         los[slot], his[slot], lines[slot] = lo, hi, line_no
         self._count += 1
         if self._count > self._limit:
