@@ -76,21 +76,23 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
 
     added, index = 0, 0
     chunk: list[tuple[str, int, bytes]] = []
-    # The chunks go to Redis from one thread while this one reads on: Redis runs a chunk's Lua
-    # while the next chunk is parsed (at most two chunks wait, so memory stays flat).
+    # The chunks go to Redis from two threads while this one reads on: while Redis runs one
+    # chunk's script, the other thread sends the next (packing a chunk takes about as long as
+    # Redis takes to add it). Chunks may land in any order: each job's shard is fixed here. At
+    # most three chunks wait, so memory stays flat.
     sending: deque[Future] = deque()
 
     def flush() -> None:
         nonlocal added, chunk
         sending.append(sender.submit(store.add_jobs, batch_id, chunk))
         chunk = []
-        while len(sending) > 2 or (sending and sending[0].done()):
+        while len(sending) > 3 or (sending and sending[0].done()):
             added += sending.popleft().result()[0]
 
     if errors and on_skip is not None:
         for err in errors:
             on_skip(err)
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="batchrun-submit") as sender:
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchrun-submit") as sender:
         # validate_file has checked every line: the second pass trusts them (see iter_requests).
         for custom_id, request in iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors]):
             if skip_ids and custom_id in skip_ids:
