@@ -41,8 +41,9 @@ def batch_options(f):
                      help="First retry waits up to this many seconds (full jitter)."),
         click.option("--backoff-cap", type=click.FloatRange(0), default=60.0, show_default=True,
                      help="Longest backoff in seconds (a server's wait hint may exceed it)."),
-        click.option("--shard-size", type=click.IntRange(1), default=1000, show_default=True,
-                     help="Jobs per shard (the unit RQ hands to a worker)."),
+        click.option("--shard-size", type=click.IntRange(0), default=0,
+                     help="Jobs per shard (the unit RQ hands to a worker); default: a quarter of the "
+                          "file, within 1,000 to 10,000."),
         click.option("--burst-seconds", type=click.FloatRange(0), default=0.0, show_default=True,
                      help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
                           "headers show (one second's worth until they do)."),

@@ -60,7 +60,7 @@ class BatchOptions:
     backoff_base: float = 1.0
     backoff_factor: float = 2.0
     backoff_cap: float = 60.0
-    shard_size: int = 1000
+    shard_size: int = 0  # jobs per shard; 0: chosen at submit from the file's size (auto_shard_size)
     burst_seconds: float = 0.0  # 0: learn the server's burst from its headers (one second's worth until then)
     max_cost: float = 0.0  # USD the batch may spend at most, counting requests in flight at their worst case; 0: no cap
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
@@ -82,6 +82,13 @@ class BatchOptions:
         if "limits" in data:
             opts.limits = Limits(json.loads(data["limits"]))
         return opts
+
+
+def auto_shard_size(jobs: int) -> int:
+    """Jobs per shard for a file of ``jobs`` lines: at least 4 shards, so that a small fleet
+    shares it, but 1,000 to 10,000 jobs each. Each shard is one RQ job: a fork, a new client
+    and connection pool, a ramp up and a drain, which a bigger shard pays less often."""
+    return max(1000, min(10_000, -(-jobs // 4)))
 
 
 @dataclass(frozen=True)
