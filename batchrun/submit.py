@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import secrets
 import time
 from collections import deque
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from batchrun import keys
 from batchrun.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
 from batchrun.pricing import PriceTable
-from batchrun.settings import BatchOptions
+from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
@@ -61,6 +62,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
     batch_id = batch_id or new_batch_id()
     options = options or BatchOptions()
+    if not options.shard_size:
+        options = dataclasses.replace(options, shard_size=auto_shard_size(valid))
     existing = store.meta(batch_id)
     if existing.get("prices"):  # jobs added to a batch: its own table, updated by a new price file
         table = PriceTable.from_json(existing["prices"])
