@@ -64,7 +64,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--jobs", type=int, default=10_000)
     ap.add_argument("--concurrency", type=int, default=200)
-    ap.add_argument("--shard-size", type=int, default=1000)
+    ap.add_argument("--shard-size", type=int, default=None, help="default: batchrun's own choice")
     ap.add_argument("--redis-url", default=None, help="default: a private redis-server on a free port")
     args = ap.parse_args()
     if args.redis_url is None and not shutil.which("redis-server"):
@@ -84,9 +84,9 @@ def main() -> None:
         steps: dict[str, Counter] = {}
         with MockProcess() as mock, Workers(1, url, mock.base_url, args.concurrency):
             s0 = command_stats(conn)
-            sub = subprocess.run([PYTHON, "-m", "batchrun", "-q", "submit", str(jobs), "--shard-size",
-                                  str(args.shard_size)], env=batchrun_env(url), check=True, capture_output=True,
-                                 text=True)
+            sized = ["--shard-size", str(args.shard_size)] if args.shard_size else []
+            sub = subprocess.run([PYTHON, "-m", "batchrun", "-q", "submit", str(jobs), *sized], env=batchrun_env(url),
+                                 check=True, capture_output=True, text=True)
             batch_id = sub.stdout.split()[-1]
             s1 = command_stats(conn)
             while conn.hget(f"batchrun:batch:{batch_id}", "state") != b"finished":
@@ -123,7 +123,7 @@ def main() -> None:
                  ", ".join(f"{k} {v / n:.2f}" for k, v in total.most_common(6))])
     print(f"\ncommand: {command_line()}")
     print(f"machine: {machine()}; {'a private redis-server' if private else url}; {n} jobs, all succeeding; "
-          f"shard size {args.shard_size}; 1 worker, --concurrency {args.concurrency}; target: ≤ 10 per job\n")
+          f"shard size {meta.get('shard_size')} ({meta.get('shards')} shards); 1 worker, --concurrency {args.concurrency}; target: ≤ 10 per job\n")
     print(table(["step", "commands per job", "of which EVALSHA", "top commands per job"], rows, "lrrl"))
     run = steps["run (workers)"]
     print("\nrun (workers), every command per job:\n")

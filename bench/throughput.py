@@ -57,7 +57,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def run_batchrun(jobs: Path, n: int, mock: MockProcess, redis_url: str, workers: int, concurrency: int,
-                 shard_size: int, out_dir: Path) -> dict:
+                 shard_size: int | None, out_dir: Path) -> dict:
     import redis
 
     conn = redis.Redis.from_url(redis_url)
@@ -70,9 +70,11 @@ def run_batchrun(jobs: Path, n: int, mock: MockProcess, redis_url: str, workers:
         horses: dict[int, float] = {}
         parents0 = sum(cpu_seconds(p.pid) for p in fleet.procs)
         started = time.monotonic()
-        sub = subprocess.run([PYTHON, "-m", "batchrun", "-q", "submit", str(jobs), "--shard-size", str(shard_size)],
+        sized = ["--shard-size", str(shard_size)] if shard_size else []  # else batchrun's own choice
+        sub = subprocess.run([PYTHON, "-m", "batchrun", "-q", "submit", str(jobs), *sized],
                              env=batchrun_env(redis_url), check=True, capture_output=True, text=True)
         batch_id = sub.stdout.split()[-1]
+        shards = int(conn.hget(f"batchrun:batch:{batch_id}", "shards") or 0)
         submitted = time.monotonic() - started
         collector = subprocess.Popen([PYTHON, "-m", "batchrun", "-q", "collect", batch_id, "-o", str(out), "--follow"],
                                      env=batchrun_env(redis_url), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -92,7 +94,7 @@ def run_batchrun(jobs: Path, n: int, mock: MockProcess, redis_url: str, workers:
     if written != n:
         raise RuntimeError(f"batchrun wrote {written} results, expected {n}")
     return {"wall": wall, "rate": n / wall, "client_ms": 1000 * worker_cpu / n, "mock_ms": 1000 * mock_cpu / n,
-            "note": f"submit {submitted:.1f} s, all done in Redis at {finished or wall:.1f} s"}
+            "note": f"{shards} shards; submit {submitted:.1f} s, all done in Redis at {finished or wall:.1f} s"}
 
 
 # --- baselines (each in its own process: `throughput.py --child KIND ...`) ---------------------
@@ -243,7 +245,7 @@ def main() -> None:
     ap.add_argument("--latency-ms", type=float, default=200.0)
     ap.add_argument("--latency-jobs", type=int, default=10_000)
     ap.add_argument("--latency-concurrency", type=int, default=500)
-    ap.add_argument("--shard-size", type=int, default=1000, help="batchrun's default")
+    ap.add_argument("--shard-size", type=int, default=None, help="default: batchrun's own choice")
     ap.add_argument("--scenarios", default="a,b,c,d,e,f,g")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/10")
     ap.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
@@ -288,7 +290,7 @@ def main() -> None:
                      f"{r['rate']:.0f}", vs_c, vs_d, f"{r['client_ms']:.2f}", f"{r['mock_ms']:.2f}", r["note"]])
     print(f"\ncommand: {command_line()}")
     print(f"machine: {machine()}; mock server in its own process; Redis {args.redis_url}; shard size "
-          f"{args.shard_size}; ideal with {args.latency_ms:g} ms latency and {args.latency_concurrency} in flight: "
+          f"{args.shard_size or 'chosen by batchrun'}; ideal with {args.latency_ms:g} ms latency and {args.latency_concurrency} in flight: "
           f"{args.latency_concurrency / (args.latency_ms / 1000):.0f} jobs/s\n")
     print(table(["run", "jobs", "in flight", "wall s", "jobs/s", "÷ (c)", "÷ (d) or (g)", "client CPU ms/job",
                  "mock CPU ms/job", "note"], rows, "lrrrrrrrrl"))
