@@ -28,18 +28,19 @@ import json
 import os
 import random
 import shlex
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 import redis
 import tiktoken
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.common import MockProcess  # noqa: E402
 MODEL = "gpt-4o-mini"
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "
          "an they you were her she there been one all we their has would when if so no will can more other what "
@@ -59,40 +60,9 @@ def make_jobs(path: Path, n: int, seed: int = 1) -> None:
                                 "body": body}) + "\n")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class MockProcess:
-    """`batchrun mock-server` in its own process, so it does not share a GIL with the clients."""
-
-    def __init__(self, tpm: int, rpm: int, count: str, burst_seconds: float):
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-        self.cmd = [sys.executable, "-m", "batchrun", "mock-server", "--port", str(self.port), "--tpm", str(tpm),
-                    "--rpm", str(rpm), "--count", count, "--burst-seconds", str(burst_seconds)]
-
-    def __enter__(self):
-        self.proc = subprocess.Popen(self.cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                self.stats()
-                return self
-            except OSError:
-                if self.proc.poll() is not None:
-                    break
-                time.sleep(0.1)
-        raise RuntimeError(f"the mock server did not start: {' '.join(self.cmd)}")
-
-    def stats(self) -> dict:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/_mock/stats", timeout=5) as r:
-            return json.load(r)
-
-    def __exit__(self, *exc):
-        self.proc.terminate()
-        self.proc.wait(timeout=10)
+def budget_mock(tpm: int, rpm: int, count: str, burst_seconds: float) -> MockProcess:
+    """The limited mock server of these runs, in its own process (its own GIL)."""
+    return MockProcess("--tpm", str(tpm), "--rpm", str(rpm), "--count", count, "--burst-seconds", str(burst_seconds))
 
 
 def run_batchrun(jobs: Path, mock: MockProcess, redis_url: str, workers: int, tpm: int, rpm: int) -> float:
@@ -207,7 +177,7 @@ def main() -> None:
     burst_tokens = args.tpm * args.burst_seconds / 60
     rows = []
     for name in args.scenarios.split(","):
-        with MockProcess(args.tpm, args.rpm, args.count, args.burst_seconds) as mock:
+        with budget_mock(args.tpm, args.rpm, args.count, args.burst_seconds) as mock:
             if name == "a":
                 label, wall = "(a) batchrun, 1 worker process", run_batchrun(jobs, mock, args.redis_url, 1,
                                                                              args.tpm, args.rpm)

@@ -26,6 +26,15 @@ def settings_for(server, **kw) -> WorkerSettings:
     return WorkerSettings(base_url=server.base_url, api_key="sk-test", concurrency=kw.pop("concurrency", 50), **kw)
 
 
+def collect_exactly_once(store: BatchStore, batch_id: str, jobs, tmp_path) -> list[dict]:
+    """Collect a finished batch; every job is in the results exactly once, none in errors."""
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    assert collect(store, batch_id, str(out), str(err)).finished
+    results, errors = check_exactly_once(jobs, out, err)
+    assert not errors
+    return results
+
+
 def test_every_job_ends_once_despite_faults(store: BatchStore, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 300, stream_every=4)
     faults = {"429": 0.1, "500": 0.05, "stream_disconnect": 0.1, "stream_truncate": 0.1, "stream_error": 0.05}
@@ -81,10 +90,7 @@ def test_quota_exhaustion_pauses_the_batch_and_resume_finishes_it(store: BatchSt
         srv.set_config(error_rates={})  # the user fixed billing
         store.resume(rep.batch_id)
         run_thread_worker(store.redis, settings_for(srv))
-    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
-    assert collect(store, rep.batch_id, str(out), str(err)).finished
-    _, errors = check_exactly_once(jobs, out, err)
-    assert not errors
+    collect_exactly_once(store, rep.batch_id, jobs, tmp_path)
 
 
 def test_exhausted_attempts_go_to_errors_with_their_history(store: BatchStore, tmp_path):
@@ -338,10 +344,7 @@ def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_fin
         store.set_max_cost(rep.batch_id, 1.0)
         store.resume(rep.batch_id)
         run_thread_worker(store.redis, settings_for(srv))
-    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
-    assert collect(store, rep.batch_id, str(out), str(err)).finished
-    results, errors = check_exactly_once(jobs, out, err)
-    assert not errors
+    results = collect_exactly_once(store, rep.batch_id, jobs, tmp_path)
     # The batch's cost is the sum of each answer's cost from its real usage.
     expected = sum(cost_of_usage(price, r["response"]["body"]["usage"]) for r in results)
     assert float(store.meta(rep.batch_id)["cost"]) == pytest.approx(expected, rel=1e-9)
@@ -369,10 +372,7 @@ def test_a_model_without_a_price_pauses_a_capped_batch_until_its_price_is_given(
         store.set_prices(rep.batch_id, table.to_json())
         store.resume(rep.batch_id)
         run_thread_worker(store.redis, settings_for(srv))
-    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
-    assert collect(store, rep.batch_id, str(out), str(err)).finished
-    results, errors = check_exactly_once(jobs, out, err)
-    assert not errors
+    results = collect_exactly_once(store, rep.batch_id, jobs, tmp_path)
     price = table.price_for("house-model")
     expected = sum(cost_of_usage(price, r["response"]["body"]["usage"]) for r in results)
     assert float(store.meta(rep.batch_id)["cost"]) == pytest.approx(expected, rel=1e-9)
