@@ -212,7 +212,7 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
         argv += ["--burst"] if burst else []
         sys.exit(run_pool(argv, processes, burst=burst))
     set_worker_settings(settings)
-    preload_encodings()
+    preload_encodings(freeze=True)
     redis = connect(url)
     w = make_worker(redis, burst=burst, name=name)
     log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), settings.base_url,

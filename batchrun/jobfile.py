@@ -136,7 +136,8 @@ def validate_file(path: str | os.PathLike, *, endpoint: str = "/v1/chat/completi
 
 
 def iter_requests(
-    path: str | os.PathLike, *, endpoint: str = "/v1/chat/completions", skip_lines: Collection[int] = ()
+    path: str | os.PathLike, *, endpoint: str = "/v1/chat/completions", skip_lines: Collection[int] = (),
+    size: int | None = None,
 ) -> Iterator[tuple[str, bytes]]:
     """Second pass over a file that ``validate_file`` has checked: (custom_id, request JSON) of every
     valid line, in file order, the jobs ``read_jobs`` would give.
@@ -151,13 +152,17 @@ def iter_requests(
     changed in between, a line that no longer reads as a job raises JobFileError.
     """
     _check_endpoint(endpoint)
-    return _iter_requests(os.fsdecode(path), endpoint, frozenset(skip_lines))
+    return _iter_requests(os.fsdecode(path), endpoint, frozenset(skip_lines), size)
 
 
-def _iter_requests(path: str, endpoint: str, skip_lines: frozenset[int]) -> Iterator[tuple[str, bytes]]:
+def _iter_requests(path: str, endpoint: str, skip_lines: frozenset[int], size: int | None) -> Iterator[tuple[str, bytes]]:
     loads, dumps = json.loads, json.dumps
+    read = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
+            read += len(raw)
+            if size is not None and read > size:
+                break  # appended after validation: not checked, not taken
             if line_no in skip_lines:
                 continue
             if line_no == 1 and raw.startswith(b"\xef\xbb\xbf"):
@@ -245,7 +250,7 @@ def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds, build: 
         except (StopIteration, ValueError):
             obj = None
         else:
-            if end != len(text) and not text[end:].isspace():
+            if text[end:].strip(" \t\r\n"):  # only JSON's whitespace may follow the object
                 obj = None
     if obj is None:
         try:

@@ -253,6 +253,9 @@ class _AiohttpStream(httpx2.AsyncByteStream):
         self._response.release()
 
 
+_timeout_scope = getattr(asyncio, "timeout", None)
+
+
 class AiohttpTransport(httpx2.AsyncBaseTransport):
     """httpx2 requests sent with one aiohttp session (keep-alive pool, C HTTP parser).
 
@@ -266,9 +269,10 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
 
     def _open(self) -> aiohttp.ClientSession:
         # No connection limit of its own: the runner bounds the requests in flight.
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # The same CA store as the SDK's own transport; HTTP(S)_PROXY / NO_PROXY honoured as there.
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=httpx2.create_ssl_context())
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent",))
+                                              skip_auto_headers=("User-Agent",), trust_env=True)
         return self._session
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -289,10 +293,19 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             data = request.content
         except httpx2.RequestNotRead:
             data = await request.aread()
+        # aiohttp has no write timeout: bound sending the body and getting the answer's head by
+        # the sum of the phases' timeouts, so a server that never reads the body cannot hang us.
+        phases = [v for v in (t.get("connect"), t.get("write"), t.get("read"), t.get("pool")) if v is not None]
+        sending = session._request(request.method, url, headers=request.headers.multi_items(), data=data or None,
+                                   allow_redirects=False, timeout=timeout, compress=False)
         try:
-            response = await session._request(request.method, url, headers=request.headers.multi_items(),
-                                              data=data or None, allow_redirects=False, timeout=timeout,
-                                              compress=False)
+            if not phases:
+                response = await sending
+            elif _timeout_scope is not None:  # Python 3.11+: no extra task per request
+                async with _timeout_scope(sum(phases)):
+                    response = await sending
+            else:
+                response = await asyncio.wait_for(sending, sum(phases))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _map_error(exc, request) from exc
         return httpx2.Response(response.status, headers=response.raw_headers,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import secrets
 import time
 from collections import deque
@@ -41,6 +42,11 @@ def _check_prices(path, endpoint: str, table: PriceTable) -> None:
                          f"give the price with --prices FILE (see `batchrun estimate`)")
 
 
+def _fingerprint(path) -> tuple[int, int, int]:
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
 def new_batch_id() -> str:
     return time.strftime("batch-%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
@@ -55,7 +61,11 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     custom_id is in ``skip_ids`` (already in the output files) are left out. ``prices`` is a
     user's price file over the shipped table; the batch keeps the merged table.
     """
+    validated = _fingerprint(path)
     valid, errors = validate_file(path, endpoint=endpoint)
+    if _fingerprint(path) != validated:
+        raise JobFileError([], headline=f"{path} changed while it was being validated; nothing was submitted: "
+                                        f"submit it again once it is complete")
     if errors and not skip_invalid:
         raise JobFileError(errors)
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
@@ -97,7 +107,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
             on_skip(err)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchrun-submit") as sender:
         # validate_file has checked every line: the second pass trusts them (see iter_requests).
-        for custom_id, request in iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors]):
+        for custom_id, request in iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors],
+                                                size=validated[0]):
             if skip_ids and custom_id in skip_ids:
                 continue
             shard = index // shard_size

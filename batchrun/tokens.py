@@ -188,7 +188,7 @@ def count_text(text: str, model: str) -> int:
 # tool definitions), so that each is encoded once rather than once per request. Bounded: it
 # is emptied when full, and long texts are not kept. A count is the same either way.
 _COUNTS_KEPT = 4096
-_COUNTED_TEXT_MAX = 16_384
+_COUNTED_TEXT_MAX = 1024  # at most ~4 MB of texts kept (4096 x 1 KB, up to 4 bytes a character)
 _counts: dict[tuple[str, str], int] = {}
 
 

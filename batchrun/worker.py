@@ -77,20 +77,22 @@ def make_worker(redis, *, burst: bool, threaded: bool = False, name: str | None 
     return worker
 
 
-def preload_encodings() -> None:
+def preload_encodings(*, freeze: bool = False) -> None:
     """Load tiktoken's encoding before forking, so each work-horse does not pay for it.
 
     Only o200k_base, the encoding of every current model (78 MB); cl100k_base (gpt-4,
     gpt-3.5-turbo, text-embedding-3-*: 33 MB more) is loaded by a horse that meets such a job.
-    Then what exists so far is frozen out of the garbage collector, so that a forked horse's
-    collections do not write to (and so copy) the pages it shares with this process."""
+    With ``freeze`` (a forking worker), what exists so far is then frozen out of the garbage
+    collector, so that a forked horse's collections do not write to (and so copy) the pages it
+    shares with this process."""
     import gc
 
     from batchrun.tokens import encoding_for
 
     encoding_for("gpt-4o")
-    gc.collect()
-    gc.freeze()
+    if freeze:
+        gc.collect()
+        gc.freeze()
 
 
 def run_pool(argv: list[str], processes: int, *, burst: bool) -> int:

@@ -320,3 +320,17 @@ def test_iter_requests_notices_a_file_changed_since_validation(tmp_path):
     path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": \n')
     with pytest.raises(JobFileError, match="changed"):
         list(iter_requests(path))
+
+
+def test_only_json_whitespace_may_follow_a_line_and_lines_appended_later_are_not_taken(tmp_path):
+    from batchrun.jobfile import iter_requests, validate_file
+
+    path = tmp_path / "jobs.jsonl"
+    good = '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}'
+    path.write_text(good + "\n" + good.replace('"a"', '"b"') + "\u00a0\n", encoding="utf-8")
+    valid, errors = validate_file(path)
+    assert valid == 1 and [e.line_no for e in errors] == [2] and "not valid JSON" in errors[0].reason
+    size = path.stat().st_size
+    with open(path, "a") as f:  # appended after validation
+        f.write(good.replace('"a"', '"c"') + "\n")
+    assert [cid for cid, _ in iter_requests(path, skip_lines=[2], size=size)] == ["a"]

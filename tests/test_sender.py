@@ -198,3 +198,36 @@ def test_idempotency_keys_are_random_uuids():
         assert key.startswith("stainless-python-retry-")
         u = uuid.UUID(key.removeprefix("stainless-python-retry-"))
         assert u.version == 4 and str(u) == key.removeprefix("stainless-python-retry-")
+
+
+def test_a_server_that_never_reads_the_body_times_out_instead_of_hanging():
+    """aiohttp has no write timeout of its own: a big body to a server that stops reading must
+    still end in the SDK's timeout error, not hang the job forever."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    accepted = []
+    threading.Thread(target=lambda: accepted.append(listener.accept()), daemon=True).start()
+    port = listener.getsockname()[1]
+
+    async def go():
+        client = make_client(WorkerSettings(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-x",
+                                            request_timeout=1.0))
+        big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x" * 8_000_000}]}
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            with pytest.raises(openai.APITimeoutError):
+                await send(client, "/v1/chat/completions", big)
+            return loop.time() - started
+        finally:
+            await client.close()
+
+    try:
+        assert asyncio.run(asyncio.wait_for(go(), 30)) < 10
+    finally:
+        for conn, _ in accepted:
+            conn.close()
+        listener.close()
