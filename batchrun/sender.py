@@ -256,6 +256,17 @@ class _AiohttpStream(httpx2.AsyncByteStream):
 _timeout_scope = getattr(asyncio, "timeout", None)
 
 
+def _env_proxy(url: URL) -> tuple:
+    """(proxy URL, auth) the environment gives for ``url``, or (None, None). aiohttp's trust_env
+    would look this up on every request."""
+    from aiohttp.helpers import get_env_proxy_for_url
+
+    try:
+        return get_env_proxy_for_url(url)
+    except LookupError:
+        return None, None
+
+
 class AiohttpTransport(httpx2.AsyncBaseTransport):
     """httpx2 requests sent with one aiohttp session (keep-alive pool, C HTTP parser).
 
@@ -265,14 +276,15 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
+        self._proxies: dict[str, tuple] = {}  # HTTP(S)_PROXY / NO_PROXY, read once per URL (as httpx2 does)
         self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
 
     def _open(self) -> aiohttp.ClientSession:
         # No connection limit of its own: the runner bounds the requests in flight.
-        # The same CA store as the SDK's own transport; HTTP(S)_PROXY / NO_PROXY honoured as there.
+        # The same CA store as the SDK's own transport.
         connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30, ssl=httpx2.create_ssl_context())
         self._session = aiohttp.ClientSession(connector=connector, auto_decompress=False,
-                                              skip_auto_headers=("User-Agent",), trust_env=True)
+                                              skip_auto_headers=("User-Agent",))
         return self._session
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -282,7 +294,10 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         if url is None:
             if len(self._urls) > 100:
                 self._urls.clear()
+                self._proxies.clear()
             url = self._urls[raw_url] = URL(raw_url, encoded=True)
+            self._proxies[raw_url] = _env_proxy(url)
+        proxy, proxy_auth = self._proxies[raw_url]
         t = request.extensions.get("timeout") or {}
         key = (t.get("connect"), t.get("read"), t.get("pool"))
         timeout = self._timeouts.get(key)
@@ -297,7 +312,8 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         # the sum of the phases' timeouts, so a server that never reads the body cannot hang us.
         phases = [v for v in (t.get("connect"), t.get("write"), t.get("read"), t.get("pool")) if v is not None]
         sending = session._request(request.method, url, headers=request.headers.multi_items(), data=data or None,
-                                   allow_redirects=False, timeout=timeout, compress=False)
+                                   allow_redirects=False, timeout=timeout, compress=False, proxy=proxy,
+                                   proxy_auth=proxy_auth)
         try:
             if not phases:
                 response = await sending
