@@ -8,7 +8,7 @@ import time
 import redis
 from tqdm import tqdm
 
-from batchrun.status import batch_status, format_duration, format_usd
+from batchrun.status import batch_status, describe_conditions, format_duration, format_usd
 from batchrun.store import BatchStore
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
@@ -86,10 +86,3 @@ def summary(st: dict, *, short: bool) -> str:
     if held:
         parts.append(held)
     return ", ".join(parts)
-
-
-def describe_conditions(conditions: dict[str, list[dict]]) -> str:
-    """'circuit open for http://…/v1 (4.2 s left); rate limited (gpt-4o-mini): cooling down 1.3 s'."""
-    parts = [f"circuit open for {c['endpoint']} ({c['seconds_left']:.1f} s left)" for c in conditions["circuits"]]
-    parts += [f"rate limited ({c['model']}): cooling down {c['seconds_left']:.1f} s" for c in conditions["cooldowns"]]
-    return "; ".join(parts)

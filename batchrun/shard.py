@@ -88,6 +88,7 @@ class ShardRunner:
             return {}
         options = BatchOptions.from_fields(meta)
         self.prices = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
+        self._prices_by_model: dict = {}
         self.max_cost = options.max_cost
         # The shard's parked entry is this runner's lease on it (renewed with the job leases): if
         # the runner dies, even before it leased anything, the entry comes due and a new one starts.
@@ -218,6 +219,12 @@ class ShardRunner:
         except (redis.ConnectionError, redis.TimeoutError):
             self.metrics.update(counts)  # reported with the next ones
 
+    def _price(self, model: str):
+        """The model's price, looked up once per runner (a miss walks aliases and prefixes)."""
+        if model not in self._prices_by_model:
+            self._prices_by_model[model] = self.prices.price_for(model)
+        return self._prices_by_model[model]
+
     def _reserve_costs(self, items: list[tuple[str, float]]) -> list[bool]:
         reason, allowed = self.store.reserve_cost(self.batch_id, self.owner, items)
         if reason:
@@ -248,7 +255,7 @@ class ShardRunner:
         url, body = job.request["url"], job.request["body"]
         model = str(body.get("model", ""))
         estimate = estimate_tokens(url, body)
-        price = self.prices.price_for(model)
+        price = self._price(model)
         if self.max_cost > 0:
             if price is None:  # not the job's fault: the batch waits for a price
                 message = (f"no price is known for model {model!r} (job {job.custom_id}), so the --max-cost "

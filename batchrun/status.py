@@ -134,8 +134,6 @@ def format_usd(value: float) -> str:
 
 def describe(status: dict) -> list[str]:
     """`batchrun status` for a person: a few lines."""
-    from batchrun.progress import describe_conditions
-
     j, lm, tot, cost = status["jobs"], status["last_minute"], status["totals"], status["cost"]
     ended = j["done"] + j["failed"]
     share = f" ({100 * ended / j['total']:.0f} %)" if j["total"] else ""
@@ -167,3 +165,10 @@ def describe(status: dict) -> list[str]:
     if held:
         lines.append(f"  fleet: {held}")
     return lines
+
+
+def describe_conditions(conditions: dict[str, list[dict]]) -> str:
+    """'circuit open for http://…/v1 (4.2 s left); rate limited (gpt-4o-mini): cooling down 1.3 s'."""
+    parts = [f"circuit open for {c['endpoint']} ({c['seconds_left']:.1f} s left)" for c in conditions["circuits"]]
+    parts += [f"rate limited ({c['model']}): cooling down {c['seconds_left']:.1f} s" for c in conditions["cooldowns"]]
+    return "; ".join(parts)
