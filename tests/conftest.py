@@ -1,6 +1,7 @@
 """Shared fixtures: Redis backends (fakeredis and the real server), a BatchStore, batches made quickly.
 
-The real Redis is 127.0.0.1:6379, database 13, flushed before and after each test that uses it.
+The real Redis is 127.0.0.1:6379, database 13 (or BATCHRUN_TEST_REDIS_DB, so that two runs of the suite on
+one machine keep out of each other's way), flushed before and after each test that uses it.
 When it is unreachable the "real" tests are skipped, unless BATCHRUN_REQUIRE_REDIS=1 (as in CI),
 which makes them fail instead.
 """
@@ -17,7 +18,7 @@ import redis
 from batchrun.settings import BatchOptions
 from batchrun.store import BatchStore
 
-REAL_REDIS_URL = "redis://127.0.0.1:6379/13"
+REAL_REDIS_URL = f"redis://127.0.0.1:6379/{int(os.environ.get('BATCHRUN_TEST_REDIS_DB') or 13)}"
 
 
 def _require_redis() -> bool:
@@ -25,7 +26,7 @@ def _require_redis() -> bool:
 
 
 def _connect_real_redis() -> redis.Redis:
-    """A client on DB 13, flushed; skips (or fails, under BATCHRUN_REQUIRE_REDIS=1) if Redis is down."""
+    """A client on the test DB, flushed; skips (or fails, under BATCHRUN_REQUIRE_REDIS=1) if Redis is down."""
     client = redis.Redis.from_url(REAL_REDIS_URL, socket_connect_timeout=1.0)
     try:
         client.ping()
@@ -44,7 +45,7 @@ def _connect_real_redis() -> redis.Redis:
     pytest.param("real", id="real", marks=pytest.mark.redis),
 ])
 def redis_client(request):
-    """A Redis client with an empty database: fakeredis ("fake") or the real server's DB 13 ("real")."""
+    """A Redis client with an empty database: fakeredis ("fake") or the real server's test DB ("real")."""
     if request.param == "fake":
         client = fakeredis.FakeRedis(server=fakeredis.FakeServer())
         yield client
@@ -67,7 +68,7 @@ def store(redis_client) -> BatchStore:
 
 @pytest.fixture
 def real_redis_url():
-    """The URL of the real Redis DB 13 (flushed before and after), for tests that start other processes."""
+    """The URL of the real Redis test DB (flushed before and after), for tests that start other processes."""
     client = _connect_real_redis()
     try:
         yield REAL_REDIS_URL
