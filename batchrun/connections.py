@@ -11,6 +11,8 @@ import threading
 
 import redis
 
+from batchrun.urls import mask_url
+
 MEMORY_URL = "memory://"
 ENV_URL = "BATCHRUN_REDIS_URL"
 
@@ -43,13 +45,4 @@ def describe(url: str) -> str:
     """The URL without its password, for messages."""
     if is_memory(url):
         return "in-process Redis (fakeredis)"
-    from urllib.parse import urlsplit, urlunsplit
-
-    parts = urlsplit(url)
-    if parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host += f":{parts.port}"
-        user = f"{parts.username}:***@" if parts.username else ":***@"
-        parts = parts._replace(netloc=user + host)
-    return urlunsplit(parts)
+    return mask_url(url)
