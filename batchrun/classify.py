@@ -23,6 +23,8 @@ __all__ = [
     "KINDS",
     "QUOTA_CODES",
     "Verdict",
+    "classify_answer",
+    "classify_error_object",
     "classify_exception",
     "classify_response",
     "stream_truncated_verdict",
@@ -298,7 +300,130 @@ def classify_response(
         return Verdict(
             Action.RETRY, "server_error", _sentence(summary, fields.message), hint, circuit=True
         )
+    if 300 <= status < 400:
+        # Redirects with a Location are followed before we see them; this one could not be.
+        return Verdict(
+            Action.FAIL,
+            "unknown",
+            _sentence(
+                f"the server answered with a redirect ({status}) that could not be followed",
+                fields.message,
+                "check the base URL (OPENAI_BASE_URL)",
+            ),
+        )
     return Verdict(Action.FAIL, "unknown", _sentence(f"unexpected HTTP status {status}", fields.message))
+
+
+# --- answers that are not results ------------------------------------------------------------
+
+_RATE_LIMIT_TYPES = ("tokens", "requests", "rate_limit")
+_AUTH_CODES = frozenset({"invalid_api_key", "invalid_authentication", "authentication_error"})
+# Codes of errors that only a change to the request can fix (Responses API `response.failed`
+# codes, chat and Azure codes), beyond the invalid_* and image_* families.
+_REQUEST_CODES = frozenset({"context_length_exceeded", "content_filter", "content_policy_violation",
+                            "empty_image_file", "failed_to_download_image", "unsupported_image_media_type",
+                            "string_above_max_length", "model_not_found"})
+_HTTP_CODE = re.compile(r"[1-5][0-9][0-9]")
+
+
+def _status_of_error(fields: _ErrorFields) -> int:
+    """The HTTP status the same error would come with, had it not come inside a 200."""
+    code, type_ = fields.code.lower(), fields.type.lower()
+    if _quota_code(fields) is not None:
+        return 429
+    if code in _AUTH_CODES or type_ in _AUTH_CODES:
+        return 401
+    if code == "rate_limit_exceeded" or type_.startswith(_RATE_LIMIT_TYPES):
+        return 429
+    if _HTTP_CODE.fullmatch(code) and 400 <= int(code) < 600:  # Azure puts the status in the code
+        return int(code)
+    if (type_ == "invalid_request_error" or code in _REQUEST_CODES
+            or code.startswith(("invalid_", "image_"))):
+        return 400
+    return 500  # server_error, vector_store_timeout, anything unknown: the server's fault
+
+
+def classify_error_object(error: object, *, now: float, streamed: bool, fallback: str = "") -> Verdict:
+    """An error that came inside an answer instead of a result: a Responses ``response.failed``
+    or ``error`` event, a stream chunk holding ``error``, or a 200 whose body is an error. The
+    verdict is that of the same error as an HTTP answer: a server error retries, a rate limit backs
+    off, a quota error pauses the batch, an invalid request fails the job. ``error`` is the error
+    object (or a body holding one, a string, None); ``fallback`` is said when it has no message."""
+    fields = _error_fields(error)
+    message = fields.message or fallback or fields.code or fields.type
+    status = _status_of_error(fields)
+    if status >= 500:
+        if streamed:
+            return Verdict(
+                Action.RETRY,
+                "stream_broken",
+                _sentence(
+                    "the stream broke off with an error from the server",
+                    message,
+                    "the partial answer was discarded and the request will be sent again",
+                ),
+                circuit=True,
+            )
+        return Verdict(
+            Action.RETRY,
+            "server_error",
+            _sentence("the server answered with an error instead of a result", message,
+                      "the request will be sent again"),
+            circuit=True,
+        )
+    if status == 400:
+        what = fields.code or fields.type or "invalid request"
+        return Verdict(Action.FAIL, "bad_request",
+                       _sentence(f"the server rejected the request ({what})", message, "fix this request"))
+    # Quota, auth, rate limits (and Azure's statuses): the same verdict and words as the HTTP answer.
+    inner = {"message": message, "type": fields.type, "code": fields.code}
+    return classify_response(status, {}, {"error": inner}, now=now)
+
+
+def _not_a_result(summary: str, text: str, hint: float | None) -> Verdict:
+    # A proxy's page, an empty or malformed body: the server's fault, which a retry may not meet.
+    return Verdict(Action.RETRY, "server_error", _sentence(summary, text, "the request will be sent again"),
+                   hint, circuit=True)
+
+
+# Where each endpoint's answer keeps its result.
+_RESULT_FIELDS = {"/v1/chat/completions": "choices", "/v1/completions": "choices", "/v1/embeddings": "data",
+                  "/v1/responses": "output"}
+
+
+def classify_answer(url: str, headers: Mapping[str, str] | None, body: object, *, now: float) -> Verdict | None:
+    """A 2xx answer: None when it is a result (to write as it is), else the verdict on it.
+
+    ``body`` is the parsed JSON, or the text of a body that is not JSON ("" when empty). A result is
+    a JSON object with the endpoint's result field (``choices``, ``data``, ``output``); a Responses
+    answer whose status is ``completed`` or ``incomplete`` is one (incomplete is a normal, billed
+    ending, e.g. at max_output_tokens)."""
+    lower = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    hint = wait_hint(lower, "", now=now)
+    if isinstance(body, (bytes, bytearray)):
+        body = bytes(body).decode("utf-8", "replace")
+    if body is None or (isinstance(body, str) and not body.strip()):
+        return _not_a_result("the server answered with an empty body", "", hint)
+    if isinstance(body, str):
+        return _not_a_result("the server's answer is not JSON", body, hint)
+    if not isinstance(body, Mapping):
+        return _not_a_result(f"the server's answer is JSON but not an object ({type(body).__name__})", "", hint)
+    error = body.get("error")
+    if url == "/v1/responses":
+        status = body.get("status")
+        if status == "failed":
+            return classify_error_object(error, now=now, streamed=False, fallback="the response failed")
+        if status in ("queued", "in_progress", "cancelled"):
+            # A background response: it runs (and is paid) on the server; sending it again pays twice.
+            return Verdict(Action.FAIL, "bad_request",
+                           f"the response is {status}, not finished: batchrun does not poll background "
+                           f"responses; remove \"background\": true from this request")
+    if error:
+        return classify_error_object(error, now=now, streamed=False)
+    field = _RESULT_FIELDS.get(url)
+    if field is not None and not isinstance(body.get(field), list):
+        return _not_a_result(f"the server's answer has no {field}", "", hint)
+    return None
 
 
 # --- classify_exception ---------------------------------------------------------------------
@@ -412,21 +537,7 @@ def _classify_openai(openai: object, exc: BaseException, now: float) -> Verdict 
         )
 
     # Any other APIError: an "error" event in the middle of a stream.
-    fields = _error_fields(exc.body)
-    message = fields.message or str(exc.message)
-    quota = _quota_code(fields)
-    if quota is not None:
-        return _quota_verdict(quota, message)
-    return Verdict(
-        Action.RETRY,
-        "stream_broken",
-        _sentence(
-            "the stream broke off with an error from the server",
-            message,
-            "the partial answer was discarded and the request will be sent again",
-        ),
-        circuit=True,
-    )
+    return classify_error_object(exc.body, now=now, streamed=True, fallback=str(exc.message))
 
 
 def stream_truncated_verdict() -> Verdict:

@@ -4,8 +4,14 @@ The client is created with ``max_retries=0``: batchrun owns retries. Answers
 are taken as raw JSON (no model parsing on the hot path). A streamed request
 is consumed here, inside the attempt, so a stream that breaks half way fails
 the attempt like any other error; it is assembled into the same shape as a
-non-streamed answer, and a stream that ends without a finish reason raises
-``StreamTruncated`` (the partial text is discarded).
+non-streamed answer, and a stream that ends without a finish reason (or, on the
+Responses API, without ``response.completed`` / ``response.incomplete``) raises
+``StreamTruncated`` (the partial text is discarded). A stream that ends with an
+error (``response.failed``, an ``error`` event) or carries an unreadable event
+raises ``StreamFailed``. Whatever came back as a 2xx is returned as it is, JSON
+or not (text when it is not), for ``classify.classify_answer`` to judge; an SSE
+answer to a plain request is assembled as a stream, and a JSON answer to a
+streamed one is taken as the plain answer it is.
 
 The hot path. Thousands of requests a second go through one process, so the
 SDK's per-request work is trimmed where it repeats itself, while every request
@@ -33,6 +39,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -40,18 +48,33 @@ from typing import Any
 
 import aiohttp
 import httpx2
+import openai
 from openai import AsyncOpenAI, AsyncStream
 from openai._compat import model_copy
 from openai._models import FinalRequestOptions
+from openai._streaming import SSEDecoder
 from openai._types import NotGiven
 from openai._utils._json import openapi_dumps
 from yarl import URL
 
 from batchrun.settings import WorkerSettings
+from batchrun.urls import mask_url
+
+log = logging.getLogger("batchrun.worker")
 
 
 class StreamTruncated(Exception):
-    """The stream ended before any choice had a finish_reason."""
+    """The stream ended before its ending: a finish_reason for every choice, or a Responses
+    ``response.completed`` / ``response.incomplete`` event."""
+
+
+class StreamFailed(Exception):
+    """The stream ended with an error instead of a result (``error`` is the error object, for
+    ``classify.classify_error_object``), or carried an event that cannot be read."""
+
+    def __init__(self, message: str, error: object = None):
+        super().__init__(message)
+        self.error = error if error is not None else {"message": message}
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +106,50 @@ async def send(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     if body.get("stream"):
         return await _send_streamed(client, url, body)
     resp = await client.request(httpx2.Response, _options(client, api_path(url), body))
-    return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, resp.json())
+    return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, _decode(url, resp))
+
+
+_MAX_TEXT = 10_000  # characters kept of a body that is not JSON (a proxy's HTML page)
+
+
+def _decode(url: str, resp: httpx2.Response) -> Any:
+    """A read answer's body: parsed JSON, an SSE body assembled (whatever its content-type says),
+    or the text of anything else ("" when empty)."""
+    content = resp.content
+    if resp.headers.get("content-type", "").startswith("text/event-stream") \
+            or content.lstrip().startswith((b"data:", b"event:")):
+        return _assemble_sse(url, content)
+    if not content.strip():
+        return ""
+    try:
+        return json.loads(content)
+    except ValueError:
+        return content[:_MAX_TEXT].decode("utf-8", "replace")
+
+
+def _assemble_sse(url: str, content: bytes) -> dict:
+    """A whole SSE body (an answer that streamed though not asked to), read as a stream is."""
+    ending = _ending(url)
+    try:
+        for sse in SSEDecoder().iter_bytes(iter([content])):
+            if sse.data.startswith("[DONE]"):
+                break
+            _add(ending, sse.json())
+        return ending.result()
+    except (ValueError, TypeError, AttributeError) as exc:  # not JSON, not UTF-8, not the shape
+        raise StreamFailed(f"the stream carried an event that cannot be read ({type(exc).__name__})") from exc
+
+
+def _ending(url: str):
+    return ResponseAssembler() if url == "/v1/responses" else ChunkAssembler(chat=url == "/v1/chat/completions")
+
+
+def _add(ending, event: Any) -> None:
+    if not isinstance(event, dict):
+        raise StreamFailed(f"the stream carried an event that is not a JSON object ({type(event).__name__})")
+    if event.get("error"):  # a chunk holding an error (the SDK raises APIError for these in a stream)
+        raise StreamFailed("the stream carried an error", event["error"])
+    ending.add(event)
 
 
 def _options(client: AsyncOpenAI, path: str, body: dict) -> FinalRequestOptions:
@@ -97,25 +163,51 @@ def _options(client: AsyncOpenAI, path: str, body: dict) -> FinalRequestOptions:
     return options
 
 
+# (base URL, path) of servers that refused `stream_options` with a 400: asked no more (per process).
+_NO_STREAM_OPTIONS: set[tuple[str, str]] = set()
+
+
+def _names_stream_options(exc: openai.BadRequestError) -> bool:
+    fields = exc.body if isinstance(exc.body, dict) else {}
+    text = f"{exc.message} {fields.get('message') or ''} {fields.get('param') or ''}"
+    return "stream_options" in text or "include_usage" in text
+
+
 async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
-    if url == "/v1/chat/completions" or url == "/v1/completions":
-        # Ask for usage in the last chunk, so the result carries it like a plain answer.
-        body = {**body, "stream_options": {**(body.get("stream_options") or {}), "include_usage": True}}
-    stream = await client.request(dict, _options(client, api_path(url), body), stream=True,
-                                  stream_cls=AsyncStream[dict])
+    path = api_path(url)
+    server = (str(client.base_url), path)
+    # Ask for usage in the last chunk, so the result carries it like a plain answer; only when the
+    # request sets no stream_options of its own, and not of a server that refused them.
+    ask_usage = url in ("/v1/chat/completions", "/v1/completions") and "stream_options" not in body \
+        and server not in _NO_STREAM_OPTIONS
+    sent = {**body, "stream_options": {"include_usage": True}} if ask_usage else body
+    try:
+        stream = await client.request(dict, _options(client, path, sent), stream=True, stream_cls=AsyncStream[dict])
+    except openai.BadRequestError as exc:
+        if not (ask_usage and _names_stream_options(exc)):
+            raise
+        # Refused before it was processed (not charged): send it once more as the user wrote it.
+        if server not in _NO_STREAM_OPTIONS:
+            _NO_STREAM_OPTIONS.add(server)
+            log.warning("%s%s refused stream_options; streamed requests there go without it, so their "
+                        "usage is what the stream carries, if any (else each answer counts at its worst "
+                        "case)", mask_url(server[0]).rstrip("/"), path)
+        stream = await client.request(dict, _options(client, path, body), stream=True, stream_cls=AsyncStream[dict])
     resp = stream.response
-    if url == "/v1/responses":
-        final = None
+    if not resp.headers.get("content-type", "").startswith("text/event-stream"):
+        # Not a stream after all (a server that ignores "stream", a proxy's page): read it whole.
+        await resp.aread()
+        return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, _decode(url, resp))
+    ending = _ending(url)
+    try:
         async for event in stream:
-            if event.get("type") == "response.completed":
-                final = event.get("response")
-        if final is None:
-            raise StreamTruncated("the stream ended without a response.completed event")
-        return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, final)
-    assembler = ChunkAssembler(chat=url == "/v1/chat/completions")
-    async for chunk in stream:
-        assembler.add(chunk)
-    return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, assembler.result())
+            _add(ending, event)
+        result = ending.result()
+    except (ValueError, TypeError, AttributeError) as exc:  # an event not JSON, not UTF-8, not the shape
+        raise StreamFailed(f"the stream carried an event that cannot be read ({type(exc).__name__})") from exc
+    finally:
+        await resp.aclose()  # also when it ends early with an error
+    return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, result)
 
 
 # --- the lean HTTP path -----------------------------------------------------------------------
@@ -205,10 +297,13 @@ class LeanHttpClient(httpx2.AsyncClient):
         started = time.perf_counter()
         response = await self._lean_transport.handle_async_request(request)
         response.request = request
-        if response.is_redirect:
-            # Rare (a base URL behind a redirect): httpx2 follows it; the request was not processed.
+        follow = self.follow_redirects if follow_redirects is httpx2.USE_CLIENT_DEFAULT else follow_redirects
+        if follow and response.has_redirect_location:
+            # Rare (a base URL behind a redirect): httpx2 follows it from here, as it would have (a
+            # 3xx without a Location is an answer like any other, for the SDK to raise).
+            next_request = self._build_redirect_request(request, response)
             await response.aclose()
-            return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
+            return await super().send(next_request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         response.default_encoding = self._default_encoding
         try:
             if not stream:
@@ -333,6 +428,31 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class ResponseAssembler:
+    """The final response of a Responses API stream: ``response.completed`` or ``response.incomplete``
+    (a normal, billed ending, e.g. at max_output_tokens) carry it; ``response.failed`` and an
+    ``error`` event end it with an error."""
+
+    def __init__(self) -> None:
+        self.final: dict | None = None
+
+    def add(self, event: dict) -> None:
+        kind = event.get("type")
+        if kind in ("response.completed", "response.incomplete"):
+            self.final = event.get("response")
+        elif kind == "response.failed":
+            response = event.get("response")
+            error = response.get("error") if isinstance(response, dict) else None
+            raise StreamFailed("the response failed", error or {"message": "the response failed"})
+        elif kind == "error":
+            raise StreamFailed("the stream reported an error", event)
+
+    def result(self) -> dict:
+        if not isinstance(self.final, dict):
+            raise StreamTruncated("the stream ended without response.completed or response.incomplete")
+        return self.final
 
 
 class ChunkAssembler:

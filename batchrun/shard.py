@@ -29,11 +29,12 @@ import redis
 from batchrun import maintenance
 from batchrun.backoff import BackoffPolicy, backoff_delay
 from batchrun.batching import Batcher
-from batchrun.classify import BATCH_ID_PLACEHOLDER, Action, Verdict, classify_exception, stream_truncated_verdict
+from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
+                               classify_exception, stream_truncated_verdict)
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
-from batchrun.sender import StreamTruncated, make_client, send
+from batchrun.sender import StreamFailed, StreamTruncated, make_client, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
@@ -285,10 +286,17 @@ class ShardRunner:
             answer = await send(self.client, url, body)
         except StreamTruncated:
             verdict, response, headers = stream_truncated_verdict(), None, None
+        except StreamFailed as exc:
+            verdict = classify_error_object(exc.error, now=time.time(), streamed=True, fallback=str(exc))
+            response, headers = None, None
         except Exception as exc:
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
             headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
+            # A 2xx that is no result (a proxy's page, an error body, a failed response) fails like an error.
+            verdict, headers = classify_answer(url, answer.headers, answer.body, now=time.time()), answer.headers
+            response = {"status_code": answer.status_code, "request_id": answer.request_id, "body": answer.body}
+        if verdict is None:
             self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - started,
                                                   input_tokens=estimate.input_tokens,
                                                   output_tokens=estimate.output_tokens, charged=True))
@@ -297,6 +305,8 @@ class ShardRunner:
                                body=answer.body)
             usage = answer.body.get("usage") if isinstance(answer.body, dict) else None
             cost = cost_of_usage(price, usage) if price is not None else 0.0
+            if price is not None and not isinstance(usage, dict):  # no usage to count: its worst case
+                cost = worst_case_cost(price, estimate.input_tokens, estimate.output_tokens)
             self._count_request(model, admission.charge, usage=usage)
             await self.completer.submit(("R", job.custom_id, json.dumps(line), cost))
             self.stats["done"] += 1
