@@ -167,9 +167,8 @@ def _options(client: AsyncOpenAI, path: str, body: dict) -> FinalRequestOptions:
 _NO_STREAM_OPTIONS: set[tuple[str, str]] = set()
 
 
-def _names_stream_options(exc: openai.BadRequestError) -> bool:
-    fields = exc.body if isinstance(exc.body, dict) else {}
-    text = f"{exc.message} {fields.get('message') or ''} {fields.get('param') or ''}"
+def _names_stream_options(exc: openai.APIStatusError) -> bool:
+    text = f"{exc.message} {exc.body}"  # the message, param or a validation error's location
     return "stream_options" in text or "include_usage" in text
 
 
@@ -183,7 +182,7 @@ async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     sent = {**body, "stream_options": {"include_usage": True}} if ask_usage else body
     try:
         stream = await client.request(dict, _options(client, path, sent), stream=True, stream_cls=AsyncStream[dict])
-    except openai.BadRequestError as exc:
+    except (openai.BadRequestError, openai.UnprocessableEntityError) as exc:  # 422: FastAPI-style servers
         if not (ask_usage and _names_stream_options(exc)):
             raise
         # Refused before it was processed (not charged): send it once more as the user wrote it.

@@ -499,3 +499,181 @@ def test_real_sdk_connection_refused():
     assert type(exc) is openai.APIConnectionError
     v = classify_exception(exc, now=NOW)
     assert (v.action, v.kind, v.circuit) == (Action.RETRY, "connection", True)
+
+
+# --- answers that are not results, and errors inside answers --------------------------------
+
+from batchrun.classify import classify_answer, classify_error_object  # noqa: E402
+
+CHAT_URL = "/v1/chat/completions"
+SERVER_ERROR_OBJ = {"message": "The server had an error while processing your request.", "type": "server_error"}
+
+
+@pytest.mark.parametrize(
+    "error, action, kind, budget",
+    [
+        (SERVER_ERROR_OBJ, Action.RETRY, "server_error", False),
+        ({"code": "server_error", "message": "boom"}, Action.RETRY, "server_error", False),
+        ({"code": "vector_store_timeout", "message": "slow"}, Action.RETRY, "server_error", False),
+        (None, Action.RETRY, "server_error", False),
+        ("upstream overloaded", Action.RETRY, "server_error", False),
+        (QUOTA["error"], Action.PAUSE, "quota", False),
+        ({"code": "insufficient_quota", "message": "no money"}, Action.PAUSE, "quota", False),
+        (TPM_84MS["error"], Action.RETRY, "rate_limit_tokens", True),
+        ({"code": "rate_limit_exceeded", "message": "slow down"}, Action.RETRY, "rate_limit", True),
+        (TOO_LARGE["error"], Action.FAIL, "request_too_large", False),
+        ({"code": "invalid_prompt", "message": "flagged"}, Action.FAIL, "bad_request", False),
+        ({"code": "image_too_large", "message": "big"}, Action.FAIL, "bad_request", False),
+        ({"type": "invalid_request_error", "message": "bad"}, Action.FAIL, "bad_request", False),
+        ({"code": "invalid_api_key", "message": "Incorrect API key provided"}, Action.PAUSE, "auth", False),
+        ({"code": "429", "message": "Please retry after 7 seconds."}, Action.RETRY, "rate_limit", True),
+        ({"code": "503", "message": "busy"}, Action.RETRY, "server_error", False),
+    ],
+)
+def test_an_error_inside_an_answer_gets_the_verdict_of_the_same_error_as_an_http_answer(error, action, kind, budget):
+    v = classify_error_object(error, now=NOW, streamed=False)
+    assert (v.action, v.kind, v.budget_exhausted) == (action, kind, budget)
+    streamed = classify_error_object(error, now=NOW, streamed=True)
+    # Streamed, the same verdict; a server error is named for the stream it broke.
+    assert (streamed.action, streamed.hint, streamed.budget_exhausted) == (v.action, v.hint, v.budget_exhausted)
+    assert streamed.kind == ("stream_broken" if kind == "server_error" else kind)
+    if error:  # the same error as a 200's body
+        assert classify_answer(CHAT_URL, {}, {"error": error}, now=NOW) == v
+
+
+def test_an_error_inside_an_answer_keeps_the_hint_and_says_what_to_do():
+    v = classify_error_object(TPM_84MS["error"], now=NOW, streamed=True)
+    assert v.hint == pytest.approx(0.084)
+    v = classify_error_object(QUOTA["error"], now=NOW, streamed=True)
+    assert "batchrun resume BATCH_ID" in v.message
+    v = classify_error_object({"code": "invalid_prompt", "message": "Invalid prompt."}, now=NOW, streamed=True)
+    assert v.message == "the server rejected the request (invalid_prompt): Invalid prompt; fix this request"
+
+
+@pytest.mark.parametrize(
+    "url, headers, body, verdict",
+    [
+        (CHAT_URL, {}, {"choices": [], "usage": None}, None),
+        ("/v1/embeddings", {}, {"data": []}, None),
+        ("/v1/responses", {}, {"status": "incomplete", "output": []}, None),
+        ("/v1/responses", {}, {"status": "completed", "output": []}, None),
+        ("/v1/moderations", {}, {"results": []}, None),  # no shape known: any object is a result
+        (CHAT_URL, {}, "<html>Warming up</html>", (Action.RETRY, "server_error", "the server's answer is not JSON: Warming up")),
+        (CHAT_URL, {"Retry-After": "5"}, "", (Action.RETRY, "server_error", "the server answered with an empty body")),
+        (CHAT_URL, {}, None, (Action.RETRY, "server_error", "the server answered with an empty body")),
+        (CHAT_URL, {}, b"\xff\xfe", (Action.RETRY, "server_error", "the server's answer is not JSON")),
+        (CHAT_URL, {}, [1], (Action.RETRY, "server_error", "the server's answer is JSON but not an object (list)")),
+        (CHAT_URL, {}, 3, (Action.RETRY, "server_error", "the server's answer is JSON but not an object (int)")),
+        (CHAT_URL, {}, {"id": "x"}, (Action.RETRY, "server_error", "the server's answer has no choices")),
+        ("/v1/responses", {}, {"status": "failed", "error": None}, (Action.RETRY, "server_error", "the response failed")),
+        ("/v1/responses", {}, {"status": "in_progress", "output": []}, (Action.FAIL, "bad_request", "background")),
+    ],
+)
+def test_classify_answer(url, headers, body, verdict):
+    v = classify_answer(url, headers, body, now=NOW)
+    if verdict is None:
+        assert v is None
+        return
+    assert (v.action, v.kind) == verdict[:2] and verdict[2] in v.message
+    assert v.circuit == (v.kind == "server_error")
+    if headers:
+        assert v.hint == pytest.approx(5.0)
+
+
+def test_a_redirect_that_was_not_followed_fails_the_job_and_names_the_base_url():
+    v = classify_response(302, {}, "moved", now=NOW)
+    assert (v.action, v.kind) == (Action.FAIL, "unknown") and "OPENAI_BASE_URL" in v.message
+
+
+# --- properties (hypothesis): any answer gets a verdict, never an exception ----------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=300, deadline=None)
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+    max_leaves=15,
+)
+VOCAB = st.sampled_from(sorted(QUOTA_CODES) + ["rate_limit_exceeded", "tokens", "requests", "server_error",
+                                                 "invalid_request_error", "invalid_prompt", "invalid_api_key",
+                                                 "429", "500", "400", "401", "", "x"])
+ERROR_OBJECTS = st.fixed_dictionaries({}, optional={"message": st.text(max_size=200) | JSON_VALUES,
+                                                    "type": VOCAB | JSON_VALUES, "code": VOCAB | JSON_VALUES,
+                                                    "param": JSON_VALUES})
+HEADER_NAMES = st.sampled_from(["retry-after", "Retry-After-Ms", "x-ratelimit-reset-tokens",
+                                "x-ratelimit-reset-requests", "x-ratelimit-remaining-tokens",
+                                "x-ratelimit-remaining-requests", "content-type"]) | st.text(max_size=10)
+HEADERS = st.dictionaries(HEADER_NAMES, st.text(max_size=30), max_size=6)
+BODIES = (st.none() | st.binary(max_size=200) | st.text(max_size=200) | JSON_VALUES
+          | st.builds(lambda e: {"error": e}, ERROR_OBJECTS | JSON_VALUES)
+          | st.builds(lambda v: json.dumps(v), JSON_VALUES))
+URLS = st.sampled_from(["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"]) | st.text(max_size=10)
+
+
+def _sane(v: Verdict) -> None:
+    assert isinstance(v, Verdict) and v.action in Action and v.kind in KINDS
+    assert isinstance(v.message, str) and v.message and "\n" not in v.message and len(v.message) < 1200
+    assert v.hint is None or v.hint >= 0
+
+
+@PROPERTY
+@given(status=st.integers(0, 999), headers=HEADERS, body=BODIES)
+def test_any_http_answer_gets_a_verdict(status, headers, body):
+    _sane(classify_response(status, headers, body, now=NOW))
+
+
+@PROPERTY
+@given(url=URLS, headers=HEADERS, body=BODIES | st.builds(lambda s, e: {"status": s, "error": e, "output": []},
+                                                         st.sampled_from(["failed", "incomplete", "completed",
+                                                                          "queued", "in_progress", "cancelled"]),
+                                                         ERROR_OBJECTS | st.none()))
+def test_any_2xx_answer_is_a_result_or_gets_a_verdict(url, headers, body):
+    v = classify_answer(url, headers, body, now=NOW)
+    if v is not None:
+        _sane(v)
+    else:
+        assert isinstance(body, dict) and not body.get("error")
+
+
+@PROPERTY
+@given(error=ERROR_OBJECTS | JSON_VALUES | st.binary(max_size=50), fallback=st.text(max_size=30))
+def test_any_error_inside_an_answer_gets_the_same_verdict_streamed_or_not(error, fallback):
+    plain = classify_error_object(error, now=NOW, streamed=False, fallback=fallback)
+    streamed = classify_error_object(error, now=NOW, streamed=True, fallback=fallback)
+    _sane(plain)
+    _sane(streamed)
+    assert (plain.action, plain.hint, plain.budget_exhausted, plain.circuit) == \
+        (streamed.action, streamed.hint, streamed.budget_exhausted, streamed.circuit)
+
+
+@PROPERTY
+@given(error=ERROR_OBJECTS)
+def test_an_error_inside_an_answer_pauses_fails_or_retries_as_its_http_twin(error):
+    """The twin of an error object is the HTTP answer with the status its type or code names."""
+    v = classify_error_object(error, now=NOW, streamed=True)
+    fields = {k: str(error.get(k) or "") for k in ("type", "code")}
+    if fields["type"] in QUOTA_CODES or fields["code"] in QUOTA_CODES:
+        assert (v.action, v.kind) == (Action.PAUSE, "quota")
+    elif v.action is Action.RETRY and v.budget_exhausted:
+        assert v.kind.startswith("rate_limit")
+    elif v.action is Action.RETRY:  # a 5xx (or a 408/409 an Azure-style code names)
+        assert v.kind in ("stream_broken", "timeout", "conflict")
+    twin = classify_response(429 if v.budget_exhausted else 500, {}, {"error": error}, now=NOW)
+    if v.action is Action.RETRY:
+        assert (twin.action, twin.budget_exhausted) == (Action.RETRY, v.budget_exhausted)
+
+
+@PROPERTY
+@given(status=st.integers(300, 599), headers=HEADERS, body=st.binary(max_size=200) | BODIES.filter(lambda b: isinstance(b, (dict, list))))
+def test_any_sdk_status_error_gets_a_verdict(status, headers, body):
+    headers = {k: v for k, v in headers.items() if k.isascii() and k.isprintable() and k.strip() and ":" not in k
+               and v.isascii() and v.isprintable()}
+    request = httpx2.Request("POST", URL)
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    try:
+        response = httpx2.Response(status, request=request, headers=headers, **kwargs)
+    except Exception:  # a header httpx2 itself refuses: no such answer can reach us
+        return
+    _sane(classify_exception(_CLIENT._make_status_error_from_response(response), now=NOW))

@@ -231,3 +231,78 @@ def test_a_server_that_never_reads_the_body_times_out_instead_of_hanging():
         for conn, _ in accepted:
             conn.close()
         listener.close()
+
+
+# --- endings against the hostile server (tests/test_endings.py runs them through a runner) -------
+
+from tests.hostile import HostileServer, Reply, error_body, sse  # noqa: E402
+
+
+def _send_to(base_url: str, url: str, bodies: list[dict]):
+    async def go(client):
+        out = []
+        for body in bodies:
+            try:
+                out.append(await send(client, url, body))
+            except Exception as exc:  # noqa: BLE001 - what send raises is the point
+                out.append(exc)
+        return out
+    return run(_with_client(base_url, go, request_timeout=5.0))
+
+
+CHUNKS = sse({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+              "choices": [{"index": 0, "delta": {"content": "Hi"}, "finish_reason": "stop"}]}, "[DONE]")
+
+
+def test_a_422_naming_stream_options_is_resent_without_them_and_remembered(caplog):
+    """A FastAPI-style server refuses unknown fields with a 422 whose detail names the field."""
+    def script(seen):
+        if "stream_options" in seen.body:
+            return Reply(422, {}, {"detail": [{"loc": ["body", "stream_options"], "msg": "extra fields not permitted",
+                                               "type": "value_error.extra"}]})
+        return Reply(events=CHUNKS)
+
+    caplog.set_level("WARNING", logger="batchrun.worker")
+    body = {**BODY, "stream": True}
+    with HostileServer(script) as srv:
+        answers = _send_to(srv.base_url, "/v1/chat/completions", [body, body])
+        seen = list(srv.requests)
+    assert [a.body["choices"][0]["message"]["content"] for a in answers] == ["Hi", "Hi"]
+    assert len(seen) == 3 and "stream_options" in seen[0].body
+    assert all("stream_options" not in s.body for s in seen[1:])
+    assert answers[0].body["usage"] is None  # the stream carried none
+    warnings = [r.getMessage() for r in caplog.records if "refused stream_options" in r.getMessage()]
+    assert warnings == [f"{srv.base_url}/chat/completions refused stream_options; streamed requests there go "
+                        "without it, so their usage is what the stream carries, if any (else each answer counts "
+                        "at its worst case)"]
+
+
+def test_a_400_about_something_else_is_raised_as_it_is():
+    reply = Reply(400, {}, error_body("Invalid value for 'stream_mode'.", "invalid_request_error", None, "messages"))
+    with HostileServer([reply]) as srv:
+        [exc] = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}])
+        assert isinstance(exc, openai.BadRequestError) and len(srv.requests) == 1
+
+
+def test_a_failed_response_stream_raises_stream_failed_with_its_error_and_frees_the_connection():
+    from batchrun.sender import StreamFailed
+
+    error = {"code": "server_error", "message": "The server had an error."}
+    failed = sse({"type": "response.created", "response": {"status": "in_progress"}},
+                 {"type": "response.failed", "response": {"status": "failed", "error": error}},
+                 event_names=["response.created", "response.failed"])
+    done = sse({"type": "response.completed", "response": {"status": "completed", "output": []}},
+               event_names=["response.completed"])
+    body = {"model": "gpt-4o-mini", "input": "hi", "stream": True}
+    with HostileServer([Reply(events=failed), Reply(events=done)]) as srv:
+        first, second = _send_to(srv.base_url, "/v1/responses", [body, body])
+    assert isinstance(first, StreamFailed) and first.error == error
+    assert "stream_options" not in srv.requests[0].body  # never added to the Responses API
+    assert second.body == {"status": "completed", "output": []}
+
+
+def test_a_plain_answer_that_is_not_json_comes_back_as_its_text():
+    with HostileServer([Reply(200, {"content-type": "text/html"}, "<html>" + "x" * 20_000 + "</html>")]) as srv:
+        [answer] = _send_to(srv.base_url, "/v1/chat/completions", [BODY])
+    assert answer.status_code == 200 and isinstance(answer.body, str)
+    assert answer.body.startswith("<html>xxx") and len(answer.body) == 10_000  # bounded

@@ -536,3 +536,94 @@ def test_recurring_texts_count_the_same_from_the_cache():
     assert estimate_tokens("/v1/chat/completions", body) == first
     tokens._counts.clear()
     assert estimate_tokens("/v1/chat/completions", body) == first
+
+
+# --- Properties (hypothesis) -----------------------------------------------------------
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+URLS = [CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES]
+MODELS = st.sampled_from(["gpt-4o-mini", "gpt-4", "text-embedding-3-small", "gpt-3.5-turbo-instruct", "llama-3-70b", ""])
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=30),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                    max_leaves=20)
+KEYS = st.sampled_from(["model", "messages", "prompt", "input", "instructions", "tools", "functions", "max_tokens",
+                        "max_completion_tokens", "max_output_tokens", "n", "best_of", "response_format", "text",
+                        "content", "role", "name", "tool_calls"])
+BODY = st.dictionaries(KEYS | st.text(max_size=8), JSON, max_size=8)
+WORD = st.text(st.characters(codec="utf-8", exclude_categories=("Zs", "Cc", "Zl", "Zp", "Cs")), min_size=1, max_size=15)
+
+
+def with_parts(url: str, model: str, parts: list[str], max_out: int | None) -> dict:
+    """A request of ``parts`` (messages, prompts, inputs) on ``url``."""
+    body: dict = {"model": model}
+    if url == CHAT:
+        body["messages"] = [{"role": "user", "content": p} for p in parts]
+    elif url == COMPLETIONS:
+        body["prompt"] = parts
+    elif url == EMBEDDINGS:
+        body["input"] = parts
+    else:
+        body["input"] = [{"role": "user", "content": p} for p in parts]
+    if max_out is not None and url != EMBEDDINGS:
+        body["max_output_tokens" if url == RESPONSES else "max_tokens"] = max_out
+    return body
+
+
+@PROPERTY
+@given(url=st.sampled_from(URLS), body=BODY)
+def test_any_body_gives_an_estimate_never_negative(url, body):
+    estimate = estimate_tokens(url, body)
+    assert estimate.input_tokens >= 0 and estimate.output_tokens >= 0
+    assert server_charge_estimate(url, body) >= 0
+
+
+@PROPERTY
+@given(url=st.sampled_from(URLS), model=MODELS, parts=st.lists(st.text(max_size=80), max_size=5),
+       more=st.text(min_size=1, max_size=80), max_out=st.none() | st.integers(1, 100_000))
+def test_one_more_part_never_lowers_the_estimate(url, model, parts, more, max_out):
+    """Monotone in prompt length, a message (prompt, input) more: the estimate never goes down."""
+    before = estimate_tokens(url, with_parts(url, model, parts, max_out))
+    after = estimate_tokens(url, with_parts(url, model, parts + [more], max_out))
+    assert after.input_tokens >= before.input_tokens
+    assert after.output_tokens == before.output_tokens
+    assert server_charge_estimate(url, with_parts(url, model, parts + [more], max_out)) >= \
+        server_charge_estimate(url, with_parts(url, model, parts, max_out))
+
+
+@PROPERTY
+@given(url=st.sampled_from(URLS), model=MODELS, words=st.lists(WORD, min_size=1, max_size=12), more=WORD)
+def test_one_more_word_never_lowers_the_estimate(url, model, words, more):
+    """Monotone in prompt length, a word more (after a space) in the last part."""
+    text = " ".join(words)
+    before = estimate_tokens(url, with_parts(url, model, [text], 10))
+    after = estimate_tokens(url, with_parts(url, model, [text + " " + more], 10))
+    assert after.input_tokens >= before.input_tokens
+
+
+@PROPERTY
+@given(url=st.sampled_from([CHAT, COMPLETIONS, RESPONSES]), model=MODELS, parts=st.lists(st.text(max_size=40), max_size=3),
+       low=st.integers(1, 50_000), extra=st.integers(0, 50_000))
+def test_a_larger_output_limit_never_lowers_the_estimate(url, model, parts, low, extra):
+    before = estimate_tokens(url, with_parts(url, model, parts, low))
+    after = estimate_tokens(url, with_parts(url, model, parts, low + extra))
+    assert after.output_tokens == before.output_tokens + extra and after.input_tokens == before.input_tokens
+
+
+def test_a_character_more_can_lower_the_count_as_tiktoken_does():
+    """Not a property: byte-pair encoding merges, so a prefix can take more tokens than the word.
+    The estimate follows tiktoken (the server counts so too) rather than being monotone in characters."""
+    short, word = "internationa", "international"
+    assert n("o200k_base", short) > n("o200k_base", word)
+    body = lambda text: {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": text}]}  # noqa: E731
+    assert estimate_tokens(CHAT, body(short)).input_tokens > estimate_tokens(CHAT, body(word)).input_tokens
+
+
+@PROPERTY
+@given(url=st.sampled_from(URLS), text=st.text(max_size=200), more=st.text(min_size=1, max_size=50))
+def test_without_tiktoken_the_estimate_is_monotone_in_characters(no_tiktoken, url, text, more):
+    before = estimate_tokens(url, with_parts(url, "gpt-4o-mini", [text], 10))
+    after = estimate_tokens(url, with_parts(url, "gpt-4o-mini", [text + more], 10))
+    assert after.input_tokens >= before.input_tokens >= 0
