@@ -380,10 +380,11 @@ def classify_error_object(error: object, *, now: float, streamed: bool, fallback
     return classify_response(status, {}, {"error": inner}, now=now)
 
 
-def _not_a_result(summary: str, text: str, hint: float | None) -> Verdict:
+def _not_a_result(summary: str, text: str, headers: Mapping[str, str] | None, now: float) -> Verdict:
     # A proxy's page, an empty or malformed body: the server's fault, which a retry may not meet.
+    lower = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
     return Verdict(Action.RETRY, "server_error", _sentence(summary, text, "the request will be sent again"),
-                   hint, circuit=True)
+                   wait_hint(lower, "", now=now), circuit=True)
 
 
 # Where each endpoint's answer keeps its result.
@@ -397,33 +398,32 @@ def classify_answer(url: str, headers: Mapping[str, str] | None, body: object, *
     ``body`` is the parsed JSON, or the text of a body that is not JSON ("" when empty). A result is
     a JSON object with the endpoint's result field (``choices``, ``data``, ``output``); a Responses
     answer whose status is ``completed`` or ``incomplete`` is one (incomplete is a normal, billed
-    ending, e.g. at max_output_tokens)."""
-    lower = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
-    hint = wait_hint(lower, "", now=now)
+    ending, e.g. at max_output_tokens). On the hot path: a result costs a few lookups."""
+    field = _RESULT_FIELDS.get(url)
+    if isinstance(body, Mapping):
+        error = body.get("error")
+        if url == "/v1/responses":
+            status = body.get("status")
+            if status == "failed":
+                return classify_error_object(error, now=now, streamed=False, fallback="the response failed")
+            if status in ("queued", "in_progress", "cancelled"):
+                # A background response: it runs (and is paid) on the server; sending it again pays twice.
+                return Verdict(Action.FAIL, "bad_request",
+                               f"the response is {status}, not finished: batchrun does not poll background "
+                               f"responses; remove \"background\": true from this request")
+        if error:
+            return classify_error_object(error, now=now, streamed=False)
+        if field is not None and not isinstance(body.get(field), list):
+            return _not_a_result(f"the server's answer has no {field}", "", headers, now)
+        return None
     if isinstance(body, (bytes, bytearray)):
         body = bytes(body).decode("utf-8", "replace")
     if body is None or (isinstance(body, str) and not body.strip()):
-        return _not_a_result("the server answered with an empty body", "", hint)
+        return _not_a_result("the server answered with an empty body", "", headers, now)
     if isinstance(body, str):
-        return _not_a_result("the server's answer is not JSON", body, hint)
-    if not isinstance(body, Mapping):
-        return _not_a_result(f"the server's answer is JSON but not an object ({type(body).__name__})", "", hint)
-    error = body.get("error")
-    if url == "/v1/responses":
-        status = body.get("status")
-        if status == "failed":
-            return classify_error_object(error, now=now, streamed=False, fallback="the response failed")
-        if status in ("queued", "in_progress", "cancelled"):
-            # A background response: it runs (and is paid) on the server; sending it again pays twice.
-            return Verdict(Action.FAIL, "bad_request",
-                           f"the response is {status}, not finished: batchrun does not poll background "
-                           f"responses; remove \"background\": true from this request")
-    if error:
-        return classify_error_object(error, now=now, streamed=False)
-    field = _RESULT_FIELDS.get(url)
-    if field is not None and not isinstance(body.get(field), list):
-        return _not_a_result(f"the server's answer has no {field}", "", hint)
-    return None
+        return _not_a_result("the server's answer is not JSON", body, headers, now)
+    return _not_a_result(f"the server's answer is JSON but not an object ({type(body).__name__})", "",
+                         headers, now)
 
 
 # --- classify_exception ---------------------------------------------------------------------

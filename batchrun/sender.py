@@ -117,7 +117,7 @@ def _decode(url: str, resp: httpx2.Response) -> Any:
     or the text of anything else ("" when empty)."""
     content = resp.content
     if resp.headers.get("content-type", "").startswith("text/event-stream") \
-            or content.lstrip().startswith((b"data:", b"event:")):
+            or content[:64].lstrip().startswith((b"data:", b"event:")):
         return _assemble_sse(url, content)
     if not content.strip():
         return ""
@@ -163,7 +163,7 @@ def _options(client: AsyncOpenAI, path: str, body: dict) -> FinalRequestOptions:
     return options
 
 
-# (base URL, path) of servers that refused `stream_options` with a 400: asked no more (per process).
+# (base URL, path) of servers that refused `stream_options` (a 400 or 422): asked no more (per process).
 _NO_STREAM_OPTIONS: set[tuple[str, str]] = set()
 
 
