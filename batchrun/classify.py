@@ -413,6 +413,8 @@ def classify_answer(url: str, headers: Mapping[str, str] | None, body: object, *
                                f"responses; remove \"background\": true from this request")
         if error:
             return classify_error_object(error, now=now, streamed=False)
+        if body.get("object") == "error":  # vLLM's error shape: message, type and code at the top
+            return classify_error_object(body, now=now, streamed=False)
         if field is not None and not isinstance(body.get(field), list):
             return _not_a_result(f"the server's answer has no {field}", "", headers, now)
         return None

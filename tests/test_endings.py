@@ -221,6 +221,9 @@ ENDINGS = [
     ("chat 200 error body: quota", CHAT, False, Reply(body={"error": QUOTA}), ("paused", "insufficient_quota")),
     ("chat 200 error body: invalid request", CHAT, False, Reply(body=error_body("bad", "invalid_request_error")),
      ("fail", "bad_request")),
+    ("chat 200 vLLM-style error object", CHAT, False,
+     Reply(body={"object": "error", "message": "max_tokens is too large", "type": "BadRequestError", "param": None,
+                 "code": 400}), ("fail", "bad_request")),
     ("chat 200 SSE to a plain request", CHAT, False,
      Reply(200, {"content-type": "text/event-stream"}, b"".join(chat_stream())), ("result", "stop")),
     ("chat 200 SSE labelled JSON", CHAT, False,
@@ -346,3 +349,70 @@ def test_a_redirect_is_followed_from_its_answer_sending_the_request_once_to_each
     assert [(s.method, s.path) for s in seen] == [("POST", "/v1/chat/completions"),
                                                    ("POST", "/moved/v1/chat/completions")]
     assert seen[1].body == CHAT_BODY
+
+
+# --- broken HTTP framing (below what the hostile server can script) ----------------------------
+
+RAW_ANSWERS = {
+    "chunked garbage": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\n{}\r\n0\r\n\r\n",
+    "streamed chunked garbage": b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
+                                b"Transfer-Encoding: chunked\r\n\r\n6\r\ndata: \r\nzz\r\n",
+    "body shorter than its length": b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 500\r\n"
+                                    b"\r\n{\"id\": \"x\", \"choices\": [",
+}
+
+
+@pytest.mark.parametrize("name", sorted(RAW_ANSWERS))
+def test_broken_framing_is_a_connection_fault_retried(name):
+    import socket
+    import threading
+
+    from batchrun.classify import Action, classify_exception
+    from batchrun.sender import make_client, send
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+
+    def serve():
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(RAW_ANSWERS[name])
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+
+    async def go():
+        client = make_client(WorkerSettings(base_url=f"http://127.0.0.1:{listener.getsockname()[1]}/v1",
+                                            api_key="sk-test", request_timeout=5.0))
+        try:
+            return await send(client, CHAT, {**CHAT_BODY, "stream": name.startswith("streamed")})
+        except Exception as exc:  # noqa: BLE001 - what send raises is the point
+            return exc
+        finally:
+            await client.close()
+
+    try:
+        exc = asyncio.run(asyncio.wait_for(go(), 30))
+    finally:
+        listener.close()
+    verdict = classify_exception(exc, now=0)
+    assert (verdict.action, verdict.kind) == (Action.RETRY, "connection"), repr(exc)
+
+
+@pytest.mark.parametrize("first", [
+    Reply(events=responses_stream(failed(SERVER_ERROR))),
+    Reply(events=responses_stream(error_event(RATE))),
+    Reply(events=responses_stream()),  # stopped before its ending
+    Reply(200, {"content-type": "text/html"}, HTML),
+], ids=["failed", "error event", "truncated", "html"])
+def test_a_faulty_responses_answer_is_sent_again_and_the_job_ends_once_in_results(first, tmp_path):
+    replies = [first, Reply(events=responses_stream(ended("response.completed", response_obj("completed"))))]
+    outcomes, meta, seen = run_jobs(replies, [(RESPONSES, {**RESPONSES_BODY, "stream": True})], tmp_path,
+                                    max_attempts=5)
+    assert outcomes["j0"][0] == "result" and outcomes["j0"][1]["status"] == "completed"
+    assert len(seen) == 2 and meta["state"] == "finished"
