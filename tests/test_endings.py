@@ -95,11 +95,12 @@ def error_event(error: dict) -> dict:
 
 # --- one job through a real runner -----------------------------------------------------------
 
-def run_jobs(script, requests: list[tuple[str, dict]], tmp_path, *, concurrency: int = 4, **options):
-    """Run the jobs (url, body) as one batch through a ShardRunner; returns (outcomes by custom_id,
-    batch meta, requests the server saw). An outcome is ("result", body), ("retry", kind) for a
-    job that ended after a retry verdict, ("fail", kind), or ("paused", reason) when it did not end."""
-    store = BatchStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+def run_jobs(script, requests: list[tuple[str, dict]], tmp_path, *, concurrency: int = 4, store=None, **options):
+    """Run the jobs (url, body) as one batch through a ShardRunner (on ``store``, else a new
+    fakeredis); returns (outcomes by custom_id, batch meta, requests the server saw). An outcome is
+    ("result", body), ("retry", kind) for a job that ended after a retry verdict, ("fail", kind), or
+    ("paused", reason) when it did not end."""
+    store = store or BatchStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
     options.setdefault("max_attempts", 1)
     store.create_batch("b", BatchOptions(shard_size=1000, backoff_base=0.01, backoff_cap=0.05, **options))
     store.add_jobs("b", [(f"j{i}", 0, json.dumps({"method": "POST", "url": url, "body": body}))
@@ -178,6 +179,8 @@ ENDINGS = [
      ("retry", "rate_limit_tokens")),
     ("chat stream error chunk: invalid request", CHAT, True, Reply(events=sse(chunk("He"), {"error": INVALID})),
      ("fail", "bad_request")),
+    ("chat stream dropped after its finish_reason", CHAT, True, Reply(events=chat_stream()[:2], drop=True),
+     ("retry", "connection")),
     ("chat stream [DONE] without finish_reason", CHAT, True, Reply(events=sse(chunk("He"), "[DONE]")),
      ("retry", "stream_truncated")),
     ("chat stream garbage event", CHAT, True, Reply(events=[sse(chunk("He"))[0], b"data: {not json\n\n"]),
@@ -258,12 +261,12 @@ def test_each_ending(name, url, stream, reply, expected, tmp_path):
         assert outcome[1] == detail
 
 
-def test_a_streamed_incomplete_response_ends_once_in_results_with_one_request(tmp_path):
+def test_a_streamed_incomplete_response_ends_once_in_results_with_one_request(store, tmp_path):
     """Issue 11 item 7: response.incomplete is a normal, billed ending: one request, one result,
     its usage counted once."""
     reply = Reply(events=responses_stream(ended("response.incomplete", INCOMPLETE)))
     outcomes, meta, seen = run_jobs([reply], [(RESPONSES, {**RESPONSES_BODY, "stream": True})], tmp_path,
-                                    max_attempts=5, max_cost=10.0)
+                                    max_attempts=5, max_cost=10.0, store=store)
     assert outcomes["j0"][0] == "result" and outcomes["j0"][1]["incomplete_details"]["reason"] == "max_output_tokens"
     assert len(seen) == 1
     # gpt-4o-mini, shipped prices: 8 input, 16 output tokens, counted once
@@ -278,10 +281,10 @@ def test_a_streamed_quota_failure_pauses_the_batch(tmp_path):
     assert outcomes["j0"][0] == "paused" and len(seen) == 1
 
 
-def test_an_html_200_is_retried_and_the_job_ends_in_results(tmp_path):
+def test_an_html_200_is_retried_and_the_job_ends_in_results(store, tmp_path):
     """Issue 11 item 8: a proxy's "warming up" page with status 200 is a server fault: retried."""
     replies = [Reply(200, {"content-type": "text/html"}, HTML), ok("Hello")]
-    outcomes, meta, seen = run_jobs(replies, [(CHAT, CHAT_BODY)], tmp_path, max_attempts=5)
+    outcomes, meta, seen = run_jobs(replies, [(CHAT, CHAT_BODY)], tmp_path, max_attempts=5, store=store)
     assert outcomes["j0"][0] == "result" and outcomes["j0"][1]["choices"][0]["message"]["content"] == "Hello"
     assert len(seen) == 2
 
@@ -302,14 +305,14 @@ def _refuses_stream_options(seen) -> Reply:
     return Reply(events=chat_stream(usage=None))
 
 
-def test_a_server_that_refuses_stream_options_gets_the_request_without_them_once(tmp_path):
+def test_a_server_that_refuses_stream_options_gets_the_request_without_them_once(store, tmp_path):
     """Issue 11 item 9: the 400 naming stream_options is followed by one resend without them; the
     server is remembered, so the next streamed job goes without them at once. With no usage in the
     stream, the answer counts at its worst case."""
     jobs = [(CHAT, {**CHAT_BODY, "stream": True, "messages": [{"role": "user", "content": f"q{i}"}]})
             for i in range(3)]
     outcomes, meta, seen = run_jobs(_refuses_stream_options, jobs, tmp_path, concurrency=1, max_attempts=1,
-                                    max_cost=10.0)
+                                    max_cost=10.0, store=store)
     assert [o[0] for o in outcomes.values()] == ["result"] * 3
     assert all(o[1]["choices"][0]["message"]["content"] == "Hello" for o in outcomes.values())
     assert len(seen) == 4  # one refusal, then three streams
