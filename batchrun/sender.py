@@ -51,6 +51,7 @@ import httpx2
 import openai
 from openai import AsyncOpenAI, AsyncStream
 from openai._compat import model_copy
+from openai._httpx2 import request_exceptions, timeout_exceptions
 from openai._models import FinalRequestOptions
 from openai._streaming import SSEDecoder
 from openai._types import NotGiven
@@ -194,8 +195,14 @@ async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
         stream = await client.request(dict, _options(client, path, body), stream=True, stream_cls=AsyncStream[dict])
     resp = stream.response
     if not resp.headers.get("content-type", "").startswith("text/event-stream"):
-        # Not a stream after all (a server that ignores "stream", a proxy's page): read it whole.
-        await resp.aread()
+        # Not a stream after all (a server that ignores "stream", a proxy's page): read it whole,
+        # its errors mapped as the SDK maps them when it reads a body.
+        try:
+            await resp.aread()
+        except timeout_exceptions() as exc:
+            raise openai.APITimeoutError(request=resp.request) from exc
+        except request_exceptions() as exc:
+            raise openai.APIConnectionError(request=resp.request) from exc
         return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, _decode(url, resp))
     ending = _ending(url)
     try:

@@ -192,6 +192,12 @@ ENDINGS = [
     ("chat stream answered with plain JSON", CHAT, True, ok("Hello"), ("result", "stop")),
     ("chat stream answered with HTML 200", CHAT, True, Reply(200, {"content-type": "text/html"}, HTML),
      ("retry", "server_error")),
+    ("chat stream answered with JSON that is not gzip as it says", CHAT, True,
+     Reply(200, {"content-type": "application/json", "content-encoding": "gzip"}, b"not gzip"),
+     ("retry", "connection")),
+    ("chat 200 that is not gzip as it says", CHAT, False,
+     Reply(200, {"content-type": "application/json", "content-encoding": "gzip"}, b"not gzip"),
+     ("retry", "connection")),
     ("chat stream labelled JSON, really SSE", CHAT, True,
      Reply(events=chat_stream(), headers={"content-type": "application/json"}), ("result", "stop")),
     # completions, streamed and not
