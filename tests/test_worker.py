@@ -23,7 +23,7 @@ from batchrun import keys
 from batchrun.mock_server import MockConfig, MockServerThread
 from batchrun.settings import WorkerSettings
 from batchrun.worker import BatchJob, RefusedJob, refusal
-from tests.helpers import ROOT, batchrun_cmd, check_exactly_once, cli_env, run_thread_worker, write_jobs
+from tests.helpers import ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker, write_jobs
 
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -174,3 +174,96 @@ def test_a_horse_whose_worker_is_killed_stops_soon_and_the_batch_still_ends_exac
     assert not check_exactly_once(jobs, out, err)[1]
     assert sent <= 400 + 5, "at most the requests in flight went twice"
     assert stopped_in < 6
+
+
+# --- credentials in the base URL, and the API key ---------------------------------------------------
+
+
+def _redis_dump(conn) -> bytes:
+    """Every key and value of the DB as bytes (RQ's zlib-compressed job data decompressed too)."""
+    parts: list[bytes] = []
+    for key in conn.scan_iter(count=500):
+        parts.append(key)
+        kind = conn.type(key)
+        if kind == b"string":
+            values = [conn.get(key)]
+        elif kind == b"hash":
+            values = [x for kv in conn.hgetall(key).items() for x in kv]
+        elif kind == b"list":
+            values = conn.lrange(key, 0, -1)
+        elif kind == b"set":
+            values = list(conn.smembers(key))
+        elif kind == b"zset":
+            values = [m for m, _ in conn.zrange(key, 0, -1, withscores=True)]
+        elif kind == b"stream":
+            values = [x for _, fields in conn.xrange(key) for kv in fields.items() for x in kv]
+        else:
+            raise AssertionError(f"unexpected type {kind!r} of {key!r}")
+        for value in values:
+            parts.append(value or b"")
+            try:
+                parts.append(zlib.decompress(value))
+            except (zlib.error, TypeError):
+                pass
+    return b"\n".join(parts)
+
+
+@pytest.mark.redis
+def test_credentials_in_the_base_url_reach_the_server_and_nothing_else(spawn, real_redis_url, tmp_path):
+    import base64
+    import itertools
+    import threading
+
+    from tests.hostile import HostileServer, Reply, error_body, ok
+
+    token, api_key = "s3cretTok-9f2e", "sk-apikey-7d1e40"
+    basic = "Basic " + base64.b64encode(f"gwuser:{token}".encode()).decode()
+    count, lock = itertools.count(1), threading.Lock()
+
+    def script(seen):
+        if seen.headers.get("Authorization") != basic:
+            return Reply(401, body=error_body("no such user", "invalid_request_error", "invalid_api_key"))
+        with lock:
+            n = next(count)
+        # An outage first, so that the circuit opens and `status` shows the endpoint.
+        return Reply(500, body=error_body("down", "server_error")) if n <= 14 else ok("fine")
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 40)
+    conn = redis.Redis.from_url(real_redis_url)
+    with HostileServer(script) as srv:
+        base_url = srv.base_url.replace("http://", f"http://gwuser:{token}@")
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=base_url, OPENAI_API_KEY=api_key)
+        sub = subprocess.run(batchrun_cmd("-v", "submit", str(jobs), "--backoff-base", "0.1", "--backoff-cap", "1"),
+                             env=env, capture_output=True, text=True, timeout=60)
+        batch_id = sub.stdout.split()[-1]
+        log_path = tmp_path / "worker.log"
+        with open(log_path, "w") as log_file:
+            worker = spawn(batchrun_cmd("-v", "worker", "--burst", "--concurrency", "4"), env=env,
+                           stdout=log_file, stderr=subprocess.STDOUT)
+            shown = []
+            deadline = time.monotonic() + 90
+            while worker.poll() is None:
+                assert time.monotonic() < deadline, "the worker did not finish the batch"
+                for extra in ([], ["--json"]):
+                    shown.append(subprocess.run(batchrun_cmd("status", batch_id, *extra), env=env,
+                                                capture_output=True, text=True, timeout=60).stdout)
+        assert worker.returncode == 0
+        status = "\n".join(shown)
+        requests = list(srv.requests)
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collected = subprocess.run(batchrun_cmd("-v", "collect", batch_id, "-o", str(out), "--errors", str(err)),
+                               env=env, capture_output=True, text=True, timeout=60)
+    assert len(read_lines(out)) == 40 and not read_lines(err)
+    assert requests and all(r.headers.get("Authorization") == basic for r in requests), "the server got them"
+    log = log_path.read_text()
+    assert f"sending to http://gwuser:***@127.0.0.1:{srv.port}/v1" in log, log
+    assert f"circuit open for http://gwuser:***@127.0.0.1:{srv.port}/v1" in status, status
+    secrets = [token, api_key, basic.split()[1]]
+    dump = _redis_dump(conn)
+    for secret in secrets:
+        assert secret.encode() not in dump, f"{secret} is in Redis"
+        for name, text in [("worker log", log), ("status", status), ("submit/collect output",
+                                                                       sub.stdout + sub.stderr + collected.stdout
+                                                                       + collected.stderr),
+                           ("results", out.read_text())]:
+            assert secret not in text, f"{secret} is in the {name}"
