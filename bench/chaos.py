@@ -186,6 +186,7 @@ def run_once(n_jobs: int, workers: int, kill_every: float, seed: int, redis_port
                 if time.monotonic() - started > 600:
                     raise RuntimeError(f"not finished after 600 s: {ended} of {n_jobs} ended")
             wall = time.monotonic() - started
+            load = os.getloadavg()[1]  # the machine's 5-minute load: other work slows a run down
             sent = mock.stats()["requests"]
         finally:
             for p in procs:
@@ -209,7 +210,7 @@ def run_once(n_jobs: int, workers: int, kill_every: float, seed: int, redis_port
             "errors": len(err), "mismatched": len(mismatched), "kills": kills, "horses_killed": killed_horses,
             "redis_restarts": restarts,
             "restart_at_s": round(restart_at or 0, 1), "sent": sent, "sent_per_job": sent / n_jobs,
-            "wall_s": wall,
+            "wall_s": wall, "load_5min": load,
             "ok": len(ids) == len(set(ids)) == n_jobs and not err and not mismatched and restarts == 1}
 
 
@@ -222,14 +223,15 @@ def main() -> None:
     ap.add_argument("--redis-port", type=int, default=None, help="port for its redis-server (default: a free one)")
     args = ap.parse_args()
     print(f"command: {' '.join(shlex.quote(a) for a in sys.argv)}")
-    print("| run | jobs | kills (work horses among the killed) | Redis restarts | requests sent ÷ jobs | wall s | exactly once, all match, no errors |")
-    print("|-----|------|--------------------------------------|----------------|----------------------|--------|------------------------------------|")
+    print(f"cores: {os.cpu_count()}")
+    print("| run | jobs | kills (work horses among the killed) | Redis restarts | requests sent ÷ jobs | wall s | load (5 min) | exactly once, all match, no errors |")
+    print("|-----|------|--------------------------------------|----------------|----------------------|--------|--------------|------------------------------------|")
     all_ok = True
     for i in range(args.runs):
         r = run_once(args.jobs, args.workers, args.kill_every, seed=i + 1, redis_port=args.redis_port)
         all_ok &= r["ok"]
         print(f"| {i + 1} | {r['jobs']} | {r['kills']} ({r['horses_killed']}) | {r['redis_restarts']} (at {r['restart_at_s']} s) | "
-              f"{r['sent_per_job']:.3f} | {r['wall_s']:.1f} | "
+              f"{r['sent_per_job']:.3f} | {r['wall_s']:.1f} | {r['load_5min']:.1f} | "
               f"{'yes' if r['ok'] else 'NO: ' + json.dumps(r)} |", flush=True)
     sys.exit(0 if all_ok else 1)
 

@@ -225,7 +225,10 @@ def test_credentials_in_the_base_url_reach_the_server_and_nothing_else(spawn, re
             return Reply(401, body=error_body("no such user", "invalid_request_error", "invalid_api_key"))
         with lock:
             n = next(count)
-        # An outage first, so that the circuit opens and `status` shows the endpoint.
+        # An outage first (dropped connections, then 500s: their messages go to Redis), so that the
+        # circuit opens and `status` shows the endpoint.
+        if n <= 6:
+            return Reply(drop=True)
         return Reply(500, body=error_body("down", "server_error")) if n <= 14 else ok("fine")
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 40)
