@@ -90,13 +90,17 @@ class BatchWorkerMixin:
         reason = refusal(job)
         if reason is None:
             return super().execute_job(job, queue)
+        self._refuse(job.id, queue, reason)
+
+    def _refuse(self, job_id: str, queue: Queue, reason: str) -> None:
+        """Log a job that is not batchrun's and move it to the failed registry, never run."""
         log.warning("worker %s refused RQ job %s: %s; it was moved to the failed registry, not run",
-                    self.name, job.id, reason)
+                    self.name, job_id, reason)
         with self.connection.pipeline() as pipe:
-            job.set_status(JobStatus.FAILED, pipeline=pipe)
-            queue.failed_job_registry.add(job, ttl=REFUSED_TTL, exc_string=f"refused by batchrun: {reason}",
-                                          pipeline=pipe)
-            pipe.lrem(queue.intermediate_queue_key, 1, job.id)  # dequeued, never started
+            pipe.hset(Job.key_for(job_id), "status", JobStatus.FAILED.value)
+            pipe.expire(Job.key_for(job_id), REFUSED_TTL)
+            pipe.zadd(queue.failed_job_registry.key, {job_id: int(time.time()) + REFUSED_TTL})
+            pipe.lrem(queue.intermediate_queue_key, 1, job_id)  # dequeued, never started
             self.increment_failed_job_count(pipe)
             pipe.execute()
 
@@ -115,6 +119,11 @@ class BatchWorkerMixin:
                 # Keep the worker: it continues when Redis is back.
                 log.warning("Redis unreachable (%s); worker %s retries in %d s", exc, self.name, POLL_SECONDS)
                 time.sleep(POLL_SECONDS)
+            except Exception as exc:  # noqa: BLE001 - RQ could not read a job it dequeued
+                if getattr(exc, "job_id", None) is None or getattr(exc, "queue", None) is None:
+                    raise
+                # A job hash that does not parse (written by hand) would stop the worker.
+                self._refuse(exc.job_id, exc.queue, f"its fields do not parse ({type(exc).__name__})")
 
 
 class BatchWorker(BatchWorkerMixin, Worker):

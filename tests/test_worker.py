@@ -55,11 +55,14 @@ def _hostile_jobs(conn, tmp_path) -> dict[str, str]:
     conn.hset(f"rq:job:{pickled.id}", "data", zlib.compress(pickle.dumps(
         (_Evil(f"touch {tmp_path / 'unpickled'}"), None, (), {}))))
     jobs[pickled.id] = "unpickled"
+    unreadable = q.enqueue("os.system", f"touch {tmp_path / 'unreadable'}")
+    conn.hset(f"rq:job:{unreadable.id}", "timeout", "soon")  # RQ cannot read the job's fields
+    jobs[unreadable.id] = "unreadable"
     return jobs
 
 
 def _assert_refused(conn, jobs: dict[str, str], tmp_path, log: str) -> None:
-    for name in ("system", "imported", "callback", "unpickled"):
+    for name in ("system", "imported", "callback", "unpickled", "unreadable"):
         assert not (tmp_path / name).exists(), f"the {name} job ran"
     failed = FailedJobRegistry(keys.QUEUE, connection=conn)
     assert set(jobs) <= set(failed.get_job_ids()), "every refused job is in the failed registry"
