@@ -15,6 +15,7 @@ from batchrun.jobfile import JobFileError
 from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
 from batchrun.status import format_usd
 from batchrun.store import BatchStore
+from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun")
 
@@ -215,7 +216,7 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
     preload_encodings(freeze=True)
     redis = connect(url)
     w = make_worker(redis, burst=burst, name=name)
-    log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), settings.base_url,
+    log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), mask_url(settings.base_url),
              settings.concurrency, " (burst)" if burst else "")
     w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
 

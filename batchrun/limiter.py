@@ -26,6 +26,7 @@ from batchrun import keys
 from batchrun.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
+from batchrun.urls import mask_url
 
 HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
@@ -264,7 +265,7 @@ class SharedLimiter:
         p = self._circuit
         out = self._store.scripts.circuit(
             keys=[self.circuit_key],
-            args=[self._settings.base_url, p.window_ms, p.min_outcomes, p.failure_share, p.first_cooling_ms,
+            args=[mask_url(self._settings.base_url), p.window_ms, p.min_outcomes, p.failure_share, p.first_cooling_ms,
                   p.max_cooling_ms, ok, fail, probe_result])
         state = CircuitState(_s(out[0]), int(out[1]), int(out[2]))
         return [state] * len(items)

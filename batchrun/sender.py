@@ -297,8 +297,10 @@ class LeanHttpClient(httpx2.AsyncClient):
 
     async def send(self, request: httpx2.Request, *, stream: bool = False, auth: Any = httpx2.USE_CLIENT_DEFAULT,
                    follow_redirects: Any = httpx2.USE_CLIENT_DEFAULT) -> httpx2.Response:
+        # Credentials in the URL (https://user:token@gateway/v1) go through httpx2's auth, which
+        # sends them as Basic auth in place of the API key's header, as the SDK's own client does.
         if auth is not httpx2.USE_CLIENT_DEFAULT or self.auth is not None or self.is_closed \
-                or self._transport_for_url(request.url) is not self._lean_transport:
+                or request.url.userinfo or self._transport_for_url(request.url) is not self._lean_transport:
             return await super().send(request, stream=stream, auth=auth, follow_redirects=follow_redirects)
         started = time.perf_counter()
         response = await self._lean_transport.handle_async_request(request)
@@ -396,7 +398,10 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
             if len(self._urls) > 100:
                 self._urls.clear()
                 self._proxies.clear()
-            url = self._urls[raw_url] = URL(raw_url, encoded=True)
+            url = URL(raw_url, encoded=True)
+            if url.raw_user is not None or url.raw_password is not None:
+                url = url.with_user(None)  # already in the Authorization header; aiohttp refuses both
+            self._urls[raw_url] = url
             self._proxies[raw_url] = _env_proxy(url)
         proxy, proxy_auth = self._proxies[raw_url]
         t = request.extensions.get("timeout") or {}

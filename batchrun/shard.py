@@ -38,6 +38,7 @@ from batchrun.sender import StreamFailed, StreamTruncated, make_client, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
+from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun.worker")
 
@@ -406,7 +407,8 @@ class ShardRunner:
         for kind, (n, soonest) in sorted(self._events.items()):
             if kind == "circuit_open":
                 log.warning("batch %s shard %d: %s is failing; circuit open, %d job(s) wait %.1f s or more "
-                            "without losing attempts", self.batch_id, self.shard, self.settings.base_url, n, soonest)
+                            "without losing attempts", self.batch_id, self.shard, mask_url(self.settings.base_url), n,
+                            soonest)
             else:
                 log.info("batch %s shard %d: %s: %d job(s) requeued, next retry in %.1f s",
                          self.batch_id, self.shard, event_phrase(kind), n, soonest)

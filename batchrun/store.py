@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from batchrun import keys
 from batchrun.scripts import Scripts
 from batchrun.settings import BatchOptions
+from batchrun.urls import mask_url
 
 RUN_SHARD = "batchrun.shard.run_shard"
 SHARD_JOB_TIMEOUT = 4 * 3600  # runners yield long before this (WorkerSettings.max_shard_seconds)
@@ -332,7 +333,7 @@ class BatchStore:
         for key in self.redis.scan_iter(match=f"{keys.PREFIX}:circuit:*", count=100):
             c = {_s(k): _s(v) for k, v in self.redis.hgetall(key).items()}
             if c.get("state") == "open":
-                circuits.append({"endpoint": c.get("url", "?"),
+                circuits.append({"endpoint": mask_url(c.get("url", "?")),  # as stored by older workers too
                                  "seconds_left": max(0.0, (float(c.get("open_until", 0)) - now_ms) / 1000)})
         for key in self.redis.scan_iter(match=f"{keys.PREFIX}:budget:*", count=100):
             until = self.redis.hget(key, "cool_until")

@@ -4,9 +4,10 @@
     rq worker -c workers.settings -S json -w batchrun.worker.BatchWorker
 
 ``-S json``: batchrun enqueues with RQ's JSON serializer, never pickle.
-``-w batchrun.worker.BatchWorker``: idle workers then also give back a dead
-worker's jobs and wake shards whose retries are due (a plain ``rq.Worker``
-runs shards too, but leaves that housekeeping to busy batchrun runners).
+``-w batchrun.worker.BatchWorker``: it runs only batchrun's own jobs (any other
+job in Redis is refused, not run), and idle workers also give back a dead
+worker's jobs and wake shards whose retries are due. A plain ``rq.Worker``
+would run whatever function a job in Redis names: do not use it.
 The API key and base URL are read from the environment by each job, never
 from Redis. ``batchrun worker`` does the same with fewer flags.
 """
