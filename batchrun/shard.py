@@ -33,7 +33,7 @@ from batchrun.classify import BATCH_ID_PLACEHOLDER, Action, Verdict, classify_ex
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
-from batchrun.sender import StreamTruncated, make_client, send
+from batchrun.sender import StreamTruncated, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
@@ -286,6 +286,8 @@ class ShardRunner:
         except StreamTruncated:
             verdict, response, headers = stream_truncated_verdict(), None, None
         except Exception as exc:
+            if not may_have_reached_server(exc):  # refused, DNS, TLS, connect timeout: nothing to pay
+                self._on_the_wire.discard(job.custom_id)
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
             headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
@@ -349,7 +351,7 @@ class ShardRunner:
         if verdict.circuit and circuit.open:
             # An outage, not this job's fault: it waits for the circuit and keeps its attempts.
             delay = max(0.0, (circuit.open_until_ms - circuit.now_ms) / 1000) + self.rng.uniform(0, 1)
-            await self.requeuer.submit((cid, int(delay * 1000), False, "", response is None))
+            await self.requeuer.submit((cid, int(delay * 1000), False, "", self._maybe_paid(cid, response)))
             self.stats["held_by_circuit"] += 1
             self._note_event("circuit_open", delay)
             return
@@ -368,12 +370,16 @@ class ShardRunner:
         delay = backoff_delay(attempt, self.policy, verdict.hint, self.rng)
         record["wait"] = round(delay, 3)
         # No HTTP answer (a timeout, a broken stream): the server may have processed and billed it.
-        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record), response is None))
+        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record), self._maybe_paid(cid, response)))
         self.stats["retried"] += 1
         self.metrics["retries"] += 1
         self._note_event(verdict.kind, delay)
         log.debug("%s; job %s retries in %.1f s, attempt %d of %d", event_phrase(verdict.kind), cid, delay,
                   attempt + 1, self.policy.max_attempts)
+
+    def _maybe_paid(self, cid: str, response: dict | None) -> bool:
+        """No HTTP answer, yet the request may have reached the server: it may have been billed."""
+        return response is None and cid in self._on_the_wire
 
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
                             attempts: list | None = None) -> None:

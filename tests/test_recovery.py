@@ -207,3 +207,120 @@ def test_collect_follow_and_workers_carry_on_across_a_redis_restart(spawn, tmp_p
     finally:
         server.kill()
     check_exactly_once(jobs, out, err)
+
+
+# --- what counts as maybe paid (--max-cost's unaccounted_usd) -------------------------------------
+
+def _worst(store, batch_id: str, cid: str) -> float:
+    from batchrun.pricing import PriceTable, worst_case_cost
+    from batchrun.tokens import estimate_tokens
+
+    request = json.loads(store.redis.hget(f"batchrun:batch:{batch_id}:req", cid))
+    e = estimate_tokens(request["url"], request["body"])
+    return worst_case_cost(PriceTable.load().price_for("gpt-4o-mini"), e.input_tokens, e.output_tokens)
+
+
+def _run_shard(store, batch_id: str, base_url: str, meanwhile=None, **settings):
+    """Run shard 0 of the batch in this process (and ``meanwhile(runner)`` beside it), within 60 s."""
+    import asyncio
+
+    from batchrun.settings import WorkerSettings
+    from batchrun.shard import ShardRunner
+
+    settings = WorkerSettings(base_url=base_url, api_key="sk-test", **{"concurrency": 10, **settings})
+    runner = ShardRunner(store, batch_id, 0, settings)
+
+    async def go():
+        side = asyncio.ensure_future(meanwhile(runner)) if meanwhile else None
+        try:
+            return await asyncio.wait_for(runner.run(), 60)
+        finally:
+            if side is not None:
+                await side
+    return asyncio.run(go())
+
+
+def test_a_refused_connection_is_not_counted_as_maybe_paid_and_does_not_pause_a_capped_batch(store, make_batch):
+    import asyncio
+
+    from tests.hostile import HostileServer, closed_port, ok
+
+    cids = make_batch(store, "b", 3, backoff_base=0.05, backoff_cap=0.2)
+    worst = _worst(store, "b", cids[0])
+    store.set_max_cost("b", 3.5 * worst)  # room for the three at their worst, not for one more
+    port = closed_port()
+    servers = []
+
+    async def then_the_server_comes_up(runner):
+        deadline = time.monotonic() + 20
+        while int(store.meta("b").get("retries", 0)) < 6 and store.meta("b")["state"] == "running":
+            assert time.monotonic() < deadline  # every job refused twice, at least
+            await asyncio.sleep(0.01)
+        servers.append(HostileServer([ok()], port=port).start())
+
+    try:
+        _run_shard(store, "b", f"http://127.0.0.1:{port}/v1", then_the_server_comes_up)
+    finally:
+        for srv in servers:
+            srv.stop()
+    meta = store.meta("b")
+    assert meta["state"] == "finished", meta.get("reason")
+    assert int(meta["done"]) == 3 and len(servers[0].requests) == 3
+    assert float(meta.get("cost_unknown") or 0) == 0 and abs(float(meta["cost_reserved"])) < 1e-12
+
+
+@pytest.mark.parametrize("broken", ["dropped after the body was read", "stream broken half way"])
+def test_a_request_that_reached_the_server_and_broke_is_counted_as_maybe_paid(store, make_batch, broken):
+    from tests.hostile import HostileServer, Reply, ok, sse
+
+    cids = make_batch(store, "b", 1, backoff_base=0.05, backoff_cap=0.2, max_cost=1.0)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}
+    first, then = Reply(drop=True), ok()
+    if broken.startswith("stream"):  # the job asks for a stream, which breaks after its first chunk
+        done = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+        first, then = Reply(events=sse(chunk), drop=True), Reply(events=sse(chunk, done, "[DONE]"))
+        request = json.loads(store.redis.hget("batchrun:batch:b:req", cids[0]))
+        request["body"]["stream"] = True
+        store.redis.hset("batchrun:batch:b:req", cids[0], json.dumps(request))
+    worst = _worst(store, "b", cids[0])
+    with HostileServer([first, then]) as srv:
+        _run_shard(store, "b", srv.base_url)
+        sent = len(srv.requests)
+    meta = store.meta("b")
+    assert meta["state"] == "finished" and int(meta["done"]) == 1 and sent == 2
+    assert float(meta["cost_unknown"]) == pytest.approx(worst)
+
+
+def test_may_have_reached_server_reads_the_exception_chain():
+    import asyncio
+
+    import openai
+
+    from batchrun.sender import make_client, may_have_reached_server, send
+    from batchrun.settings import WorkerSettings
+    from tests.hostile import HostileServer, Reply, closed_port
+
+    def failure(base_url: str, timeout: float = 5.0) -> BaseException:
+        async def go():
+            client = make_client(WorkerSettings(base_url=base_url, api_key="sk-test", request_timeout=timeout))
+            try:
+                await send(client, "/v1/chat/completions", {"model": "m", "messages": []})
+            except Exception as exc:  # noqa: BLE001 - the exception is the result
+                return exc
+            finally:
+                await client.close()
+        return asyncio.run(go())
+
+    refused = failure(f"http://127.0.0.1:{closed_port()}/v1")
+    assert isinstance(refused, openai.APIConnectionError) and not may_have_reached_server(refused)
+    unknown_host = failure("http://no-such-host.invalid/v1")
+    assert isinstance(unknown_host, openai.APIConnectionError) and not may_have_reached_server(unknown_host)
+    with HostileServer([Reply(drop=True)]) as srv:
+        dropped = failure(srv.base_url)
+    assert isinstance(dropped, openai.APIConnectionError) and may_have_reached_server(dropped)
+    with HostileServer([Reply(delay=2)]) as srv:
+        timed_out = failure(srv.base_url, timeout=0.3)
+    assert isinstance(timed_out, openai.APITimeoutError) and may_have_reached_server(timed_out)
+    assert may_have_reached_server(RuntimeError("a bug, anywhere"))  # unknown: on the safe side
