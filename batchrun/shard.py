@@ -97,7 +97,7 @@ class ShardRunner:
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
         self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
         self.client = make_client(self.settings)
-        self.completer = Batcher(lambda items: [store.complete(bid, items)] * len(items), name="result")
+        self.completer = Batcher(lambda items: [store.complete(bid, items, self.owner)] * len(items), name="result")
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
         self.coster = Batcher(self._reserve_costs, name="cost reservation", max_delay=0.002)
@@ -172,6 +172,10 @@ class ShardRunner:
                     log.info("batch %s is %s: shard %d stops taking jobs", self.batch_id, lease.state, self.shard)
                     return
                 for job in lease.jobs:
+                    if job.custom_id in self.inflight:
+                        # Our lease lapsed (Redis was away) and the job came back to us: the attempt in
+                        # flight goes on under the new lease rather than sending it a second time.
+                        continue
                     self.inflight[job.custom_id] = asyncio.create_task(self._process(job))
                 next_due_ms, now_ms = lease.next_due_ms, lease.now_ms
                 self.max_cost = lease.max_cost  # a cap set on a running batch applies from here

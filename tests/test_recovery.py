@@ -324,3 +324,50 @@ def test_may_have_reached_server_reads_the_exception_chain():
         timed_out = failure(srv.base_url, timeout=0.3)
     assert isinstance(timed_out, openai.APITimeoutError) and may_have_reached_server(timed_out)
     assert may_have_reached_server(RuntimeError("a bug, anywhere"))  # unknown: on the safe side
+
+
+def test_a_runner_cut_off_from_redis_past_its_leases_sends_nothing_twice_and_loses_nothing(store, make_batch,
+                                                                                            monkeypatch):
+    from batchrun.pricing import PriceTable, cost_of_usage
+    from tests.hostile import HostileServer, Reply, chat_body
+
+    make_batch(store, "b", 3, max_cost=1.0)
+    reclaimed = []  # Redis is away for the renewals (past the 0.6 s leases) until the jobs were reclaimed
+    renew = store.renew
+
+    def renew_unless_cut_off(*args, **kwargs):
+        if not reclaimed:
+            raise redis.ConnectionError("Redis is away (injected)")
+        return renew(*args, **kwargs)
+
+    monkeypatch.setattr(store, "renew", renew_unless_cut_off)
+    lease, leased = store.lease, []
+
+    def counted_lease(*args, **kwargs):
+        out = lease(*args, **kwargs)
+        leased.extend(job.custom_id for job in out.jobs)
+        return out
+
+    monkeypatch.setattr(store, "lease", counted_lease)
+
+    async def another_workers_maintenance(runner):
+        import asyncio
+
+        n, deadline = 0, time.monotonic() + 20
+        while n < 3 and time.monotonic() < deadline:  # once the leases lapse, the jobs go back to the queue
+            n += await asyncio.to_thread(store.reclaim, "b")
+            await asyncio.sleep(0.02)
+        reclaimed.append(n)
+
+    with HostileServer([Reply(200, {}, chat_body(), delay=4)]) as srv:  # answers after the outage
+        _run_shard(store, "b", srv.base_url, another_workers_maintenance, lease_seconds=0.6)
+        sent = [r.body["messages"][0]["content"] for r in srv.requests]
+    meta = store.meta("b")
+    assert reclaimed == [3] and len(leased) == 6  # the runner leased its own jobs back while they were in flight
+    assert len(sent) == len(set(sent)) == 3, "a job was sent twice"
+    assert meta["state"] == "finished" and int(meta["done"]) == 3 and len(store.results("b", 0, 100)) == 3
+    # Each answer counts once, at its real cost: none is left as unaccounted, nothing stays set aside.
+    price = PriceTable.load().price_for("gpt-4o-mini")
+    assert float(meta["cost"]) == pytest.approx(3 * cost_of_usage(price, chat_body()["usage"]))
+    assert abs(float(meta.get("cost_unknown") or 0)) < 1e-12 and abs(float(meta["cost_reserved"])) < 1e-12
+    assert not store.redis.zcard("batchrun:batch:b:leases") and not store.redis.hlen("batchrun:batch:b:lapsed")
