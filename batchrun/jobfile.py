@@ -49,6 +49,10 @@ _LISTED_ERRORS = 20
 # (strict UTF-8) nor the request's body could carry it. Only lines that spell one are checked further.
 _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
+# A job's request is one Redis value (512 MB at most by default); a bare body's JSON, written again
+# with ASCII escapes, can be three times its line.
+MAX_LINE_BYTES = 128 << 20
+
 
 @dataclass(frozen=True, slots=True)
 class Job:
@@ -229,6 +233,9 @@ def _iter_jobs(path: str, endpoint: str, build: bool = True) -> Iterator[Job | L
                 raw = raw[3:]  # a UTF-8 byte order mark, as some Windows editors write
             if not raw or raw.isspace():
                 continue  # blank lines are allowed (e.g. a trailing empty line)
+            if len(raw) > MAX_LINE_BYTES:
+                yield LineError(path, line_no, f"longer than {MAX_LINE_BYTES >> 20} MB, more than a job can hold")
+                continue
             job_or_reason = _parse_line(raw, line_no, endpoint, seen, build)
             if job_or_reason.__class__ is str:
                 yield LineError(path, line_no, job_or_reason)

@@ -360,3 +360,12 @@ def test_surrogate_pairs_and_nul_characters_are_valid(tmp_path):
     assert r"\ud83d\ude00" in pair
     nul = batch_line("req-\u0000", body={"model": "m", "messages": [{"role": "user", "content": "a\u0000b"}]})
     assert validate_file(write(tmp_path, pair, nul)) == (2, [])
+
+
+def test_a_line_longer_than_a_job_can_hold_is_invalid(tmp_path, monkeypatch):
+    import batchrun.jobfile as jobfile
+
+    monkeypatch.setattr(jobfile, "MAX_LINE_BYTES", 1 << 20, raising=False)
+    big = batch_line("big", body={"model": "m", "messages": [{"role": "user", "content": "x" * (1 << 20)}]})
+    valid, errors = validate_file(write(tmp_path, batch_line("ok"), big))
+    assert valid == 1 and [(e.line_no, e.reason) for e in errors] == [(2, "longer than 1 MB, more than a job can hold")]
