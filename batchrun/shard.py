@@ -388,7 +388,9 @@ class ShardRunner:
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
                             attempts: list | None = None) -> None:
         line = error_line(job.custom_id, code=code, message=message, response=response, attempts=attempts)
-        await self.completer.submit(("E", job.custom_id, json.dumps(line)))
+        # (maybe paid: it gave up after a timeout or a broken stream, which the server may have billed)
+        await self.completer.submit(("E", job.custom_id, json.dumps(line), 0,
+                                     self._maybe_paid(job.custom_id, response)))
         self.stats["failed"] += 1
         self.metrics["ended"] += 1
         log.debug("job %s failed: %s", job.custom_id, message)

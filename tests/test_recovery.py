@@ -371,3 +371,21 @@ def test_a_runner_cut_off_from_redis_past_its_leases_sends_nothing_twice_and_los
     assert float(meta["cost"]) == pytest.approx(3 * cost_of_usage(price, chat_body()["usage"]))
     assert abs(float(meta.get("cost_unknown") or 0)) < 1e-12 and abs(float(meta["cost_reserved"])) < 1e-12
     assert not store.redis.zcard("batchrun:batch:b:leases") and not store.redis.hlen("batchrun:batch:b:lapsed")
+
+
+def test_a_job_that_gives_up_after_a_broken_attempt_stays_counted_as_maybe_paid(store, make_batch):
+    from tests.hostile import HostileServer, Reply, closed_port
+
+    cids = make_batch(store, "b", 1, max_attempts=1, max_cost=1.0)
+    worst = _worst(store, "b", cids[0])
+    with HostileServer([Reply(drop=True)]) as srv:  # it read the request, then dropped the connection
+        _run_shard(store, "b", srv.base_url)
+    meta = store.meta("b")
+    assert int(meta["failed"]) == 1 and float(meta["cost_unknown"]) == pytest.approx(worst)
+    assert abs(float(meta["cost_reserved"])) < 1e-12
+    # One that never reached the server gives its worst case back.
+    make_batch(store, "c", 1, max_attempts=1, max_cost=1.0)
+    _run_shard(store, "c", f"http://127.0.0.1:{closed_port()}/v1")
+    meta = store.meta("c")
+    assert int(meta["failed"]) == 1 and float(meta.get("cost_unknown") or 0) == 0
+    assert abs(float(meta["cost_reserved"])) < 1e-12

@@ -743,6 +743,16 @@ def test_a_lapsed_attempt_that_broke_stays_counted_at_its_worst_case(store, make
     assert todo(store, 0, "b") and not store.redis.hlen(keys.sub("b", "lapsed"))
 
 
+def test_an_error_that_may_have_been_paid_counts_its_worst_case_as_unknown(store, make_batch):
+    make_batch(store, "b", 2, max_cost=1.0)
+    cids = _lease_all(store, "b")
+    store.reserve_cost("b", "tok|0", [(cid, 0.25) for cid in cids])
+    store.complete("b", [("E", cids[0], line(cids[0]), 0, True), ("E", cids[1], line(cids[1]), 0, False)], "tok|0")
+    meta = store.meta("b")
+    assert float(meta["cost_unknown"]) == pytest.approx(0.25) and abs(float(meta["cost_reserved"])) < 1e-12
+    assert float(meta.get("cost") or 0) == 0 and int(meta["failed"]) == 2
+
+
 def test_an_outcome_removes_its_job_from_the_todo_set_a_reclaim_put_it_in(store, make_batch):
     cids = make_batch(store, "b", 3)
     _lapse(store, "b", "a", 0.0)

@@ -7,7 +7,9 @@
 -- retried call whose first run did land, or a second report of one attempt,
 -- adds nothing, while a duplicate sent by another runner adds what it cost.
 -- Only the lease's holder releases the worst case set aside for the job (a
--- late answer must not free what a live attempt holds). The first outcome also
+-- late answer must not free what a live attempt holds); an error whose attempt
+-- may have been paid (it gave up after a timeout) counts that worst case as
+-- unknown instead, as requeue does. The first outcome also
 -- removes the job from its shard's todo set, where a reclaim may have put it.
 -- KEYS[1]  batch key
 -- KEYS[2]  set of active batch ids
@@ -15,18 +17,19 @@
 -- ARGV[1]  batch id
 -- ARGV[2]  owner string (token|shard) of the calling runner; '' for a caller
 --          without leases (tools, tests), which answers for first outcomes only
--- ARGV     then quads: kind ('R' result, 'E' error), custom_id, output line JSON, cost in USD
+-- ARGV     then quints: kind ('R' result, 'E' error), custom_id, output line JSON, cost in USD,
+--          maybe paid (1/0: no answer, yet the request may have been processed)
 -- Returns  {results recorded, errors recorded, duplicates dropped}
 local b = KEYS[1]
 local owner = ARGV[2]
 if #ARGV < 3 then return {0, 0, 0} end
-if redis.call('EXISTS', b) == 0 then return {0, 0, (#ARGV - 2) / 4} end  -- purged: nothing to record
+if redis.call('EXISTS', b) == 0 then return {0, 0, (#ARGV - 2) / 5} end  -- purged: nothing to record
 local shard = string.match(owner, '|(%d+)$')
-local cost, freed, back = 0, 0, 0
+local cost, freed, back, unknown = 0, 0, 0, 0
 local nr, ne, dup = 0, 0, 0
 local taken = {}
-for i = 3, #ARGV, 4 do
-  local kind, cid = ARGV[i], ARGV[i + 1]
+for i = 3, #ARGV, 5 do
+  local kind, cid, paid = ARGV[i], ARGV[i + 1], ARGV[i + 4] == '1'
   local first = not taken[cid] and redis.call('HEXISTS', b .. ':status', cid) == 0
   local mine, lapsed
   if owner == '' then
@@ -37,13 +40,14 @@ for i = 3, #ARGV, 4 do
   end
   if lapsed then
     redis.call('HDEL', b .. ':lapsed', owner .. ' ' .. cid)
-    back = back + tonumber(lapsed)
+    if not paid then back = back + tonumber(lapsed) end
   end
   if mine then
     local held = redis.call('HGET', b .. ':costres', cid)
     if held then
       redis.call('HDEL', b .. ':costres', cid)
       freed = freed + tonumber(held)
+      if paid then unknown = unknown + tonumber(held) end
     end
     redis.call('ZREM', b .. ':leases', cid)
     redis.call('HDEL', b .. ':owner', cid)
@@ -62,7 +66,7 @@ for i = 3, #ARGV, 4 do
 end
 if cost > 0 then redis.call('HINCRBYFLOAT', b, 'cost', cost) end
 if freed > 0 then redis.call('HINCRBYFLOAT', b, 'cost_reserved', -freed) end
-if back > 0 then redis.call('HINCRBYFLOAT', b, 'cost_unknown', -back) end
+if unknown - back ~= 0 then redis.call('HINCRBYFLOAT', b, 'cost_unknown', unknown - back) end
 if nr > 0 then redis.call('HINCRBY', b, 'done', nr) end
 if ne > 0 then redis.call('HINCRBY', b, 'failed', ne) end
 if nr + ne > 0 then
