@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from array import array
 from collections.abc import Callable, Collection, Iterator
@@ -43,6 +44,14 @@ _BATCH_KEYS = ("custom_id", "method", "url", "body")
 
 # A JobFileError message lists this many lines, then counts the rest.
 _LISTED_ERRORS = 20
+
+# JSON can spell UTF-16 surrogates ("\ud800"); a lone one is no Unicode character, so neither Redis
+# (strict UTF-8) nor the request's body could carry it. Only lines that spell one are checked further.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+# A job's request is one Redis value (512 MB at most by default); a bare body's JSON, written again
+# with ASCII escapes, can be three times its line.
+MAX_LINE_BYTES = 128 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +233,9 @@ def _iter_jobs(path: str, endpoint: str, build: bool = True) -> Iterator[Job | L
                 raw = raw[3:]  # a UTF-8 byte order mark, as some Windows editors write
             if not raw or raw.isspace():
                 continue  # blank lines are allowed (e.g. a trailing empty line)
+            if len(raw) > MAX_LINE_BYTES:
+                yield LineError(path, line_no, f"longer than {MAX_LINE_BYTES >> 20} MB, more than a job can hold")
+                continue
             job_or_reason = _parse_line(raw, line_no, endpoint, seen, build)
             if job_or_reason.__class__ is str:
                 yield LineError(path, line_no, job_or_reason)
@@ -247,7 +259,7 @@ def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds, build: 
     if text.startswith("{"):
         try:
             obj, end = _scan_json(text, 0)
-        except (StopIteration, ValueError):
+        except (StopIteration, ValueError, RecursionError):
             obj = None
         else:
             if text[end:].strip(" \t\r\n"):  # only JSON's whitespace may follow the object
@@ -257,8 +269,16 @@ def _parse_line(raw: bytes, line_no: int, endpoint: str, seen: _SeenIds, build: 
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             return f"not valid JSON: {e.msg} at column {e.colno}"
+        except ValueError:  # json's own limit on integers (int_max_str_digits)
+            return "holds a number of more than 4,300 digits, which cannot be read"
+        except RecursionError:
+            return "nested too deeply to be read"
     if not isinstance(obj, dict):
         return f"not a JSON object (it is {_kind(obj)}); each line must be one request object"
+    if _SURROGATE_ESCAPE.search(text) is not None:
+        reason = _lone_surrogate(obj)
+        if reason:
+            return reason
 
     if "custom_id" in obj or "method" in obj or "url" in obj or "body" in obj:  # any of _BATCH_KEYS
         return _parse_batch_line(obj, line_no, seen, build)
@@ -318,6 +338,28 @@ def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: _SeenIds, bu
     if first is not None:
         return f"duplicate custom_id {_short(custom_id)} (first on line {first})"
     return Job(custom_id, "POST", endpoint, body, line_no) if build else True
+
+
+def _lone_surrogate(obj: dict) -> str | None:
+    """The reason a parsed line cannot be stored or sent if one of its strings holds a lone surrogate."""
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        return None
+    except UnicodeEncodeError as e:
+        char = f"\\u{ord(e.object[e.start]):04x}"
+    metadata = obj.get("metadata")
+    custom_id = obj.get("custom_id", metadata.get("custom_id") if isinstance(metadata, dict) else None)
+    if isinstance(custom_id, str) and _has_lone_surrogate(custom_id):
+        return f"custom_id holds a lone UTF-16 surrogate ({char}), which is not valid Unicode; fix the id"
+    return f"a string in the line holds a lone UTF-16 surrogate ({char}), which is not valid Unicode and cannot be sent"
+
+
+def _has_lone_surrogate(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+        return False
+    except UnicodeEncodeError:
+        return True
 
 
 def _kind(value: object) -> str:

@@ -13,6 +13,7 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:status``        hash    custom_id -> 'R' (result) or 'E' (error), once ended
 ``…:results``       list    'R'/'E' + output line, in the order jobs ended
 ``…:costres``       hash    custom_id -> worst-case USD set aside (--max-cost)
+``…:lapsed``        hash    "owner custom_id" -> worst case counted for a lapsed lease
 ``…:m:BUCKET``      hash    counts in one 5-second bucket (expires by itself)
 ==================  ======  ==================================================
 """
@@ -41,7 +42,7 @@ def sub(batch_id: str, name: str) -> str:
 
 
 # A batch's keys besides its hash and the per-shard todo sets.
-SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres")
+SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed")
 
 
 def todo(batch_id: str, shard: int) -> str:

@@ -42,6 +42,7 @@ import datetime
 import json
 import logging
 import os
+import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -336,6 +337,29 @@ def _map_error(exc: BaseException, request: httpx2.Request) -> BaseException:
     if isinstance(exc, aiohttp.ClientError):
         return httpx2.RemoteProtocolError(str(exc) or type(exc).__name__, request=request)
     return exc
+
+
+# Failures to open a connection (refused, DNS, TLS handshake, connect timeout): nothing was sent.
+_NOT_CONNECTED = (httpx2.ConnectError, httpx2.ConnectTimeout, aiohttp.ClientConnectorError,
+                  aiohttp.ConnectionTimeoutError, ConnectionRefusedError, socket.gaierror)
+_TRANSPORT = (httpx2.TransportError, aiohttp.ClientError, OSError)
+
+
+def may_have_reached_server(exc: BaseException) -> bool:
+    """Could the request that raised ``exc`` have been received (and billed) by the server?
+
+    False only when the first transport error in the exception chain (the SDK's
+    APIConnectionError wraps httpx2's, which wraps aiohttp's) is a failure to connect; any other
+    error (a reset, a read timeout, a broken stream, an unknown exception) may have come after the
+    request went out."""
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, _NOT_CONNECTED):
+            return False
+        if isinstance(exc, _TRANSPORT):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return True
 
 
 class _AiohttpStream(httpx2.AsyncByteStream):

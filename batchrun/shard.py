@@ -34,7 +34,7 @@ from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_a
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
-from batchrun.sender import StreamFailed, StreamTruncated, make_client, send
+from batchrun.sender import StreamFailed, StreamTruncated, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens
@@ -99,7 +99,7 @@ class ShardRunner:
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
         self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
         self.client = make_client(self.settings)
-        self.completer = Batcher(lambda items: [store.complete(bid, items)] * len(items), name="result")
+        self.completer = Batcher(lambda items: [store.complete(bid, items, self.owner)] * len(items), name="result")
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
         self.coster = Batcher(self._reserve_costs, name="cost reservation", max_delay=0.002)
@@ -174,6 +174,10 @@ class ShardRunner:
                     log.info("batch %s is %s: shard %d stops taking jobs", self.batch_id, lease.state, self.shard)
                     return
                 for job in lease.jobs:
+                    if job.custom_id in self.inflight:
+                        # Our lease lapsed (Redis was away) and the job came back to us: the attempt in
+                        # flight goes on under the new lease rather than sending it a second time.
+                        continue
                     self.inflight[job.custom_id] = asyncio.create_task(self._process(job))
                 next_due_ms, now_ms = lease.next_due_ms, lease.now_ms
                 self.max_cost = lease.max_cost  # a cap set on a running batch applies from here
@@ -291,6 +295,8 @@ class ShardRunner:
             verdict = classify_error_object(exc.error, now=time.time(), streamed=True, fallback=str(exc))
             response, headers = None, None
         except Exception as exc:
+            if not may_have_reached_server(exc):  # refused, DNS, TLS, connect timeout: nothing to pay
+                self._on_the_wire.discard(job.custom_id)
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
             headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
@@ -360,7 +366,7 @@ class ShardRunner:
         if verdict.circuit and circuit.open:
             # An outage, not this job's fault: it waits for the circuit and keeps its attempts.
             delay = max(0.0, (circuit.open_until_ms - circuit.now_ms) / 1000) + self.rng.uniform(0, 1)
-            await self.requeuer.submit((cid, int(delay * 1000), False, "", response is None))
+            await self.requeuer.submit((cid, int(delay * 1000), False, "", self._maybe_paid(cid, response)))
             self.stats["held_by_circuit"] += 1
             self._note_event("circuit_open", delay)
             return
@@ -379,17 +385,23 @@ class ShardRunner:
         delay = backoff_delay(attempt, self.policy, verdict.hint, self.rng)
         record["wait"] = round(delay, 3)
         # No HTTP answer (a timeout, a broken stream): the server may have processed and billed it.
-        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record), response is None))
+        await self.requeuer.submit((cid, int(delay * 1000), True, json.dumps(record), self._maybe_paid(cid, response)))
         self.stats["retried"] += 1
         self.metrics["retries"] += 1
         self._note_event(verdict.kind, delay)
         log.debug("%s; job %s retries in %.1f s, attempt %d of %d", event_phrase(verdict.kind), cid, delay,
                   attempt + 1, self.policy.max_attempts)
 
+    def _maybe_paid(self, cid: str, response: dict | None) -> bool:
+        """No HTTP answer, yet the request may have reached the server: it may have been billed."""
+        return response is None and cid in self._on_the_wire
+
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
                             attempts: list | None = None) -> None:
         line = error_line(job.custom_id, code=code, message=message, response=response, attempts=attempts)
-        await self.completer.submit(("E", job.custom_id, json.dumps(line)))
+        # (maybe paid: it gave up after a timeout or a broken stream, which the server may have billed)
+        await self.completer.submit(("E", job.custom_id, json.dumps(line), 0,
+                                     self._maybe_paid(job.custom_id, response)))
         self.stats["failed"] += 1
         self.metrics["ended"] += 1
         log.debug("job %s failed: %s", job.custom_id, message)

@@ -136,11 +136,14 @@ class BatchStore:
             jobs.append(LeasedJob(_s(out[i]), int(out[i + 1]), json.loads(raw)))
         return Lease(state, int(float(next_due)) if next_due else None, now, jobs, max_cost)
 
-    def complete(self, batch_id: str, items: list[tuple]) -> tuple[int, int, int]:
-        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON[, cost in USD])."""
-        args: list = [batch_id]
-        for kind, cid, line, *cost in items:
-            args += (kind, cid, line, repr(cost[0]) if cost and cost[0] else "0")
+    def complete(self, batch_id: str, items: list[tuple], owner: str = "") -> tuple[int, int, int]:
+        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON[, cost in USD[, maybe paid]]),
+        reported by the runner ``owner`` (its cost counts only for attempts it answers for; see
+        complete.lua). Maybe paid: an error without an answer whose request may have been processed."""
+        args: list = [batch_id, owner]
+        for kind, cid, line, *extra in items:
+            cost, paid = (extra + [0, False])[:2]
+            args += (kind, cid, line, repr(cost) if cost else "0", "1" if paid else "0")
         out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=args)
         return int(out[0]), int(out[1]), int(out[2])
 

@@ -18,6 +18,8 @@ from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
+# ... and bytes at most: Redis drops a client whose command passes its query buffer limit (1 GB by default).
+CHUNK_BYTES = 64 << 20
 
 
 @dataclass
@@ -87,7 +89,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         store.set_prices(batch_id, table.to_json())
     shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
 
-    added, index = 0, 0
+    added, index, chunk_bytes = 0, 0, 0
     chunk: list[tuple[str, int, bytes]] = []
     # The chunks go to Redis from two threads while this one reads on: while Redis runs one
     # chunk's script, the other thread sends the next (packing a chunk takes about as long as
@@ -96,9 +98,9 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     sending: deque[Future] = deque()
 
     def flush() -> None:
-        nonlocal added, chunk
+        nonlocal added, chunk, chunk_bytes
         sending.append(sender.submit(store.add_jobs, batch_id, chunk))
-        chunk = []
+        chunk, chunk_bytes = [], 0
         while len(sending) > 3 or (sending and sending[0].done()):
             added += sending.popleft().result()[0]
 
@@ -114,7 +116,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
             shard = index // shard_size
             index += 1
             chunk.append((custom_id, shard, request))
-            if len(chunk) >= CHUNK:
+            chunk_bytes += len(request) + len(custom_id)
+            if len(chunk) >= CHUNK or chunk_bytes >= CHUNK_BYTES:
                 flush()
         if chunk:
             flush()

@@ -334,3 +334,38 @@ def test_only_json_whitespace_may_follow_a_line_and_lines_appended_later_are_not
     with open(path, "a") as f:  # appended after validation
         f.write(good.replace('"a"', '"c"') + "\n")
     assert [cid for cid, _ in iter_requests(path, skip_lines=[2], size=size)] == ["a"]
+
+
+# --- what the loading pass or Redis could not take ---------------------------------------------
+
+@pytest.mark.parametrize("line, reason", [
+    (r'{"custom_id": "req-\ud800", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}',
+     r"custom_id holds a lone UTF-16 surrogate (\ud800), which is not valid Unicode"),
+    (r'{"model": "m", "metadata": {"custom_id": "x\uDFFFy"}}',
+     r"custom_id holds a lone UTF-16 surrogate (\udfff)"),
+    (r'{"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", '
+     r'"body": {"model": "m", "messages": [{"role": "user", "content": "hi \udc80"}]}}',
+     r"a string in the line holds a lone UTF-16 surrogate (\udc80), which is not valid Unicode and cannot be sent"),
+    ('{"model": "m", "seed": ' + "9" * 5000 + "}", "holds a number of more than 4,300 digits"),
+    ('{"model": "m", "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply to be read"),
+])
+def test_lines_that_redis_or_the_request_could_not_carry_are_invalid(tmp_path, line, reason):
+    path = write(tmp_path, batch_line("ok-1"), line, batch_line("ok-2"))
+    valid, errors = validate_file(path)
+    assert valid == 2 and [(e.line_no, e.reason[:len(reason)]) for e in errors] == [(2, reason)]
+
+
+def test_surrogate_pairs_and_nul_characters_are_valid(tmp_path):
+    pair = batch_line("req-\ud83d\ude00")  # json.dumps spells the emoji as a surrogate pair: one character
+    assert r"\ud83d\ude00" in pair
+    nul = batch_line("req-\u0000", body={"model": "m", "messages": [{"role": "user", "content": "a\u0000b"}]})
+    assert validate_file(write(tmp_path, pair, nul)) == (2, [])
+
+
+def test_a_line_longer_than_a_job_can_hold_is_invalid(tmp_path, monkeypatch):
+    import batchrun.jobfile as jobfile
+
+    monkeypatch.setattr(jobfile, "MAX_LINE_BYTES", 1 << 20, raising=False)
+    big = batch_line("big", body={"model": "m", "messages": [{"role": "user", "content": "x" * (1 << 20)}]})
+    valid, errors = validate_file(write(tmp_path, batch_line("ok"), big))
+    assert valid == 1 and [(e.line_no, e.reason) for e in errors] == [(2, "longer than 1 MB, more than a job can hold")]

@@ -207,3 +207,185 @@ def test_collect_follow_and_workers_carry_on_across_a_redis_restart(spawn, tmp_p
     finally:
         server.kill()
     check_exactly_once(jobs, out, err)
+
+
+# --- what counts as maybe paid (--max-cost's unaccounted_usd) -------------------------------------
+
+def _worst(store, batch_id: str, cid: str) -> float:
+    from batchrun.pricing import PriceTable, worst_case_cost
+    from batchrun.tokens import estimate_tokens
+
+    request = json.loads(store.redis.hget(f"batchrun:batch:{batch_id}:req", cid))
+    e = estimate_tokens(request["url"], request["body"])
+    return worst_case_cost(PriceTable.load().price_for("gpt-4o-mini"), e.input_tokens, e.output_tokens)
+
+
+def _run_shard(store, batch_id: str, base_url: str, meanwhile=None, **settings):
+    """Run shard 0 of the batch in this process (and ``meanwhile(runner)`` beside it), within 60 s."""
+    import asyncio
+
+    from batchrun.settings import WorkerSettings
+    from batchrun.shard import ShardRunner
+
+    settings = WorkerSettings(base_url=base_url, api_key="sk-test", **{"concurrency": 10, **settings})
+    runner = ShardRunner(store, batch_id, 0, settings)
+
+    async def go():
+        side = asyncio.ensure_future(meanwhile(runner)) if meanwhile else None
+        try:
+            return await asyncio.wait_for(runner.run(), 60)
+        finally:
+            if side is not None:
+                await side
+    return asyncio.run(go())
+
+
+def test_a_refused_connection_is_not_counted_as_maybe_paid_and_does_not_pause_a_capped_batch(store, make_batch):
+    import asyncio
+
+    from tests.hostile import HostileServer, closed_port, ok
+
+    cids = make_batch(store, "b", 3, backoff_base=0.05, backoff_cap=0.2)
+    worst = _worst(store, "b", cids[0])
+    store.set_max_cost("b", 3.5 * worst)  # room for the three at their worst, not for one more
+    port = closed_port()
+    servers = []
+
+    async def then_the_server_comes_up(runner):
+        deadline = time.monotonic() + 20
+        while int(store.meta("b").get("retries", 0)) < 6 and store.meta("b")["state"] == "running":
+            assert time.monotonic() < deadline  # every job refused twice, at least
+            await asyncio.sleep(0.01)
+        servers.append(HostileServer([ok()], port=port).start())
+
+    try:
+        _run_shard(store, "b", f"http://127.0.0.1:{port}/v1", then_the_server_comes_up)
+    finally:
+        for srv in servers:
+            srv.stop()
+    meta = store.meta("b")
+    assert meta["state"] == "finished", meta.get("reason")
+    assert int(meta["done"]) == 3 and len(servers[0].requests) == 3
+    assert float(meta.get("cost_unknown") or 0) == 0 and abs(float(meta["cost_reserved"])) < 1e-12
+
+
+@pytest.mark.parametrize("broken", ["dropped after the body was read", "stream broken half way"])
+def test_a_request_that_reached_the_server_and_broke_is_counted_as_maybe_paid(store, make_batch, broken):
+    from tests.hostile import HostileServer, Reply, ok, sse
+
+    cids = make_batch(store, "b", 1, backoff_base=0.05, backoff_cap=0.2, max_cost=1.0)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": "half"}, "finish_reason": None}]}
+    first, then = Reply(drop=True), ok()
+    if broken.startswith("stream"):  # the job asks for a stream, which breaks after its first chunk
+        done = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12}}
+        first, then = Reply(events=sse(chunk), drop=True), Reply(events=sse(chunk, done, "[DONE]"))
+        request = json.loads(store.redis.hget("batchrun:batch:b:req", cids[0]))
+        request["body"]["stream"] = True
+        store.redis.hset("batchrun:batch:b:req", cids[0], json.dumps(request))
+    worst = _worst(store, "b", cids[0])
+    with HostileServer([first, then]) as srv:
+        _run_shard(store, "b", srv.base_url)
+        sent = len(srv.requests)
+    meta = store.meta("b")
+    assert meta["state"] == "finished" and int(meta["done"]) == 1 and sent == 2
+    assert float(meta["cost_unknown"]) == pytest.approx(worst)
+
+
+def test_may_have_reached_server_reads_the_exception_chain():
+    import asyncio
+
+    import openai
+
+    from batchrun.sender import make_client, may_have_reached_server, send
+    from batchrun.settings import WorkerSettings
+    from tests.hostile import HostileServer, Reply, closed_port
+
+    def failure(base_url: str, timeout: float = 5.0) -> BaseException:
+        async def go():
+            client = make_client(WorkerSettings(base_url=base_url, api_key="sk-test", request_timeout=timeout))
+            try:
+                await send(client, "/v1/chat/completions", {"model": "m", "messages": []})
+            except Exception as exc:  # noqa: BLE001 - the exception is the result
+                return exc
+            finally:
+                await client.close()
+        return asyncio.run(go())
+
+    refused = failure(f"http://127.0.0.1:{closed_port()}/v1")
+    assert isinstance(refused, openai.APIConnectionError) and not may_have_reached_server(refused)
+    unknown_host = failure("http://no-such-host.invalid/v1")
+    assert isinstance(unknown_host, openai.APIConnectionError) and not may_have_reached_server(unknown_host)
+    with HostileServer([Reply(drop=True)]) as srv:
+        dropped = failure(srv.base_url)
+    assert isinstance(dropped, openai.APIConnectionError) and may_have_reached_server(dropped)
+    with HostileServer([Reply(delay=2)]) as srv:
+        timed_out = failure(srv.base_url, timeout=0.3)
+    assert isinstance(timed_out, openai.APITimeoutError) and may_have_reached_server(timed_out)
+    assert may_have_reached_server(RuntimeError("a bug, anywhere"))  # unknown: on the safe side
+
+
+def test_a_runner_cut_off_from_redis_past_its_leases_sends_nothing_twice_and_loses_nothing(store, make_batch,
+                                                                                            monkeypatch):
+    from batchrun.pricing import PriceTable, cost_of_usage
+    from tests.hostile import HostileServer, Reply, chat_body
+
+    make_batch(store, "b", 3, max_cost=1.0)
+    reclaimed = []  # Redis is away for the renewals (past the 0.6 s leases) until the jobs were reclaimed
+    renew = store.renew
+
+    def renew_unless_cut_off(*args, **kwargs):
+        if not reclaimed:
+            raise redis.ConnectionError("Redis is away (injected)")
+        return renew(*args, **kwargs)
+
+    monkeypatch.setattr(store, "renew", renew_unless_cut_off)
+    lease, leased = store.lease, []
+
+    def counted_lease(*args, **kwargs):
+        out = lease(*args, **kwargs)
+        leased.extend(job.custom_id for job in out.jobs)
+        return out
+
+    monkeypatch.setattr(store, "lease", counted_lease)
+
+    async def another_workers_maintenance(runner):
+        import asyncio
+
+        n, deadline = 0, time.monotonic() + 20
+        while n < 3 and time.monotonic() < deadline:  # once the leases lapse, the jobs go back to the queue
+            n += await asyncio.to_thread(store.reclaim, "b")
+            await asyncio.sleep(0.02)
+        reclaimed.append(n)
+
+    with HostileServer([Reply(200, {}, chat_body(), delay=4)]) as srv:  # answers after the outage
+        _run_shard(store, "b", srv.base_url, another_workers_maintenance, lease_seconds=0.6)
+        sent = [r.body["messages"][0]["content"] for r in srv.requests]
+    meta = store.meta("b")
+    assert reclaimed == [3] and len(leased) == 6  # the runner leased its own jobs back while they were in flight
+    assert len(sent) == len(set(sent)) == 3, "a job was sent twice"
+    assert meta["state"] == "finished" and int(meta["done"]) == 3 and len(store.results("b", 0, 100)) == 3
+    # Each answer counts once, at its real cost: none is left as unaccounted, nothing stays set aside.
+    price = PriceTable.load().price_for("gpt-4o-mini")
+    assert float(meta["cost"]) == pytest.approx(3 * cost_of_usage(price, chat_body()["usage"]))
+    assert abs(float(meta.get("cost_unknown") or 0)) < 1e-12 and abs(float(meta["cost_reserved"])) < 1e-12
+    assert not store.redis.zcard("batchrun:batch:b:leases") and not store.redis.hlen("batchrun:batch:b:lapsed")
+
+
+def test_a_job_that_gives_up_after_a_broken_attempt_stays_counted_as_maybe_paid(store, make_batch):
+    from tests.hostile import HostileServer, Reply, closed_port
+
+    cids = make_batch(store, "b", 1, max_attempts=1, max_cost=1.0)
+    worst = _worst(store, "b", cids[0])
+    with HostileServer([Reply(drop=True)]) as srv:  # it read the request, then dropped the connection
+        _run_shard(store, "b", srv.base_url)
+    meta = store.meta("b")
+    assert int(meta["failed"]) == 1 and float(meta["cost_unknown"]) == pytest.approx(worst)
+    assert abs(float(meta["cost_reserved"])) < 1e-12
+    # One that never reached the server gives its worst case back.
+    make_batch(store, "c", 1, max_attempts=1, max_cost=1.0)
+    _run_shard(store, "c", f"http://127.0.0.1:{closed_port()}/v1")
+    meta = store.meta("c")
+    assert int(meta["failed"]) == 1 and float(meta.get("cost_unknown") or 0) == 0
+    assert abs(float(meta["cost_reserved"])) < 1e-12

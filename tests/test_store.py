@@ -648,9 +648,9 @@ def test_an_answer_releases_its_worst_case_and_adds_its_real_cost(store, make_ba
     cids = _lease_all(store, "b")
     store.reserve_cost("b", "tok|0", [(cid, 0.25) for cid in cids])
     line = json.dumps({"custom_id": cids[0]})
-    store.complete("b", [("R", cids[0], line, 0.01), ("R", cids[0], line, 0.01)])  # a duplicate was paid too
+    store.complete("b", [("R", cids[0], line, 0.01), ("R", cids[0], line, 0.01)])  # one answer, told twice
     meta = store.meta("b")
-    assert float(meta["cost"]) == pytest.approx(0.02)
+    assert float(meta["cost"]) == pytest.approx(0.01)
     assert float(meta["cost_reserved"]) == pytest.approx(0.75)
     # A requeued (refused or failed) request costs nothing and gives its reservation back.
     store.requeue("b", "tok|0", 0, [(cids[1], 0, True, "")])
@@ -679,6 +679,88 @@ def test_a_dead_workers_reservation_counts_as_spent(store, make_batch):
     assert sorted(_lease_all(store, "b")) == sorted(cids)
     reason, ok = store.reserve_cost("b", "tok|0", [(cids[0], 0.7)])
     assert ok == [False] and "$0.4000 counted for requests whose worker died" in reason
+
+
+def _lapse(store, batch_id: str, token: str, worst: float) -> list[str]:
+    """Lease every job of shard 0 to ``token`` (1 ms), set ``worst`` aside for each, let the leases lapse
+    and reclaim them (the runner was cut off from Redis for longer than its lease)."""
+    cids = [j.custom_id for j in store.lease(batch_id, 0, 100, 1, token).jobs]
+    store.reserve_cost(batch_id, f"{token}|0", [(cid, worst) for cid in cids])
+    time.sleep(0.01)
+    assert store.reclaim(batch_id) == len(cids)
+    return cids
+
+
+def test_a_retried_complete_call_adds_its_cost_once(store, make_batch):
+    make_batch(store, "b", 2, max_cost=1.0)
+    cids = _lease_all(store, "b")
+    store.reserve_cost("b", "tok|0", [(cid, 0.25) for cid in cids])
+    items = [("R", cid, line(cid), 0.01) for cid in cids]
+    assert store.complete("b", items, "tok|0") == (2, 0, 0)
+    assert store.complete("b", items, "tok|0") == (0, 0, 2)  # its reply was lost: the runner calls again
+    meta = store.meta("b")
+    assert float(meta["cost"]) == pytest.approx(0.02) and abs(float(meta["cost_reserved"])) < 1e-12
+    assert int(meta["done"]) == 2 and len(result_ids(store, "b")) == 2
+
+
+@pytest.mark.parametrize("first", ["the new lease holder", "the lapsed runner"])
+def test_each_attempt_of_a_job_sent_twice_counts_once_at_its_real_cost(store, make_batch, first):
+    make_batch(store, "b", 1, max_cost=1.0)
+    [cid] = _lapse(store, "b", "a", 0.25)
+    assert float(store.meta("b")["cost_unknown"]) == pytest.approx(0.25)  # "a" may have been paid for
+    assert _lease_all(store, "b") == [cid]  # runner "tok" sends it again
+    store.reserve_cost("b", "tok|0", [(cid, 0.25)])
+    reports = [("tok|0", 0.02), ("a|0", 0.01)]  # each runner's answer, at its real cost
+    if first == "the lapsed runner":
+        reports.reverse()
+    assert store.complete("b", [("R", cid, line(cid, by=reports[0][0]), reports[0][1])], reports[0][0]) == (1, 0, 0)
+    if first == "the lapsed runner":  # the live attempt keeps what was set aside for it, and its lease
+        assert float(store.meta("b")["cost_reserved"]) == pytest.approx(0.25) and cid in leases(store, "b")
+    assert store.complete("b", [("R", cid, line(cid, by=reports[1][0]), reports[1][1])], reports[1][0]) == (0, 0, 1)
+    meta = store.meta("b")
+    assert float(meta["cost"]) == pytest.approx(0.03)  # both were paid, each once
+    assert abs(float(meta["cost_unknown"])) < 1e-12 and abs(float(meta["cost_reserved"])) < 1e-12
+    assert not leases(store, "b") and not owners(store, "b") and len(result_ids(store, "b")) == 1
+
+
+def test_a_job_leased_back_by_the_runner_whose_lease_lapsed_counts_once(store, make_batch):
+    make_batch(store, "b", 2, max_cost=1.0)
+    cids = _lapse(store, "b", "tok", 0.25)
+    assert sorted(_lease_all(store, "b")) == sorted(cids)  # the same runner, once Redis is back
+    store.complete("b", [("R", cids[0], line(cids[0]), 0.01)], "tok|0")
+    store.requeue("b", "tok|0", 0, [(cids[1], 0, True, "", False)])  # a 5xx: not paid
+    meta = store.meta("b")
+    assert float(meta["cost"]) == pytest.approx(0.01)
+    assert abs(float(meta["cost_unknown"])) < 1e-12 and abs(float(meta["cost_reserved"])) < 1e-12
+    assert not store.redis.hlen(keys.sub("b", "lapsed"))
+
+
+def test_a_lapsed_attempt_that_broke_stays_counted_at_its_worst_case(store, make_batch):
+    make_batch(store, "b", 1, max_cost=1.0)
+    [cid] = _lapse(store, "b", "a", 0.25)
+    store.requeue("b", "a|0", 0, [(cid, 0, True, "", True)])  # it timed out: it may have been paid
+    assert float(store.meta("b")["cost_unknown"]) == pytest.approx(0.25)
+    assert todo(store, 0, "b") and not store.redis.hlen(keys.sub("b", "lapsed"))
+
+
+def test_an_error_that_may_have_been_paid_counts_its_worst_case_as_unknown(store, make_batch):
+    make_batch(store, "b", 2, max_cost=1.0)
+    cids = _lease_all(store, "b")
+    store.reserve_cost("b", "tok|0", [(cid, 0.25) for cid in cids])
+    store.complete("b", [("E", cids[0], line(cids[0]), 0, True), ("E", cids[1], line(cids[1]), 0, False)], "tok|0")
+    meta = store.meta("b")
+    assert float(meta["cost_unknown"]) == pytest.approx(0.25) and abs(float(meta["cost_reserved"])) < 1e-12
+    assert float(meta.get("cost") or 0) == 0 and int(meta["failed"]) == 2
+
+
+def test_an_outcome_removes_its_job_from_the_todo_set_a_reclaim_put_it_in(store, make_batch):
+    cids = make_batch(store, "b", 3)
+    _lapse(store, "b", "a", 0.0)
+    assert store.counts("b")["queued"] == 3
+    store.complete("b", [("R", cid, line(cid), 0) for cid in cids[:2]], "a|0")  # the cut-off runner reports
+    assert list(todo(store, 0, "b")) == [cids[2]]
+    counts = store.counts("b")
+    assert counts["queued"] == 1 and counts["done"] == 2
 
 
 def test_a_cancelled_batch_takes_nothing_back(store, make_batch):

@@ -61,3 +61,41 @@ def test_skip_ids_leave_jobs_out(store, tmp_path):
     path.write_text("".join(_line(f"j{i}") + "\n" for i in range(10)))
     report = submit_file(store, path, batch_id="b", skip_ids={"j1", "j5"})
     assert report.added == 8
+
+
+@pytest.mark.redis
+def test_submit_refuses_a_lone_surrogate_custom_id_before_writing_anything(real_redis_url, tmp_path):
+    import subprocess
+
+    import redis
+
+    from tests.helpers import batchrun_cmd, cli_env
+
+    path = tmp_path / "jobs.jsonl"
+    lines = [_line(f"req-{i}") for i in range(3)]
+    lines.insert(2, _line("req-\ud800"))  # json.dumps writes it as the escape \ud800, as any JSON writer may
+    assert r'"req-\ud800"' in lines[2]
+    path.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(batchrun_cmd("submit", str(path)), env=cli_env(BATCHRUN_REDIS_URL=real_redis_url),
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr
+    assert f"{path}, line 3: custom_id holds a lone UTF-16 surrogate (\\ud800)" in proc.stderr
+    assert "nothing was submitted" in proc.stderr and "Traceback" not in proc.stderr
+    assert redis.Redis.from_url(real_redis_url).keys("*") == []
+
+
+def test_big_lines_go_to_redis_in_chunks_of_bounded_size(store, tmp_path, monkeypatch):
+    import batchrun.submit as submit_module
+
+    monkeypatch.setattr(submit_module, "CHUNK_BYTES", 10_000, raising=False)
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(_line(f"j{i}", "x" * 3000) + "\n" for i in range(10)))
+    sizes, add_jobs = [], store.add_jobs
+
+    def recorded(batch_id, items):
+        sizes.append(sum(len(request) + len(cid) for cid, _, request in items))
+        return add_jobs(batch_id, items)
+
+    monkeypatch.setattr(store, "add_jobs", recorded)
+    assert submit_file(store, path, batch_id="b").added == 10
+    assert len(sizes) >= 3 and max(sizes) < 10_000 + 3200  # a chunk ends with the line that passes the bound

@@ -1,63 +1,75 @@
 -- complete: record the final outcome of jobs; the first outcome for a
 -- custom_id wins, so a job ends exactly once even if two runners sent it.
--- KEYS[1]  batch key
--- It also adds each answer's real cost (a duplicate was paid for too) and
--- releases the worst case set aside for the job under --max-cost.
+-- Cost counts once per attempt. An outcome adds its real cost only if its
+-- caller answers for that attempt: it holds the job's lease, or it held the
+-- lease when it lapsed (reclaim noted that in ':lapsed' and counted the
+-- attempt's worst case as unknown, which the real cost now replaces). So a
+-- retried call whose first run did land, or a second report of one attempt,
+-- adds nothing, while a duplicate sent by another runner adds what it cost.
+-- Only the lease's holder releases the worst case set aside for the job (a
+-- late answer must not free what a live attempt holds); an error whose attempt
+-- may have been paid (it gave up after a timeout) counts that worst case as
+-- unknown instead, as requeue does. The first outcome also
+-- removes the job from its shard's todo set, where a reclaim may have put it.
 -- KEYS[1]  batch key
 -- KEYS[2]  set of active batch ids
 -- KEYS[3]  set of batches that ended and whose keys need an expiry
 -- ARGV[1]  batch id
--- ARGV     then quads: kind ('R' result, 'E' error), custom_id, output line JSON, cost in USD
+-- ARGV[2]  owner string (token|shard) of the calling runner; '' for a caller
+--          without leases (tools, tests), which answers for first outcomes only
+-- ARGV     then quints: kind ('R' result, 'E' error), custom_id, output line JSON, cost in USD,
+--          maybe paid (1/0: no answer, yet the request may have been processed)
 -- Returns  {results recorded, errors recorded, duplicates dropped}
 local b = KEYS[1]
-local cids, kinds, lines = {}, {}, {}
-local cost = 0
-for i = 2, #ARGV, 4 do
-  kinds[#kinds + 1] = ARGV[i]
-  cids[#cids + 1] = ARGV[i + 1]
-  lines[#lines + 1] = ARGV[i + 2]
-  cost = cost + (tonumber(ARGV[i + 3]) or 0)
-end
-if #cids == 0 then return {0, 0, 0} end
-if redis.call('EXISTS', b) == 0 then return {0, 0, #cids} end  -- purged: nothing to record
-if cost > 0 then redis.call('HINCRBYFLOAT', b, 'cost', cost) end
-local held = redis.call('HMGET', b .. ':costres', unpack(cids))
-local release, freed, once = {}, 0, {}
-for i, v in ipairs(held) do
-  if v and not once[cids[i]] then
-    once[cids[i]] = true
-    release[#release + 1] = cids[i]
-    freed = freed + tonumber(v)
-  end
-end
-if #release > 0 then
-  redis.call('HDEL', b .. ':costres', unpack(release))
-  redis.call('HINCRBYFLOAT', b, 'cost_reserved', -freed)
-end
-local status = redis.call('HMGET', b .. ':status', unpack(cids))
-local new, hset, push = {}, {}, {}
+local owner = ARGV[2]
+if #ARGV < 3 then return {0, 0, 0} end
+if redis.call('EXISTS', b) == 0 then return {0, 0, (#ARGV - 2) / 5} end  -- purged: nothing to record
+local shard = string.match(owner, '|(%d+)$')
+local cost, freed, back, unknown = 0, 0, 0, 0
 local nr, ne, dup = 0, 0, 0
 local taken = {}
-for i, cid in ipairs(cids) do
-  if status[i] or taken[cid] then
-    dup = dup + 1
+for i = 3, #ARGV, 5 do
+  local kind, cid, paid = ARGV[i], ARGV[i + 1], ARGV[i + 4] == '1'
+  local first = not taken[cid] and redis.call('HEXISTS', b .. ':status', cid) == 0
+  local mine, lapsed
+  if owner == '' then
+    mine = first
   else
+    mine = redis.call('HGET', b .. ':owner', cid) == owner
+    lapsed = redis.call('HGET', b .. ':lapsed', owner .. ' ' .. cid)
+  end
+  if lapsed then
+    redis.call('HDEL', b .. ':lapsed', owner .. ' ' .. cid)
+    if not paid then back = back + tonumber(lapsed) end
+  end
+  if mine then
+    local held = redis.call('HGET', b .. ':costres', cid)
+    if held then
+      redis.call('HDEL', b .. ':costres', cid)
+      freed = freed + tonumber(held)
+      if paid then unknown = unknown + tonumber(held) end
+    end
+    redis.call('ZREM', b .. ':leases', cid)
+    redis.call('HDEL', b .. ':owner', cid)
+  end
+  if mine or lapsed then cost = cost + (tonumber(ARGV[i + 3]) or 0) end
+  if first then
     taken[cid] = true
-    new[#new + 1] = cid
-    hset[#hset + 1] = cid
-    hset[#hset + 1] = kinds[i]
-    push[#push + 1] = kinds[i] .. lines[i]
-    if kinds[i] == 'R' then nr = nr + 1 else ne = ne + 1 end
+    redis.call('HSET', b .. ':status', cid, kind)
+    redis.call('RPUSH', b .. ':results', kind .. ARGV[i + 2])
+    redis.call('HDEL', b .. ':req', cid)
+    if shard then redis.call('ZREM', b .. ':todo:' .. shard, cid) end
+    if kind == 'R' then nr = nr + 1 else ne = ne + 1 end
+  else
+    dup = dup + 1
   end
 end
-if #new > 0 then
-  redis.call('HSET', b .. ':status', unpack(hset))
-  redis.call('RPUSH', b .. ':results', unpack(push))
-  redis.call('ZREM', b .. ':leases', unpack(new))
-  redis.call('HDEL', b .. ':owner', unpack(new))
-  redis.call('HDEL', b .. ':req', unpack(new))
-  if nr > 0 then redis.call('HINCRBY', b, 'done', nr) end
-  if ne > 0 then redis.call('HINCRBY', b, 'failed', ne) end
+if cost > 0 then redis.call('HINCRBYFLOAT', b, 'cost', cost) end
+if freed > 0 then redis.call('HINCRBYFLOAT', b, 'cost_reserved', -freed) end
+if unknown - back ~= 0 then redis.call('HINCRBYFLOAT', b, 'cost_unknown', unknown - back) end
+if nr > 0 then redis.call('HINCRBY', b, 'done', nr) end
+if ne > 0 then redis.call('HINCRBY', b, 'failed', ne) end
+if nr + ne > 0 then
   local f = redis.call('HMGET', b, 'total', 'done', 'failed', 'state')
   if tonumber(f[2] or 0) + tonumber(f[3] or 0) >= tonumber(f[1] or 0) and f[4] ~= 'cancelled' then
     local t = redis.call('TIME')

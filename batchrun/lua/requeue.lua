@@ -5,6 +5,9 @@
 -- released: a refused or failed request costs nothing, except one that may have
 -- been processed before it broke (a timeout, a broken stream), which is counted
 -- at its worst case ('cost_unknown'). A cancelled batch takes nothing back.
+-- An attempt whose lease lapsed (see reclaim) was counted at its worst case
+-- already: that stays if it may have been paid, else it is taken back, whoever
+-- holds the job now.
 -- KEYS[1]  batch key
 -- ARGV[1]  owner string (token|shard) of the runner
 -- ARGV[2]  shard number
@@ -19,6 +22,11 @@ local n, earliest = 0, nil
 local cancelled = redis.call('HGET', b, 'state') == 'cancelled'
 for i = 3, #ARGV, 5 do
   local cid = ARGV[i]
+  local lapsed = redis.call('HGET', b .. ':lapsed', owner .. ' ' .. cid)
+  if lapsed then
+    redis.call('HDEL', b .. ':lapsed', owner .. ' ' .. cid)
+    if ARGV[i + 4] ~= '1' then redis.call('HINCRBYFLOAT', b, 'cost_unknown', -tonumber(lapsed)) end
+  end
   if redis.call('HGET', b .. ':owner', cid) == owner
       and redis.call('HEXISTS', b .. ':status', cid) == 0 then
     local due = now + tonumber(ARGV[i + 1])
