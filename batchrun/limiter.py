@@ -26,6 +26,7 @@ from batchrun import keys
 from batchrun.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
+from batchrun.urls import mask_url
 
 HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
@@ -45,6 +46,7 @@ class CircuitState:
     state: str  # 'closed' or 'open'
     open_until_ms: int
     now_ms: int
+    down_since_ms: int = 0  # the endpoint's first outage-like failure since its last answer (0: up)
 
     @property
     def open(self) -> bool:
@@ -264,9 +266,10 @@ class SharedLimiter:
         p = self._circuit
         out = self._store.scripts.circuit(
             keys=[self.circuit_key],
-            args=[self._settings.base_url, p.window_ms, p.min_outcomes, p.failure_share, p.first_cooling_ms,
-                  p.max_cooling_ms, ok, fail, probe_result])
-        state = CircuitState(_s(out[0]), int(out[1]), int(out[2]))
+            args=[mask_url(self._settings.base_url), p.window_ms, p.min_outcomes, p.failure_share,
+                  p.first_cooling_ms, p.max_cooling_ms, ok, fail, probe_result,
+                  int(self._options.give_up_seconds * 1000)])
+        state = CircuitState(_s(out[0]), int(out[1]), int(out[2]), int(out[3]))
         return [state] * len(items)
 
     async def drain(self) -> None:
