@@ -452,8 +452,8 @@ class ShardRunner:
         for kind, (n, soonest) in sorted(self._events.items()):
             if kind == "circuit_open":
                 url = self.settings.base_url
-                if now - _CIRCUIT_LINES.get(url, -SUMMARY_EVERY) < SUMMARY_EVERY:
-                    continue  # another runner of this process said it just now
+                if self.stats["paused"] or now - _CIRCUIT_LINES.get(url, -SUMMARY_EVERY) < SUMMARY_EVERY:
+                    continue  # the pause said it all, or another runner of this process said it just now
                 _CIRCUIT_LINES[url] = now
                 cause, down_since, at = self._outage
                 left = self.give_up_seconds - (at - max(down_since, self.running_since_ms)) / 1000
