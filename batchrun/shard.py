@@ -169,7 +169,7 @@ class ShardRunner:
         next_due_ms = now_ms = None
         concurrency = self.settings.concurrency
         low_water = max(1, concurrency // 8)  # lease in groups, not one round trip per freed slot
-        last_maintenance = 0.0
+        last_maintenance = last_lease = 0.0
         while True:
             if STOP.is_set():
                 return
@@ -177,7 +177,10 @@ class ShardRunner:
                 last_maintenance = time.monotonic()
                 await self._redis(maintenance.run_once, self.store)
             free = concurrency - len(self.inflight)
-            if free >= low_water or not self.inflight:
+            # With every slot waiting (for the circuit, the budget), still read the batch's state once
+            # a second: a pause or a cancel then stops the waiting jobs before they are sent.
+            if free >= low_water or not self.inflight or time.monotonic() - last_lease > 1.0:
+                last_lease = time.monotonic()
                 if time.monotonic() - started > self.settings.max_shard_seconds:
                     # Give the RQ worker back so other batches get a turn; the shard continues later.
                     return  # run() parks the shard on the way out if work is left

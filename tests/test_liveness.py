@@ -260,3 +260,27 @@ def test_a_tls_failure_is_named_in_the_pause(store, tmp_path):
         run_thread_worker(store.redis, _settings(url), timeout=60)
     reason = store.meta(rep.batch_id)["reason"]
     assert "TLS failed" in reason and url in reason
+
+
+def test_a_cancel_stops_jobs_waiting_for_the_budget_before_they_are_sent(store, tmp_path):
+    import threading
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20)
+    body = error_body(TPM + " Please try again in 20s.", "tokens", "rate_limit_exceeded")
+    with HostileServer(lambda seen: Reply(429, {}, body)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions())
+        worker = threading.Thread(target=run_thread_worker, args=(store.redis, _settings(srv.base_url, concurrency=5)),
+                                  kwargs={"timeout": 60})
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not store.fleet_conditions()["cooldowns"]:  # the fleet now waits 20 s on the budget
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # new jobs have taken every slot, waiting for the cooldown
+        store.set_state(rep.batch_id, "cancelled", "cancelled by the user")
+        cancelled_at = time.time()
+        worker.join(30)
+        assert not worker.is_alive()
+        late = [r for r in srv.requests if r.at > cancelled_at + 0.5]
+    assert not late, f"{len(late)} request(s) sent after the batch was cancelled"
+    assert time.time() - cancelled_at < 10, "the runner waited out the cooldown"
