@@ -284,3 +284,43 @@ def test_a_cancel_stops_jobs_waiting_for_the_budget_before_they_are_sent(store, 
         late = [r for r in srv.requests if r.at > cancelled_at + 0.5]
     assert not late, f"{len(late)} request(s) sent after the batch was cancelled"
     assert time.time() - cancelled_at < 10, "the runner waited out the cooldown"
+
+
+def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_the_give_up(store):
+    import asyncio
+
+    from batchrun.limiter import SharedLimiter
+    from batchrun.settings import CircuitPolicy
+
+    settings = WorkerSettings(base_url="http://user:s3cret@127.0.0.1:9/v1", api_key="sk-test",
+                              circuit=CircuitPolicy(min_outcomes=3, first_cooling_ms=5_000))
+    limiter = SharedLimiter(store, settings, BatchOptions(give_up_seconds=2.0))
+
+    async def record(*outcomes):
+        return [await limiter.record(failed) for failed in outcomes]
+
+    [first] = asyncio.run(record(True))
+    assert first.down_since_ms and not first.open
+    assert asyncio.run(record(False))[0].down_since_ms == 0  # an answer: the endpoint is up
+    states = asyncio.run(record(True, True, True))
+    down = states[0].down_since_ms
+    assert down and all(s.down_since_ms == down for s in states)  # counted from the first failure
+    assert states[-1].open and states[-1].open_until_ms <= down + 2_000  # not the 5 s cooling
+    stored = store.redis.hget(limiter.circuit_key, "url")
+    assert b"s3cret" not in stored and b"127.0.0.1:9/v1" in stored  # no credentials in Redis
+
+
+def test_the_give_up_sentence_names_the_url_without_credentials(store):
+    from batchrun.limiter import CircuitState
+    from batchrun.shard import ShardRunner
+
+    runner = ShardRunner(store, "b-1", 0, WorkerSettings(base_url="http://user:s3cret@10.0.0.1:8000/v1"))
+    runner.give_up_seconds, runner.running_since_ms = 5.0, 0.0
+    runner._outage = ("connection refused", 1_000, 7_000)
+    message = runner._gave_up_message(CircuitState("open", 0, 7_000, 1_000))
+    assert "s3cret" not in message
+    assert message.startswith("the API at http://user:***@10.0.0.1:8000/v1 has not answered for 6 s "
+                              "(connection refused), past --give-up-after 5 s")
+    runner._outage = ("HTTP 502", 1_000, 7_000)
+    assert "has answered only with server errors (HTTP 502) for 6 s" in \
+        runner._gave_up_message(CircuitState("open", 0, 7_000, 1_000))
