@@ -324,3 +324,25 @@ def test_the_give_up_sentence_names_the_url_without_credentials(store):
     runner._outage = ("HTTP 502", 1_000, 7_000)
     assert "has answered only with server errors (HTTP 502) for 6 s" in \
         runner._gave_up_message(CircuitState("open", 0, 7_000, 1_000))
+
+
+@pytest.mark.redis
+def test_sigterm_to_a_worker_whose_jobs_wait_for_the_circuit_stops_at_once(spawn, real_redis_url, tmp_path):
+    jobs, env = _jobs_and_env(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    env["BATCHRUN_REDIS_URL"] = real_redis_url
+    sub = subprocess.run(batchrun_cmd("submit", str(jobs)), env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    batch_id = sub.stdout.split()[-1]
+    worker = spawn(batchrun_cmd("-q", "worker", "--concurrency", "10", "--grace", "30"), env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn = redis.Redis.from_url(real_redis_url)
+    deadline = time.monotonic() + 30
+    while not any(conn.hget(k, "state") == b"open" for k in conn.scan_iter("batchrun:circuit:*")):
+        assert time.monotonic() < deadline, "the circuit never opened"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stopped_at = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    assert time.monotonic() - stopped_at < 10, "SIGTERM waited the grace for requests that were not sent"
+    assert conn.zcard(f"batchrun:batch:{batch_id}:leases") == 0, "every job went back to the queue"
