@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections import Counter
+from urllib.parse import urlsplit
 
 import aiohttp
 import redis
@@ -509,8 +510,6 @@ def outage_cause(kind: str, status: int | None, error: BaseException | None) -> 
 
 def v1_suggestion(base_url: str) -> str | None:
     """For a 404: the sentence that says a base URL lacks /v1, or None when it has it."""
-    from urllib.parse import urlsplit
-
     path = urlsplit(base_url).path.rstrip("/")
     if path.endswith("/v1") or "/deployments/" in path:  # Azure's deployment URLs have no /v1
         return None
