@@ -7,7 +7,11 @@ Two sources of wait times:
 
 * the server's own hint (``retry-after-ms``, ``retry-after``, "Please try again in 84ms" in the
   error message, ``x-ratelimit-reset-*``), parsed by :func:`wait_hint`;
-* exponential backoff with jitter (:func:`backoff_delay`), which never waits less than the hint.
+* exponential backoff with jitter (:func:`backoff_delay`), which never waits less than the hint,
+  and never more than the policy's cap: a hint is honoured up to the cap, no further (the openai
+  SDK ignores hints over 120 s). What to do about a longer hint is the caller's choice
+  (:func:`hint_exceeds_cap`); what to do about a server that never answers, too
+  (:func:`gave_up`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,8 @@ __all__ = [
     "BackoffPolicy",
     "JITTER_FLOOR",
     "backoff_delay",
+    "gave_up",
+    "hint_exceeds_cap",
     "parse_duration",
     "parse_retry_after",
     "wait_hint",
@@ -133,7 +139,7 @@ def _waits_in_message(message: str) -> list[float]:
         unit = m.group(2).lower()
         scale = next(v for k, v in _WORD_SECONDS.items() if unit.startswith(k))
         waits.append(float(m.group(1)) * scale)
-    return waits
+    return [w for w in waits if math.isfinite(w)]  # "try again in 1e400 seconds" is no wait
 
 
 def wait_hint(
@@ -159,6 +165,8 @@ def wait_hint(
 
     Zero and negative values are dropped (as the openai SDK does): "wait 0 s" tells us nothing
     that backoff does not already do better. Header names are matched case-insensitively.
+    The hint is not capped here (a caller needs to know that the server asked for a day);
+    :func:`backoff_delay` caps the wait.
     """
     if limit_kind is not None and limit_kind not in _LIMIT_KINDS:
         raise ValueError(f"limit_kind must be one of {_LIMIT_KINDS} or None, not {limit_kind!r}")
@@ -202,7 +210,8 @@ class BackoffPolicy:
     max_attempts: int = 10
 
     def __post_init__(self) -> None:
-        if not (self.base >= 0 and self.factor >= 1 and self.cap > 0 and self.max_attempts >= 1):
+        # A cap is a ceiling on every wait: it must be a finite number.
+        if not (self.base >= 0 and self.factor >= 1 and 0 < self.cap < math.inf and self.max_attempts >= 1):
             raise ValueError(f"invalid backoff policy: {self!r}")
 
     def ceiling(self, attempt: int) -> float:
@@ -243,13 +252,31 @@ def backoff_delay(
       come back over a tenth of the wait, not within the same second.
     * ``JITTER_FLOOR`` (50 ms) keeps the width positive even for tiny hints and ``base = 0``.
 
+    The wait never exceeds ``cap``: the hint is taken as ``h = min(hint, cap)`` and the spread is
+    cut to ``cap - h``, so a hint of the cap or more waits exactly ``cap``.
+
     So an 84 ms hint becomes 84–334 ms on the first retry, and at most 84 ms + cap/4 after many
-    failures; the total never exceeds ``max(h, cap) + max(JITTER_FLOOR, 0.1 * h, cap / 4)``.
+    failures; every delay is in ``[0, cap]``, and at least ``min(hint, cap)``.
     """
     if attempt < 1:
         raise ValueError(f"attempt counts from 1, got {attempt}")
     ceiling = policy.ceiling(attempt)
     if hint is None or not math.isfinite(hint) or hint <= 0:
         return rng.uniform(0.0, ceiling)
+    hint = min(hint, policy.cap)
     spread = max(JITTER_FLOOR, _HINT_JITTER_FRACTION * hint, _CEILING_JITTER_FRACTION * ceiling)
-    return hint + rng.uniform(0.0, spread)
+    return min(policy.cap, hint + rng.uniform(0.0, min(spread, policy.cap - hint)))
+
+
+def hint_exceeds_cap(hint: float | None, policy: BackoffPolicy) -> bool:
+    """Did the server ask for a longer wait than the policy allows? (NaN and None: no.)"""
+    return hint is not None and hint > policy.cap
+
+
+def gave_up(now_ms: float, down_since_ms: float, running_since_ms: float, give_up_seconds: float) -> bool:
+    """Has the server not answered for ``give_up_seconds``, counted from when it went down
+    (``down_since_ms``, 0: it is up) or from when the batch last started running, whichever is
+    later? (A resumed batch gets a full period again.)"""
+    if not down_since_ms or not give_up_seconds > 0:
+        return False
+    return now_ms - max(down_since_ms, running_since_ms or 0) >= give_up_seconds * 1000

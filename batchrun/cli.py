@@ -41,7 +41,11 @@ def batch_options(f):
         click.option("--backoff-base", type=click.FloatRange(0), default=1.0, show_default=True,
                      help="First retry waits up to this many seconds (full jitter)."),
         click.option("--backoff-cap", type=click.FloatRange(0), default=60.0, show_default=True,
-                     help="Longest backoff in seconds (a server's wait hint may exceed it)."),
+                     help="Longest wait before a retry, in seconds; a server's longer wait hint is capped to "
+                          "it (a 429 asking for longer pauses the batch)."),
+        click.option("--give-up-after", type=click.FloatRange(0, 86400, min_open=True), default=300.0,
+                     show_default=True, metavar="S",
+                     help="Pause the batch when the server has not answered (or only with 5xx) for S seconds."),
         click.option("--shard-size", type=click.IntRange(0), default=0,
                      help="Jobs per shard (the unit RQ hands to a worker); default: a quarter of the "
                           "file, within 1,000 to 10,000."),
@@ -66,7 +70,7 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days) -> BatchOptions:
+                 keep_days, give_up_after=300.0) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -74,7 +78,7 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     _check_finite("--max-cost", max_cost)
     return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                         shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                        limits=limits)
+                        give_up_seconds=give_up_after, limits=limits)
 
 
 def _check_finite(name: str, value: float | None) -> None:

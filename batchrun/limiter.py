@@ -46,6 +46,7 @@ class CircuitState:
     state: str  # 'closed' or 'open'
     open_until_ms: int
     now_ms: int
+    down_since_ms: int = 0  # the endpoint's first outage-like failure since its last answer (0: up)
 
     @property
     def open(self) -> bool:
@@ -265,9 +266,10 @@ class SharedLimiter:
         p = self._circuit
         out = self._store.scripts.circuit(
             keys=[self.circuit_key],
-            args=[mask_url(self._settings.base_url), p.window_ms, p.min_outcomes, p.failure_share, p.first_cooling_ms,
-                  p.max_cooling_ms, ok, fail, probe_result])
-        state = CircuitState(_s(out[0]), int(out[1]), int(out[2]))
+            args=[mask_url(self._settings.base_url), p.window_ms, p.min_outcomes, p.failure_share,
+                  p.first_cooling_ms, p.max_cooling_ms, ok, fail, probe_result,
+                  int(self._options.give_up_seconds * 1000)])
+        state = CircuitState(_s(out[0]), int(out[1]), int(out[2]), int(out[3]))
         return [state] * len(items)
 
     async def drain(self) -> None:

@@ -64,6 +64,7 @@ class BatchOptions:
     burst_seconds: float = 0.0  # 0: learn the server's burst from its headers (one second's worth until then)
     max_cost: float = 0.0  # USD the batch may spend at most, counting requests in flight at their worst case; 0: no cap
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
+    give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     limits: Limits = field(default_factory=Limits)
 
     def to_fields(self) -> dict[str, str]:

@@ -19,15 +19,18 @@ import logging
 import os
 import random
 import socket
+import ssl
 import threading
 import time
 import uuid
 from collections import Counter
+from urllib.parse import urlsplit
 
+import aiohttp
 import redis
 
 from batchrun import maintenance
-from batchrun.backoff import BackoffPolicy, backoff_delay
+from batchrun.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds_cap
 from batchrun.batching import Batcher
 from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
                                classify_exception, stream_truncated_verdict)
@@ -49,6 +52,8 @@ STOP = threading.Event()
 LEASE_BATCH = 500  # jobs per lease call at most
 SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
 METRICS_EVERY = 1.0  # seconds between reports of counts for `status`
+_CIRCUIT_LINES: dict[str, float] = {}  # base URL -> when this process last said its circuit is open
+_V1_HINTED: set[str] = set()  # base URLs this process has said lack /v1
 # Statuses of requests the server refused before processing them, charging nothing
 # (OpenAI does not count refused requests against the limits).
 REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
@@ -78,6 +83,8 @@ class ShardRunner:
         self.metrics = Counter()  # counts not yet reported to Redis (see store.add_metrics)
         self._on_the_wire: set[str] = set()  # jobs whose request has been sent, not yet answered
         self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
+        self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
+        self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
         self._last_summary = time.monotonic()
 
@@ -89,6 +96,8 @@ class ShardRunner:
             await self._redis(store.unpark, bid, self.shard)
             return {}
         options = BatchOptions.from_fields(meta)
+        self.give_up_seconds = options.give_up_seconds
+        self.running_since_ms = float(meta.get("running_since") or 0)  # set on resume: a fresh give-up period
         self.prices = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
         self._prices_by_model: dict = {}
         self.max_cost = options.max_cost
@@ -110,11 +119,17 @@ class ShardRunner:
             await self._loop()
         finally:
             if self.inflight:
+                # Only requests on the wire are waited for: jobs waiting for the circuit, the budget or
+                # the spending cap go back at once (given back by _process, no attempt lost), so neither
+                # a stop nor a pause waits on a server that is down.
+                for cid, task in self.inflight.items():
+                    if cid not in self._on_the_wire:
+                        task.cancel()
                 grace = self.settings.grace_seconds if STOP.is_set() else None
                 if grace is not None:
                     log.warning("batch %s shard %d: stopping; %d request(s) in flight get %.0f s to finish, "
-                                "the shard's other jobs go back to the queue", bid, self.shard, len(self.inflight),
-                                grace)
+                                "the shard's other jobs go back to the queue", bid, self.shard,
+                                len(self._on_the_wire), grace)
                 _, late = await asyncio.wait(list(self.inflight.values()), timeout=grace)
                 for task in late:  # given back by _process, without costing an attempt
                     task.cancel()
@@ -156,7 +171,7 @@ class ShardRunner:
         next_due_ms = now_ms = None
         concurrency = self.settings.concurrency
         low_water = max(1, concurrency // 8)  # lease in groups, not one round trip per freed slot
-        last_maintenance = 0.0
+        last_maintenance = last_lease = 0.0
         while True:
             if STOP.is_set():
                 return
@@ -164,7 +179,10 @@ class ShardRunner:
                 last_maintenance = time.monotonic()
                 await self._redis(maintenance.run_once, self.store)
             free = concurrency - len(self.inflight)
-            if free >= low_water or not self.inflight:
+            # With every slot waiting (for the circuit, the budget), still read the batch's state once
+            # a second: a pause or a cancel then stops the waiting jobs before they are sent.
+            if free >= low_water or not self.inflight or time.monotonic() - last_lease > 1.0:
+                last_lease = time.monotonic()
                 if time.monotonic() - started > self.settings.max_shard_seconds:
                     # Give the RQ worker back so other batches get a turn; the shard continues later.
                     return  # run() parks the shard on the way out if work is left
@@ -287,6 +305,7 @@ class ShardRunner:
         self.limiter.sent(model, admission)
         started = time.monotonic()
         self._on_the_wire.add(job.custom_id)
+        error = None
         try:
             answer = await send(self.client, url, body)
         except StreamTruncated:
@@ -297,6 +316,7 @@ class ShardRunner:
         except Exception as exc:
             if not may_have_reached_server(exc):  # refused, DNS, TLS, connect timeout: nothing to pay
                 self._on_the_wire.discard(job.custom_id)
+            error = exc
             verdict, response = classify_exception(exc, now=time.time()), _failed_response(exc)
             headers = getattr(getattr(exc, "response", None), "headers", None)
         else:
@@ -329,7 +349,7 @@ class ShardRunner:
         if refused and not verdict.budget_exhausted:
             # (a 429 that says the budget is exhausted empties it instead: see cool_down)
             self._background(self.limiter.settle_unused(model, admission))
-        await self._handle_failure(job, model, verdict, response, admission.probe)
+        await self._handle_failure(job, model, verdict, response, admission.probe, error)
 
     def _count_request(self, model: str, charged: int, *, usage: dict | None = None,
                        rate_limited: bool = False) -> None:
@@ -348,9 +368,20 @@ class ShardRunner:
         task.add_done_callback(self._side_tasks.discard)
 
     async def _handle_failure(self, job: LeasedJob, model: str, verdict: Verdict, response: dict | None,
-                              probe: bool) -> None:
+                              probe: bool, error: BaseException | None = None) -> None:
         cid = job.custom_id
         circuit = await self.limiter.record(verdict.circuit, probe)
+        status = (response or {}).get("status_code")
+        if verdict.circuit:
+            self._outage = (outage_cause(verdict.kind, status, error), circuit.down_since_ms, circuit.now_ms)
+            if gave_up(circuit.now_ms, circuit.down_since_ms, self.running_since_ms, self.give_up_seconds):
+                # Nothing runs for ever: a server that does not come back pauses the batch.
+                verdict = Verdict(Action.PAUSE, verdict.kind, self._gave_up_message(circuit))
+        elif verdict.budget_exhausted and hint_exceeds_cap(verdict.hint, self.policy):
+            # A budget empty for longer than the cap (a per-day limit): waiting the cap again and again
+            # would only hold workers and burn attempts. The fleet cools down for the cap, no longer.
+            await self.limiter.cool_down(model, self.policy.cap)
+            verdict = Verdict(Action.PAUSE, verdict.kind, self._long_wait_message(verdict))
         if verdict.action is Action.PAUSE:
             message = verdict.message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
             paused = await asyncio.to_thread(self.store.set_state, self.batch_id, "paused", message,
@@ -361,7 +392,14 @@ class ShardRunner:
             self.stats["paused"] += 1
             return
         if verdict.action is Action.FAIL:
-            await self._finish_error(job, verdict.kind, verdict.message, response)
+            message = verdict.message
+            suggestion = v1_suggestion(self.settings.base_url) if status == 404 else None
+            if suggestion:
+                message = f"{message}; {suggestion}"
+                if self.settings.base_url not in _V1_HINTED:  # one sentence, not one per job
+                    _V1_HINTED.add(self.settings.base_url)
+                    log.warning("batch %s: requests are answered 404 (not found); %s", self.batch_id, suggestion)
+            await self._finish_error(job, verdict.kind, message, response)
             return
         if verdict.circuit and circuit.open:
             # An outage, not this job's fault: it waits for the circuit and keeps its attempts.
@@ -371,9 +409,9 @@ class ShardRunner:
             self._note_event("circuit_open", delay)
             return
         if verdict.budget_exhausted:
-            await self.limiter.cool_down(model, verdict.hint or 1.0)
+            await self.limiter.cool_down(model, min(verdict.hint or 1.0, self.policy.cap))
         attempt = job.attempts + 1
-        record = {"at": round(time.time(), 3), "status": (response or {}).get("status_code"),
+        record = {"at": round(time.time(), 3), "status": status,
                   "error": verdict.kind, "message": verdict.message[:300]}
         if attempt >= self.policy.max_attempts:
             history = await asyncio.to_thread(self.store.history, self.batch_id, cid)
@@ -389,12 +427,33 @@ class ShardRunner:
         self.stats["retried"] += 1
         self.metrics["retries"] += 1
         self._note_event(verdict.kind, delay)
+        if hint_exceeds_cap(verdict.hint, self.policy):
+            self._capped[verdict.kind] = max(self._capped.get(verdict.kind, 0.0), verdict.hint)
         log.debug("%s; job %s retries in %.1f s, attempt %d of %d", event_phrase(verdict.kind), cid, delay,
                   attempt + 1, self.policy.max_attempts)
 
     def _maybe_paid(self, cid: str, response: dict | None) -> bool:
         """No HTTP answer, yet the request may have reached the server: it may have been billed."""
         return response is None and cid in self._on_the_wire
+
+    def _gave_up_message(self, circuit) -> str:
+        cause, _, _ = self._outage
+        since = max(circuit.down_since_ms, self.running_since_ms)
+        down_for = (circuit.now_ms - since) / 1000
+        what = (f"has answered only with server errors ({cause}) for {down_for:.0f} s" if cause.startswith("HTTP")
+                else f"has not answered for {down_for:.0f} s ({cause})")
+        return (f"the API at {mask_url(self.settings.base_url)} {what}, past --give-up-after "
+                f"{self.give_up_seconds:g} s, so the batch is paused rather than waiting for ever; no job failed. "
+                f"Check OPENAI_BASE_URL and that the server is up, then run `batchrun resume {BATCH_ID_PLACEHOLDER}`")
+
+    def _long_wait_message(self, verdict: Verdict) -> str:
+        hint = verdict.hint or 0.0
+        after = ""
+        if hint < 366 * 86400:  # a far-future date says nothing a clock time would add
+            after = time.strftime(" after %H:%M UTC (%Y-%m-%d)", time.gmtime(time.time() + hint))
+        return (f"{verdict.message.rstrip(' .')}; the server asks to wait {_human_wait(hint)}, longer than the "
+                f"--backoff-cap of {self.policy.cap:g} s, so the batch is paused; no job failed. "
+                f"Run `batchrun resume {BATCH_ID_PLACEHOLDER}`{after}, when the limit has reset")
 
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
                             attempts: list | None = None) -> None:
@@ -418,13 +477,24 @@ class ShardRunner:
         self._last_summary = now
         for kind, (n, soonest) in sorted(self._events.items()):
             if kind == "circuit_open":
-                log.warning("batch %s shard %d: %s is failing; circuit open, %d job(s) wait %.1f s or more "
-                            "without losing attempts", self.batch_id, self.shard, mask_url(self.settings.base_url), n,
-                            soonest)
+                url = self.settings.base_url
+                if self.stats["paused"] or now - _CIRCUIT_LINES.get(url, -SUMMARY_EVERY) < SUMMARY_EVERY:
+                    continue  # the pause said it all, or another runner of this process said it just now
+                _CIRCUIT_LINES[url] = now
+                cause, down_since, at = self._outage
+                left = self.give_up_seconds - (at - max(down_since, self.running_since_ms)) / 1000
+                log.warning("batch %s shard %d: %s is failing (%s); circuit open, %d job(s) wait %.1f s or more "
+                            "without losing attempts; the batch pauses if it is still down in %.0f s",
+                            self.batch_id, self.shard, mask_url(url), cause or "outage", n, soonest, max(0.0, left))
+            elif kind in self._capped:
+                log.warning("batch %s shard %d: %s: %d job(s) requeued, next retry in %.1f s; the server asked "
+                            "for %s, capped at --backoff-cap %g s", self.batch_id, self.shard, event_phrase(kind),
+                            n, soonest, _human_wait(self._capped[kind]), self.policy.cap)
             else:
                 log.info("batch %s shard %d: %s: %d job(s) requeued, next retry in %.1f s",
                          self.batch_id, self.shard, event_phrase(kind), n, soonest)
         self._events.clear()
+        self._capped.clear()
 
 
 def event_phrase(kind: str) -> str:
@@ -436,6 +506,48 @@ def event_phrase(kind: str) -> str:
         "stream_broken": "stream broke mid-way",
         "stream_truncated": "stream ended without a finish_reason",
     }.get(kind, kind.replace("_", " "))
+
+
+def outage_cause(kind: str, status: int | None, error: BaseException | None) -> str:
+    """What an outage-like failure is, in a few words: "connection refused", "DNS lookup failed",
+    "TLS failed", "timed out", "HTTP 503"..."""
+    if status is not None:
+        return f"HTTP {status}"
+    if kind == "stream_broken":
+        return "streams broke off"
+    seen: set[int] = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        # aiohttp's connector errors hold the socket's error aside, not as a cause.
+        for e in (error, getattr(error, "os_error", None), getattr(error, "certificate_error", None)):
+            if isinstance(e, ConnectionRefusedError):
+                return "connection refused"
+            if isinstance(e, (socket.gaierror, aiohttp.ClientConnectorDNSError)):
+                return "DNS lookup failed"
+            if isinstance(e, (ssl.SSLError, ssl.CertificateError, aiohttp.ClientSSLError)):
+                return "TLS failed"
+        error = error.__cause__ or error.__context__
+    return "timed out" if kind == "timeout" else "connection failed"
+
+
+def v1_suggestion(base_url: str) -> str | None:
+    """For a 404: the sentence that says a base URL lacks /v1, or None when it has it."""
+    path = urlsplit(base_url).path.rstrip("/")
+    if path.endswith("/v1") or "/deployments/" in path:  # Azure's deployment URLs have no /v1
+        return None
+    masked = mask_url(base_url.rstrip("/"))
+    return f"the base URL {masked} has no /v1: did you mean OPENAI_BASE_URL={masked}/v1?"
+
+
+def _human_wait(seconds: float) -> str:
+    """86400 -> "24 h 0 min"; 432 -> "7 min 12 s"; 4.2 -> "4.2 s"."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes} min {secs} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes} min"
 
 
 def _failed_response(exc: Exception) -> dict | None:

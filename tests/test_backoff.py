@@ -11,6 +11,8 @@ from batchrun.backoff import (
     JITTER_FLOOR,
     BackoffPolicy,
     backoff_delay,
+    gave_up,
+    hint_exceeds_cap,
     parse_duration,
     parse_retry_after,
     wait_hint,
@@ -162,7 +164,8 @@ def _delays(attempt, hint, policy=POLICY, seed=1, n=SAMPLES):
 
 def test_policy_defaults_and_validation():
     assert POLICY == BackoffPolicy(base=1.0, factor=2.0, cap=60.0, max_attempts=10)
-    for bad in (dict(base=-1), dict(factor=0.5), dict(cap=0), dict(max_attempts=0)):
+    for bad in (dict(base=-1), dict(factor=0.5), dict(cap=0), dict(cap=float("inf")), dict(cap=float("nan")),
+                dict(max_attempts=0)):
         with pytest.raises(ValueError):
             BackoffPolicy(**bad)
 
@@ -182,15 +185,24 @@ def test_delay_grows_with_attempt():
     assert means[-1] > 20 * means[0]
 
 
-@pytest.mark.parametrize("hint", [0.001, 0.084, 1.146, 4.0, 62.5, 360.0])
+@pytest.mark.parametrize("hint", [0.001, 0.084, 1.146, 4.0, 59.99, 62.5, 360.0, 86400.0])
 @pytest.mark.parametrize("attempt", [1, 3, 10])
-def test_never_below_hint_and_bounded(hint, attempt):
+def test_never_below_hint_up_to_the_cap_and_never_above_the_cap(hint, attempt):
     delays = _delays(attempt, hint)
+    h = min(hint, POLICY.cap)  # a hint is honoured up to the cap, no further
     ceiling = min(POLICY.cap, POLICY.base * POLICY.factor ** (attempt - 1))
-    spread = max(JITTER_FLOOR, 0.1 * hint, ceiling / 4)
-    assert all(hint <= d <= hint + spread for d in delays)
-    assert max(delays) <= max(hint, POLICY.cap) + max(JITTER_FLOOR, 0.1 * hint, POLICY.cap / 4)
-    assert max(delays) - min(delays) > 0.9 * spread  # the jitter really spreads
+    spread = min(max(JITTER_FLOOR, 0.1 * h, ceiling / 4), POLICY.cap - h)
+    assert all(h <= d <= h + spread for d in delays)
+    assert max(delays) <= POLICY.cap
+    if spread > 0:
+        assert max(delays) - min(delays) > 0.9 * spread  # the jitter really spreads
+
+
+def test_a_day_long_hint_waits_the_cap_not_a_day():
+    assert backoff_delay(1, POLICY, 86400.0, random.Random(1)) == POLICY.cap
+    assert backoff_delay(1, BackoffPolicy(cap=5.0), 6.0, random.Random(1)) == 5.0
+    assert hint_exceeds_cap(86400.0, POLICY) and not hint_exceeds_cap(60.0, POLICY)
+    assert not hint_exceeds_cap(None, POLICY) and not hint_exceeds_cap(float("nan"), POLICY)
 
 
 def test_small_hint_stays_small():
@@ -200,7 +212,7 @@ def test_small_hint_stays_small():
     assert max(_delays(50, 0.084)) <= 0.084 + POLICY.cap / 4
 
 
-@pytest.mark.parametrize("hint", [0.001, 0.084, 4.0, 360.0])
+@pytest.mark.parametrize("hint", [0.001, 0.084, 4.0, 30.0])  # below the cap (a hint at the cap waits the cap)
 def test_jitter_has_positive_width_even_for_tiny_hints(hint):
     tight = BackoffPolicy(base=0.0)  # no attempt-based spread at all: only the floor remains
     a = backoff_delay(1, tight, hint, random.Random(1))
@@ -233,3 +245,100 @@ def test_unusable_hint_falls_back_to_full_jitter(hint):
 def test_attempt_counts_from_one():
     with pytest.raises(ValueError):
         backoff_delay(0, POLICY, None, random.Random(0))
+
+
+# --- giving up on a server that does not answer -----------------------------------------------
+
+
+def test_gave_up_counts_from_the_outage_or_the_last_resume_whichever_is_later():
+    assert not gave_up(100_000, 0, 0, 5)  # the server is up
+    assert not gave_up(104_999, 100_000, 0, 5)
+    assert gave_up(105_000, 100_000, 0, 5)
+    assert not gave_up(105_000, 100_000, 103_000, 5)  # resumed at 103 s: a full period again
+    assert gave_up(108_000, 100_000, 103_000, 5)
+
+
+# --- properties: every input gives a bounded wait, never an exception -------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+_GO = st.from_regex(r"\A(?:\d{1,7}(?:\.\d{1,4})?(?:h|m|s|ms|us|µs|ns)){1,4}\Z")
+_NUMBERS = st.one_of(st.integers(-10**30, 10**30).map(str), st.floats(allow_nan=True).map(repr),
+                     st.from_regex(r"\A\s*[+-]?\d{1,400}(?:\.\d{0,5})?\s*\Z"))
+_DATES = st.one_of(st.integers(0, 253402300799).map(lambda t: formatdate(t, usegmt=True)),
+                   st.from_regex(r"\A\w{3}, \d{1,2} \w{3} \d{1,5} \d{1,2}:\d{1,2}:\d{1,2} [A-Z+-]{1,5}\d{0,4}\Z"))
+_VALUES = st.one_of(_GO, _NUMBERS, _DATES, st.text(max_size=60), st.just("-1"), st.just("0"))
+_HEADER_NAMES = st.one_of(st.sampled_from(["retry-after", "Retry-After", "retry-after-ms", "RETRY-AFTER-MS",
+                                           "x-ratelimit-reset-tokens", "X-RateLimit-Reset-Requests",
+                                           "x-ratelimit-remaining-tokens"]), st.text(max_size=20))
+_HEADERS = st.one_of(st.none(), st.dictionaries(_HEADER_NAMES, _VALUES, max_size=6))
+_UNITS = st.sampled_from(["ms", "millisecond", "milliseconds", "second", "seconds", "sec", "secs", "minute",
+                          "minutes", "min", "mins"])
+_MESSAGES = st.one_of(
+    st.none(), st.text(max_size=200),
+    _GO.map(lambda d: f"Rate limit reached ... on tokens per min (TPM). Please try again in {d}. Visit ..."),
+    st.tuples(st.from_regex(r"\A\d{1,400}(?:\.\d{1,5})?\Z"), _UNITS).map(
+        lambda p: f"Please retry after {p[0]} {p[1]}."),
+    st.tuples(st.text(max_size=50), _GO, st.text(max_size=50)).map(lambda p: f"{p[0]}try again in {p[1]}{p[2]}"),
+)
+_POLICIES = st.builds(BackoffPolicy, base=st.floats(0, 1e6), factor=st.floats(1, 1e3),
+                      cap=st.floats(1e-3, 1e7), max_attempts=st.integers(1, 1000))
+_ATTEMPTS = st.integers(1, 10**9)
+_NOW = st.floats(0, 4e9)
+_HINTS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
+
+
+@settings(max_examples=300, deadline=None)  # a loaded CI machine is slow, not wrong
+@given(headers=_HEADERS, message=_MESSAGES, now=_NOW, kind=st.sampled_from([None, "tokens", "requests"]))
+def test_any_headers_and_message_give_no_hint_or_a_positive_finite_one(headers, message, now, kind):
+    hint = wait_hint(headers, message, now=now, limit_kind=kind)
+    assert hint is None or (0 < hint < float("inf"))
+
+
+@settings(deadline=None)
+@given(text=st.one_of(_VALUES, st.text()), now=_NOW)
+def test_parsers_never_raise(text, now):
+    d = parse_duration(text)
+    assert d is None or 0 <= d < float("inf")
+    r = parse_retry_after(text, now)
+    assert r is None or 0 <= r < float("inf")
+
+
+@settings(max_examples=300, deadline=None)  # a loaded CI machine is slow, not wrong
+@given(headers=_HEADERS, message=_MESSAGES, now=_NOW, attempt=_ATTEMPTS, policy=_POLICIES,
+       seed=st.integers(0, 2**32))
+def test_the_wait_for_any_answer_is_within_zero_and_the_cap(headers, message, now, attempt, policy, seed):
+    hint = wait_hint(headers, message, now=now, limit_kind="tokens")
+    delay = backoff_delay(attempt, policy, hint, random.Random(seed))
+    assert 0 <= delay <= policy.cap
+    if hint is not None:
+        assert delay >= min(hint, policy.cap)  # the hint is honoured, up to the cap
+
+
+@settings(max_examples=300, deadline=None)  # a loaded CI machine is slow, not wrong
+@given(hint=_HINTS, attempt=_ATTEMPTS, policy=_POLICIES, seed=st.integers(0, 2**32))
+def test_jitter_stays_within_its_documented_bounds(hint, attempt, policy, seed):
+    delay = backoff_delay(attempt, policy, hint, random.Random(seed))
+    ceiling = policy.ceiling(attempt)
+    assert 0 <= delay <= policy.cap
+    if hint is None or not (0 < hint < float("inf")):  # no usable hint: full jitter
+        assert delay <= ceiling
+        return
+    h = min(hint, policy.cap)
+    spread = min(max(JITTER_FLOOR, 0.1 * h, ceiling / 4), policy.cap - h)
+    assert h <= delay <= h + spread * (1 + 1e-9) + 1e-12
+
+
+@settings(deadline=None)
+@given(now=st.floats(0, 1e13), down=st.floats(0, 1e13), resumed=st.floats(0, 1e13),
+       give_up=st.floats(0, 86400), later=st.floats(0, 1e7))
+def test_giving_up_only_after_the_full_period_and_then_for_good(now, down, resumed, give_up, later):
+    if gave_up(now, down, resumed, give_up):
+        assert down > 0 and give_up > 0 and now - max(down, resumed) >= give_up * 1000
+        assert gave_up(now + later, down, resumed, give_up)  # time only makes it truer
+    assert not gave_up(now, 0, resumed, give_up)
+
+
+def test_a_wait_too_long_for_a_float_is_no_hint():
+    assert wait_hint({}, "Please retry after " + "9" * 400 + " seconds.", now=NOW) is None
+    assert wait_hint({"retry-after-ms": "9" * 400}, None, now=NOW) is None

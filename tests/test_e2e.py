@@ -254,7 +254,9 @@ def test_no_retry_is_sent_before_the_servers_hint_has_passed(store: BatchStore, 
                         log_requests=True, retry_after_header=True)
     with MockServerThread(config) as srv:
         limits = Limits.parse(rpm=["1200"])  # the client knows the limit; the server still throws 429s
-        rep = submit_file(store, str(jobs), options=BatchOptions(burst_seconds=1, limits=limits, **FAST_RETRIES))
+        # A hint is honoured up to the cap (a 429 asking for longer pauses): the cap exceeds the mock's hints.
+        options = BatchOptions(burst_seconds=1, limits=limits, **{**FAST_RETRIES, "backoff_cap": 5.0})
+        rep = submit_file(store, str(jobs), options=options)
         run_thread_worker(store.redis, settings_for(srv, concurrency=40))
         log = srv.stats()["log"]
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"

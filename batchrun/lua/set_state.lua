@@ -18,6 +18,11 @@ if #ARGV > 3 then
   if not allowed then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3])
+if ARGV[2] == 'running' and cur ~= 'running' then
+  -- a resumed batch gives an unreachable server a full --give-up-after again
+  local t = redis.call('TIME')
+  redis.call('HSET', KEYS[1], 'running_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+end
 if ARGV[2] == 'running' or ARGV[2] == 'paused' then
   redis.call('SADD', KEYS[2], ARGV[1])
 elseif ARGV[2] == 'finished' or ARGV[2] == 'cancelled' then

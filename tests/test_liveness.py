@@ -1,0 +1,348 @@
+"""Every wait is bounded, nothing runs for ever: long server hints, a server that is down, Ctrl-C, a
+base URL without /v1. Against the hostile server (tests/hostile.py) and through the real command."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import ssl
+import subprocess
+import time
+from email.utils import formatdate
+
+import openai
+import pytest
+import redis
+
+from batchrun.settings import BatchOptions, WorkerSettings
+from batchrun.shard import outage_cause, v1_suggestion
+from batchrun.submit import submit_file
+from tests.helpers import batchrun_cmd, cli_env, read_lines, run_thread_worker, write_jobs
+from tests.hostile import HostileServer, Reply, closed_port, error_body, ok
+
+TPD = ("Rate limit reached for gpt-4o-mini in organization org-x on tokens per day (TPD): Limit 2000000, "
+       "Used 2000000, Requested 20.")
+TPM = ("Rate limit reached for gpt-4o-mini in organization org-x on tokens per min (TPM): Limit 1000, "
+       "Used 1000, Requested 20.")
+
+
+def _far_future() -> str:
+    return formatdate(time.time() + 10 * 365 * 86400, usegmt=True)
+
+
+def _settings(url: str, **kw) -> WorkerSettings:
+    return WorkerSettings(base_url=url, api_key="sk-test", concurrency=kw.pop("concurrency", 10), **kw)
+
+
+# --- a server's wait hint is honoured up to the cap, no further ----------------------------------
+
+
+@pytest.mark.parametrize("headers, asked", [
+    ({"retry-after": "86400"}, "24 h 0 min"),
+    ({"retry-after-ms": "86400000"}, "24 h 0 min"),
+    ({"retry-after": "far future"}, " h "),
+])
+def test_a_day_long_hint_on_a_server_error_retries_within_the_cap_and_says_so(store, tmp_path, caplog, headers,
+                                                                             asked):
+    if headers.get("retry-after") == "far future":
+        headers = {"retry-after": _far_future()}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 1)
+    with HostileServer([Reply(503, headers, error_body("overloaded", "server_error")), ok()]) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(backoff_base=0.05, backoff_cap=1.0))
+        with caplog.at_level(logging.INFO, logger="batchrun.worker"):
+            run_thread_worker(store.redis, _settings(srv.base_url), timeout=30)
+        seen = list(srv.requests)
+    assert store.meta(rep.batch_id)["state"] == "finished"
+    assert store.counts(rep.batch_id)["done"] == 1
+    assert len(seen) == 2 and seen[1].at - seen[0].at < 3.0  # the 1 s cap (and a little scheduling), not a day
+    capped = [r.getMessage() for r in caplog.records if "capped at --backoff-cap" in r.getMessage()]
+    assert capped and "the server asked for" in capped[0] and asked in capped[0], capped
+
+
+@pytest.mark.parametrize("headers, message, asked", [
+    ({}, TPD + " Please try again in 7h12m0s.", "7 h 12 min"),
+    ({"retry-after": "86400"}, TPM, "24 h 0 min"),
+    ({"retry-after": "far future"}, TPM, " h "),
+    ({"x-ratelimit-reset-tokens": "24h0m0s", "x-ratelimit-remaining-tokens": "0"}, TPD, "24 h 0 min"),
+])
+def test_a_429_asking_for_longer_than_the_cap_pauses_the_batch_and_fails_no_job(store, tmp_path, headers, message,
+                                                                                asked):
+    if headers.get("retry-after") == "far future":
+        headers = {"retry-after": _far_future()}
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20)
+    body = error_body(message, "tokens", "rate_limit_exceeded")
+    with HostileServer(lambda seen: Reply(429, headers, body)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(backoff_cap=2.0))
+        started = time.monotonic()
+        run_thread_worker(store.redis, _settings(srv.base_url, concurrency=5), timeout=60)  # burst: it ends
+        took = time.monotonic() - started
+        sent = len(srv.requests)
+    meta = store.meta(rep.batch_id)
+    assert meta["state"] == "paused", meta.get("reason")
+    reason = meta["reason"]
+    assert "the server asks to wait" in reason and asked in reason
+    assert "longer than the --backoff-cap of 2 s" in reason and "no job failed" in reason
+    assert "Please try again" in reason or "Rate limit reached" in reason  # what the server said
+    assert f"batchrun resume {rep.batch_id}" in reason
+    assert store.counts(rep.batch_id)["failed"] == 0
+    assert not store.redis.hgetall(f"batchrun:batch:{rep.batch_id}:attempts"), "a pause burns no attempt"
+    assert sent <= 20 and took < 30
+    # The fleet holds off for the cap at most, not for the day the server asked for.
+    assert all(c["seconds_left"] <= 2.0 for c in store.fleet_conditions()["cooldowns"])
+
+
+# --- a server that does not come back pauses the batch -------------------------------------------
+
+
+@pytest.mark.parametrize("server", ["closed port", "always 500"])
+def test_a_server_that_is_down_pauses_the_batch_after_the_give_up_time(store, tmp_path, server):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20)
+    with HostileServer(lambda seen: Reply(500, {}, error_body("boom", "server_error"))) as srv:
+        url = srv.base_url if server == "always 500" else f"http://127.0.0.1:{closed_port()}/v1"
+        rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=2.0))
+        started = time.monotonic()
+        run_thread_worker(store.redis, _settings(url), timeout=60)  # a burst worker that ends by itself
+        took = time.monotonic() - started
+    meta = store.meta(rep.batch_id)
+    assert meta["state"] == "paused"
+    reason = meta["reason"]
+    assert url in reason and "--give-up-after 2 s" in reason and f"batchrun resume {rep.batch_id}" in reason
+    assert ("connection refused" if server == "closed port" else "HTTP 500") in reason
+    assert store.counts(rep.batch_id)["failed"] == 0
+    assert 2.0 <= took < 15
+
+
+def test_a_resumed_batch_gets_a_full_give_up_period_again(store, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    url = f"http://127.0.0.1:{closed_port()}/v1"
+    rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=2.0))
+    run_thread_worker(store.redis, _settings(url), timeout=60)
+    assert store.meta(rep.batch_id)["state"] == "paused"
+    store.resume(rep.batch_id)  # the endpoint is still down since the first run
+    started = time.monotonic()
+    run_thread_worker(store.redis, _settings(url), timeout=60)
+    assert store.meta(rep.batch_id)["state"] == "paused"
+    assert time.monotonic() - started >= 2.0, "a resumed batch paused at once, without trying for its period"
+
+
+def _jobs_and_env(tmp_path, base_url: str, n: int = 20, **extra: str):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n)
+    env = cli_env(OPENAI_BASE_URL=base_url, OPENAI_API_KEY="sk-test", **extra)
+    env.pop("BATCHRUN_REDIS_URL", None)
+    return jobs, env
+
+
+def test_run_against_a_closed_port_pauses_says_why_and_exits_non_zero(tmp_path):
+    port = closed_port()
+    jobs, env = _jobs_and_env(tmp_path, f"http://127.0.0.1:{port}/v1")
+    started = time.monotonic()
+    proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--give-up-after", "3",
+                                       "--concurrency", "10"), env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - started
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr
+    assert f"127.0.0.1:{port}" in err and "connection refused" in err and "has not answered for" in err
+    assert "to finish the batch: batchrun resume" in err
+    assert "Traceback" not in err
+    assert took < 60
+    circuit_lines = [line for line in err.splitlines() if "circuit open" in line and "WARNING" in line]
+    assert all("(connection refused)" in line for line in circuit_lines)
+    assert len(circuit_lines) <= took / 5 + 2, "one circuit line per period, not a flood"
+    assert not read_lines(tmp_path / "out.errors.jsonl"), "no job failed"
+
+
+@pytest.mark.redis
+def test_worker_burst_exits_when_the_server_only_answers_500(real_redis_url, tmp_path):
+    with HostileServer(lambda seen: Reply(500, {}, error_body("boom", "server_error"))) as srv:
+        jobs, env = _jobs_and_env(tmp_path, srv.base_url, BATCHRUN_REDIS_URL=real_redis_url)
+        env["BATCHRUN_REDIS_URL"] = real_redis_url
+        sub = subprocess.run(batchrun_cmd("submit", str(jobs), "--give-up-after", "3"), env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert sub.returncode == 0, sub.stderr
+        batch_id = sub.stdout.split()[-1]
+        started = time.monotonic()
+        worker = subprocess.run(batchrun_cmd("worker", "--burst", "--concurrency", "10"), env=env,
+                                capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+    assert worker.returncode == 0, worker.stderr
+    assert took < 60
+    conn = redis.Redis.from_url(real_redis_url)
+    meta = {k.decode(): v.decode() for k, v in conn.hgetall(f"batchrun:batch:{batch_id}").items()}
+    assert meta["state"] == "paused" and "HTTP 500" in meta["reason"] and srv.base_url in meta["reason"]
+    assert meta["failed"] == "0"
+    assert "paused" in worker.stderr and "HTTP 500" in worker.stderr
+
+
+# --- Ctrl-C waits only for requests on the wire ------------------------------------------------
+
+
+def test_ctrl_c_while_the_circuit_is_open_does_not_wait_the_grace(spawn, tmp_path):
+    jobs, env = _jobs_and_env(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    errors = open(tmp_path / "stderr.txt", "w+")
+    run = spawn(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--grace", "30",
+                             "--concurrency", "10"), env=env, stdout=subprocess.DEVNULL, stderr=errors)
+    time.sleep(4)  # the first requests fail at once and open the circuit; the jobs wait for it
+    assert run.poll() is None
+    stopped_at = time.monotonic()
+    os.killpg(run.pid, signal.SIGINT)
+    assert run.wait(timeout=60) == 130
+    assert time.monotonic() - stopped_at < 10, "Ctrl-C waited the grace for requests that were not sent"
+    errors.seek(0)
+    assert "to finish the batch: batchrun resume" in errors.read()
+
+
+# --- a base URL without /v1 ---------------------------------------------------------------------
+
+
+def test_404s_from_a_base_url_without_v1_say_did_you_mean_v1_once(tmp_path):
+    with HostileServer(lambda seen: Reply(404, {"content-type": "text/plain"}, "404: Not Found")) as srv:
+        base = f"http://127.0.0.1:{srv.port}"
+        jobs, env = _jobs_and_env(tmp_path, base, n=8)
+        proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl")), env=env,
+                              capture_output=True, text=True, timeout=120)
+    sentence = f"did you mean OPENAI_BASE_URL={base}/v1?"
+    assert proc.stderr.count(sentence) == 1, proc.stderr
+    assert f"the base URL {base} has no /v1" in proc.stderr
+    errors = read_lines(tmp_path / "out.errors.jsonl")
+    assert len(errors) == 8 and all(sentence in e["error"]["message"] for e in errors)
+
+
+def test_v1_suggestion():
+    assert v1_suggestion("http://127.0.0.1:8000") == \
+        "the base URL http://127.0.0.1:8000 has no /v1: did you mean OPENAI_BASE_URL=http://127.0.0.1:8000/v1?"
+    assert v1_suggestion("http://127.0.0.1:8000/") is not None
+    assert v1_suggestion("https://api.openai.com/v1") is None
+    assert v1_suggestion("https://api.openai.com/v1/") is None
+    assert v1_suggestion("https://x.openai.azure.com/openai/v1") is None
+    assert v1_suggestion("https://x.openai.azure.com/openai/deployments/gpt4o/") is None
+    masked = v1_suggestion("https://user:secret@gateway.example/openai")
+    assert "secret" not in masked and "gateway.example/openai/v1?" in masked
+
+
+# --- what the failure is, in a few words -------------------------------------------------------
+
+
+def _chained(*excs: BaseException) -> BaseException:
+    for outer, inner in zip(excs, excs[1:]):
+        outer.__cause__ = inner
+    return excs[0]
+
+
+def test_outage_cause_names_the_failure():
+    import aiohttp
+
+    assert outage_cause("server_error", 503, None) == "HTTP 503"
+    assert outage_cause("connection", None, _chained(RuntimeError("x"), ConnectionRefusedError(111, "no"))) \
+        == "connection refused"
+    assert outage_cause("connection", None, _chained(RuntimeError("x"), socket.gaierror(-2, "Name unknown"))) \
+        == "DNS lookup failed"
+    key = aiohttp.client_reqrep.ConnectionKey("h", 443, True, True, None, None, None)
+    dns = aiohttp.ClientConnectorDNSError(key, OSError(-2, "Name or service not known"))
+    assert outage_cause("connection", None, _chained(RuntimeError("x"), dns)) == "DNS lookup failed"
+    refused = aiohttp.ClientConnectorError(key, ConnectionRefusedError(111, "Connect call failed"))
+    assert outage_cause("connection", None, _chained(RuntimeError("x"), refused)) == "connection refused"
+    assert outage_cause("connection", None, _chained(RuntimeError("x"), ssl.SSLError(1, "wrong version"))) \
+        == "TLS failed"
+    assert outage_cause("timeout", None, openai.APITimeoutError(request=None)) == "timed out"
+    assert outage_cause("stream_broken", None, None) == "streams broke off"
+    loop = RuntimeError("loop")
+    loop.__cause__ = loop  # a cycle in the chain ends the walk
+    assert outage_cause("connection", None, loop) == "connection failed"
+
+
+def test_a_tls_failure_is_named_in_the_pause(store, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    with HostileServer([ok()]) as srv:  # plain HTTP: an https:// client's handshake fails
+        url = f"https://127.0.0.1:{srv.port}/v1"
+        rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=1.0))
+        run_thread_worker(store.redis, _settings(url), timeout=60)
+    reason = store.meta(rep.batch_id)["reason"]
+    assert "TLS failed" in reason and url in reason
+
+
+def test_a_cancel_stops_jobs_waiting_for_the_budget_before_they_are_sent(store, tmp_path):
+    import threading
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20)
+    body = error_body(TPM + " Please try again in 20s.", "tokens", "rate_limit_exceeded")
+    with HostileServer(lambda seen: Reply(429, {}, body)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions())
+        worker = threading.Thread(target=run_thread_worker, args=(store.redis, _settings(srv.base_url, concurrency=5)),
+                                  kwargs={"timeout": 60})
+        worker.start()
+        deadline = time.monotonic() + 10
+        while not store.fleet_conditions()["cooldowns"]:  # the fleet now waits 20 s on the budget
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        time.sleep(1.0)  # new jobs have taken every slot, waiting for the cooldown
+        store.set_state(rep.batch_id, "cancelled", "cancelled by the user")
+        cancelled_at = time.time()
+        worker.join(30)
+        assert not worker.is_alive()
+        late = [r for r in srv.requests if r.at > cancelled_at + 0.5]
+    assert not late, f"{len(late)} request(s) sent after the batch was cancelled"
+    assert time.time() - cancelled_at < 10, "the runner waited out the cooldown"
+
+
+def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_the_give_up(store):
+    import asyncio
+
+    from batchrun.limiter import SharedLimiter
+    from batchrun.settings import CircuitPolicy
+
+    settings = WorkerSettings(base_url="http://user:s3cret@127.0.0.1:9/v1", api_key="sk-test",
+                              circuit=CircuitPolicy(min_outcomes=3, first_cooling_ms=5_000))
+    limiter = SharedLimiter(store, settings, BatchOptions(give_up_seconds=2.0))
+
+    async def record(*outcomes):
+        return [await limiter.record(failed) for failed in outcomes]
+
+    [first] = asyncio.run(record(True))
+    assert first.down_since_ms and not first.open
+    assert asyncio.run(record(False))[0].down_since_ms == 0  # an answer: the endpoint is up
+    states = asyncio.run(record(True, True, True))
+    down = states[0].down_since_ms
+    assert down and all(s.down_since_ms == down for s in states)  # counted from the first failure
+    assert states[-1].open and states[-1].open_until_ms <= down + 2_000  # not the 5 s cooling
+    stored = store.redis.hget(limiter.circuit_key, "url")
+    assert b"s3cret" not in stored and b"127.0.0.1:9/v1" in stored  # no credentials in Redis
+
+
+def test_the_give_up_sentence_names_the_url_without_credentials(store):
+    from batchrun.limiter import CircuitState
+    from batchrun.shard import ShardRunner
+
+    runner = ShardRunner(store, "b-1", 0, WorkerSettings(base_url="http://user:s3cret@10.0.0.1:8000/v1"))
+    runner.give_up_seconds, runner.running_since_ms = 5.0, 0.0
+    runner._outage = ("connection refused", 1_000, 7_000)
+    message = runner._gave_up_message(CircuitState("open", 0, 7_000, 1_000))
+    assert "s3cret" not in message
+    assert message.startswith("the API at http://user:***@10.0.0.1:8000/v1 has not answered for 6 s "
+                              "(connection refused), past --give-up-after 5 s")
+    runner._outage = ("HTTP 502", 1_000, 7_000)
+    assert "has answered only with server errors (HTTP 502) for 6 s" in \
+        runner._gave_up_message(CircuitState("open", 0, 7_000, 1_000))
+
+
+@pytest.mark.redis
+def test_sigterm_to_a_worker_whose_jobs_wait_for_the_circuit_stops_at_once(spawn, real_redis_url, tmp_path):
+    jobs, env = _jobs_and_env(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    env["BATCHRUN_REDIS_URL"] = real_redis_url
+    sub = subprocess.run(batchrun_cmd("submit", str(jobs)), env=env, capture_output=True, text=True, timeout=60)
+    assert sub.returncode == 0, sub.stderr
+    batch_id = sub.stdout.split()[-1]
+    worker = spawn(batchrun_cmd("-q", "worker", "--concurrency", "10", "--grace", "30"), env=env,
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    conn = redis.Redis.from_url(real_redis_url)
+    deadline = time.monotonic() + 30
+    while not any(conn.hget(k, "state") == b"open" for k in conn.scan_iter("batchrun:circuit:*")):
+        assert time.monotonic() < deadline, "the circuit never opened"
+        time.sleep(0.1)
+    time.sleep(1.0)
+    stopped_at = time.monotonic()
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    assert time.monotonic() - stopped_at < 10, "SIGTERM waited the grace for requests that were not sent"
+    assert conn.zcard(f"batchrun:batch:{batch_id}:leases") == 0, "every job went back to the queue"
