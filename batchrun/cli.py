@@ -57,7 +57,8 @@ class Number(click.FloatRange):
 
 
 redis_option = click.option("--redis-url", envvar=ENV_URL, default=None, callback=_check_redis_url,
-                            help=f"Redis that keeps the batches (env {ENV_URL}); `run` without one uses an in-process Redis.")
+                            help=f"Redis that keeps the batches (env {ENV_URL}); `run` without one uses an "
+                                 "in-process Redis.")
 
 
 def batch_options(f):
@@ -116,6 +117,10 @@ _STORED = (("--max-attempts", "max_attempts"), ("--backoff-base", "backoff_base"
            ("--max-cost", "max_cost"))
 
 
+def _show_limits(by_model: dict[str, int]) -> str:
+    return " ".join(f"{m}={v}" if m != "*" else str(v) for m, v in sorted(by_model.items())) or "none"
+
+
 def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: BatchOptions, *,
                             cap_applies: bool) -> None:
     """A batch keeps the options it was submitted with: a new submit that gives other values
@@ -129,15 +134,15 @@ def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: Ba
     stored = store.options(batch_id)
     changed = []
     for option, name in _STORED:
-        if name in given and not (name == "max_cost" and cap_applies) and getattr(options, name) != getattr(stored, name):
+        if name not in given or (name == "max_cost" and cap_applies):
+            continue
+        if getattr(options, name) != getattr(stored, name):
             changed.append(f"{option} {getattr(options, name):g} (it has {getattr(stored, name):g})")
     for kind in ("rpm", "tpm"):
         mine = {m: e[kind] for m, e in options.limits.by_model.items() if kind in e}
         theirs = {m: e[kind] for m, e in stored.limits.by_model.items() if e.get(kind)}
         if kind in given and mine != theirs:
-            def show(d):
-                return " ".join(f"{m}={v}" if m != "*" else str(v) for m, v in sorted(d.items())) or "none"
-            changed.append(f"--{kind} {show(mine)} (it has {show(theirs)})")
+            changed.append(f"--{kind} {_show_limits(mine)} (it has {_show_limits(theirs)})")
     if changed:
         cap = f"; change its spending cap with: batchrun resume {batch_id} --max-cost USD" \
             if any(c.startswith("--max-cost") for c in changed) else ""

@@ -185,7 +185,8 @@ def describe(status: dict) -> list[str]:
     if status["state"] not in ("finished", "cancelled"):
         eta = eta_phrase(status)
         lines.append(f"  last {lm['seconds']:.0f} s: {lm['requests']} requests, {lm['rate_limited']} rate limited "
-                     f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s" + (f"; {eta}" if eta else ""))
+                     f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s"
+                     + (f"; {eta}" if eta else ""))
     for m in status["models"]:
         if m["requests_per_minute"] is None:
             lines.append(f"  {m['model']}: {m['requests']:,} requests, {m['tokens']:,} tokens in the first "

@@ -99,6 +99,15 @@ def test_tiny_sums_of_money_keep_a_digit_that_is_not_zero():
     assert format_usd(0) == "$0.0000" and format_usd(0.0421) == "$0.0421" and format_usd(12.5) == "$12.50"
 
 
+def test_the_pause_at_the_cap_shows_a_tiny_worst_case_with_a_digit_that_is_not_zero(store, make_batch):
+    make_batch(store, "b", 3, max_cost=0.00002)
+    cids = [j.custom_id for j in store.lease("b", 0, 3, 30_000, "tok").jobs]
+    reason, ok = store.reserve_cost("b", "tok|0", [(cids[0], 0.0000123), (cids[1], 0.0000123)])
+    assert ok == [True, False]
+    assert f"the next job ({cids[1]}, up to $0.000012) would take the batch past its --max-cost of $0.000020 " \
+           "($0.0000 spent, $0.000012 set aside" in reason
+
+
 def test_status_shows_the_limits_of_the_budgets_the_batch_draws_from(store, make_batch):
     # Another key's budget for the same model has a higher limit: it is not this batch's.
     mine, other = "batchrun:budget:aaaa:fp1:gpt-4o-mini", "batchrun:budget:bbbb:fp2:gpt-4o-mini"

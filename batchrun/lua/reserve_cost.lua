@@ -20,7 +20,9 @@ local refused = f[5] ~= 'running'
 local out = {''}
 -- Dollars with enough digits that a tiny sum does not read as $0.0000.
 local function usd(x)
-  if x > 0 and x < 0.0001 then return string.format('$%.' .. (1 - math.floor(math.log10(x))) .. 'f', x) end
+  if x > 0 and x < 0.0001 then  -- (math.log10 is gone after Lua 5.1, which fakeredis may not be)
+    return string.format('$%.' .. (1 - math.floor(math.log(x) / math.log(10))) .. 'f', x)
+  end
   return string.format('$%.4f', x)
 end
 local added = 0
