@@ -27,8 +27,8 @@ NOISY = ("httpx2", "httpx", "openai", "rq", "rq.worker", "rq.job", "rq.queue", "
 def setup_logging(verbosity: int) -> None:
     """-q: warnings and errors only; -v: batchrun's own detail; -vv: every library's too."""
     level = logging.DEBUG if verbosity > 1 else logging.WARNING if verbosity < 0 else logging.INFO
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S",
-                        force=True)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger().setLevel(level)  # also when logging was configured before (tests invoke main again)
     from batchrun import progress
 
     progress.QUIET = verbosity < 0

@@ -357,3 +357,29 @@ def test_cli_env_does_not_invent_a_tiktoken_cache(monkeypatch, tmp_path):
     assert "TIKTOKEN_CACHE_DIR" not in helpers.cli_env()
     os.makedirs(tmp_path / "fresh" / "shared" / "tiktoken_cache")
     assert helpers.cli_env()["TIKTOKEN_CACHE_DIR"] == str(tmp_path / "fresh" / "shared" / "tiktoken_cache")
+
+
+# --- any option string: a value or a sentence, never a traceback -------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+OPTION_VALUES = st.one_of(st.sampled_from(["0", "-0", "1e400", "-inf", "nan", "NaN", "1_000", "=5", "m=", "0x10",
+                                           "", " ", "5e-324", "9" * 30, "1.5", "gpt-4o-mini=nan"]),
+                          st.text(max_size=12))
+NUMERIC_OPTIONS = ["--tpm", "--rpm", "--max-attempts", "--backoff-base", "--backoff-cap", "--shard-size",
+                   "--burst-seconds", "--max-cost", "--keep-days"]
+
+
+@given(option=st.sampled_from(NUMERIC_OPTIONS), value=OPTION_VALUES)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_any_option_string_gives_a_value_or_a_sentence_never_a_traceback(option, value):
+    from click.testing import CliRunner
+
+    from batchrun.cli import main
+
+    # submit checks its options before it looks for a Redis: none is configured here, so an
+    # accepted value ends in "no Redis is configured", a refused one in a sentence naming it.
+    res = CliRunner().invoke(main, ["submit", str(EXAMPLE), option, value], env={"BATCHRUN_REDIS_URL": ""})
+    assert isinstance(res.exception, SystemExit) and res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    assert "no Redis is configured" in res.output or option in res.output, res.output

@@ -204,3 +204,21 @@ def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, 
     meta = store.meta("capped")
     assert meta["state"] == "running" and float(meta["max_cost"]) == 2.0
     assert store.reserve_cost("capped", "tok|0", [(cids[1], 0.3)])[1] == [True]
+
+
+def test_the_bar_rate_counts_only_jobs_that_ended_while_it_was_shown(store, make_batch):
+    # `run … --batch-id ID` continuing a batch: 10 jobs were done before the bar began
+    make_batch(store, "b", 20)
+    cids = [j.custom_id for j in store.lease("b", 0, 12, 30_000, "tok").jobs]
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.0) for cid in cids[:10]])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with Progress(store, "b", total=20, stream=Terminal()) as progress:
+        progress.update(force=True)
+        store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.0) for cid in cids[10:]])
+        progress.update(force=True)
+        shown = progress.bar.format_dict
+        assert shown["n"] == 12 and shown["initial"] == 10  # tqdm's rate is (n - initial) / elapsed
