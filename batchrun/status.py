@@ -30,7 +30,10 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     meta = store.meta(batch_id)
     if not meta:
         raise LookupError(f"no batch {batch_id!r} in this Redis")
-    options = BatchOptions.from_fields(meta)
+    try:
+        options = BatchOptions.from_fields(meta)
+    except (ValueError, TypeError, OverflowError, AttributeError):  # unreadable: its runner pauses it, saying why
+        options = BatchOptions()
     jobs = store.counts(batch_id)
     recent, span = store.recent_metrics(batch_id, WINDOW)
     now = store.server_time_ms() / 1000

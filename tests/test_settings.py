@@ -131,6 +131,9 @@ def test_a_runner_pauses_a_batch_whose_stored_options_cannot_work_instead_of_cra
     assert meta["state"] == "paused" and option in meta["reason"] and "batchrun purge b" in meta["reason"]
     assert store.redis.zscore(keys.PARKED, "b:0") is None  # nothing brings the shard back by itself
     assert [r.getMessage() for r in caplog.records].count(f"batch b paused: {meta['reason']}") == 1
+    from batchrun.status import batch_status
+
+    assert batch_status(store, "b")["reason"] == meta["reason"]  # status shows it, whatever was stored
     # a second runner (a resume) pauses it again without a second log line or a crash
     assert asyncio.run(ShardRunner(store, "b", 0, WorkerSettings(base_url="http://127.0.0.1:9/v1",
                                                                  api_key="sk-x")).run()) == {}
