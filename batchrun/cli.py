@@ -10,7 +10,7 @@ import sys
 import click
 
 from batchrun import __version__
-from batchrun.connections import ENV_URL, connect, describe, is_memory, resolve_url
+from batchrun.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
 from batchrun.jobfile import JobFileError
 from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
 from batchrun.status import format_usd
@@ -20,15 +20,46 @@ from batchrun.urls import mask_url
 log = logging.getLogger("batchrun")
 
 
+# Libraries whose INFO and DEBUG lines only -vv shows (RQ sets its own loggers' levels, so each is named).
+NOISY = ("httpx2", "httpx", "openai", "rq", "rq.worker", "rq.job", "rq.queue", "rq.scheduler", "rq.registry",
+         "asyncio", "aiohttp.access")
+
+
 def setup_logging(verbosity: int) -> None:
-    level = logging.DEBUG if verbosity > 0 else logging.WARNING if verbosity < 0 else logging.INFO
+    """-q: warnings and errors only; -v: batchrun's own detail; -vv: every library's too."""
+    level = logging.DEBUG if verbosity > 1 else logging.WARNING if verbosity < 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
-    for noisy in ("httpx2", "httpx", "openai", "rq.worker", "rq.queue", "rq.scheduler", "aiohttp.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger().setLevel(level)  # also when logging was configured before (tests invoke main again)
+    from batchrun import progress
+
+    progress.QUIET = verbosity < 0
+    logging.getLogger("batchrun").setLevel(logging.DEBUG if verbosity == 1 else logging.NOTSET)
+    for noisy in NOISY:
+        logging.getLogger(noisy).setLevel(logging.WARNING if verbosity < 2 else logging.NOTSET)
 
 
-redis_option = click.option("--redis-url", envvar=ENV_URL, default=None,
-                            help=f"Redis to share with other workers (env {ENV_URL}); none: an in-process Redis.")
+def _check_redis_url(ctx, param, value):
+    problem = check_url(value) if value else None
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+class Number(click.FloatRange):
+    """A FloatRange that also refuses NaN and the infinities (which pass its range checks)."""
+
+    def convert(self, value, param, ctx):
+        import math
+
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+redis_option = click.option("--redis-url", envvar=ENV_URL, default=None, callback=_check_redis_url,
+                            help=f"Redis that keeps the batches (env {ENV_URL}); `run` without one uses an "
+                                 "in-process Redis.")
 
 
 def batch_options(f):
@@ -38,26 +69,26 @@ def batch_options(f):
         click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="Tokens per minute (per model, or bare for all)."),
         click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
                      help="Attempts per job before it goes to the errors file."),
-        click.option("--backoff-base", type=click.FloatRange(0), default=1.0, show_default=True,
+        click.option("--backoff-base", type=Number(0), default=1.0, show_default=True,
                      help="First retry waits up to this many seconds (full jitter)."),
-        click.option("--backoff-cap", type=click.FloatRange(0), default=60.0, show_default=True,
+        click.option("--backoff-cap", type=Number(0, min_open=True), default=60.0, show_default=True,
                      help="Longest wait before a retry, in seconds; a server's longer wait hint is capped to "
                           "it (a 429 asking for longer pauses the batch)."),
-        click.option("--give-up-after", type=click.FloatRange(0, 86400, min_open=True), default=300.0,
+        click.option("--give-up-after", type=Number(0, 86400, min_open=True), default=300.0,
                      show_default=True, metavar="S",
                      help="Pause the batch when the server has not answered (or only with 5xx) for S seconds."),
         click.option("--shard-size", type=click.IntRange(0), default=0,
                      help="Jobs per shard (the unit RQ hands to a worker); default: a quarter of the "
                           "file, within 1,000 to 10,000."),
-        click.option("--burst-seconds", type=click.FloatRange(0), default=0.0, show_default=True,
+        click.option("--burst-seconds", type=Number(0), default=0.0, show_default=True,
                      help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
                           "headers show (one second's worth until they do)."),
-        click.option("--max-cost", type=click.FloatRange(0), default=0.0, metavar="USD",
+        click.option("--max-cost", type=Number(0), default=0.0, metavar="USD",
                      help="Hard spending cap: the batch pauses before a job could take it past this "
                           "(requests in flight counted at their worst case); 0: no cap."),
         click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None, envvar="BATCHRUN_PRICES",
                      help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
-        click.option("--keep-days", type=click.FloatRange(0, min_open=True), default=7.0, show_default=True,
+        click.option("--keep-days", type=Number(0, min_open=True), default=7.0, show_default=True,
                      help="Days a finished or cancelled batch's data stays in Redis."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
@@ -74,11 +105,55 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
     _check_finite("--max-cost", max_cost)
-    return BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
-                        shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                        give_up_seconds=give_up_after, limits=limits)
+    options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
+                           shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
+                           give_up_seconds=give_up_after, limits=limits)
+    problems = options.problems()
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    return options
+
+
+# What the user may have typed for a stored batch option: (option, BatchOptions field).
+_STORED = (("--max-attempts", "max_attempts"), ("--backoff-base", "backoff_base"), ("--backoff-cap", "backoff_cap"),
+           ("--shard-size", "shard_size"), ("--burst-seconds", "burst_seconds"), ("--keep-days", "keep_days"),
+           ("--give-up-after", "give_up_seconds"), ("--max-cost", "max_cost"))
+
+
+def _show_limits(by_model: dict[str, int]) -> str:
+    return " ".join(f"{m}={v}" if m != "*" else str(v) for m, v in sorted(by_model.items())) or "none"
+
+
+def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: BatchOptions, *,
+                            cap_applies: bool) -> None:
+    """A batch keeps the options it was submitted with: a new submit that gives other values
+    for them is refused (rather than ignored), naming each. Options left at their defaults
+    are not compared, so `run … --batch-id ID` (the printed resume command) still works.
+    ``cap_applies``: the command gives an existing batch the new --max-cost (run does)."""
+    if not batch_id or not store.exists(batch_id):
+        return
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    stored = store.options(batch_id)
+    changed = []
+    for option, name in _STORED:
+        if option[2:].replace("-", "_") not in given or (name == "max_cost" and cap_applies):
+            continue
+        if getattr(options, name) != getattr(stored, name):
+            changed.append(f"{option} {getattr(options, name):g} (it has {getattr(stored, name):g})")
+    for kind in ("rpm", "tpm"):
+        mine = {m: e[kind] for m, e in options.limits.by_model.items() if kind in e}
+        theirs = {m: e[kind] for m, e in stored.limits.by_model.items() if e.get(kind)}
+        if kind in given and mine != theirs:
+            changed.append(f"--{kind} {_show_limits(mine)} (it has {_show_limits(theirs)})")
+    if changed:
+        cap = f"; change its spending cap with: batchrun resume {batch_id} --max-cost USD" \
+            if any(c.startswith("--max-cost") for c in changed) else ""
+        raise click.UsageError(f"batch {batch_id} exists with other settings: {', '.join(changed)}; a batch keeps "
+                               f"the settings it was submitted with: leave these options out to add jobs to it, "
+                               f"or give a new --batch-id{cap}")
 
 
 def _check_finite(name: str, value: float | None) -> None:
@@ -88,8 +163,34 @@ def _check_finite(name: str, value: float | None) -> None:
         raise click.BadParameter(f"{name} must be a number of dollars, not {value}")
 
 
-def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
+def check_run(redis_url, processes, concurrency, grace, batch_id, options) -> None:
+    """`run`'s options that cannot work together, refused before anything is written."""
     url = resolve_url(redis_url)
+    if processes > 1 and is_memory(url):
+        raise click.UsageError(f"--processes {processes} needs a shared Redis (--redis-url or {ENV_URL}): without "
+                               f"one, `run` keeps its Redis inside its own process, with one in-process worker")
+    worker_settings(concurrency, grace)
+    if batch_id and not is_memory(url):
+        refuse_changed_settings(BatchStore(connect(url)), batch_id, options, cap_applies=True)
+
+
+def worker_settings(concurrency: int | None, grace: float) -> WorkerSettings:
+    """This process's worker settings; an impossible one (from the environment too) is a usage error."""
+    try:
+        return WorkerSettings.from_env(concurrency=concurrency, grace_seconds=grace)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
+    """The shared Redis of the commands that work on batches kept there; without a configured
+    one they would look into (or write to) an in-process Redis that ends with the command."""
+    url = resolve_url(redis_url)
+    if is_memory(url):
+        command = click.get_current_context().info_name
+        hint = "; for a one-machine run without Redis, use `batchrun run`" if command == "submit" else ""
+        raise click.UsageError(f"no Redis is configured: `batchrun {command}` works on the batches a shared Redis "
+                               f"keeps; pass --redis-url redis://HOST:6379/0 or set {ENV_URL}{hint}")
     return BatchStore(connect(url)), url
 
 
@@ -112,6 +213,9 @@ def load_config(path: str) -> dict:
         raise click.FileError(path, hint=exc.strerror) from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
+    problems = config_problems(path, data)
+    if problems:
+        raise click.BadParameter("; ".join(problems), param_hint="--config")
     shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     default_map = {}
     for name, command in main.commands.items():
@@ -122,8 +226,71 @@ def load_config(path: str) -> dict:
     return default_map
 
 
+def config_problems(path: str, data: dict) -> list[str]:
+    """Every mistake of a config file, each naming the file and the key: an unknown section or
+    key (with the close match, if any), or a value its option would refuse."""
+    import difflib
+
+    def unknown(what: str, key: str, known) -> str:
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        return f"{path}: unknown {what} {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+
+    def check(where: str, command: click.Command, key: str, value) -> str | None:
+        param = next((p for p in command.params if p.name == key.replace("-", "_") and p.name != "help"), None)
+        if param is None:
+            return None
+        try:
+            with click.Context(command) as ctx:
+                param.type_cast_value(ctx, value)
+        except click.BadParameter as exc:
+            return f"{path}, {where}{key} = {value!r}: {exc.message}"
+        return None
+
+    commands = main.commands
+    option_names = {p.name for c in commands.values() for p in c.params if isinstance(p, click.Option)}
+    out = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            if key not in commands:
+                out.append(unknown("section", f"[{key}]", [f"[{c}]" for c in commands]))
+                continue
+            mine = {p.name for p in commands[key].params if isinstance(p, click.Option)}
+            for sub, v in value.items():
+                if sub.replace("-", "_") not in mine:
+                    out.append(unknown(f"key in [{key}]", sub, mine))
+                else:
+                    out.append(check(f"[{key}] ", commands[key], sub, v))
+        elif key.replace("-", "_") not in option_names:
+            out.append(unknown("key", key, option_names))
+        else:
+            out += [check("", c, key, value) for c in commands.values()]
+    return list(dict.fromkeys(p for p in out if p))
+
+
+# -q, -v (also -vv, -qq) may come after the subcommand, as users type them: `batchrun run … -q`.
+_VERBOSITY_FLAGS = ("-q", "--quiet", "-v", "--verbose")
+
+
+def _lift_verbosity(args: list[str]) -> list[str]:
+    """args with every verbosity flag moved before the subcommand (none after a `--`)."""
+    lifted, rest = [], []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            rest += args[i:]
+            break
+        if arg in _VERBOSITY_FLAGS or (len(arg) > 1 and arg[0] == "-" and set(arg[1:]) <= {"q", "v"}
+                                       and arg[1] != "-"):
+            lifted.append(arg)
+        else:
+            rest.append(arg)
+    return lifted + rest
+
+
 class Group(click.Group):
     """Expected trouble becomes one sentence, not a stack trace."""
+
+    def parse_args(self, ctx, args):
+        return super().parse_args(ctx, _lift_verbosity(list(args)))
 
     def invoke(self, ctx):
         import redis
@@ -134,11 +301,18 @@ class Group(click.Group):
             return super().invoke(ctx)
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             fail(f"cannot reach Redis ({exc}); check --redis-url / {ENV_URL} and that the server runs")
+        except redis.ResponseError as exc:
+            if not db_out_of_range(exc):
+                raise
+            from batchrun import connections
+
+            fail(f"{describe(connections.last_url or '')} names a database this Redis server does not have (a Redis "
+                 f"has 16 by default, 0 to 15): give another one in --redis-url / {ENV_URL}", 2)
         except OutputFileError as exc:
             fail(str(exc))
 
 
-@click.group(cls=Group, context_settings={"auto_envvar_prefix": "BATCHRUN"})
+@click.group(cls=Group, context_settings={"auto_envvar_prefix": "BATCHRUN", "help_option_names": ["-h", "--help"]})
 @click.version_option(__version__)
 @click.option("-v", "--verbose", count=True, help="Show each retry and more.")
 @click.option("-q", "--quiet", count=True, help="Only warnings and errors.")
@@ -163,11 +337,10 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
 @batch_options
 def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, prices, **kw):
     """Load JOBS (JSONL) into Redis and queue its shards; prints the batch id last."""
-    store, url = open_store(redis_url)
-    if is_memory(url):
-        click.echo("note: no --redis-url/BATCHRUN_REDIS_URL: submitting to an in-process Redis that ends with "
-                   "this command; use `batchrun run` for a one-machine run", err=True)
-    report = _submit(store, jobs, batch_id, endpoint, skip_invalid, make_options(**kw), prices)
+    options = make_options(**kw)
+    store, url = open_store(redis_url)  # refuses the in-process Redis, which would end with this command
+    refuse_changed_settings(store, batch_id, options, cap_applies=False)
+    report = _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices)
     click.echo(f"{report.added} job(s) added to batch {report.batch_id} ({report.total} in all) on {describe(url)}")
     click.echo(report.batch_id)
 
@@ -193,7 +366,7 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True, help="Worker processes (supervised).")
 @click.option("--burst", is_flag=True, help="Exit once no batch this Redis holds has work left (retries included).")
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
-@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish (a second signal stops at once).")
 def worker(redis_url, concurrency, processes, burst, name, grace):
     """Run worker process(es) that send the queued batches' requests.
@@ -205,8 +378,8 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
     url = resolve_url(redis_url)
     if is_memory(url):
         fail(f"a worker needs a shared Redis: pass --redis-url or set {ENV_URL} "
-             "(or use `batchrun run`, which runs workers in process)")
-    settings = WorkerSettings.from_env(concurrency=concurrency, grace_seconds=grace)
+             "(or use `batchrun run`, which runs workers in process)", 2)
+    settings = worker_settings(concurrency, grace)
     if not settings.api_key:
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
              "(it is read from the environment only, never stored in Redis)")
@@ -222,7 +395,7 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
     w = make_worker(redis, burst=burst, name=name)
     log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), mask_url(settings.base_url),
              settings.concurrency, " (burst)" if burst else "")
-    w.work(burst=burst, logging_level=logging.getLevelName(logging.getLogger().level))
+    w.work(burst=burst, logging_level=logging.getLogger("rq.worker").getEffectiveLevel())  # as -v/-vv set it
 
 
 @main.command()
@@ -263,16 +436,17 @@ def collect(batch_id, output, errors, follow, redis_url):
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True,
               help="Local worker processes (with --redis-url; in-process Redis uses one in-process worker).")
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
-@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True,
+@click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
 def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
         prices, **kw):
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
     from batchrun.run import RunConfig, run_batch
 
-
+    options = make_options(**kw)
+    check_run(redis_url, processes, concurrency, grace, batch_id, options)
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
-                    endpoint=endpoint, skip_invalid=skip_invalid, options=make_options(**kw),
+                    endpoint=endpoint, skip_invalid=skip_invalid, options=options,
                     concurrency=concurrency, processes=processes, mock=mock, grace=grace, prices=prices)
     try:
         sys.exit(run_batch(cfg))
@@ -285,7 +459,7 @@ def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concu
 @redis_option
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (fields documented in the README).")
 @click.option("--watch", is_flag=True, help="Refresh every few seconds until the batch ends (Ctrl-C to stop watching).")
-@click.option("--every", type=click.FloatRange(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
+@click.option("--every", type=Number(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
 def status(batch_id, redis_url, as_json, watch, every):
     """Where BATCH_ID's jobs are, its pace against the limits, its ETA and its cost."""
     import time
@@ -341,8 +515,8 @@ def list_batches(redis_url, limit):
 @click.option("--retry-failed", is_flag=True, help="With a JOBS file: send again the jobs in the errors file too.")
 @click.option("--mock", is_flag=True, help="With a JOBS file: send to the built-in mock server.")
 @click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker.")
-@click.option("--grace", type=click.FloatRange(0), default=30.0, show_default=True, help="As for run.")
-@click.option("--max-cost", type=click.FloatRange(0), default=None, metavar="USD",
+@click.option("--grace", type=Number(0), default=30.0, show_default=True, help="As for run.")
+@click.option("--max-cost", type=Number(0), default=None, metavar="USD",
               help="New spending cap for the batch (a batch paused at its cap needs a higher one).")
 @click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML price file over the batch's price table (a batch paused for a missing price needs it).")
@@ -485,12 +659,21 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
-        raise click.BadParameter(str(exc)) from None
+        raise click.UsageError(str(exc)) from None
     try:
         prices = PriceTable.load(prices_path)
         report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices)
     except ValueError as exc:  # a bad price file or --endpoint: the message says which and why
         fail(str(exc))
+    if not report.jobs:
+        for err in report.errors[:20]:
+            click.echo(f"skipped: {err}", err=True)
+        fail(f"{jobs} has no job to estimate ({'no valid line' if report.invalid_lines else 'it is empty'})")
+    unused = sorted(limits.models() - {m.model for m in report.models})
+    if unused:  # as submit refuses it: a typo in a model's name
+        fail(f"{jobs}: no job uses {', '.join(map(repr, unused))}, so its limit would never apply; the file's "
+             f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
+             f"MODEL=N)", 2)
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return

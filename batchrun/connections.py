@@ -17,11 +17,43 @@ MEMORY_URL = "memory://"
 ENV_URL = "BATCHRUN_REDIS_URL"
 
 _fake_servers: dict[str, object] = {}
+last_url: str | None = None  # the URL of the last connection made, for messages about it
 _lock = threading.Lock()
 
 
 def resolve_url(url: str | None) -> str:
     return url or os.environ.get(ENV_URL) or MEMORY_URL
+
+
+SCHEMES = ("redis://", "rediss://", "unix://")
+
+
+def check_url(url: str) -> str | None:
+    """Pure: why ``url`` cannot be a Redis URL (one sentence, the URL masked), or None if it can.
+    Whether its database exists is for the server to say (see ``db_out_of_range``)."""
+    from urllib.parse import parse_qs, urlsplit
+
+    shown = mask_url(url)
+    if is_memory(url):
+        return None
+    if not url.startswith(SCHEMES):
+        hint = f"; did you mean redis://{url}" if "://" not in url else ""
+        return f"{shown!r} is not a Redis URL: it must start with redis://, rediss:// or unix://{hint}"
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        return f"{shown!r} is not a Redis URL: its port must be a number from 1 to 65535"
+    db = parts.path.lstrip("/") if not url.startswith("unix://") else ""
+    db = db or (parse_qs(parts.query).get("db") or [""])[0]
+    if db and not (db.isdigit() and int(db) < 2**31):
+        return f"{shown!r}: the database after the host must be a number (redis://HOST:6379/0), not {db!r}"
+    return None
+
+
+def db_out_of_range(exc: Exception) -> bool:
+    """The server's answer to a SELECT of a database it does not have."""
+    return "DB index is out of range" in str(exc)
 
 
 def is_memory(url: str) -> bool:
@@ -30,7 +62,8 @@ def is_memory(url: str) -> bool:
 
 def connect(url: str | None = None) -> redis.Redis:
     """A Redis client for ``url`` (``memory://NAME`` shares one fakeredis per NAME in this process)."""
-    url = resolve_url(url)
+    global last_url
+    url = last_url = resolve_url(url)
     if is_memory(url):
         import fakeredis
 

@@ -77,6 +77,11 @@ class ModelEstimate:
     tpm: int
     minutes: float | None  # shortest wall time at those limits; None without limits
     binding_limit: str | None  # "rpm" or "tpm": the limit that sets `minutes`
+    # Jobs that need more than the TPM limit at once: `run` fails them as request_too_large, so
+    # they are left out of `minutes`. The first TOO_LARGE_KEPT: (line, custom_id, tokens).
+    too_large_jobs: int = 0
+    too_large_tokens: int = 0  # what they would be charged, in all
+    too_large: tuple[tuple[int, str, int], ...] = ()
 
     @property
     def jobs(self) -> int:
@@ -186,6 +191,8 @@ def _model_dict(m: ModelEstimate) -> dict:
         "tpm": m.tpm or None,
         "minutes": m.minutes,
         "binding_limit": m.binding_limit,
+        "too_large_jobs": m.too_large_jobs,
+        "too_large": [{"line": line, "custom_id": cid, "tokens": tokens} for line, cid, tokens in m.too_large],
     }
 
 
@@ -224,7 +231,7 @@ def estimate_file(
                 if len(errors) < KEPT_ERRORS:
                     errors.append(item)
             else:
-                _add_job(item, totals, counter, typical_output)
+                _add_job(item, totals, counter, typical_output, limits)
         text_tokens = counter.finish()
     finally:
         if pool is not None:
@@ -247,14 +254,24 @@ class _ModelTotals:
     exact: bool = True
     max_output: int = 0
     typical_output: int = 0
+    tpm: int = 0  # the model's TPM limit, 0: none
+    too_large: int = 0  # jobs over it, and their figures (left out of the time)
+    too_large_tokens: int = 0
+    too_large_kept: list[tuple[int, str, int]] = field(default_factory=list)
 
 
-def _add_job(job: Job, totals: dict[str, _ModelTotals], counter: _TextCounter, typical: int | None) -> None:
+#: Jobs too large for the TPM limit listed in the report (all are counted).
+TOO_LARGE_KEPT = 20
+
+
+def _add_job(job: Job, totals: dict[str, _ModelTotals], counter: _TextCounter, typical: int | None,
+             limits: Limits | None = None) -> None:
     model = job.body["model"]  # jobfile guarantees a non-empty string
     t = totals.get(model)
     if t is None:
         enc = encoding_for(model)
-        t = totals[model] = _ModelTotals(enc.name if enc is not None else None)
+        t = totals[model] = _ModelTotals(enc.name if enc is not None else None,
+                                         tpm=limits.for_model(model)[1] if limits is not None else 0)
     t.jobs_by_url[job.url] += 1
     if t.encoding is None:
         # No tiktoken: the budget's own character fallback, job by job (it is cheap).
@@ -262,11 +279,24 @@ def _add_job(job: Job, totals: dict[str, _ModelTotals], counter: _TextCounter, t
         t.input_tokens += est.input_tokens
         t.exact = t.exact and est.exact
         max_output = est.output_tokens
+        charge = est.total
     else:
         prompt, max_output = _walk(job.url, job.body, DEFAULT_MAX_OUTPUT_TOKENS)
         t.input_tokens += prompt.token_ids + prompt.overhead
         if prompt.texts:
             counter.add(model, t.encoding, prompt.texts)
+        charge = None
+        if t.tpm:
+            # A text has at most as many tokens as UTF-8 bytes (4 per character at most): only a
+            # job that might not fit is counted on its own, exactly as the budget counts it.
+            bound = prompt.token_ids + prompt.overhead + max_output + 4 * sum(map(len, prompt.texts))
+            if bound > t.tpm:
+                charge = estimate_tokens(job.url, job.body).total
+    if t.tpm and charge is not None and charge > t.tpm:  # the budget refuses it at once (reserve.lua)
+        t.too_large += 1
+        t.too_large_tokens += charge
+        if len(t.too_large_kept) < TOO_LARGE_KEPT:
+            t.too_large_kept.append((job.line_no, job.custom_id, charge))
     t.max_output += max_output
     if typical is not None:
         # An answer cannot exceed the request's maximum, so the typical figure never tops it.
@@ -297,12 +327,15 @@ def _model_estimate(model: str, t: _ModelTotals, text_tokens: int, typical: int 
         high = worst_case_cost(price, input_tokens, t.max_output)
     rpm, tpm = limits.for_model(model)
     jobs = sum(t.jobs_by_url.values())
-    minutes, binding = shortest_minutes(jobs, input_tokens + t.max_output, rpm, tpm)
+    # The jobs that can never fit fail at once: they take no time.
+    minutes, binding = shortest_minutes(jobs - t.too_large, input_tokens + t.max_output - t.too_large_tokens,
+                                        rpm, tpm)
     return ModelEstimate(
         model=model, jobs_by_url=dict(sorted(t.jobs_by_url.items())), input_tokens=input_tokens,
         input_exact=t.exact, max_output_tokens=t.max_output,
         typical_output_tokens=t.typical_output if typical is not None else None,
         price=price, cost_low=low, cost_high=high, rpm=rpm, tpm=tpm, minutes=minutes, binding_limit=binding,
+        too_large_jobs=t.too_large, too_large_tokens=t.too_large_tokens, too_large=tuple(t.too_large_kept),
     )
 
 
@@ -496,7 +529,13 @@ def _model_lines(m: ModelEstimate, typical: int | None) -> list[str]:
         f"  output tokens   {output}",
         f"  cost            {_cost_range(m)}",
     ]
-    if m.minutes is not None:
+    if m.too_large_jobs:
+        shown = ", ".join(f"{cid} (line {line}, {tokens:,} tokens)" for line, cid, tokens in m.too_large[:3])
+        more = f" and {m.too_large_jobs - 3:,} more" if m.too_large_jobs > 3 else ""
+        lines.append(f"  can never fit   {m.too_large_jobs:,} job{_s(m.too_large_jobs)} need more than the "
+                     f"{m.tpm:,} TPM limit at once: {shown}{more}; `run` fails them (request_too_large), "
+                     f"and the time below leaves them out")
+    if m.minutes is not None and m.too_large_jobs < m.jobs:
         lines.append(f"  shortest time   {_limits_line(m)}")
     return lines
 
@@ -511,11 +550,13 @@ def _cost_range(m: ModelEstimate) -> str:
 
 def _limits_line(m: ModelEstimate) -> str:
     parts = []
+    jobs = m.jobs - m.too_large_jobs
+    charged = m.tokens_charged - m.too_large_tokens
     if m.rpm:
-        parts.append(f"{m.jobs:,} requests at {m.rpm:,} RPM: {_duration(m.jobs / m.rpm)}")
+        parts.append(f"{jobs:,} requests at {m.rpm:,} RPM: {_duration(jobs / m.rpm)}")
     if m.tpm:
-        parts.append(f"{m.tokens_charged:,} token{_s(m.tokens_charged)} charged at {m.tpm:,} TPM: "
-                     f"{_duration(m.tokens_charged / m.tpm)}")
+        parts.append(f"{charged:,} token{_s(charged)} charged at {m.tpm:,} TPM: "
+                     f"{_duration(charged / m.tpm)}")
     return f"{_duration(m.minutes)}, {m.binding_limit.upper()} binds ({'; '.join(parts)})"
 
 

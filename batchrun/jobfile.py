@@ -318,6 +318,9 @@ def _parse_batch_line(obj: dict, line_no: int, seen: _SeenIds, build: bool = Tru
         return f"body is not an object (it is {_kind(body)})"
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "body has no 'model'"
+    problem = _count_problem(body)
+    if problem:
+        return problem
     return Job(custom_id, "POST", url, body, line_no) if build else True
 
 
@@ -337,6 +340,9 @@ def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: _SeenIds, bu
     first = seen.add(custom_id, line_no)
     if first is not None:
         return f"duplicate custom_id {_short(custom_id)} (first on line {first})"
+    problem = _count_problem(body)
+    if problem:
+        return problem
     return Job(custom_id, "POST", endpoint, body, line_no) if build else True
 
 
@@ -360,6 +366,20 @@ def _has_lone_surrogate(text: str) -> bool:
         return False
     except UnicodeEncodeError:
         return True
+
+
+# Body fields that count tokens or answers: the server refuses anything but a whole number >= 1
+# (OpenAI: "expected an integer, but got a decimal number"), and the budget reserves by them.
+_COUNT_FIELDS = ("max_tokens", "max_completion_tokens", "max_output_tokens", "n", "best_of")
+
+
+def _count_problem(body: dict) -> str | None:
+    for name in _COUNT_FIELDS:
+        if name in body:
+            value = body[name]
+            if value is not None and (value.__class__ is not int or value < 1):
+                return f"{name} must be a whole number of at least 1, not {_short(value)}"
+    return None
 
 
 def _kind(value: object) -> str:

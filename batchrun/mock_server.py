@@ -1181,10 +1181,17 @@ def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple
     return rates
 
 
+def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
+    if not math.isfinite(value):  # NaN and the infinities pass FloatRange's checks
+        raise click.BadParameter(f"{value!r} is not a finite number", ctx=ctx, param=param)
+    return value
+
+
 @click.command("mock-server")
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option(
-    "--port", default=8000, show_default=True, type=int, help="Port to listen on (0 picks a free one)."
+    "--port", default=8000, show_default=True, type=click.IntRange(0, 65535),
+    help="Port to listen on (0 picks a free one)."
 )
 @click.option(
     "--rpm",
@@ -1202,14 +1209,17 @@ def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple
     default=60.0,
     show_default=True,
     type=click.FloatRange(min=0, min_open=True),
+    callback=_finite,
     help="Bucket capacity in seconds of refill: limit * BURST / 60 can be spent at once.",
 )
-@click.option("--latency-ms", default=0.0, show_default=True, type=float, help="Time to first token.")
+@click.option("--latency-ms", default=0.0, show_default=True, type=click.FloatRange(0), callback=_finite,
+              help="Time to first token.")
 @click.option(
     "--latency-per-token-ms",
     default=0.0,
     show_default=True,
-    type=float,
+    type=click.FloatRange(0),
+    callback=_finite,
     help="Extra time per output token (streams spread it over their chunks).",
 )
 @click.option(
@@ -1268,4 +1278,13 @@ def mock_server_command(
         retry_after_header=retry_after_header,
         default_max_tokens=default_max_tokens,
     )
-    serve(host, port, config)
+    try:
+        serve(host, port, config)
+    except OSError as exc:  # the port is taken, or the address is not this machine's
+        import errno
+
+        raise click.BadParameter(
+            f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --port (0: any free one)"
+            + (" or --host" if exc.errno != errno.EADDRINUSE else ""),
+            param_hint="--port",
+        ) from None

@@ -8,11 +8,24 @@ import time
 import redis
 from tqdm import tqdm
 
-from batchrun.status import batch_status, describe_conditions, format_duration, format_usd
+from batchrun.status import batch_status, describe_conditions, eta_phrase, format_usd, pace
 from batchrun.store import BatchStore
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
 REFRESH = 1.0  # seconds between reads of the batch's status
+
+
+QUIET = False  # -q (set by the command line): only warnings and errors, so no banner, note or progress line
+
+
+def quiet() -> bool:
+    return QUIET
+
+
+def note(message: str) -> None:
+    """An informational line on stderr, unless -q."""
+    if not quiet():
+        print(message, file=sys.stderr, flush=True)
 
 
 class Progress:
@@ -24,12 +37,15 @@ class Progress:
         self.total = total
         self._last = 0.0
         self._last_plain = 0.0
-        self._closed = False
-        self.bar = tqdm(total=total, unit="job", file=self.stream, dynamic_ncols=True,
+        self._closed = quiet()  # -q: nothing to show, now or at the end
+        self._initial: int | None = None
+        self.bar = None if self._closed else tqdm(total=total, unit="job", file=self.stream, dynamic_ncols=True,
                         bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}, {rate_fmt}{postfix}]") \
             if self.tty else None
 
     def update(self, force: bool = False) -> None:
+        if self._closed:
+            return
         now = time.monotonic()
         if not force and now - self._last < REFRESH:
             return
@@ -40,6 +56,10 @@ class Progress:
             return  # the display waits; collecting carries on (or says what is wrong)
         j = st["jobs"]
         ended = j["done"] + j["failed"]
+        if self._initial is None:  # jobs ended before this display began (a run continued) are no rate
+            self._initial = ended
+            if self.bar is not None:
+                self.bar.initial = ended  # tqdm's rate is (n - initial) / elapsed
         if self.bar is not None:
             self.bar.total = j["total"]
             self.bar.n = ended
@@ -53,8 +73,8 @@ class Progress:
     def close(self) -> None:
         if self._closed:
             return
-        self._closed = True
         self.update(force=True)  # the last word: where the batch ended
+        self._closed = True
         if self.bar is not None:
             self.bar.close()
             self.bar = None
@@ -69,15 +89,17 @@ class Progress:
 def summary(st: dict, *, short: bool) -> str:
     """Pace against the limits, ETA, retries waiting and cost, from a `batch_status`."""
     j, cost = st["jobs"], st["cost"]
-    parts = [f"{j['queued']} queued", f"{j['in_flight']} in flight", f"{j['waiting_retry']} waiting to retry"]
+    if st["state"] == "cancelled":
+        parts = [f"{j['queued'] + j['waiting_retry']} not sent (cancelled)", f"{j['in_flight']} in flight"]
+    else:
+        parts = [f"{j['queued']} queued", f"{j['in_flight']} in flight", f"{j['waiting_retry']} waiting to retry"]
     if not short:
         parts.append(f"{st['last_minute']['jobs_per_second']:.1f} jobs/s")
     for m in st["models"]:
-        pace = [f"{m['requests_per_minute']:,.0f}" + (f"/{m['rpm_limit']:,} RPM" if m["rpm_limit"] else " req/min"),
-                f"{m['tokens_per_minute']:,.0f}" + (f"/{m['tpm_limit']:,} TPM" if m["tpm_limit"] else " tok/min")]
-        parts.append(f"{m['model']} " + " ".join(pace))
-    if st["state"] == "running" and j["done"] + j["failed"] < j["total"]:
-        parts.append(f"ETA {format_duration(st['eta_seconds'])}")
+        parts.append(f"{m['model']} " + " ".join(pace(m)))
+    eta = eta_phrase(st)
+    if eta:
+        parts.append(eta)
     money = f"{format_usd(cost['spent_usd'])}"
     if cost["max_cost_usd"]:
         money += f" of {format_usd(cost['max_cost_usd'])} cap"

@@ -22,7 +22,7 @@ import click
 from batchrun import shard
 from batchrun.collect import collect, default_errors_path
 from batchrun.connections import connect, describe, is_memory
-from batchrun.progress import Progress
+from batchrun.progress import Progress, note
 from batchrun.settings import BatchOptions, WorkerSettings, set_worker_settings
 from batchrun.store import BatchStore
 from batchrun.submit import submit_file
@@ -50,7 +50,7 @@ class RunConfig:
 
 
 def run_batch(cfg: RunConfig) -> int:
-    if logging.getLogger().level == logging.INFO:  # the progress display says it; -v shows the workers' lines
+    if logging.getLogger("batchrun").getEffectiveLevel() == logging.INFO:  # the progress display says it; -v shows the workers' lines
         logging.getLogger("batchrun.worker").setLevel(logging.WARNING)
     errors_path = cfg.errors or default_errors_path(cfg.output)
     skip = _already_done(cfg, errors_path) if cfg.only_missing else None
@@ -61,7 +61,7 @@ def run_batch(cfg: RunConfig) -> int:
 
             server = stack.enter_context(MockServerThread(MockConfig()))
             settings.base_url, settings.api_key = server.base_url, settings.api_key or "sk-mock"
-            click.echo(f"using the built-in mock OpenAI server at {server.base_url}", err=True)
+            note(f"using the built-in mock OpenAI server at {server.base_url}")
         elif not settings.api_key:
             raise click.ClickException("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
 
@@ -72,7 +72,7 @@ def run_batch(cfg: RunConfig) -> int:
                              skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
-        click.echo(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}", err=True)
+        note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
 
         workers = _start_workers(cfg, settings, store)
         stack.callback(workers.stop)
@@ -112,7 +112,8 @@ def run_batch(cfg: RunConfig) -> int:
 
     meta = store.meta(bid)
     counts = store.counts(bid)
-    click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}")
+    click.echo(f"{counts['done']} result(s) in {cfg.output}, {counts['failed']} error(s) in {errors_path}"
+               + (_held(cfg.output, errors_path) if cfg.only_missing else ""))
     if meta.get("state") == "paused":
         click.echo(f"batch {bid} is paused: {meta.get('reason')}", err=True)
         _print_resume(cfg, bid, errors_path, store)
@@ -122,6 +123,14 @@ def run_batch(cfg: RunConfig) -> int:
         _print_resume(cfg, bid, errors_path, store)
         return 1
     return 0
+
+
+def _held(output: str, errors_path: str) -> str:
+    """After a resume from the files, which already held earlier runs' lines: what they hold now."""
+    from batchrun.outputs import iter_custom_ids
+
+    results, errors = (sum(1 for _ in iter_custom_ids(p)) if os.path.exists(p) else 0 for p in (output, errors_path))
+    return f" from this run; the files now hold {results} result(s) and {errors} error(s) in all"
 
 
 def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 
 DEFAULT_BASE_URL = "https://api.openai.com/v1"
+_UNITS = {"rpm": "requests", "tpm": "tokens"}
 
 
 @dataclass
@@ -30,14 +32,21 @@ class Limits:
     def set(self, kind: str, spec: str) -> None:
         """Apply one ``--tpm``/``--rpm`` value: ``2000000`` or ``gpt-4o-mini=2000000``."""
         model, sep, value = spec.rpartition("=")
-        model = model if sep else "*"
+        model = model.strip() if sep else "*"
+        if not model:
+            raise ValueError(f"--{kind} {spec!r}: the model name before '=' is missing (MODEL=NUMBER, or a bare "
+                             f"NUMBER for every model)")
         try:
-            number = int(float(value.replace("_", "")))
+            number = float(value.strip().replace("_", ""))
         except ValueError:
             raise ValueError(f"--{kind} {spec!r}: expected a number or MODEL=NUMBER") from None
+        if not math.isfinite(number) or number != int(number):
+            raise ValueError(f"--{kind} {spec!r}: a limit is a whole number of {_UNITS[kind]} per minute")
         if number < 0:
             raise ValueError(f"--{kind} {spec!r}: a limit cannot be negative")
-        self.by_model.setdefault(model, {})[kind] = number
+        if number == 0:  # 0 means "no limit" inside batchrun; a user who types it means something else
+            raise ValueError(f"--{kind} {spec!r}: a limit must be at least 1; leave --{kind} out for no limit")
+        self.by_model.setdefault(model, {})[kind] = int(number)
 
     @classmethod
     def parse(cls, rpm: tuple[str, ...] | list[str] = (), tpm: tuple[str, ...] | list[str] = ()) -> "Limits":
@@ -50,6 +59,10 @@ class Limits:
 
     def __bool__(self) -> bool:
         return any(v for entry in self.by_model.values() for v in entry.values())
+
+    def models(self) -> set[str]:
+        """The models named by MODEL=N limits (not the bare ones, which apply to every model)."""
+        return {m for m in self.by_model if m != "*"}
 
 
 @dataclass
@@ -67,6 +80,12 @@ class BatchOptions:
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     limits: Limits = field(default_factory=Limits)
 
+    def problems(self) -> list[str]:
+        """Why these options cannot work, one sentence per option (empty if they can): the
+        command line refuses them before anything is written, a runner pauses a batch that
+        carries them (stored by an older batchrun, or written to Redis by hand)."""
+        return check_batch_options(self)
+
     def to_fields(self) -> dict[str, str]:
         out = {f.name: str(getattr(self, f.name)) for f in fields(self) if f.name != "limits"}
         out["limits"] = json.dumps(self.limits.by_model)
@@ -83,6 +102,52 @@ class BatchOptions:
         if "limits" in data:
             opts.limits = Limits(json.loads(data["limits"]))
         return opts
+
+
+# Ceilings on waits and lifetimes: a larger value is a typo, and past them Redis's expiry
+# times or the jobs' due times stop being numbers it can hold.
+MAX_BACKOFF_SECONDS = 86_400.0  # a day
+MAX_BURST_SECONDS = 3_600.0
+MAX_KEEP_DAYS = 3_650.0  # ten years
+
+
+def _number(value: object) -> float | None:
+    """value as a finite number, or None (bools, text, NaN and infinities are not numbers here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def check_batch_options(o: "BatchOptions") -> list[str]:
+    """Pure: one sentence per option of ``o`` that cannot work, naming the option."""
+    out = []
+
+    def need(option: str, value: object, ok, wanted: str) -> None:
+        x = _number(value)
+        if x is None or not ok(x):
+            out.append(f"{option} must be {wanted}, not {value!r}")
+
+    need("--max-attempts", o.max_attempts, lambda x: x >= 1 and x == int(x), "a whole number of at least 1")
+    need("--backoff-base", o.backoff_base, lambda x: 0 <= x <= MAX_BACKOFF_SECONDS,
+         f"a number of seconds from 0 to {MAX_BACKOFF_SECONDS:,.0f}")
+    need("backoff factor", o.backoff_factor, lambda x: 1 <= x <= 100, "a number from 1 to 100")
+    need("--backoff-cap", o.backoff_cap, lambda x: 0 < x <= MAX_BACKOFF_SECONDS,
+         f"a number of seconds above 0 and at most {MAX_BACKOFF_SECONDS:,.0f}")
+    need("--shard-size", o.shard_size, lambda x: x >= 0 and x == int(x), "a whole number of jobs (0: automatic)")
+    need("--burst-seconds", o.burst_seconds, lambda x: 0 <= x <= MAX_BURST_SECONDS,
+         f"a number of seconds from 0 to {MAX_BURST_SECONDS:,.0f} (0: learnt from the server)")
+    need("--give-up-after", o.give_up_seconds, lambda x: 0 < x <= MAX_BACKOFF_SECONDS,
+         f"a number of seconds above 0 and at most {MAX_BACKOFF_SECONDS:,.0f}")
+    need("--max-cost", o.max_cost, lambda x: x >= 0, "a number of dollars, 0 or more (0: no cap)")
+    need("--keep-days", o.keep_days, lambda x: 0 < x <= MAX_KEEP_DAYS,
+         f"a number of days above 0 and at most {MAX_KEEP_DAYS:,.0f}")
+    for model, entry in sorted(o.limits.by_model.items()):
+        for kind, value in sorted(entry.items()):
+            x = _number(value)
+            if x is None or x < 0 or x != int(x):  # 0 is stored for "no limit"
+                name = "every model" if model == "*" else model
+                out.append(f"--{kind} for {name} must be a whole number of at least 1, not {value!r}")
+    return out
 
 
 def auto_shard_size(jobs: int) -> int:
@@ -124,14 +189,40 @@ class WorkerSettings:
             base_url=env.get("OPENAI_BASE_URL") or DEFAULT_BASE_URL,
             api_key=env.get("OPENAI_API_KEY", ""),
         )
-        if env.get("BATCHRUN_CONCURRENCY"):
-            s.concurrency = int(env["BATCHRUN_CONCURRENCY"])
-        if env.get("BATCHRUN_LEASE_SECONDS"):
-            s.lease_seconds = float(env["BATCHRUN_LEASE_SECONDS"])
+        for name, attr, kind in (("BATCHRUN_CONCURRENCY", "concurrency", int),
+                                 ("BATCHRUN_LEASE_SECONDS", "lease_seconds", float)):
+            if env.get(name, "").strip():
+                try:
+                    setattr(s, attr, kind(env[name]))
+                except ValueError:
+                    raise ValueError(f"{name}={env[name]!r} is not a number; unset it or give "
+                                     f"{'a whole number' if kind is int else 'a number of seconds'}") from None
         for k, v in overrides.items():
             if v is not None:
                 setattr(s, k, v)
+        problems = s.problems()
+        if problems:
+            raise ValueError("; ".join(problems))
         return s
+
+    def problems(self) -> list[str]:
+        """Pure: why these settings cannot work, one sentence per setting (names as the user gives them)."""
+        out = []
+        c = _number(self.concurrency)
+        if c is None or c < 1 or c != int(c):
+            out.append(f"--concurrency (or BATCHRUN_CONCURRENCY) must be a whole number of at least 1, "
+                       f"not {self.concurrency!r}")
+        lease = _number(self.lease_seconds)
+        if lease is None or not 3 <= lease <= 3600:  # renewed every lease/3; below ~3 s renewals cannot keep up
+            out.append(f"BATCHRUN_LEASE_SECONDS must be a number of seconds from 3 to 3,600, "
+                       f"not {self.lease_seconds!r}")
+        grace = _number(self.grace_seconds)
+        if grace is None or not 0 <= grace <= 86_400:
+            out.append(f"--grace must be a number of seconds from 0 to 86,400, not {self.grace_seconds!r}")
+        timeout = _number(self.request_timeout)
+        if timeout is None or timeout <= 0:
+            out.append(f"the request timeout must be a number of seconds above 0, not {self.request_timeout!r}")
+        return out
 
     def key_fingerprint(self) -> str:
         """Identifies the API key without revealing it (budgets are per key)."""

@@ -86,6 +86,7 @@ class ShardRunner:
         self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
+        self._via: dict[str, str] = {}  # model -> its budget's metric name
         self._last_summary = time.monotonic()
 
     async def run(self) -> dict:
@@ -95,7 +96,18 @@ class ShardRunner:
             log.info("batch %s no longer exists (purged or expired): shard %d has nothing to do", bid, self.shard)
             await self._redis(store.unpark, bid, self.shard)
             return {}
-        options = BatchOptions.from_fields(meta)
+        try:
+            options = BatchOptions.from_fields(meta)
+            problems = options.problems()
+        except (ValueError, TypeError, OverflowError, AttributeError) as exc:
+            problems = [f"they do not read as options ({exc})"]
+        if problems:  # not a crash that RQ and the shard's parked entry would bring back for ever
+            message = (f"its stored options cannot work: {'; '.join(problems)}; purge it (batchrun purge {bid}) "
+                       f"and submit the file again with options that work")
+            if await self._redis(store.set_state, bid, "paused", message, only_from=("running",)):
+                log.error("batch %s paused: %s", bid, message)
+            await self._redis(store.unpark, bid, self.shard)
+            return {}
         self.give_up_seconds = options.give_up_seconds
         self.running_since_ms = float(meta.get("running_since") or 0)  # set on resume: a fresh give-up period
         self.prices = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
@@ -357,6 +369,9 @@ class ShardRunner:
         m["requests"] += 1
         m[f"requests:{model}"] += 1
         m[f"charged:{model}"] += charged
+        # Which budget (server, key, model) it drew from: `status` shows those budgets' limits.
+        via = self._via.get(model) or self._via.setdefault(model, f"via:{self.limiter.budget_key(model)}")
+        m[via] += 1
         if usage:
             m["tokens"] += int(usage.get("total_tokens") or 0)
         if rate_limited:

@@ -5,12 +5,14 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
-from batchrun import keys
 from batchrun.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
 from batchrun.store import BatchStore
 
 WINDOW = 60  # seconds of recent counts behind the rates and the ETA
+# Per-minute rates need this much of a window: over the first seconds of a batch, the server's
+# start burst scaled to a minute reads as several times the limit.
+MIN_RATE_SECONDS = 30
 
 
 def _s(x) -> str:
@@ -28,7 +30,10 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     meta = store.meta(batch_id)
     if not meta:
         raise LookupError(f"no batch {batch_id!r} in this Redis")
-    options = BatchOptions.from_fields(meta)
+    try:
+        options = BatchOptions.from_fields(meta)
+    except (ValueError, TypeError, OverflowError, AttributeError):  # unreadable: its runner pauses it, saying why
+        options = BatchOptions()
     jobs = store.counts(batch_id)
     recent, span = store.recent_metrics(batch_id, WINDOW)
     now = store.server_time_ms() / 1000
@@ -49,7 +54,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
 
     spent = _float(meta, "cost")
     projected = None
-    if jobs["done"]:
+    if jobs["done"] and state != "cancelled":  # a cancelled batch sends nothing more
         # Failed jobs cost nothing; assume the rest succeed at the average cost so far.
         projected = spent / jobs["done"] * max(jobs["done"], jobs["total"] - jobs["failed"])
     prices_as_of = PriceTable.from_json(meta["prices"]).as_of if meta.get("prices") else None
@@ -77,7 +82,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
             "rate_limited": int(_float(meta, "n_rate_limited")),
             "retries": int(_float(meta, "retries")),
         },
-        "models": _models(store, options.limits, recent, per_minute),
+        "models": _models(store, options.limits, recent, per_minute if span >= MIN_RATE_SECONDS else None, span),
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": {
             "spent_usd": round(spent, 6),
@@ -91,15 +96,21 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     }
 
 
-def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minute: float) -> list[dict]:
+def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minute: float | None,
+            span: float) -> list[dict]:
     """Each model's recent pace against its limits: those given with the batch, else those
-    the fleet learnt from the server's headers (the highest, if several keys or servers)."""
+    learnt from the server's headers by the budgets this batch drew from lately (runners count
+    each request under its budget, ``via:KEY``). Other servers' and keys' budgets are not this
+    batch's limits; if it drew from several (keys or servers), their limits add up."""
     learnt: dict[str, tuple[int, int]] = {}
-    for key in store.redis.smembers(keys.BUDGETS):
-        model = _s(key).split(":", 4)[-1]
+    for name in recent:
+        if not name.startswith("via:"):
+            continue
+        key = name[4:]
+        model = key.split(":", 4)[-1]
         rpm, tpm = (int(float(v or 0)) for v in store.redis.hmget(key, "lim_rpm", "lim_tpm"))
         old = learnt.get(model, (0, 0))
-        learnt[model] = (max(old[0], rpm), max(old[1], tpm))
+        learnt[model] = (old[0] + rpm, old[1] + tpm)
     out = []
     for name in sorted(recent):
         if not name.startswith("requests:"):
@@ -109,8 +120,12 @@ def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minut
         l_rpm, l_tpm = learnt.get(model, (0, 0))
         out.append({
             "model": model,
-            "requests_per_minute": round(recent[name] * per_minute, 1),
-            "tokens_per_minute": round(recent.get(f"charged:{model}", 0) * per_minute, 1),
+            "seconds": round(span, 1),
+            "requests": recent[name],
+            "tokens": recent.get(f"charged:{model}", 0),
+            "requests_per_minute": None if per_minute is None else round(recent[name] * per_minute, 1),
+            "tokens_per_minute": None if per_minute is None else round(recent.get(f"charged:{model}", 0) * per_minute,
+                                                                       1),
             "rpm_limit": rpm or l_rpm or None,
             "tpm_limit": tpm or l_tpm or None,
         })
@@ -129,7 +144,33 @@ def format_duration(seconds: float | None) -> str:
 
 
 def format_usd(value: float) -> str:
+    """Dollars with enough digits that a tiny non-zero sum does not read as $0.0000."""
+    import math
+
+    if 0 < value < 0.0001:
+        return f"${value:.{1 - math.floor(math.log10(value))}f}"
     return f"${value:.4f}" if value < 10 else f"${value:,.2f}"
+
+
+def eta_phrase(status: dict) -> str | None:
+    """When the batch ends, in words (None once it has ended): never "unknown" without a reason."""
+    j, state = status["jobs"], status["state"]
+    if state in ("finished", "cancelled") or j["done"] + j["failed"] >= j["total"]:
+        return None
+    if state == "paused":
+        return "no end in sight while paused"
+    if status["eta_seconds"] is None:
+        return f"end time not known yet (no job ended in the last {status['last_minute']['seconds']:.0f} s)"
+    return f"ends in {format_duration(status['eta_seconds'])}"
+
+
+def pace(m: dict) -> tuple[str, str]:
+    """A model's requests and tokens: per minute against its limits once the window means
+    something (MIN_RATE_SECONDS), else the counts over the seconds they cover."""
+    if m["requests_per_minute"] is None:
+        return f"{m['requests']:,} requests", f"{m['tokens']:,} tokens in the first {m['seconds']:.0f} s"
+    return (f"{m['requests_per_minute']:,.0f}" + (f"/{m['rpm_limit']:,} RPM" if m["rpm_limit"] else " req/min"),
+            f"{m['tokens_per_minute']:,.0f}" + (f"/{m['tpm_limit']:,} TPM" if m["tpm_limit"] else " tok/min"))
 
 
 def describe(status: dict) -> list[str]:
@@ -138,13 +179,22 @@ def describe(status: dict) -> list[str]:
     ended = j["done"] + j["failed"]
     share = f" ({100 * ended / j['total']:.0f} %)" if j["total"] else ""
     lines = [f"batch {status['batch_id']}: {status['state']}" + (f" — {status['reason']}" if status["reason"] else "")]
-    lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, {j['queued']} queued, "
-                 f"{j['waiting_retry']} waiting to retry, of {j['total']}{share}")
-    if status["state"] != "finished":
+    if status["state"] == "cancelled":  # what was queued will not be sent
+        lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, "
+                     f"{j['queued'] + j['waiting_retry']} not sent (cancelled), of {j['total']}{share}")
+    else:
+        lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, {j['queued']} "
+                     f"queued, {j['waiting_retry']} waiting to retry, of {j['total']}{share}")
+    if status["state"] not in ("finished", "cancelled"):
+        eta = eta_phrase(status)
         lines.append(f"  last {lm['seconds']:.0f} s: {lm['requests']} requests, {lm['rate_limited']} rate limited "
-                     f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s; "
-                     f"ends in {format_duration(status['eta_seconds'])}")
+                     f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s"
+                     + (f"; {eta}" if eta else ""))
     for m in status["models"]:
+        if m["requests_per_minute"] is None:
+            lines.append(f"  {m['model']}: {m['requests']:,} requests, {m['tokens']:,} tokens in the first "
+                         f"{m['seconds']:.0f} s (per-minute rates from {MIN_RATE_SECONDS} s on)")
+            continue
         rpm = f" of {m['rpm_limit']:,} RPM" if m["rpm_limit"] else ""
         tpm = f" of {m['tpm_limit']:,} TPM" if m["tpm_limit"] else ""
         lines.append(f"  {m['model']}: {m['requests_per_minute']:,.0f} requests/min{rpm}, "

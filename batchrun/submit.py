@@ -44,6 +44,21 @@ def _check_prices(path, endpoint: str, table: PriceTable) -> None:
                          f"give the price with --prices FILE (see `batchrun estimate`)")
 
 
+def _check_limit_models(path, endpoint: str, options: BatchOptions) -> None:
+    """A MODEL=N limit for a model no job uses is a typo (`gpt4o-mini`): say so, with the file's
+    models (an extra pass, only when limits name models)."""
+    named = options.limits.models()
+    if not named:
+        return
+    used = {str(job.body.get("model", "")) for job in read_jobs(path, endpoint=endpoint, skip_invalid=True)}
+    unused = sorted(named - used)
+    if unused:
+        listed = ", ".join(repr(m) for m in unused)
+        raise ValueError(f"{path}: no job uses {listed}, so its limit would never apply; the file's models are "
+                         f"{', '.join(repr(m) for m in sorted(used))} (check the name in --rpm/--tpm MODEL=N); "
+                         f"nothing was submitted")
+
+
 def _fingerprint(path) -> tuple[int, int, int]:
     st = os.stat(path)
     return st.st_size, st.st_mtime_ns, st.st_ino
@@ -70,6 +85,9 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
                                         f"submit it again once it is complete")
     if errors and not skip_invalid:
         raise JobFileError(errors)
+    if not valid:
+        raise ValueError(f"{path} has no job to submit ({'no valid line' if errors else 'it is empty'}); "
+                         f"nothing was submitted")
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
     batch_id = batch_id or new_batch_id()
@@ -84,6 +102,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         table = PriceTable.load(prices)
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(path, endpoint, table)
+    _check_limit_models(path, endpoint, options)
     store.create_batch(batch_id, options, source=str(path), prices=table.to_json())
     if existing and prices:
         store.set_prices(batch_id, table.to_json())

@@ -148,12 +148,14 @@ def _warn_fallback(model: str, exc: Exception) -> None:
         if _warned:
             return
         _warned = True
+    # One sentence with the fix; the model is not named (the first lookup may be a preload's,
+    # not a model of the file), and the exception's text (often a long ConnectionError) is for -v.
     log.warning(
-        "tiktoken could not load its encoding for %s (%s); "
-        "estimating tokens from characters (≈ chars/3, conservative)",
-        model,
-        f"{type(exc).__name__}: {exc}",
+        "tiktoken could not load its encoding files, so tokens are estimated from characters "
+        "(≈ chars/3, conservative); to count exactly, point TIKTOKEN_CACHE_DIR at a folder that holds them, "
+        "or allow this machine to download them once"
     )
+    log.debug("tiktoken's error for %s: %s: %s", model, type(exc).__name__, exc)
 
 
 def clear_cache() -> None:

@@ -60,7 +60,11 @@ def batchrun_cmd(*args: str) -> list[str]:
 
 def cli_env(**extra: str) -> dict:
     env = {**os.environ, **extra}
-    env.setdefault("TIKTOKEN_CACHE_DIR", str(ROOT.parent / "shared" / "tiktoken_cache"))
+    # This project's shared cache, only where it exists: on a fresh machine tiktoken downloads its
+    # files (or, offline, the user sets TIKTOKEN_CACHE_DIR), and a made-up path would hide that.
+    shared = ROOT.parent / "shared" / "tiktoken_cache"
+    if shared.is_dir():
+        env.setdefault("TIKTOKEN_CACHE_DIR", str(shared))
     return env
 
 

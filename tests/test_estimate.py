@@ -4,7 +4,7 @@ Token counts are checked two ways: against tiktoken called here (the encoding na
 test), and against ``estimate_tokens`` job by job, so that the batched, deduplicated and
 multi-process counting can never drift from what the shared budget counts. Costs are checked
 against sums written out by hand, on completions whose prompts are token arrays (their token
-counts need no tokenizer). Needs TIKTOKEN_CACHE_DIR pointing at the shared cache (no internet).
+counts need no tokenizer). Offline, it needs TIKTOKEN_CACHE_DIR pointing at a folder with tiktoken's files.
 
 ``BATCHRUN_MEASURE_SPEED=1 ... pytest tests/test_estimate.py -k speed -s`` measures lines per
 second on a generated 100,000-line chat file (skipped otherwise).
@@ -23,9 +23,10 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-os.environ.setdefault(
-    "TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache")
-)
+if (Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache").is_dir():  # else tiktoken downloads
+    os.environ.setdefault(
+        "TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache")
+    )
 
 from click.testing import CliRunner  # noqa: E402
 
@@ -287,12 +288,13 @@ def test_wall_time_per_model_with_model_and_bare_limits(tmp_path):
             line("c2", {"model": "gpt-4o-mini", "prompt": ids(3000), "max_tokens": 250}, COMPLETIONS),
             line("e1", {"model": "text-embedding-3-small", "input": ids(600)}, EMBEDDINGS)]
     path = write_jsonl(tmp_path / "jobs.jsonl", rows)
-    limits = Limits.parse(rpm=["4", "gpt-4o-mini=1"], tpm=["gpt-4o-mini=2625"])
+    limits = Limits.parse(rpm=["4", "gpt-4o-mini=2"], tpm=["gpt-4o-mini=5250"])
     report = estimate_file(path, limits=limits)
     mini = next(m for m in report.models if m.model == "gpt-4o-mini")
     emb = next(m for m in report.models if m.model == "text-embedding-3-small")
-    # gpt-4o-mini: 2 requests at 1 RPM = 2.0 min; 5250 tokens at 2625 TPM = 2.0 min; tie -> TPM
-    assert (mini.rpm, mini.tpm, mini.minutes, mini.binding_limit) == (1, 2625, 2.0, "tpm")
+    # gpt-4o-mini: 2 requests at 2 RPM = 1.0 min; 5250 tokens at 5250 TPM = 1.0 min; tie -> TPM
+    # (each job fits in 5250 TPM: c2, the larger, needs 3250 tokens)
+    assert (mini.rpm, mini.tpm, mini.minutes, mini.binding_limit) == (2, 5250, 1.0, "tpm")
     # embeddings: the bare --rpm 4 only: 1 request / 4 = 0.25 min
     assert (emb.rpm, emb.tpm, emb.minutes, emb.binding_limit) == (4, 0, 0.25, "rpm")
     assert report.slowest is mini and report.models_without_limits == []
@@ -301,6 +303,32 @@ def test_wall_time_per_model_with_model_and_bare_limits(tmp_path):
     assert report.slowest.model == "gpt-4o-mini" and report.slowest.minutes == 1.0
     assert report.models_without_limits == ["text-embedding-3-small"]
     assert estimate_file(path).slowest is None
+
+
+def test_jobs_larger_than_the_tpm_limit_are_named_and_left_out_of_the_time(tmp_path):
+    # The budget refuses a job whose charge (input + maximum output) exceeds the TPM limit
+    # (reserve.lua: request_too_large), so `run` fails it at once: the estimate must say so and
+    # not count it in the shortest time.
+    rows = [line("c1", {"model": "gpt-4o-mini", "prompt": ids(1000), "max_tokens": 500, "n": 2}, COMPLETIONS),
+            line("c2", {"model": "gpt-4o-mini", "prompt": ids(3000), "max_tokens": 250}, COMPLETIONS)]
+    path = write_jsonl(tmp_path / "jobs.jsonl", rows)
+    report = estimate_file(path, limits=Limits.parse(tpm=["2625"]))
+    (mini,) = report.models
+    assert (mini.too_large_jobs, mini.too_large_tokens) == (1, 3250)
+    assert mini.too_large == ((2, "c2", 3250),)
+    assert mini.minutes == 2000 / 2625  # c1 alone: 1000 input + 2 x 500 output
+    data = report.to_dict()["models"][0]
+    assert data["too_large_jobs"] == 1 and data["too_large"] == [{"line": 2, "custom_id": "c2", "tokens": 3250}]
+    text = render_text(report)
+    assert "can never fit   1 job need more than the 2,625 TPM limit at once: c2 (line 2, 3,250 tokens)" in text
+    assert "2,000 tokens charged at 2,625 TPM" in text
+    # the figure agrees with the budget's own count, job by job
+    from batchrun.tokens import estimate_tokens
+
+    assert estimate_tokens(COMPLETIONS, rows[1]["body"]).total == 3250
+    # nothing fits: no shortest time is shown
+    everything = render_text(estimate_file(path, limits=Limits.parse(tpm=["100"])))
+    assert "can never fit   2 jobs" in everything and "shortest time" not in everything
 
 
 # --- Invalid lines -----------------------------------------------------------------
@@ -344,7 +372,7 @@ def invoke(*args: str):
 JSON_FIELDS = {"file", "jobs", "invalid_lines", "errors", "typical_output_per_answer", "prices", "models", "total"}
 MODEL_FIELDS = {"model", "jobs", "jobs_by_url", "input_tokens", "input_exact", "max_output_tokens",
                 "typical_output_tokens", "tokens_charged", "price", "cost_low_usd", "cost_high_usd", "rpm", "tpm",
-                "minutes", "binding_limit"}
+                "minutes", "binding_limit", "too_large_jobs", "too_large"}
 TOTAL_FIELDS = {"jobs", "input_tokens", "max_output_tokens", "typical_output_tokens", "tokens_charged",
                 "cost_low_usd", "cost_high_usd", "unpriced_models", "minutes", "binding_model",
                 "models_without_limits"}
@@ -354,7 +382,7 @@ def test_cli_text(tmp_path):
     path = completions_file(tmp_path)
     prices = tmp_path / "prices.toml"
     prices.write_text('as_of = "2026-01-01"\n[models."gpt-4o-mini"]\ninput = 2.0\ncached_input = 1.0\noutput = 8.0\n')
-    res = invoke(str(path), "--prices", str(prices), "--typical-output", "100", "--tpm", "gpt-4o-mini=2625",
+    res = invoke(str(path), "--prices", str(prices), "--typical-output", "100", "--tpm", "gpt-4o-mini=5250",
                  "--rpm", "4", "--endpoint", COMPLETIONS)
     assert res.exit_code == 0, res.output
     out = res.stdout
@@ -364,9 +392,9 @@ def test_cli_text(tmp_path):
     assert "input tokens    4,000 (tiktoken)" in out
     assert "output tokens   at most 1,250; typical 300 (100 per answer)" in out
     assert "cost            $0.01 (typical) to $0.02 (every answer at its maximum)" in out  # 0.0104 / 0.018
-    # 2 requests at 4 RPM: 0.5 min = 30 s; 5250 tokens at 2625 TPM: 2.0 min
-    assert ("shortest time   2.0 min, TPM binds "
-            "(2 requests at 4 RPM: 30 s; 5,250 tokens charged at 2,625 TPM: 2.0 min)") in out
+    # 2 requests at 4 RPM: 0.5 min = 30 s; 5250 tokens at 5250 TPM: 1.0 min (each job fits in 5250)
+    assert ("shortest time   1.0 min, TPM binds "
+            "(2 requests at 4 RPM: 30 s; 5,250 tokens charged at 5,250 TPM: 1.0 min)") in out
     assert res.stderr == ""
 
 
@@ -374,7 +402,7 @@ def test_cli_json(tmp_path):
     path = completions_file(tmp_path)
     with path.open("a") as f:
         f.write("oops\n")
-    res = invoke(str(path), "--json", "--tpm", "2625")
+    res = invoke(str(path), "--json", "--tpm", "5250")
     assert res.exit_code == 0, res.output
     data = json.loads(res.stdout)
     assert set(data) == JSON_FIELDS
@@ -387,8 +415,9 @@ def test_cli_json(tmp_path):
     assert m["price"] == {"input": 0.15, "cached_input": 0.075, "output": 0.6}  # the shipped gpt-4o-mini
     # shipped gpt-4o-mini: 4000 x 0.15/1M = 0.0006; + 1250 x 0.60/1M = 0.00075 -> 0.00135
     assert m["cost_low_usd"] == pytest.approx(0.0006) and m["cost_high_usd"] == pytest.approx(0.00135)
-    assert (m["rpm"], m["tpm"], m["minutes"], m["binding_limit"]) == (None, 2625, 2.0, "tpm")
-    assert data["total"]["minutes"] == 2.0 and data["total"]["binding_model"] == "gpt-4o-mini"
+    assert (m["rpm"], m["tpm"], m["minutes"], m["binding_limit"]) == (None, 5250, 1.0, "tpm")
+    assert m["too_large_jobs"] == 0 and m["too_large"] == []
+    assert data["total"]["minutes"] == 1.0 and data["total"]["binding_model"] == "gpt-4o-mini"
     assert data["typical_output_per_answer"] is None and data["total"]["typical_output_tokens"] is None
 
 

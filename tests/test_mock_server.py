@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"))
+if (Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache").is_dir():  # else tiktoken downloads
+    os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache"))
 
 import openai  # noqa: E402
 import tiktoken  # noqa: E402

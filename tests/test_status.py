@@ -37,6 +37,7 @@ def test_status_has_the_documented_fields(store, make_batch):
 
 def test_rates_eta_and_projected_cost_come_from_recent_counts(store, make_batch):
     make_batch(store, "b", 100, shard_size=100, limits=Limits.parse(tpm=["gpt-4o-mini=100000"]))
+    _age(store, "b", 120)  # per-minute rates are for a batch whose window covers 30 s or more
     cids = [j.custom_id for j in store.lease("b", 0, 40, 30_000, "tok").jobs]
     store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.002) for cid in cids])
     store.add_metrics("b", {"requests": 45, "rate_limited": 5, "retries": 5, "ended": 40, "tokens": 4000,
@@ -58,12 +59,75 @@ def test_rates_eta_and_projected_cost_come_from_recent_counts(store, make_batch)
     assert "40 done" in text and "ends in" in text and "of 100,000 TPM" in text and "$0.0800 so far" in text
 
 
+def _age(store, batch_id: str, seconds: int) -> None:
+    store.redis.hset(keys.batch(batch_id), "created", store.server_time_ms() // 1000 - seconds)
+
+
+def test_a_young_batch_shows_counts_over_its_seconds_not_a_rate_per_minute(store, make_batch):
+    # 9,000 tokens in its first second, scaled to a minute, would read "540,000/100,000 TPM"
+    make_batch(store, "b", 100, limits=Limits.parse(tpm=["gpt-4o-mini=100000"]))
+    store.add_metrics("b", {"requests": 45, "ended": 0, "requests:gpt-4o-mini": 45, "charged:gpt-4o-mini": 9000})
+    st = batch_status(store, "b")
+    [m] = st["models"]
+    assert m["tokens_per_minute"] is None and m["requests_per_minute"] is None
+    assert (m["requests"], m["tokens"]) == (45, 9000) and m["seconds"] < 30
+    text = "\n".join(describe(st))
+    assert "gpt-4o-mini: 45 requests, 9,000 tokens in the first" in text and "TPM" not in text
+    out = io.StringIO()
+    with Progress(store, "b", total=100, stream=out) as progress:
+        progress.update(force=True)
+    assert "540,000" not in out.getvalue() and "9,000 tokens in the first" in out.getvalue()
+    assert "end time not known yet (no job ended in the last" in out.getvalue()  # not "ETA unknown"
+
+
+def test_a_cancelled_batch_shows_what_was_not_sent_and_no_projection(store, make_batch):
+    make_batch(store, "b", 50)
+    cids = [j.custom_id for j in store.lease("b", 0, 10, 30_000, "tok").jobs]
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.001) for cid in cids])
+    store.set_state("b", "cancelled", "cancelled by the user")
+    st = batch_status(store, "b")
+    assert st["cost"]["projected_usd"] is None
+    text = "\n".join(describe(st))
+    assert "40 not sent (cancelled)" in text and "queued" not in text and "whole batch" not in text
+    assert "unknown" not in text and "ends in" not in text
+
+
+def test_tiny_sums_of_money_keep_a_digit_that_is_not_zero():
+    from batchrun.status import format_usd
+
+    assert format_usd(0.0000123) == "$0.000012" and format_usd(0.00005) == "$0.000050"
+    assert format_usd(0) == "$0.0000" and format_usd(0.0421) == "$0.0421" and format_usd(12.5) == "$12.50"
+
+
+def test_the_pause_at_the_cap_shows_a_tiny_worst_case_with_a_digit_that_is_not_zero(store, make_batch):
+    make_batch(store, "b", 3, max_cost=0.00002)
+    cids = [j.custom_id for j in store.lease("b", 0, 3, 30_000, "tok").jobs]
+    reason, ok = store.reserve_cost("b", "tok|0", [(cids[0], 0.0000123), (cids[1], 0.0000123)])
+    assert ok == [True, False]
+    assert f"the next job ({cids[1]}, up to $0.000012) would take the batch past its --max-cost of $0.000020 " \
+           "($0.0000 spent, $0.000012 set aside" in reason
+
+
+def test_status_shows_the_limits_of_the_budgets_the_batch_draws_from(store, make_batch):
+    # Another key's budget for the same model has a higher limit: it is not this batch's.
+    mine, other = "batchrun:budget:aaaa:fp1:gpt-4o-mini", "batchrun:budget:bbbb:fp2:gpt-4o-mini"
+    store.redis.hset(mine, mapping={"lim_rpm": 500, "lim_tpm": 200_000})
+    store.redis.hset(other, mapping={"lim_rpm": 10_000, "lim_tpm": 30_000_000})
+    store.redis.sadd(keys.BUDGETS, mine, other)
+    make_batch(store, "b", 10)
+    _age(store, "b", 120)
+    store.add_metrics("b", {"requests": 3, "requests:gpt-4o-mini": 3, "charged:gpt-4o-mini": 300, f"via:{mine}": 3})
+    [m] = batch_status(store, "b")["models"]
+    assert (m["rpm_limit"], m["tpm_limit"]) == (500, 200_000)
+
+
 def test_a_paused_batch_has_no_eta_and_says_why(store, make_batch):
     make_batch(store, "b", 10)
     store.set_state("b", "paused", "insufficient_quota: add credit, then batchrun resume b")
     st = batch_status(store, "b")
     assert st["state"] == "paused" and st["eta_seconds"] is None
     assert "add credit" in describe(st)[0]
+    assert "no end in sight while paused" in "\n".join(describe(st))
 
 
 def test_durations_read_naturally():
@@ -83,7 +147,7 @@ def test_progress_without_a_terminal_prints_plain_lines(store, make_batch):
         progress.update(force=True)
     line = out.getvalue().splitlines()[0]
     assert line.startswith("progress: 5/20 jobs ended (5 done, 0 failed); 15 queued, 0 in flight, ")
-    assert "ETA " in line and "$0.0500 of $1.0000 cap" in line and "gpt-4o-mini" in line
+    assert "ends in " in line and "$0.0500 of $1.0000 cap" in line and "gpt-4o-mini" in line
     assert "\x1b[" not in out.getvalue()  # no terminal codes in logs
 
 
@@ -140,3 +204,21 @@ def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, 
     meta = store.meta("capped")
     assert meta["state"] == "running" and float(meta["max_cost"]) == 2.0
     assert store.reserve_cost("capped", "tok|0", [(cids[1], 0.3)])[1] == [True]
+
+
+def test_the_bar_rate_counts_only_jobs_that_ended_while_it_was_shown(store, make_batch):
+    # `run … --batch-id ID` continuing a batch: 10 jobs were done before the bar began
+    make_batch(store, "b", 20)
+    cids = [j.custom_id for j in store.lease("b", 0, 12, 30_000, "tok").jobs]
+    store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.0) for cid in cids[:10]])
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    with Progress(store, "b", total=20, stream=Terminal()) as progress:
+        progress.update(force=True)
+        store.complete("b", [("R", cid, json.dumps({"custom_id": cid}), 0.0) for cid in cids[10:]])
+        progress.update(force=True)
+        shown = progress.bar.format_dict
+        assert shown["n"] == 12 and shown["initial"] == 10  # tqdm's rate is (n - initial) / elapsed

@@ -18,6 +18,13 @@ local reserved = tonumber(f[3] or '0') or 0
 local unknown = tonumber(f[4] or '0') or 0
 local refused = f[5] ~= 'running'
 local out = {''}
+-- Dollars with enough digits that a tiny sum does not read as $0.0000.
+local function usd(x)
+  if x > 0 and x < 0.0001 then  -- (math.log10 is gone after Lua 5.1, which fakeredis may not be)
+    return string.format('$%.' .. (1 - math.floor(math.log(x) / math.log(10))) .. 'f', x)
+  end
+  return string.format('$%.4f', x)
+end
 local added = 0
 for i = 3, #ARGV, 2 do
   local cid, worst = ARGV[i], tonumber(ARGV[i + 1])
@@ -29,11 +36,11 @@ for i = 3, #ARGV, 2 do
     refused = true
     out[#out + 1] = 0
     out[1] = string.format(
-      'the next job (%s, up to $%.4f) would take the batch past its --max-cost of $%.4f ' ..
-      '($%.4f spent, $%.4f set aside for requests in flight%s); raise the cap with: ' ..
+      'the next job (%s, up to %s) would take the batch past its --max-cost of %s ' ..
+      '(%s spent, %s set aside for requests in flight%s); raise the cap with: ' ..
       'batchrun resume %s --max-cost USD',
-      cid, worst, cap, spent, reserved + added,
-      unknown > 0 and string.format(', $%.4f counted for requests whose worker died', unknown) or '',
+      cid, usd(worst), usd(cap), usd(spent), usd(reserved + added),
+      unknown > 0 and string.format(', %s counted for requests whose worker died', usd(unknown)) or '',
       ARGV[1])
     redis.call('HSET', b, 'state', 'paused', 'reason', out[1])
   else
