@@ -22,6 +22,7 @@ from batchrun.outputs import JsonlAppender, iter_custom_ids, repair_truncated_ta
 from batchrun.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
+UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `collect --follow` says so
 
 
 # An outcome line starts as outputs.result_line / error_line make it: {"id": "batch_req_…", "custom_id": "…".
@@ -36,10 +37,58 @@ def _custom_id(line: bytes) -> str:
     return json.loads(line)["custom_id"]
 
 
+def _still_there(store: BatchStore, batch_id: str, offset: int, last: bytes | None) -> bool:
+    """Whether the outcome read last, at ``offset - 1``, is still there."""
+    from batchrun import keys
+
+    if not offset:
+        return True
+    return store.redis.lindex(keys.sub(batch_id, "results"), offset - 1) == last
+
+
 def default_errors_path(results_path: str) -> str:
     p = Path(results_path)
     stem = p.name[:-len(".jsonl")] if p.name.endswith(".jsonl") else p.name
     return str(p.with_name(stem + ".errors.jsonl"))
+
+
+class UnservedWatch:
+    """Tells when no worker serves a batch: jobs are due, none is in flight, none has ended,
+    for ``after`` seconds (jobs waiting for a retry are not due, so a batch that waits is not
+    unserved). Says it once per such stretch."""
+
+    def __init__(self, after: float = UNSERVED_AFTER, clock: Callable[[], float] = time.monotonic):
+        self.after, self.clock = after, clock
+        self._ended: int | None = None
+        self._since: float | None = None
+        self._told = False
+
+    def update(self, jobs: dict[str, int]) -> float | None:
+        """Feed the batch's job counts (``BatchStore.counts``); returns the seconds it has been
+        unserved when it is time to say so, else None."""
+        now = self.clock()
+        ended = jobs["done"] + jobs["failed"]
+        moved = self._ended is not None and ended != self._ended
+        self._ended = ended
+        if moved or jobs["in_flight"] or not jobs["queued"]:
+            self._since, self._told = None, False
+            return None
+        if self._since is None:
+            self._since = now
+        idle = now - self._since
+        if idle >= self.after and not self._told:
+            self._told = True
+            return idle
+        return None
+
+
+def unserved_for(status: dict) -> float | None:
+    """From one `batch_status`: the seconds (up to its last minute) that a running batch has had
+    jobs due and no worker on them, if at least UNSERVED_AFTER; else None."""
+    j, lm = status["jobs"], status["last_minute"]
+    if status["state"] != "running" or j["in_flight"] or not j["queued"] or lm["requests"] or lm["ended"]:
+        return None
+    return lm["seconds"] if lm["seconds"] >= UNSERVED_AFTER else None
 
 
 @dataclass
@@ -75,12 +124,22 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
         for path in (results_path, errors_path):
             for cid in iter_custom_ids(path):
                 seen.add(cid, 1)
-        offset = 0
+        # Where this collector is in the outcome list, and the outcome it read last there. A
+        # Redis that lost the list's tail (AOF tail loss, failover to a replica behind) and
+        # then got new outcomes has other ones at these places: if the last one read is not
+        # where it was, the list is read again from the start (the files skip what they hold).
+        offset, last = 0, None
         while True:
             try:
+                if offset and not _still_there(store, batch_id, offset, last):
+                    on_note(f"batch {batch_id}: the outcome list in Redis is not the one read so far (a Redis "
+                            f"restart lost its tail, or a failover to a replica behind); reading it again from "
+                            f"the start")
+                    offset, last = 0, None
                 page = store.results(batch_id, offset, PAGE)
                 if page:
                     offset += len(page)
+                    last = page[-1]
                     for raw in page:
                         kind, line = raw[:1], raw[1:]
                         cid = _custom_id(line)
@@ -111,7 +170,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
             if on_progress:
                 on_progress(report)
             ended = report.state in ("finished", "cancelled")
-            if ended and offset >= store.results_length(batch_id):
+            if ended and offset >= store.results_length(batch_id) and _still_there(store, batch_id, offset, last):
                 report.finished = report.state == "finished"
                 break
             if not follow or should_stop():

@@ -58,3 +58,64 @@ def test_collect_skips_what_the_files_already_hold(tmp_path):
     report = collect(store, "b", str(out), on_note=lambda m: None)
     assert report.already_there == 1 and report.results_written == len(ids) - 1
     assert sorted(json.loads(x)["custom_id"] for x in open(out)) == sorted(ids)
+
+
+def _line(kind: str, cid: str) -> tuple[str, str, str]:
+    if kind == "E":
+        return ("E", cid, json.dumps(error_line(cid, code="bad", message="no")))
+    return ("R", cid, json.dumps(result_line(cid, status_code=200, request_id="r", body={"n": cid})))
+
+
+def test_follow_rereads_the_outcome_list_after_a_redis_rollback(store, make_batch, tmp_path):
+    """Every outcome that reached Redis reaches the files, even when Redis loses the list's tail
+    (AOF tail loss, a failover to a replica behind) and other outcomes take those places."""
+    from batchrun import keys
+
+    ids = make_batch(store, "b", 10)
+    store.complete("b", [_line("R", cid) for cid in ids[:6]])
+    out = tmp_path / "out.jsonl"
+    notes, polls = [], []
+
+    def rollback_once(report) -> None:
+        polls.append(report)
+        if len(polls) != 1:
+            return
+        # The rollback: Redis forgets the last three outcomes, as if they had never been written...
+        store.redis.ltrim(keys.sub("b", "results"), 0, 2)
+        store.redis.hdel(keys.sub("b", "status"), *ids[3:6])
+        store.redis.hset(keys.batch("b"), "done", 3)
+        # ...then other jobs end first, and those three run again.
+        store.complete("b", [_line("R", cid) for cid in ids[6:9]] + [_line("E", ids[9])])
+        store.complete("b", [_line("R", cid) for cid in ids[3:6]])
+
+    report = collect(store, "b", str(out), follow=True, poll=0.01, on_note=notes.append,
+                     on_progress=rollback_once)
+    assert report.finished
+    written = sorted(read_custom_ids(out) | read_custom_ids(tmp_path / "out.errors.jsonl"))
+    assert written == sorted(ids), f"missing: {sorted(set(ids) - set(written))}"
+    assert any("reading it again from the start" in n for n in notes)
+    assert len(open(out).readlines()) == 9  # nothing twice
+
+
+def test_follow_notices_other_outcomes_where_it_had_read(store, make_batch, tmp_path):
+    """After the rollback the list is as long as what was read, but other outcomes sit there."""
+    from batchrun import keys
+
+    ids = make_batch(store, "b", 6)
+    store.complete("b", [_line("R", cid) for cid in ids[:4]])
+    out = tmp_path / "out.jsonl"
+    polls = []
+
+    def rollback_once(report) -> None:
+        polls.append(report)
+        if len(polls) == 1:
+            store.redis.ltrim(keys.sub("b", "results"), 0, 1)
+            store.redis.hdel(keys.sub("b", "status"), *ids[2:4])
+            store.redis.hset(keys.batch("b"), "done", 2)
+            store.complete("b", [_line("R", cid) for cid in ids[4:6]])  # lands at places 2 and 3
+        elif len(polls) == 2:
+            store.complete("b", [_line("R", cid) for cid in ids[2:4]])
+
+    assert collect(store, "b", str(out), follow=True, poll=0.01, on_note=lambda m: None,
+                   on_progress=rollback_once).finished
+    assert sorted(read_custom_ids(out)) == sorted(ids)
