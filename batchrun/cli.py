@@ -350,10 +350,14 @@ def status(ctx, batch_id, redis_url, as_json, watch, every):
             else:
                 if watch and tty:
                     click.clear()
+                where = hints.RedisRef.of(url, hints.source_of(ctx))
+                if data["reason"]:  # its command, as it works from here
+                    data["reason"] = hints.complete(data["reason"],
+                                                    lambda bid, extra: hints.resume_batch(bid, where, extra))
                 click.echo("\n".join(describe_status(data)))
                 idle = unserved_for(data)
                 if idle is not None:
-                    click.echo("  " + hints.unserved(batch_id, idle, hints.RedisRef.of(url, hints.source_of(ctx))))
+                    click.echo("  " + hints.unserved(batch_id, idle, where))
             if not watch or data["state"] in ("finished", "cancelled"):
                 return
             time.sleep(every)
@@ -443,16 +447,20 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     if named:
         fail(f"{', '.join(named)} apply to `resume JOBS -o OUT` only; a batch in Redis keeps the options it "
              f"was submitted with")
+    from batchrun import hints
+
     batch_id = target
-    store, _ = open_store(redis_url)
+    store, url = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
     meta = store.meta(batch_id)
     if meta.get("state") == "cancelled":
         fail(f"batch {batch_id} was cancelled")
     if max_cost is None and meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
+        where = hints.RedisRef.of(url, source_of(ctx))
         fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
-             f"batchrun resume {batch_id} --max-cost USD")
+             + hints.command(hints.resume_batch(batch_id, where, ["--max-cost", "USD"]))
+             + (f" {where.note()}" if where.note() else ""))
     if max_cost is not None:
         committed = store.committed_cost(batch_id)
         if max_cost and max_cost <= committed:

@@ -93,7 +93,7 @@ def rerun(jobs: str, output: str, errors: str | None, batch_id: str, redis: Redi
 
 def resume_batch(batch_id: str, redis: RedisRef, extra: Sequence[str] = ()) -> list[str]:
     """Queue a batch's work again for the workers that serve its Redis."""
-    return ["resume", batch_id, *redis.args(), *extra]
+    return ["resume", batch_id, *extra, *redis.args()]
 
 
 def worker(redis: RedisRef) -> list[str]:

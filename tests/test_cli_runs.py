@@ -19,11 +19,7 @@ from tests.hostile import HostileServer, Reply, error_body, ok, rate_limit_body
 
 
 def _lines(path) -> int:
-    try:
-        with open(path) as f:
-            return sum(1 for _ in f)
-    except FileNotFoundError:
-        return 0
+    return path.read_bytes().count(b"\n") if path.exists() else 0
 
 
 @pytest.fixture(params=["memory", "url", "env"])
@@ -383,3 +379,25 @@ def test_run_shows_the_retry_summaries_by_default(kind, real_redis_url, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "rate limited (TPM): " in proc.stderr and "job(s) requeued, next retry in" in proc.stderr, proc.stderr
     assert "started (concurrency" not in proc.stderr  # the other worker lines stay quiet
+
+
+@pytest.mark.parametrize("kind", ["url", "env"])
+def test_a_pause_on_a_real_redis_prints_a_command_that_continues_it_when_pasted(kind, real_redis_url, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 6)
+    out = tmp_path / "r.jsonl"
+    quota = Reply(429, {}, error_body("You exceeded your current quota.", "insufficient_quota",
+                                      "insufficient_quota"))
+    billing_fixed = []
+    with HostileServer(lambda seen: ok() if billing_fixed else quota) as srv:
+        extra = {"BATCHRUN_REDIS_URL": real_redis_url} if kind == "env" else {}
+        args = ["--redis-url", real_redis_url] if kind == "url" else []
+        proc = _cli(["run", str(jobs), "-o", str(out), *args], _env(srv, extra))
+        assert proc.returncode == 4, proc.stderr
+        assert "batchrun resume batch-" not in proc.stderr, proc.stderr  # no worker would serve it
+        command = _printed_command(proc.stderr)
+        assert command[0] == "run" and ("--redis-url" in command) == (kind == "url")
+        billing_fixed.append(True)
+        pasted = _cli(command, _env(srv, extra))
+        assert pasted.returncode == 0, pasted.stderr
+    assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"req-{i}" for i in range(6))
+    assert not read_lines(tmp_path / "r.errors.jsonl")
