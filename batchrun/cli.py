@@ -281,6 +281,10 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
     click.echo(f"{report.results_written} result(s) written to {output}, {report.errors_written} error(s) to {errors}"
                + (f"; {report.already_there} were already there" if report.already_there else "")
                + f"; batch is {report.state}")
+    if report.other_there:
+        click.echo(f"{report.other_there} outcome(s) of batch {batch_id} were not written: the files already hold "
+                   f"another outcome for their custom_id (from another batch?); collect into another file to keep "
+                   f"them", err=True)
     meta = store.meta(batch_id)
     if meta.get("state") == "paused" and not follow:
         click.echo(f"batch {batch_id} is paused: " + hints.complete(

@@ -18,7 +18,7 @@ from pathlib import Path
 import redis
 
 from batchrun.jobfile import _SeenIds
-from batchrun.outputs import JsonlAppender, iter_custom_ids, repair_truncated_tail
+from batchrun.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
 from batchrun.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
@@ -26,15 +26,22 @@ UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `colle
 
 
 # An outcome line starts as outputs.result_line / error_line make it: {"id": "batch_req_…", "custom_id": "…".
-_HEAD = re.compile(rb'\{"id": "[^"\\]*", "custom_id": ("(?:[^"\\]|\\.)*")')
+_HEAD = re.compile(rb'\{"id": "([^"\\]*)", "custom_id": ("(?:[^"\\]|\\.)*")')
 
 
-def _custom_id(line: bytes) -> str:
-    """The custom_id of an outcome line, without decoding the whole line when it starts as usual."""
+def _ids(line: bytes) -> tuple[str, str | None]:
+    """The custom_id and line id of an outcome line, without decoding the whole line when it
+    starts as usual."""
     m = _HEAD.match(line)
     if m is not None:
-        return json.loads(m.group(1))
-    return json.loads(line)["custom_id"]
+        return json.loads(m.group(2)), m.group(1).decode()
+    obj = json.loads(line)
+    return obj["custom_id"], obj.get("id")
+
+
+def _tag(line_id: str | None) -> int:
+    """A line id as a non-zero 64-bit number: which outcome of a custom_id a file holds."""
+    return (hash(line_id) & 0x7FFF_FFFF_FFFF_FFFF) | 1
 
 
 def _still_there(store: BatchStore, batch_id: str, offset: int, last: bytes | None) -> bool:
@@ -96,6 +103,9 @@ class CollectReport:
     results_written: int = 0
     errors_written: int = 0
     already_there: int = 0
+    # Outcomes of this batch not written because the files hold another outcome for their
+    # custom_id (an earlier batch's, or the first one before a Redis rollback): paid, not kept.
+    other_there: int = 0
     finished: bool = False
     state: str = ""
 
@@ -122,8 +132,8 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
         # million outcomes would otherwise take ~100 MB here.
         seen = _SeenIds()
         for path in (results_path, errors_path):
-            for cid in iter_custom_ids(path):
-                seen.add(cid, 1)
+            for cid, line_id in iter_outcome_ids(path):
+                seen.add(cid, _tag(line_id))
         # Where this collector is in the outcome list, and the outcome it read last there. A
         # Redis that lost the list's tail (AOF tail loss, failover to a replica behind) and
         # then got new outcomes has other ones at these places: if the last one read is not
@@ -142,9 +152,12 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
                     last = page[-1]
                     for raw in page:
                         kind, line = raw[:1], raw[1:]
-                        cid = _custom_id(line)
-                        if seen.add(cid, 1) is not None:
+                        cid, line_id = _ids(line)
+                        tag = _tag(line_id)
+                        there = seen.add(cid, tag)
+                        if there is not None:
                             report.already_there += 1
+                            report.other_there += there != tag
                             continue
                         sink = out if kind == b"R" else err
                         if line.isascii() and b"\n" not in line and b"\r" not in line:

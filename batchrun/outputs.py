@@ -69,6 +69,12 @@ def read_custom_ids(path: str | os.PathLike) -> set[str]:
 
 def iter_custom_ids(path: str | os.PathLike):
     """The custom_ids of a results or errors file, one line at a time (see ``read_custom_ids``)."""
+    for custom_id, _ in iter_outcome_ids(path):
+        yield custom_id
+
+
+def iter_outcome_ids(path: str | os.PathLike):
+    """(custom_id, line id or None) of each line of a results or errors file (see ``read_custom_ids``)."""
     name = os.fsdecode(path)
     try:
         f = open(path, "rb")
@@ -93,7 +99,8 @@ def iter_custom_ids(path: str | os.PathLike):
                     f"{name}, line {line_no}: not a result line (no custom_id); "
                     "is this the right file?"
                 )
-            yield custom_id
+            line_id = obj.get("id")
+            yield custom_id, line_id if isinstance(line_id, str) else None
 
 
 def repair_truncated_tail(path: str | os.PathLike) -> str | None:

@@ -62,12 +62,12 @@ class RunConfig:
 def run_batch(cfg: RunConfig) -> int:
     errors_path = cfg.errors or default_errors_path(cfg.output)
     sidecar = settings_path(cfg.output)
-    # Every path is checked before anything is submitted: a batch must not start that
-    # cannot write its results.
-    _check_paths(cfg, errors_path, sidecar)
     settings = WorkerSettings.from_env(concurrency=cfg.concurrency, grace_seconds=cfg.grace)
     if not cfg.mock and not settings.api_key:
         raise click.ClickException("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
+    # Every path is checked before anything is submitted: a batch must not start that
+    # cannot write its results.
+    _check_paths(cfg, errors_path, sidecar)
     # Jobs the files hold already are never sent again, by `run` as by `resume`: a second
     # run onto a complete output must not pay again for answers it would then drop.
     skip, prior_errors = _already_done(cfg, errors_path)
@@ -77,7 +77,7 @@ def run_batch(cfg: RunConfig) -> int:
                    + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
                       else ""), err=True)
     saved = save_run_settings(cfg, sidecar)
-    written = [0, 0]
+    written = [0, 0, 0]  # results, errors, outcomes the files held another one of
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
         if cfg.mock:
@@ -109,6 +109,7 @@ def run_batch(cfg: RunConfig) -> int:
             r = collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), **kw)
             written[0] += r.results_written
             written[1] += r.errors_written
+            written[2] += r.other_there
 
         try:
             collect_now(follow=True, poll=0.3, on_progress=lambda r: progress.update(), should_stop=should_stop)
@@ -152,7 +153,10 @@ def run_batch(cfg: RunConfig) -> int:
 def _summary(cfg: RunConfig, errors_path: str, written: list[int], skip: set[str]) -> str:
     """What this command wrote (not what the batch holds: a rerun writes only what was missing)."""
     return (f"{written[0]} result(s) written to {cfg.output}, {written[1]} error(s) to {errors_path}"
-            + (f"; {len(skip)} job(s) were there already" if skip else ""))
+            + (f"; {len(skip)} job(s) were there already" if skip else "")
+            + (f"; {written[2]} outcome(s) of this batch were not written, as the files hold another outcome "
+               f"for their custom_id (a job sent twice after a Redis rollback, or a race with another run)"
+               if written[2] else ""))
 
 
 def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
@@ -238,7 +242,7 @@ def _already_done(cfg: RunConfig, errors_path: str) -> tuple[set[str], int]:
             click.echo(note, err=True)
     done = read_custom_ids(cfg.output)
     failed: set[str] = set()
-    if cfg.retry_failed and Path(errors_path).exists():
+    if cfg.retry_failed and Path(errors_path).exists() and Path(errors_path).stat().st_size:
         kept = f"{errors_path}.previous"
         os.replace(errors_path, kept)  # their new outcome goes to a fresh errors file
         click.echo(f"the errors of the previous run are sent again; the old errors file is now {kept}", err=True)

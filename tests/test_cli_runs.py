@@ -401,3 +401,24 @@ def test_a_pause_on_a_real_redis_prints_a_command_that_continues_it_when_pasted(
         assert pasted.returncode == 0, pasted.stderr
     assert sorted(r["custom_id"] for r in read_lines(out)) == sorted(f"req-{i}" for i in range(6))
     assert not read_lines(tmp_path / "r.errors.jsonl")
+
+
+def test_collect_says_which_paid_answers_it_could_not_write(real_redis_url, tmp_path):
+    import redis
+
+    from batchrun.outputs import result_line
+    from batchrun.store import BatchStore
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
+    store = BatchStore(redis.Redis.from_url(real_redis_url))
+    out = tmp_path / "r.jsonl"
+    for bid in ("first", "second"):
+        assert _cli(["submit", str(jobs), "--batch-id", bid], env).returncode == 0
+        store.complete(bid, [("R", f"req-{i}", json.dumps(result_line(f"req-{i}", status_code=200, request_id=None,
+                                                                      body={"batch": bid})))
+                             for i in range(3)])
+        proc = _cli(["collect", bid, "-o", str(out)], env)
+        assert proc.returncode == 0, proc.stderr
+    assert "3 outcome(s) of batch second were not written" in proc.stderr
+    assert [r["response"]["body"]["batch"] for r in read_lines(out)] == ["first"] * 3

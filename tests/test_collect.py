@@ -119,3 +119,16 @@ def test_follow_notices_other_outcomes_where_it_had_read(store, make_batch, tmp_
     assert collect(store, "b", str(out), follow=True, poll=0.01, on_note=lambda m: None,
                    on_progress=rollback_once).finished
     assert sorted(read_custom_ids(out)) == sorted(ids)
+
+
+def test_collect_counts_the_outcomes_it_could_not_write_because_the_files_hold_others(tmp_path):
+    """What is written must match what was paid for: an answer of this batch whose custom_id the
+    file holds from another run is not written, and the report says so."""
+    store, ids = _setup(tmp_path, 4)
+    out = tmp_path / "out.jsonl"
+    out.write_text(json.dumps(result_line(ids[0], status_code=200, request_id=None, body={})) + "\n")
+    store.complete("b", [_line("R", cid) for cid in ids])
+    report = collect(store, "b", str(out), on_note=lambda m: None)
+    assert (report.results_written, report.already_there, report.other_there) == (3, 1, 1)
+    again = collect(store, "b", str(out), on_note=lambda m: None)  # its own lines: not counted as others
+    assert (again.results_written, again.already_there, again.other_there) == (0, 4, 1)
