@@ -511,7 +511,7 @@ if __name__ == "__main__":
 
     mode, args = sys.argv[1], sys.argv[2:]
     if mode == "summaries":
-        logging.getLogger("batchrun").setLevel(logging.WARNING)
+        # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
         logging.getLogger("batchrun.worker").setLevel(logging.INFO)
         logging.getLogger("batchrun.worker").addFilter(_RunLogFilter())
-    main(args=(["-q"] if mode == "quiet" else ["-v"] if mode == "verbose" else []) + args, prog_name="batchrun")
+    main(args=(["-v"] if mode == "verbose" else ["-q"]) + args, prog_name="batchrun")

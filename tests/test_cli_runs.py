@@ -379,6 +379,7 @@ def test_run_shows_the_retry_summaries_by_default(kind, real_redis_url, tmp_path
     assert proc.returncode == 0, proc.stderr
     assert "rate limited (TPM): " in proc.stderr and "job(s) requeued, next retry in" in proc.stderr, proc.stderr
     assert "started (concurrency" not in proc.stderr  # the other worker lines stay quiet
+    assert "Listening on" not in proc.stderr  # and RQ's
 
 
 @pytest.mark.parametrize("kind", ["url", "env"])

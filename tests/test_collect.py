@@ -132,3 +132,60 @@ def test_collect_counts_the_outcomes_it_could_not_write_because_the_files_hold_o
     assert (report.results_written, report.already_there, report.other_there) == (3, 1, 1)
     again = collect(store, "b", str(out), on_note=lambda m: None)  # its own lines: not counted as others
     assert (again.results_written, again.already_there, again.other_there) == (0, 4, 1)
+
+
+def test_every_outcome_that_reached_redis_reaches_the_files_whatever_the_rollbacks(tmp_path_factory):
+    """Property: jobs end in any order, Redis loses the tail of the outcome list at any moment
+    (and the jobs whose outcomes it lost run again), while `collect --follow` polls; when the
+    batch finishes, the files hold every job exactly once, and every outcome of the list."""
+    from hypothesis import HealthCheck, given, settings, strategies as st
+
+    from batchrun import keys
+    from tests.conftest import make_batch
+
+    ops = st.lists(st.tuples(st.sampled_from(["end", "rollback", "poll"]), st.integers(1, 6)), max_size=25)
+
+    @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(ops=ops, order=st.randoms(use_true_random=False))
+    def check(ops, order):
+        store = BatchStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+        ids = make_batch(store, "b", 12)
+        pending = list(ids)
+        order.shuffle(pending)
+        listed: list[str] = []  # the custom_ids in the outcome list, in order
+        todo = list(ops) + [("end", len(ids))]  # at last every job ends
+
+        def end(k: int) -> None:
+            batch = [pending.pop() for _ in range(min(k, len(pending)))]
+            if batch:
+                store.complete("b", [_line("E" if order.random() < 0.2 else "R", cid) for cid in batch])
+                listed.extend(batch)
+
+        def step(report) -> None:
+            while todo:
+                op, k = todo.pop(0)
+                if op == "poll":
+                    return
+                if op == "end":
+                    end(k)
+                elif listed:  # a rollback: the last k outcomes are gone, their jobs run again
+                    lost = listed[-k:]
+                    del listed[-k:]
+                    store.redis.ltrim(keys.sub("b", "results"), 0, len(listed) - 1)
+                    store.redis.hdel(keys.sub("b", "status"), *lost)
+                    # (done + failed is what ends the batch; how they split does not matter here)
+                    store.redis.hset(keys.batch("b"), mapping={"done": len(listed), "failed": 0,
+                                                               "state": "running"})
+                    pending.extend(lost)
+                    order.shuffle(pending)
+                return
+
+        out = tmp_path_factory.mktemp("c") / "out.jsonl"
+        report = collect(store, "b", str(out), follow=True, poll=0, on_note=lambda m: None, on_progress=step)
+        assert report.finished and not pending  # (what is left of todo came after the end)
+        written = [json.loads(x)["custom_id"] for path in (out, out.parent / "out.errors.jsonl") for x in open(path)]
+        assert len(written) == len(set(written)), "a job written twice"
+        assert set(written) == set(ids)
+        assert set(listed) <= set(written)
+
+    check()
