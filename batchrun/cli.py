@@ -261,18 +261,23 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
             click.echo(message, err=True)
 
     def on_progress(report) -> None:
+        import redis
+
         progress.update()
-        if report.state == "paused":
-            reason = store.meta(batch_id).get("reason") or ""
-            if reason != told["paused"]:
-                told["paused"] = reason
-                say(f"batch {batch_id} is paused: "
-                    + hints.complete(reason, lambda bid, extra: hints.resume_batch(bid, where, extra)))
-        if time.monotonic() - last[0] >= 2:  # counting costs a few Redis calls: not every poll
-            last[0] = time.monotonic()
-            idle = watch.update(store.counts(batch_id))
-            if idle is not None:
-                say(hints.unserved(batch_id, idle, where))
+        try:  # Redis going away is waited out by collect, which says so: these notes wait too
+            if report.state == "paused":
+                reason = store.meta(batch_id).get("reason") or ""
+                if reason != told["paused"]:
+                    told["paused"] = reason
+                    say(f"batch {batch_id} is paused: "
+                        + hints.complete(reason, lambda bid, extra: hints.resume_batch(bid, where, extra)))
+            if time.monotonic() - last[0] >= 2:  # counting costs a few Redis calls: not every poll
+                last[0] = time.monotonic()
+                idle = watch.update(store.counts(batch_id))
+                if idle is not None:
+                    say(hints.unserved(batch_id, idle, where))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
 
     with shown as progress:
         report = do_collect(store, batch_id, output, errors, follow=follow,

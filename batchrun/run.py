@@ -102,7 +102,12 @@ def run_batch(cfg: RunConfig) -> int:
         progress = stack.enter_context(Progress(store, bid, total=report.total))
 
         def should_stop() -> bool:
-            state = store.meta(bid).get("state")
+            import redis
+
+            try:
+                state = store.meta(bid).get("state")
+            except (redis.ConnectionError, redis.TimeoutError):
+                state = None  # Redis away: collect waits it out, and so does this run
             return state == "paused" or not workers.alive()
 
         def collect_now(**kw) -> None:
