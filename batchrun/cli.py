@@ -404,26 +404,75 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
 @click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
 @click.option("--follow", is_flag=True, help="Keep writing until the batch is finished.")
 @redis_option
-def collect(batch_id, output, errors, follow, redis_url):
-    """Append BATCH_ID's results (and errors) that the files do not hold yet."""
-    from batchrun.collect import collect as do_collect, default_errors_path
+@click.pass_context
+def collect(ctx, batch_id, output, errors, follow, redis_url):
+    """Append BATCH_ID's results (and errors) that the files do not hold yet.
+
+    Exit codes: 0 finished, 3 finished with errors, 4 not finished (paused, cancelled, or
+    running without --follow), 1 an error, 2 a usage error.
+    """
+    import time
 
     from contextlib import nullcontext
 
+    from batchrun import hints
+    from batchrun.collect import UNSERVED_AFTER, UnservedWatch, collect as do_collect, default_errors_path
+    from batchrun.exitcodes import for_state
+    from batchrun.outputs import check_writable
     from batchrun.progress import Progress
 
-    store, _ = open_store(redis_url)
+    store, url = open_store(redis_url)
+    where = hints.RedisRef.of(url, hints.source_of(ctx))
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis")
+    errors = errors or default_errors_path(output)
+    for path in (output, errors):
+        check_writable(path)
     shown = Progress(store, batch_id, total=int(store.meta(batch_id).get("total", 0))) if follow else nullcontext()
+    watch = UnservedWatch(after=float(os.environ.get("BATCHRUN_UNSERVED_SECONDS") or UNSERVED_AFTER))
+    told, last = {"paused": ""}, [0.0]
+
+    def say(message: str) -> None:
+        if progress is not None and getattr(progress, "bar", None) is not None:
+            progress.bar.write(message, file=sys.stderr)
+        else:
+            click.echo(message, err=True)
+
+    def on_progress(report) -> None:
+        import redis
+
+        progress.update()
+        try:  # Redis going away is waited out by collect, which says so: these notes wait too
+            if report.state == "paused":
+                reason = store.meta(batch_id).get("reason") or ""
+                if reason != told["paused"]:
+                    told["paused"] = reason
+                    say(f"batch {batch_id} is paused: "
+                        + hints.complete(reason, lambda bid, extra: hints.resume_batch(bid, where, extra)))
+            if time.monotonic() - last[0] >= 2:  # counting costs a few Redis calls: not every poll
+                last[0] = time.monotonic()
+                idle = watch.update(store.counts(batch_id))
+                if idle is not None:
+                    say(hints.unserved(batch_id, idle, where))
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+
     with shown as progress:
         report = do_collect(store, batch_id, output, errors, follow=follow,
                             on_note=lambda m: click.echo(m, err=True),
-                            on_progress=(lambda r: progress.update()) if follow else None)
-    errors = errors or default_errors_path(output)
+                            on_progress=on_progress if follow else None)
     click.echo(f"{report.results_written} result(s) written to {output}, {report.errors_written} error(s) to {errors}"
                + (f"; {report.already_there} were already there" if report.already_there else "")
                + f"; batch is {report.state}")
+    if report.other_there:
+        click.echo(f"{report.other_there} outcome(s) of batch {batch_id} were not written: the files already hold "
+                   f"another outcome for their custom_id (from another batch?); collect into another file to keep "
+                   f"them", err=True)
+    meta = store.meta(batch_id)
+    if meta.get("state") == "paused" and not follow:
+        click.echo(f"batch {batch_id} is paused: " + hints.complete(
+            meta.get("reason") or "", lambda bid, extra: hints.resume_batch(bid, where, extra)), err=True)
+    sys.exit(for_state(meta.get("state", ""), int(meta.get("failed") or 0)))
 
 
 @main.command()
@@ -438,16 +487,24 @@ def collect(batch_id, output, errors, follow, redis_url):
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
-def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
+@click.pass_context
+def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
         prices, **kw):
-    """Submit JOBS, run local workers and collect the results into OUTPUT, with progress."""
+    """Submit JOBS, run local workers and collect the results into OUTPUT, with progress.
+
+    Jobs whose custom_id OUTPUT or its errors file already holds are not sent again.
+    Exit codes: 0 finished, 3 finished with errors, 4 paused or work left, 130 interrupted,
+    1 an error, 2 a usage error.
+    """
+    from batchrun.hints import source_of
     from batchrun.run import RunConfig, run_batch
 
     options = make_options(**kw)
     check_run(redis_url, processes, concurrency, grace, batch_id, options)
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=options,
-                    concurrency=concurrency, processes=processes, mock=mock, grace=grace, prices=prices)
+                    concurrency=concurrency, processes=processes, mock=mock, grace=grace, prices=prices,
+                    redis_source=source_of(ctx))
     try:
         sys.exit(run_batch(cfg))
     except (JobFileError, ValueError) as exc:
@@ -460,13 +517,16 @@ def run(jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concu
 @click.option("--json", "as_json", is_flag=True, help="One JSON object (fields documented in the README).")
 @click.option("--watch", is_flag=True, help="Refresh every few seconds until the batch ends (Ctrl-C to stop watching).")
 @click.option("--every", type=Number(0.2), default=2.0, show_default=True, help="Seconds between refreshes.")
-def status(batch_id, redis_url, as_json, watch, every):
+@click.pass_context
+def status(ctx, batch_id, redis_url, as_json, watch, every):
     """Where BATCH_ID's jobs are, its pace against the limits, its ETA and its cost."""
     import time
 
+    from batchrun import hints
+    from batchrun.collect import unserved_for
     from batchrun.status import batch_status, describe as describe_status
 
-    store, _ = open_store(redis_url)
+    store, url = open_store(redis_url)
     tty = sys.stdout.isatty()
     try:
         while True:
@@ -479,7 +539,14 @@ def status(batch_id, redis_url, as_json, watch, every):
             else:
                 if watch and tty:
                     click.clear()
+                where = hints.RedisRef.of(url, hints.source_of(ctx))
+                if data["reason"]:  # its command, as it works from here
+                    data["reason"] = hints.complete(data["reason"],
+                                                    lambda bid, extra: hints.resume_batch(bid, where, extra))
                 click.echo("\n".join(describe_status(data)))
+                idle = unserved_for(data)
+                if idle is not None:
+                    click.echo("  " + hints.unserved(batch_id, idle, where))
             if not watch or data["state"] in ("finished", "cancelled"):
                 return
             time.sleep(every)
@@ -520,8 +587,17 @@ def list_batches(redis_url, limit):
               help="New spending cap for the batch (a batch paused at its cap needs a higher one).")
 @click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None,
               help="TOML price file over the batch's price table (a batch paused for a missing price needs it).")
+@click.option("--endpoint", default=None, help="With a JOBS file: as for run (default: the first run's).")
+@click.option("--skip-invalid", is_flag=True, default=None, help="With a JOBS file: as for run (default: the first run's).")
+@click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
+@click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
+@click.option("--max-attempts", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-base", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-cap", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--burst-seconds", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--processes", "-p", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
 @click.pass_context
-def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost, prices):
+def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost, prices, **given):
     """Continue a batch: TARGET is a BATCH_ID, or a JOBS file.
 
     \b
@@ -529,36 +605,51 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
                                        burst workers that left, a Redis restart with persistence)
     batchrun resume JOBS.jsonl -o OUT  when the Redis state is gone: run, as a new batch, only the
                                        custom_ids missing from OUT (and its errors file), appending
-                                       to the same files
+                                       to the same files, with the first run's settings (kept
+                                       beside OUT) unless given here
+
+    Exit codes as for run.
     """
     from pathlib import Path
+
+    from batchrun.hints import source_of
 
     _check_finite("--max-cost", max_cost)
     if Path(target).is_file():
         if not output:
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
-        from batchrun.run import RunConfig, run_batch
+        from batchrun.run import resume_config, run_batch
 
-
-        cfg = RunConfig(jobs=target, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=None,
-                        endpoint="/v1/chat/completions", skip_invalid=False,
-                        options=BatchOptions(max_cost=max_cost or 0.0),
-                        concurrency=concurrency, processes=1, mock=mock, grace=grace, only_missing=True,
-                        retry_failed=retry_failed, prices=prices)
+        try:
+            cfg, used = resume_config(target, output, errors, given, max_cost=max_cost, prices=prices, mock=mock,
+                                      concurrency=concurrency, grace=grace, retry_failed=retry_failed,
+                                      redis_url=resolve_url(redis_url), redis_source=source_of(ctx))
+        except ValueError as exc:
+            fail(str(exc))
+        if used:
+            click.echo(f"resuming with the first run's settings: {used}", err=True)
         try:
             sys.exit(run_batch(cfg))
-        except JobFileError as exc:
+        except (JobFileError, ValueError) as exc:
             fail(str(exc))
+    named = [f"--{name.replace('_', '-')}" for name, value in given.items() if value not in (None, (), False)]
+    if named:
+        fail(f"{', '.join(named)} apply to `resume JOBS -o OUT` only; a batch in Redis keeps the options it "
+             f"was submitted with")
+    from batchrun import hints
+
     batch_id = target
-    store, _ = open_store(redis_url)
+    store, url = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
     meta = store.meta(batch_id)
     if meta.get("state") == "cancelled":
         fail(f"batch {batch_id} was cancelled")
     if max_cost is None and meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
+        where = hints.RedisRef.of(url, source_of(ctx))
         fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
-             f"batchrun resume {batch_id} --max-cost USD")
+             + hints.command(hints.resume_batch(batch_id, where, ["--max-cost", "USD"]))
+             + (f" {where.note()}" if where.note() else ""))
     if max_cost is not None:
         committed = store.committed_cost(batch_id)
         if max_cost and max_cost <= committed:

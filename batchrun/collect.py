@@ -18,22 +18,39 @@ from pathlib import Path
 import redis
 
 from batchrun.jobfile import _SeenIds
-from batchrun.outputs import JsonlAppender, iter_custom_ids, repair_truncated_tail
+from batchrun.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
 from batchrun.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
+UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `collect --follow` says so
 
 
 # An outcome line starts as outputs.result_line / error_line make it: {"id": "batch_req_…", "custom_id": "…".
-_HEAD = re.compile(rb'\{"id": "[^"\\]*", "custom_id": ("(?:[^"\\]|\\.)*")')
+_HEAD = re.compile(rb'\{"id": "([^"\\]*)", "custom_id": ("(?:[^"\\]|\\.)*")')
 
 
-def _custom_id(line: bytes) -> str:
-    """The custom_id of an outcome line, without decoding the whole line when it starts as usual."""
+def _ids(line: bytes) -> tuple[str, str | None]:
+    """The custom_id and line id of an outcome line, without decoding the whole line when it
+    starts as usual."""
     m = _HEAD.match(line)
     if m is not None:
-        return json.loads(m.group(1))
-    return json.loads(line)["custom_id"]
+        return json.loads(m.group(2)), m.group(1).decode()
+    obj = json.loads(line)
+    return obj["custom_id"], obj.get("id")
+
+
+def _tag(line_id: str | None) -> int:
+    """A line id as a non-zero 64-bit number: which outcome of a custom_id a file holds."""
+    return (hash(line_id) & 0x7FFF_FFFF_FFFF_FFFF) | 1
+
+
+def _still_there(store: BatchStore, batch_id: str, offset: int, last: bytes | None) -> bool:
+    """Whether the outcome read last, at ``offset - 1``, is still there."""
+    from batchrun import keys
+
+    if not offset:
+        return True
+    return store.redis.lindex(keys.sub(batch_id, "results"), offset - 1) == last
 
 
 def default_errors_path(results_path: str) -> str:
@@ -42,11 +59,53 @@ def default_errors_path(results_path: str) -> str:
     return str(p.with_name(stem + ".errors.jsonl"))
 
 
+class UnservedWatch:
+    """Tells when no worker serves a batch: jobs are due, none is in flight, none has ended,
+    for ``after`` seconds (jobs waiting for a retry are not due, so a batch that waits is not
+    unserved). Says it once per such stretch."""
+
+    def __init__(self, after: float = UNSERVED_AFTER, clock: Callable[[], float] = time.monotonic):
+        self.after, self.clock = after, clock
+        self._ended: int | None = None
+        self._since: float | None = None
+        self._told = False
+
+    def update(self, jobs: dict[str, int]) -> float | None:
+        """Feed the batch's job counts (``BatchStore.counts``); returns the seconds it has been
+        unserved when it is time to say so, else None."""
+        now = self.clock()
+        ended = jobs["done"] + jobs["failed"]
+        moved = self._ended is not None and ended != self._ended
+        self._ended = ended
+        if moved or jobs["in_flight"] or not jobs["queued"]:
+            self._since, self._told = None, False
+            return None
+        if self._since is None:
+            self._since = now
+        idle = now - self._since
+        if idle >= self.after and not self._told:
+            self._told = True
+            return idle
+        return None
+
+
+def unserved_for(status: dict) -> float | None:
+    """From one `batch_status`: the seconds (up to its last minute) that a running batch has had
+    jobs due and no worker on them, if at least UNSERVED_AFTER; else None."""
+    j, lm = status["jobs"], status["last_minute"]
+    if status["state"] != "running" or j["in_flight"] or not j["queued"] or lm["requests"] or lm["ended"]:
+        return None
+    return lm["seconds"] if lm["seconds"] >= UNSERVED_AFTER else None
+
+
 @dataclass
 class CollectReport:
     results_written: int = 0
     errors_written: int = 0
     already_there: int = 0
+    # Outcomes of this batch not written because the files hold another outcome for their
+    # custom_id (an earlier batch's, or the first one before a Redis rollback): paid, not kept.
+    other_there: int = 0
     finished: bool = False
     state: str = ""
 
@@ -73,19 +132,32 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
         # million outcomes would otherwise take ~100 MB here.
         seen = _SeenIds()
         for path in (results_path, errors_path):
-            for cid in iter_custom_ids(path):
-                seen.add(cid, 1)
-        offset = 0
+            for cid, line_id in iter_outcome_ids(path):
+                seen.add(cid, _tag(line_id))
+        # Where this collector is in the outcome list, and the outcome it read last there. A
+        # Redis that lost the list's tail (AOF tail loss, failover to a replica behind) and
+        # then got new outcomes has other ones at these places: if the last one read is not
+        # where it was, the list is read again from the start (the files skip what they hold).
+        offset, last = 0, None
         while True:
             try:
+                if offset and not _still_there(store, batch_id, offset, last):
+                    on_note(f"batch {batch_id}: the outcome list in Redis is not the one read so far (a Redis "
+                            f"restart lost its tail, or a failover to a replica behind); reading it again from "
+                            f"the start")
+                    offset, last = 0, None
                 page = store.results(batch_id, offset, PAGE)
                 if page:
                     offset += len(page)
+                    last = page[-1]
                     for raw in page:
                         kind, line = raw[:1], raw[1:]
-                        cid = _custom_id(line)
-                        if seen.add(cid, 1) is not None:
+                        cid, line_id = _ids(line)
+                        tag = _tag(line_id)
+                        there = seen.add(cid, tag)
+                        if there is not None:
                             report.already_there += 1
+                            report.other_there += there != tag
                             continue
                         sink = out if kind == b"R" else err
                         if line.isascii() and b"\n" not in line and b"\r" not in line:
@@ -111,7 +183,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
             if on_progress:
                 on_progress(report)
             ended = report.state in ("finished", "cancelled")
-            if ended and offset >= store.results_length(batch_id):
+            if ended and offset >= store.results_length(batch_id) and _still_there(store, batch_id, offset, last):
                 report.finished = report.state == "finished"
                 break
             if not follow or should_stop():

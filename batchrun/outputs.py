@@ -35,6 +35,28 @@ class OutputFileError(Exception):
     """A results file is damaged, or is in use by another process."""
 
 
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise OutputFileError with a sentence if ``path`` cannot be appended to (a missing or
+    read-only directory, a directory in its place); creates it empty if it is missing. A real
+    attempt rather than os.access, which says yes to root on a read-only file system."""
+    name = os.fsdecode(path)
+    try:
+        os.close(os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise OutputFileError(_cannot_write(name, exc)) from None
+
+
+def _cannot_write(name: str, exc: OSError) -> str:
+    folder = os.path.dirname(os.path.abspath(name))
+    if isinstance(exc, FileNotFoundError) and not os.path.isdir(folder):
+        why = f"the directory {folder} does not exist"
+    elif isinstance(exc, IsADirectoryError):
+        why = "it is a directory"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot write {name}: {why}"
+
+
 def read_custom_ids(path: str | os.PathLike) -> set[str]:
     """The custom_ids of the lines already in a results or errors file (missing file: none).
 
@@ -47,6 +69,12 @@ def read_custom_ids(path: str | os.PathLike) -> set[str]:
 
 def iter_custom_ids(path: str | os.PathLike):
     """The custom_ids of a results or errors file, one line at a time (see ``read_custom_ids``)."""
+    for custom_id, _ in iter_outcome_ids(path):
+        yield custom_id
+
+
+def iter_outcome_ids(path: str | os.PathLike):
+    """(custom_id, line id or None) of each line of a results or errors file (see ``read_custom_ids``)."""
     name = os.fsdecode(path)
     try:
         f = open(path, "rb")
@@ -71,7 +99,8 @@ def iter_custom_ids(path: str | os.PathLike):
                     f"{name}, line {line_no}: not a result line (no custom_id); "
                     "is this the right file?"
                 )
-            yield custom_id
+            line_id = obj.get("id")
+            yield custom_id, line_id if isinstance(line_id, str) else None
 
 
 def repair_truncated_tail(path: str | os.PathLike) -> str | None:
@@ -158,7 +187,10 @@ class JsonlAppender:
         self._buffered = 0
         # O_APPEND: every write lands at the current end of the file, wherever that is now
         # (e.g. after repair_truncated_tail shortened it).
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise OutputFileError(_cannot_write(self.path, exc)) from None
         try:
             self._lock(wait)
         except BaseException:

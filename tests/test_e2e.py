@@ -208,7 +208,7 @@ def test_run_demo_with_mock_prints_where_results_are(tmp_path):
     proc = subprocess.run(batchrun_cmd("run", str(ROOT / "jobs.example.jsonl"), "-o", str(out), "--mock"),
                           env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert f"12 result(s) in {out}" in proc.stdout
+    assert f"12 result(s) written to {out}" in proc.stdout
     assert len({line["custom_id"] for line in read_lines(out)}) == 12
 
 
@@ -385,7 +385,7 @@ def test_run_paused_at_its_cap_writes_the_answers_it_paid_for(tmp_path):
     out = tmp_path / "out.jsonl"
     proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(out), "--mock", "--max-cost", "0.0004",
                                        "-c", "20"), env=cli_env(), capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 4, proc.stderr  # paused (2 is click's usage error)
     assert "past its --max-cost of $0.0004" in proc.stderr
     written = read_lines(out)
     said = int(proc.stdout.split(" result(s)")[0].split()[-1])

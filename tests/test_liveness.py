@@ -141,7 +141,7 @@ def test_run_against_a_closed_port_pauses_says_why_and_exits_non_zero(tmp_path):
     proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--give-up-after", "3",
                                        "--concurrency", "10"), env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - started
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == 4, proc.stderr  # paused (batchrun.exitcodes.Exit.NOT_FINISHED)
     err = proc.stderr
     assert f"127.0.0.1:{port}" in err and "connection refused" in err and "has not answered for" in err
     assert "to finish the batch: batchrun resume" in err

@@ -1,0 +1,24 @@
+"""Exit codes of `run`, `resume` and `collect` (documented in the README).
+
+Click's own usage errors exit 2; no other outcome reuses that code.
+"""
+
+from __future__ import annotations
+
+import enum
+
+
+class Exit(enum.IntEnum):
+    OK = 0  # the batch finished and every job has a result
+    ERROR = 1  # batchrun could not do what was asked (bad file, unwritable path, Redis unreachable, ...)
+    USAGE = 2  # click: an unknown option or a bad value
+    SOME_FAILED = 3  # the batch finished, and some jobs (or all) are in the errors file
+    NOT_FINISHED = 4  # paused, cancelled, or stopped with work left: a printed command continues it
+    INTERRUPTED = 130  # Ctrl-C
+
+
+def for_state(state: str, failed: int) -> Exit:
+    """The exit code for a batch in ``state`` with ``failed`` jobs in its errors file."""
+    if state != "finished":
+        return Exit.NOT_FINISHED
+    return Exit.SOME_FAILED if failed else Exit.OK
