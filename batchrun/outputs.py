@@ -37,11 +37,15 @@ class OutputFileError(Exception):
 
 def check_writable(path: str | os.PathLike) -> None:
     """Raise OutputFileError with a sentence if ``path`` cannot be appended to (a missing or
-    read-only directory, a directory in its place); creates it empty if it is missing. A real
-    attempt rather than os.access, which says yes to root on a read-only file system."""
+    read-only directory, a directory in its place). A real attempt rather than os.access, which
+    says yes to root on a read-only file system; a file it had to create is removed again, so that
+    a run refused later (a bad line, a limit for no model) leaves nothing behind."""
     name = os.fsdecode(path)
+    existed = os.path.lexists(name)
     try:
         os.close(os.open(name, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644))
+        if not existed:
+            os.unlink(name)
     except OSError as exc:
         raise OutputFileError(_cannot_write(name, exc)) from None
 

@@ -232,7 +232,7 @@ def test_estimate_and_run_agree_on_the_jobs_that_can_never_fit(tmp_path):
     assert model["too_large_jobs"] == 4 and too_large == {f"big-{i}" for i in range(4)}
     out = tmp_path / "out.jsonl"
     run = cli("run", str(jobs), "-o", str(out), "--mock", "--tpm", "60000", "-q", env=no_redis_env(), timeout=120)
-    assert run.returncode == 0, run.stderr
+    assert run.returncode == 3, run.stderr  # finished, with jobs in the errors file
     failed = {e["custom_id"] for e in read_lines(tmp_path / "out.errors.jsonl")
               if e["error"]["code"] == "request_too_large"}
     assert failed == too_large
@@ -247,8 +247,8 @@ def test_the_last_line_of_a_resume_from_the_files_says_this_runs_count_and_the_f
             f.write(json.dumps({"custom_id": f"req-{i}", "response": {"status_code": 200}}) + "\n")
     proc = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env(), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert (f"4 result(s) in {out}, 0 error(s) in {tmp_path / 'out.errors.jsonl'} from this run; the files now "
-            f"hold 10 result(s) and 0 error(s) in all") in proc.stdout
+    assert (f"4 result(s) written to {out}, 0 error(s) to {tmp_path / 'out.errors.jsonl'}; 6 job(s) were there "
+            f"already; the files now hold 10 result(s) and 0 error(s) in all") in proc.stdout
 
 
 # --- 11.6: options that cannot work -----------------------------------------------------------
