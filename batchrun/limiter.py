@@ -27,7 +27,8 @@ from batchrun.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
 
-HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
+HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone...
+HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 3), if that is longer
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 
@@ -215,7 +216,8 @@ class SharedLimiter:
                 latest = next((i[2] for i in reversed(items) if i[2] is not None), None)
                 head = latest or ("", "", "", "", 0, "0", 0)
                 *head, mark = head
-                self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out])
+                self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out,
+                                                              self._options.burst_seconds, _admitted_ratio(items)])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         seen = None
@@ -240,8 +242,11 @@ class SharedLimiter:
         sec, usec = self._store.redis.time()
         now_ms = int(sec) * 1000 + int(usec) // 1000
         pipe = self._store.redis.pipeline()
+        # Runners report every lease / 3 (shard.py): a long lease must not make a live one look dead.
+        stale_ms = max(HELD_STALE_MS, int(HELD_REPORTS_MISSED * self._settings.lease_seconds / 3 * 1000))
         for model, (r, t) in self._held.items():
-            pipe.hset(self.budget_key(model) + ":held", self._token, f"{max(r, 0)}|{max(t, 0)}|{now_ms}")
+            pipe.hset(self.budget_key(model) + ":held", self._token,
+                      f"{max(r, 0)}|{max(t, 0)}|{now_ms}|{stale_ms}")
         pipe.execute()
 
     def forget_held(self) -> None:
@@ -276,6 +281,34 @@ class SharedLimiter:
         await self._recorder.drain()
 
 
+def _admitted_ratio(items) -> str:
+    """The server's input charge over our input estimate, from answers admitted into a full bucket
+    (observe.lua's ARGV[13]); '' if none tells.
+
+    Such an answer's ``limit - remaining`` is what its own admission took, plus whatever else the
+    server had not refilled yet: an upper bound on its charge, so the ratio errs on the safe side.
+    Of the answers that came together, those whose deficit is well above the cleanest one's (per
+    token we charged) also paid for others (a burst of ours, other clients on the key) and are left
+    out: they would inflate k, slowing the fleet.
+    """
+    seen_ok = []
+    for input_tokens, output_tokens, seen in items:
+        if seen is None or input_tokens <= 0 or seen[5] != "1" or seen[4] <= 0:
+            continue
+        try:
+            limit, remaining = float(seen[1]), float(seen[3])
+        except ValueError:
+            continue
+        if limit > 0 and 0 <= limit - remaining:
+            seen_ok.append(((limit - remaining) / seen[4], limit - remaining - output_tokens, input_tokens))
+    if not seen_ok:
+        return ""
+    cleanest = min(ratio for ratio, _, _ in seen_ok)
+    took_in = sum(took for ratio, took, _ in seen_ok if ratio <= 1.5 * cleanest)
+    our_in = sum(n for ratio, _, n in seen_ok if ratio <= 1.5 * cleanest)
+    return f"{took_in / our_in:.4f}"
+
+
 def release_held(store: BatchStore) -> int:
     """Give back the reservations of runners that stopped reporting (maintenance)."""
     released = 0
@@ -302,6 +335,10 @@ def describe_budgets(store: BatchStore) -> list[dict]:
                                                          "lim_tpm", "cap_r", "cap_t", "k", "cool_until")}
         rpm = f["cfg_rpm"] or f["lim_rpm"]
         tpm = f["cfg_tpm"] or f["lim_tpm"]
+        if f["cfg_rpm"]:  # a configured limit is a ceiling: one second's worth at once (reserve.lua)
+            f["cap_r"] = max(1.0, rpm / 60)
+        if f["cfg_tpm"]:
+            f["cap_t"] = tpm / 60
         elapsed = max(0.0, now_ms - f["ts"])
         out.append({
             "model": model, "endpoint": endpoint, "key_fingerprint": fingerprint,
