@@ -31,6 +31,7 @@ HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations f
 HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 3), if that is longer
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
+FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +82,8 @@ class SharedLimiter:
         self._schedulers: dict[str, asyncio.Task] = {}
         self._seq = itertools.count()
         self._rng = random.Random()
+        self._first_answer: asyncio.Future | None = None  # set when this runner's first request is answered
+        self._first_admission: Admission | None = None
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -100,9 +103,11 @@ class SharedLimiter:
         if gate is None:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
             self._held[model] = [0, 0]
+        first = await self._after_first_answer() if wait_turn else False
         while True:
             ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens))
             if verdict == -1:
+                self._answered()  # nothing will be sent for it
                 return None
             if verdict == 1:  # circuit open: come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
@@ -112,7 +117,29 @@ class SharedLimiter:
             held[1] += charge
             if ms > 0 and verdict in (0, 2) and wait_turn:
                 await self._wait_turn(model, mark, mark_r, ms / 1000)
-            return Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+            admission = Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+            if first:
+                self._first_admission = admission
+            return admission
+
+    async def _after_first_answer(self) -> bool:
+        """A runner's first request goes alone (True for it). Until it is answered the client has
+        no connection (and the SDK is not warmed up), so requests reserved meanwhile would reach
+        the server together, later than the budget let them go: more than its burst at once. The
+        first one reaches it late too: observe.lua counts it as arriving with its answer."""
+        if self._first_answer is None:
+            self._first_answer = asyncio.get_running_loop().create_future()
+            return True
+        if not self._first_answer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._first_answer), FIRST_ANSWER_S)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    def _answered(self) -> None:
+        if self._first_answer is not None and not self._first_answer.done():
+            self._first_answer.set_result(None)
 
     async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> None:
         """Wait until the budget's level reaches this reservation's marks. The level, not the
@@ -194,7 +221,10 @@ class SharedLimiter:
                 self._store.scripts.settle(keys=[key], args=[sum(r for r, _ in items), sum(t for _, t in items)])
 
             settler = self._settlers[model] = Batcher(flush, name="settlement", max_delay=0.01)
-        await settler.submit((1, admission.charge))
+        try:
+            await settler.submit((1, admission.charge))
+        finally:
+            self._answered()
 
     async def observe(self, model: str, headers, admission: Admission, latency: float, *,
                       input_tokens: int, output_tokens: int, charged: bool) -> None:
@@ -203,6 +233,7 @@ class SharedLimiter:
         has_headers = headers is not None and ("x-ratelimit-remaining-tokens" in headers
                                                or "x-ratelimit-remaining-requests" in headers)
         if not has_headers and not charged:
+            self._answered()
             return
         observer = self._observers.get(model)
         if observer is None:
@@ -216,8 +247,10 @@ class SharedLimiter:
                 latest = next((i[2] for i in reversed(items) if i[2] is not None), None)
                 head = latest or ("", "", "", "", 0, "0", 0)
                 *head, mark = head
+                late = sum(i[3] for i in items)
                 self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out,
-                                                              self._options.burst_seconds, _admitted_ratio(items)])
+                                                              self._options.burst_seconds, _admitted_ratio(items),
+                                                              late])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         seen = None
@@ -225,7 +258,11 @@ class SharedLimiter:
             seen = (headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
                     headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
                     admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
-        await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen))
+        late = admission.charge if charged and admission is self._first_admission else 0
+        try:
+            await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen, late))
+        finally:
+            self._answered()  # after the observation: the requests it lets go see its effect
 
     async def cool_down(self, model: str, seconds: float) -> None:
         """The server said this budget is exhausted: the whole fleet holds off for ``seconds``."""
@@ -292,7 +329,7 @@ def _admitted_ratio(items) -> str:
     out: they would inflate k, slowing the fleet.
     """
     seen_ok = []
-    for input_tokens, output_tokens, seen in items:
+    for input_tokens, output_tokens, seen, *_ in items:
         if seen is None or input_tokens <= 0 or seen[5] != "1" or seen[4] <= 0:
             continue
         try:

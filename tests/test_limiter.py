@@ -523,6 +523,29 @@ def test_a_live_runner_with_a_long_lease_keeps_its_reservations(store):
     assert not store.redis.hexists(held_key, "slow-runner")
 
 
+def test_a_runners_first_request_goes_alone_and_counts_as_arriving_with_its_answer(store):
+    """A runner's client opens its connection (and loads its TLS set-up) with its first request, which
+    so reaches the server late; requests reserved meanwhile would arrive with it, more than the
+    burst at once. The others wait for its answer, and it counts as arriving then."""
+    limiter = limiter_for(store, tpm="6000", burst_seconds=0)  # one second's worth: 100 tokens
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 50)
+        others = [asyncio.create_task(limiter.admit(MODEL, 0, 50)) for _ in range(2)]
+        await asyncio.sleep(1.2)  # the client starts up; the budget refills to its 100
+        assert not any(t.done() for t in others)
+        assert bucket(store)["spent"] == 50  # only the first was reserved
+        await limiter.observe(MODEL, {"x-ratelimit-remaining-tokens": "23950", "x-ratelimit-limit-tokens": "24000"},
+                              first, 0.05, input_tokens=0, output_tokens=50, charged=True)
+        started = time.monotonic()
+        await asyncio.gather(*others)
+        waited = time.monotonic() - started
+        await limiter.drain()
+        return waited
+    # The first's 50 arrived with its answer: of the burst, 50 were left; the third waits ~0.5 s.
+    assert 0.35 <= asyncio.run(go()) <= 1.0
+
+
 def test_a_dead_runners_reservations_come_back(store):
     from batchrun.limiter import HELD_STALE_MS, release_held
 

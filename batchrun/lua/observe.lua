@@ -35,6 +35,9 @@
 -- ARGV[12] burst capacity in seconds' worth (0: learnt), as for reserve.lua
 -- ARGV[13] the server's input charge / our input estimate, from answers admitted into a full
 --          bucket ('' if none)
+-- ARGV[14] the charge of a request that reached the server late (a runner's first, sent while its
+--          client started up), so that it counts as arriving now: the budget then holds at most
+--          its capacity less that (0: none)
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
 local t = redis.call('TIME')
@@ -76,6 +79,8 @@ if fresh and rem_t and tpm > 0 then
   tok = math.min(cfg_t > 0 and tok or own_t, synced)
 end
 if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
+local late = tonumber(ARGV[14]) or 0
+if late > 0 and tpm > 0 then tok = math.min(tok, own_t - late) end
 
 local k = tonumber(s[8] or 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
