@@ -39,9 +39,9 @@ class LimitedServer:
     second. ``other_per_s`` tokens a second go to another client on the same key. A request that does
     not fit is answered 429; one bigger than the limit, 429 "Request too large"."""
 
-    def __init__(self, limit: int, other_per_s: float = 0.0, latency: float = 0.03):
+    def __init__(self, limit: int, other_per_s: float = 0.0, latency: float = 0.03, level: float | None = None):
         self.limit, self.other_per_s, self.latency = limit, other_per_s, latency
-        self.level, self.at = float(limit), time.monotonic()
+        self.level, self.at = float(limit if level is None else level), time.monotonic()
         self.admitted: list[tuple[float, int]] = []  # (arrival, charge) of each request admitted
         self.refused = 0
         self.lock = threading.Lock()
@@ -50,8 +50,7 @@ class LimitedServer:
         charge = server_charge(seen.body)
         with self.lock:
             now = time.monotonic()
-            self.level = min(self.limit, self.level + (now - self.at) * self.limit / 60)
-            self.level -= (now - self.at) * self.other_per_s
+            self.level = min(self.limit, self.level + (now - self.at) * (self.limit / 60 - self.other_per_s))
             self.at = now
             if charge > self.limit:
                 self.refused += 1
@@ -80,7 +79,7 @@ def write_jobs(path, n: int, *, seed: int = 7, big: dict[int, int] | None = None
             body = {"model": "gpt-4o-mini", "max_tokens": rng.randint(20, 60),
                     "messages": [{"role": "system", "content": "You are a concise assistant."},
                                  {"role": "user", "content": f"Summarise: {words}"}]}
-            f.write(json.dumps({"custom_id": f"job-{i}", "method": "POST", "url": "/v1/chat/completions",
+            f.write(json.dumps({"custom_id": f"job-{i:04d}", "method": "POST", "url": "/v1/chat/completions",
                                 "body": body}) + "\n")
 
 
@@ -142,3 +141,25 @@ def test_two_workers_keep_to_the_configured_tpm_against_a_server_that_allows_fou
     span = admitted[-1][0] - admitted[0][0]
     total = sum(c for _, c in admitted)
     assert total >= 0.5 * tpm * span / 60, f"{total} tokens in {span:.1f} s"
+
+
+@pytest.mark.redis
+def test_other_traffic_on_the_key_slows_the_fleet_but_fails_no_job_that_fits(spawn, real_redis_url, tmp_path):
+    """Another client spends 60 % of the key's limit: the server's remaining falls faster than the
+    fleet's own use explains. The calibration blames the fleet's requests (its k rises), which slows
+    it; but the long prompts at the end of each shard, whose own input + output fit the budget's
+    capacity (2 s' worth with --burst-seconds 2), are sent, not failed as request_too_large."""
+    tpm, n = 30_000, 60
+    jobs = tmp_path / "jobs.jsonl"
+    big = {i: 500 for i in (27, 28, 57, 58)}  # ~2,700 characters: ~700 tokens either way, of 1,000
+    write_jobs(jobs, n, big=big)
+    server = LimitedServer(limit=tpm, other_per_s=0.6 * tpm / 60, level=2000)
+    results, errors = run_fleet(spawn, real_redis_url, server, jobs, tmp_path, "--tpm", str(tpm),
+                                "--burst-seconds", "2", "--shard-size", "30", "--backoff-base", "0.2")
+    assert [e["error"]["code"] for e in errors] == []
+    assert len(results) == n
+    requests = len(server.admitted) + server.refused
+    span = max(t for t, _ in server.admitted) - min(t for t, _ in server.admitted)
+    print(f"{len(server.admitted)} admitted, {server.refused} refused (429); "
+          f"{sum(c for _, c in server.admitted) / span * 60:.0f} tokens/min over {span:.1f} s")
+    assert server.refused <= 0.25 * requests  # the fleet followed the server's remaining
