@@ -95,9 +95,10 @@ class SharedLimiter:
     # -- before sending ------------------------------------------------------------
 
     async def admit(self, model: str, input_tokens: int, output_tokens: int, *,
-                    wait_turn: bool = True) -> Admission | None:
+                    least_input: int | None = None, wait_turn: bool = True) -> Admission | None:
         """Wait for the circuit if it is open, reserve, and wait for this request's turn;
-        None if it can never fit. On return the request may be sent (with ``wait_turn=False``:
+        None if it can never fit, judged on ``least_input`` (the smallest input estimate; default
+        ``input_tokens``) + output. On return the request may be sent (with ``wait_turn=False``:
         after ``admission.wait``, as things stood when it was reserved)."""
         gate = self._gates.get(model)
         if gate is None:
@@ -105,7 +106,8 @@ class SharedLimiter:
             self._held[model] = [0, 0]
         first = await self._after_first_answer() if wait_turn else False
         while True:
-            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens))
+            least = input_tokens if least_input is None else min(least_input, input_tokens)
+            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens, least))
             if verdict == -1:
                 self._answered()  # nothing will be sent for it
                 return None
@@ -202,7 +204,7 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(items: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+        def flush(items: list[tuple[int, int, int]]) -> list[tuple[int, ...]]:
             flat = [x for item in items for x in item]
             out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
             return [tuple(out[i:i + 5]) for i in range(0, len(out), 5)]

@@ -116,9 +116,10 @@ def test_capacity_follows_burst_seconds(store):
 
 
 def test_script_contract_in_one_call(store):
-    """Several costs in one call are served in order: {ms, verdict} each; verdict -1 marks one that never fits."""
+    """Several costs (input, output, smallest input) in one call are served in order: {ms, verdict, charge,
+    mark, request mark} each; verdict -1 marks one that never fits."""
     out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
-                                args=[0, 60000, 1, 5, 0, 600, 0, 2000, 0, 600, 0, 300])
+                                args=[0, 60000, 1, 5, 0, 600, 0, 0, 2000, 0, 0, 600, 0, 0, 300, 0])
     out = [int(x) for x in out]
     assert out[1::5] == [0, -1, 0, 0]
     assert out[0::5] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
@@ -267,7 +268,7 @@ def test_two_processes_never_exceed_the_budget(real_redis_url):
 
 def _gate(store: BatchStore, costs: list[int], *, rpm=60, tpm=6000, burst=60, spacing=1000) -> list[tuple[int, int]]:
     """(ms, verdict) per cost; each cost goes in as output tokens, charged exactly."""
-    flat = [x for c in costs for x in (0, c)]
+    flat = [x for c in costs for x in (0, c, 0)]
     out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate"), keys.BUDGETS],
                                                  args=[rpm, tpm, burst, spacing, *flat])]
     return list(zip(out[0::5], out[1::5]))
@@ -456,6 +457,16 @@ def test_calibration_works_while_the_servers_bucket_stays_full(store):
     assert bucket(store)["k"] == pytest.approx(1.0, abs=0.1)
 
 
+def test_full_bucket_answers_do_not_calibrate_near_the_servers_limit(store):
+    """At --tpm close to the server's limit its bucket does not refill between the fleet's requests:
+    an answer's deficit holds earlier ones too, so it says nothing about its own charge."""
+    limiter = limiter_for(store, tpm="20000")
+    for _ in range(12):
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000 - 250, admitted=(100, 50))
+    assert bucket(store).get("k", 1.0) == 1.0
+
+
 def test_answers_that_paid_for_others_do_not_inflate_the_charge_ratio():
     from batchrun.limiter import _admitted_ratio
 
@@ -497,6 +508,20 @@ def test_other_traffic_inflating_k_never_fails_a_request_that_fits(store):
     assert big is not None
     assert big.charge == pytest.approx(k * 3000 + 500, abs=1)  # still charged at k: it waits longer
     assert admit(limiter, 5501, 500) is None  # one that does not fit at all still fails at once
+
+
+def test_too_large_is_judged_on_the_smallest_input_estimate(store):
+    """tiktoken and characters / 4 disagree; the budget charges the larger, but a request fails as
+    too large only if even the smaller one does not fit: a server counting either way accepts it."""
+    limiter = limiter_for(store, tpm="6000")
+
+    async def go(input_tokens, least):
+        a = await limiter.admit(MODEL, input_tokens, 500, least_input=least, wait_turn=False)
+        await limiter.drain()
+        return a
+    a = asyncio.run(go(6000, 5000))
+    assert a is not None and a.charge == 6500  # charged the larger estimate
+    assert asyncio.run(go(6000, 5501)) is None
 
 
 def test_a_live_runner_with_a_long_lease_keeps_its_reservations(store):

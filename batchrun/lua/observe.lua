@@ -17,9 +17,9 @@
 --      tokens it consumed (its own refill, at its limit, - change of
 --      remaining), less the output reserved, against the input estimates of
 --      the requests it admitted;
---    - while its bucket is full (the fleet runs below the server's limit, so
---      no refill is measurable), from what each answer's admission took
---      (limit - remaining): the runner sends that ratio (ARGV[13]).
+--    - while its bucket is full (the fleet keeps to under half the server's
+--      limit, so no refill is measurable), from what each answer's admission
+--      took (limit - remaining): the runner sends that ratio (ARGV[13]).
 -- KEYS[1]  budget hash
 -- ARGV[1]  x-ratelimit-limit-requests ('' if absent)
 -- ARGV[2]  x-ratelimit-limit-tokens ('' if absent)
@@ -97,7 +97,10 @@ if rem_t and srv_tpm > 0 then
   -- Only windows in which the server's bucket was not full tell the charge
   -- (a full bucket throws its refill away).
   local busy = rem_t < 0.9 * cap_t
-  if not busy and k_seen then
+  -- Answers find the server's bucket full (their deficit their own) only where the server refills
+  -- much faster than the fleet spends: at under half its limit. Nearer it, deficits carry the
+  -- fleet's earlier requests too, and would inflate k.
+  if not busy and k_seen and lim_t >= 2 * tpm then
     k = 0.75 * k + 0.25 * math.max(0.25, math.min(4, k_seen))
     fields[#fields + 1], fields[#fields + 2] = 'k', tostring(k)
   end

@@ -21,12 +21,14 @@
 -- ARGV[2]  tokens per minute configured (0: learn from headers, or none)
 -- ARGV[3]  burst capacity in seconds' worth of the limit (0: learn from headers)
 -- ARGV[4]  spacing in ms between requests released after a cooldown (0: 60000/rpm, else 5)
--- ARGV     then for each request: input token estimate, output token reservation
+-- ARGV     then for each request: input token estimate (charged k times), output token
+--          reservation, and the smallest input estimate (judges "can never fit")
 -- Returns  for each request {ms, verdict, charge, mark, request mark}:
 --          verdict 0: granted, send after ms;  2: granted as the circuit's probe;
 --          1: not granted (circuit open), ask again after ms;  -1: can never fit
---          (judged on input + output, not k * input: a k inflated by other
---          traffic on the key must not fail a request the server would accept).
+--          (judged on the smallest input estimate + output, not k * input: a k
+--          inflated by other traffic on the key must not fail a request the
+--          server would accept).
 --          charge: the tokens taken (give them back with settle.lua if unused).
 --          mark: the budget's running total of tokens taken, including this
 --          request (observe.lua uses it to tell what was reserved after it;
@@ -56,15 +58,15 @@ end
 local k = tonumber(s[10] or 1)
 local spacing = tonumber(ARGV[4])
 if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
-local n = (#ARGV - 4) / 2
+local n = (#ARGV - 4) / 3
 local out = {}
 
 local function charge_of(i)
-  return math.ceil(k * tonumber(ARGV[3 + 2 * i]) + tonumber(ARGV[4 + 2 * i]))
+  return math.ceil(k * tonumber(ARGV[2 + 3 * i]) + tonumber(ARGV[3 + 3 * i]))
 end
 
 local function too_large(i)
-  return tpm > 0 and math.ceil(tonumber(ARGV[3 + 2 * i]) + tonumber(ARGV[4 + 2 * i])) > max_t
+  return tpm > 0 and math.ceil(tonumber(ARGV[4 + 3 * i]) + tonumber(ARGV[3 + 3 * i])) > max_t
 end
 
 -- The circuit first: an open circuit grants nothing and spends no budget.
