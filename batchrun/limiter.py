@@ -128,7 +128,7 @@ class SharedLimiter:
         """A runner's first request goes alone (True for it). Until it is answered the client has
         no connection (and the SDK is not warmed up), so requests reserved meanwhile would reach
         the server together, later than the budget let them go: more than its burst at once. The
-        first one reaches it late too: observe.lua counts it as arriving with its answer."""
+        first one reaches it late too: observe.lua counts it again, as arriving with its answer."""
         if self._first_answer is None:
             self._first_answer = asyncio.get_running_loop().create_future()
             return True

@@ -551,7 +551,7 @@ def test_a_live_runner_with_a_long_lease_keeps_its_reservations(store):
 def test_a_runners_first_request_goes_alone_and_counts_as_arriving_with_its_answer(store):
     """A runner's client opens its connection (and loads its TLS set-up) with its first request, which
     so reaches the server late; requests reserved meanwhile would arrive with it, more than the
-    burst at once. The others wait for its answer, and it counts as arriving then."""
+    burst at once. The others wait for its answer, and it is counted again, as arriving then."""
     limiter = limiter_for(store, tpm="6000", burst_seconds=0)  # one second's worth: 100 tokens
 
     async def go():

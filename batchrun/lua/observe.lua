@@ -36,8 +36,8 @@
 -- ARGV[13] the server's input charge / our input estimate, from answers admitted into a full
 --          bucket ('' if none)
 -- ARGV[14] the charge of a request that reached the server late (a runner's first, sent while its
---          client started up), so that it counts as arriving now: the budget then holds at most
---          its capacity less that (0: none)
+--          client started up): it is taken again, as arriving now. Where it was reserved, nobody
+--          else could send, so counting it twice only costs the fleet one request's worth (0: none)
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
 local t = redis.call('TIME')
@@ -80,7 +80,7 @@ if fresh and rem_t and tpm > 0 then
 end
 if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
 local late = tonumber(ARGV[14]) or 0
-if late > 0 and tpm > 0 then tok = math.min(tok, own_t - late) end
+if late > 0 and tpm > 0 then tok = tok - late end
 
 local k = tonumber(s[8] or 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
