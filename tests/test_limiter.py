@@ -428,6 +428,21 @@ def test_calibration_learns_how_the_servers_charge_relates_to_the_estimate(store
     assert admit(limiter, 100, 50).charge == pytest.approx(bucket(store)["k"] * 100 + 50, abs=1)
 
 
+def test_a_configured_rpm_is_a_ceiling_whatever_the_headers_show(store):
+    limiter = limiter_for(store, rpm="60", burst_seconds=0)  # one request a second, one at once
+    first = admit(limiter, 0, 1)
+    assert first.wait == 0
+    headers = {"x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "999"}
+
+    async def go():
+        await limiter.observe(MODEL, headers, first, 0.05, input_tokens=0, output_tokens=1, charged=True)
+        await limiter.drain()
+    asyncio.run(go())
+    time.sleep(2.2)  # refills one request's worth, not two: the bucket holds one
+    waits = reserve_all(limiter, [1, 1, 1])
+    assert waits[0] == 0 and waits[1] == pytest.approx(1.0, abs=0.15) and waits[2] == pytest.approx(2.0, abs=0.15)
+
+
 def test_calibration_counts_the_servers_refill_at_the_servers_limit(store):
     limiter = limiter_for(store, tpm="6000")  # the fleet keeps to 6000; the server refills at 24000
     a = admit(limiter, 0, 1000)
