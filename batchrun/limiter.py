@@ -28,9 +28,11 @@ from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.store import BatchStore
 from batchrun.urls import mask_url
 
-HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone
+HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone...
+HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 3), if that is longer
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
+FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +84,8 @@ class SharedLimiter:
         self._schedulers: dict[str, asyncio.Task] = {}
         self._seq = itertools.count()
         self._rng = random.Random()
+        self._first_answer: asyncio.Future | None = None  # set when this runner's first request is answered
+        self._first_admission: Admission | None = None
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -93,17 +97,21 @@ class SharedLimiter:
     # -- before sending ------------------------------------------------------------
 
     async def admit(self, model: str, input_tokens: int, output_tokens: int, *,
-                    wait_turn: bool = True) -> Admission | None:
+                    least_input: int | None = None, wait_turn: bool = True) -> Admission | None:
         """Wait for the circuit if it is open, reserve, and wait for this request's turn;
-        None if it can never fit. On return the request may be sent (with ``wait_turn=False``:
+        None if it can never fit, judged on ``least_input`` (the smallest input estimate; default
+        ``input_tokens``) + output. On return the request may be sent (with ``wait_turn=False``:
         after ``admission.wait``, as things stood when it was reserved)."""
         gate = self._gates.get(model)
         if gate is None:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
             self._held[model] = [0, 0]
+        first = await self._after_first_answer() if wait_turn else False
         while True:
-            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens))
+            least = input_tokens if least_input is None else min(least_input, input_tokens)
+            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens, least))
             if verdict == -1:
+                self._answered()  # nothing will be sent for it
                 return None
             if verdict == 1:  # circuit open: come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
@@ -113,7 +121,29 @@ class SharedLimiter:
             held[1] += charge
             if ms > 0 and verdict in (0, 2) and wait_turn:
                 await self._wait_turn(model, mark, mark_r, ms / 1000)
-            return Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+            admission = Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+            if first:
+                self._first_admission = admission
+            return admission
+
+    async def _after_first_answer(self) -> bool:
+        """A runner's first request goes alone (True for it). Until it is answered the client has
+        no connection (and the SDK is not warmed up), so requests reserved meanwhile would reach
+        the server together, later than the budget let them go: more than its burst at once. The
+        first one reaches it late too: observe.lua counts it again, as arriving with its answer."""
+        if self._first_answer is None:
+            self._first_answer = asyncio.get_running_loop().create_future()
+            return True
+        if not self._first_answer.done():
+            try:
+                await asyncio.wait_for(asyncio.shield(self._first_answer), FIRST_ANSWER_S)
+            except asyncio.TimeoutError:
+                pass
+        return False
+
+    def _answered(self) -> None:
+        if self._first_answer is not None and not self._first_answer.done():
+            self._first_answer.set_result(None)
 
     async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> None:
         """Wait until the budget's level reaches this reservation's marks. The level, not the
@@ -176,7 +206,7 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(items: list[tuple[int, int]]) -> list[tuple[int, ...]]:
+        def flush(items: list[tuple[int, int, int]]) -> list[tuple[int, ...]]:
             flat = [x for item in items for x in item]
             out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
             return [tuple(out[i:i + 5]) for i in range(0, len(out), 5)]
@@ -195,7 +225,10 @@ class SharedLimiter:
                 self._store.scripts.settle(keys=[key], args=[sum(r for r, _ in items), sum(t for _, t in items)])
 
             settler = self._settlers[model] = Batcher(flush, name="settlement", max_delay=0.01)
-        await settler.submit((1, admission.charge))
+        try:
+            await settler.submit((1, admission.charge))
+        finally:
+            self._answered()
 
     async def observe(self, model: str, headers, admission: Admission, latency: float, *,
                       input_tokens: int, output_tokens: int, charged: bool) -> None:
@@ -204,6 +237,7 @@ class SharedLimiter:
         has_headers = headers is not None and ("x-ratelimit-remaining-tokens" in headers
                                                or "x-ratelimit-remaining-requests" in headers)
         if not has_headers and not charged:
+            self._answered()
             return
         observer = self._observers.get(model)
         if observer is None:
@@ -217,7 +251,10 @@ class SharedLimiter:
                 latest = next((i[2] for i in reversed(items) if i[2] is not None), None)
                 head = latest or ("", "", "", "", 0, "0", 0)
                 *head, mark = head
-                self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out])
+                late = sum(i[3] for i in items)
+                self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out,
+                                                              self._options.burst_seconds, _admitted_ratio(items),
+                                                              late])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         seen = None
@@ -225,7 +262,11 @@ class SharedLimiter:
             seen = (headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
                     headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
                     admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
-        await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen))
+        late = admission.charge if charged and admission is self._first_admission else 0
+        try:
+            await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen, late))
+        finally:
+            self._answered()  # after the observation: the requests it lets go see its effect
 
     async def cool_down(self, model: str, seconds: float) -> None:
         """The server said this budget is exhausted: the whole fleet holds off for ``seconds``."""
@@ -242,8 +283,11 @@ class SharedLimiter:
         sec, usec = self._store.redis.time()
         now_ms = int(sec) * 1000 + int(usec) // 1000
         pipe = self._store.redis.pipeline()
+        # Runners report every lease / 3 (shard.py): a long lease must not make a live one look dead.
+        stale_ms = max(HELD_STALE_MS, int(HELD_REPORTS_MISSED * self._settings.lease_seconds / 3 * 1000))
         for model, (r, t) in self._held.items():
-            pipe.hset(self.budget_key(model) + ":held", self._token, f"{max(r, 0)}|{max(t, 0)}|{now_ms}")
+            pipe.hset(self.budget_key(model) + ":held", self._token,
+                      f"{max(r, 0)}|{max(t, 0)}|{now_ms}|{stale_ms}")
         pipe.execute()
 
     def forget_held(self) -> None:
@@ -279,6 +323,34 @@ class SharedLimiter:
         await self._recorder.drain()
 
 
+def _admitted_ratio(items) -> str:
+    """The server's input charge over our input estimate, from answers admitted into a full bucket
+    (observe.lua's ARGV[13]); '' if none tells.
+
+    Such an answer's ``limit - remaining`` is what its own admission took, plus whatever else the
+    server had not refilled yet: an upper bound on its charge, so the ratio errs on the safe side.
+    Of the answers that came together, those whose deficit is well above the cleanest one's (per
+    token we charged) also paid for others (a burst of ours, other clients on the key) and are left
+    out: they would inflate k, slowing the fleet.
+    """
+    seen_ok = []
+    for input_tokens, output_tokens, seen, *_ in items:
+        if seen is None or input_tokens <= 0 or seen[5] != "1" or seen[4] <= 0:
+            continue
+        try:
+            limit, remaining = float(seen[1]), float(seen[3])
+        except ValueError:
+            continue
+        if limit > 0 and 0 <= limit - remaining:
+            seen_ok.append(((limit - remaining) / seen[4], limit - remaining - output_tokens, input_tokens))
+    if not seen_ok:
+        return ""
+    cleanest = min(ratio for ratio, _, _ in seen_ok)
+    took_in = sum(took for ratio, took, _ in seen_ok if ratio <= 1.5 * cleanest)
+    our_in = sum(n for ratio, _, n in seen_ok if ratio <= 1.5 * cleanest)
+    return f"{took_in / our_in:.4f}"
+
+
 def release_held(store: BatchStore) -> int:
     """Give back the reservations of runners that stopped reporting (maintenance)."""
     released = 0
@@ -305,6 +377,10 @@ def describe_budgets(store: BatchStore) -> list[dict]:
                                                          "lim_tpm", "cap_r", "cap_t", "k", "cool_until")}
         rpm = f["cfg_rpm"] or f["lim_rpm"]
         tpm = f["cfg_tpm"] or f["lim_tpm"]
+        if f["cfg_rpm"]:  # a configured limit is a ceiling: one second's worth at once (reserve.lua)
+            f["cap_r"] = max(1.0, rpm / 60)
+        if f["cfg_tpm"]:
+            f["cap_t"] = tpm / 60
         elapsed = max(0.0, now_ms - f["ts"])
         out.append({
             "model": model, "endpoint": endpoint, "key_fingerprint": fingerprint,

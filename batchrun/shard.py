@@ -40,7 +40,7 @@ from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
 from batchrun.sender import StreamFailed, StreamTruncated, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
-from batchrun.tokens import estimate_tokens
+from batchrun.tokens import estimate_tokens, server_charge_estimate
 from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun.worker")
@@ -305,7 +305,12 @@ class ShardRunner:
             if not await self.coster.submit((job.custom_id, worst)):
                 await self.requeuer.submit((job.custom_id, 0, False, ""))  # the batch is paused
                 return
-        admission = await self.limiter.admit(model, estimate.input_tokens, estimate.output_tokens)
+        # The budget counts the input as OpenAI says its admission does (characters / 4) where that
+        # is more than tiktoken's count; "too large" is judged on the smaller of the two.
+        server_in = server_charge_estimate(url, body) - estimate.output_tokens
+        budget_in = max(estimate.input_tokens, server_in)
+        admission = await self.limiter.admit(model, budget_in, estimate.output_tokens,
+                                             least_input=min(estimate.input_tokens, server_in))
         if admission is None:
             rpm, tpm = self.limiter.limits(model)
             limit = f"--tpm {tpm}" if tpm else "the server's tokens-per-minute limit"
@@ -337,7 +342,7 @@ class ShardRunner:
             response = {"status_code": answer.status_code, "request_id": answer.request_id, "body": answer.body}
         if verdict is None:
             self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - started,
-                                                  input_tokens=estimate.input_tokens,
+                                                  input_tokens=budget_in,
                                                   output_tokens=estimate.output_tokens, charged=True))
             self._background(self.limiter.record(False, admission.probe))
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
@@ -356,7 +361,7 @@ class ShardRunner:
         self._count_request(model, 0 if refused else admission.charge,
                             rate_limited=response is not None and response["status_code"] == 429)
         self._background(self.limiter.observe(model, headers, admission, time.monotonic() - started,
-                                              input_tokens=estimate.input_tokens,
+                                              input_tokens=budget_in,
                                               output_tokens=estimate.output_tokens, charged=not refused))
         if refused and not verdict.budget_exhausted:
             # (a 429 that says the budget is exhausted empties it instead: see cool_down)

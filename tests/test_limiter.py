@@ -12,9 +12,10 @@ import time
 
 import pytest
 import redis
+from hypothesis import given, strategies as st
 
 from batchrun import keys
-from batchrun.limiter import SharedLimiter, budget_id
+from batchrun.limiter import SharedLimiter, budget_id, describe_budgets
 from batchrun.settings import BatchOptions, Limits, WorkerSettings
 from batchrun.store import BatchStore
 from tests.helpers import run_in_processes
@@ -115,9 +116,10 @@ def test_capacity_follows_burst_seconds(store):
 
 
 def test_script_contract_in_one_call(store):
-    """Several costs in one call are served in order: {ms, verdict} each; verdict -1 marks one that never fits."""
+    """Several costs (input, output, smallest input) in one call are served in order: {ms, verdict, charge,
+    mark, request mark} each; verdict -1 marks one that never fits."""
     out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
-                                args=[0, 60000, 1, 5, 0, 600, 0, 2000, 0, 600, 0, 300])
+                                args=[0, 60000, 1, 5, 0, 600, 0, 0, 2000, 0, 0, 600, 0, 0, 300, 0])
     out = [int(x) for x in out]
     assert out[1::5] == [0, -1, 0, 0]
     assert out[0::5] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
@@ -266,7 +268,7 @@ def test_two_processes_never_exceed_the_budget(real_redis_url):
 
 def _gate(store: BatchStore, costs: list[int], *, rpm=60, tpm=6000, burst=60, spacing=1000) -> list[tuple[int, int]]:
     """(ms, verdict) per cost; each cost goes in as output tokens, charged exactly."""
-    flat = [x for c in costs for x in (0, c)]
+    flat = [x for c in costs for x in (0, c, 0)]
     out = [int(x) for x in store.scripts.reserve(keys=[keys.budget("gate"), keys.circuit("gate"), keys.BUDGETS],
                                                  args=[rpm, tpm, burst, spacing, *flat])]
     return list(zip(out[0::5], out[1::5]))
@@ -382,16 +384,32 @@ def test_limits_are_learnt_from_the_headers_when_none_were_given(store):
     assert admit(limiter, 0, 100).wait == pytest.approx((100_000 - 5000 + 100) / 100, rel=0.01)
 
 
-def test_burst_starts_at_one_seconds_worth_and_grows_to_what_the_server_shows(store):
-    limiter = limiter_for(store, tpm="6000", burst_seconds=0)
+def test_without_a_configured_limit_the_burst_grows_to_what_the_server_shows(store):
+    limiter = limiter_for(store, burst_seconds=0)
     first = admit(limiter, 0, 100)
-    assert first.wait == 0
-    assert admit(limiter, 0, 100).wait == pytest.approx(1.0, abs=0.05)  # no start-of-minute burst
-    observe(limiter, first, remaining=5900)  # the server's bucket held a whole minute
+    assert first.wait == 0 and admit(limiter, 0, 100).wait == 0  # nothing known yet
+    observe(limiter, first, limit=6000, remaining=5900)  # the server's bucket held a whole minute
     # 5900 remained after `first`; the second's 100 came later, and one second's worth (100) stays
     # as headroom: 5700 may go at once.
     assert admit(limiter, 0, 5700).wait == pytest.approx(0, abs=0.05)
     assert admit(limiter, 0, 100).wait == pytest.approx(1.0, abs=0.05)
+
+
+def test_a_configured_limit_is_a_ceiling_whatever_the_headers_show(store):
+    limiter = limiter_for(store, tpm="6000", burst_seconds=0)  # 100 tokens/s
+    first = admit(limiter, 0, 100)
+    assert first.wait == 0
+    assert admit(limiter, 0, 100).wait == pytest.approx(1.0, abs=0.05)  # no start-of-minute burst
+    # The server allows 4x as much and its bucket is full: that neither grows the burst beyond one
+    # second's worth of --tpm, nor forgives what the fleet owes.
+    observe(limiter, first, limit=24_000, remaining=23_900)
+    assert admit(limiter, 0, 100).wait == pytest.approx(2.0, abs=0.15)
+    time.sleep(1.0)
+    observe(limiter, first, limit=24_000, remaining=24_000)
+    assert admit(limiter, 0, 100).wait == pytest.approx(2.0, abs=0.15)
+    b = bucket(store)
+    assert b["cap_t"] == 24_000 and b["tok"] <= 100  # the server's burst is known, not used
+    assert describe_budgets(store)[0]["burst_tpm"] == 100
 
 
 def test_calibration_learns_how_the_servers_charge_relates_to_the_estimate(store):
@@ -410,6 +428,164 @@ def test_calibration_learns_how_the_servers_charge_relates_to_the_estimate(store
     assert admit(limiter, 100, 50).charge == pytest.approx(bucket(store)["k"] * 100 + 50, abs=1)
 
 
+def test_a_configured_rpm_is_a_ceiling_whatever_the_headers_show(store):
+    limiter = limiter_for(store, rpm="60", burst_seconds=0)  # one request a second, one at once
+    first = admit(limiter, 0, 1)
+    assert first.wait == 0
+    headers = {"x-ratelimit-limit-requests": "1000", "x-ratelimit-remaining-requests": "999"}
+
+    async def go():
+        await limiter.observe(MODEL, headers, first, 0.05, input_tokens=0, output_tokens=1, charged=True)
+        await limiter.drain()
+    asyncio.run(go())
+    time.sleep(2.2)  # refills one request's worth, not two: the bucket holds one
+    waits = reserve_all(limiter, [1, 1, 1])
+    assert waits[0] == 0 and waits[1] == pytest.approx(1.0, abs=0.15) and waits[2] == pytest.approx(2.0, abs=0.15)
+
+
+def test_calibration_counts_the_servers_refill_at_the_servers_limit(store):
+    limiter = limiter_for(store, tpm="6000")  # the fleet keeps to 6000; the server refills at 24000
+    a = admit(limiter, 0, 1000)
+    observe(limiter, a, limit=24_000, remaining=23_000)  # full: the server's capacity is learnt
+    observe(limiter, a, limit=24_000, remaining=15_000)  # below 90 %: a window opens
+    started = time.monotonic()
+    time.sleep(2.1)
+    # The server admitted requests we estimated at 1000 input + 500 output; its remaining fell by
+    # 1000 while it refilled 400 tokens/s.
+    observe(limiter, a, limit=24_000, remaining=14_000, admitted=(1000, 500))
+    k_new = (1000 + 400 * (time.monotonic() - started) - 500) / 1000
+    assert bucket(store)["k"] == pytest.approx(0.5 * 1 + 0.5 * k_new, abs=0.03)
+
+
+def test_calibration_works_while_the_servers_bucket_stays_full(store):
+    """Below the server's limit its bucket stays full and no refill can be measured, but each answer's
+    headers show what its admission took: limit - remaining."""
+    limiter = limiter_for(store, tpm="6000")
+    for _ in range(12):  # the server charges twice our input estimate (100), plus max_tokens (50)
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000 - 250, admitted=(100, 50))
+    assert bucket(store)["k"] == pytest.approx(2.0, abs=0.1)
+    assert admit(limiter, 100, 50).charge == pytest.approx(250, abs=10)
+    for _ in range(12):  # ... and where it charges less (here our estimate exactly), k comes back
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000 - 150, admitted=(100, 50))
+    assert bucket(store)["k"] == pytest.approx(1.0, abs=0.1)
+
+
+def test_full_bucket_answers_do_not_calibrate_near_the_servers_limit(store):
+    """At --tpm close to the server's limit its bucket does not refill between the fleet's requests:
+    an answer's deficit holds earlier ones too, so it says nothing about its own charge."""
+    limiter = limiter_for(store, tpm="20000")
+    for _ in range(12):
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000 - 250, admitted=(100, 50))
+    assert bucket(store).get("k", 1.0) == 1.0
+
+
+def test_answers_that_paid_for_others_do_not_inflate_the_charge_ratio():
+    from batchrun.limiter import _admitted_ratio
+
+    def item(remaining, charge=150, input_tokens=100, output_tokens=50):
+        return (input_tokens, output_tokens, ("", "24000", "", str(remaining), charge, "1", 0))
+    # Two answers of a burst: the second's deficit holds the first's charge too.
+    assert float(_admitted_ratio([item(24_000 - 250), item(24_000 - 500)])) == pytest.approx(2.0)
+    assert _admitted_ratio([item(24_000 - 250)[:2] + (None,)]) == ""  # no headers
+    assert _admitted_ratio([(0, 0, item(23_000)[2])]) == ""  # a refused request: nothing admitted
+    stale = (100, 50, ("", "24000", "", "23750", 150, "0", 0))
+    assert _admitted_ratio([stale]) == ""
+
+
+@given(k=st.floats(0.25, 4), extra=st.lists(st.tuples(st.integers(1, 5000), st.integers(0, 2000),
+                                                       st.integers(0, 20_000)), min_size=1, max_size=20))
+def test_the_ratio_seen_in_full_buckets_never_undercharges(k, extra):
+    """Whatever else the server had not refilled yet (others' requests, our own burst), the ratio
+    is at least the one the server applies: the budget errs on the side of charging more."""
+    from batchrun.limiter import _admitted_ratio
+
+    limit = 10**6
+    items = [(n, out, ("", str(limit), "", str(limit - (k * n + out) - more), k * n + out, "1", 0))
+             for n, out, more in extra]
+    assert float(_admitted_ratio(items)) >= k - 1e-3
+
+
+def test_other_traffic_inflating_k_never_fails_a_request_that_fits(store):
+    """Another client on the key makes the server's remaining fall faster than the fleet spends:
+    the calibration blames the fleet's requests (k up), which slows it; but a request whose own
+    input + output fits the limit is never failed as too large for that."""
+    limiter = limiter_for(store, tpm="6000")
+    a = admit(limiter, 0, 1000)
+    observe(limiter, a, limit=6000, remaining=5000)
+    time.sleep(2.1)
+    observe(limiter, a, limit=6000, remaining=500, admitted=(100, 0))  # 4500 gone for 100 of ours
+    k = bucket(store)["k"]
+    assert k > 2  # inflated by the other client's traffic
+    big = admit(limiter, 3000, 500)  # k x 3000 + 500 > 6000, but 3500 fits
+    assert big is not None
+    assert big.charge == pytest.approx(k * 3000 + 500, abs=1)  # still charged at k: it waits longer
+    assert admit(limiter, 5501, 500) is None  # one that does not fit at all still fails at once
+
+
+def test_too_large_is_judged_on_the_smallest_input_estimate(store):
+    """tiktoken and characters / 4 disagree; the budget charges the larger, but a request fails as
+    too large only if even the smaller one does not fit: a server counting either way accepts it."""
+    limiter = limiter_for(store, tpm="6000")
+
+    async def go(input_tokens, least):
+        a = await limiter.admit(MODEL, input_tokens, 500, least_input=least, wait_turn=False)
+        await limiter.drain()
+        return a
+    a = asyncio.run(go(6000, 5000))
+    assert a is not None and a.charge == 6500  # charged the larger estimate
+    assert asyncio.run(go(6000, 5501)) is None
+
+
+def test_a_live_runner_with_a_long_lease_keeps_its_reservations(store):
+    """Runners report what they hold every lease / 3: with BATCHRUN_LEASE_SECONDS=150 a live one
+    reports every 50 s, so its report is not stale after 41 s."""
+    from batchrun.limiter import release_held
+
+    settings = WorkerSettings(base_url=BASE_URL, api_key="sk-x", lease_seconds=150)
+    live = SharedLimiter(store, settings, BatchOptions(limits=Limits.parse(tpm=["6000"]), burst_seconds=60),
+                         token="slow-runner")
+    assert admit(live, 0, 6000).wait == 0
+    assert admit(live, 0, 3000).wait == pytest.approx(30, abs=0.1)  # held: waiting its turn
+    live.report_held()
+    held_key = budget_key() + ":held"
+
+    def reported_ago(seconds: float) -> None:
+        r, t, at, *rest = store.redis.hget(held_key, "slow-runner").decode().split("|")
+        store.redis.hset(held_key, "slow-runner", "|".join([r, t, str(float(at) - seconds * 1000), *rest]))
+    reported_ago(41)
+    assert release_held(store) == 0
+    assert store.redis.hexists(held_key, "slow-runner")
+    reported_ago(200 - 41 + 1)  # four report intervals missed: it is gone
+    assert release_held(store) == 2
+    assert not store.redis.hexists(held_key, "slow-runner")
+
+
+def test_a_runners_first_request_goes_alone_and_counts_as_arriving_with_its_answer(store):
+    """A runner's client opens its connection (and loads its TLS set-up) with its first request, which
+    so reaches the server late; requests reserved meanwhile would arrive with it, more than the
+    burst at once. The others wait for its answer, and it is counted again, as arriving then."""
+    limiter = limiter_for(store, tpm="6000", burst_seconds=0)  # one second's worth: 100 tokens
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 50)
+        others = [asyncio.create_task(limiter.admit(MODEL, 0, 50)) for _ in range(2)]
+        await asyncio.sleep(1.2)  # the client starts up; the budget refills to its 100
+        assert not any(t.done() for t in others)
+        assert bucket(store)["spent"] == 50  # only the first was reserved
+        await limiter.observe(MODEL, {"x-ratelimit-remaining-tokens": "23950", "x-ratelimit-limit-tokens": "24000"},
+                              first, 0.05, input_tokens=0, output_tokens=50, charged=True)
+        started = time.monotonic()
+        await asyncio.gather(*others)
+        waited = time.monotonic() - started
+        await limiter.drain()
+        return waited
+    # The first's 50 arrived with its answer: of the burst, 50 were left; the third waits ~0.5 s.
+    assert 0.35 <= asyncio.run(go()) <= 1.0
+
+
 def test_a_dead_runners_reservations_come_back(store):
     from batchrun.limiter import HELD_STALE_MS, release_held
 
@@ -422,9 +598,9 @@ def test_a_dead_runners_reservations_come_back(store):
     assert admit(live, 0, 100).wait == pytest.approx(31, abs=0.1)
     assert release_held(store) == 0  # the dead runner's report is still fresh
     held_key = budget_key() + ":held"
-    r, t, at = store.redis.hget(held_key, "dead-runner").decode().split("|")
+    r, t, at, *rest = store.redis.hget(held_key, "dead-runner").decode().split("|")
     assert (r, t) == ("2", "9000")
-    store.redis.hset(held_key, "dead-runner", f"{r}|{t}|{float(at) - HELD_STALE_MS - 1000}")
+    store.redis.hset(held_key, "dead-runner", "|".join([r, t, str(float(at) - HELD_STALE_MS - 1000), *rest]))
     assert release_held(store) == 2
     assert not store.redis.hexists(held_key, "dead-runner")
     # 9000 came back: only the live runner's 100 is owed now (the bucket had run 3100 into debt).

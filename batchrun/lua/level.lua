@@ -14,11 +14,13 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', KEYS[1], 'tok', 'ts', 'spent', 'lim_tpm', 'cap_t', 'cool_until',
                      'req', 'spent_r', 'lim_rpm', 'cap_r')
-local rpm = tonumber(ARGV[1]) > 0 and tonumber(ARGV[1]) or tonumber(s[9] or 0)
-local tpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[4] or 0)
+local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rpm = cfg_r > 0 and cfg_r or tonumber(s[9] or 0)
+local tpm = cfg_t > 0 and cfg_t or tonumber(s[4] or 0)
 local burst = tonumber(ARGV[3])
-local cap_t = burst > 0 and tpm * burst / 60 or math.max(tonumber(s[5] or 0), tpm / 60)
-local cap_r = burst > 0 and rpm * burst / 60 or math.max(1, tonumber(s[10] or 0), rpm / 60)
+-- The capacities as reserve.lua has them (a configured limit: one second's worth).
+local cap_t = burst > 0 and tpm * burst / 60 or math.max(cfg_t > 0 and 0 or tonumber(s[5] or 0), tpm / 60)
+local cap_r = burst > 0 and rpm * burst / 60 or math.max(1, cfg_r > 0 and 0 or tonumber(s[10] or 0), rpm / 60)
 local elapsed = math.max(0, now - tonumber(s[2] or now))
 local tok = math.min(cap_t, tonumber(s[1] or cap_t) + elapsed * tpm / 60000)
 local req = math.min(cap_r, tonumber(s[7] or cap_r) + elapsed * rpm / 60000)

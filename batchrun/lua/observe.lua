@@ -1,17 +1,25 @@
 -- observe: let the server's x-ratelimit-* headers correct the shared budget.
 --  * Limits: x-ratelimit-limit-* are learnt (used where none were configured).
---  * Burst: the capacity is at least what the server showed remaining plus the
---    charge it had just taken.
+--  * Burst: the server's capacity is at least what it showed remaining plus the
+--    charge it had just taken. The budget holds that much only where no limit
+--    was configured: a configured one is a ceiling (one second's worth at once).
 --  * Sync: the server's remaining tokens, less what the fleet reserved after
 --    the request these headers answered, is what the budget holds now. Less
 --    than we thought (another client on the same key, a lower limit) slows the
---    fleet; more (the server's initial burst) lets it use what is there. A
---    headroom of one second's worth stays unused: at the limit the server's
---    bucket hovers at empty, and without it every small error is a 429.
---  * Calibration: over windows of >= 2 s in which the server's bucket was not
---    full, the tokens it consumed (refill - change of remaining), less the
---    output reserved, against the input estimates of the requests it admitted,
---    give k: the ratio of the server's charge to our input estimate.
+--    fleet; more (the server's initial burst) lets it use what is there, but
+--    only where no limit was configured: under a configured one, headers may
+--    only lower the pace. A headroom of one second's worth stays unused: at
+--    the limit the server's bucket hovers at empty, and without it every small
+--    error is a 429.
+--  * Calibration gives k, the ratio of the server's input charge to our input
+--    estimate, two ways:
+--    - over windows of >= 2 s in which the server's bucket was not full, the
+--      tokens it consumed (its own refill, at its limit, - change of
+--      remaining), less the output reserved, against the input estimates of
+--      the requests it admitted;
+--    - while its bucket is full (the fleet keeps to under half the server's
+--      limit, so no refill is measurable), from what each answer's admission
+--      took (limit - remaining): the runner sends that ratio (ARGV[13]).
 -- KEYS[1]  budget hash
 -- ARGV[1]  x-ratelimit-limit-requests ('' if absent)
 -- ARGV[2]  x-ratelimit-limit-tokens ('' if absent)
@@ -24,6 +32,12 @@
 -- ARGV[9]  the budget's running total of tokens taken when that request was reserved (reserve.lua's mark)
 -- ARGV[10] input estimates of the requests the server admitted since this runner last reported
 -- ARGV[11] output reservations of those requests
+-- ARGV[12] burst capacity in seconds' worth (0: learnt), as for reserve.lua
+-- ARGV[13] the server's input charge / our input estimate, from answers admitted into a full
+--          bucket ('' if none)
+-- ARGV[14] the charge of a request that reached the server late (a runner's first, sent while its
+--          client started up): it is taken again, as arriving now. Where it was reserved, nobody
+--          else could send, so counting it twice only costs the fleet one request's worth (0: none)
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
 local t = redis.call('TIME')
@@ -34,8 +48,12 @@ if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
 local lim_r = tonumber(ARGV[1]) or tonumber(s[4] or 0)
 local lim_t = tonumber(ARGV[2]) or tonumber(s[5] or 0)
 local rem_r, rem_t = tonumber(ARGV[3]), tonumber(ARGV[4])
-local rpm = tonumber(ARGV[7]) > 0 and tonumber(ARGV[7]) or lim_r
-local tpm = tonumber(ARGV[8]) > 0 and tonumber(ARGV[8]) or lim_t
+local cfg_r, cfg_t = tonumber(ARGV[7]), tonumber(ARGV[8])
+local rpm = cfg_r > 0 and cfg_r or lim_r
+local tpm = cfg_t > 0 and cfg_t or lim_t
+local burst = tonumber(ARGV[12]) or 0
+-- What the server showed it takes at once (kept whatever is configured: the
+-- calibration below tells a full bucket by it).
 local cap_r, cap_t = tonumber(s[6] or 0), tonumber(s[7] or 0)
 if rem_r then cap_r = math.max(cap_r, rem_r + 1) end
 if rem_t then cap_t = math.max(cap_t, rem_t + tonumber(ARGV[5])) end
@@ -43,19 +61,26 @@ if lim_r > 0 then cap_r = math.min(cap_r, lim_r) end
 if lim_t > 0 then cap_t = math.min(cap_t, lim_t) end
 -- As reserve.lua: at least one second's worth, also before any remaining-* header was seen.
 cap_r, cap_t = math.max(cap_r, 1, rpm / 60), math.max(cap_t, tpm / 60)
+-- What the budget holds at most: as reserve.lua and level.lua have it.
+local own_r = burst > 0 and rpm * burst / 60 or (cfg_r > 0 and math.max(1, rpm / 60) or cap_r)
+local own_t = burst > 0 and tpm * burst / 60 or (cfg_t > 0 and tpm / 60 or cap_t)
 
 -- Bring the buckets to now, then to what the server says.
 local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
 local elapsed = math.max(0, now - ts)
-if rpm > 0 then req = math.min(math.max(cap_r, 1), req + elapsed * rpm / 60000) end
-if tpm > 0 then tok = math.min(cap_t, tok + elapsed * tpm / 60000) end
+if rpm > 0 then req = math.min(math.max(own_r, 1), req + elapsed * rpm / 60000) end
+if tpm > 0 then tok = math.min(own_t, tok + elapsed * tpm / 60000) end
 -- Only headers newer than those already applied (answers can overtake each other).
 local fresh = ARGV[6] == '1' and tonumber(ARGV[9]) >= tonumber(s[16] or 0)
 if fresh and rem_t and tpm > 0 then
   local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
-  tok = math.min(cap_t, rem_t - reserved_since - tpm / 60)
+  local synced = rem_t - reserved_since - tpm / 60
+  -- A configured limit is a ceiling: the server's headers may lower the budget, never raise it.
+  tok = math.min(cfg_t > 0 and tok or own_t, synced)
 end
 if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
+local late = tonumber(ARGV[14]) or 0
+if late > 0 and tpm > 0 then tok = tok - late end
 
 local k = tonumber(s[8] or 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
@@ -63,19 +88,29 @@ local s_out = tonumber(s[10] or 0) + tonumber(ARGV[11])
 local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),
                 'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
                 'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now)}
-if rem_t and tpm > 0 then
+-- The server refills at its own limit, whatever limit the fleet keeps to.
+local srv_tpm = lim_t > 0 and lim_t or tpm
+local k_seen = tonumber(ARGV[13])
+if rem_t and srv_tpm > 0 then
   local obs_t = tonumber(s[11] or 0)
   local window = now - obs_t
   -- Only windows in which the server's bucket was not full tell the charge
   -- (a full bucket throws its refill away).
   local busy = rem_t < 0.9 * cap_t
+  -- Answers find the server's bucket full (their deficit their own) only where the server refills
+  -- much faster than the fleet spends: at under half its limit. Nearer it, deficits carry the
+  -- fleet's earlier requests too, and would inflate k.
+  if not busy and k_seen and lim_t >= 2 * tpm then
+    k = 0.75 * k + 0.25 * math.max(0.25, math.min(4, k_seen))
+    fields[#fields + 1], fields[#fields + 2] = 'k', tostring(k)
+  end
   if obs_t == 0 or not busy then
     fields[#fields + 1], fields[#fields + 2] = 'obs_t', busy and tostring(now) or '0'
     fields[#fields + 1], fields[#fields + 2] = 'obs_rem', tostring(rem_t)
     fields[#fields + 1], fields[#fields + 2] = 'obs_in', tostring(s_in)
     fields[#fields + 1], fields[#fields + 2] = 'obs_out', tostring(s_out)
   elseif window >= 2000 then
-    local consumed = tpm * window / 60000 - (rem_t - tonumber(s[12]))
+    local consumed = srv_tpm * window / 60000 - (rem_t - tonumber(s[12]))
     local d_in, d_out = s_in - tonumber(s[13]), s_out - tonumber(s[14])
     if d_in > 0 and consumed > 0 then
       local k_new = math.max(0.25, math.min(4, (consumed - d_out) / d_in))

@@ -2,16 +2,17 @@
 -- yet (waiting for their turn). A runner that stopped reporting died: what it
 -- held was never sent, so it goes back to the budget.
 -- KEYS[1]  budget hash
--- KEYS[2]  held hash of that budget: runner token -> "requests|tokens|reported_ms"
--- ARGV[1]  ms after which a report is stale
+-- KEYS[2]  held hash of that budget: runner token -> "requests|tokens|reported_ms|stale_ms"
+--          (stale_ms: when that runner's report is stale, from its own report interval)
+-- ARGV[1]  ms after which a report without stale_ms is stale
 -- Returns  {requests, tokens} given back
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local entries = redis.call('HGETALL', KEYS[2])
 local back_r, back_t = 0, 0
 for i = 1, #entries, 2 do
-  local r, tk, at = string.match(entries[i + 1], '^([%d.]+)|([%d.]+)|([%d.]+)$')
-  if at and now - tonumber(at) > tonumber(ARGV[1]) then
+  local r, tk, at, stale = string.match(entries[i + 1], '^([%d.]+)|([%d.]+)|([%d.]+)|?([%d.]*)$')
+  if at and now - tonumber(at) > (tonumber(stale) or tonumber(ARGV[1])) then
     back_r = back_r + tonumber(r)
     back_t = back_t + tonumber(tk)
     redis.call('HDEL', KEYS[2], entries[i])

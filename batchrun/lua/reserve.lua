@@ -7,7 +7,9 @@
 --  * charges what the server will charge: k * input estimate + output, where k
 --    is learnt from the server's headers (observe.lua).
 --  * uses limits learnt from the headers where none were configured, and the
---    burst capacity the headers showed (unless one was configured).
+--    burst capacity the headers showed where no limit or burst was configured.
+--    A configured limit is a ceiling: its bucket holds one second's worth
+--    (or --burst-seconds), whatever the server shows.
 --  * honours the budget's cooldown (cool_down.lua, after a 429): requests
 --    reserved during it are released one `spacing` apart after it ends.
 --  * honours the endpoint's circuit breaker (circuit.lua): while open nothing is
@@ -19,10 +21,14 @@
 -- ARGV[2]  tokens per minute configured (0: learn from headers, or none)
 -- ARGV[3]  burst capacity in seconds' worth of the limit (0: learn from headers)
 -- ARGV[4]  spacing in ms between requests released after a cooldown (0: 60000/rpm, else 5)
--- ARGV     then for each request: input token estimate, output token reservation
+-- ARGV     then for each request: input token estimate (charged k times), output token
+--          reservation, and the smallest input estimate (judges "can never fit")
 -- Returns  for each request {ms, verdict, charge, mark, request mark}:
 --          verdict 0: granted, send after ms;  2: granted as the circuit's probe;
---          1: not granted (circuit open), ask again after ms;  -1: can never fit.
+--          1: not granted (circuit open), ask again after ms;  -1: can never fit
+--          (judged on the smallest input estimate + output, not k * input: a k
+--          inflated by other traffic on the key must not fail a request the
+--          server would accept).
 --          charge: the tokens taken (give them back with settle.lua if unused).
 --          mark: the budget's running total of tokens taken, including this
 --          request (observe.lua uses it to tell what was reserved after it;
@@ -33,28 +39,34 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 'lim_rpm', 'lim_tpm',
                      'cap_r', 'cap_t', 'k', 'spent', 'spent_r')
-local rpm = tonumber(ARGV[1]) > 0 and tonumber(ARGV[1]) or tonumber(s[6] or 0)
-local tpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[7] or 0)
+local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
+local rpm = cfg_r > 0 and cfg_r or tonumber(s[6] or 0)
+local tpm = cfg_t > 0 and cfg_t or tonumber(s[7] or 0)
 local burst = tonumber(ARGV[3])
 local cap_r, cap_t, max_t
 if burst > 0 then
   cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
   max_t = cap_t
 else
-  -- Until the headers show more, one second's worth: no start-of-minute burst
-  -- on a server that enforces per second.
-  cap_r = math.max(1, tonumber(s[8] or 0), rpm / 60)
-  cap_t = math.max(tonumber(s[9] or 0), tpm / 60)
+  -- One second's worth: no start-of-minute burst on a server that enforces per
+  -- second. Without a configured limit, what the server's headers showed it
+  -- takes at once (observe.lua); a configured one is a ceiling, so no more.
+  cap_r = math.max(1, cfg_r > 0 and 0 or tonumber(s[8] or 0), rpm / 60)
+  cap_t = math.max(cfg_t > 0 and 0 or tonumber(s[9] or 0), tpm / 60)
   max_t = tpm  -- "Request too large" is judged against the per-minute limit
 end
 local k = tonumber(s[10] or 1)
 local spacing = tonumber(ARGV[4])
 if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
-local n = (#ARGV - 4) / 2
+local n = (#ARGV - 4) / 3
 local out = {}
 
 local function charge_of(i)
-  return math.ceil(k * tonumber(ARGV[3 + 2 * i]) + tonumber(ARGV[4 + 2 * i]))
+  return math.ceil(k * tonumber(ARGV[2 + 3 * i]) + tonumber(ARGV[3 + 3 * i]))
+end
+
+local function too_large(i)
+  return tpm > 0 and math.ceil(tonumber(ARGV[4 + 3 * i]) + tonumber(ARGV[3 + 3 * i])) > max_t
 end
 
 -- The circuit first: an open circuit grants nothing and spends no budget.
@@ -65,7 +77,7 @@ if circuit_open then
   local open_until, probe_until = tonumber(c[2] or 0), tonumber(c[3] or 0)
   for i = 1, n do
     local r
-    if tpm > 0 and charge_of(i) > max_t then
+    if too_large(i) then
       r = {-1, -1, 0, 0, 0}
     elseif now < open_until then
       r = {math.ceil(open_until - now), 1, 0, 0, 0}
@@ -89,8 +101,8 @@ req = math.min(cap_r, req + elapsed * rpm / 60000)
 tok = math.min(cap_t, tok + elapsed * tpm / 60000)
 
 local function take(i)
+  if too_large(i) then return {-1, -1, 0, 0, 0} end
   local charge = charge_of(i)
-  if tpm > 0 and charge > max_t then return {-1, -1, 0, 0, 0} end
   local w = 0
   if rpm > 0 then
     req = req - 1
