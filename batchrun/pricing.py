@@ -26,7 +26,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-__all__ = ["ENV_PRICES", "Price", "PriceTable", "cost_of_usage", "worst_case_cost"]
+__all__ = ["ENV_PRICES", "Price", "PriceTable", "answer_cost", "cost_of_usage", "usage_is_readable",
+           "usage_total_tokens", "worst_case_cost"]
 
 #: Environment variable naming a user price file, used when no path is given.
 ENV_PRICES = "BATCHRUN_PRICES"
@@ -151,6 +152,41 @@ def cost_of_usage(price: Price, usage: dict | None) -> float:
 def worst_case_cost(price: Price, input_tokens: int, output_tokens: int) -> float:
     """Input at the full (uncached) price plus the maximum output."""
     return (input_tokens * price.input + output_tokens * price.output) / _PER_TOKENS
+
+
+_USAGE_COUNTS = ("prompt_tokens", "completion_tokens", "input_tokens", "output_tokens", "total_tokens")
+
+
+def usage_is_readable(usage: object) -> bool:
+    """Does ``usage`` say what the answer cost? An object with an input count (prompt_tokens or
+    input_tokens), every count it has a finite number >= 0. Anything else (a string, a list, a
+    negative or non-numeric count) says nothing, and is priced like a missing usage."""
+    if not isinstance(usage, Mapping) or not ("prompt_tokens" in usage or "input_tokens" in usage):
+        return False
+    for name in _USAGE_COUNTS:
+        if name in usage:
+            value = usage[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                return False
+    return True
+
+
+def usage_total_tokens(usage: object) -> int:
+    """The answer's total_tokens for the counts `status` shows; 0 when it cannot be read. Never raises."""
+    return _count(usage.get("total_tokens")) if usage_is_readable(usage) else 0
+
+
+def answer_cost(prices: list[Price | None], usage: object, input_tokens: int, output_tokens: int) -> float:
+    """USD to count for an answer: by the highest of ``prices`` (the requested model's and the one
+    the answer names: a server may answer with a dearer model), from its usage, or, where the usage
+    cannot be read, the worst case of the request (``input_tokens``, ``output_tokens``). Never
+    raises; 0.0 when no price is known."""
+    known = [p for p in prices if p is not None]
+    if not known:
+        return 0.0
+    if usage_is_readable(usage):
+        return max(cost_of_usage(p, usage) for p in known)
+    return max(worst_case_cost(p, input_tokens, output_tokens) for p in known)
 
 
 # --- Reading price files -----------------------------------------------------------

@@ -36,7 +36,7 @@ from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_a
                                classify_exception, stream_truncated_verdict)
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
-from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
+from batchrun.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
 from batchrun.sender import StreamFailed, StreamTruncated, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
@@ -348,11 +348,13 @@ class ShardRunner:
             line = result_line(job.custom_id, status_code=answer.status_code, request_id=answer.request_id,
                                body=answer.body)
             usage = answer.body.get("usage") if isinstance(answer.body, dict) else None
-            cost = cost_of_usage(price, usage) if price is not None else 0.0
-            if price is not None and not isinstance(usage, dict):  # no usage to count: its worst case
-                cost = worst_case_cost(price, estimate.input_tokens, estimate.output_tokens)
-            self._count_request(model, admission.charge, usage=usage)
+            # Priced by the dearer of the model asked for and the model that answered; usage that
+            # cannot be read (missing, odd types, negative) counts as the request's worst case.
+            answered = answer.body.get("model") if isinstance(answer.body, dict) else None
+            cost = answer_cost([price, self._price(answered) if isinstance(answered, str) and answered else None],
+                               usage, estimate.input_tokens, estimate.output_tokens)
             await self.completer.submit(("R", job.custom_id, json.dumps(line), cost))
+            self._count_request(model, admission.charge, usage=usage)
             self.stats["done"] += 1
             self.metrics["ended"] += 1
             return
@@ -368,7 +370,7 @@ class ShardRunner:
             self._background(self.limiter.settle_unused(model, admission))
         await self._handle_failure(job, model, verdict, response, admission.probe, error)
 
-    def _count_request(self, model: str, charged: int, *, usage: dict | None = None,
+    def _count_request(self, model: str, charged: int, *, usage: object = None,
                        rate_limited: bool = False) -> None:
         m = self.metrics
         m["requests"] += 1
@@ -377,8 +379,7 @@ class ShardRunner:
         # Which budget (server, key, model) it drew from: `status` shows those budgets' limits.
         via = self._via.get(model) or self._via.setdefault(model, f"via:{self.limiter.budget_key(model)}")
         m[via] += 1
-        if usage:
-            m["tokens"] += int(usage.get("total_tokens") or 0)
+        m["tokens"] += usage_total_tokens(usage)  # 0 for usage that cannot be read: never raises
         if rate_limited:
             m["rate_limited"] += 1
 

@@ -425,3 +425,52 @@ def test_a_faulty_responses_answer_is_sent_again_and_the_job_ends_once_in_result
                                     max_attempts=5)
     assert outcomes["j0"][0] == "result" and outcomes["j0"][1]["status"] == "completed"
     assert len(seen) == 2 and meta["state"] == "finished"
+
+
+# --- a good answer whose usage is odd (review findings 2 and 8) --------------------------------
+
+def _with_usage(body: dict, usage) -> dict:
+    return {**body, "usage": usage}
+
+
+EMB_ANSWER = {"object": "list", "model": "text-embedding-3-small",
+              "data": [{"object": "embedding", "index": 0, "embedding": [0.1, 0.2]}],
+              "usage": {"prompt_tokens": 1, "total_tokens": 1}}
+ODD_USAGES = [
+    ("total_tokens a word", CHAT, _with_usage(chat_body(), {"prompt_tokens": 10, "completion_tokens": 2,
+                                                             "total_tokens": "twelve"})),
+    ("usage a list", CHAT, _with_usage(chat_body(), [1, 2, 3])),
+    ("usage negative", CHAT, _with_usage(chat_body(), {"prompt_tokens": -1000, "completion_tokens": -5,
+                                                        "total_tokens": -1005})),
+    ("embeddings usage a string", EMBEDDINGS, _with_usage(EMB_ANSWER, "n/a")),
+    ("responses usage a number", RESPONSES, _with_usage(response_obj("completed"), 7)),
+]
+
+
+@pytest.mark.parametrize("name, url, answer", ODD_USAGES, ids=[u[0] for u in ODD_USAGES])
+def test_a_good_answer_with_odd_usage_is_a_result_sent_once_and_costs_its_worst_case(name, url, answer, tmp_path):
+    """The answer was good and paid for: it is the job's result (one request, no retry), whatever
+    its usage looks like, and its cost is counted as if it had none (the request's worst case)."""
+    outcomes, meta, seen = run_jobs([Reply(200, {}, answer)], [(url, BODIES[url])], tmp_path, max_attempts=3,
+                                    max_cost=10.0)
+    assert outcomes["j0"][0] == "result", outcomes
+    assert outcomes["j0"][1]["usage"] == answer["usage"]  # the user's data, as the server wrote it
+    assert len(seen) == 1
+    missing = {k: v for k, v in answer.items() if k != "usage"}
+    _, meta_missing, _ = run_jobs([Reply(200, {}, missing)], [(url, BODIES[url])], tmp_path, max_cost=10.0)
+    assert float(meta["cost"]) == pytest.approx(float(meta_missing["cost"])) and float(meta["cost"]) > 0
+
+
+def test_an_answer_from_a_dearer_model_is_priced_at_its_price(tmp_path):
+    """Asked for gpt-4o-mini, answered by gpt-4o: the cost is gpt-4o's, so --max-cost counts what was spent."""
+    from batchrun.pricing import PriceTable, cost_of_usage
+
+    answer = chat_body(prompt_tokens=1000, completion_tokens=500, model="gpt-4o-2024-08-06")
+    _, meta, _ = run_jobs([Reply(200, {}, answer)], [(CHAT, CHAT_BODY)], tmp_path, max_cost=10.0)
+    table = PriceTable.load()
+    assert float(meta["cost"]) == pytest.approx(cost_of_usage(table.price_for("gpt-4o"), answer["usage"]))
+    assert float(meta["cost"]) > cost_of_usage(table.price_for("gpt-4o-mini"), answer["usage"])
+    # a cheaper (or unknown) answering model does not lower the price of the model asked for
+    cheap = chat_body(prompt_tokens=1000, completion_tokens=500, model="some-unknown-model")
+    _, meta, _ = run_jobs([Reply(200, {}, cheap)], [(CHAT, CHAT_BODY)], tmp_path, max_cost=10.0)
+    assert float(meta["cost"]) == pytest.approx(cost_of_usage(table.price_for("gpt-4o-mini"), cheap["usage"]))

@@ -227,3 +227,46 @@ def test_table_cannot_be_changed_in_place():
     table = PriceTable.load()
     with pytest.raises(TypeError):
         table.prices["gpt-4o"] = Price(0, 0, 0)  # type: ignore[index]
+
+
+# --- answers whose usage cannot be read (review findings 2 and 8) ------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from batchrun.pricing import answer_cost, usage_is_readable, usage_total_tokens  # noqa: E402
+
+_ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
+                    lambda inner: st.lists(inner, max_size=3)
+                    | st.dictionaries(st.sampled_from(["prompt_tokens", "completion_tokens", "input_tokens",
+                                                       "output_tokens", "total_tokens", "prompt_tokens_details",
+                                                       "input_tokens_details", "cached_tokens", "x"]),
+                                      inner, max_size=5), max_leaves=10)
+
+
+@settings(max_examples=400, deadline=None)
+@given(usage=_ANY, n_in=st.integers(0, 10**6), n_out=st.integers(0, 10**6))
+def test_any_usage_gives_a_cost_of_at_least_zero_and_never_raises(usage, n_in, n_out):
+    cost = answer_cost([MINI, None], usage, n_in, n_out)
+    assert 0 <= cost < float("inf")
+    assert usage_total_tokens(usage) >= 0
+    if not usage_is_readable(usage):  # unreadable counts like missing: the worst case
+        assert cost == pytest.approx(worst_case_cost(MINI, n_in, n_out))
+
+
+@pytest.mark.parametrize("usage", [None, "n/a", 7, [1], {}, {"total_tokens": 5},
+                                   {"prompt_tokens": -10, "completion_tokens": 2},
+                                   {"prompt_tokens": 10, "completion_tokens": "2"},
+                                   {"input_tokens": 10, "output_tokens": float("nan")},
+                                   {"prompt_tokens": 10, "total_tokens": True}])
+def test_unreadable_usage_costs_the_worst_case(usage):
+    assert not usage_is_readable(usage)
+    assert answer_cost([MINI], usage, 1000, 100) == pytest.approx(worst_case_cost(MINI, 1000, 100))
+
+
+def test_an_answer_is_priced_by_the_dearer_model():
+    dear = Price(input=2.5, cached_input=1.25, output=10.0)
+    usage = {"prompt_tokens": 1000, "completion_tokens": 100, "total_tokens": 1100}
+    assert answer_cost([MINI, dear], usage, 5, 5) == pytest.approx(cost_of_usage(dear, usage))
+    assert answer_cost([dear, MINI], usage, 5, 5) == pytest.approx(cost_of_usage(dear, usage))
+    assert answer_cost([None, None], usage, 5, 5) == 0.0
+    assert usage_total_tokens(usage) == 1100
