@@ -17,7 +17,9 @@ import asyncio
 import hashlib
 import heapq
 import itertools
+import math
 import random
+import re
 from dataclasses import dataclass
 
 import redis
@@ -33,6 +35,7 @@ HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
+_HEADER_NUMBER = re.compile(r"\+?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +64,31 @@ def _digest(text: str) -> str:
 
 def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
     return f"{_digest(base_url)}:{key_fingerprint}:{model}"
+
+
+# Larger than any real rate limit (OpenAI's largest are around 1e10 tokens per minute); a header
+# above it is a broken or hostile server, not a limit. observe.lua keeps the same bound.
+MAX_HEADER_NUMBER = 1e13
+
+
+def usable_header_number(value: object) -> str:
+    """An x-ratelimit-limit-*/remaining-* header's value as the budget may use it: a finite number
+    in [0, MAX_HEADER_NUMBER], as the text it came as; '' for anything else ("nan", "inf", "1e999",
+    "-5", "12 tokens", a list), which then counts as absent. The one judge of such values."""
+    if not isinstance(value, str) or not _HEADER_NUMBER.fullmatch(value.strip()):
+        return ""
+    number = float(value)
+    return value.strip() if 0 <= number <= MAX_HEADER_NUMBER else ""
+
+
+def stored_number(value: object) -> float:
+    """A number read back from a budget hash: a value that is not a finite number (a hash written
+    by an older version from a hostile header) reads as 0."""
+    try:
+        number = float(_s(value)) if value is not None else 0.0
+    except ValueError:
+        return 0.0
+    return number if math.isfinite(number) else 0.0
 
 
 def _s(x) -> str:
@@ -259,8 +287,8 @@ class SharedLimiter:
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         seen = None
         if has_headers:
-            seen = (headers.get("x-ratelimit-limit-requests", ""), headers.get("x-ratelimit-limit-tokens", ""),
-                    headers.get("x-ratelimit-remaining-requests", ""), headers.get("x-ratelimit-remaining-tokens", ""),
+            seen = (*(usable_header_number(headers.get(f"x-ratelimit-{name}", "")) for name in (
+                        "limit-requests", "limit-tokens", "remaining-requests", "remaining-tokens")),
                     admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
         late = admission.charge if charged and admission is self._first_admission else 0
         try:
@@ -373,7 +401,7 @@ def describe_budgets(store: BatchStore) -> list[dict]:
         if not h:
             continue
         _, _, endpoint, fingerprint, model = key.split(":", 4)
-        f = {name: float(h.get(name) or 0) for name in ("req", "tok", "ts", "cfg_rpm", "cfg_tpm", "lim_rpm",
+        f = {name: stored_number(h.get(name)) for name in ("req", "tok", "ts", "cfg_rpm", "cfg_tpm", "lim_rpm",
                                                          "lim_tpm", "cap_r", "cap_t", "k", "cool_until")}
         rpm = f["cfg_rpm"] or f["lim_rpm"]
         tpm = f["cfg_tpm"] or f["lim_tpm"]

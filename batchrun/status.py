@@ -5,6 +5,9 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
+import math
+
+from batchrun.limiter import stored_number
 from batchrun.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
 from batchrun.store import BatchStore
@@ -21,9 +24,10 @@ def _s(x) -> str:
 
 def _float(meta: dict, name: str) -> float:
     try:
-        return float(meta.get(name) or 0)
+        value = float(meta.get(name) or 0)
     except ValueError:
         return 0.0
+    return value if math.isfinite(value) else 0.0  # "nan", "inf": nothing int() could show
 
 
 def batch_status(store: BatchStore, batch_id: str) -> dict:
@@ -108,7 +112,7 @@ def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minut
             continue
         key = name[4:]
         model = key.split(":", 4)[-1]
-        rpm, tpm = (int(float(v or 0)) for v in store.redis.hmget(key, "lim_rpm", "lim_tpm"))
+        rpm, tpm = (int(stored_number(v)) for v in store.redis.hmget(key, "lim_rpm", "lim_tpm"))
         old = learnt.get(model, (0, 0))
         learnt[model] = (old[0] + rpm, old[1] + tpm)
     out = []

@@ -8,6 +8,7 @@ granted in arrival order and may run the bucket into debt, which its caller pays
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 
 import pytest
@@ -630,3 +631,59 @@ def test_one_probe_per_cooling_period_however_often_outcomes_arrive(store):
     assert [v for _, v in _gate(store, [1, 1])] == [1, 1]  # no second probe while the first is out
     _record(store, 0, 0, probe="1")  # the probe succeeded
     assert [v for _, v in _gate(store, [1, 1])] == [0, 0]
+
+
+# --- headers that are no numbers ("nan", "inf", "1e999") never reach the budget (review finding 3) ---
+
+from batchrun.limiter import MAX_HEADER_NUMBER, stored_number, usable_header_number  # noqa: E402
+
+POISON = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "1e400", "-5", "9" * 400, "0x10", "12 tokens", ""]
+
+
+@given(st.one_of(st.text(max_size=20), st.sampled_from(POISON), st.floats().map(repr),
+                 st.integers(-10**20, 10**20).map(str)))
+def test_a_usable_header_number_is_finite_and_bounded(value):
+    used = usable_header_number(value)
+    if used:
+        number = float(used)
+        assert math.isfinite(number) and 0 <= number <= MAX_HEADER_NUMBER
+    assert math.isfinite(stored_number(value))
+
+
+def _all_finite(store: BatchStore) -> dict[str, float]:
+    raw = {k.decode(): v.decode() for k, v in store.redis.hgetall(budget_key()).items()}
+    bad = {k: v for k, v in raw.items() if not math.isfinite(float(v))}
+    assert not bad, bad
+    return {k: float(v) for k, v in raw.items()}
+
+
+@pytest.mark.parametrize("poison", ["nan", "inf", "-inf", "1e999", "9" * 400])
+def test_poisoned_rate_limit_headers_leave_the_budget_finite(store, poison):
+    limiter = limiter_for(store, burst_seconds=0)
+    first = admit(limiter, 0, 100)
+    headers = {f"x-ratelimit-{n}": poison for n in ("limit-requests", "limit-tokens", "remaining-requests",
+                                                   "remaining-tokens")}
+
+    async def go():
+        await limiter.observe(MODEL, headers, first, 0.05, input_tokens=0, output_tokens=100, charged=True)
+        await limiter.drain()
+    asyncio.run(go())
+    _all_finite(store)
+    # The script itself refuses them too, whoever calls it.
+    store.scripts.observe(keys=[budget_key()], args=[poison, poison, poison, poison, 100, "1", 0, 0, 10**9, 0, 0,
+                                                     0, poison, 0])
+    _all_finite(store)
+    assert admit(limiter, 0, 100) is not None
+    assert all(math.isfinite(v) for b in describe_budgets(store) for v in b.values() if isinstance(v, float))
+
+
+def test_a_budget_poisoned_by_an_older_version_is_read_and_healed(store):
+    limiter = limiter_for(store, burst_seconds=0)
+    first = admit(limiter, 0, 100)
+    store.redis.hset(budget_key(), mapping={"lim_rpm": "nan", "lim_tpm": "inf", "req": "-inf", "cap_t": "inf",
+                                            "k": "nan"})
+    budgets = describe_budgets(store)  # `batchrun limits`: no "cannot convert float NaN to integer"
+    assert budgets[0]["learnt_rpm"] == 0 and budgets[0]["learnt_tpm"] == 0
+    observe(limiter, first, remaining=5000, limit=6000)
+    values = _all_finite(store)
+    assert values["lim_tpm"] == 6000

@@ -40,21 +40,34 @@
 --          else could send, so counting it twice only costs the fleet one request's worth (0: none)
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
+-- tonumber() takes 'nan', 'inf' and '1e999': a header is used only if it is a finite number in
+-- [0, 1e13] (limiter.py's usable_header_number has the same rule), and a stored field that is not
+-- finite (written by an older version) reads as its default, so no such value is ever stored.
+local function header(x)
+  local n = tonumber(x)
+  if n and n == n and n >= 0 and n <= 1e13 then return n end
+  return nil
+end
+local function stored(x, default)
+  local n = tonumber(x)
+  if n and n == n and n > -math.huge and n < math.huge then return n end
+  return default
+end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_r', 'cap_t', 'k',
                      's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent', 'obs_mark')
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
-local lim_r = tonumber(ARGV[1]) or tonumber(s[4] or 0)
-local lim_t = tonumber(ARGV[2]) or tonumber(s[5] or 0)
-local rem_r, rem_t = tonumber(ARGV[3]), tonumber(ARGV[4])
+local lim_r = header(ARGV[1]) or stored(s[4], 0)
+local lim_t = header(ARGV[2]) or stored(s[5], 0)
+local rem_r, rem_t = header(ARGV[3]), header(ARGV[4])
 local cfg_r, cfg_t = tonumber(ARGV[7]), tonumber(ARGV[8])
 local rpm = cfg_r > 0 and cfg_r or lim_r
 local tpm = cfg_t > 0 and cfg_t or lim_t
 local burst = tonumber(ARGV[12]) or 0
 -- What the server showed it takes at once (kept whatever is configured: the
 -- calibration below tells a full bucket by it).
-local cap_r, cap_t = tonumber(s[6] or 0), tonumber(s[7] or 0)
+local cap_r, cap_t = stored(s[6], 0), stored(s[7], 0)
 if rem_r then cap_r = math.max(cap_r, rem_r + 1) end
 if rem_t then cap_t = math.max(cap_t, rem_t + tonumber(ARGV[5])) end
 if lim_r > 0 then cap_r = math.min(cap_r, lim_r) end
@@ -66,7 +79,7 @@ local own_r = burst > 0 and rpm * burst / 60 or (cfg_r > 0 and math.max(1, rpm /
 local own_t = burst > 0 and tpm * burst / 60 or (cfg_t > 0 and tpm / 60 or cap_t)
 
 -- Bring the buckets to now, then to what the server says.
-local req, tok, ts = tonumber(s[1]), tonumber(s[2]), tonumber(s[3])
+local req, tok, ts = stored(s[1], 0), stored(s[2], 0), stored(s[3], now)
 local elapsed = math.max(0, now - ts)
 if rpm > 0 then req = math.min(math.max(own_r, 1), req + elapsed * rpm / 60000) end
 if tpm > 0 then tok = math.min(own_t, tok + elapsed * tpm / 60000) end
@@ -82,12 +95,13 @@ if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
 local late = tonumber(ARGV[14]) or 0
 if late > 0 and tpm > 0 then tok = tok - late end
 
-local k = tonumber(s[8] or 1)
+local k = stored(s[8], 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
 local s_out = tonumber(s[10] or 0) + tonumber(ARGV[11])
 local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),
                 'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
-                'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now)}
+                'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
+                'k', tostring(k)}  -- (a k set below comes later in HSET, and wins)
 -- The server refills at its own limit, whatever limit the fleet keeps to.
 local srv_tpm = lim_t > 0 and lim_t or tpm
 local k_seen = tonumber(ARGV[13])
