@@ -26,6 +26,7 @@ from typing import Mapping
 
 __all__ = [
     "BackoffPolicy",
+    "HINT_CEILING",
     "JITTER_FLOOR",
     "backoff_delay",
     "gave_up",
@@ -34,6 +35,16 @@ __all__ = [
     "parse_retry_after",
     "wait_hint",
 ]
+
+# A server's wait longer than this (ten years), or too long for a float, is taken as this: longer
+# than any --backoff-cap (a day at most), so it pauses a batch rather than reading as no hint.
+HINT_CEILING = 10 * 365 * 86400.0
+
+
+def _bounded(seconds: float) -> float:
+    """``seconds`` within [-HINT_CEILING, HINT_CEILING]; an overflow (inf) is the ceiling."""
+    return max(-HINT_CEILING, min(seconds, HINT_CEILING))
+
 
 # --- Go-style durations ("20ms", "1.146s", "6m0s", "1h2m3s") --------------------------------
 
@@ -74,7 +85,7 @@ def parse_duration(text: str) -> float | None:
             return None
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
-    return total if math.isfinite(total) else None
+    return _bounded(total)  # "9…9s", too long for a float: longer than any cap
 
 
 # --- retry-after ------------------------------------------------------------------------------
@@ -87,8 +98,26 @@ def _parse_number(text: str) -> float | None:
     s = text.strip()
     if not _NUMBER.fullmatch(s):
         return None
-    value = float(s)
-    return value if math.isfinite(value) else None
+    return float(s)  # 400 digits overflow to inf: its callers take that as longer than any cap
+
+
+_WEEKDAY = re.compile(r"(?i)mon|tue|wed|thu|fri|sat|sun|monday|tuesday|wednesday|thursday|friday|saturday|sunday")
+
+
+def _joined_values(text: str) -> list[str]:
+    """The values of a header sent more than once, which HTTP clients join with ", " ("120, 120");
+    an HTTP date's own comma ("Wed, 21 Oct 2015 07:28:00 GMT") stays inside its value."""
+    parts = [p.strip() for p in text.split(",")]
+    values: list[str] = []
+    i = 0
+    while i < len(parts):
+        if _WEEKDAY.fullmatch(parts[i]) and i + 1 < len(parts):
+            values.append(f"{parts[i]}, {parts[i + 1]}")
+            i += 2
+        else:
+            values.append(parts[i])
+            i += 1
+    return values
 
 
 def parse_retry_after(value: str, now: float) -> float | None:
@@ -100,9 +129,13 @@ def parse_retry_after(value: str, now: float) -> float | None:
     """
     if not isinstance(value, str):
         return None
+    values = _joined_values(value)
+    if len(values) > 1:  # the header came more than once: the longest wait
+        waits = [w for w in (parse_retry_after(v, now) for v in values) if w is not None]
+        return max(waits) if waits else None
     seconds = _parse_number(value)
     if seconds is not None:
-        return max(0.0, seconds)
+        return max(0.0, _bounded(seconds))
     try:
         when = parsedate_to_datetime(value.strip())
     except (TypeError, ValueError, IndexError):
@@ -112,7 +145,7 @@ def parse_retry_after(value: str, now: float) -> float | None:
     if when.tzinfo is None:
         # RFC 9110 dates are always GMT; "-0000" parses as naive.
         when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, when.timestamp() - now)
+    return max(0.0, _bounded(when.timestamp() - now))
 
 
 # --- the server's wait hint -----------------------------------------------------------------
@@ -138,8 +171,8 @@ def _waits_in_message(message: str) -> list[float]:
     for m in _WAIT_IN_WORDS.finditer(message):
         unit = m.group(2).lower()
         scale = next(v for k, v in _WORD_SECONDS.items() if unit.startswith(k))
-        waits.append(float(m.group(1)) * scale)
-    return [w for w in waits if math.isfinite(w)]  # "try again in 1e400 seconds" is no wait
+        waits.append(_bounded(float(m.group(1)) * scale))  # 400 digits: longer than any cap
+    return waits
 
 
 def wait_hint(
@@ -170,12 +203,16 @@ def wait_hint(
     """
     if limit_kind is not None and limit_kind not in _LIMIT_KINDS:
         raise ValueError(f"limit_kind must be one of {_LIMIT_KINDS} or None, not {limit_kind!r}")
-    lower = {str(k).lower(): str(v) for k, v in (headers or {}).items()}
+    lower: dict[str, str] = {}
+    for k, v in (headers or {}).items():  # a header sent twice: both values, as httpx joins them
+        k = str(k).lower()
+        lower[k] = f"{lower[k]}, {v}" if k in lower else str(v)
 
     explicit: list[float | None] = []
     if "retry-after-ms" in lower:
-        ms = _parse_number(lower["retry-after-ms"])
-        explicit.append(None if ms is None else ms / 1000.0)
+        for value in lower["retry-after-ms"].split(","):
+            ms = _parse_number(value)
+            explicit.append(None if ms is None else _bounded(ms / 1000.0))
     if "retry-after" in lower:
         explicit.append(parse_retry_after(lower["retry-after"], now))
     if message:

@@ -8,6 +8,7 @@ from email.utils import formatdate
 import pytest
 
 from batchrun.backoff import (
+    HINT_CEILING,
     JITTER_FLOOR,
     BackoffPolicy,
     backoff_delay,
@@ -292,7 +293,7 @@ _HINTS = st.one_of(st.none(), st.floats(allow_nan=True, allow_infinity=True))
 @given(headers=_HEADERS, message=_MESSAGES, now=_NOW, kind=st.sampled_from([None, "tokens", "requests"]))
 def test_any_headers_and_message_give_no_hint_or_a_positive_finite_one(headers, message, now, kind):
     hint = wait_hint(headers, message, now=now, limit_kind=kind)
-    assert hint is None or (0 < hint < float("inf"))
+    assert hint is None or (0 < hint <= HINT_CEILING)
 
 
 @settings(deadline=None)
@@ -339,6 +340,45 @@ def test_giving_up_only_after_the_full_period_and_then_for_good(now, down, resum
     assert not gave_up(now, 0, resumed, give_up)
 
 
-def test_a_wait_too_long_for_a_float_is_no_hint():
-    assert wait_hint({}, "Please retry after " + "9" * 400 + " seconds.", now=NOW) is None
-    assert wait_hint({"retry-after-ms": "9" * 400}, None, now=NOW) is None
+def test_a_wait_too_long_for_a_float_is_longer_than_any_cap():
+    """Review finding 6: 400 digits are no reason to retry at once; they ask for longer than any cap."""
+    policy = BackoffPolicy(cap=86_400)
+    for headers, message in (({}, "Please retry after " + "9" * 400 + " seconds."),
+                             ({}, "Please try again in " + "9" * 400 + "s."),
+                             ({"retry-after-ms": "9" * 400}, None), ({"retry-after": "9" * 400}, None),
+                             ({"retry-after": "1" + "0" * 30}, None)):
+        hint = wait_hint(headers, message, now=NOW)
+        assert hint == HINT_CEILING and hint_exceeds_cap(hint, policy), (headers, message)
+
+
+def test_a_header_sent_twice_gives_its_longest_wait():
+    """Review finding 6: httpx joins a duplicated header as "120, 120"; aiohttp gives both lines."""
+    from multidict import CIMultiDict
+
+    assert wait_hint({"retry-after": "120, 120"}, None, now=NOW) == 120
+    assert wait_hint({"retry-after": "5, 120, junk"}, None, now=NOW) == 120
+    assert wait_hint(CIMultiDict([("retry-after", "3"), ("Retry-After", "120")]), None, now=NOW) == 120
+    assert wait_hint({"retry-after-ms": "100, 2500"}, None, now=NOW) == 2.5
+    date = formatdate(NOW + 300, usegmt=True)  # "Wed, 21 Oct 2015 07:28:00 GMT": its comma is its own
+    assert wait_hint({"retry-after": date}, None, now=NOW) == pytest.approx(300)
+    assert wait_hint({"retry-after": f"{date}, 7"}, None, now=NOW) == pytest.approx(300)
+    assert wait_hint({"retry-after": f"7, {formatdate(NOW + 900, usegmt=True)}, {date}"}, None,
+                     now=NOW) == pytest.approx(900)
+    assert wait_hint({"retry-after": "Wed, junk"}, None, now=NOW) is None
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(_VALUES, min_size=1, max_size=4), now=_NOW)
+def test_a_header_sent_several_times_waits_at_least_as_long_as_each_of_its_values(values, now):
+    joined = wait_hint({"retry-after": ", ".join(values)}, None, now=now)
+    assert joined is None or 0 < joined <= HINT_CEILING
+    for value in values:
+        alone = wait_hint({"retry-after": value}, None, now=now)
+        if alone is not None and "," not in value:
+            assert joined is not None and joined >= alone
+
+
+@settings(max_examples=200, deadline=None)
+@given(digits=st.integers(309, 2000), unit=st.sampled_from(["s", "ms", "m"]))
+def test_an_overflowing_wait_is_the_ceiling_not_no_hint(digits, unit):
+    assert wait_hint({}, f"Please try again in {'9' * digits}{unit}.", now=NOW) == HINT_CEILING

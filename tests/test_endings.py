@@ -474,3 +474,18 @@ def test_an_answer_from_a_dearer_model_is_priced_at_its_price(tmp_path):
     cheap = chat_body(prompt_tokens=1000, completion_tokens=500, model="some-unknown-model")
     _, meta, _ = run_jobs([Reply(200, {}, cheap)], [(CHAT, CHAT_BODY)], tmp_path, max_cost=10.0)
     assert float(meta["cost"]) == pytest.approx(cost_of_usage(table.price_for("gpt-4o-mini"), cheap["usage"]))
+
+
+# --- a wait hint given twice, or too long for a float (review finding 6) -----------------------
+
+@pytest.mark.parametrize("headers, wait", [({"retry-after": "120, 120"}, {}),
+                                           ({"retry-after": "9" * 400}, {}),
+                                           ({}, {"wait": "9" * 400 + "s"})],
+                         ids=["retry-after twice", "retry-after 400 digits", "try again in 400 digits"])
+def test_a_429_asking_for_longer_than_the_cap_pauses_the_batch(headers, wait, tmp_path):
+    reply = Reply(429, headers, rate_limit_body(**wait) if wait else
+                  error_body("Too Many Requests", None, "429"))
+    outcomes, meta, seen = run_jobs([reply, ok()], [(CHAT, CHAT_BODY)], tmp_path, max_attempts=5)
+    assert meta["state"] == "paused", meta
+    assert "longer than the --backoff-cap" in meta["reason"] and "no job failed" in meta["reason"]
+    assert outcomes["j0"][0] == "paused" and len(seen) == 1
