@@ -33,7 +33,7 @@ from batchrun import maintenance
 from batchrun.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds_cap
 from batchrun.batching import Batcher
 from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
-                               classify_exception, stream_truncated_verdict)
+                               classify_exception, redact_response, remember_secrets, stream_truncated_verdict)
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
@@ -74,6 +74,7 @@ class ShardRunner:
         self.batch_id = batch_id
         self.shard = shard
         self.settings = settings
+        remember_secrets(settings.api_key, settings.base_url)  # a server may echo them: messages hide them
         self.token = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         self.owner = f"{self.token}|{shard}"
         self.lease_ms = int(settings.lease_seconds * 1000)
@@ -478,7 +479,8 @@ class ShardRunner:
 
     async def _finish_error(self, job: LeasedJob, code: str, message: str, response: dict | None = None,
                             attempts: list | None = None) -> None:
-        line = error_line(job.custom_id, code=code, message=message, response=response, attempts=attempts)
+        line = error_line(job.custom_id, code=code, message=message, response=redact_response(response),
+                          attempts=attempts)
         # (maybe paid: it gave up after a timeout or a broken stream, which the server may have billed)
         await self.completer.submit(("E", job.custom_id, json.dumps(line), 0,
                                      self._maybe_paid(job.custom_id, response)))

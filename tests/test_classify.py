@@ -677,3 +677,34 @@ def test_any_sdk_status_error_gets_a_verdict(status, headers, body):
     except Exception:  # a header httpx2 itself refuses: no such answer can reach us
         return
     _sane(classify_exception(_CLIENT._make_status_error_from_response(response), now=NOW))
+
+
+# --- credentials a server echoes back (review finding 5) ----------------------------------------
+
+from batchrun.classify import redact, redact_response, remember_secrets, secrets_of  # noqa: E402
+
+AZURE_KEY = "azkey0123456789abcdef0123456789ab"  # no sk- prefix, as Azure's and gateways' keys
+CRED_URL = "http://user:pa55word@127.0.0.1:9/v1?api-key=qsecret42&api-version=2024-10-21"
+BASIC = "dXNlcjpwYTU1d29yZA=="  # base64 of user:pa55word, the Authorization: Basic the URL makes
+
+
+def test_the_credentials_of_a_worker_are_its_key_password_basic_header_and_secret_query_values():
+    found = secrets_of(AZURE_KEY, CRED_URL)
+    assert {AZURE_KEY, "pa55word", BASIC, "qsecret42"} <= found
+    assert "user" not in found and "2024-10-21" not in found  # a user name beside a password, a version: no secret
+    assert secrets_of(None, "http://tok3n-alone@host/v1") == {"tok3n-alone"}
+    assert secrets_of("", "not a url at all [") == set()
+
+
+def test_echoed_credentials_are_redacted_from_messages_and_error_bodies():
+    remember_secrets(AZURE_KEY, CRED_URL)
+    echo = f"you sent authorization 'Basic {BASIC}' and api-key {AZURE_KEY} to /v1?api-key=qsecret42 (pa55word)"
+    v = classify_response(400, {}, _err(echo, "invalid_request_error"), now=NOW)
+    for secret in (AZURE_KEY, BASIC, "dXNlcjpwYTU1d29yZA", "qsecret42", "pa55word"):
+        assert secret not in v.message
+    assert "[redacted]" in v.message and "you sent authorization" in v.message
+    response = redact_response({"status_code": 400, "request_id": "r", "body": {"error": {"message": echo,
+                                                                                        "list": [echo, 3]}}})
+    assert AZURE_KEY not in json.dumps(response) and BASIC not in json.dumps(response)
+    assert response["status_code"] == 400 and response["body"]["error"]["list"][1] == 3
+    assert redact("Authorization: Basic Zm9vOmJhcg== rest") == "Authorization: [redacted] rest"

@@ -489,3 +489,47 @@ def test_a_429_asking_for_longer_than_the_cap_pauses_the_batch(headers, wait, tm
     assert meta["state"] == "paused", meta
     assert "longer than the --backoff-cap" in meta["reason"] and "no job failed" in meta["reason"]
     assert outcomes["j0"][0] == "paused" and len(seen) == 1
+
+
+# --- credentials a server echoes back never reach Redis, logs or the errors file (review finding 5) ---
+
+def test_credentials_echoed_by_the_server_are_kept_out_of_redis_logs_and_the_errors_file(tmp_path, caplog):
+    import logging
+
+    key = "azkey0123456789abcdef0123456789ab"
+    secrets = [key, "pa55word", "qsecret42", "dXNlcjpwYTU1d29yZA"]  # last: base64 of user:pa55word
+
+    def script(seen):
+        auth = f"{seen.headers.get('Authorization', '')} {seen.headers.get('api-key', '')} {key}"
+        if "job0" in json.dumps(seen.body):
+            return Reply(400, {}, error_body(f"bad request; you sent '{auth}' to {seen.path}", "invalid_request_error"))
+        return Reply(500, {}, {"error": {"message": f"upstream failed for {auth}", "type": "server_error",
+                                         "echo": {"headers": [auth]}}})
+
+    store = BatchStore(fakeredis.FakeRedis(server=fakeredis.FakeServer()))
+    store.create_batch("b", BatchOptions(shard_size=1000, backoff_base=0.01, backoff_cap=0.05, max_attempts=2))
+    store.add_jobs("b", [(f"j{i}", 0, json.dumps({"method": "POST", "url": CHAT, "body": {
+        **CHAT_BODY, "messages": [{"role": "user", "content": f"job{i}"}]}})) for i in range(2)])
+    with HostileServer(script) as srv, caplog.at_level(logging.DEBUG):
+        base = f"http://user:pa55word@127.0.0.1:{srv.port}/v1?api-key=qsecret42"
+        settings = WorkerSettings(base_url=base, api_key=key, concurrency=2, request_timeout=5.0)
+        for _ in range(5):
+            asyncio.run(asyncio.wait_for(ShardRunner(store, "b", 0, settings).run(), 60))
+            if store.meta("b")["state"] != "running":
+                break
+        assert any(key in r.headers.get("Authorization", "") + r.headers.get("api-key", "")
+                   or "Basic" in r.headers.get("Authorization", "") for r in srv.requests)
+    out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
+    collect(store, "b", str(out), str(err), on_note=lambda _: None)
+    errors = err.read_text()
+    assert errors.count("\n") == 2 and "[redacted]" in errors
+    dump = repr({k: store.redis.dump(k) for k in store.redis.keys("*")})
+    dump += repr([store.redis.hgetall(k) for k in store.redis.keys("*") if store.redis.type(k) == b"hash"])
+    dump += repr([store.redis.lrange(k, 0, -1) for k in store.redis.keys("*") if store.redis.type(k) == b"list"])
+    # batchrun's own log lines (the CLI does not show the HTTP libraries' debug logs)
+    logs = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("batchrun"))
+    assert "job j0 failed" in logs
+    for secret in secrets:
+        assert secret not in errors, secret
+        assert secret not in dump, secret
+        assert secret not in logs, secret
