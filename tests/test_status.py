@@ -222,3 +222,28 @@ def test_the_bar_rate_counts_only_jobs_that_ended_while_it_was_shown(store, make
         progress.update(force=True)
         shown = progress.bar.format_dict
         assert shown["n"] == 12 and shown["initial"] == 10  # tqdm's rate is (n - initial) / elapsed
+
+
+@pytest.mark.redis
+def test_status_and_limits_read_a_budget_poisoned_with_nan_and_inf(real_redis_url, make_batch):
+    """Review finding 3: a budget hash holding nan/inf (written from hostile headers by an older
+    version) must not crash `status` or `limits` ("cannot convert float NaN to integer")."""
+    import subprocess
+
+    import redis
+
+    from batchrun.store import BatchStore
+    from tests.helpers import batchrun_cmd, cli_env
+
+    store = BatchStore(redis.Redis.from_url(real_redis_url))
+    budget = "batchrun:budget:aaaa:fp1:gpt-4o-mini"
+    store.redis.hset(budget, mapping={"lim_rpm": "nan", "lim_tpm": "inf", "req": "-inf", "tok": "nan",
+                                      "ts": "1", "cap_t": "inf", "k": "nan"})
+    store.redis.sadd(keys.BUDGETS, budget)
+    make_batch(store, "poisoned", 3)
+    store.add_metrics("poisoned", {"requests": 1, "requests:gpt-4o-mini": 1, f"via:{budget}": 1})
+    for args in (("status", "poisoned"), ("status", "poisoned", "--json"), ("limits",)):
+        p = subprocess.run(batchrun_cmd(*args, "--redis-url", real_redis_url), env=cli_env(), capture_output=True,
+                           text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert "Traceback" not in p.stderr and "nan" not in p.stdout.lower().replace("nanosecond", ""), p.stdout
