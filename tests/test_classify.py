@@ -708,3 +708,25 @@ def test_echoed_credentials_are_redacted_from_messages_and_error_bodies():
     assert AZURE_KEY not in json.dumps(response) and BASIC not in json.dumps(response)
     assert response["status_code"] == 400 and response["body"]["error"]["list"][1] == 3
     assert redact("Authorization: Basic Zm9vOmJhcg== rest") == "Authorization: [redacted] rest"
+
+
+_SECRET_TEXT = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_.", min_size=4,
+                       max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(key=_SECRET_TEXT, password=_SECRET_TEXT, before=st.text(max_size=30), after=st.text(max_size=30))
+def test_any_configured_key_or_password_echoed_anywhere_is_redacted(key, password, before, after):
+    import batchrun.classify as classify
+
+    known = set(classify._KNOWN_SECRETS)
+    try:
+        remember_secrets(key, f"https://user:{password}@gateway.example/v1")
+        for secret in (key, password):
+            v = classify_response(400, {}, _err(f"{before}{secret}{after}", "invalid_request_error"), now=NOW)
+            assert secret not in v.message
+            body = redact_response({"status_code": 400, "body": {"m": [before + secret]}})["body"]
+            assert secret not in body["m"][0]
+    finally:  # random "secrets" ("0000") must not redact other tests' messages
+        classify._KNOWN_SECRETS.clear()
+        classify._KNOWN_SECRETS.update(known)
