@@ -5,8 +5,6 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
-import math
-
 from batchrun.limiter import stored_number
 from batchrun.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
@@ -23,11 +21,7 @@ def _s(x) -> str:
 
 
 def _float(meta: dict, name: str) -> float:
-    try:
-        value = float(meta.get(name) or 0)
-    except ValueError:
-        return 0.0
-    return value if math.isfinite(value) else 0.0  # "nan", "inf": nothing int() could show
+    return stored_number(meta.get(name))  # "nan", "inf", "x": 0, nothing int() would choke on
 
 
 def batch_status(store: BatchStore, batch_id: str) -> dict:
