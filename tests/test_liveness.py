@@ -293,8 +293,9 @@ def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_
     from batchrun.settings import CircuitPolicy
 
     settings = WorkerSettings(base_url="http://user:s3cret@127.0.0.1:9/v1", api_key="sk-test",
-                              circuit=CircuitPolicy(min_outcomes=3, first_cooling_ms=5_000))
-    limiter = SharedLimiter(store, settings, BatchOptions(give_up_seconds=2.0))
+                              circuit=CircuitPolicy(min_outcomes=3, first_cooling_ms=60_000, max_cooling_ms=60_000))
+    # (a give-up time long enough that a loaded machine cannot pass it between the calls below)
+    limiter = SharedLimiter(store, settings, BatchOptions(give_up_seconds=20.0))
 
     async def record(*outcomes):
         return [await limiter.record(failed) for failed in outcomes]
@@ -305,7 +306,7 @@ def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_
     states = asyncio.run(record(True, True, True))
     down = states[0].down_since_ms
     assert down and all(s.down_since_ms == down for s in states)  # counted from the first failure
-    assert states[-1].open and states[-1].open_until_ms <= down + 2_000  # not the 5 s cooling
+    assert states[-1].open and states[-1].open_until_ms <= down + 20_000  # not the 60 s cooling
     stored = store.redis.hget(limiter.circuit_key, "url")
     assert b"s3cret" not in stored and b"127.0.0.1:9/v1" in stored  # no credentials in Redis
 
