@@ -107,6 +107,11 @@ def make_client(settings: WorkerSettings) -> AsyncOpenAI:
     return client
 
 
+def heard_at(client: AsyncOpenAI) -> float:
+    """time.monotonic() when the client's server last sent anything back (0.0: not yet, or not known)."""
+    return getattr(getattr(client._client, "_lean_transport", None), "heard_at", 0.0)
+
+
 def api_path(url: str) -> str:
     """'/v1/chat/completions' -> '/chat/completions' (the client's base URL ends in /v1)."""
     return url[3:] if url.startswith("/v1/") else url
@@ -396,11 +401,12 @@ MAX_BODY_BYTES = 256 << 20  # an answer's body at most (a result must fit in one
 
 
 class _AiohttpStream(httpx2.AsyncByteStream):
-    __slots__ = ("_response", "_request")
+    __slots__ = ("_response", "_request", "_transport")
 
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request):
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request, transport: "AiohttpTransport"):
         self._response = response
         self._request = request
+        self._transport = transport
 
     async def __aiter__(self):
         size = 0
@@ -410,6 +416,7 @@ class _AiohttpStream(httpx2.AsyncByteStream):
                 if size > MAX_BODY_BYTES:  # a stream that never ends must not fill the memory
                     raise httpx2.ReadError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MB, "
                                            f"batchrun's bound", request=self._request)
+                self._transport.heard_at = time.monotonic()
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _map_error(exc, self._request) from exc
@@ -443,6 +450,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         self._urls: dict[str, URL] = {}
         self._proxies: dict[str, tuple] = {}  # HTTP(S)_PROXY / NO_PROXY, read once per URL (as httpx2 does)
         self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
+        self.heard_at = 0.0  # time.monotonic() when the server last sent anything (a head, body bytes)
 
     def _open(self) -> aiohttp.ClientSession:
         # No connection limit of its own: the runner bounds the requests in flight.
@@ -492,8 +500,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 response = await asyncio.wait_for(sending, sum(phases))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _map_error(exc, request) from exc
+        self.heard_at = time.monotonic()
         return httpx2.Response(response.status, headers=response.raw_headers,
-                               stream=_AiohttpStream(response, request), request=request,
+                               stream=_AiohttpStream(response, request, self), request=request,
                                extensions={"http_version": b"HTTP/1.1",
                                            "reason_phrase": (response.reason or "").encode()})
 
