@@ -417,3 +417,16 @@ def test_a_request_timeout_is_an_outage_for_the_circuit(store, tmp_path):
     assert "(timed out)" in meta["reason"] and "--give-up-after 3 s" in meta["reason"], meta["reason"]
     assert store.counts(rep.batch_id)["failed"] == 0
     assert took < 30
+
+
+def test_run_request_timeout_bounds_a_request_that_trickles(tmp_path):
+    with HostileServer(lambda seen: Reply(events=[(b": ping\n\n", 0.2)] * 1000)) as srv:
+        jobs, env = _jobs_and_env(tmp_path, srv.base_url, n=1)
+        started = time.monotonic()
+        proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--request-timeout", "1",
+                                           "--max-attempts", "1"), env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr  # finished with errors
+    [error] = read_lines(tmp_path / "out.errors.jsonl")
+    assert "timed out" in error["error"]["message"], error
+    assert took < 30
