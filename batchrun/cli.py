@@ -368,7 +368,10 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish (a second signal stops at once).")
-def worker(redis_url, concurrency, processes, burst, name, grace):
+@click.option("--request-timeout", type=Number(0, min_open=True), default=None,
+              help="Seconds one request may take, its answer or stream included (default 600; "
+                   "or BATCHRUN_REQUEST_TIMEOUT).")
+def worker(redis_url, concurrency, processes, burst, name, grace, request_timeout):
     """Run worker process(es) that send the queued batches' requests.
 
     OPENAI_API_KEY and OPENAI_BASE_URL are read from the environment.
@@ -379,6 +382,8 @@ def worker(redis_url, concurrency, processes, burst, name, grace):
     if is_memory(url):
         fail(f"a worker needs a shared Redis: pass --redis-url or set {ENV_URL} "
              "(or use `batchrun run`, which runs workers in process)", 2)
+    if request_timeout is not None:  # through the environment, which the worker processes inherit
+        os.environ["BATCHRUN_REQUEST_TIMEOUT"] = repr(request_timeout)
     settings = worker_settings(concurrency, grace)
     if not settings.api_key:
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
@@ -487,9 +492,12 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
+@click.option("--request-timeout", type=Number(0, min_open=True), default=None,
+              help="Seconds one request may take, its answer or stream included (default 600; "
+                   "or BATCHRUN_REQUEST_TIMEOUT).")
 @click.pass_context
 def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
-        prices, **kw):
+        prices, request_timeout, **kw):
     """Submit JOBS, run local workers and collect the results into OUTPUT, with progress.
 
     Jobs whose custom_id OUTPUT or its errors file already holds are not sent again.
@@ -500,6 +508,8 @@ def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, 
     from batchrun.run import RunConfig, run_batch
 
     options = make_options(**kw)
+    if request_timeout is not None:  # through the environment, which the worker processes inherit
+        os.environ["BATCHRUN_REQUEST_TIMEOUT"] = repr(request_timeout)
     check_run(redis_url, processes, concurrency, grace, batch_id, options)
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=resolve_url(redis_url), batch_id=batch_id,
                     endpoint=endpoint, skip_invalid=skip_invalid, options=options,

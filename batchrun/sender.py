@@ -46,6 +46,7 @@ import socket
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
 import aiohttp
 import httpx2
@@ -55,6 +56,7 @@ from openai._compat import model_copy
 from openai._httpx2 import request_exceptions, timeout_exceptions
 from openai._models import FinalRequestOptions
 from openai._streaming import SSEDecoder
+from openai._streaming_cleanup import drain_response_async
 from openai._types import NotGiven
 from openai._utils._json import openapi_dumps
 from yarl import URL
@@ -89,13 +91,25 @@ class Answer:
 
 def make_client(settings: WorkerSettings) -> AsyncOpenAI:
     timeout = httpx2.Timeout(settings.request_timeout)  # every phase, connecting included, as before
-    return LeanAsyncOpenAI(
+    # A query in the base URL (Azure's ?api-version=...) goes to every request as the SDK's
+    # default_query: left in the base URL, the SDK would append the path after it.
+    base = urlsplit(settings.base_url)
+    query = dict(parse_qsl(base.query, keep_blank_values=True))
+    client = LeanAsyncOpenAI(
         api_key=settings.api_key or "unset",
-        base_url=settings.base_url,
+        base_url=urlunsplit(base._replace(query="", fragment="")) if base.query else settings.base_url,
         max_retries=0,
         timeout=timeout,
+        default_query=query or None,
         http_client=LeanHttpClient(timeout=timeout, follow_redirects=True),
     )
+    client._batchrun_deadline = settings.request_timeout  # the whole request, its body included
+    return client
+
+
+def heard_at(client: AsyncOpenAI) -> float:
+    """time.monotonic() when the client's server last sent anything back (0.0: not yet, or not known)."""
+    return getattr(getattr(client._client, "_lean_transport", None), "heard_at", 0.0)
 
 
 def api_path(url: str) -> str:
@@ -104,7 +118,20 @@ def api_path(url: str) -> str:
 
 
 async def send(client: AsyncOpenAI, url: str, body: dict) -> Answer:
-    """Send one request; raises the SDK's exceptions for HTTP errors and broken connections."""
+    """Send one request; raises the SDK's exceptions for HTTP errors and broken connections.
+
+    The request timeout bounds the whole request, its body or stream included: the per-phase
+    timeouts alone let a server that trickles (keep-alive comments, a byte now and then) hold a
+    request for ever."""
+    try:
+        async with asyncio.timeout(getattr(client, "_batchrun_deadline", None)):
+            return await _send(client, url, body)
+    except TimeoutError as exc:
+        raise openai.APITimeoutError(request=httpx2.Request("POST", f"{client.base_url}{api_path(url).lstrip('/')}")) \
+            from exc
+
+
+async def _send(client: AsyncOpenAI, url: str, body: dict) -> Answer:
     if body.get("stream"):
         return await _send_streamed(client, url, body)
     resp = await client.request(httpx2.Response, _options(client, api_path(url), body))
@@ -136,6 +163,8 @@ def _assemble_sse(url: str, content: bytes) -> dict:
         for sse in SSEDecoder().iter_bytes(iter([content])):
             if sse.data.startswith("[DONE]"):
                 break
+            if not sse.data:  # an event without data (a keep-alive): SSE allows it, it says nothing
+                continue
             _add(ending, sse.json())
         return ending.result()
     except (ValueError, TypeError, AttributeError) as exc:  # not JSON, not UTF-8, not the shape
@@ -207,8 +236,14 @@ async def _send_streamed(client: AsyncOpenAI, url: str, body: dict) -> Answer:
         return Answer(resp.status_code, resp.headers.get("x-request-id"), resp.headers, _decode(url, resp))
     ending = _ending(url)
     try:
-        async for event in stream:
-            _add(ending, event)
+        # The SDK's stream decodes every event as JSON, those without data too: read its events here
+        # (its transport errors mapped as it maps them), skipping the events SSE allows without data.
+        async for sse in stream._iter_events():
+            if sse.data.startswith("[DONE]"):
+                await drain_response_async(resp)  # as the SDK does: the connection goes back to the pool
+                break
+            if sse.data:
+                _add(ending, sse.json())
         result = ending.result()
     except (ValueError, TypeError, AttributeError) as exc:  # an event not JSON, not UTF-8, not the shape
         raise StreamFailed(f"the stream carried an event that cannot be read ({type(exc).__name__})") from exc
@@ -362,16 +397,26 @@ def may_have_reached_server(exc: BaseException) -> bool:
     return True
 
 
-class _AiohttpStream(httpx2.AsyncByteStream):
-    __slots__ = ("_response", "_request")
+MAX_BODY_BYTES = 256 << 20  # an answer's body at most (a result must fit in one Redis value)
 
-    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request):
+
+class _AiohttpStream(httpx2.AsyncByteStream):
+    __slots__ = ("_response", "_request", "_transport")
+
+    def __init__(self, response: aiohttp.ClientResponse, request: httpx2.Request, transport: "AiohttpTransport"):
         self._response = response
         self._request = request
+        self._transport = transport
 
     async def __aiter__(self):
+        size = 0
         try:
             async for chunk in self._response.content.iter_any():
+                size += len(chunk)
+                if size > MAX_BODY_BYTES:  # a stream that never ends must not fill the memory
+                    raise httpx2.ReadError(f"the answer is larger than {MAX_BODY_BYTES >> 20} MB, "
+                                           f"batchrun's bound", request=self._request)
+                self._transport.heard_at = time.monotonic()
                 yield chunk
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _map_error(exc, self._request) from exc
@@ -405,6 +450,7 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
         self._urls: dict[str, URL] = {}
         self._proxies: dict[str, tuple] = {}  # HTTP(S)_PROXY / NO_PROXY, read once per URL (as httpx2 does)
         self._timeouts: dict[tuple, aiohttp.ClientTimeout] = {}
+        self.heard_at = 0.0  # time.monotonic() when the server last sent anything (a head, body bytes)
 
     def _open(self) -> aiohttp.ClientSession:
         # No connection limit of its own: the runner bounds the requests in flight.
@@ -454,8 +500,9 @@ class AiohttpTransport(httpx2.AsyncBaseTransport):
                 response = await asyncio.wait_for(sending, sum(phases))
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             raise _map_error(exc, request) from exc
+        self.heard_at = time.monotonic()
         return httpx2.Response(response.status, headers=response.raw_headers,
-                               stream=_AiohttpStream(response, request), request=request,
+                               stream=_AiohttpStream(response, request, self), request=request,
                                extensions={"http_version": b"HTTP/1.1",
                                            "reason_phrase": (response.reason or "").encode()})
 

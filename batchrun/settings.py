@@ -175,7 +175,7 @@ class WorkerSettings:
     concurrency: int = 100
     lease_seconds: float = 30.0  # a dead worker's jobs come back after this
     grace_seconds: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
-    request_timeout: float = 600.0
+    request_timeout: float = 600.0  # a whole request at most, its answer's stream included
     park_after_seconds: float = 3.0  # a shard waiting longer than this for retries frees its worker
     max_shard_seconds: float = 600.0  # a runner yields its RQ worker after this, so batches share workers
     base_url: str = DEFAULT_BASE_URL
@@ -190,7 +190,8 @@ class WorkerSettings:
             api_key=env.get("OPENAI_API_KEY", ""),
         )
         for name, attr, kind in (("BATCHRUN_CONCURRENCY", "concurrency", int),
-                                 ("BATCHRUN_LEASE_SECONDS", "lease_seconds", float)):
+                                 ("BATCHRUN_LEASE_SECONDS", "lease_seconds", float),
+                                 ("BATCHRUN_REQUEST_TIMEOUT", "request_timeout", float)):
             if env.get(name, "").strip():
                 try:
                     setattr(s, attr, kind(env[name]))
@@ -220,8 +221,9 @@ class WorkerSettings:
         if grace is None or not 0 <= grace <= 86_400:
             out.append(f"--grace must be a number of seconds from 0 to 86,400, not {self.grace_seconds!r}")
         timeout = _number(self.request_timeout)
-        if timeout is None or timeout <= 0:
-            out.append(f"the request timeout must be a number of seconds above 0, not {self.request_timeout!r}")
+        if timeout is None or timeout <= 0:  # (NaN and infinities are no numbers: never endless)
+            out.append(f"--request-timeout (or BATCHRUN_REQUEST_TIMEOUT) must be a number of seconds above 0, "
+                       f"not {self.request_timeout!r}")
         return out
 
     def key_fingerprint(self) -> str:

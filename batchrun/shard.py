@@ -22,11 +22,13 @@ import socket
 import ssl
 import threading
 import time
+import types
 import uuid
 from collections import Counter
 from urllib.parse import urlsplit
 
 import aiohttp
+import openai
 import redis
 
 from batchrun import maintenance
@@ -37,7 +39,7 @@ from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_a
 from batchrun.limiter import SharedLimiter
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
-from batchrun.sender import StreamFailed, StreamTruncated, make_client, may_have_reached_server, send
+from batchrun.sender import StreamFailed, StreamTruncated, heard_at, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.store import BatchStore, LeasedJob
 from batchrun.tokens import estimate_tokens, server_charge_estimate
@@ -89,6 +91,9 @@ class ShardRunner:
         self._side_tasks: set[asyncio.Task] = set()
         self._via: dict[str, str] = {}  # model -> its budget's metric name
         self._last_summary = time.monotonic()
+        self._awaiting = 0  # requests sent whose answer has not come back
+        self._heard_at = 0.0  # time.monotonic() when an answer (or anything but a timeout) last came back
+        self._waiting_since = 0.0  # time.monotonic() when requests last began to wait with none waiting before
 
     async def run(self) -> dict:
         store, bid = self.store, self.batch_id
@@ -138,8 +143,9 @@ class ShardRunner:
                 for cid, task in self.inflight.items():
                     if cid not in self._on_the_wire:
                         task.cancel()
-                grace = self.settings.grace_seconds if STOP.is_set() else None
-                if grace is not None:
+                # (not stopping: a request ends within its timeout, which bounds this wait too)
+                grace = self.settings.grace_seconds if STOP.is_set() else self.settings.request_timeout + 5
+                if STOP.is_set():
                     log.warning("batch %s shard %d: stopping; %d request(s) in flight get %.0f s to finish, "
                                 "the shard's other jobs go back to the queue", bid, self.shard,
                                 len(self._on_the_wire), grace)
@@ -229,7 +235,50 @@ class ShardRunner:
             if self.inflight:
                 await asyncio.wait(list(self.inflight.values()), timeout=timeout,
                                    return_when=asyncio.FIRST_COMPLETED)
+            if await self._gave_up_on_silence():
+                return
             self._summarise()
+
+    async def _send(self, url: str, body: dict):
+        """send(), noting when anything last came back: a server that accepts requests and never answers
+        fails no attempt before the request timeout, so the give-up time is judged on the wire too."""
+        if not self._awaiting:
+            self._waiting_since = time.monotonic()
+        self._awaiting += 1
+        heard = True
+        try:
+            return await send(self.client, url, body)
+        except openai.APITimeoutError:
+            heard = False
+            raise
+        except asyncio.CancelledError:
+            heard = False
+            raise
+        finally:
+            self._awaiting -= 1
+            if heard:
+                self._heard_at = time.monotonic()
+
+    async def _gave_up_on_silence(self) -> bool:
+        """Requests have waited past --give-up-after with nothing at all back from the server: pause the
+        batch as for a server that refuses connections, and give the requests on the wire back."""
+        if not self._awaiting or not self.give_up_seconds > 0:
+            return False
+        silent = time.monotonic() - max(self._heard_at, heard_at(self.client), self._waiting_since)
+        if silent < self.give_up_seconds:
+            return False
+        self._outage = (f"{self._awaiting} request(s) in flight got no answer at all", 0, 0)
+        # _gave_up_message counts from the later of the outage's start and the batch's (Redis) start.
+        now_ms = max(time.time() * 1000, self.running_since_ms + silent * 1000)
+        circuit = types.SimpleNamespace(down_since_ms=now_ms - silent * 1000, now_ms=now_ms)
+        message = self._gave_up_message(circuit).replace(BATCH_ID_PLACEHOLDER, self.batch_id)
+        if await self._redis(self.store.set_state, self.batch_id, "paused", message, only_from=("running",)):
+            log.error("batch %s paused: %s", self.batch_id, message)
+        self.stats["paused"] += 1
+        for cid in self._on_the_wire:  # given back by _process, without costing an attempt (maybe paid)
+            if cid in self.inflight:
+                self.inflight[cid].cancel()
+        return True
 
     async def _renew_leases(self) -> None:
         while True:
@@ -325,7 +374,7 @@ class ShardRunner:
         self._on_the_wire.add(job.custom_id)
         error = None
         try:
-            answer = await send(self.client, url, body)
+            answer = await self._send(url, body)
         except StreamTruncated:
             verdict, response, headers = stream_truncated_verdict(), None, None
         except StreamFailed as exc:

@@ -50,6 +50,7 @@ class Seen:
     headers: dict[str, str]
     body: Any
     at: float  # time.time() on arrival
+    query: str = ""  # the query string, as sent
 
 
 Script = Union[Callable[[Seen], Reply], Sequence[Reply]]
@@ -86,7 +87,7 @@ class HostileServer:
             body = json.loads(raw) if raw else None
         except ValueError:
             body = raw
-        seen = Seen(request.method, request.path, dict(request.headers), body, time.time())
+        seen = Seen(request.method, request.path, dict(request.headers), body, time.time(), request.query_string)
         reply = self._reply_for(seen)
         if reply.delay:
             await asyncio.sleep(reply.delay)

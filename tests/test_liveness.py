@@ -3,8 +3,10 @@ base URL without /v1. Against the hostile server (tests/hostile.py) and through 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import signal
 import socket
 import ssl
@@ -20,7 +22,7 @@ from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.shard import outage_cause, v1_suggestion
 from batchrun.submit import submit_file
 from tests.helpers import batchrun_cmd, cli_env, read_lines, run_thread_worker, write_jobs
-from tests.hostile import HostileServer, Reply, closed_port, error_body, ok
+from tests.hostile import HostileServer, Reply, closed_port, error_body, ok, sse
 
 TPD = ("Rate limit reached for gpt-4o-mini in organization org-x on tokens per day (TPD): Limit 2000000, "
        "Used 2000000, Requested 20.")
@@ -347,3 +349,85 @@ def test_sigterm_to_a_worker_whose_jobs_wait_for_the_circuit_stops_at_once(spawn
     assert worker.wait(timeout=60) == 0
     assert time.monotonic() - stopped_at < 10, "SIGTERM waited the grace for requests that were not sent"
     assert conn.zcard(f"batchrun:batch:{batch_id}:leases") == 0, "every job went back to the queue"
+
+
+# --- a server that accepts requests and never answers ----------------------------------------------
+
+
+def test_run_against_a_server_that_never_answers_pauses_after_the_give_up_time(tmp_path):
+    """No attempt fails before the request timeout (600 s here): the give-up time is judged on the wire."""
+    with HostileServer([Reply(200, {}, {}, delay=3000)]) as srv:
+        jobs, env = _jobs_and_env(tmp_path, srv.base_url, n=3)
+        started = time.monotonic()
+        proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--give-up-after", "3",
+                                           "--concurrency", "10"), env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+        sent = len(srv.requests)
+    assert proc.returncode == 4, proc.stderr  # paused
+    err = proc.stderr
+    assert srv.base_url in err and re.search(r"has not answered for [34] s", err) and "--give-up-after 3 s" in err, err
+    assert "got no answer at all" in err and "to finish the batch: batchrun resume" in err
+    assert "Traceback" not in err
+    assert 1 <= sent <= 3 and took < 30, took  # (the budget may hold the others back until a first answer)
+    assert not read_lines(tmp_path / "out.errors.jsonl"), "no job failed"
+
+
+def test_a_burst_worker_leaves_a_server_that_never_answers(store, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2)
+    with HostileServer([Reply(200, {}, {}, delay=3000)]) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=2.0))
+        started = time.monotonic()
+        run_thread_worker(store.redis, _settings(srv.base_url), timeout=60)  # a burst worker that ends by itself
+        took = time.monotonic() - started
+    meta = store.meta(rep.batch_id)
+    assert meta["state"] == "paused" and "got no answer at all" in meta["reason"], meta
+    assert store.counts(rep.batch_id)["failed"] == 0
+    assert not store.redis.hgetall(f"batchrun:batch:{rep.batch_id}:attempts"), "a pause burns no attempt"
+    assert 2.0 <= took < 20, took
+
+
+def test_a_slow_stream_that_keeps_sending_is_not_a_server_that_never_answers(store, tmp_path):
+    """Only silence pauses: a stream whose bytes keep coming past --give-up-after ends as a result."""
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o-mini",
+             "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}]}
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    events = [(e, 0.5) for e in sse(*[chunk] * 8)] + sse(last, "[DONE]")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(json.dumps({"custom_id": "s", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"model": "gpt-4o-mini", "stream": True,
+                                         "messages": [{"role": "user", "content": "hi"}]}}) + "\n")
+    with HostileServer([Reply(events=events)]) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=2.0))
+        run_thread_worker(store.redis, _settings(srv.base_url), timeout=60)
+    assert store.meta(rep.batch_id)["state"] == "finished", store.meta(rep.batch_id).get("reason")
+    assert store.counts(rep.batch_id)["done"] == 1
+
+
+def test_a_request_timeout_is_an_outage_for_the_circuit(store, tmp_path):
+    """A server that trickles keep-alives holds every request to the request timeout; the timeouts open
+    the circuit and the batch pauses at the give-up time, failing no job."""
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 12)
+    with HostileServer(lambda seen: Reply(events=[(b": ping\n\n", 0.2)] * 1000)) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=3.0, backoff_base=0.05,
+                                                                 backoff_cap=0.2, max_attempts=50))
+        started = time.monotonic()
+        run_thread_worker(store.redis, _settings(srv.base_url, concurrency=12, request_timeout=0.5), timeout=60)
+        took = time.monotonic() - started
+    meta = store.meta(rep.batch_id)
+    assert meta["state"] == "paused", meta
+    assert "(timed out)" in meta["reason"] and "--give-up-after 3 s" in meta["reason"], meta["reason"]
+    assert store.counts(rep.batch_id)["failed"] == 0
+    assert took < 30
+
+
+def test_run_request_timeout_bounds_a_request_that_trickles(tmp_path):
+    with HostileServer(lambda seen: Reply(events=[(b": ping\n\n", 0.2)] * 1000)) as srv:
+        jobs, env = _jobs_and_env(tmp_path, srv.base_url, n=1)
+        started = time.monotonic()
+        proc = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--request-timeout", "1",
+                                           "--max-attempts", "1"), env=env, capture_output=True, text=True, timeout=120)
+        took = time.monotonic() - started
+    assert proc.returncode == 3, proc.stderr  # finished with errors
+    [error] = read_lines(tmp_path / "out.errors.jsonl")
+    assert "timed out" in error["error"]["message"], error
+    assert took < 30

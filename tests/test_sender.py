@@ -235,7 +235,7 @@ def test_a_server_that_never_reads_the_body_times_out_instead_of_hanging():
 
 # --- endings against the hostile server (tests/test_endings.py runs them through a runner) -------
 
-from tests.hostile import HostileServer, Reply, error_body, sse  # noqa: E402
+from tests.hostile import HostileServer, Reply, chat_body, error_body, ok, sse  # noqa: E402
 
 
 def _send_to(base_url: str, url: str, bodies: list[dict]):
@@ -306,3 +306,86 @@ def test_a_plain_answer_that_is_not_json_comes_back_as_its_text():
         [answer] = _send_to(srv.base_url, "/v1/chat/completions", [BODY])
     assert answer.status_code == 200 and isinstance(answer.body, str)
     assert answer.body.startswith("<html>xxx") and len(answer.body) == 10_000  # bounded
+
+
+# --- the request timeout bounds the whole request; SSE events without data; a base URL's query ---
+
+
+def _chunk(content=None, finish=None) -> dict:
+    return {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+            "choices": [{"index": 0, "delta": {"content": content} if content else {}, "finish_reason": finish}]}
+
+
+def _timed(base_url: str, body: dict, request_timeout: float):
+    async def go(client):
+        started = asyncio.get_running_loop().time()
+        try:
+            await send(client, "/v1/chat/completions", body)
+            return None, asyncio.get_running_loop().time() - started
+        except Exception as exc:  # noqa: BLE001 - what send raises is the point
+            return exc, asyncio.get_running_loop().time() - started
+    return run(_with_client(base_url, go, request_timeout=request_timeout))
+
+
+@pytest.mark.parametrize("kind", ["keep-alive comments", "a JSON body a little at a time"])
+def test_a_server_that_trickles_times_out_at_the_request_timeout(kind):
+    """Every read gets an answer within the timeout, yet the request as a whole must not outlast it."""
+    if kind == "keep-alive comments":
+        reply = Reply(events=[(b": ping\n\n", 0.5)] * 40 + sse(_chunk(finish="stop"), "[DONE]"))
+        body = {**BODY, "stream": True}
+    else:
+        data = json.dumps(chat_body()).encode()
+        reply = Reply(200, {"content-type": "application/json"},
+                      events=[(data[i:i + 10], 0.5) for i in range(0, len(data), 10)])
+        body = BODY
+    with HostileServer([reply]) as srv:
+        exc, took = _timed(srv.base_url, body, request_timeout=2.0)
+    assert isinstance(exc, openai.APITimeoutError), repr(exc)
+    assert 1.9 <= took < 4, took
+    verdict = classify_exception(exc, now=0)
+    assert verdict.kind == "timeout" and verdict.circuit  # an outage-like failure for the circuit
+
+
+def test_an_answer_past_the_size_bound_fails_as_a_server_fault(monkeypatch):
+    import batchrun.sender as sender
+
+    monkeypatch.setattr(sender, "MAX_BODY_BYTES", 100_000)
+    endless = Reply(events=sse(*[_chunk("x" * 1000)] * 500, _chunk(finish="stop"), "[DONE]"))
+    with HostileServer([endless, Reply(200, {}, {**chat_body("y" * 200_000)})]) as srv:
+        streamed, plain = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}, BODY])
+    for exc in (streamed, plain):
+        assert isinstance(exc, openai.APIConnectionError), repr(exc)
+        verdict = classify_exception(exc, now=0)
+        assert verdict.action.name == "RETRY" and "larger than" in verdict.message, verdict.message
+
+
+@pytest.mark.parametrize("events", [
+    [b"event: keepalive\n\n"],
+    [b"data:\n\n", b"id: 5\nretry: 10\n\n", b": a comment\n\n", b"event: weird\n\n"],
+])
+def test_sse_events_without_data_are_skipped(events):
+    chunks = events + sse(_chunk("hi"), _chunk(finish="stop"), "[DONE]")
+    with HostileServer([Reply(events=chunks), Reply(200, {"content-type": "text/event-stream"}, b"".join(chunks))]) as srv:
+        streamed, plain = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}, BODY])
+    for answer in (streamed, plain):  # a stream, and an SSE answer to a plain request
+        assert not isinstance(answer, Exception), repr(answer)
+        assert answer.body["choices"][0]["message"]["content"] == "hi"
+        assert answer.body["choices"][0]["finish_reason"] == "stop"
+
+
+def test_sse_data_that_is_not_json_is_still_a_fault():
+    from batchrun.sender import StreamFailed
+
+    with HostileServer([Reply(events=[b"data: not json\n\n"] + sse(_chunk(finish="stop"), "[DONE]"))]) as srv:
+        [exc] = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}])
+    assert isinstance(exc, StreamFailed) and "JSONDecodeError" in str(exc)
+
+
+@pytest.mark.parametrize("query", ["api-version=2024-10-21", "api-key=s3&x="])
+def test_a_base_url_with_a_query_keeps_the_path_and_the_query(query):
+    with HostileServer(lambda seen: Reply(events=CHUNKS) if seen.body.get("stream") else ok()) as srv:
+        answers = _send_to(f"{srv.base_url}?{query}", "/v1/chat/completions",
+                           [BODY, BODY, {**BODY, "stream": True}])  # the second through the lean path's template
+        seen = list(srv.requests)
+    assert all(not isinstance(a, Exception) for a in answers), answers
+    assert [(s.path, s.query) for s in seen] == [("/v1/chat/completions", query)] * 3
