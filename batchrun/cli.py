@@ -12,7 +12,7 @@ import click
 from batchrun import __version__
 from batchrun.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
 from batchrun.jobfile import JobFileError
-from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
+from batchrun.settings import BatchOptions, Limits, OptionsError, WorkerSettings, set_worker_settings
 from batchrun.status import format_usd
 from batchrun.store import BatchStore
 from batchrun.urls import mask_url
@@ -592,9 +592,9 @@ def list_batches(redis_url, limit):
 @click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
 @click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
 @click.option("--max-attempts", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
-@click.option("--backoff-base", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
-@click.option("--backoff-cap", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
-@click.option("--burst-seconds", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-base", type=Number(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-cap", type=Number(0, min_open=True), default=None, help="With a JOBS file: as for run.")
+@click.option("--burst-seconds", type=Number(0), default=None, help="With a JOBS file: as for run.")
 @click.option("--processes", "-p", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
 @click.pass_context
 def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost, prices, **given):
@@ -624,10 +624,14 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
             cfg, used = resume_config(target, output, errors, given, max_cost=max_cost, prices=prices, mock=mock,
                                       concurrency=concurrency, grace=grace, retry_failed=retry_failed,
                                       redis_url=resolve_url(redis_url), redis_source=source_of(ctx))
+        except OptionsError as exc:
+            fail(str(exc), 2)
         except ValueError as exc:
             fail(str(exc))
         if used:
-            click.echo(f"resuming with the first run's settings: {used}", err=True)
+            from batchrun import progress
+
+            progress.note(f"resuming with the first run's settings: {used}")  # -q hides it
         try:
             sys.exit(run_batch(cfg))
         except (JobFileError, ValueError) as exc:

@@ -118,6 +118,10 @@ def _number(value: object) -> float | None:
     return float(value)
 
 
+class OptionsError(ValueError):
+    """Options that cannot work, refused as a usage error (exit 2)."""
+
+
 def check_batch_options(o: "BatchOptions") -> list[str]:
     """Pure: one sentence per option of ``o`` that cannot work, naming the option."""
     out = []

@@ -383,3 +383,47 @@ def test_any_option_string_gives_a_value_or_a_sentence_never_a_traceback(option,
     assert isinstance(res.exception, SystemExit) and res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     assert "no Redis is configured" in res.output or option in res.output, res.output
+
+
+# --- review: `resume JOBS -o OUT` refuses impossible options, given or stored --------------------
+
+
+@pytest.mark.parametrize("option, value", [("--backoff-cap", "0"), ("--backoff-cap", "inf"), ("--backoff-cap", "1e9"),
+                                           ("--backoff-base", "inf"), ("--burst-seconds", "inf"),
+                                           ("--tpm", "0"), ("--tpm", "abc")])
+def test_resume_from_the_files_refuses_options_that_cannot_work_before_writing_anything(tmp_path, option, value):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", option, value, env=no_redis_env())
+    one_sentence(proc, 2, option)
+    assert not out.exists() and not (tmp_path / "out.batchrun.json").exists()
+
+
+def test_resume_from_the_files_names_a_settings_file_whose_values_cannot_work(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    first = cli("run", str(jobs), "-o", str(out), "--mock", "-q", env=no_redis_env(), timeout=120)
+    assert first.returncode == 0, first.stderr
+    settings = tmp_path / "out.batchrun.json"
+    data = json.loads(settings.read_text())
+    data["options"]["backoff_cap"] = "0.0"  # written by hand, or by an older batchrun
+    settings.write_text(json.dumps(data))
+    before = out.read_text()
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env())
+    one_sentence(proc, 2, str(settings), "--backoff-cap must be")
+    assert out.read_text() == before and json.loads(settings.read_text()) == data
+    fixed = cli("resume", str(jobs), "-o", str(out), "--mock", "--backoff-cap", "5", env=no_redis_env(), timeout=120)
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_quiet_hides_the_note_on_the_first_runs_settings(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    first = cli("run", str(jobs), "-o", str(out), "--mock", "-q", "--backoff-cap", "5", env=no_redis_env(),
+                timeout=120)
+    assert first.returncode == 0, first.stderr
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", "-q", env=no_redis_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    loud = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env(), timeout=120)
+    assert "resuming with the first run's settings" in loud.stderr and "--backoff-cap 5" in loud.stderr
