@@ -219,11 +219,42 @@ def load_config(path: str) -> dict:
     shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     default_map = {}
     for name, command in main.commands.items():
-        params = {p.name for p in command.params}
-        entry = {k: v for k, v in shared.items() if k in params}
-        entry.update({k.replace("-", "_"): v for k, v in data.get(name, {}).items()})
+        params = {p.name: p for p in command.params}
+        # A top-level key goes to the commands whose option takes its value (`tpm = ["m=N"]` is
+        # run's --tpm, not mock-server's single number).
+        entry = {k: _config_value(params[k], v) for k, v in shared.items()
+                 if k in params and _config_check(command, k, v) is None}
+        entry.update({k.replace("-", "_"): _config_value(params[k.replace("-", "_")], v)
+                      for k, v in data.get(name, {}).items()})
         default_map[name] = entry
     return default_map
+
+
+def _config_value(param: click.Parameter, value):
+    """A config value as its option takes it: a repeatable option also takes one string
+    (split on spaces, as its environment variable is) or one number."""
+    if param.multiple and isinstance(value, str):
+        return value.split()
+    if param.multiple and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    return value
+
+
+def _config_check(command: click.Command, key: str, value) -> str | None:
+    """Why ``command``'s option ``key`` refuses ``value`` (None: it takes it, or has no such option)."""
+    param = next((p for p in command.params if p.name == key.replace("-", "_") and p.name != "help"), None)
+    if param is None:
+        return None
+    try:
+        with click.Context(command) as ctx:
+            cast = param.type_cast_value(ctx, _config_value(param, value))
+            if param.callback is not None:  # the checks an option makes in its callback (--redis-url's)
+                param.callback(ctx, param, cast)
+    except click.BadParameter as exc:
+        return exc.message
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind (a list for a number)
+        return f"not a value --{param.name.replace('_', '-')} takes ({exc})"
+    return None
 
 
 def config_problems(path: str, data: dict) -> list[str]:
@@ -236,15 +267,8 @@ def config_problems(path: str, data: dict) -> list[str]:
         return f"{path}: unknown {what} {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
     def check(where: str, command: click.Command, key: str, value) -> str | None:
-        param = next((p for p in command.params if p.name == key.replace("-", "_") and p.name != "help"), None)
-        if param is None:
-            return None
-        try:
-            with click.Context(command) as ctx:
-                param.type_cast_value(ctx, value)
-        except click.BadParameter as exc:
-            return f"{path}, {where}{key} = {value!r}: {exc.message}"
-        return None
+        problem = _config_check(command, key, value)
+        return None if problem is None else f"{path}, {where}{key} = {value!r}: {problem}"
 
     commands = main.commands
     option_names = {p.name for c in commands.values() for p in c.params if isinstance(p, click.Option)}
@@ -262,8 +286,11 @@ def config_problems(path: str, data: dict) -> list[str]:
                     out.append(check(f"[{key}] ", commands[key], sub, v))
         elif key.replace("-", "_") not in option_names:
             out.append(unknown("key", key, option_names))
-        else:
-            out += [check("", c, key, value) for c in commands.values()]
+        else:  # a top-level key must fit one command that has it; the others do without it
+            found = [check("", c, key, value) for c in commands.values()
+                     if any(p.name == key.replace("-", "_") for p in c.params)]
+            if all(found):
+                out += found
     return list(dict.fromkeys(p for p in out if p))
 
 

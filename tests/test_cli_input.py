@@ -427,3 +427,39 @@ def test_quiet_hides_the_note_on_the_first_runs_settings(tmp_path):
     assert proc.stderr == ""
     loud = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env(), timeout=120)
     assert "resuming with the first run's settings" in loud.stderr and "--backoff-cap 5" in loud.stderr
+
+
+# --- review: config values of another shape, and the Redis URL's check -------------------------
+
+
+@pytest.mark.parametrize("text", ['tpm = ["gpt-4o-mini=100000"]\n', "tpm = 100000\n",
+                                  '[estimate]\ntpm = "gpt-4o-mini=100000"\n', '[estimate]\ntpm = 100000\n'])
+def test_a_limit_in_a_config_file_applies_as_a_list_a_string_or_a_number(tmp_path, text):
+    config = tmp_path / "batchrun.toml"
+    config.write_text(text)
+    proc = cli("--config", str(config), "estimate", str(EXAMPLE), "--json", env=no_redis_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["models"][0]["tpm"] == 100_000
+
+
+def test_a_config_string_for_a_repeatable_option_is_split_on_spaces_as_its_env_var_is(tmp_path):
+    config = tmp_path / "batchrun.toml"
+    config.write_text('[estimate]\nrpm = "gpt-4o-mini=100 gpt-4o-mini=200"\n')
+    proc = cli("--config", str(config), "estimate", str(EXAMPLE), "--json", env=no_redis_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["models"][0]["rpm"] == 200
+
+
+@pytest.mark.parametrize("text, words", [
+    ('redis_url = "http://x"\n', ["redis_url = 'http://x'", "is not a Redis URL"]),
+    ('[run]\nredis_url = "http://x"\n', ["[run] redis_url = 'http://x'", "is not a Redis URL"]),
+    ("latency_ms = [1]\n", ["latency_ms = [1]", "--latency-ms"]),
+    ("[worker]\nconcurrency = [1, 2]\n", ["[worker] concurrency = [1, 2]", "--concurrency"]),
+])
+def test_config_values_of_the_wrong_kind_name_the_file_and_the_key(tmp_path, text, words):
+    config = tmp_path / "batchrun.toml"
+    config.write_text(text)
+    out = tmp_path / "out.jsonl"
+    proc = cli("--config", str(config), "run", str(EXAMPLE), "-o", str(out), "--mock", env=no_redis_env())
+    one_sentence(proc, 2, str(config), *words)
+    assert not out.exists()
