@@ -324,15 +324,24 @@ class Group(click.Group):
 
         from batchrun.outputs import OutputFileError
 
+        from batchrun import connections
+
         try:
             return super().invoke(ctx)
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:  # before ConnectionError
+            fail(f"{describe(connections.last_url or '')} refused batchrun's credentials ({exc}); give the right "
+                 f"user and password in --redis-url / {ENV_URL} (redis://USER:PASSWORD@HOST:6379/0)")
+        except redis.InvalidResponse:
+            fail(f"{describe(connections.last_url or '')} does not answer as a Redis server (another service on "
+                 f"that port?); check the host and port in --redis-url / {ENV_URL}")
+        except redis.exceptions.NoPermissionError as exc:
+            fail(f"the Redis user of {describe(connections.last_url or '')} may not run what batchrun needs "
+                 f"({exc}); give a user with these permissions in --redis-url / {ENV_URL}")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             fail(f"cannot reach Redis ({exc}); check --redis-url / {ENV_URL} and that the server runs")
         except redis.ResponseError as exc:
             if not db_out_of_range(exc):
                 raise
-            from batchrun import connections
-
             fail(f"{describe(connections.last_url or '')} names a database this Redis server does not have (a Redis "
                  f"has 16 by default, 0 to 15): give another one in --redis-url / {ENV_URL}", 2)
         except OutputFileError as exc:

@@ -463,3 +463,44 @@ def test_config_values_of_the_wrong_kind_name_the_file_and_the_key(tmp_path, tex
     proc = cli("--config", str(config), "run", str(EXAMPLE), "-o", str(out), "--mock", env=no_redis_env())
     one_sentence(proc, 2, str(config), *words)
     assert not out.exists()
+
+
+# --- review: a --redis-url at a server that is not Redis, or that refuses the credentials -------
+
+
+@pytest.mark.parametrize("command", ["list", "run"])
+def test_a_redis_url_at_a_server_that_is_not_redis_is_one_sentence(tmp_path, command):
+    from tests.hostile import HostileServer, ok
+
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(EXAMPLE), "-o", str(out), "--mock"] if command == "run" else ["list"]
+    with HostileServer([ok()]) as srv:  # an HTTP server: its answer to a Redis command starts with "HTTP"
+        url = f"redis://:s3cret@127.0.0.1:{srv.port}/8"
+        proc = cli(*args, "--redis-url", url, env=no_redis_env())
+    one_sentence(proc, 1, f"redis://:***@127.0.0.1:{srv.port}/8 does not answer as a Redis server", "--redis-url")
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert not out.exists()
+
+
+def test_a_redis_that_refuses_the_password_is_one_sentence(tmp_path):
+    import shutil
+    import time
+
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server to start")
+    port = 6442
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--requirepass", "right", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        for url in (f"redis://:wrong@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+            proc = cli("list", "--redis-url", url, env=no_redis_env())
+            one_sentence(proc, 1, "refused batchrun's credentials", "give the right user and password")
+            assert "wrong" not in proc.stdout + proc.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
