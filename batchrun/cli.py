@@ -508,6 +508,11 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
     if meta.get("state") == "paused" and not follow:
         click.echo(f"batch {batch_id} is paused: " + hints.complete(
             meta.get("reason") or "", lambda bid, extra: hints.resume_batch(bid, where, extra)), err=True)
+    elif meta.get("state") not in ("finished", "cancelled") and not follow:  # exit 4 prints what continues
+        args = ["collect", batch_id, "-o", output] + (["--errors", errors] if errors != default_errors_path(output)
+                                                      else []) + where.args() + ["--follow"]
+        click.echo(f"batch {batch_id} is still running; follow it with: {hints.command(args)}"
+                   + (f" {where.note()}" if where.note() else ""), err=True)
     sys.exit(for_state(meta.get("state", ""), int(meta.get("failed") or 0)))
 
 
@@ -804,7 +809,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
     if unused:  # as submit refuses it: a typo in a model's name
         fail(f"{jobs}: no job uses {', '.join(map(repr, unused))}, so its limit would never apply; the file's "
              f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
-             f"MODEL=N)", 2)
+             f"MODEL=N)")  # about the file, as run and submit say it: exit 1
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return

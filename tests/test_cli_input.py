@@ -155,7 +155,7 @@ def test_a_limit_for_a_model_no_job_uses_is_refused_naming_the_files_models(real
     one_sentence(proc, 1, "no job uses 'gpt4o-mini'", "the file's models are 'gpt-4o-mini'", "nothing was submitted")
     assert keys_in(real_redis_url) == []
     est = cli("estimate", str(EXAMPLE), "--tpm", "gpt4o-mini=1000")
-    one_sentence(est, 2, "no job uses 'gpt4o-mini'", "'gpt-4o-mini'")
+    one_sentence(est, 1, "no job uses 'gpt4o-mini'", "'gpt-4o-mini'")  # about the file: exit 1, as run's
     run = cli("run", str(EXAMPLE), "-o", str(tmp_path / "out.jsonl"), "--mock", "--rpm", "gpt4o-mini=10",
               env=no_redis_env())
     one_sentence(run, 1, "no job uses 'gpt4o-mini'")
@@ -504,3 +504,16 @@ def test_a_redis_that_refuses_the_password_is_one_sentence(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=10)
+
+
+# --- review: exit 4 prints the command that continues -------------------------------------------
+
+
+@pytest.mark.redis
+def test_collect_without_follow_on_a_running_batch_prints_the_follow_command(real_redis_url, tmp_path):
+    sub = cli("submit", str(EXAMPLE), "--batch-id", "b-follow", "--redis-url", real_redis_url)
+    assert sub.returncode == 0, sub.stderr
+    out = tmp_path / "out.jsonl"
+    proc = cli("collect", "b-follow", "-o", str(out), "--redis-url", real_redis_url)
+    one_sentence(proc, 4, "batch b-follow is still running; follow it with: "
+                          f"batchrun collect b-follow -o {out} --redis-url {real_redis_url} --follow")
