@@ -656,6 +656,11 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     from batchrun.hints import source_of
 
     _check_finite("--max-cost", max_cost)
+    if not Path(target).is_file() and (output or target.endswith(".jsonl") or os.sep in target or "/" in target):
+        # meant as a JOBS file (a batch id has no path in it), so the Redis is not the question
+        what = "is a directory, not a jobs file" if Path(target).is_dir() else "no such file"
+        fail(f"{target}: {what}; `resume JOBS.jsonl -o OUT` needs the jobs file of the first run "
+             f"(a BATCH_ID takes no -o)", 2)
     if Path(target).is_file():
         if not output:
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")

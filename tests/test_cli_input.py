@@ -517,3 +517,16 @@ def test_collect_without_follow_on_a_running_batch_prints_the_follow_command(rea
     proc = cli("collect", "b-follow", "-o", str(out), "--redis-url", real_redis_url)
     one_sentence(proc, 4, "batch b-follow is still running; follow it with: "
                           f"batchrun collect b-follow -o {out} --redis-url {real_redis_url} --follow")
+
+
+@pytest.mark.parametrize("target, extra", [("missing.jsonl", ["-o", "out.jsonl"]), ("missing", ["-o", "out.jsonl"]),
+                                           ("missing.jsonl", []), ("sub/missing", [])])
+def test_resume_of_a_jobs_file_that_does_not_exist_says_so(tmp_path, target, extra):
+    proc = cli("resume", target, *extra, env=no_redis_env(), cwd=tmp_path)
+    one_sentence(proc, 2, f"{target}: no such file")
+    assert "no Redis is configured" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_batch_id_without_a_redis_still_says_how_to_set_one(tmp_path):
+    one_sentence(cli("resume", "b-123", env=no_redis_env(), cwd=tmp_path), 2, "no Redis is configured")
