@@ -530,3 +530,33 @@ def test_resume_of_a_jobs_file_that_does_not_exist_says_so(tmp_path, target, ext
 
 def test_resume_of_a_batch_id_without_a_redis_still_says_how_to_set_one(tmp_path):
     one_sentence(cli("resume", "b-123", env=no_redis_env(), cwd=tmp_path), 2, "no Redis is configured")
+
+
+# --- review: verbosity flags run together, and option values that look like them -----------------
+
+
+def test_quiet_run_together_with_a_short_option_after_the_subcommand(tmp_path):
+    proc = cli("run", str(EXAMPLE), "-qo", "out.jsonl", "--mock", env=no_redis_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert len(read_lines(tmp_path / "out.jsonl")) == 12
+    helped = cli("run", "-qh")
+    assert helped.returncode == 0 and "Usage:" in helped.stdout and "--give-up-after" in helped.stdout, helped.stderr
+
+
+def test_a_value_that_looks_like_a_verbosity_flag_stays_the_options_value(tmp_path):
+    # `-o -q` names the file "-q": --mock stays an option instead of becoming the output's name
+    proc = cli("run", str(EXAMPLE), "-o", "-q", "--mock", env=no_redis_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_lines(tmp_path / "-q")) == 12 and not (tmp_path / "--mock").exists()
+
+
+def test_lifting_keeps_option_values_and_splits_run_together_flags():
+    from batchrun.cli import _lift_verbosity
+
+    assert _lift_verbosity(["run", "j", "-qo", "x"]) == ["-q", "run", "j", "-o", "x"]
+    assert _lift_verbosity(["run", "-qh"]) == ["-q", "run", "-h"]
+    assert _lift_verbosity(["run", "j", "-o", "-q", "--mock"]) == ["run", "j", "-o", "-q", "--mock"]
+    assert _lift_verbosity(["--config", "-v", "list"]) == ["--config", "-v", "list"]
+    assert _lift_verbosity(["run", "j", "--output=-q", "-v"]) == ["-v", "run", "j", "--output=-q"]
+    assert _lift_verbosity(["resume", "j", "-c", "-q"]) == ["resume", "j", "-c", "-q"]
