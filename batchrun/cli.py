@@ -12,7 +12,8 @@ import click
 from batchrun import __version__
 from batchrun.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
 from batchrun.jobfile import JobFileError
-from batchrun.settings import BatchOptions, Limits, OptionsError, WorkerSettings, set_worker_settings
+from batchrun.settings import (MAX_CONCURRENCY, MAX_SHARD_SIZE, BatchOptions, Limits, OptionsError, WorkerSettings,
+                               set_worker_settings)
 from batchrun.status import format_usd
 from batchrun.store import BatchStore
 from batchrun.urls import mask_url
@@ -77,9 +78,9 @@ def batch_options(f):
         click.option("--give-up-after", type=Number(0, 86400, min_open=True), default=300.0,
                      show_default=True, metavar="S",
                      help="Pause the batch when the server has not answered (or only with 5xx) for S seconds."),
-        click.option("--shard-size", type=click.IntRange(0), default=0,
-                     help="Jobs per shard (the unit RQ hands to a worker); default: a quarter of the "
-                          "file, within 1,000 to 10,000."),
+        click.option("--shard-size", type=click.IntRange(0, MAX_SHARD_SIZE), default=0,
+                     help="Jobs per shard (the unit RQ hands to a worker), at most 1,000,000; default: a "
+                          "quarter of the file, within 1,000 to 10,000."),
         click.option("--burst-seconds", type=Number(0), default=0.0, show_default=True,
                      help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
                           "headers show (one second's worth until they do)."),
@@ -433,7 +434,8 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
 
 @main.command()
 @redis_option
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per process (default 100).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per process (default 100, at most 10,000).")
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True, help="Worker processes (supervised).")
 @click.option("--burst", is_flag=True, help="Exit once no batch this Redis holds has work left (retries included).")
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
@@ -557,7 +559,8 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
 @click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
 @redis_option
 @batch_options
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker (default 100).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per worker (default 100, at most 10,000).")
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True,
               help="Local worker processes (with --redis-url; in-process Redis uses one in-process worker).")
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
@@ -657,7 +660,8 @@ def list_batches(redis_url, limit):
 @click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
 @click.option("--retry-failed", is_flag=True, help="With a JOBS file: send again the jobs in the errors file too.")
 @click.option("--mock", is_flag=True, help="With a JOBS file: send to the built-in mock server.")
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker.")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per worker (at most 10,000).")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True, help="As for run.")
 @click.option("--max-cost", type=Number(0), default=None, metavar="USD",
               help="New spending cap for the batch (a batch paused at its cap needs a higher one).")

@@ -560,3 +560,23 @@ def test_lifting_keeps_option_values_and_splits_run_together_flags():
     assert _lift_verbosity(["--config", "-v", "list"]) == ["--config", "-v", "list"]
     assert _lift_verbosity(["run", "j", "--output=-q", "-v"]) == ["-v", "run", "j", "--output=-q"]
     assert _lift_verbosity(["resume", "j", "-c", "-q"]) == ["resume", "j", "-c", "-q"]
+
+
+# --- review: sane ceilings for --concurrency and --shard-size ------------------------------------
+
+
+@pytest.mark.redis
+def test_huge_concurrency_and_shard_size_are_refused_naming_the_ceiling(real_redis_url, tmp_path):
+    out = tmp_path / "out.jsonl"
+    one_sentence(cli("run", str(EXAMPLE), "-o", str(out), "--mock", "--concurrency", "99999999999",
+                     env=no_redis_env()), 2, "--concurrency", "10000")
+    one_sentence(cli("run", str(EXAMPLE), "-o", str(out), "--mock", "--shard-size", "99999999999999999999",
+                     env=no_redis_env()), 2, "--shard-size", "1000000")
+    assert not out.exists()
+    one_sentence(cli("submit", str(EXAMPLE), "--shard-size", "1000001", "--redis-url", real_redis_url), 2,
+                 "--shard-size")
+    assert keys_in(real_redis_url) == []
+    one_sentence(cli("worker", "--burst", env=cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_API_KEY="sk-x",
+                                                      BATCHRUN_CONCURRENCY="20000")), 2, "BATCHRUN_CONCURRENCY",
+                 "10,000")
+    assert "at most 10,000" in cli("run", "-h").stdout and "at most 1,000,000" in cli("run", "-h").stdout
