@@ -12,7 +12,8 @@ import click
 from batchrun import __version__
 from batchrun.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
 from batchrun.jobfile import JobFileError
-from batchrun.settings import BatchOptions, Limits, WorkerSettings, set_worker_settings
+from batchrun.settings import (MAX_CONCURRENCY, MAX_SHARD_SIZE, BatchOptions, Limits, OptionsError, WorkerSettings,
+                               set_worker_settings)
 from batchrun.status import format_usd
 from batchrun.store import BatchStore
 from batchrun.urls import mask_url
@@ -77,9 +78,9 @@ def batch_options(f):
         click.option("--give-up-after", type=Number(0, 86400, min_open=True), default=300.0,
                      show_default=True, metavar="S",
                      help="Pause the batch when the server has not answered (or only with 5xx) for S seconds."),
-        click.option("--shard-size", type=click.IntRange(0), default=0,
-                     help="Jobs per shard (the unit RQ hands to a worker); default: a quarter of the "
-                          "file, within 1,000 to 10,000."),
+        click.option("--shard-size", type=click.IntRange(0, MAX_SHARD_SIZE), default=0,
+                     help="Jobs per shard (the unit RQ hands to a worker), at most 1,000,000; default: a "
+                          "quarter of the file, within 1,000 to 10,000."),
         click.option("--burst-seconds", type=Number(0), default=0.0, show_default=True,
                      help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
                           "headers show (one second's worth until they do)."),
@@ -219,11 +220,42 @@ def load_config(path: str) -> dict:
     shared = {k.replace("-", "_"): v for k, v in data.items() if not isinstance(v, dict)}
     default_map = {}
     for name, command in main.commands.items():
-        params = {p.name for p in command.params}
-        entry = {k: v for k, v in shared.items() if k in params}
-        entry.update({k.replace("-", "_"): v for k, v in data.get(name, {}).items()})
+        params = {p.name: p for p in command.params}
+        # A top-level key goes to the commands whose option takes its value (`tpm = ["m=N"]` is
+        # run's --tpm, not mock-server's single number).
+        entry = {k: _config_value(params[k], v) for k, v in shared.items()
+                 if k in params and _config_check(command, k, v) is None}
+        entry.update({k.replace("-", "_"): _config_value(params[k.replace("-", "_")], v)
+                      for k, v in data.get(name, {}).items()})
         default_map[name] = entry
     return default_map
+
+
+def _config_value(param: click.Parameter, value):
+    """A config value as its option takes it: a repeatable option also takes one string
+    (split on spaces, as its environment variable is) or one number."""
+    if param.multiple and isinstance(value, str):
+        return value.split()
+    if param.multiple and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return [str(value)]
+    return value
+
+
+def _config_check(command: click.Command, key: str, value) -> str | None:
+    """Why ``command``'s option ``key`` refuses ``value`` (None: it takes it, or has no such option)."""
+    param = next((p for p in command.params if p.name == key.replace("-", "_") and p.name != "help"), None)
+    if param is None:
+        return None
+    try:
+        with click.Context(command) as ctx:
+            cast = param.type_cast_value(ctx, _config_value(param, value))
+            if param.callback is not None:  # the checks an option makes in its callback (--redis-url's)
+                param.callback(ctx, param, cast)
+    except click.BadParameter as exc:
+        return exc.message
+    except (TypeError, ValueError) as exc:  # a value of the wrong kind (a list for a number)
+        return f"not a value --{param.name.replace('_', '-')} takes ({exc})"
+    return None
 
 
 def config_problems(path: str, data: dict) -> list[str]:
@@ -236,15 +268,8 @@ def config_problems(path: str, data: dict) -> list[str]:
         return f"{path}: unknown {what} {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
 
     def check(where: str, command: click.Command, key: str, value) -> str | None:
-        param = next((p for p in command.params if p.name == key.replace("-", "_") and p.name != "help"), None)
-        if param is None:
-            return None
-        try:
-            with click.Context(command) as ctx:
-                param.type_cast_value(ctx, value)
-        except click.BadParameter as exc:
-            return f"{path}, {where}{key} = {value!r}: {exc.message}"
-        return None
+        problem = _config_check(command, key, value)
+        return None if problem is None else f"{path}, {where}{key} = {value!r}: {problem}"
 
     commands = main.commands
     option_names = {p.name for c in commands.values() for p in c.params if isinstance(p, click.Option)}
@@ -262,8 +287,11 @@ def config_problems(path: str, data: dict) -> list[str]:
                     out.append(check(f"[{key}] ", commands[key], sub, v))
         elif key.replace("-", "_") not in option_names:
             out.append(unknown("key", key, option_names))
-        else:
-            out += [check("", c, key, value) for c in commands.values()]
+        else:  # a top-level key must fit one command that has it; the others do without it
+            found = [check("", c, key, value) for c in commands.values()
+                     if any(p.name == key.replace("-", "_") for p in c.params)]
+            if all(found):
+                out += found
     return list(dict.fromkeys(p for p in out if p))
 
 
@@ -272,18 +300,53 @@ _VERBOSITY_FLAGS = ("-q", "--quiet", "-v", "--verbose")
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:
-    """args with every verbosity flag moved before the subcommand (none after a `--`)."""
+    """args with every verbosity flag moved before the subcommand (none after a `--`, none that is
+    an option's value). Short flags run together lose their leading q/v: `-qo X` is `-q` and `-o X`."""
     lifted, rest = [], []
+    command: click.Command = main
+    value_next = False  # the token is the value of the option before it
     for i, arg in enumerate(args):
+        if value_next:
+            rest.append(arg)
+            value_next = False
+            continue
         if arg == "--":
             rest += args[i:]
             break
-        if arg in _VERBOSITY_FLAGS or (len(arg) > 1 and arg[0] == "-" and set(arg[1:]) <= {"q", "v"}
-                                       and arg[1] != "-"):
+        if arg in _VERBOSITY_FLAGS:
             lifted.append(arg)
-        else:
-            rest.append(arg)
+            continue
+        if len(arg) > 2 and arg[0] == "-" and arg[1] in "qv":
+            keep = arg[1:].lstrip("qv")
+            lifted.append(arg[:len(arg) - len(keep)])
+            if not keep:
+                continue
+            arg = "-" + keep
+        if command is main and arg in main.commands:
+            command = main.commands[arg]
+        value_next = _takes_value(command, arg)
+        rest.append(arg)
     return lifted + rest
+
+
+def _takes_value(command: click.Command, token: str) -> bool:
+    """Whether the token after ``token`` is the value of one of ``command``'s options."""
+    if not token.startswith("-") or token == "-":
+        return False
+    opts = {name: p for p in command.params if isinstance(p, click.Option) for name in p.opts + p.secondary_opts}
+
+    def needs(p: click.Option) -> bool:
+        return not p.is_flag and not p.count
+
+    if token.startswith("--"):
+        return token in opts and needs(opts[token])  # `--output=X` holds its value
+    for j, ch in enumerate(token[1:], 1):  # -po: flags, then an option that takes the rest or the next token
+        p = opts.get("-" + ch)
+        if p is None:
+            return False
+        if needs(p):
+            return j == len(token) - 1
+    return False
 
 
 class Group(click.Group):
@@ -297,15 +360,24 @@ class Group(click.Group):
 
         from batchrun.outputs import OutputFileError
 
+        from batchrun import connections
+
         try:
             return super().invoke(ctx)
+        except (redis.AuthenticationError, redis.exceptions.AuthorizationError) as exc:  # before ConnectionError
+            fail(f"{describe(connections.last_url or '')} refused batchrun's credentials ({exc}); give the right "
+                 f"user and password in --redis-url / {ENV_URL} (redis://USER:PASSWORD@HOST:6379/0)")
+        except redis.InvalidResponse:
+            fail(f"{describe(connections.last_url or '')} does not answer as a Redis server (another service on "
+                 f"that port?); check the host and port in --redis-url / {ENV_URL}")
+        except redis.exceptions.NoPermissionError as exc:
+            fail(f"the Redis user of {describe(connections.last_url or '')} may not run what batchrun needs "
+                 f"({exc}); give a user with these permissions in --redis-url / {ENV_URL}")
         except (redis.ConnectionError, redis.TimeoutError) as exc:
             fail(f"cannot reach Redis ({exc}); check --redis-url / {ENV_URL} and that the server runs")
         except redis.ResponseError as exc:
             if not db_out_of_range(exc):
                 raise
-            from batchrun import connections
-
             fail(f"{describe(connections.last_url or '')} names a database this Redis server does not have (a Redis "
                  f"has 16 by default, 0 to 15): give another one in --redis-url / {ENV_URL}", 2)
         except OutputFileError as exc:
@@ -362,7 +434,8 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
 
 @main.command()
 @redis_option
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per process (default 100).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per process (default 100, at most 10,000).")
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True, help="Worker processes (supervised).")
 @click.option("--burst", is_flag=True, help="Exit once no batch this Redis holds has work left (retries included).")
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
@@ -477,6 +550,11 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
     if meta.get("state") == "paused" and not follow:
         click.echo(f"batch {batch_id} is paused: " + hints.complete(
             meta.get("reason") or "", lambda bid, extra: hints.resume_batch(bid, where, extra)), err=True)
+    elif meta.get("state") not in ("finished", "cancelled") and not follow:  # exit 4 prints what continues
+        args = ["collect", batch_id, "-o", output] + (["--errors", errors] if errors != default_errors_path(output)
+                                                      else []) + where.args() + ["--follow"]
+        click.echo(f"batch {batch_id} is still running; follow it with: {hints.command(args)}"
+                   + (f" {where.note()}" if where.note() else ""), err=True)
     sys.exit(for_state(meta.get("state", ""), int(meta.get("failed") or 0)))
 
 
@@ -486,7 +564,8 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
 @click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
 @redis_option
 @batch_options
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker (default 100).")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per worker (default 100, at most 10,000).")
 @click.option("--processes", "-p", type=click.IntRange(1), default=1, show_default=True,
               help="Local worker processes (with --redis-url; in-process Redis uses one in-process worker).")
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
@@ -591,7 +670,8 @@ def list_batches(redis_url, limit):
 @click.option("--errors", type=click.Path(dir_okay=False), default=None, help="Errors JSONL (default: OUTPUT.errors.jsonl).")
 @click.option("--retry-failed", is_flag=True, help="With a JOBS file: send again the jobs in the errors file too.")
 @click.option("--mock", is_flag=True, help="With a JOBS file: send to the built-in mock server.")
-@click.option("--concurrency", "-c", type=click.IntRange(1), default=None, help="Requests in flight per worker.")
+@click.option("--concurrency", "-c", type=click.IntRange(1, MAX_CONCURRENCY), default=None,
+              help="Requests in flight per worker (at most 10,000).")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True, help="As for run.")
 @click.option("--max-cost", type=Number(0), default=None, metavar="USD",
               help="New spending cap for the batch (a batch paused at its cap needs a higher one).")
@@ -602,9 +682,9 @@ def list_batches(redis_url, limit):
 @click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
 @click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="With a JOBS file: as for run (default: the first run's).")
 @click.option("--max-attempts", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
-@click.option("--backoff-base", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
-@click.option("--backoff-cap", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
-@click.option("--burst-seconds", type=click.FloatRange(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-base", type=Number(0), default=None, help="With a JOBS file: as for run.")
+@click.option("--backoff-cap", type=Number(0, min_open=True), default=None, help="With a JOBS file: as for run.")
+@click.option("--burst-seconds", type=Number(0), default=None, help="With a JOBS file: as for run.")
 @click.option("--processes", "-p", type=click.IntRange(1), default=None, help="With a JOBS file: as for run.")
 @click.pass_context
 def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurrency, grace, max_cost, prices, **given):
@@ -625,6 +705,11 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     from batchrun.hints import source_of
 
     _check_finite("--max-cost", max_cost)
+    if not Path(target).is_file() and (output or target.endswith(".jsonl") or os.sep in target or "/" in target):
+        # meant as a JOBS file (a batch id has no path in it), so the Redis is not the question
+        what = "is a directory, not a jobs file" if Path(target).is_dir() else "no such file"
+        fail(f"{target}: {what}; `resume JOBS.jsonl -o OUT` needs the jobs file of the first run "
+             f"(a BATCH_ID takes no -o)", 2)
     if Path(target).is_file():
         if not output:
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
@@ -634,10 +719,14 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
             cfg, used = resume_config(target, output, errors, given, max_cost=max_cost, prices=prices, mock=mock,
                                       concurrency=concurrency, grace=grace, retry_failed=retry_failed,
                                       redis_url=resolve_url(redis_url), redis_source=source_of(ctx))
+        except OptionsError as exc:
+            fail(str(exc), 2)
         except ValueError as exc:
             fail(str(exc))
         if used:
-            click.echo(f"resuming with the first run's settings: {used}", err=True)
+            from batchrun import progress
+
+            progress.note(f"resuming with the first run's settings: {used}")  # -q hides it
         try:
             sys.exit(run_batch(cfg))
         except (JobFileError, ValueError) as exc:
@@ -774,7 +863,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
     if unused:  # as submit refuses it: a typo in a model's name
         fail(f"{jobs}: no job uses {', '.join(map(repr, unused))}, so its limit would never apply; the file's "
              f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
-             f"MODEL=N)", 2)
+             f"MODEL=N)")  # about the file, as run and submit say it: exit 1
     if as_json:
         click.echo(json.dumps(report.to_dict()))
         return

@@ -334,14 +334,17 @@ def resume_config(jobs: str, output: str, errors: str | None, given: dict, *, ma
     """`resume JOBS -o OUT`: the first run's settings (from OUT's settings file), with what the
     user gives now over them. Returns the config and the settings it took from the file, as
     options, for the user to see."""
-    from batchrun.settings import Limits
+    from batchrun.settings import Limits, OptionsError
 
     saved = load_run_settings(settings_path(output)) or {}
     options = BatchOptions.from_fields(saved["options"]) if saved else BatchOptions()
     before = BatchOptions.from_fields(options.to_fields())
     used: list[str] = []
     if given.get("rpm") or given.get("tpm"):
-        options.limits = Limits.parse(given.get("rpm") or (), given.get("tpm") or ())
+        try:
+            options.limits = Limits.parse(given.get("rpm") or (), given.get("tpm") or ())
+        except ValueError as exc:  # a bad value on the command line: a usage error
+            raise OptionsError(str(exc)) from None
     elif options.limits:
         used += [f"--{kind} {model + '=' if model != '*' else ''}{n}"
                  for model, entry in sorted(options.limits.by_model.items()) for kind, n in sorted(entry.items())]
@@ -378,6 +381,14 @@ def resume_config(jobs: str, output: str, errors: str | None, given: dict, *, ma
         used.append(f"--max-cost {total - spent:.6f} (what is left of the first run's ${total:.4f})")
     else:
         options.max_cost, cap_total = 0.0, 0.0
+    problems = options.problems()
+    if problems:  # refused before anything is saved or submitted; a bad stored value is the file's
+        stored = set(before.problems())
+        mine = [p for p in problems if p not in stored]
+        theirs = [p for p in problems if p in stored]
+        raise OptionsError("; ".join(mine + ([f"{settings_path(output)} (the first run's settings) holds values "
+                                              f"that cannot work: {'; '.join(theirs)}; give new ones here or "
+                                              f"remove the file"] if theirs else [])))
     cfg = RunConfig(jobs=jobs, output=output, errors=errors, redis_url=redis_url, batch_id=None, endpoint=endpoint,
                     skip_invalid=skip_invalid, options=options, concurrency=concurrency, processes=processes,
                     mock=mock, grace=grace, only_missing=True, retry_failed=retry_failed, prices=prices,

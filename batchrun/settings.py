@@ -109,6 +109,8 @@ class BatchOptions:
 MAX_BACKOFF_SECONDS = 86_400.0  # a day
 MAX_BURST_SECONDS = 3_600.0
 MAX_KEEP_DAYS = 3_650.0  # ten years
+MAX_SHARD_SIZE = 1_000_000  # one RQ job; past this a typo, and a shard too big to share or redo
+MAX_CONCURRENCY = 10_000  # requests in flight per process: past this, sockets and memory run out first
 
 
 def _number(value: object) -> float | None:
@@ -116,6 +118,10 @@ def _number(value: object) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return None
     return float(value)
+
+
+class OptionsError(ValueError):
+    """Options that cannot work, refused as a usage error (exit 2)."""
 
 
 def check_batch_options(o: "BatchOptions") -> list[str]:
@@ -133,7 +139,8 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
     need("backoff factor", o.backoff_factor, lambda x: 1 <= x <= 100, "a number from 1 to 100")
     need("--backoff-cap", o.backoff_cap, lambda x: 0 < x <= MAX_BACKOFF_SECONDS,
          f"a number of seconds above 0 and at most {MAX_BACKOFF_SECONDS:,.0f}")
-    need("--shard-size", o.shard_size, lambda x: x >= 0 and x == int(x), "a whole number of jobs (0: automatic)")
+    need("--shard-size", o.shard_size, lambda x: 0 <= x <= MAX_SHARD_SIZE and x == int(x),
+         f"a whole number of jobs up to {MAX_SHARD_SIZE:,} (0: automatic)")
     need("--burst-seconds", o.burst_seconds, lambda x: 0 <= x <= MAX_BURST_SECONDS,
          f"a number of seconds from 0 to {MAX_BURST_SECONDS:,.0f} (0: learnt from the server)")
     need("--give-up-after", o.give_up_seconds, lambda x: 0 < x <= MAX_BACKOFF_SECONDS,
@@ -210,9 +217,9 @@ class WorkerSettings:
         """Pure: why these settings cannot work, one sentence per setting (names as the user gives them)."""
         out = []
         c = _number(self.concurrency)
-        if c is None or c < 1 or c != int(c):
-            out.append(f"--concurrency (or BATCHRUN_CONCURRENCY) must be a whole number of at least 1, "
-                       f"not {self.concurrency!r}")
+        if c is None or not 1 <= c <= MAX_CONCURRENCY or c != int(c):
+            out.append(f"--concurrency (or BATCHRUN_CONCURRENCY) must be a whole number from 1 to "
+                       f"{MAX_CONCURRENCY:,}, not {self.concurrency!r}")
         lease = _number(self.lease_seconds)
         if lease is None or not 3 <= lease <= 3600:  # renewed every lease/3; below ~3 s renewals cannot keep up
             out.append(f"BATCHRUN_LEASE_SECONDS must be a number of seconds from 3 to 3,600, "

@@ -155,7 +155,7 @@ def test_a_limit_for_a_model_no_job_uses_is_refused_naming_the_files_models(real
     one_sentence(proc, 1, "no job uses 'gpt4o-mini'", "the file's models are 'gpt-4o-mini'", "nothing was submitted")
     assert keys_in(real_redis_url) == []
     est = cli("estimate", str(EXAMPLE), "--tpm", "gpt4o-mini=1000")
-    one_sentence(est, 2, "no job uses 'gpt4o-mini'", "'gpt-4o-mini'")
+    one_sentence(est, 1, "no job uses 'gpt4o-mini'", "'gpt-4o-mini'")  # about the file: exit 1, as run's
     run = cli("run", str(EXAMPLE), "-o", str(tmp_path / "out.jsonl"), "--mock", "--rpm", "gpt4o-mini=10",
               env=no_redis_env())
     one_sentence(run, 1, "no job uses 'gpt4o-mini'")
@@ -383,3 +383,200 @@ def test_any_option_string_gives_a_value_or_a_sentence_never_a_traceback(option,
     assert isinstance(res.exception, SystemExit) and res.exit_code == 2, res.output
     assert "Traceback" not in res.output
     assert "no Redis is configured" in res.output or option in res.output, res.output
+
+
+# --- review: `resume JOBS -o OUT` refuses impossible options, given or stored --------------------
+
+
+@pytest.mark.parametrize("option, value", [("--backoff-cap", "0"), ("--backoff-cap", "inf"), ("--backoff-cap", "1e9"),
+                                           ("--backoff-base", "inf"), ("--burst-seconds", "inf"),
+                                           ("--tpm", "0"), ("--tpm", "abc")])
+def test_resume_from_the_files_refuses_options_that_cannot_work_before_writing_anything(tmp_path, option, value):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", option, value, env=no_redis_env())
+    one_sentence(proc, 2, option)
+    assert not out.exists() and not (tmp_path / "out.batchrun.json").exists()
+
+
+def test_resume_from_the_files_names_a_settings_file_whose_values_cannot_work(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    first = cli("run", str(jobs), "-o", str(out), "--mock", "-q", env=no_redis_env(), timeout=120)
+    assert first.returncode == 0, first.stderr
+    settings = tmp_path / "out.batchrun.json"
+    data = json.loads(settings.read_text())
+    data["options"]["backoff_cap"] = "0.0"  # written by hand, or by an older batchrun
+    settings.write_text(json.dumps(data))
+    before = out.read_text()
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env())
+    one_sentence(proc, 2, str(settings), "--backoff-cap must be")
+    assert out.read_text() == before and json.loads(settings.read_text()) == data
+    fixed = cli("resume", str(jobs), "-o", str(out), "--mock", "--backoff-cap", "5", env=no_redis_env(), timeout=120)
+    assert fixed.returncode == 0, fixed.stderr
+
+
+def test_quiet_hides_the_note_on_the_first_runs_settings(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "out.jsonl"
+    first = cli("run", str(jobs), "-o", str(out), "--mock", "-q", "--backoff-cap", "5", env=no_redis_env(),
+                timeout=120)
+    assert first.returncode == 0, first.stderr
+    proc = cli("resume", str(jobs), "-o", str(out), "--mock", "-q", env=no_redis_env(), timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    loud = cli("resume", str(jobs), "-o", str(out), "--mock", env=no_redis_env(), timeout=120)
+    assert "resuming with the first run's settings" in loud.stderr and "--backoff-cap 5" in loud.stderr
+
+
+# --- review: config values of another shape, and the Redis URL's check -------------------------
+
+
+@pytest.mark.parametrize("text", ['tpm = ["gpt-4o-mini=100000"]\n', "tpm = 100000\n",
+                                  '[estimate]\ntpm = "gpt-4o-mini=100000"\n', '[estimate]\ntpm = 100000\n'])
+def test_a_limit_in_a_config_file_applies_as_a_list_a_string_or_a_number(tmp_path, text):
+    config = tmp_path / "batchrun.toml"
+    config.write_text(text)
+    proc = cli("--config", str(config), "estimate", str(EXAMPLE), "--json", env=no_redis_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["models"][0]["tpm"] == 100_000
+
+
+def test_a_config_string_for_a_repeatable_option_is_split_on_spaces_as_its_env_var_is(tmp_path):
+    config = tmp_path / "batchrun.toml"
+    config.write_text('[estimate]\nrpm = "gpt-4o-mini=100 gpt-4o-mini=200"\n')
+    proc = cli("--config", str(config), "estimate", str(EXAMPLE), "--json", env=no_redis_env())
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert json.loads(proc.stdout)["models"][0]["rpm"] == 200
+
+
+@pytest.mark.parametrize("text, words", [
+    ('redis_url = "http://x"\n', ["redis_url = 'http://x'", "is not a Redis URL"]),
+    ('[run]\nredis_url = "http://x"\n', ["[run] redis_url = 'http://x'", "is not a Redis URL"]),
+    ("latency_ms = [1]\n", ["latency_ms = [1]", "--latency-ms"]),
+    ("[worker]\nconcurrency = [1, 2]\n", ["[worker] concurrency = [1, 2]", "--concurrency"]),
+])
+def test_config_values_of_the_wrong_kind_name_the_file_and_the_key(tmp_path, text, words):
+    config = tmp_path / "batchrun.toml"
+    config.write_text(text)
+    out = tmp_path / "out.jsonl"
+    proc = cli("--config", str(config), "run", str(EXAMPLE), "-o", str(out), "--mock", env=no_redis_env())
+    one_sentence(proc, 2, str(config), *words)
+    assert not out.exists()
+
+
+# --- review: a --redis-url at a server that is not Redis, or that refuses the credentials -------
+
+
+@pytest.mark.parametrize("command", ["list", "run"])
+def test_a_redis_url_at_a_server_that_is_not_redis_is_one_sentence(tmp_path, command):
+    from tests.hostile import HostileServer, ok
+
+    out = tmp_path / "out.jsonl"
+    args = ["run", str(EXAMPLE), "-o", str(out), "--mock"] if command == "run" else ["list"]
+    with HostileServer([ok()]) as srv:  # an HTTP server: its answer to a Redis command starts with "HTTP"
+        url = f"redis://:s3cret@127.0.0.1:{srv.port}/8"
+        proc = cli(*args, "--redis-url", url, env=no_redis_env())
+    one_sentence(proc, 1, f"redis://:***@127.0.0.1:{srv.port}/8 does not answer as a Redis server", "--redis-url")
+    assert "s3cret" not in proc.stdout + proc.stderr
+    assert not out.exists()
+
+
+def test_a_redis_that_refuses_the_password_is_one_sentence(tmp_path):
+    import shutil
+    import time
+
+    if not shutil.which("redis-server"):
+        pytest.skip("no redis-server to start")
+    port = 6442
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--requirepass", "right", "--save", "",
+                               "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(50):
+            with socket.socket() as s:
+                if s.connect_ex(("127.0.0.1", port)) == 0:
+                    break
+            time.sleep(0.1)
+        for url in (f"redis://:wrong@127.0.0.1:{port}/0", f"redis://127.0.0.1:{port}/0"):
+            proc = cli("list", "--redis-url", url, env=no_redis_env())
+            one_sentence(proc, 1, "refused batchrun's credentials", "give the right user and password")
+            assert "wrong" not in proc.stdout + proc.stderr
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+# --- review: exit 4 prints the command that continues -------------------------------------------
+
+
+@pytest.mark.redis
+def test_collect_without_follow_on_a_running_batch_prints_the_follow_command(real_redis_url, tmp_path):
+    sub = cli("submit", str(EXAMPLE), "--batch-id", "b-follow", "--redis-url", real_redis_url)
+    assert sub.returncode == 0, sub.stderr
+    out = tmp_path / "out.jsonl"
+    proc = cli("collect", "b-follow", "-o", str(out), "--redis-url", real_redis_url)
+    one_sentence(proc, 4, "batch b-follow is still running; follow it with: "
+                          f"batchrun collect b-follow -o {out} --redis-url {real_redis_url} --follow")
+
+
+@pytest.mark.parametrize("target, extra", [("missing.jsonl", ["-o", "out.jsonl"]), ("missing", ["-o", "out.jsonl"]),
+                                           ("missing.jsonl", []), ("sub/missing", [])])
+def test_resume_of_a_jobs_file_that_does_not_exist_says_so(tmp_path, target, extra):
+    proc = cli("resume", target, *extra, env=no_redis_env(), cwd=tmp_path)
+    one_sentence(proc, 2, f"{target}: no such file")
+    assert "no Redis is configured" not in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_resume_of_a_batch_id_without_a_redis_still_says_how_to_set_one(tmp_path):
+    one_sentence(cli("resume", "b-123", env=no_redis_env(), cwd=tmp_path), 2, "no Redis is configured")
+
+
+# --- review: verbosity flags run together, and option values that look like them -----------------
+
+
+def test_quiet_run_together_with_a_short_option_after_the_subcommand(tmp_path):
+    proc = cli("run", str(EXAMPLE), "-qo", "out.jsonl", "--mock", env=no_redis_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""
+    assert len(read_lines(tmp_path / "out.jsonl")) == 12
+    helped = cli("run", "-qh")
+    assert helped.returncode == 0 and "Usage:" in helped.stdout and "--give-up-after" in helped.stdout, helped.stderr
+
+
+def test_a_value_that_looks_like_a_verbosity_flag_stays_the_options_value(tmp_path):
+    # `-o -q` names the file "-q": --mock stays an option instead of becoming the output's name
+    proc = cli("run", str(EXAMPLE), "-o", "-q", "--mock", env=no_redis_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert len(read_lines(tmp_path / "-q")) == 12 and not (tmp_path / "--mock").exists()
+
+
+def test_lifting_keeps_option_values_and_splits_run_together_flags():
+    from batchrun.cli import _lift_verbosity
+
+    assert _lift_verbosity(["run", "j", "-qo", "x"]) == ["-q", "run", "j", "-o", "x"]
+    assert _lift_verbosity(["run", "-qh"]) == ["-q", "run", "-h"]
+    assert _lift_verbosity(["run", "j", "-o", "-q", "--mock"]) == ["run", "j", "-o", "-q", "--mock"]
+    assert _lift_verbosity(["--config", "-v", "list"]) == ["--config", "-v", "list"]
+    assert _lift_verbosity(["run", "j", "--output=-q", "-v"]) == ["-v", "run", "j", "--output=-q"]
+    assert _lift_verbosity(["resume", "j", "-c", "-q"]) == ["resume", "j", "-c", "-q"]
+
+
+# --- review: sane ceilings for --concurrency and --shard-size ------------------------------------
+
+
+@pytest.mark.redis
+def test_huge_concurrency_and_shard_size_are_refused_naming_the_ceiling(real_redis_url, tmp_path):
+    out = tmp_path / "out.jsonl"
+    one_sentence(cli("run", str(EXAMPLE), "-o", str(out), "--mock", "--concurrency", "99999999999",
+                     env=no_redis_env()), 2, "--concurrency", "10000")
+    one_sentence(cli("run", str(EXAMPLE), "-o", str(out), "--mock", "--shard-size", "99999999999999999999",
+                     env=no_redis_env()), 2, "--shard-size", "1000000")
+    assert not out.exists()
+    one_sentence(cli("submit", str(EXAMPLE), "--shard-size", "1000001", "--redis-url", real_redis_url), 2,
+                 "--shard-size")
+    assert keys_in(real_redis_url) == []
+    one_sentence(cli("worker", "--burst", env=cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_API_KEY="sk-x",
+                                                      BATCHRUN_CONCURRENCY="20000")), 2, "BATCHRUN_CONCURRENCY",
+                 "10,000")
+    assert "at most 10,000" in cli("run", "-h").stdout and "at most 1,000,000" in cli("run", "-h").stdout

@@ -137,3 +137,12 @@ def test_a_runner_pauses_a_batch_whose_stored_options_cannot_work_instead_of_cra
     # a second runner (a resume) pauses it again without a second log line or a crash
     assert asyncio.run(ShardRunner(store, "b", 0, WorkerSettings(base_url="http://127.0.0.1:9/v1",
                                                                  api_key="sk-x")).run()) == {}
+
+
+def test_shard_size_and_concurrency_have_ceilings():
+    from batchrun.settings import MAX_CONCURRENCY, MAX_SHARD_SIZE
+
+    assert check_batch_options(BatchOptions(shard_size=MAX_SHARD_SIZE)) == []
+    assert [p for p in check_batch_options(BatchOptions(shard_size=MAX_SHARD_SIZE + 1)) if "--shard-size" in p]
+    assert WorkerSettings(concurrency=MAX_CONCURRENCY).problems() == []
+    assert [p for p in WorkerSettings(concurrency=MAX_CONCURRENCY + 1).problems() if "--concurrency" in p]
