@@ -76,7 +76,6 @@ def run_batch(cfg: RunConfig) -> int:
         click.echo(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
                    + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
                       else ""), err=True)
-    saved = save_run_settings(cfg, sidecar)
     written = [0, 0, 0]  # results, errors, outcomes the files held another one of
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
@@ -88,12 +87,17 @@ def run_batch(cfg: RunConfig) -> int:
             note(f"using the built-in mock OpenAI server at {server.base_url}")
 
         store = BatchStore(connect(cfg.redis_url))
+        if not cfg.batch_id and not cfg.only_missing:
+            cfg.batch_id = _batch_to_continue(cfg, sidecar, store)
         if cfg.batch_id and store.exists(cfg.batch_id):
             _prepare_existing(store, cfg, skip)  # before any worker runs its shards
         report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
                              skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
+        # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
+        # this command after a crash continues this batch instead of paying for its jobs again.
+        saved = save_run_settings(cfg, sidecar, bid)
         stack.callback(lambda: record_spent(sidecar, saved, bid, store))
         note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
 
@@ -272,7 +276,22 @@ def settings_path(output: str) -> str:
     return str(p.with_name(stem + ".batchrun.json"))
 
 
-def save_run_settings(cfg: RunConfig, path: str) -> dict:
+def _batch_to_continue(cfg: RunConfig, sidecar: str, store: BatchStore) -> str | None:
+    """The batch an earlier `run` of this file onto this output made on this Redis, if it is still
+    there: a rerun of the same command (after a crash, a kill) continues it."""
+    if cfg.redis.memory:
+        return None  # the in-process Redis died with that run
+    saved = load_run_settings(sidecar) or {}
+    bid = saved.get("batch_id")
+    if not isinstance(bid, str) or saved.get("jobs") != cfg.jobs or not store.exists(bid):
+        return None
+    if store.meta(bid).get("state") == "cancelled":
+        return None
+    note(f"continuing batch {bid}, which the earlier run of this command made ({sidecar} names it)")
+    return bid
+
+
+def save_run_settings(cfg: RunConfig, path: str, batch_id: str | None = None) -> dict:
     """Write the settings a resume repeats (never the Redis URL nor any key: they may hold secrets)."""
     previous = load_run_settings(path) if cfg.only_missing else None
     saved = {
@@ -283,6 +302,8 @@ def save_run_settings(cfg: RunConfig, path: str) -> dict:
         # USD each batch of this file spent: a resume's cap is what the first run's cap leaves.
         "spent_usd": dict((previous or {}).get("spent_usd") or {}),
     }
+    if batch_id and not cfg.redis.memory:
+        saved["batch_id"] = batch_id  # the batch a rerun of this command continues
     _write_json(path, saved)
     return saved
 
@@ -523,7 +544,13 @@ if __name__ == "__main__":
     # `run` prints pause messages itself, with the command that works from there.
     from batchrun.cli import main
 
+    from batchrun.worker import watch_parent
+
     mode, args = sys.argv[1], sys.argv[2:]
+    # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It
+    # stops as on SIGTERM (requests in flight get the grace, the rest stays queued), and a
+    # rerun of the same command continues that batch.
+    watch_parent(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
     if mode == "summaries":
         # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
         logging.getLogger("batchrun.worker").setLevel(logging.INFO)

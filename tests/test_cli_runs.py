@@ -423,3 +423,54 @@ def test_collect_says_which_paid_answers_it_could_not_write(real_redis_url, tmp_
         assert proc.returncode == 0, proc.stderr
     assert "3 outcome(s) of batch second were not written" in proc.stderr
     assert [r["response"]["body"]["batch"] for r in read_lines(out)] == ["first"] * 3
+
+
+# --- first-hour review: a killed `run` ----------------------------------------------------------
+
+def _settle(srv, quiet: float = 2.0, limit: float = 60) -> int:
+    """The server's request count once it has stopped growing for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    last, since = srv.stats()["requests"], time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "requests still arrive: a worker goes on sending"
+        time.sleep(0.2)
+        now = srv.stats()["requests"]
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_a_killed_run_on_a_real_redis_stops_its_workers_and_the_same_command_continues_its_batch(
+        real_redis_url, spawn, tmp_path):
+    n = 300
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n)
+    out = tmp_path / "results.jsonl"
+    command = ["run", str(jobs), "-o", str(out), "--concurrency", "5", "--grace", "5", "--redis-url", real_redis_url]
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        env = _env(srv)
+        run = spawn(batchrun_cmd(*command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while _lines(out) < 30:
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGKILL)  # `run` only: its workers are in sessions of their own
+        run.wait(timeout=10)
+        stopped = _settle(srv)
+        assert stopped < n, "the killed run's workers went on sending its whole batch"
+        settings = json.loads((tmp_path / "results.batchrun.json").read_text())
+        again = _cli(command, env)
+        assert again.returncode == 0, again.stderr
+        assert f"continuing batch {settings['batch_id']}" in again.stderr
+        sent = srv.stats()["requests"]
+    check_exactly_once(jobs, out, tmp_path / "results.errors.jsonl")
+    assert sent == n, f"{sent - n} request(s) paid twice after the kill"
+
+
+def test_a_refused_run_leaves_no_settings_file_for_a_resume_to_take(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "o.jsonl"
+    with MockServerThread(MockConfig()) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out), "--tpm", "gpt-9=1000"], _env(srv))
+        assert proc.returncode == 1 and "nothing was submitted" in proc.stderr, proc.stderr
+        assert srv.stats()["requests"] == 0
+    assert not (tmp_path / "o.batchrun.json").exists(), "a run that submitted nothing saved its settings"
