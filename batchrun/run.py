@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from batchrun import hints, shard
-from batchrun.collect import collect, default_errors_path
+from batchrun.collect import CollectReport, collect, default_errors_path
 from batchrun.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
 from batchrun.progress import Progress, note
@@ -115,11 +115,18 @@ def run_batch(cfg: RunConfig) -> int:
             return state == "paused" or not workers.alive()
 
         def collect_now(**kw) -> None:
-            r = collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), **kw)
-            written[0] += r.results_written
-            written[1] += r.errors_written
-            written[2] += r.other_there
+            r = CollectReport()
+            try:
+                collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), report=r, **kw)
+            finally:
+                # Counted even when Ctrl-C cuts the collect short: what it wrote is in the files.
+                written[0] += r.results_written
+                written[1] += r.errors_written
+                written[2] += r.other_there
 
+        # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
+        # dropped, and the command that continues is printed.
+        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
         try:
             collect_now(follow=True, poll=0.3, on_progress=lambda r: progress.update(), should_stop=should_stop)
         except KeyboardInterrupt:
@@ -158,6 +165,10 @@ def run_batch(cfg: RunConfig) -> int:
         click.echo(f"batch {bid} is {meta.get('state')} with work left", err=True)
         _print_resume(cfg, bid, errors_path, store)
     return for_state(meta.get("state", ""), counts["failed"] + prior_errors)
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _summary(cfg: RunConfig, errors_path: str, written: list[int], skip: set[str]) -> str:

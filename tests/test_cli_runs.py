@@ -474,3 +474,31 @@ def test_a_refused_run_leaves_no_settings_file_for_a_resume_to_take(tmp_path):
         assert proc.returncode == 1 and "nothing was submitted" in proc.stderr, proc.stderr
         assert srv.stats()["requests"] == 0
     assert not (tmp_path / "o.batchrun.json").exists(), "a run that submitted nothing saved its settings"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_writes_every_paid_answer_counts_them_and_prints_the_continue_command(sig, tmp_path):
+    """SIGTERM (timeout, CI, docker stop) stops `run` as the first Ctrl-C does, and the summary
+    counts every line written, also those of the collect the signal cut short."""
+    n = 400
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n)
+    out = tmp_path / "results.jsonl"
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "5"),
+                               env=_env(srv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while _lines(out) < 40:
+                assert time.monotonic() < deadline and run.poll() is None
+                time.sleep(0.05)
+            run.send_signal(sig)
+            stdout, stderr = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        sent = srv.stats()["requests"]
+    assert run.returncode == 130, stderr
+    assert "to finish the batch: batchrun resume" in stderr
+    results, errors = _lines(out), _lines(tmp_path / "results.errors.jsonl")
+    assert 40 <= results < n
+    assert f"{results} result(s) written to {out}, {errors} error(s)" in stderr, stderr
+    assert sent == results + errors, f"{sent - results - errors} paid answer(s) not written"
