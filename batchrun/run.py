@@ -423,12 +423,13 @@ class _RunLogFilter(logging.Filter):
     A line that carries a `batchrun resume ID` command is completed for this run, or dropped
     (``complete`` None) where the run prints it completed itself."""
 
-    def __init__(self, complete=None):
+    def __init__(self, complete=None, *, quiet: bool = True):
         super().__init__()
         self.complete = complete
+        self.quiet = quiet  # drop the info lines; under -v (and -q) the level alone decides
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING and record.funcName != "_summarise":
+        if self.quiet and record.levelno < logging.WARNING and record.funcName != "_summarise":
             return False
         message = record.getMessage()
         if hints.has_command(message):
@@ -439,10 +440,11 @@ class _RunLogFilter(logging.Filter):
 
 
 def _quiet_worker_lines(cfg: RunConfig, stack: ExitStack) -> None:
-    if logging.getLogger("batchrun").getEffectiveLevel() != logging.INFO:
-        return  # -v shows every line, -q none
+    # At every verbosity a worker line's `batchrun resume ID` is completed for this run; only at
+    # the default one are the info lines dropped (-v shows every line, -q what its level lets by).
+    level = logging.getLogger("batchrun").getEffectiveLevel()
     worker_log = logging.getLogger("batchrun.worker")
-    quiet = _RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra))
+    quiet = _RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra), quiet=level == logging.INFO)
     worker_log.addFilter(quiet)
     stack.callback(worker_log.removeFilter, quiet)
 

@@ -502,3 +502,16 @@ def test_a_stopped_run_writes_every_paid_answer_counts_them_and_prints_the_conti
     assert 40 <= results < n
     assert f"{results} result(s) written to {out}, {errors} error(s)" in stderr, stderr
     assert sent == results + errors, f"{sent - results - errors} paid answer(s) not written"
+
+
+@pytest.mark.parametrize("verbosity", ["-q", "-v"])
+def test_under_q_or_v_a_pause_on_the_in_process_redis_prints_only_commands_that_work_there(verbosity, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 6)
+    out = tmp_path / "r.jsonl"
+    quota = Reply(429, {}, error_body("You exceeded your current quota.", "insufficient_quota",
+                                      "insufficient_quota"))
+    with HostileServer([quota]) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out), verbosity], _env(srv))
+    assert proc.returncode == 4, proc.stderr
+    assert "batchrun resume batch-" not in proc.stderr, proc.stderr
+    assert f"then run `batchrun resume {jobs} -o {out}`" in proc.stderr, proc.stderr
