@@ -188,7 +188,7 @@ def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
     seen: dict[str, str] = {}
     for what, path in named.items():
         real = os.path.realpath(path)
-        if real == jobs:
+        if real == jobs or _same_file(path, cfg.jobs):  # samefile: a hard link too
             raise OutputFileError(f"{what} {path} is the jobs file itself; write the results to another file "
                                   f"(nothing was submitted)")
         if real in seen:
@@ -199,6 +199,13 @@ def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
             check_writable(path)
         except OutputFileError as exc:
             raise OutputFileError(f"{exc}; nothing was submitted") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet)
 
 
 def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None:

@@ -515,3 +515,20 @@ def test_under_q_or_v_a_pause_on_the_in_process_redis_prints_only_commands_that_
     assert proc.returncode == 4, proc.stderr
     assert "batchrun resume batch-" not in proc.stderr, proc.stderr
     assert f"then run `batchrun resume {jobs} -o {out}`" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["hard link", "copy"])
+def test_run_onto_a_hard_link_or_a_copy_of_its_jobs_file_is_refused(how, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    os.link(jobs, out) if how == "hard link" else out.write_bytes(jobs.read_bytes())
+    with MockServerThread(MockConfig()) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out)], _env(srv))
+        assert srv.stats()["requests"] == 0
+    assert proc.returncode == 1, proc.stderr
+    assert "were there already" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    if how == "hard link":
+        assert f"-o {out} is the jobs file itself" in proc.stderr
+    else:
+        assert f"{out}, line 1: not a result line (no response or error; it is a job line" in proc.stderr
+    assert out.read_bytes() == jobs.read_bytes()
