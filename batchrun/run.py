@@ -73,9 +73,9 @@ def run_batch(cfg: RunConfig) -> int:
     skip, prior_errors = _already_done(cfg, errors_path)
     if skip and not cfg.only_missing:
         again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
-        click.echo(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
-                   + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
-                      else ""), err=True)
+        note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
+             + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
+                else ""))
     written = [0, 0, 0]  # results, errors, outcomes the files held another one of
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)

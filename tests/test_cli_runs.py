@@ -532,3 +532,16 @@ def test_run_onto_a_hard_link_or_a_copy_of_its_jobs_file_is_refused(how, tmp_pat
     else:
         assert f"{out}, line 1: not a result line (no response or error; it is a job line" in proc.stderr
     assert out.read_bytes() == jobs.read_bytes()
+
+
+def test_under_q_a_rerun_onto_a_complete_output_says_nothing_but_its_summary(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 4)
+    out = tmp_path / "q.jsonl"
+    with MockServerThread(MockConfig()) as srv:
+        first = _cli(["run", str(jobs), "-o", str(out)], _env(srv))
+        assert first.returncode == 0, first.stderr
+        again = _cli(["run", str(jobs), "-o", str(out), "-q"], _env(srv))
+        assert srv.stats()["requests"] == 4
+    assert again.returncode == 0, again.stderr
+    assert "are not sent again" not in again.stderr, again.stderr
+    assert "4 job(s) were there already" in again.stdout
