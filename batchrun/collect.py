@@ -113,16 +113,18 @@ class CollectReport:
 def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: str | None = None, *,
             follow: bool = False, poll: float = 0.5, on_note: Callable[[str], None] = print,
             on_progress: Callable[[CollectReport], None] | None = None,
-            should_stop: Callable[[], bool] = lambda: False) -> CollectReport:
+            should_stop: Callable[[], bool] = lambda: False, report: CollectReport | None = None) -> CollectReport:
     """Append the batch's outcomes that the files do not hold yet.
 
     With ``follow``, keep going until the batch is finished (or cancelled, or
     ``should_stop()``); a paused batch is waited for. Redis going away is waited out.
+    ``report``, if given, is counted into as lines are written: it holds them even when an
+    exception (Ctrl-C) cuts the collect short.
     """
     if not store.exists(batch_id):
         raise LookupError(f"no batch {batch_id!r} in this Redis")
     errors_path = errors_path or default_errors_path(results_path)
-    report = CollectReport()
+    report = CollectReport() if report is None else report
     with JsonlAppender(results_path) as out, JsonlAppender(errors_path) as err:
         for path in (results_path, errors_path):
             note = repair_truncated_tail(path)

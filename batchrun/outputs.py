@@ -103,6 +103,15 @@ def iter_outcome_ids(path: str | os.PathLike):
                     f"{name}, line {line_no}: not a result line (no custom_id); "
                     "is this the right file?"
                 )
+            if "response" not in obj and "error" not in obj:
+                # A jobs line (method, url, body), say: taken for a result it would stop those
+                # jobs from ever being sent.
+                raise OutputFileError(
+                    f"{name}, line {line_no}: not a result line (no response or error"
+                    + (f"; it is a job line, with {', '.join(k for k in ('method', 'url', 'body') if k in obj)}"
+                       if any(k in obj for k in ("method", "url", "body")) else "")
+                    + "); is this the right file? Give -o a results file, or a new one"
+                )
             line_id = obj.get("id")
             yield custom_id, line_id if isinstance(line_id, str) else None
 

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from batchrun import hints, shard
-from batchrun.collect import collect, default_errors_path
+from batchrun.collect import CollectReport, collect, default_errors_path
 from batchrun.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
 from batchrun.progress import Progress, note
@@ -73,10 +73,9 @@ def run_batch(cfg: RunConfig) -> int:
     skip, prior_errors = _already_done(cfg, errors_path)
     if skip and not cfg.only_missing:
         again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
-        click.echo(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
-                   + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
-                      else ""), err=True)
-    saved = save_run_settings(cfg, sidecar)
+        note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
+             + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
+                else ""))
     written = [0, 0, 0]  # results, errors, outcomes the files held another one of
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
@@ -88,12 +87,17 @@ def run_batch(cfg: RunConfig) -> int:
             note(f"using the built-in mock OpenAI server at {server.base_url}")
 
         store = BatchStore(connect(cfg.redis_url))
+        if not cfg.batch_id and not cfg.only_missing:
+            cfg.batch_id = _batch_to_continue(cfg, sidecar, store)
         if cfg.batch_id and store.exists(cfg.batch_id):
             _prepare_existing(store, cfg, skip)  # before any worker runs its shards
         report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
                              skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
                              on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
         bid = report.batch_id
+        # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
+        # this command after a crash continues this batch instead of paying for its jobs again.
+        saved = save_run_settings(cfg, sidecar, bid)
         stack.callback(lambda: record_spent(sidecar, saved, bid, store))
         note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
 
@@ -111,11 +115,18 @@ def run_batch(cfg: RunConfig) -> int:
             return state == "paused" or not workers.alive()
 
         def collect_now(**kw) -> None:
-            r = collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), **kw)
-            written[0] += r.results_written
-            written[1] += r.errors_written
-            written[2] += r.other_there
+            r = CollectReport()
+            try:
+                collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), report=r, **kw)
+            finally:
+                # Counted even when Ctrl-C cuts the collect short: what it wrote is in the files.
+                written[0] += r.results_written
+                written[1] += r.errors_written
+                written[2] += r.other_there
 
+        # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
+        # dropped, and the command that continues is printed.
+        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
         try:
             collect_now(follow=True, poll=0.3, on_progress=lambda r: progress.update(), should_stop=should_stop)
         except KeyboardInterrupt:
@@ -156,6 +167,10 @@ def run_batch(cfg: RunConfig) -> int:
     return for_state(meta.get("state", ""), counts["failed"] + prior_errors)
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def _summary(cfg: RunConfig, errors_path: str, written: list[int], skip: set[str]) -> str:
     """What this command wrote (not what the batch holds: a rerun writes only what was missing)."""
     return (f"{written[0]} result(s) written to {cfg.output}, {written[1]} error(s) to {errors_path}"
@@ -173,7 +188,7 @@ def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
     seen: dict[str, str] = {}
     for what, path in named.items():
         real = os.path.realpath(path)
-        if real == jobs:
+        if real == jobs or _same_file(path, cfg.jobs):  # samefile: a hard link too
             raise OutputFileError(f"{what} {path} is the jobs file itself; write the results to another file "
                                   f"(nothing was submitted)")
         if real in seen:
@@ -184,6 +199,13 @@ def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
             check_writable(path)
         except OutputFileError as exc:
             raise OutputFileError(f"{exc}; nothing was submitted") from None
+
+
+def _same_file(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False  # one of them does not exist (yet)
 
 
 def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None:
@@ -272,7 +294,22 @@ def settings_path(output: str) -> str:
     return str(p.with_name(stem + ".batchrun.json"))
 
 
-def save_run_settings(cfg: RunConfig, path: str) -> dict:
+def _batch_to_continue(cfg: RunConfig, sidecar: str, store: BatchStore) -> str | None:
+    """The batch an earlier `run` of this file onto this output made on this Redis, if it is still
+    there: a rerun of the same command (after a crash, a kill) continues it."""
+    if cfg.redis.memory:
+        return None  # the in-process Redis died with that run
+    saved = load_run_settings(sidecar) or {}
+    bid = saved.get("batch_id")
+    if not isinstance(bid, str) or saved.get("jobs") != cfg.jobs or not store.exists(bid):
+        return None
+    if store.meta(bid).get("state") == "cancelled":
+        return None
+    note(f"continuing batch {bid}, which the earlier run of this command made ({sidecar} names it)")
+    return bid
+
+
+def save_run_settings(cfg: RunConfig, path: str, batch_id: str | None = None) -> dict:
     """Write the settings a resume repeats (never the Redis URL nor any key: they may hold secrets)."""
     previous = load_run_settings(path) if cfg.only_missing else None
     saved = {
@@ -283,6 +320,8 @@ def save_run_settings(cfg: RunConfig, path: str) -> dict:
         # USD each batch of this file spent: a resume's cap is what the first run's cap leaves.
         "spent_usd": dict((previous or {}).get("spent_usd") or {}),
     }
+    if batch_id and not cfg.redis.memory:
+        saved["batch_id"] = batch_id  # the batch a rerun of this command continues
     _write_json(path, saved)
     return saved
 
@@ -402,12 +441,13 @@ class _RunLogFilter(logging.Filter):
     A line that carries a `batchrun resume ID` command is completed for this run, or dropped
     (``complete`` None) where the run prints it completed itself."""
 
-    def __init__(self, complete=None):
+    def __init__(self, complete=None, *, quiet: bool = True):
         super().__init__()
         self.complete = complete
+        self.quiet = quiet  # drop the info lines; under -v (and -q) the level alone decides
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.WARNING and record.funcName != "_summarise":
+        if self.quiet and record.levelno < logging.WARNING and record.funcName != "_summarise":
             return False
         message = record.getMessage()
         if hints.has_command(message):
@@ -418,10 +458,11 @@ class _RunLogFilter(logging.Filter):
 
 
 def _quiet_worker_lines(cfg: RunConfig, stack: ExitStack) -> None:
-    if logging.getLogger("batchrun").getEffectiveLevel() != logging.INFO:
-        return  # -v shows every line, -q none
+    # At every verbosity a worker line's `batchrun resume ID` is completed for this run; only at
+    # the default one are the info lines dropped (-v shows every line, -q what its level lets by).
+    level = logging.getLogger("batchrun").getEffectiveLevel()
     worker_log = logging.getLogger("batchrun.worker")
-    quiet = _RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra))
+    quiet = _RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra), quiet=level == logging.INFO)
     worker_log.addFilter(quiet)
     stack.callback(worker_log.removeFilter, quiet)
 
@@ -534,7 +575,13 @@ if __name__ == "__main__":
     # `run` prints pause messages itself, with the command that works from there.
     from batchrun.cli import main
 
+    from batchrun.worker import watch_parent
+
     mode, args = sys.argv[1], sys.argv[2:]
+    # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It
+    # stops as on SIGTERM (requests in flight get the grace, the rest stays queued), and a
+    # rerun of the same command continues that batch.
+    watch_parent(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
     if mode == "summaries":
         # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
         logging.getLogger("batchrun.worker").setLevel(logging.INFO)

@@ -140,19 +140,29 @@ class BatchWorker(BatchWorkerMixin, Worker):
         stops instead, as on SIGTERM, within ORPHAN_CHECK_SECONDS of the worker's death."""
         worker_pid = self.pid or os.getppid()
 
-        def watch() -> None:
-            while os.getppid() == worker_pid:
-                time.sleep(ORPHAN_CHECK_SECONDS)
+        def gone() -> None:
             log.warning("worker process %d is gone: its work horse stops as on SIGTERM (requests in flight "
                         "get the grace period, the shard's other jobs go back to the queue)", worker_pid)
             shard.STOP.set()
 
-        threading.Thread(target=watch, name="batchrun-orphan-watch", daemon=True).start()
+        watch_parent(worker_pid, gone)
 
     def handle_warm_shutdown_request(self):
         super().handle_warm_shutdown_request()
         if self.horse_pid:
             self.kill_horse(sig=signal.SIGTERM)
+
+
+def watch_parent(parent_pid: int, on_gone) -> None:
+    """Call ``on_gone`` (in a daemon thread) within ORPHAN_CHECK_SECONDS of process ``parent_pid``
+    no longer being this process's parent: it died, even by SIGKILL."""
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(ORPHAN_CHECK_SECONDS)
+        on_gone()
+
+    threading.Thread(target=watch, name="batchrun-orphan-watch", daemon=True).start()
 
 
 class ThreadWorker(BatchWorkerMixin, SimpleWorker):

@@ -423,3 +423,125 @@ def test_collect_says_which_paid_answers_it_could_not_write(real_redis_url, tmp_
         assert proc.returncode == 0, proc.stderr
     assert "3 outcome(s) of batch second were not written" in proc.stderr
     assert [r["response"]["body"]["batch"] for r in read_lines(out)] == ["first"] * 3
+
+
+# --- first-hour review: a killed `run` ----------------------------------------------------------
+
+def _settle(srv, quiet: float = 2.0, limit: float = 60) -> int:
+    """The server's request count once it has stopped growing for ``quiet`` seconds."""
+    deadline = time.monotonic() + limit
+    last, since = srv.stats()["requests"], time.monotonic()
+    while time.monotonic() - since < quiet:
+        assert time.monotonic() < deadline, "requests still arrive: a worker goes on sending"
+        time.sleep(0.2)
+        now = srv.stats()["requests"]
+        if now != last:
+            last, since = now, time.monotonic()
+    return last
+
+
+def test_a_killed_run_on_a_real_redis_stops_its_workers_and_the_same_command_continues_its_batch(
+        real_redis_url, spawn, tmp_path):
+    n = 300
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n)
+    out = tmp_path / "results.jsonl"
+    command = ["run", str(jobs), "-o", str(out), "--concurrency", "5", "--grace", "5", "--redis-url", real_redis_url]
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        env = _env(srv)
+        run = spawn(batchrun_cmd(*command), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while _lines(out) < 30:
+            assert time.monotonic() < deadline and run.poll() is None
+            time.sleep(0.05)
+        os.kill(run.pid, signal.SIGKILL)  # `run` only: its workers are in sessions of their own
+        run.wait(timeout=10)
+        stopped = _settle(srv)
+        assert stopped < n, "the killed run's workers went on sending its whole batch"
+        settings = json.loads((tmp_path / "results.batchrun.json").read_text())
+        again = _cli(command, env)
+        assert again.returncode == 0, again.stderr
+        assert f"continuing batch {settings['batch_id']}" in again.stderr
+        sent = srv.stats()["requests"]
+    check_exactly_once(jobs, out, tmp_path / "results.errors.jsonl")
+    assert sent == n, f"{sent - n} request(s) paid twice after the kill"
+
+
+def test_a_refused_run_leaves_no_settings_file_for_a_resume_to_take(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    out = tmp_path / "o.jsonl"
+    with MockServerThread(MockConfig()) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out), "--tpm", "gpt-9=1000"], _env(srv))
+        assert proc.returncode == 1 and "nothing was submitted" in proc.stderr, proc.stderr
+        assert srv.stats()["requests"] == 0
+    assert not (tmp_path / "o.batchrun.json").exists(), "a run that submitted nothing saved its settings"
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_stopped_run_writes_every_paid_answer_counts_them_and_prints_the_continue_command(sig, tmp_path):
+    """SIGTERM (timeout, CI, docker stop) stops `run` as the first Ctrl-C does, and the summary
+    counts every line written, also those of the collect the signal cut short."""
+    n = 400
+    jobs = write_jobs(tmp_path / "jobs.jsonl", n)
+    out = tmp_path / "results.jsonl"
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        run = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "5"),
+                               env=_env(srv), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            deadline = time.monotonic() + 60
+            while _lines(out) < 40:
+                assert time.monotonic() < deadline and run.poll() is None
+                time.sleep(0.05)
+            run.send_signal(sig)
+            stdout, stderr = run.communicate(timeout=60)
+        finally:
+            run.kill()
+        sent = srv.stats()["requests"]
+    assert run.returncode == 130, stderr
+    assert "to finish the batch: batchrun resume" in stderr
+    results, errors = _lines(out), _lines(tmp_path / "results.errors.jsonl")
+    assert 40 <= results < n
+    assert f"{results} result(s) written to {out}, {errors} error(s)" in stderr, stderr
+    assert sent == results + errors, f"{sent - results - errors} paid answer(s) not written"
+
+
+@pytest.mark.parametrize("verbosity", ["-q", "-v"])
+def test_under_q_or_v_a_pause_on_the_in_process_redis_prints_only_commands_that_work_there(verbosity, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 6)
+    out = tmp_path / "r.jsonl"
+    quota = Reply(429, {}, error_body("You exceeded your current quota.", "insufficient_quota",
+                                      "insufficient_quota"))
+    with HostileServer([quota]) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out), verbosity], _env(srv))
+    assert proc.returncode == 4, proc.stderr
+    assert "batchrun resume batch-" not in proc.stderr, proc.stderr
+    assert f"then run `batchrun resume {jobs} -o {out}`" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("how", ["hard link", "copy"])
+def test_run_onto_a_hard_link_or_a_copy_of_its_jobs_file_is_refused(how, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    out = tmp_path / "out.jsonl"
+    os.link(jobs, out) if how == "hard link" else out.write_bytes(jobs.read_bytes())
+    with MockServerThread(MockConfig()) as srv:
+        proc = _cli(["run", str(jobs), "-o", str(out)], _env(srv))
+        assert srv.stats()["requests"] == 0
+    assert proc.returncode == 1, proc.stderr
+    assert "were there already" not in proc.stdout + proc.stderr and "Traceback" not in proc.stderr
+    if how == "hard link":
+        assert f"-o {out} is the jobs file itself" in proc.stderr
+    else:
+        assert f"{out}, line 1: not a result line (no response or error; it is a job line" in proc.stderr
+    assert out.read_bytes() == jobs.read_bytes()
+
+
+def test_under_q_a_rerun_onto_a_complete_output_says_nothing_but_its_summary(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 4)
+    out = tmp_path / "q.jsonl"
+    with MockServerThread(MockConfig()) as srv:
+        first = _cli(["run", str(jobs), "-o", str(out)], _env(srv))
+        assert first.returncode == 0, first.stderr
+        again = _cli(["run", str(jobs), "-o", str(out), "-q"], _env(srv))
+        assert srv.stats()["requests"] == 4
+    assert again.returncode == 0, again.stderr
+    assert "are not sent again" not in again.stderr, again.stderr
+    assert "4 job(s) were there already" in again.stdout

@@ -112,11 +112,11 @@ def test_appender_writes_whole_lines(tmp_path):
     path = tmp_path / "results.jsonl"
     path.write_text(line("old") + "\n")
     with JsonlAppender(path) as out:
-        out.write({"custom_id": "a", "text": "multi\nline caf\u00e9 \ud800"})
-        out.write({"custom_id": "b"})
+        out.write({"error": None, "custom_id": "a", "text": "multi\nline caf\u00e9 \ud800"})
+        out.write({"error": None, "custom_id": "b"})
         out.flush(fsync=True)
         assert path.read_text().count("\n") == 3  # flushed lines are in the file, each whole
-        out.write({"custom_id": "c"})
+        out.write({"error": None, "custom_id": "c"})
     lines = path.read_text().split("\n")
     assert lines[-1] == ""  # ends with a newline
     assert [json.loads(text)["custom_id"] for text in lines[:-1]] == ["old", "a", "b", "c"]
@@ -126,10 +126,10 @@ def test_appender_writes_whole_lines(tmp_path):
 def test_appender_buffers_until_a_chunk_is_full(tmp_path):
     path = tmp_path / "results.jsonl"
     with JsonlAppender(path) as out:
-        out.write({"custom_id": "a"})
+        out.write({"error": None, "custom_id": "a"})
         assert path.read_bytes() == b""  # buffered
         for i in range(2_000):
-            out.write({"custom_id": f"x-{i}", "pad": "p" * 100})
+            out.write({"error": None, "custom_id": f"x-{i}", "pad": "p" * 100})
         data = path.read_bytes()
         assert data and data.endswith(b"\n")  # some chunks written, each of whole lines
     assert len(read_custom_ids(path)) == 2_001
@@ -139,8 +139,8 @@ def test_unserialisable_record_leaves_nothing_behind(tmp_path):
     path = tmp_path / "results.jsonl"
     with JsonlAppender(path) as out:
         with pytest.raises(TypeError):
-            out.write({"custom_id": "a", "bad": object()})
-        out.write({"custom_id": "b"})
+            out.write({"error": None, "custom_id": "a", "bad": object()})
+        out.write({"error": None, "custom_id": "b"})
     assert read_custom_ids(path) == {"b"}
 
 
@@ -154,12 +154,12 @@ def test_second_appender_on_the_same_file_is_refused(tmp_path):
         with pytest.raises(OutputFileError):
             JsonlAppender(path, wait=0.2)
     with JsonlAppender(path) as out:  # free again once the first one closed
-        out.write({"custom_id": "a"})
+        out.write({"error": None, "custom_id": "a"})
 
 
 def hold_lock(path, locked, release):
     with JsonlAppender(path) as out:
-        out.write({"custom_id": "from-child"})
+        out.write({"error": None, "custom_id": "from-child"})
         out.flush()
         locked.set()
         release.wait(10)
@@ -182,7 +182,7 @@ def test_lock_is_held_against_another_process(tmp_path):
         release.set()
         child.join(10)
     with JsonlAppender(path, wait=5) as out:
-        out.write({"custom_id": "from-parent"})
+        out.write({"error": None, "custom_id": "from-parent"})
     assert read_custom_ids(path) == {"from-child", "from-parent"}
 
 
@@ -196,7 +196,7 @@ def test_appender_waits_for_the_lock(tmp_path):
         assert locked.wait(10)
         release.set()  # the child lets go shortly; waiting for the lock succeeds
         with JsonlAppender(path, wait=10) as out:
-            out.write({"custom_id": "after"})
+            out.write({"error": None, "custom_id": "after"})
     finally:
         release.set()
         child.join(10)
@@ -221,7 +221,7 @@ def test_write_after_close_is_an_error(tmp_path):
     out.close()
     out.close()  # closing twice is harmless
     with pytest.raises(ValueError):
-        out.write({"custom_id": "a"})
+        out.write({"error": None, "custom_id": "a"})
 
 
 # --- line constructors ------------------------------------------------------------------
@@ -293,11 +293,21 @@ def test_line_ids_differ_in_a_forked_child(tmp_path):
 def test_write_line_appends_a_serialised_line(tmp_path):
     path = tmp_path / "out.jsonl"
     with JsonlAppender(path) as out:
-        out.write_line(b'{"custom_id": "a"}')
-        out.write({"custom_id": "b"})
+        out.write_line(b'{"custom_id": "a", "error": null}')
+        out.write({"custom_id": "b", "error": None})
         with pytest.raises(ValueError):
             out.write_line(b'{"custom_id": "c"}\n')
         with pytest.raises(ValueError):
             out.write_line('{"custom_id": "\u00e9"}'.encode())
     assert read_custom_ids(path) == {"a", "b"}
-    assert path.read_bytes() == b'{"custom_id": "a"}\n{"custom_id": "b"}\n'
+    assert path.read_bytes() == b'{"custom_id": "a", "error": null}\n{"custom_id": "b", "error": null}\n'
+
+
+def test_read_custom_ids_refuses_a_jobs_line_naming_file_and_line(tmp_path):
+    """A copy of the jobs file given as the output must not pass for finished results."""
+    path = tmp_path / "results.jsonl"
+    job = {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}
+    path.write_text(line("a") + "\n" + json.dumps(job) + "\n")
+    with pytest.raises(OutputFileError, match=re.escape(f"{path}, line 2: not a result line (no response or "
+                                                        f"error; it is a job line, with method, url, body)")):
+        read_custom_ids(path)
