@@ -341,7 +341,9 @@ def _admitted_ratio(items) -> str:
             limit, remaining = float(seen[1]), float(seen[3])
         except ValueError:
             continue
-        if limit > 0 and 0 <= limit - remaining:
+        # A deficit not above the answer's own output reservation says nothing of its charge (headers
+        # that do not move, a bucket refilled meanwhile): it would teach k < 1.
+        if limit > 0 and output_tokens < limit - remaining:
             seen_ok.append(((limit - remaining) / seen[4], limit - remaining - output_tokens, input_tokens))
     if not seen_ok:
         return ""

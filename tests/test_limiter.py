@@ -630,3 +630,35 @@ def test_one_probe_per_cooling_period_however_often_outcomes_arrive(store):
     assert [v for _, v in _gate(store, [1, 1])] == [1, 1]  # no second probe while the first is out
     _record(store, 0, 0, probe="1")  # the probe succeeded
     assert [v for _, v in _gate(store, [1, 1])] == [0, 0]
+
+
+# --- review of the ceilings: headers that do not move, --burst-seconds, a lost budget ------------
+
+
+def test_headers_that_never_move_do_not_lower_the_charge_under_a_configured_limit(store):
+    """A proxy echoing fixed headers (remaining = limit, always): every answer's deficit is 0. Under
+    --tpm the charge stays at least the estimate reserved by, so the ceiling holds."""
+    limiter = limiter_for(store, tpm="6000")
+    for _ in range(12):
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000, admitted=(100, 50))
+    assert admit(limiter, 100, 50).charge >= 150
+    # Nor does a window whose remaining did not move (the server's refill looks like consumption).
+    a = admit(limiter, 100, 50)
+    observe(limiter, a, limit=24_000, remaining=20_000)
+    time.sleep(2.1)
+    observe(limiter, a, limit=24_000, remaining=20_000 + 1000, admitted=(1000, 500))
+    assert admit(limiter, 100, 50).charge >= 150
+
+
+def test_answers_whose_deficit_is_below_their_output_reservation_do_not_calibrate():
+    from batchrun.limiter import _admitted_ratio
+    assert _admitted_ratio([(100, 50, ("", "24000", "", "24000", 150, "1", 0))]) == ""
+    assert _admitted_ratio([(100, 50, ("", "24000", "", "23960", 150, "1", 0))]) == ""
+
+
+def test_only_a_configured_limit_keeps_the_charge_at_least_the_estimate(store):
+    admit(limiter_for(store, burst_seconds=0), 100, 50)
+    store.redis.hset(budget_key(), "k", "0.5")  # learnt: the server charges half our input estimate
+    assert admit(limiter_for(store, burst_seconds=0), 100, 50).charge == 100  # no limit given: learnt k
+    assert admit(limiter_for(store, tpm="6000"), 100, 50).charge == 150  # --tpm: never below the estimate

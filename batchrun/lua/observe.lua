@@ -112,7 +112,7 @@ if rem_t and srv_tpm > 0 then
   elseif window >= 2000 then
     local consumed = srv_tpm * window / 60000 - (rem_t - tonumber(s[12]))
     local d_in, d_out = s_in - tonumber(s[13]), s_out - tonumber(s[14])
-    if d_in > 0 and consumed > 0 then
+    if d_in > 0 and consumed > d_out then  -- else the window tells nothing of the input's charge
       local k_new = math.max(0.25, math.min(4, (consumed - d_out) / d_in))
       k = 0.5 * k + 0.5 * k_new
       fields[#fields + 1], fields[#fields + 2] = 'k', tostring(k)

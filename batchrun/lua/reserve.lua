@@ -56,6 +56,10 @@ else
   max_t = tpm  -- "Request too large" is judged against the per-minute limit
 end
 local k = tonumber(s[10] or 1)
+-- Under a configured limit the charge never falls below the estimate reserved by (the larger of
+-- tiktoken's count and characters / 4): k may only raise it. Headers that say nothing was taken (a
+-- proxy echoing fixed headers) would otherwise teach k < 1 and break the ceiling.
+if cfg_t > 0 and k < 1 then k = 1 end
 local spacing = tonumber(ARGV[4])
 if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
 local n = (#ARGV - 4) / 3
