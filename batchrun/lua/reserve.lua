@@ -43,18 +43,19 @@ local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
 local rpm = cfg_r > 0 and cfg_r or tonumber(s[6] or 0)
 local tpm = cfg_t > 0 and cfg_t or tonumber(s[7] or 0)
 local burst = tonumber(ARGV[3])
-local cap_r, cap_t, max_t
+local cap_r, cap_t
 if burst > 0 then
   cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
-  max_t = cap_t
 else
   -- One second's worth: no start-of-minute burst on a server that enforces per
   -- second. Without a configured limit, what the server's headers showed it
   -- takes at once (observe.lua); a configured one is a ceiling, so no more.
   cap_r = math.max(1, cfg_r > 0 and 0 or tonumber(s[8] or 0), rpm / 60)
   cap_t = math.max(cfg_t > 0 and 0 or tonumber(s[9] or 0), tpm / 60)
-  max_t = tpm  -- "Request too large" is judged against the per-minute limit
 end
+-- "Request too large" is judged against the per-minute limit, whatever the burst: a reservation may
+-- run the bucket into debt, so a request bigger than the burst waits for it instead of failing.
+local max_t = tpm
 local k = tonumber(s[10] or 1)
 -- Under a configured limit the charge never falls below the estimate reserved by (the larger of
 -- tiktoken's count and characters / 4): k may only raise it. Headers that say nothing was taken (a
