@@ -664,3 +664,11 @@ def test_only_a_configured_limit_keeps_the_charge_at_least_the_estimate(store):
     store.redis.hset(budget_key(), "k", "0.5")  # learnt: the server charges half our input estimate
     assert admit(limiter_for(store, burst_seconds=0), 100, 50).charge == 100  # no limit given: learnt k
     assert admit(limiter_for(store, tpm="6000"), 100, 50).charge == 150  # --tpm: never below the estimate
+
+
+def test_a_negative_remaining_counts_as_nothing_left_not_as_days_of_debt(store):
+    limiter = limiter_for(store, tpm="6000")  # 100 tokens/s
+    first = admit(limiter, 0, 100)
+    observe(limiter, first, remaining=-100_000_000)
+    # As remaining=0: one second's worth of headroom, then this request's own 100.
+    assert admit(limiter, 0, 100).wait == pytest.approx(2.0, abs=0.1)

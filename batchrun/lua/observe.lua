@@ -74,7 +74,8 @@ if tpm > 0 then tok = math.min(own_t, tok + elapsed * tpm / 60000) end
 local fresh = ARGV[6] == '1' and tonumber(ARGV[9]) >= tonumber(s[16] or 0)
 if fresh and rem_t and tpm > 0 then
   local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
-  local synced = rem_t - reserved_since - tpm / 60
+  -- A negative remaining is read as 0: one header must not put the fleet in debt for days.
+  local synced = math.max(0, rem_t) - reserved_since - tpm / 60
   -- A configured limit is a ceiling: the server's headers may lower the budget, never raise it.
   tok = math.min(cfg_t > 0 and tok or own_t, synced)
 end
