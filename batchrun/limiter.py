@@ -33,6 +33,7 @@ HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
+LAST_RESORT_S = 60.0  # a waiter goes at most this long after the wait computed at its reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,7 +121,10 @@ class SharedLimiter:
             held[0] += 1
             held[1] += charge
             if ms > 0 and verdict in (0, 2) and wait_turn:
-                await self._wait_turn(model, mark, mark_r, ms / 1000)
+                if not await self._wait_turn(model, mark, mark_r, ms / 1000):
+                    held[0] -= 1  # the budget was lost, and this reservation with it: reserve again
+                    held[1] -= charge
+                    continue
             admission = Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
             if first:
                 self._first_admission = admission
@@ -145,17 +149,18 @@ class SharedLimiter:
         if self._first_answer is not None and not self._first_answer.done():
             self._first_answer.set_result(None)
 
-    async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> None:
+    async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> bool:
         """Wait until the budget's level reaches this reservation's marks. The level, not the
         wait computed at reservation, decides: headers that move the budget move the waiters too,
-        who still go in the order they reserved. ``wait`` is used when no rate is known."""
+        who still go in the order they reserved. ``wait`` is used when no rate is known, and as a
+        last resort (``wait`` + LAST_RESORT_S). False: the budget was lost, reserve again."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         heapq.heappush(self._waiters.setdefault(model, []), (mark, mark_r, next(self._seq), loop.time() + wait, future))
         task = self._schedulers.get(model)
         if task is None or task.done():
             self._schedulers[model] = loop.create_task(self._schedule(model))
-        await future
+        return await future
 
     async def _schedule(self, model: str) -> None:
         loop = asyncio.get_running_loop()
@@ -163,13 +168,22 @@ class SharedLimiter:
         key, burst = self.budget_key(model), self._options.burst_seconds
         waiters = self._waiters[model]
         while waiters:
+            horizon = next(self._seq)  # waiters queued before this read reserved before it too
             try:
                 level = await asyncio.to_thread(self._store.scripts.level, keys=[key], args=[rpm, tpm, burst])
             except (redis.ConnectionError, redis.TimeoutError):
                 await asyncio.sleep(1)  # Redis away: the waiters keep waiting, then carry on
                 continue
-            now_ms, avail, rate, avail_r, rate_r, cool_until = (float(_s(x)) for x in level)
+            now_ms, avail, rate, avail_r, rate_r, cool_until, spent, spent_r = (float(_s(x)) for x in level)
             read_at = loop.time()
+            # Totals taken only grow: a waiter's mark above them was made in a budget since lost.
+            lost = [w for w in waiters if w[2] < horizon and (w[0] > spent or w[1] > spent_r)]
+            if lost:
+                waiters[:] = [w for w in waiters if w not in lost]
+                heapq.heapify(waiters)
+                for *_, future in lost:
+                    if not future.done():
+                        future.set_result(False)
             while waiters and loop.time() - read_at < LEVEL_REFRESH_S:
                 elapsed_ms = (loop.time() - read_at) * 1000
                 level, level_r = avail + rate * elapsed_ms, avail_r + rate_r * elapsed_ms
@@ -178,13 +192,14 @@ class SharedLimiter:
                     mark, mark_r, _, deadline, future = waiters[0]
                     if rate or rate_r:
                         due = not cooling and (not rate or mark <= level) and (not rate_r or mark_r <= level_r)
+                        due = due or loop.time() >= deadline + LAST_RESORT_S  # every wait is capped
                     else:
                         due = loop.time() >= deadline
                     if not due:
                         break
                     heapq.heappop(waiters)
                     if not future.done():
-                        future.set_result(None)
+                        future.set_result(True)
                 if not waiters:
                     break
                 mark, mark_r, _, deadline, _ = waiters[0]

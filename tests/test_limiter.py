@@ -672,3 +672,44 @@ def test_a_negative_remaining_counts_as_nothing_left_not_as_days_of_debt(store):
     observe(limiter, first, remaining=-100_000_000)
     # As remaining=0: one second's worth of headroom, then this request's own 100.
     assert admit(limiter, 0, 100).wait == pytest.approx(2.0, abs=0.1)
+
+
+def test_waiters_reserve_again_when_the_budget_is_lost(store):
+    """The budget hash is deleted (or Redis restarts from an older snapshot) while requests wait:
+    their marks belong to the lost budget and will never be reached. They reserve again in the new
+    one, in order, instead of waiting for ever."""
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)  # 1000 tokens at once, 1000 tokens/s
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 1000)
+        await limiter.observe(MODEL, None, first, 0.01, input_tokens=0, output_tokens=0, charged=False)
+        waiting = [asyncio.create_task(limiter.admit(MODEL, 0, 1000)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        store.redis.delete(budget_key())
+        started = time.monotonic()
+        done = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        return done, time.monotonic() - started
+
+    done, took = asyncio.run(go())
+    assert all(a is not None for a in done)
+    assert took < 3  # at once, then one second's worth later: not the old marks' 1 and 2 s and never
+    assert bucket(store)["spent"] == 2000  # both are charged in the new budget
+
+
+def test_every_wait_is_capped_even_when_the_level_never_comes(store, monkeypatch):
+    import batchrun.limiter as limiter_module
+    monkeypatch.setattr(limiter_module, "LAST_RESORT_S", 0.5, raising=False)
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 1000)
+        await limiter.observe(MODEL, None, first, 0.01, input_tokens=0, output_tokens=0, charged=False)
+        waiting = asyncio.create_task(limiter.admit(MODEL, 0, 1000))  # its turn: in 1 s
+        await asyncio.sleep(0.1)
+        store.redis.hset(budget_key(), "tok", "-1e12")  # a debt it would take a lifetime to pay
+        started = time.monotonic()
+        admission = await asyncio.wait_for(waiting, 10)
+        return admission, time.monotonic() - started
+
+    admission, took = asyncio.run(go())
+    assert admission is not None and 1.0 <= took + 0.1 < 2.5  # its computed wait, plus the last resort
