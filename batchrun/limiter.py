@@ -87,6 +87,8 @@ class SharedLimiter:
         self._rng = random.Random()
         self._first_answer: asyncio.Future | None = None  # set when this runner's first request is answered
         self._first_admission: Admission | None = None
+        self._reported = False  # this runner's held reservations are in Redis (report_held)
+        self._rereport: asyncio.Task | None = None
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -215,6 +217,18 @@ class SharedLimiter:
         held = self._held[model]
         held[0] -= 1
         held[1] -= admission.charge
+        # Report the change soon: a runner killed before its next periodic report must not have
+        # what it already sent (and the server charged) given back by release_held.lua.
+        if self._reported and self._rereport is None:
+            self._rereport = asyncio.get_running_loop().create_task(self._report_soon())
+
+    async def _report_soon(self) -> None:
+        await asyncio.sleep(0.05)  # one report for the sends of a moment
+        self._rereport = None  # sends from now on schedule the next one
+        try:
+            await asyncio.to_thread(self.report_held)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the periodic report carries on when Redis is back
 
     def _reserver(self, model: str):
         rpm, tpm = self.limits(model)
@@ -303,9 +317,12 @@ class SharedLimiter:
         for model, (r, t) in self._held.items():
             pipe.hset(self.budget_key(model) + ":held", self._token,
                       f"{max(r, 0)}|{max(t, 0)}|{now_ms}|{stale_ms}")
-        pipe.execute()
+        if self._reported is not None:  # not after forget_held
+            pipe.execute()
+            self._reported = True
 
     def forget_held(self) -> None:
+        self._reported = None  # a report of sends still on its way must not bring the entry back
         pipe = self._store.redis.pipeline()
         for model in self._held:
             pipe.hdel(self.budget_key(model) + ":held", self._token)
@@ -336,6 +353,8 @@ class SharedLimiter:
             for b in group.values():
                 await b.drain()
         await self._recorder.drain()
+        if self._rereport is not None:
+            await asyncio.gather(self._rereport, return_exceptions=True)
 
 
 def _admitted_ratio(items) -> str:

@@ -713,3 +713,20 @@ def test_every_wait_is_capped_even_when_the_level_never_comes(store, monkeypatch
 
     admission, took = asyncio.run(go())
     assert admission is not None and 1.0 <= took + 0.1 < 2.5  # its computed wait, plus the last resort
+
+
+def test_what_a_runner_sent_since_its_last_report_is_not_given_back_if_it_dies(store):
+    """A runner reported 20 reservations held, then sent them all (the server charged them). Its
+    held entry follows within a moment, so release_held.lua has nothing of them to give back."""
+    limiter = SharedLimiter(store, WorkerSettings(base_url=BASE_URL, api_key="sk-x"),
+                            BatchOptions(limits=Limits.parse(tpm=["6000"])), token="r1")
+
+    async def go():
+        admissions = await asyncio.gather(*(limiter.admit(MODEL, 80, 20, wait_turn=False) for _ in range(20)))
+        limiter.report_held()
+        assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("20|2000|")
+        for a in admissions:
+            limiter.sent(MODEL, a)
+        await asyncio.sleep(0.5)  # ... and the runner is killed here, before its next periodic report
+    asyncio.run(go())
+    assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("0|0|")
