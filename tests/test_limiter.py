@@ -730,3 +730,17 @@ def test_what_a_runner_sent_since_its_last_report_is_not_given_back_if_it_dies(s
         await asyncio.sleep(0.5)  # ... and the runner is killed here, before its next periodic report
     asyncio.run(go())
     assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("0|0|")
+
+
+def test_a_runners_late_first_request_counts_again_as_a_request_too(store):
+    limiter = limiter_for(store, rpm="60", tpm="600000", burst_seconds=0)  # one request a second
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 50)
+        await asyncio.sleep(1.1)  # the client starts up; the budget refills its one request
+        await limiter.observe(MODEL, None, first, 0.05, input_tokens=0, output_tokens=50, charged=True)
+        nxt = await limiter.admit(MODEL, 0, 50, wait_turn=False)
+        await limiter.drain()
+        return nxt.wait
+    # The first arrived with its answer: it took the request that had refilled; the next waits ~1 s.
+    assert asyncio.run(go()) == pytest.approx(1.0, abs=0.15)

@@ -82,6 +82,7 @@ end
 if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
 local late = tonumber(ARGV[14]) or 0
 if late > 0 and tpm > 0 then tok = tok - late end
+if late > 0 and rpm > 0 then req = req - 1 end  -- and it is one request (one first per runner)
 
 local k = tonumber(s[8] or 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
