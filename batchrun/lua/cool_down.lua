@@ -9,14 +9,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', KEYS[1], 'cool_until', 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm')
--- Batches sharing a key and model share its strictest limit: the smallest configured by those that
--- reserved in the last minute (reserve.lua keeps it, and when it was last used), whatever this caller's.
-local function strictest(cfg, v, at)
-  v, at = tonumber(v or 0), tonumber(at or 0)
-  if v > 0 and now - at < 60000 and (cfg == 0 or v < cfg) then return v end
-  return cfg
-end
-local low = redis.call('HMGET', KEYS[1], 'low_r', 'low_r_at', 'low_t', 'low_t_at')
+-- The budget's limits are the strictest of the batches on it lately (reserve.lua keeps them there).
+local eff = redis.call('HMGET', KEYS[1], 'cfg_rpm', 'cfg_tpm')
 local cool_until = math.max(tonumber(s[1] or 0), now + tonumber(ARGV[1]))
 local fields = {'cool_until', tostring(cool_until)}
 if tonumber(s[1] or 0) < now then
@@ -25,7 +19,7 @@ if tonumber(s[1] or 0) < now then
 end
 if s[4] then
   -- Refill to now first (a bucket in debt keeps paying it off), then empty what is left.
-  local cfg_r, cfg_t = strictest(tonumber(ARGV[2]), low[1], low[2]), strictest(tonumber(ARGV[3]), low[3], low[4])
+  local cfg_r, cfg_t = tonumber(eff[1]) or tonumber(ARGV[2]), tonumber(eff[2]) or tonumber(ARGV[3])
   local rpm = cfg_r > 0 and cfg_r or tonumber(s[5] or 0)
   local tpm = cfg_t > 0 and cfg_t or tonumber(s[6] or 0)
   local elapsed = math.max(0, now - tonumber(s[4]))

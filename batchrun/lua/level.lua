@@ -17,15 +17,9 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', KEYS[1], 'tok', 'ts', 'spent', 'lim_tpm', 'cap_t', 'cool_until',
                      'req', 'spent_r', 'lim_rpm', 'cap_r')
 local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
--- Batches sharing a key and model share its strictest limit: the smallest configured by those that
--- reserved in the last minute (reserve.lua keeps it, and when it was last used), whatever this caller's.
-local function strictest(cfg, v, at)
-  v, at = tonumber(v or 0), tonumber(at or 0)
-  if v > 0 and now - at < 60000 and (cfg == 0 or v < cfg) then return v end
-  return cfg
-end
-local low = redis.call('HMGET', KEYS[1], 'low_r', 'low_r_at', 'low_t', 'low_t_at')
-cfg_r, cfg_t = strictest(cfg_r, low[1], low[2]), strictest(cfg_t, low[3], low[4])
+-- The budget's limits are the strictest of the batches on it lately (reserve.lua keeps them there).
+local eff = redis.call('HMGET', KEYS[1], 'cfg_rpm', 'cfg_tpm')
+cfg_r, cfg_t = tonumber(eff[1]) or cfg_r, tonumber(eff[2]) or cfg_t
 local rpm = cfg_r > 0 and cfg_r or tonumber(s[9] or 0)
 local tpm = cfg_t > 0 and cfg_t or tonumber(s[4] or 0)
 local burst = tonumber(ARGV[3])

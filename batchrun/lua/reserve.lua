@@ -41,7 +41,8 @@ local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 
                      'cap_r', 'cap_t', 'k', 'spent', 'spent_r')
 local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
 -- Batches sharing a key and model share its strictest limit: the smallest configured by those that
--- reserved in the last minute (reserve.lua keeps it, and when it was last used), whatever this caller's.
+-- reserved in the last minute (kept with when it was last used), whatever this caller's. The limits
+-- found are written as cfg_rpm/cfg_tpm, which level, observe and cool_down use.
 local function strictest(cfg, v, at)
   v, at = tonumber(v or 0), tonumber(at or 0)
   if v > 0 and now - at < 60000 and (cfg == 0 or v < cfg) then return v end
