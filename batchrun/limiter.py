@@ -35,7 +35,8 @@ HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
-_HEADER_NUMBER = re.compile(r"\+?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"
+_HEADER_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"
+LAST_RESORT_S = 60.0  # a waiter goes at most this long after the wait computed at its reservation
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +72,18 @@ def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
 MAX_HEADER_NUMBER = 1e13
 
 
-def usable_header_number(value: object) -> str:
+def usable_header_number(value: object, *, remaining: bool = False) -> str:
     """An x-ratelimit-limit-*/remaining-* header's value as the budget may use it: a finite number
     in [0, MAX_HEADER_NUMBER], as the text it came as; '' for anything else ("nan", "inf", "1e999",
-    "-5", "12 tokens", a list), which then counts as absent. The one judge of such values."""
+    "12 tokens", a list, a negative limit), which then counts as absent. A negative *remaining*
+    reads as "0" (nothing left: observe.lua then keeps one second's worth of debt at most, not
+    days of it). The one judge of such values."""
     if not isinstance(value, str) or not _HEADER_NUMBER.fullmatch(value.strip()):
         return ""
     number = float(value)
-    return value.strip() if 0 <= number <= MAX_HEADER_NUMBER else ""
+    if number < 0:
+        return "0" if remaining and number > -MAX_HEADER_NUMBER else ""
+    return value.strip() if number <= MAX_HEADER_NUMBER else ""
 
 
 def stored_number(value: object) -> float:
@@ -114,6 +119,8 @@ class SharedLimiter:
         self._rng = random.Random()
         self._first_answer: asyncio.Future | None = None  # set when this runner's first request is answered
         self._first_admission: Admission | None = None
+        self._reported = False  # this runner's held reservations are in Redis (report_held)
+        self._rereport: asyncio.Task | None = None
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -148,7 +155,10 @@ class SharedLimiter:
             held[0] += 1
             held[1] += charge
             if ms > 0 and verdict in (0, 2) and wait_turn:
-                await self._wait_turn(model, mark, mark_r, ms / 1000)
+                if not await self._wait_turn(model, mark, mark_r, ms / 1000):
+                    held[0] -= 1  # the budget was lost, and this reservation with it: reserve again
+                    held[1] -= charge
+                    continue
             admission = Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
             if first:
                 self._first_admission = admission
@@ -173,17 +183,18 @@ class SharedLimiter:
         if self._first_answer is not None and not self._first_answer.done():
             self._first_answer.set_result(None)
 
-    async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> None:
+    async def _wait_turn(self, model: str, mark: int, mark_r: int, wait: float) -> bool:
         """Wait until the budget's level reaches this reservation's marks. The level, not the
         wait computed at reservation, decides: headers that move the budget move the waiters too,
-        who still go in the order they reserved. ``wait`` is used when no rate is known."""
+        who still go in the order they reserved. ``wait`` is used when no rate is known, and as a
+        last resort (``wait`` + LAST_RESORT_S). False: the budget was lost, reserve again."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         heapq.heappush(self._waiters.setdefault(model, []), (mark, mark_r, next(self._seq), loop.time() + wait, future))
         task = self._schedulers.get(model)
         if task is None or task.done():
             self._schedulers[model] = loop.create_task(self._schedule(model))
-        await future
+        return await future
 
     async def _schedule(self, model: str) -> None:
         loop = asyncio.get_running_loop()
@@ -191,13 +202,22 @@ class SharedLimiter:
         key, burst = self.budget_key(model), self._options.burst_seconds
         waiters = self._waiters[model]
         while waiters:
+            horizon = next(self._seq)  # waiters queued before this read reserved before it too
             try:
                 level = await asyncio.to_thread(self._store.scripts.level, keys=[key], args=[rpm, tpm, burst])
             except (redis.ConnectionError, redis.TimeoutError):
                 await asyncio.sleep(1)  # Redis away: the waiters keep waiting, then carry on
                 continue
-            now_ms, avail, rate, avail_r, rate_r, cool_until = (float(_s(x)) for x in level)
+            now_ms, avail, rate, avail_r, rate_r, cool_until, spent, spent_r = (float(_s(x)) for x in level)
             read_at = loop.time()
+            # Totals taken only grow: a waiter's mark above them was made in a budget since lost.
+            lost = [w for w in waiters if w[2] < horizon and (w[0] > spent or w[1] > spent_r)]
+            if lost:
+                waiters[:] = [w for w in waiters if w not in lost]
+                heapq.heapify(waiters)
+                for *_, future in lost:
+                    if not future.done():
+                        future.set_result(False)
             while waiters and loop.time() - read_at < LEVEL_REFRESH_S:
                 elapsed_ms = (loop.time() - read_at) * 1000
                 level, level_r = avail + rate * elapsed_ms, avail_r + rate_r * elapsed_ms
@@ -206,13 +226,14 @@ class SharedLimiter:
                     mark, mark_r, _, deadline, future = waiters[0]
                     if rate or rate_r:
                         due = not cooling and (not rate or mark <= level) and (not rate_r or mark_r <= level_r)
+                        due = due or loop.time() >= deadline + LAST_RESORT_S  # every wait is capped
                     else:
                         due = loop.time() >= deadline
                     if not due:
                         break
                     heapq.heappop(waiters)
                     if not future.done():
-                        future.set_result(None)
+                        future.set_result(True)
                 if not waiters:
                     break
                 mark, mark_r, _, deadline, _ = waiters[0]
@@ -228,6 +249,18 @@ class SharedLimiter:
         held = self._held[model]
         held[0] -= 1
         held[1] -= admission.charge
+        # Report the change soon: a runner killed before its next periodic report must not have
+        # what it already sent (and the server charged) given back by release_held.lua.
+        if self._reported and self._rereport is None:
+            self._rereport = asyncio.get_running_loop().create_task(self._report_soon())
+
+    async def _report_soon(self) -> None:
+        await asyncio.sleep(0.05)  # one report for the sends of a moment
+        self._rereport = None  # sends from now on schedule the next one
+        try:
+            await asyncio.to_thread(self.report_held)
+        except (redis.ConnectionError, redis.TimeoutError):
+            pass  # the periodic report carries on when Redis is back
 
     def _reserver(self, model: str):
         rpm, tpm = self.limits(model)
@@ -287,8 +320,8 @@ class SharedLimiter:
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
         seen = None
         if has_headers:
-            seen = (*(usable_header_number(headers.get(f"x-ratelimit-{name}", "")) for name in (
-                        "limit-requests", "limit-tokens", "remaining-requests", "remaining-tokens")),
+            seen = (*(usable_header_number(headers.get(f"x-ratelimit-{name}", ""), remaining=name.startswith("rem"))
+                      for name in ("limit-requests", "limit-tokens", "remaining-requests", "remaining-tokens")),
                     admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
         late = admission.charge if charged and admission is self._first_admission else 0
         try:
@@ -316,9 +349,12 @@ class SharedLimiter:
         for model, (r, t) in self._held.items():
             pipe.hset(self.budget_key(model) + ":held", self._token,
                       f"{max(r, 0)}|{max(t, 0)}|{now_ms}|{stale_ms}")
-        pipe.execute()
+        if self._reported is not None:  # not after forget_held
+            pipe.execute()
+            self._reported = True
 
     def forget_held(self) -> None:
+        self._reported = None  # a report of sends still on its way must not bring the entry back
         pipe = self._store.redis.pipeline()
         for model in self._held:
             pipe.hdel(self.budget_key(model) + ":held", self._token)
@@ -349,6 +385,8 @@ class SharedLimiter:
             for b in group.values():
                 await b.drain()
         await self._recorder.drain()
+        if self._rereport is not None:
+            await asyncio.gather(self._rereport, return_exceptions=True)
 
 
 def _admitted_ratio(items) -> str:
@@ -369,7 +407,9 @@ def _admitted_ratio(items) -> str:
             limit, remaining = float(seen[1]), float(seen[3])
         except ValueError:
             continue
-        if limit > 0 and 0 <= limit - remaining:
+        # A deficit not above the answer's own output reservation says nothing of its charge (headers
+        # that do not move, a bucket refilled meanwhile): it would teach k < 1.
+        if limit > 0 and output_tokens < limit - remaining:
             seen_ok.append(((limit - remaining) / seen[4], limit - remaining - output_tokens, input_tokens))
     if not seen_ok:
         return ""

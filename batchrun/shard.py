@@ -365,8 +365,10 @@ class ShardRunner:
             rpm, tpm = self.limiter.limits(model)
             limit = f"--tpm {tpm}" if tpm else "the server's tokens-per-minute limit"
             await self._finish_error(job, "request_too_large",
-                                     f"job {job.custom_id} needs about {estimate.total} tokens, more than {limit} "
-                                     f"allows for {model} at once; it can never be sent (reduce its prompt or "
+                                     f"job {job.custom_id} needs at least "
+                                     f"{min(estimate.input_tokens, server_in) + estimate.output_tokens} tokens, "
+                                     f"more than {limit} allows for {model} in a minute; it can never be sent "
+                                     f"(reduce its prompt or "
                                      f"max_tokens, or raise the limit)")
             return
         self.limiter.sent(model, admission)

@@ -39,8 +39,10 @@ class LimitedServer:
     second. ``other_per_s`` tokens a second go to another client on the same key. A request that does
     not fit is answered 429; one bigger than the limit, 429 "Request too large"."""
 
-    def __init__(self, limit: int, other_per_s: float = 0.0, latency: float = 0.03, level: float | None = None):
+    def __init__(self, limit: int, other_per_s: float = 0.0, latency: float = 0.03, level: float | None = None,
+                 echo_full: bool = False):
         self.limit, self.other_per_s, self.latency = limit, other_per_s, latency
+        self.echo_full = echo_full  # a proxy echoing fixed headers: remaining = limit, always
         self.level, self.at = float(limit if level is None else level), time.monotonic()
         self.admitted: list[tuple[float, int]] = []  # (arrival, charge) of each request admitted
         self.refused = 0
@@ -65,7 +67,7 @@ class LimitedServer:
                 return Reply(429, headers, rate_limit_body("1s"))
             self.level -= charge
             self.admitted.append((now, charge))
-            headers["x-ratelimit-remaining-tokens"] = str(math.floor(self.level))
+            headers["x-ratelimit-remaining-tokens"] = str(self.limit if self.echo_full else math.floor(self.level))
         return Reply(200, headers, chat_body("ok", completion_tokens=5), delay=self.latency)
 
 
@@ -141,6 +143,20 @@ def test_two_workers_keep_to_the_configured_tpm_against_a_server_that_allows_fou
     span = admitted[-1][0] - admitted[0][0]
     total = sum(c for _, c in admitted)
     assert total >= 0.5 * tpm * span / 60, f"{total} tokens in {span:.1f} s"
+
+
+@pytest.mark.redis
+def test_headers_that_never_move_do_not_break_the_configured_tpm(spawn, real_redis_url, tmp_path):
+    """A proxy that always says remaining = limit: no answer shows a charge. Under --tpm that must
+    not teach the budget that requests cost less than the estimate they were reserved by."""
+    tpm, n = 30_000, 120
+    jobs = tmp_path / "jobs.jsonl"
+    write_jobs(jobs, n)
+    server = LimitedServer(limit=4 * tpm, echo_full=True)
+    results, errors = run_fleet(spawn, real_redis_url, server, jobs, tmp_path, "--tpm", str(tpm),
+                                "--shard-size", "30")
+    assert not errors and len(results) == n
+    assert_within_ceiling(sorted(server.admitted), tpm)
 
 
 @pytest.mark.redis

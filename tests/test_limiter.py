@@ -110,17 +110,19 @@ def test_request_above_capacity_never_fits_and_takes_nothing(store):
     assert bucket(store)["req"] == pytest.approx(59, abs=0.1)  # only the one that fits took a request
 
 
-def test_capacity_follows_burst_seconds(store):
-    # The bound is the bucket's capacity (tpm * burst_seconds / 60), not the per-minute limit.
-    limiter = limiter_for(store, tpm="6000", burst_seconds=1)  # capacity 100 tokens
-    assert reserve_all(limiter, [101, 100, 50]) == [None, 0.0, pytest.approx(0.5, abs=0.05)]
+def test_capacity_follows_burst_seconds_but_too_large_is_judged_on_the_minute(store):
+    # The burst is the bucket's capacity (tpm * burst_seconds / 60); a request bigger than it fits the
+    # per-minute limit, so it waits in debt instead of failing.
+    limiter = limiter_for(store, tpm="6000", burst_seconds=1)  # capacity 100 tokens, 100 tokens/s
+    assert reserve_all(limiter, [100, 50, 1000, 6001]) == [0.0, pytest.approx(0.5, abs=0.05),
+                                                           pytest.approx(10.5, abs=0.05), None]
 
 
 def test_script_contract_in_one_call(store):
     """Several costs (input, output, smallest input) in one call are served in order: {ms, verdict, charge,
     mark, request mark} each; verdict -1 marks one that never fits."""
     out = store.scripts.reserve(keys=[keys.budget("test"), keys.circuit("test"), keys.BUDGETS],
-                                args=[0, 60000, 1, 5, 0, 600, 0, 0, 2000, 0, 0, 600, 0, 0, 300, 0])
+                                args=[0, 60000, 1, 5, 0, 600, 0, 0, 60001, 0, 0, 600, 0, 0, 300, 0])
     out = [int(x) for x in out]
     assert out[1::5] == [0, -1, 0, 0]
     assert out[0::5] == [0, -1, pytest.approx(200, abs=2), pytest.approx(500, abs=2)]
@@ -687,3 +689,134 @@ def test_a_budget_poisoned_by_an_older_version_is_read_and_healed(store):
     observe(limiter, first, remaining=5000, limit=6000)
     values = _all_finite(store)
     assert values["lim_tpm"] == 6000
+
+
+# --- review of the ceilings: headers that do not move, --burst-seconds, a lost budget ------------
+
+
+def test_headers_that_never_move_do_not_lower_the_charge_under_a_configured_limit(store):
+    """A proxy echoing fixed headers (remaining = limit, always): every answer's deficit is 0. Under
+    --tpm the charge stays at least the estimate reserved by, so the ceiling holds."""
+    limiter = limiter_for(store, tpm="6000")
+    for _ in range(12):
+        a = admit(limiter, 100, 50)
+        observe(limiter, a, limit=24_000, remaining=24_000, admitted=(100, 50))
+    assert admit(limiter, 100, 50).charge >= 150
+    # Nor does a window whose remaining did not move (the server's refill looks like consumption).
+    a = admit(limiter, 100, 50)
+    observe(limiter, a, limit=24_000, remaining=20_000)
+    time.sleep(2.1)
+    observe(limiter, a, limit=24_000, remaining=20_000 + 1000, admitted=(1000, 500))
+    assert admit(limiter, 100, 50).charge >= 150
+
+
+def test_answers_whose_deficit_is_below_their_output_reservation_do_not_calibrate():
+    from batchrun.limiter import _admitted_ratio
+    assert _admitted_ratio([(100, 50, ("", "24000", "", "24000", 150, "1", 0))]) == ""
+    assert _admitted_ratio([(100, 50, ("", "24000", "", "23960", 150, "1", 0))]) == ""
+
+
+def test_only_a_configured_limit_keeps_the_charge_at_least_the_estimate(store):
+    admit(limiter_for(store, burst_seconds=0), 100, 50)
+    store.redis.hset(budget_key(), "k", "0.5")  # learnt: the server charges half our input estimate
+    assert admit(limiter_for(store, burst_seconds=0), 100, 50).charge == 100  # no limit given: learnt k
+    assert admit(limiter_for(store, tpm="6000"), 100, 50).charge == 150  # --tpm: never below the estimate
+
+
+def test_a_negative_remaining_counts_as_nothing_left_not_as_days_of_debt(store):
+    limiter = limiter_for(store, tpm="6000")  # 100 tokens/s
+    first = admit(limiter, 0, 100)
+    observe(limiter, first, remaining=-100_000_000)
+    # As remaining=0: one second's worth of headroom, then this request's own 100.
+    assert admit(limiter, 0, 100).wait == pytest.approx(2.0, abs=0.1)
+
+
+def test_waiters_reserve_again_when_the_budget_is_lost(store):
+    """The budget hash is deleted (or Redis restarts from an older snapshot) while requests wait:
+    their marks belong to the lost budget and will never be reached. They reserve again in the new
+    one, in order, instead of waiting for ever."""
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)  # 1000 tokens at once, 1000 tokens/s
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 1000)
+        await limiter.observe(MODEL, None, first, 0.01, input_tokens=0, output_tokens=0, charged=False)
+        waiting = [asyncio.create_task(limiter.admit(MODEL, 0, 1000)) for _ in range(2)]
+        await asyncio.sleep(0.3)
+        store.redis.delete(budget_key())
+        started = time.monotonic()
+        done = await asyncio.wait_for(asyncio.gather(*waiting), 10)
+        return done, time.monotonic() - started
+
+    done, took = asyncio.run(go())
+    assert all(a is not None for a in done)
+    assert took < 3  # at once, then one second's worth later: not the old marks' 1 and 2 s and never
+    assert bucket(store)["spent"] == 2000  # both are charged in the new budget
+
+
+def test_every_wait_is_capped_even_when_the_level_never_comes(store, monkeypatch):
+    import batchrun.limiter as limiter_module
+    monkeypatch.setattr(limiter_module, "LAST_RESORT_S", 0.5, raising=False)
+    limiter = limiter_for(store, tpm="60000", burst_seconds=1)
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 1000)
+        await limiter.observe(MODEL, None, first, 0.01, input_tokens=0, output_tokens=0, charged=False)
+        waiting = asyncio.create_task(limiter.admit(MODEL, 0, 1000))  # its turn: in 1 s
+        await asyncio.sleep(0.1)
+        store.redis.hset(budget_key(), "tok", "-1e12")  # a debt it would take a lifetime to pay
+        started = time.monotonic()
+        admission = await asyncio.wait_for(waiting, 10)
+        return admission, time.monotonic() - started
+
+    admission, took = asyncio.run(go())
+    assert admission is not None and 1.0 <= took + 0.1 < 2.5  # its computed wait, plus the last resort
+
+
+def test_what_a_runner_sent_since_its_last_report_is_not_given_back_if_it_dies(store):
+    """A runner reported 20 reservations held, then sent them all (the server charged them). Its
+    held entry follows within a moment, so release_held.lua has nothing of them to give back."""
+    limiter = SharedLimiter(store, WorkerSettings(base_url=BASE_URL, api_key="sk-x"),
+                            BatchOptions(limits=Limits.parse(tpm=["6000"])), token="r1")
+
+    async def go():
+        admissions = await asyncio.gather(*(limiter.admit(MODEL, 80, 20, wait_turn=False) for _ in range(20)))
+        limiter.report_held()
+        assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("20|2000|")
+        for a in admissions:
+            limiter.sent(MODEL, a)
+        await asyncio.sleep(0.5)  # ... and the runner is killed here, before its next periodic report
+    asyncio.run(go())
+    assert store.redis.hget(budget_key() + ":held", "r1").decode().startswith("0|0|")
+
+
+def test_a_runners_late_first_request_counts_again_as_a_request_too(store):
+    limiter = limiter_for(store, rpm="60", tpm="600000", burst_seconds=0)  # one request a second
+
+    async def go():
+        first = await limiter.admit(MODEL, 0, 50)
+        await asyncio.sleep(1.1)  # the client starts up; the budget refills its one request
+        await limiter.observe(MODEL, None, first, 0.05, input_tokens=0, output_tokens=50, charged=True)
+        nxt = await limiter.admit(MODEL, 0, 50, wait_turn=False)
+        await limiter.drain()
+        return nxt.wait
+    # The first arrived with its answer: it took the request that had refilled; the next waits ~1 s.
+    assert asyncio.run(go()) == pytest.approx(1.0, abs=0.15)
+
+
+def test_batches_sharing_a_key_and_model_share_its_strictest_limit(store):
+    """Two batches on one budget, --tpm 60000 and --tpm 6000: both keep to 6000 (the refill and the
+    burst of the strictest that reserved in the last minute), not whichever reserved last."""
+    loose = limiter_for(store, tpm="60000", burst_seconds=0)  # 1000 tokens/s alone
+    strict = limiter_for(store, tpm="6000", burst_seconds=0)  # 100 tokens/s
+    assert admit(strict, 0, 100).wait == 0
+    assert admit(loose, 0, 100).wait == pytest.approx(1.0, abs=0.05)  # at 100 tokens/s, not 1000
+    assert admit(strict, 0, 100).wait == pytest.approx(2.0, abs=0.05)
+    assert describe_budgets(store)[0]["configured_tpm"] == 6000
+    b = bucket(store)
+    assert b["cfg_tpm"] == 6000
+    # A batch with no limit of its own on that budget keeps to it too.
+    assert admit(limiter_for(store, burst_seconds=0), 0, 100).wait == pytest.approx(3.0, abs=0.05)
+    # Once the strict batch has not reserved for a minute, the loose one has its own limit again.
+    store.redis.hset(budget_key(), "low_t_at", str(store.server_time_ms() - 61_000))
+    store.redis.hset(budget_key(), "tok", "1000")
+    assert admit(loose, 0, 1000).wait == 0 and admit(loose, 0, 1000).wait == pytest.approx(1.0, abs=0.05)

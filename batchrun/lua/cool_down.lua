@@ -9,6 +9,8 @@
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', KEYS[1], 'cool_until', 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm')
+-- The budget's limits are the strictest of the batches on it lately (reserve.lua keeps them there).
+local eff = redis.call('HMGET', KEYS[1], 'cfg_rpm', 'cfg_tpm')
 local cool_until = math.max(tonumber(s[1] or 0), now + tonumber(ARGV[1]))
 local fields = {'cool_until', tostring(cool_until)}
 if tonumber(s[1] or 0) < now then
@@ -17,8 +19,9 @@ if tonumber(s[1] or 0) < now then
 end
 if s[4] then
   -- Refill to now first (a bucket in debt keeps paying it off), then empty what is left.
-  local rpm = tonumber(ARGV[2]) > 0 and tonumber(ARGV[2]) or tonumber(s[5] or 0)
-  local tpm = tonumber(ARGV[3]) > 0 and tonumber(ARGV[3]) or tonumber(s[6] or 0)
+  local cfg_r, cfg_t = tonumber(eff[1]) or tonumber(ARGV[2]), tonumber(eff[2]) or tonumber(ARGV[3])
+  local rpm = cfg_r > 0 and cfg_r or tonumber(s[5] or 0)
+  local tpm = cfg_t > 0 and cfg_t or tonumber(s[6] or 0)
   local elapsed = math.max(0, now - tonumber(s[4]))
   local req = tonumber(s[2] or 0) + elapsed * rpm / 60000
   local tok = tonumber(s[3] or 0) + elapsed * tpm / 60000

@@ -60,8 +60,17 @@ local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
 local lim_r = header(ARGV[1]) or stored(s[4], 0)
 local lim_t = header(ARGV[2]) or stored(s[5], 0)
-local rem_r, rem_t = header(ARGV[3]), header(ARGV[4])
+-- A negative remaining (never OpenAI's, a proxy's maybe) is "nothing left", not days of debt.
+local function remaining(x)
+  local n = tonumber(x)
+  if n and n < 0 and n > -1e13 then return 0 end
+  return header(x)
+end
+local rem_r, rem_t = remaining(ARGV[3]), remaining(ARGV[4])
 local cfg_r, cfg_t = tonumber(ARGV[7]), tonumber(ARGV[8])
+-- The budget's limits are the strictest of the batches on it lately (reserve.lua keeps them there).
+local eff = redis.call('HMGET', KEYS[1], 'cfg_rpm', 'cfg_tpm')
+cfg_r, cfg_t = tonumber(eff[1]) or cfg_r, tonumber(eff[2]) or cfg_t
 local rpm = cfg_r > 0 and cfg_r or lim_r
 local tpm = cfg_t > 0 and cfg_t or lim_t
 local burst = tonumber(ARGV[12]) or 0
@@ -87,13 +96,15 @@ if tpm > 0 then tok = math.min(own_t, tok + elapsed * tpm / 60000) end
 local fresh = ARGV[6] == '1' and tonumber(ARGV[9]) >= tonumber(s[16] or 0)
 if fresh and rem_t and tpm > 0 then
   local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
-  local synced = rem_t - reserved_since - tpm / 60
+  -- A negative remaining is read as 0: one header must not put the fleet in debt for days.
+  local synced = math.max(0, rem_t) - reserved_since - tpm / 60
   -- A configured limit is a ceiling: the server's headers may lower the budget, never raise it.
   tok = math.min(cfg_t > 0 and tok or own_t, synced)
 end
 if fresh and rem_r and rem_r - 1 < req then req = rem_r - 1 end
 local late = tonumber(ARGV[14]) or 0
 if late > 0 and tpm > 0 then tok = tok - late end
+if late > 0 and rpm > 0 then req = req - 1 end  -- and it is one request (one first per runner)
 
 local k = stored(s[8], 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
@@ -126,7 +137,7 @@ if rem_t and srv_tpm > 0 then
   elseif window >= 2000 then
     local consumed = srv_tpm * window / 60000 - (rem_t - tonumber(s[12]))
     local d_in, d_out = s_in - tonumber(s[13]), s_out - tonumber(s[14])
-    if d_in > 0 and consumed > 0 then
+    if d_in > 0 and consumed > d_out then  -- else the window tells nothing of the input's charge
       local k_new = math.max(0.25, math.min(4, (consumed - d_out) / d_in))
       k = 0.5 * k + 0.5 * k_new
       fields[#fields + 1], fields[#fields + 2] = 'k', tostring(k)

@@ -40,22 +40,38 @@ local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 'lim_rpm', 'lim_tpm',
                      'cap_r', 'cap_t', 'k', 'spent', 'spent_r')
 local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])
+-- Batches sharing a key and model share its strictest limit: the smallest configured by those that
+-- reserved in the last minute (kept with when it was last used), whatever this caller's. The limits
+-- found are written as cfg_rpm/cfg_tpm, which level, observe and cool_down use.
+local function strictest(cfg, v, at)
+  v, at = tonumber(v or 0), tonumber(at or 0)
+  if v > 0 and now - at < 60000 and (cfg == 0 or v < cfg) then return v end
+  return cfg
+end
+local low = redis.call('HMGET', KEYS[1], 'low_r', 'low_r_at', 'low_t', 'low_t_at')
+local own_r, own_t = cfg_r, cfg_t
+cfg_r, cfg_t = strictest(cfg_r, low[1], low[2]), strictest(cfg_t, low[3], low[4])
 local rpm = cfg_r > 0 and cfg_r or tonumber(s[6] or 0)
 local tpm = cfg_t > 0 and cfg_t or tonumber(s[7] or 0)
 local burst = tonumber(ARGV[3])
-local cap_r, cap_t, max_t
+local cap_r, cap_t
 if burst > 0 then
   cap_r, cap_t = rpm * burst / 60, tpm * burst / 60
-  max_t = cap_t
 else
   -- One second's worth: no start-of-minute burst on a server that enforces per
   -- second. Without a configured limit, what the server's headers showed it
   -- takes at once (observe.lua); a configured one is a ceiling, so no more.
   cap_r = math.max(1, cfg_r > 0 and 0 or tonumber(s[8] or 0), rpm / 60)
   cap_t = math.max(cfg_t > 0 and 0 or tonumber(s[9] or 0), tpm / 60)
-  max_t = tpm  -- "Request too large" is judged against the per-minute limit
 end
+-- "Request too large" is judged against the per-minute limit, whatever the burst: a reservation may
+-- run the bucket into debt, so a request bigger than the burst waits for it instead of failing.
+local max_t = tpm
 local k = tonumber(s[10] or 1)
+-- Under a configured limit the charge never falls below the estimate reserved by (the larger of
+-- tiktoken's count and characters / 4): k may only raise it. Headers that say nothing was taken (a
+-- proxy echoing fixed headers) would otherwise teach k < 1 and break the ceiling.
+if cfg_t > 0 and k < 1 then k = 1 end
 local spacing = tonumber(ARGV[4])
 if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
 local n = (#ARGV - 4) / 3
@@ -131,7 +147,10 @@ for i = 1, n do
 end
 redis.call('HSET', b, 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
            'cool_next', tostring(cool_next), 'spent', tostring(spent), 'spent_r', tostring(spent_r),
-           'cfg_rpm', ARGV[1], 'cfg_tpm', ARGV[2])
+           'cfg_rpm', tostring(cfg_r), 'cfg_tpm', tostring(cfg_t))
+-- This caller's limit is the strictest (or the last one lapsed): it holds for the next minute.
+if own_r > 0 and own_r == cfg_r then redis.call('HSET', b, 'low_r', tostring(own_r), 'low_r_at', tostring(now)) end
+if own_t > 0 and own_t == cfg_t then redis.call('HSET', b, 'low_t', tostring(own_t), 'low_t_at', tostring(now)) end
 redis.call('PEXPIRE', b, 86400000)
 redis.call('SADD', KEYS[3], b)
 return out
