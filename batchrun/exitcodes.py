@@ -1,6 +1,7 @@
 """Exit codes of `run`, `resume` and `collect` (documented in the README).
 
-Click's own usage errors exit 2; no other outcome reuses that code.
+Usage errors exit 2: click's own, and bad option values batchrun checks itself; no outcome of a
+batch (a pause in particular) reuses that code.
 """
 
 from __future__ import annotations

@@ -273,15 +273,15 @@ def _already_done(cfg: RunConfig, errors_path: str) -> tuple[set[str], int]:
     from batchrun.outputs import read_custom_ids, repair_truncated_tail
 
     for path in (cfg.output, errors_path):
-        note = repair_truncated_tail(path) if Path(path).exists() else None
-        if note:
-            click.echo(note, err=True)
+        repaired = repair_truncated_tail(path) if Path(path).exists() else None
+        if repaired:
+            note(repaired)
     done = read_custom_ids(cfg.output)
     failed: set[str] = set()
     if cfg.retry_failed and Path(errors_path).exists() and Path(errors_path).stat().st_size:
         kept = f"{errors_path}.previous"
         os.replace(errors_path, kept)  # their new outcome goes to a fresh errors file
-        click.echo(f"the errors of the previous run are sent again; the old errors file is now {kept}", err=True)
+        note(f"the errors of the previous run are sent again; the old errors file is now {kept}")
     else:
         failed = read_custom_ids(errors_path) - done
     return done | failed, len(failed)
@@ -387,11 +387,12 @@ def resume_config(jobs: str, output: str, errors: str | None, given: dict, *, ma
     elif options.limits:
         used += [f"--{kind} {model + '=' if model != '*' else ''}{n}"
                  for model, entry in sorted(options.limits.by_model.items()) for kind, n in sorted(entry.items())]
-    for name in ("max_attempts", "backoff_base", "backoff_cap", "burst_seconds"):
+    for name in ("max_attempts", "backoff_base", "backoff_cap", "burst_seconds", "give_up_seconds"):
         if given.get(name) is not None:
             setattr(options, name, given[name])
         elif getattr(before, name) != getattr(BatchOptions(), name):
-            used.append(f"--{name.replace('_', '-')} {getattr(before, name)}")
+            option = "--give-up-after" if name == "give_up_seconds" else f"--{name.replace('_', '-')}"
+            used.append(f"{option} {getattr(before, name)}")
 
     def pick(name: str, value, default):
         if value not in (None, False):
@@ -585,5 +586,6 @@ if __name__ == "__main__":
     if mode == "summaries":
         # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
         logging.getLogger("batchrun.worker").setLevel(logging.INFO)
-        logging.getLogger("batchrun.worker").addFilter(_RunLogFilter())
+    # At every verbosity: a pause line's `batchrun resume ID` is dropped, `run` prints the command itself.
+    logging.getLogger("batchrun.worker").addFilter(_RunLogFilter(quiet=mode == "summaries"))
     main(args=(["-v"] if mode == "verbose" else ["-q"]) + args, prog_name="batchrun")

@@ -36,7 +36,7 @@ from batchrun.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds
 from batchrun.batching import Batcher
 from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
                                classify_exception, redact_response, remember_secrets, stream_truncated_verdict)
-from batchrun.limiter import SharedLimiter
+from batchrun.limiter import SharedLimiter, stored_number
 from batchrun.outputs import error_line, result_line
 from batchrun.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
 from batchrun.sender import StreamFailed, StreamTruncated, heard_at, make_client, may_have_reached_server, send
@@ -362,8 +362,13 @@ class ShardRunner:
         admission = await self.limiter.admit(model, budget_in, estimate.output_tokens,
                                              least_input=min(estimate.input_tokens, server_in))
         if admission is None:
-            rpm, tpm = self.limiter.limits(model)
-            limit = f"--tpm {tpm}" if tpm else "the server's tokens-per-minute limit"
+            _, tpm = self.limiter.limits(model)
+            # The budget judges by the strictest --tpm of the batches sharing it (reserve.lua keeps it).
+            in_force = stored_number(await self._redis(self.store.redis.hget, self.limiter.budget_key(model), "cfg_tpm"))
+            if in_force and in_force != tpm:
+                limit = f"the {in_force:,.0f} tokens-per-minute limit in force (the strictest --tpm of the batches on it)"
+            else:
+                limit = f"--tpm {tpm}" if tpm else "the server's tokens-per-minute limit"
             await self._finish_error(job, "request_too_large",
                                      f"job {job.custom_id} needs at least "
                                      f"{min(estimate.input_tokens, server_in) + estimate.output_tokens} tokens, "
@@ -461,7 +466,8 @@ class ShardRunner:
                                              only_from=("running",))
             if paused:
                 log.error("batch %s paused: %s", self.batch_id, message)
-            await self.requeuer.submit((cid, 0, False, ""))
+            # (a give-up after a timeout: the request may have been billed, so its worst case stays counted)
+            await self.requeuer.submit((cid, 0, False, "", self._maybe_paid(cid, response)))
             self.stats["paused"] += 1
             return
         if verdict.action is Action.FAIL:

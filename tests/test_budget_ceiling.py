@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines
+from tests.helpers import batchrun_cmd, cli_env, read_lines
 from tests.hostile import HostileServer, Reply, Seen, chat_body, error_body, rate_limit_body
 
 WORDS = ("the of and to in is that for it as was with be by on not he this are or his from at which but have "

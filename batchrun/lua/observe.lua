@@ -110,7 +110,8 @@ local k = stored(s[8], 1)
 local s_in = tonumber(s[9] or 0) + tonumber(ARGV[10])
 local s_out = tonumber(s[10] or 0) + tonumber(ARGV[11])
 local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),
-                'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
+                'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),
+                'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
                 'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
                 'k', tostring(k)}  -- (a k set below comes later in HSET, and wins)
 -- The server refills at its own limit, whatever limit the fleet keeps to.
