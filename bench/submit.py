@@ -33,9 +33,9 @@ FLOOR = "import json, sys\nfor line in open(sys.argv[1], 'rb'):\n    json.loads(
 
 def fill_outcomes(redis_url: str, batch_id: str, n: int, prefix: str) -> float:
     """Record an outcome for each of the n jobs, as workers do (BatchStore.complete); returns seconds."""
-    from batchrun.connections import connect
-    from batchrun.outputs import error_line, result_line
-    from batchrun.store import BatchStore
+    from batchrun.state.connections import connect
+    from batchrun.files.outputs import error_line, result_line
+    from batchrun.state.store import BatchStore
 
     store = BatchStore(connect(redis_url))
     started = time.monotonic()

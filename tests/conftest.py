@@ -16,7 +16,7 @@ import pytest
 import redis
 
 from batchrun.settings import BatchOptions
-from batchrun.store import BatchStore
+from batchrun.state.store import BatchStore
 
 REAL_REDIS_URL = f"redis://127.0.0.1:6379/{int(os.environ.get('BATCHRUN_TEST_REDIS_DB') or 13)}"
 

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from batchrun.mock_server import reply_text
+from batchrun.mock.server import reply_text
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ def cli_env(**extra: str) -> dict:
 def run_thread_worker(redis, settings, timeout: float = 120) -> None:
     """Run one in-process burst worker until no running batch has work left."""
     from batchrun.settings import set_worker_settings
-    from batchrun.worker import make_worker
+    from batchrun.runner.worker import make_worker
 
     set_worker_settings(settings)
     w = make_worker(redis, burst=True, threaded=True)

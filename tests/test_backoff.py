@@ -7,7 +7,7 @@ from email.utils import formatdate
 
 import pytest
 
-from batchrun.backoff import (
+from batchrun.policy.backoff import (
     HINT_CEILING,
     JITTER_FLOOR,
     BackoffPolicy,

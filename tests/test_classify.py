@@ -15,7 +15,7 @@ import httpx2
 import openai
 import pytest
 
-from batchrun.classify import (
+from batchrun.policy.classify import (
     KINDS,
     QUOTA_CODES,
     Action,
@@ -503,7 +503,7 @@ def test_real_sdk_connection_refused():
 
 # --- answers that are not results, and errors inside answers --------------------------------
 
-from batchrun.classify import classify_answer, classify_error_object  # noqa: E402
+from batchrun.policy.classify import classify_answer, classify_error_object  # noqa: E402
 
 CHAT_URL = "/v1/chat/completions"
 SERVER_ERROR_OBJ = {"message": "The server had an error while processing your request.", "type": "server_error"}
@@ -681,7 +681,7 @@ def test_any_sdk_status_error_gets_a_verdict(status, headers, body):
 
 # --- credentials a server echoes back (review finding 5) ----------------------------------------
 
-from batchrun.classify import redact, redact_response, remember_secrets, secrets_of  # noqa: E402
+from batchrun.policy.classify import redact, redact_response, remember_secrets, secrets_of  # noqa: E402
 
 AZURE_KEY = "azkey0123456789abcdef0123456789ab"  # no sk- prefix, as Azure's and gateways' keys
 CRED_URL = "http://user:pa55word@127.0.0.1:9/v1?api-key=qsecret42&api-version=2024-10-21"
@@ -717,7 +717,7 @@ _SECRET_TEXT = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 @settings(max_examples=200, deadline=None)
 @given(key=_SECRET_TEXT, password=_SECRET_TEXT, before=st.text(max_size=30), after=st.text(max_size=30))
 def test_any_configured_key_or_password_echoed_anywhere_is_redacted(key, password, before, after):
-    import batchrun.classify as classify
+    import batchrun.policy.classify as classify
 
     known = set(classify._KNOWN_SECRETS)
     try:

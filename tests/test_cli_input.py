@@ -319,7 +319,7 @@ def test_help_and_verbosity_flags_work_after_the_subcommand():
 def test_verbose_shows_batchrun_detail_but_not_asyncio_or_rq_unless_asked_twice():
     import logging
 
-    from batchrun.cli import setup_logging
+    from batchrun.cli.main import setup_logging
 
     try:
         setup_logging(1)
@@ -338,7 +338,7 @@ def test_verbose_shows_batchrun_detail_but_not_asyncio_or_rq_unless_asked_twice(
 
 
 def test_verbosity_flags_are_lifted_but_option_values_and_arguments_after_a_double_dash_are_not():
-    from batchrun.cli import _lift_verbosity
+    from batchrun.cli.main import _lift_verbosity
 
     assert _lift_verbosity(["run", "f", "-o", "x", "-q"]) == ["-q", "run", "f", "-o", "x"]
     assert _lift_verbosity(["status", "b", "-vv"]) == ["-vv", "status", "b"]
@@ -375,7 +375,7 @@ NUMERIC_OPTIONS = ["--tpm", "--rpm", "--max-attempts", "--backoff-base", "--back
 def test_any_option_string_gives_a_value_or_a_sentence_never_a_traceback(option, value):
     from click.testing import CliRunner
 
-    from batchrun.cli import main
+    from batchrun.cli.main import main
 
     # submit checks its options before it looks for a Redis: none is configured here, so an
     # accepted value ends in "no Redis is configured", a refused one in a sentence naming it.
@@ -552,7 +552,7 @@ def test_a_value_that_looks_like_a_verbosity_flag_stays_the_options_value(tmp_pa
 
 
 def test_lifting_keeps_option_values_and_splits_run_together_flags():
-    from batchrun.cli import _lift_verbosity
+    from batchrun.cli.main import _lift_verbosity
 
     assert _lift_verbosity(["run", "j", "-qo", "x"]) == ["-q", "run", "j", "-o", "x"]
     assert _lift_verbosity(["run", "-qh"]) == ["-q", "run", "-h"]

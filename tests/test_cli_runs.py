@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from batchrun.mock_server import MockConfig, MockServerThread
+from batchrun.mock.server import MockConfig, MockServerThread
 from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
 from tests.hostile import HostileServer, Reply, error_body, ok, rate_limit_body
 
@@ -154,7 +154,7 @@ def test_the_command_printed_after_ctrl_c_completes_the_batch_when_pasted(redis_
 
 
 def test_a_redis_password_is_masked_in_the_printed_command_and_the_user_told(tmp_path):
-    from batchrun.hints import RedisRef, RedisSource, command, rerun
+    from batchrun.ops.hints import RedisRef, RedisSource, command, rerun
 
     ref = RedisRef.of("redis://:s3cret@127.0.0.1:6379/6", RedisSource.COMMAND_LINE)
     printed = command(rerun("jobs.jsonl", "out.jsonl", None, "b-1", ref, mock=False))
@@ -306,7 +306,7 @@ def test_exit_codes_of_run_resume_and_collect(real_redis_url, tmp_path):
 # --- 12.13: a batch nobody serves -------------------------------------------------------------
 
 def test_unserved_watch_says_it_once_per_stretch():
-    from batchrun.collect import UnservedWatch
+    from batchrun.ops.collect import UnservedWatch
 
     now = [0.0]
     watch = UnservedWatch(after=10, clock=lambda: now[0])
@@ -407,8 +407,8 @@ def test_a_pause_on_a_real_redis_prints_a_command_that_continues_it_when_pasted(
 def test_collect_says_which_paid_answers_it_could_not_write(real_redis_url, tmp_path):
     import redis
 
-    from batchrun.outputs import result_line
-    from batchrun.store import BatchStore
+    from batchrun.files.outputs import result_line
+    from batchrun.state.store import BatchStore
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
     env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)

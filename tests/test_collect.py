@@ -6,10 +6,10 @@ import json
 
 import fakeredis
 
-from batchrun.collect import collect
-from batchrun.outputs import error_line, read_custom_ids, result_line
-from batchrun.store import BatchStore
-from batchrun.submit import submit_file
+from batchrun.ops.collect import collect
+from batchrun.files.outputs import error_line, read_custom_ids, result_line
+from batchrun.state.store import BatchStore
+from batchrun.ops.submit import submit_file
 
 
 def _setup(tmp_path, n):
@@ -69,7 +69,7 @@ def _line(kind: str, cid: str) -> tuple[str, str, str]:
 def test_follow_rereads_the_outcome_list_after_a_redis_rollback(store, make_batch, tmp_path):
     """Every outcome that reached Redis reaches the files, even when Redis loses the list's tail
     (AOF tail loss, a failover to a replica behind) and other outcomes take those places."""
-    from batchrun import keys
+    from batchrun.state import keys
 
     ids = make_batch(store, "b", 10)
     store.complete("b", [_line("R", cid) for cid in ids[:6]])
@@ -99,7 +99,7 @@ def test_follow_rereads_the_outcome_list_after_a_redis_rollback(store, make_batc
 
 def test_follow_notices_other_outcomes_where_it_had_read(store, make_batch, tmp_path):
     """After the rollback the list is as long as what was read, but other outcomes sit there."""
-    from batchrun import keys
+    from batchrun.state import keys
 
     ids = make_batch(store, "b", 6)
     store.complete("b", [_line("R", cid) for cid in ids[:4]])
@@ -140,7 +140,7 @@ def test_every_outcome_that_reached_redis_reaches_the_files_whatever_the_rollbac
     batch finishes, the files hold every job exactly once, and every outcome of the list."""
     from hypothesis import HealthCheck, given, settings, strategies as st
 
-    from batchrun import keys
+    from batchrun.state import keys
     from tests.conftest import make_batch
 
     ops = st.lists(st.tuples(st.sampled_from(["end", "rollback", "poll"]), st.integers(1, 6)), max_size=25)

@@ -11,11 +11,11 @@ import time
 
 import pytest
 
-from batchrun.collect import collect
-from batchrun.mock_server import MockConfig, MockServerThread
+from batchrun.ops.collect import collect
+from batchrun.mock.server import MockConfig, MockServerThread
 from batchrun.settings import BatchOptions, CircuitPolicy, Limits, WorkerSettings
-from batchrun.store import BatchStore
-from batchrun.submit import submit_file
+from batchrun.state.store import BatchStore
+from batchrun.ops.submit import submit_file
 from tests.helpers import (ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker,
                            write_jobs)
 
@@ -301,7 +301,7 @@ def test_expected_trouble_is_one_sentence_not_a_stack_trace(tmp_path):
 
 @pytest.mark.redis
 def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
-    """`rq worker -c workers.settings -S json -w batchrun.worker.BatchWorker --burst`, as the README shows."""
+    """`rq worker -c workers.settings -S json -w batchrun.runner.worker.BatchWorker --burst`, as the README shows."""
     import shutil
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 60)
@@ -312,7 +312,7 @@ def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
                              env=env, capture_output=True, text=True, timeout=60)
         batch_id = sub.stdout.split()[-1]
         worker = subprocess.run([rq, "worker", "-c", "workers.settings", "-S", "json", "-w",
-                                 "batchrun.worker.BatchWorker", "--burst"], env=env, cwd=ROOT,
+                                 "batchrun.runner.worker.BatchWorker", "--burst"], env=env, cwd=ROOT,
                                 capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stderr
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
@@ -323,8 +323,8 @@ def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
 
 def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_finishes_it(store: BatchStore,
                                                                                          tmp_path):
-    from batchrun.pricing import PriceTable, cost_of_usage, worst_case_cost
-    from batchrun.tokens import estimate_tokens
+    from batchrun.policy.pricing import PriceTable, cost_of_usage, worst_case_cost
+    from batchrun.policy.tokens import estimate_tokens
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 60, max_tokens=200)
     price = PriceTable.load().price_for("gpt-4o-mini")
@@ -353,7 +353,7 @@ def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_fin
 
 
 def test_a_model_without_a_price_pauses_a_capped_batch_until_its_price_is_given(store: BatchStore, tmp_path):
-    from batchrun.pricing import PriceTable, cost_of_usage
+    from batchrun.policy.pricing import PriceTable, cost_of_usage
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 30, model="house-model")
     prices = tmp_path / "prices.toml"

@@ -14,10 +14,10 @@ import json
 import fakeredis
 import pytest
 
-from batchrun.collect import collect
+from batchrun.ops.collect import collect
 from batchrun.settings import BatchOptions, WorkerSettings
-from batchrun.shard import ShardRunner
-from batchrun.store import BatchStore
+from batchrun.runner.shard import ShardRunner
+from batchrun.state.store import BatchStore
 from tests.hostile import HostileServer, Reply, chat_body, error_body, ok, rate_limit_body, sse
 
 CHAT, COMPLETIONS, EMBEDDINGS, RESPONSES = "/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"
@@ -323,8 +323,8 @@ def test_a_server_that_refuses_stream_options_gets_the_request_without_them_once
     assert all(o[1]["choices"][0]["message"]["content"] == "Hello" for o in outcomes.values())
     assert len(seen) == 4  # one refusal, then three streams
     assert "stream_options" in seen[0].body and all("stream_options" not in s.body for s in seen[1:])
-    from batchrun.pricing import PriceTable, worst_case_cost
-    from batchrun.tokens import estimate_tokens
+    from batchrun.policy.pricing import PriceTable, worst_case_cost
+    from batchrun.policy.tokens import estimate_tokens
 
     price = PriceTable.load().price_for("gpt-4o-mini")
     worst = sum(worst_case_cost(price, e.input_tokens, e.output_tokens)
@@ -377,8 +377,8 @@ def test_broken_framing_is_a_connection_fault_retried(name):
     import socket
     import threading
 
-    from batchrun.classify import Action, classify_exception
-    from batchrun.sender import make_client, send
+    from batchrun.policy.classify import Action, classify_exception
+    from batchrun.runner.sender import make_client, send
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -463,7 +463,7 @@ def test_a_good_answer_with_odd_usage_is_a_result_sent_once_and_costs_its_worst_
 
 def test_an_answer_from_a_dearer_model_is_priced_at_its_price(tmp_path):
     """Asked for gpt-4o-mini, answered by gpt-4o: the cost is gpt-4o's, so --max-cost counts what was spent."""
-    from batchrun.pricing import PriceTable, cost_of_usage
+    from batchrun.policy.pricing import PriceTable, cost_of_usage
 
     answer = chat_body(prompt_tokens=1000, completion_tokens=500, model="gpt-4o-2024-08-06")
     _, meta, _ = run_jobs([Reply(200, {}, answer)], [(CHAT, CHAT_BODY)], tmp_path, max_cost=10.0)

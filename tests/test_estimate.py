@@ -1,4 +1,4 @@
-"""Tests for batchrun.estimate and the ``batchrun estimate`` command.
+"""Tests for batchrun.ops.estimate and the ``batchrun estimate`` command.
 
 Token counts are checked two ways: against tiktoken called here (the encoding named in the
 test), and against ``estimate_tokens`` job by job, so that the batched, deduplicated and
@@ -30,12 +30,14 @@ if (Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache").is_dir():
 
 from click.testing import CliRunner  # noqa: E402
 
-from batchrun import estimate, tokens  # noqa: E402
-from batchrun.cli import main  # noqa: E402
-from batchrun.estimate import estimate_file, render_text, shortest_minutes  # noqa: E402
-from batchrun.pricing import ENV_PRICES, Price, PriceTable  # noqa: E402
+from batchrun.ops import estimate  # noqa: E402
+
+from batchrun.policy import tokens
+from batchrun.cli.main import main  # noqa: E402
+from batchrun.ops.estimate import estimate_file, render_text, shortest_minutes  # noqa: E402
+from batchrun.policy.pricing import ENV_PRICES, Price, PriceTable  # noqa: E402
 from batchrun.settings import Limits  # noqa: E402
-from batchrun.tokens import estimate_tokens  # noqa: E402
+from batchrun.policy.tokens import estimate_tokens  # noqa: E402
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
@@ -323,7 +325,7 @@ def test_jobs_larger_than_the_tpm_limit_are_named_and_left_out_of_the_time(tmp_p
     assert "can never fit   1 job need more than the 2,625 TPM limit at once: c2 (line 2, 3,250 tokens)" in text
     assert "2,000 tokens charged at 2,625 TPM" in text
     # the figure agrees with the budget's own count, job by job
-    from batchrun.tokens import estimate_tokens
+    from batchrun.policy.tokens import estimate_tokens
 
     assert estimate_tokens(COMPLETIONS, rows[1]["body"]).total == 3250
     # nothing fits: no shortest time is shown

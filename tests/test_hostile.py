@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from batchrun.sender import make_client, send
+from batchrun.runner.sender import make_client, send
 from batchrun.settings import WorkerSettings
 from tests.hostile import HostileServer, Reply, chat_body, closed_port, ok, rate_limit_body, sse
 

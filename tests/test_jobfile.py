@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from batchrun.jobfile import (
+from batchrun.files.jobfile import (
     URLS,
     Job,
     JobFileError,
@@ -286,7 +286,7 @@ def test_seen_ids_keeps_first_lines_across_growth():
 
 
 def test_iter_requests_gives_what_read_jobs_gives(tmp_path):
-    from batchrun.jobfile import iter_requests
+    from batchrun.files.jobfile import iter_requests
 
     path = tmp_path / "jobs.jsonl"
     lines = [
@@ -312,7 +312,7 @@ def test_iter_requests_gives_what_read_jobs_gives(tmp_path):
 
 
 def test_iter_requests_notices_a_file_changed_since_validation(tmp_path):
-    from batchrun.jobfile import iter_requests
+    from batchrun.files.jobfile import iter_requests
 
     path = tmp_path / "jobs.jsonl"
     path.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}\n')
@@ -323,7 +323,7 @@ def test_iter_requests_notices_a_file_changed_since_validation(tmp_path):
 
 
 def test_only_json_whitespace_may_follow_a_line_and_lines_appended_later_are_not_taken(tmp_path):
-    from batchrun.jobfile import iter_requests, validate_file
+    from batchrun.files.jobfile import iter_requests, validate_file
 
     path = tmp_path / "jobs.jsonl"
     good = '{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {"model": "m"}}'
@@ -363,7 +363,7 @@ def test_surrogate_pairs_and_nul_characters_are_valid(tmp_path):
 
 
 def test_a_line_longer_than_a_job_can_hold_is_invalid(tmp_path, monkeypatch):
-    import batchrun.jobfile as jobfile
+    import batchrun.files.jobfile as jobfile
 
     monkeypatch.setattr(jobfile, "MAX_LINE_BYTES", 1 << 20, raising=False)
     big = batch_line("big", body={"model": "m", "messages": [{"role": "user", "content": "x" * (1 << 20)}]})

@@ -15,10 +15,10 @@ import pytest
 import redis
 from hypothesis import given, strategies as st
 
-from batchrun import keys
-from batchrun.limiter import SharedLimiter, budget_id, describe_budgets
+from batchrun.state import keys
+from batchrun.state.limiter import SharedLimiter, budget_id, describe_budgets
 from batchrun.settings import BatchOptions, Limits, WorkerSettings
-from batchrun.store import BatchStore
+from batchrun.state.store import BatchStore
 from tests.helpers import run_in_processes
 
 MODEL = "gpt-4o-mini"
@@ -486,7 +486,7 @@ def test_full_bucket_answers_do_not_calibrate_near_the_servers_limit(store):
 
 
 def test_answers_that_paid_for_others_do_not_inflate_the_charge_ratio():
-    from batchrun.limiter import _admitted_ratio
+    from batchrun.state.limiter import _admitted_ratio
 
     def item(remaining, charge=150, input_tokens=100, output_tokens=50):
         return (input_tokens, output_tokens, ("", "24000", "", str(remaining), charge, "1", 0))
@@ -503,7 +503,7 @@ def test_answers_that_paid_for_others_do_not_inflate_the_charge_ratio():
 def test_the_ratio_seen_in_full_buckets_never_undercharges(k, extra):
     """Whatever else the server had not refilled yet (others' requests, our own burst), the ratio
     is at least the one the server applies: the budget errs on the side of charging more."""
-    from batchrun.limiter import _admitted_ratio
+    from batchrun.state.limiter import _admitted_ratio
 
     limit = 10**6
     items = [(n, out, ("", str(limit), "", str(limit - (k * n + out) - more), k * n + out, "1", 0))
@@ -545,7 +545,7 @@ def test_too_large_is_judged_on_the_smallest_input_estimate(store):
 def test_a_live_runner_with_a_long_lease_keeps_its_reservations(store):
     """Runners report what they hold every lease / 3: with BATCHRUN_LEASE_SECONDS=150 a live one
     reports every 50 s, so its report is not stale after 41 s."""
-    from batchrun.limiter import release_held
+    from batchrun.state.limiter import release_held
 
     settings = WorkerSettings(base_url=BASE_URL, api_key="sk-x", lease_seconds=150)
     live = SharedLimiter(store, settings, BatchOptions(limits=Limits.parse(tpm=["6000"]), burst_seconds=60),
@@ -590,7 +590,7 @@ def test_a_runners_first_request_goes_alone_and_counts_as_arriving_with_its_answ
 
 
 def test_a_dead_runners_reservations_come_back(store):
-    from batchrun.limiter import HELD_STALE_MS, release_held
+    from batchrun.state.limiter import HELD_STALE_MS, release_held
 
     dead = SharedLimiter(store, WorkerSettings(base_url=BASE_URL, api_key="sk-x"),
                          BatchOptions(limits=Limits.parse(tpm=["6000"]), burst_seconds=60), token="dead-runner")
@@ -637,7 +637,7 @@ def test_one_probe_per_cooling_period_however_often_outcomes_arrive(store):
 
 # --- headers that are no numbers ("nan", "inf", "1e999") never reach the budget (review finding 3) ---
 
-from batchrun.limiter import MAX_HEADER_NUMBER, stored_number, usable_header_number  # noqa: E402
+from batchrun.state.limiter import MAX_HEADER_NUMBER, stored_number, usable_header_number  # noqa: E402
 
 POISON = ["nan", "NaN", "inf", "-inf", "Infinity", "1e999", "1e400", "-5", "9" * 400, "0x10", "12 tokens", ""]
 
@@ -711,7 +711,7 @@ def test_headers_that_never_move_do_not_lower_the_charge_under_a_configured_limi
 
 
 def test_answers_whose_deficit_is_below_their_output_reservation_do_not_calibrate():
-    from batchrun.limiter import _admitted_ratio
+    from batchrun.state.limiter import _admitted_ratio
     assert _admitted_ratio([(100, 50, ("", "24000", "", "24000", 150, "1", 0))]) == ""
     assert _admitted_ratio([(100, 50, ("", "24000", "", "23960", 150, "1", 0))]) == ""
 
@@ -754,7 +754,7 @@ def test_waiters_reserve_again_when_the_budget_is_lost(store):
 
 
 def test_every_wait_is_capped_even_when_the_level_never_comes(store, monkeypatch):
-    import batchrun.limiter as limiter_module
+    import batchrun.state.limiter as limiter_module
     monkeypatch.setattr(limiter_module, "LAST_RESORT_S", 0.5, raising=False)
     limiter = limiter_for(store, tpm="60000", burst_seconds=1)
 

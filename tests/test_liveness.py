@@ -19,8 +19,8 @@ import pytest
 import redis
 
 from batchrun.settings import BatchOptions, WorkerSettings
-from batchrun.shard import outage_cause, v1_suggestion
-from batchrun.submit import submit_file
+from batchrun.runner.shard import outage_cause, v1_suggestion
+from batchrun.ops.submit import submit_file
 from tests.helpers import batchrun_cmd, cli_env, read_lines, run_thread_worker, write_jobs
 from tests.hostile import HostileServer, Reply, closed_port, error_body, ok, sse
 
@@ -291,7 +291,7 @@ def test_a_cancel_stops_jobs_waiting_for_the_budget_before_they_are_sent(store, 
 def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_the_give_up(store):
     import asyncio
 
-    from batchrun.limiter import SharedLimiter
+    from batchrun.state.limiter import SharedLimiter
     from batchrun.settings import CircuitPolicy
 
     settings = WorkerSettings(base_url="http://user:s3cret@127.0.0.1:9/v1", api_key="sk-test",
@@ -314,8 +314,8 @@ def test_the_circuit_keeps_when_the_endpoint_went_down_and_cools_no_longer_than_
 
 
 def test_the_give_up_sentence_names_the_url_without_credentials(store):
-    from batchrun.limiter import CircuitState
-    from batchrun.shard import ShardRunner
+    from batchrun.state.limiter import CircuitState
+    from batchrun.runner.shard import ShardRunner
 
     runner = ShardRunner(store, "b-1", 0, WorkerSettings(base_url="http://user:s3cret@10.0.0.1:8000/v1"))
     runner.give_up_seconds, runner.running_since_ms = 5.0, 0.0

@@ -23,7 +23,7 @@ import openai  # noqa: E402
 import tiktoken  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from batchrun.mock_server import (  # noqa: E402
+from batchrun.mock.server import (  # noqa: E402
     MockConfig,
     MockServerThread,
     go_duration,

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from batchrun.outputs import (
+from batchrun.files.outputs import (
     JsonlAppender,
     OutputFileError,
     error_line,
@@ -263,7 +263,7 @@ def test_error_line_shape_with_response_and_attempts():
 
 
 def test_line_ids_are_unique_and_shaped_like_upstream():
-    from batchrun.outputs import _new_line_id, result_line
+    from batchrun.files.outputs import _new_line_id, result_line
 
     ids = {_new_line_id() for _ in range(5000)}
     assert len(ids) == 5000
@@ -276,7 +276,7 @@ def test_line_ids_are_unique_and_shaped_like_upstream():
 def test_line_ids_differ_in_a_forked_child(tmp_path):
     import os
 
-    from batchrun.outputs import _new_line_id
+    from batchrun.files.outputs import _new_line_id
 
     _new_line_id()  # the parent's pool is filled
     r, w = os.pipe()

@@ -1,11 +1,11 @@
-"""Tests for batchrun.pricing: cost arithmetic (against sums worked out by hand), model lookup,
+"""Tests for batchrun.policy.pricing: cost arithmetic (against sums worked out by hand), model lookup,
 user price files and the JSON round trip."""
 
 from __future__ import annotations
 
 import pytest
 
-from batchrun.pricing import ENV_PRICES, Price, PriceTable, cost_of_usage, worst_case_cost
+from batchrun.policy.pricing import ENV_PRICES, Price, PriceTable, cost_of_usage, worst_case_cost
 
 MINI = Price(input=0.15, cached_input=0.075, output=0.60)  # gpt-4o-mini, USD per 1M tokens
 
@@ -233,7 +233,7 @@ def test_table_cannot_be_changed_in_place():
 
 from hypothesis import given, settings, strategies as st  # noqa: E402
 
-from batchrun.pricing import answer_cost, usage_is_readable, usage_total_tokens  # noqa: E402
+from batchrun.policy.pricing import answer_cost, usage_is_readable, usage_total_tokens  # noqa: E402
 
 _ANY = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=5),
                     lambda inner: st.lists(inner, max_size=3)

@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from batchrun.mock_server import MockConfig, MockServerThread
+from batchrun.mock.server import MockConfig, MockServerThread
 from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
 
 pytestmark = pytest.mark.redis
@@ -212,8 +212,8 @@ def test_collect_follow_and_workers_carry_on_across_a_redis_restart(spawn, tmp_p
 # --- what counts as maybe paid (--max-cost's unaccounted_usd) -------------------------------------
 
 def _worst(store, batch_id: str, cid: str) -> float:
-    from batchrun.pricing import PriceTable, worst_case_cost
-    from batchrun.tokens import estimate_tokens
+    from batchrun.policy.pricing import PriceTable, worst_case_cost
+    from batchrun.policy.tokens import estimate_tokens
 
     request = json.loads(store.redis.hget(f"batchrun:batch:{batch_id}:req", cid))
     e = estimate_tokens(request["url"], request["body"])
@@ -225,7 +225,7 @@ def _run_shard(store, batch_id: str, base_url: str, meanwhile=None, **settings):
     import asyncio
 
     from batchrun.settings import WorkerSettings
-    from batchrun.shard import ShardRunner
+    from batchrun.runner.shard import ShardRunner
 
     settings = WorkerSettings(base_url=base_url, api_key="sk-test", **{"concurrency": 10, **settings})
     runner = ShardRunner(store, batch_id, 0, settings)
@@ -298,7 +298,7 @@ def test_may_have_reached_server_reads_the_exception_chain():
 
     import openai
 
-    from batchrun.sender import make_client, may_have_reached_server, send
+    from batchrun.runner.sender import make_client, may_have_reached_server, send
     from batchrun.settings import WorkerSettings
     from tests.hostile import HostileServer, Reply, closed_port
 
@@ -328,7 +328,7 @@ def test_may_have_reached_server_reads_the_exception_chain():
 
 def test_a_runner_cut_off_from_redis_past_its_leases_sends_nothing_twice_and_loses_nothing(store, make_batch,
                                                                                             monkeypatch):
-    from batchrun.pricing import PriceTable, cost_of_usage
+    from batchrun.policy.pricing import PriceTable, cost_of_usage
     from tests.hostile import HostileServer, Reply, chat_body
 
     make_batch(store, "b", 3, max_cost=1.0)

@@ -1,4 +1,4 @@
-"""The lean HTTP path of batchrun.sender: the same requests, answers and exceptions as the SDK's own path.
+"""The lean HTTP path of batchrun.runner.sender: the same requests, answers and exceptions as the SDK's own path.
 
 Against the real mock server over real sockets (openai v3's HTTP stack cannot be patched).
 """
@@ -15,9 +15,9 @@ import pytest
 from openai import AsyncOpenAI
 from openai._models import FinalRequestOptions
 
-from batchrun.classify import classify_exception
-from batchrun.mock_server import MockConfig, MockServerThread, reply_text
-from batchrun.sender import LeanAsyncOpenAI, StreamTruncated, make_client, send
+from batchrun.policy.classify import classify_exception
+from batchrun.mock.server import MockConfig, MockServerThread, reply_text
+from batchrun.runner.sender import LeanAsyncOpenAI, StreamTruncated, make_client, send
 from batchrun.settings import WorkerSettings
 
 BODY = {"model": "gpt-4o-mini", "max_tokens": 12, "messages": [{"role": "user", "content": "Hello there"}]}
@@ -285,7 +285,7 @@ def test_a_400_about_something_else_is_raised_as_it_is():
 
 
 def test_a_failed_response_stream_raises_stream_failed_with_its_error_and_frees_the_connection():
-    from batchrun.sender import StreamFailed
+    from batchrun.runner.sender import StreamFailed
 
     error = {"code": "server_error", "message": "The server had an error."}
     failed = sse({"type": "response.created", "response": {"status": "in_progress"}},
@@ -347,7 +347,7 @@ def test_a_server_that_trickles_times_out_at_the_request_timeout(kind):
 
 
 def test_an_answer_past_the_size_bound_fails_as_a_server_fault(monkeypatch):
-    import batchrun.sender as sender
+    import batchrun.runner.sender as sender
 
     monkeypatch.setattr(sender, "MAX_BODY_BYTES", 100_000)
     endless = Reply(events=sse(*[_chunk("x" * 1000)] * 500, _chunk(finish="stop"), "[DONE]"))
@@ -374,7 +374,7 @@ def test_sse_events_without_data_are_skipped(events):
 
 
 def test_sse_data_that_is_not_json_is_still_a_fault():
-    from batchrun.sender import StreamFailed
+    from batchrun.runner.sender import StreamFailed
 
     with HostileServer([Reply(events=[b"data: not json\n\n"] + sse(_chunk(finish="stop"), "[DONE]"))]) as srv:
         [exc] = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}])

@@ -77,7 +77,7 @@ numbers = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(
        burst_seconds=numbers, max_cost=numbers, keep_days=numbers)
 @settings(max_examples=400, deadline=None)
 def test_options_the_check_accepts_make_a_working_policy_and_the_rest_name_their_option(**values):
-    from batchrun.backoff import BackoffPolicy
+    from batchrun.policy.backoff import BackoffPolicy
 
     options = BatchOptions(**values)
     problems = check_batch_options(options)
@@ -119,8 +119,8 @@ def test_a_runner_pauses_a_batch_whose_stored_options_cannot_work_instead_of_cra
     import asyncio
     import logging
 
-    from batchrun import keys
-    from batchrun.shard import ShardRunner
+    from batchrun.state import keys
+    from batchrun.runner.shard import ShardRunner
 
     make_batch(store, "b", 5)
     store.redis.hset(keys.batch("b"), field, value)  # as an older batchrun (or a hand) stored it
@@ -131,7 +131,7 @@ def test_a_runner_pauses_a_batch_whose_stored_options_cannot_work_instead_of_cra
     assert meta["state"] == "paused" and option in meta["reason"] and "batchrun purge b" in meta["reason"]
     assert store.redis.zscore(keys.PARKED, "b:0") is None  # nothing brings the shard back by itself
     assert [r.getMessage() for r in caplog.records].count(f"batch b paused: {meta['reason']}") == 1
-    from batchrun.status import batch_status
+    from batchrun.ops.status import batch_status
 
     assert batch_status(store, "b")["reason"] == meta["reason"]  # status shows it, whatever was stored
     # a second runner (a resume) pauses it again without a second log line or a crash

@@ -8,11 +8,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-from batchrun import keys
-from batchrun.cli import main
-from batchrun.progress import Progress
+from batchrun.state import keys
+from batchrun.cli.main import main
+from batchrun.ops.progress import Progress
 from batchrun.settings import Limits
-from batchrun.status import batch_status, describe, format_duration
+from batchrun.ops.status import batch_status, describe, format_duration
 from tests.conftest import REAL_REDIS_URL
 
 FIELDS = {"batch_id", "state", "reason", "created_at", "finished_at", "source", "jobs", "last_minute", "totals",
@@ -93,7 +93,7 @@ def test_a_cancelled_batch_shows_what_was_not_sent_and_no_projection(store, make
 
 
 def test_tiny_sums_of_money_keep_a_digit_that_is_not_zero():
-    from batchrun.status import format_usd
+    from batchrun.ops.status import format_usd
 
     assert format_usd(0.0000123) == "$0.000012" and format_usd(0.00005) == "$0.000050"
     assert format_usd(0) == "$0.0000" and format_usd(0.0421) == "$0.0421" and format_usd(12.5) == "$12.50"
@@ -155,7 +155,7 @@ def test_progress_without_a_terminal_prints_plain_lines(store, make_batch):
 def test_status_json_list_and_purge_from_the_command_line(real_redis_url, make_batch):
     import redis
 
-    from batchrun.store import BatchStore
+    from batchrun.state.store import BatchStore
 
     store = BatchStore(redis.Redis.from_url(real_redis_url))
     make_batch(store, "cli-b", 10)
@@ -181,7 +181,7 @@ def test_status_json_list_and_purge_from_the_command_line(real_redis_url, make_b
 def test_resume_of_a_batch_paused_at_its_cap_needs_a_higher_cap(real_redis_url, make_batch):
     import redis
 
-    from batchrun.store import BatchStore
+    from batchrun.state.store import BatchStore
 
     store = BatchStore(redis.Redis.from_url(real_redis_url))
     make_batch(store, "capped", 10, max_cost=0.5)
@@ -232,7 +232,7 @@ def test_status_and_limits_read_a_budget_poisoned_with_nan_and_inf(real_redis_ur
 
     import redis
 
-    from batchrun.store import BatchStore
+    from batchrun.state.store import BatchStore
     from tests.helpers import batchrun_cmd, cli_env
 
     store = BatchStore(redis.Redis.from_url(real_redis_url))

@@ -15,9 +15,9 @@ import redis
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-import batchrun.store as store_module
-from batchrun import keys
-from batchrun.store import RUN_SHARD, BatchStore
+import batchrun.state.store as store_module
+from batchrun.state import keys
+from batchrun.state.store import RUN_SHARD, BatchStore
 from tests.conftest import request_json
 from tests.helpers import run_in_processes
 
@@ -851,7 +851,7 @@ def test_a_runner_of_a_purged_batch_lets_go_of_its_shard(store, make_batch):
     import asyncio
 
     from batchrun.settings import WorkerSettings
-    from batchrun.shard import ShardRunner
+    from batchrun.runner.shard import ShardRunner
 
     make_batch(store, "b", 5)
     store.purge("b")

@@ -7,10 +7,10 @@ import json
 import fakeredis
 import pytest
 
-from batchrun.jobfile import JobFileError
+from batchrun.files.jobfile import JobFileError
 from batchrun.settings import BatchOptions
-from batchrun.store import BatchStore
-from batchrun.submit import CHUNK, submit_file
+from batchrun.state.store import BatchStore
+from batchrun.ops.submit import CHUNK, submit_file
 
 
 @pytest.fixture
@@ -85,7 +85,7 @@ def test_submit_refuses_a_lone_surrogate_custom_id_before_writing_anything(real_
 
 
 def test_big_lines_go_to_redis_in_chunks_of_bounded_size(store, tmp_path, monkeypatch):
-    import batchrun.submit as submit_module
+    import batchrun.ops.submit as submit_module
 
     monkeypatch.setattr(submit_module, "CHUNK_BYTES", 10_000, raising=False)
     path = tmp_path / "jobs.jsonl"

@@ -1,4 +1,4 @@
-"""Tests for batchrun.tokens.
+"""Tests for batchrun.policy.tokens.
 
 Expectations are computed here from first principles with tiktoken (the encoding named
 in each case, not the one batchrun picks), so a wrong formula or a wrong model-to-encoding
@@ -22,8 +22,8 @@ if (Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache").is_dir():
         "TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache")
     )
 
-from batchrun import tokens  # noqa: E402
-from batchrun.tokens import (  # noqa: E402
+from batchrun.policy import tokens  # noqa: E402
+from batchrun.policy.tokens import (  # noqa: E402
     DEFAULT_MAX_OUTPUT_TOKENS,
     TokenEstimate,
     count_text,
@@ -527,7 +527,7 @@ def test_fallback_token_arrays_stay_exact(no_tiktoken):
 
 
 def test_recurring_texts_count_the_same_from_the_cache():
-    from batchrun import tokens
+    from batchrun.policy import tokens
 
     body = {"model": "gpt-4o-mini", "max_tokens": 5,
             "messages": [{"role": "system", "content": "You are terse. " * 20},

@@ -19,10 +19,10 @@ from rq.job import JobStatus
 from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
-from batchrun import keys
-from batchrun.mock_server import MockConfig, MockServerThread
+from batchrun.state import keys
+from batchrun.mock.server import MockConfig, MockServerThread
 from batchrun.settings import WorkerSettings
-from batchrun.worker import BatchJob, RefusedJob, refusal
+from batchrun.runner.worker import BatchJob, RefusedJob, refusal
 from tests.helpers import ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker, write_jobs
 
 sys.path.insert(0, str(ROOT / "bench"))
@@ -49,7 +49,7 @@ def _hostile_jobs(conn, tmp_path) -> dict[str, str]:
     jobs = {q.enqueue("os.system", f"touch {tmp_path / 'system'}").id: "system",
             q.enqueue("evil_module.run").id: "imported",
             # batchrun's own function, with a failure callback that would run a command
-            q.enqueue("batchrun.shard.run_shard", "no-such-batch", 0,
+            q.enqueue("batchrun.runner.shard.run_shard", "no-such-batch", 0,
                       on_success=Callback("os.system"), on_failure=Callback("os.system")).id: "callback"}
     pickled = Queue(keys.QUEUE, connection=conn).enqueue("builtins.print", "hello")  # RQ's default: pickle
     conn.hset(f"rq:job:{pickled.id}", "data", zlib.compress(pickle.dumps(
@@ -79,10 +79,10 @@ def _assert_refused(conn, jobs: dict[str, str], tmp_path, log: str) -> None:
 @pytest.mark.redis
 @pytest.mark.parametrize("command", [
     pytest.param(batchrun_cmd("-q", "worker", "--burst"), id="batchrun-worker"),
-    pytest.param([RQ, "worker", "-c", "workers.settings", "-S", "json", "-w", "batchrun.worker.BatchWorker",
+    pytest.param([RQ, "worker", "-c", "workers.settings", "-S", "json", "-w", "batchrun.runner.worker.BatchWorker",
                   "--burst"], id="rq-worker-json"),
     # the README's command without `-S json`: RQ would read the jobs with pickle
-    pytest.param([RQ, "worker", "-c", "workers.settings", "-w", "batchrun.worker.BatchWorker", "--burst"],
+    pytest.param([RQ, "worker", "-c", "workers.settings", "-w", "batchrun.runner.worker.BatchWorker", "--burst"],
                  id="rq-worker-default-serializer"),
 ])
 def test_a_real_worker_process_refuses_jobs_that_are_not_batchruns_and_still_runs_batches(
@@ -120,15 +120,15 @@ def test_the_job_class_resolves_no_foreign_function_and_no_callback(tmp_path):
     foreign = BatchJob.fetch(q.enqueue("os.system", "true").id, connection=conn, serializer=JSONSerializer)
     with pytest.raises(RefusedJob, match="os.system"):
         foreign.func
-    own = q.enqueue("batchrun.shard.run_shard", "b-1", 3, on_failure=Callback("os.system"))
+    own = q.enqueue("batchrun.runner.shard.run_shard", "b-1", 3, on_failure=Callback("os.system"))
     own = BatchJob.fetch(own.id, connection=conn, serializer=JSONSerializer)
     assert own.failure_callback is None and own.success_callback is None and own.stopped_callback is None
     assert "callbacks" in refusal(own)
-    plain = BatchJob.fetch(q.enqueue("batchrun.shard.run_shard", "b-1", 3).id, connection=conn,
+    plain = BatchJob.fetch(q.enqueue("batchrun.runner.shard.run_shard", "b-1", 3).id, connection=conn,
                            serializer=JSONSerializer)
     assert refusal(plain) is None and plain.func.__name__ == "run_shard"
     for args in [("b-1",), ("b-1", "3"), ("b-1", 3, 4), (["b"], 3)]:
-        job = BatchJob.fetch(q.enqueue("batchrun.shard.run_shard", *args).id, connection=conn,
+        job = BatchJob.fetch(q.enqueue("batchrun.runner.shard.run_shard", *args).id, connection=conn,
                              serializer=JSONSerializer)
         assert "arguments" in refusal(job), args
 

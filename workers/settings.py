@@ -1,10 +1,10 @@
 """RQ settings for running batchrun's shard jobs with the plain ``rq`` command.
 
     export BATCHRUN_REDIS_URL=redis://redis-host:6379/0 OPENAI_API_KEY=sk-...
-    rq worker -c workers.settings -S json -w batchrun.worker.BatchWorker
+    rq worker -c workers.settings -S json -w batchrun.runner.worker.BatchWorker
 
 ``-S json``: batchrun enqueues with RQ's JSON serializer, never pickle.
-``-w batchrun.worker.BatchWorker``: it runs only batchrun's own jobs (any other
+``-w batchrun.runner.worker.BatchWorker``: it runs only batchrun's own jobs (any other
 job in Redis is refused, not run), and idle workers also give back a dead
 worker's jobs and wake shards whose retries are due. A plain ``rq.Worker``
 would run whatever function a job in Redis names: do not use it.

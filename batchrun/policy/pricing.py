@@ -1,6 +1,6 @@
 """What requests cost in USD: a price table per model, and the arithmetic on token counts.
 
-batchrun ships a dated table (``batchrun/prices.toml``) of OpenAI's standard list prices. Prices
+batchrun ships a dated table (``batchrun/policy/prices.toml``) of OpenAI's standard list prices. Prices
 change, so a user's own TOML file of the same shape, given by path or by ``BATCHRUN_PRICES``,
 replaces or extends it model by model. A table travels as JSON (``to_json``/``from_json``) so
 that a batch can keep the prices it was estimated with.
@@ -195,10 +195,10 @@ def answer_cost(prices: list[Price | None], usage: object, input_tokens: int, ou
 @lru_cache(maxsize=1)
 def _shipped() -> tuple[str, dict[str, Price]]:
     """The shipped table, read once per process."""
-    source = resources.files("batchrun").joinpath(_SHIPPED_FILE)
-    as_of, prices = _parse_price_text(source.read_text(encoding="utf-8"), f"batchrun/{_SHIPPED_FILE}")
+    source = resources.files("batchrun.policy").joinpath(_SHIPPED_FILE)
+    as_of, prices = _parse_price_text(source.read_text(encoding="utf-8"), f"batchrun/policy/{_SHIPPED_FILE}")
     if not as_of:
-        raise ValueError(f"batchrun/{_SHIPPED_FILE} has no as_of date")  # a packaging bug
+        raise ValueError(f"batchrun/policy/{_SHIPPED_FILE} has no as_of date")  # a packaging bug
     return as_of, prices
 
 
@@ -218,7 +218,7 @@ def _parse_price_text(text: str, path: str) -> tuple[str | None, dict[str, Price
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(
-            f"price file {path}: not valid TOML ({exc}); see batchrun/{_SHIPPED_FILE} for the shape"
+            f"price file {path}: not valid TOML ({exc}); see batchrun/policy/{_SHIPPED_FILE} for the shape"
         ) from None
     unknown = sorted(set(data) - {"as_of", "models"})
     if unknown:

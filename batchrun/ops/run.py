@@ -20,14 +20,16 @@ from pathlib import Path
 
 import click
 
-from batchrun import hints, shard
-from batchrun.collect import CollectReport, collect, default_errors_path
-from batchrun.connections import connect, describe, is_memory
+from batchrun.ops import hints
+
+from batchrun.runner import shard
+from batchrun.ops.collect import CollectReport, collect, default_errors_path
+from batchrun.state.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
-from batchrun.progress import Progress, note
+from batchrun.ops.progress import Progress, note
 from batchrun.settings import BatchOptions, WorkerSettings, set_worker_settings
-from batchrun.store import BatchStore
-from batchrun.submit import submit_file
+from batchrun.state.store import BatchStore
+from batchrun.ops.submit import submit_file
 
 log = logging.getLogger("batchrun")
 
@@ -80,7 +82,7 @@ def run_batch(cfg: RunConfig) -> int:
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
         if cfg.mock:
-            from batchrun.mock_server import MockConfig, MockServerThread
+            from batchrun.mock.server import MockConfig, MockServerThread
 
             server = stack.enter_context(MockServerThread(MockConfig()))
             settings.base_url, settings.api_key = server.base_url, settings.api_key or "sk-mock"
@@ -181,7 +183,7 @@ def _summary(cfg: RunConfig, errors_path: str, written: list[int], skip: set[str
 
 
 def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
-    from batchrun.outputs import OutputFileError, check_writable
+    from batchrun.files.outputs import OutputFileError, check_writable
 
     named = {"-o": cfg.output, "--errors": errors_path, "the settings file": sidecar}
     jobs = os.path.realpath(cfg.jobs)
@@ -231,7 +233,7 @@ def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None
 
 def _pending_in_batch(store: BatchStore, bid: str, ids: set[str]) -> set[str]:
     """Those of ``ids`` that batch ``bid`` holds and has not ended: they would be sent."""
-    from batchrun import keys
+    from batchrun.state import keys
 
     pending: set[str] = set()
     listed = list(ids)
@@ -244,7 +246,7 @@ def _pending_in_batch(store: BatchStore, bid: str, ids: set[str]) -> set[str]:
 
 def _held(output: str, errors_path: str) -> str:
     """After a resume from the files, which already held earlier runs' lines: what they hold now."""
-    from batchrun.outputs import iter_custom_ids
+    from batchrun.files.outputs import iter_custom_ids
 
     results, errors = (sum(1 for _ in iter_custom_ids(p)) if os.path.exists(p) else 0 for p in (output, errors_path))
     return f"; the files now hold {results} result(s) and {errors} error(s) in all"
@@ -270,7 +272,7 @@ def _already_done(cfg: RunConfig, errors_path: str) -> tuple[set[str], int]:
     and how many of them are errors."""
     from pathlib import Path
 
-    from batchrun.outputs import read_custom_ids, repair_truncated_tail
+    from batchrun.files.outputs import read_custom_ids, repair_truncated_tail
 
     for path in (cfg.output, errors_path):
         repaired = repair_truncated_tail(path) if Path(path).exists() else None
@@ -327,7 +329,7 @@ def save_run_settings(cfg: RunConfig, path: str, batch_id: str | None = None) ->
 
 
 def load_run_settings(path: str) -> dict | None:
-    from batchrun.outputs import OutputFileError
+    from batchrun.files.outputs import OutputFileError
 
     try:
         with open(path) as f:
@@ -546,7 +548,7 @@ class _Workers:
 
 
 def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) -> _Workers:
-    from batchrun.worker import make_worker, preload_encodings
+    from batchrun.runner.worker import make_worker, preload_encodings
 
     workers = _Workers(cfg.grace)
     if is_memory(cfg.redis_url):
@@ -561,7 +563,7 @@ def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) 
     # Secrets (the API key, a Redis password) go through the environment, never the command line.
     env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
            "BATCHRUN_REDIS_URL": cfg.redis_url}
-    cmd = [sys.executable, "-m", "batchrun.run", _worker_log_mode(), "worker", "--burst", "--grace", str(cfg.grace)]
+    cmd = [sys.executable, "-m", "batchrun.ops.run", _worker_log_mode(), "worker", "--burst", "--grace", str(cfg.grace)]
     if cfg.concurrency:
         cmd += ["--concurrency", str(cfg.concurrency)]
     for _ in range(cfg.processes):
@@ -571,12 +573,12 @@ def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) 
 
 
 if __name__ == "__main__":
-    # A local worker process of `run` on a real Redis: `python -m batchrun.run MODE worker …`. In
+    # A local worker process of `run` on a real Redis: `python -m batchrun.ops.run MODE worker …`. In
     # "summaries" mode it shows warnings and the retry summaries, as the in-process worker does;
     # `run` prints pause messages itself, with the command that works from there.
-    from batchrun.cli import main
+    from batchrun.cli.main import main
 
-    from batchrun.worker import watch_parent
+    from batchrun.runner.worker import watch_parent
 
     mode, args = sys.argv[1], sys.argv[2:]
     # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It

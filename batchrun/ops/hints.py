@@ -15,7 +15,7 @@ import shlex
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from batchrun.connections import ENV_URL, is_memory
+from batchrun.state.connections import ENV_URL, is_memory
 from batchrun.urls import MASK, mask_url
 
 

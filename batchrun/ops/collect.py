@@ -17,9 +17,9 @@ from pathlib import Path
 
 import redis
 
-from batchrun.jobfile import _SeenIds
-from batchrun.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
-from batchrun.store import BatchStore
+from batchrun.files.jobfile import _SeenIds
+from batchrun.files.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
+from batchrun.state.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
 UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `collect --follow` says so
@@ -46,7 +46,7 @@ def _tag(line_id: str | None) -> int:
 
 def _still_there(store: BatchStore, batch_id: str, offset: int, last: bytes | None) -> bool:
     """Whether the outcome read last, at ``offset - 1``, is still there."""
-    from batchrun import keys
+    from batchrun.state import keys
 
     if not offset:
         return True

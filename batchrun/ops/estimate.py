@@ -2,7 +2,7 @@
 
 ``estimate_file`` reads a job file (no API calls, no Redis) and reports, per model: the jobs per
 endpoint; the input tokens, counted exactly as the shared budget counts them
-(``batchrun.tokens.estimate_tokens``); the output tokens the jobs may write at most (their
+(``batchrun.policy.tokens.estimate_tokens``); the output tokens the jobs may write at most (their
 max_tokens / max_completion_tokens / max_output_tokens times n, or the budget's default) and,
 given a typical answer length, a typical figure; a cost range from the price table; and the
 shortest wall time the rate limits allow. Invalid lines are counted and reported (file, line,
@@ -35,14 +35,14 @@ from dataclasses import dataclass, field
 
 import tiktoken
 
-from batchrun.jobfile import Job, LineError, iter_jobs
-from batchrun.pricing import Price, PriceTable, worst_case_cost
+from batchrun.files.jobfile import Job, LineError, iter_jobs
+from batchrun.policy.pricing import Price, PriceTable, worst_case_cost
 from batchrun.settings import Limits
-from batchrun.tokens import DEFAULT_MAX_OUTPUT_TOKENS, encoding_for, estimate_tokens
+from batchrun.policy.tokens import DEFAULT_MAX_OUTPUT_TOKENS, encoding_for, estimate_tokens
 
 # Private on purpose in tokens.py, used here so that the estimate walks requests exactly as the
 # budget does instead of keeping a second copy of the rules.
-from batchrun.tokens import _positive_int, _walk  # noqa: PLC2701
+from batchrun.policy.tokens import _positive_int, _walk  # noqa: PLC2701
 
 __all__ = ["EstimateReport", "ModelEstimate", "count_tokens", "estimate_file", "render_text"]
 

@@ -28,8 +28,10 @@ from rq.job import Job, JobStatus
 from rq.serializers import JSONSerializer
 from rq.timeouts import TimerDeathPenalty
 
-from batchrun import keys, maintenance, shard
-from batchrun.store import RUN_SHARD, BatchStore
+from batchrun.state import keys
+
+from batchrun.runner import maintenance, shard
+from batchrun.state.store import RUN_SHARD, BatchStore
 
 log = logging.getLogger("batchrun.worker")
 
@@ -190,7 +192,7 @@ def preload_encodings(*, freeze: bool = False) -> None:
     shares with this process."""
     import gc
 
-    from batchrun.tokens import encoding_for
+    from batchrun.policy.tokens import encoding_for
 
     encoding_for("gpt-4o")
     if freeze:

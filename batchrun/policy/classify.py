@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from enum import Enum
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
-from .backoff import wait_hint
-from .urls import _SECRET_PARAM  # mask_url's rule of which query values are secret
+from batchrun.policy.backoff import wait_hint
+from batchrun.urls import _SECRET_PARAM  # mask_url's rule of which query values are secret
 
 __all__ = [
     "Action",

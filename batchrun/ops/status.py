@@ -5,10 +5,10 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
-from batchrun.limiter import stored_number
-from batchrun.pricing import PriceTable
+from batchrun.state.limiter import stored_number
+from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
-from batchrun.store import BatchStore
+from batchrun.state.store import BatchStore
 
 WINDOW = 60  # seconds of recent counts behind the rates and the ETA
 # Per-minute rates need this much of a window: over the first seconds of a batch, the server's

@@ -24,10 +24,10 @@ from dataclasses import dataclass
 
 import redis
 
-from batchrun import keys
-from batchrun.batching import Batcher
+from batchrun.state import keys
+from batchrun.runner.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
-from batchrun.store import BatchStore
+from batchrun.state.store import BatchStore
 from batchrun.urls import mask_url
 
 HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone...

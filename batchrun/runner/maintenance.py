@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 
-from batchrun import keys
-from batchrun.limiter import release_held
-from batchrun.store import BatchStore
+from batchrun.state import keys
+from batchrun.state.limiter import release_held
+from batchrun.state.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
 

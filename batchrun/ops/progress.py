@@ -8,8 +8,8 @@ import time
 import redis
 from tqdm import tqdm
 
-from batchrun.status import batch_status, describe_conditions, eta_phrase, format_usd, pace
-from batchrun.store import BatchStore
+from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, format_usd, pace
+from batchrun.state.store import BatchStore
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
 REFRESH = 1.0  # seconds between reads of the batch's status

@@ -11,11 +11,11 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from batchrun import keys
-from batchrun.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
-from batchrun.pricing import PriceTable
+from batchrun.state import keys
+from batchrun.files.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
+from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, auto_shard_size
-from batchrun.store import BatchStore
+from batchrun.state.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
 # ... and bytes at most: Redis drops a client whose command passes its query buffer limit (1 GB by default).

@@ -1,4 +1,4 @@
-"""The Lua scripts in ``batchrun/lua``, loaded once per connection.
+"""The Lua scripts in ``batchrun/state/lua``, loaded once per connection.
 
 Each script is one atomic state change that several workers may race on; its
 KEYS/ARGV contract is at the top of its file. Scripts read the clock with
@@ -19,7 +19,7 @@ NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park",
 
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
-    return resources.files("batchrun").joinpath("lua", f"{name}.lua").read_text()
+    return resources.files("batchrun.state").joinpath("lua", f"{name}.lua").read_text()
 
 
 class Scripts:

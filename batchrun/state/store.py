@@ -12,12 +12,12 @@ from dataclasses import dataclass
 from rq import Queue
 from rq.serializers import JSONSerializer
 
-from batchrun import keys
-from batchrun.scripts import Scripts
+from batchrun.state import keys
+from batchrun.state.scripts import Scripts
 from batchrun.settings import BatchOptions
 from batchrun.urls import mask_url
 
-RUN_SHARD = "batchrun.shard.run_shard"
+RUN_SHARD = "batchrun.runner.shard.run_shard"
 SHARD_JOB_TIMEOUT = 4 * 3600  # runners yield long before this (WorkerSettings.max_shard_seconds)
 PROMOTE_RELAPSE_MS = 30_000  # a promoted shard whose runner never starts is due again after this
 

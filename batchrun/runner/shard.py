@@ -31,18 +31,18 @@ import aiohttp
 import openai
 import redis
 
-from batchrun import maintenance
-from batchrun.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds_cap
-from batchrun.batching import Batcher
-from batchrun.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
+from batchrun.runner import maintenance
+from batchrun.policy.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds_cap
+from batchrun.runner.batching import Batcher
+from batchrun.policy.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
                                classify_exception, redact_response, remember_secrets, stream_truncated_verdict)
-from batchrun.limiter import SharedLimiter, stored_number
-from batchrun.outputs import error_line, result_line
-from batchrun.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
-from batchrun.sender import StreamFailed, StreamTruncated, heard_at, make_client, may_have_reached_server, send
+from batchrun.state.limiter import SharedLimiter, stored_number
+from batchrun.files.outputs import error_line, result_line
+from batchrun.policy.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
+from batchrun.runner.sender import StreamFailed, StreamTruncated, heard_at, make_client, may_have_reached_server, send
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
-from batchrun.store import BatchStore, LeasedJob
-from batchrun.tokens import estimate_tokens, server_charge_estimate
+from batchrun.state.store import BatchStore, LeasedJob
+from batchrun.policy.tokens import estimate_tokens, server_charge_estimate
 from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun.worker")

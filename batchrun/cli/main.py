@@ -10,12 +10,12 @@ import sys
 import click
 
 from batchrun import __version__
-from batchrun.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
-from batchrun.jobfile import JobFileError
+from batchrun.state.connections import ENV_URL, check_url, connect, db_out_of_range, describe, is_memory, resolve_url
+from batchrun.files.jobfile import JobFileError
 from batchrun.settings import (MAX_CONCURRENCY, MAX_SHARD_SIZE, BatchOptions, Limits, OptionsError, WorkerSettings,
                                set_worker_settings)
-from batchrun.status import format_usd
-from batchrun.store import BatchStore
+from batchrun.ops.status import format_usd
+from batchrun.state.store import BatchStore
 from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun")
@@ -31,7 +31,7 @@ def setup_logging(verbosity: int) -> None:
     level = logging.DEBUG if verbosity > 1 else logging.WARNING if verbosity < 0 else logging.INFO
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)-7s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger().setLevel(level)  # also when logging was configured before (tests invoke main again)
-    from batchrun import progress
+    from batchrun.ops import progress
 
     progress.QUIET = verbosity < 0
     logging.getLogger("batchrun").setLevel(logging.DEBUG if verbosity == 1 else logging.NOTSET)
@@ -358,9 +358,9 @@ class Group(click.Group):
     def invoke(self, ctx):
         import redis
 
-        from batchrun.outputs import OutputFileError
+        from batchrun.files.outputs import OutputFileError
 
-        from batchrun import connections
+        from batchrun.state import connections
 
         try:
             return super().invoke(ctx)
@@ -418,7 +418,7 @@ def submit(jobs, redis_url, batch_id, endpoint, skip_invalid, prices, **kw):
 
 
 def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
-    from batchrun.submit import submit_file
+    from batchrun.ops.submit import submit_file
 
     def on_skip(err):
         click.echo(f"skipped: {err}", err=True)
@@ -449,7 +449,7 @@ def worker(redis_url, concurrency, processes, burst, name, grace, request_timeou
 
     OPENAI_API_KEY and OPENAI_BASE_URL are read from the environment.
     """
-    from batchrun.worker import make_worker, preload_encodings, run_pool
+    from batchrun.runner.worker import make_worker, preload_encodings, run_pool
 
     url = resolve_url(redis_url)
     if is_memory(url):
@@ -493,11 +493,11 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
 
     from contextlib import nullcontext
 
-    from batchrun import hints
-    from batchrun.collect import UNSERVED_AFTER, UnservedWatch, collect as do_collect, default_errors_path
+    from batchrun.ops import hints
+    from batchrun.ops.collect import UNSERVED_AFTER, UnservedWatch, collect as do_collect, default_errors_path
     from batchrun.exitcodes import for_state
-    from batchrun.outputs import check_writable
-    from batchrun.progress import Progress
+    from batchrun.files.outputs import check_writable
+    from batchrun.ops.progress import Progress
 
     store, url = open_store(redis_url)
     where = hints.RedisRef.of(url, hints.source_of(ctx))
@@ -583,8 +583,8 @@ def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, 
     Exit codes: 0 finished, 3 finished with errors, 4 paused or work left, 130 interrupted,
     1 an error, 2 a usage error.
     """
-    from batchrun.hints import source_of
-    from batchrun.run import RunConfig, run_batch
+    from batchrun.ops.hints import source_of
+    from batchrun.ops.run import RunConfig, run_batch
 
     options = make_options(**kw)
     if request_timeout is not None:  # through the environment, which the worker processes inherit
@@ -611,9 +611,9 @@ def status(ctx, batch_id, redis_url, as_json, watch, every):
     """Where BATCH_ID's jobs are, its pace against the limits, its ETA and its cost."""
     import time
 
-    from batchrun import hints
-    from batchrun.collect import unserved_for
-    from batchrun.status import batch_status, describe as describe_status
+    from batchrun.ops import hints
+    from batchrun.ops.collect import unserved_for
+    from batchrun.ops.status import batch_status, describe as describe_status
 
     store, url = open_store(redis_url)
     tty = sys.stdout.isatty()
@@ -702,7 +702,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     """
     from pathlib import Path
 
-    from batchrun.hints import source_of
+    from batchrun.ops.hints import source_of
 
     _check_finite("--max-cost", max_cost)
     if not Path(target).is_file() and (output or target.endswith(".jsonl") or os.sep in target or "/" in target):
@@ -713,7 +713,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     if Path(target).is_file():
         if not output:
             fail("resume JOBS.jsonl needs -o RESULTS.jsonl: the results file to complete")
-        from batchrun.run import resume_config, run_batch
+        from batchrun.ops.run import resume_config, run_batch
 
         try:
             cfg, used = resume_config(target, output, errors, given, max_cost=max_cost, prices=prices, mock=mock,
@@ -724,7 +724,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
         except ValueError as exc:
             fail(str(exc))
         if used:
-            from batchrun import progress
+            from batchrun.ops import progress
 
             progress.note(f"resuming with the first run's settings: {used}")  # -q hides it
         try:
@@ -735,7 +735,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     if named:
         fail(f"{', '.join(named)} apply to `resume JOBS -o OUT` only; a batch in Redis keeps the options it "
              f"was submitted with")
-    from batchrun import hints
+    from batchrun.ops import hints
 
     batch_id = target
     store, url = open_store(redis_url)
@@ -757,7 +757,7 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
         store.set_max_cost(batch_id, max_cost)
         click.echo(f"batch {batch_id}: spending cap now " + (format_usd(max_cost) if max_cost else "none"))
     if prices:
-        from batchrun.pricing import PriceTable
+        from batchrun.policy.pricing import PriceTable
 
         try:
             table = PriceTable.from_json(meta["prices"]).with_file(prices) if meta.get("prices") \
@@ -807,7 +807,7 @@ def purge(batch_id, redis_url, yes):
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def limits(redis_url, as_json):
     """Each shared budget: configured limit, learnt limit, burst, calibration and what is available now."""
-    from batchrun.limiter import describe_budgets
+    from batchrun.state.limiter import describe_budgets
 
     store, _ = open_store(redis_url)
     budgets = describe_budgets(store)
@@ -843,8 +843,8 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
 
     Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
     """
-    from batchrun.estimate import estimate_file, render_text
-    from batchrun.pricing import PriceTable
+    from batchrun.ops.estimate import estimate_file, render_text
+    from batchrun.policy.pricing import PriceTable
 
     try:
         limits = Limits.parse(rpm, tpm)
@@ -876,7 +876,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
 
 
 def _add_mock_server() -> None:
-    from batchrun.mock_server import mock_server_command
+    from batchrun.mock.server import mock_server_command
 
     main.add_command(mock_server_command)
 
