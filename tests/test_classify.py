@@ -28,7 +28,7 @@ from batchrun.policy.classify import (
 NOW = 1_700_000_000.0
 URL = "https://api.openai.com/v1/chat/completions"
 
-# --- 429 bodies from REFERENCE.md -----------------------------------------------------------
+# --- 429 bodies seen from OpenAI and Azure -------------------------------------------------
 
 
 def _err(message, type_=None, code=None, param=None):
@@ -717,9 +717,9 @@ _SECRET_TEXT = st.text(alphabet="abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTU
 @settings(max_examples=200, deadline=None)
 @given(key=_SECRET_TEXT, password=_SECRET_TEXT, before=st.text(max_size=30), after=st.text(max_size=30))
 def test_any_configured_key_or_password_echoed_anywhere_is_redacted(key, password, before, after):
-    import batchrun.policy.classify as classify
+    import batchrun.policy.messages as messages  # the known secrets live with redact
 
-    known = set(classify._KNOWN_SECRETS)
+    known = set(messages._KNOWN_SECRETS)
     try:
         remember_secrets(key, f"https://user:{password}@gateway.example/v1")
         for secret in (key, password):
@@ -728,5 +728,5 @@ def test_any_configured_key_or_password_echoed_anywhere_is_redacted(key, passwor
             body = redact_response({"status_code": 400, "body": {"m": [before + secret]}})["body"]
             assert secret not in body["m"][0]
     finally:  # random "secrets" ("0000") must not redact other tests' messages
-        classify._KNOWN_SECRETS.clear()
-        classify._KNOWN_SECRETS.update(known)
+        messages._KNOWN_SECRETS.clear()
+        messages._KNOWN_SECRETS.update(known)

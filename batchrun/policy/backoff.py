@@ -270,7 +270,8 @@ def backoff_delay(
     Let ``ceiling = min(cap, base * factor ** (attempt - 1))``.
 
     Without a hint (None, zero, negative or not finite) — full jitter, which spreads
-    contending clients best (see REFERENCE.md)::
+    contending clients best (AWS Architecture Blog, "Exponential Backoff And Jitter": plain
+    exponential backoff does the most work and takes longest under contention)::
 
         delay = uniform(0, ceiling)
 
