@@ -26,7 +26,6 @@ from batchrun.policy import tokens  # noqa: E402
 from batchrun.policy.tokens import (  # noqa: E402
     DEFAULT_MAX_OUTPUT_TOKENS,
     TokenEstimate,
-    count_text,
     encoding_for,
     estimate_tokens,
     server_charge_estimate,
@@ -36,6 +35,11 @@ CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 EMBEDDINGS = "/v1/embeddings"
 RESPONSES = "/v1/responses"
+
+
+def count_text(text: str, model: str) -> int:
+    """Tokens of ``text`` alone, as the estimate counts them: an embeddings input has no framing."""
+    return estimate_tokens(EMBEDDINGS, {"model": model, "input": text}).input_tokens
 
 
 @pytest.fixture(autouse=True)

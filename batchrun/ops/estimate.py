@@ -40,9 +40,8 @@ from batchrun.policy.pricing import Price, PriceTable, worst_case_cost
 from batchrun.settings import Limits
 from batchrun.policy.tokens import DEFAULT_MAX_OUTPUT_TOKENS, encoding_for, estimate_tokens
 
-# Private on purpose in tokens.py, used here so that the estimate walks requests exactly as the
-# budget does instead of keeping a second copy of the rules.
-from batchrun.policy.tokens import _positive_int, _walk  # noqa: PLC2701
+# The walk the budget's estimate makes, so that this one counts requests exactly alike.
+from batchrun.policy.prompts import positive_int as _positive_int, walk_request as _walk
 
 __all__ = ["EstimateReport", "ModelEstimate", "count_tokens", "estimate_file", "render_text"]
 
