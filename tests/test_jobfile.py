@@ -9,11 +9,11 @@ from batchrun.files.jobfile import (
     Job,
     JobFileError,
     LineError,
-    _SeenIds,
     iter_jobs,
     read_jobs,
     validate_file,
 )
+from batchrun.files.seen_ids import SeenIds
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -49,7 +49,6 @@ def test_batch_api_line(tmp_path):
     jobs = list(iter_jobs(path))
     assert jobs[0] == Job("req-1", "POST", "/v1/chat/completions", json.loads(batch_line())["body"], 1)
     assert jobs[1].url == "/v1/responses" and jobs[1].line_no == 2
-    assert jobs[0].to_request_line() == json.loads(batch_line("req-1"))
 
 
 def test_bare_body_with_metadata_custom_id(tmp_path):
@@ -271,7 +270,7 @@ def test_memory_stays_small_on_a_large_file(tmp_path):
 
 
 def test_seen_ids_keeps_first_lines_across_growth():
-    seen = _SeenIds(capacity=4)
+    seen = SeenIds(capacity=4)
     for i in range(5_000):
         assert seen.add(f"id-{i}", i + 1) is None
     assert len(seen) == 5_000

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import redis
 
-from batchrun.files.jobfile import _SeenIds
+from batchrun.files.seen_ids import SeenIds
 from batchrun.files.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
 from batchrun.state.store import BatchStore
 
@@ -132,7 +132,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
                 on_note(note)
         # The custom_ids already written, as 24-byte digests rather than a set of strings: a
         # million outcomes would otherwise take ~100 MB here.
-        seen = _SeenIds()
+        seen = SeenIds()
         for path in (results_path, errors_path):
             for cid, line_id in iter_outcome_ids(path):
                 seen.add(cid, _tag(line_id))
