@@ -3,11 +3,15 @@ import multiprocessing
 import re
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchrun.files.outputs import (
     JsonlAppender,
+    OutcomeIds,
     OutputFileError,
     error_line,
+    outcome_ids,
     read_custom_ids,
     repair_truncated_tail,
     result_line,
@@ -311,3 +315,46 @@ def test_read_custom_ids_refuses_a_jobs_line_naming_file_and_line(tmp_path):
     with pytest.raises(OutputFileError, match=re.escape(f"{path}, line 2: not a result line (no response or "
                                                         f"error; it is a job line, with method, url, body)")):
         read_custom_ids(path)
+
+
+# --- outcome_ids: the ids of a result or error line, however it is spelled -------------------
+
+# Any text, lone surrogates included (json.dumps spells them as escapes; decoded they come back).
+_ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=20)
+_JSON_SPACE = st.text(" \t\r\n", max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(custom_id=_ANY_TEXT, line_id=_ANY_TEXT, ascii_only=st.booleans())
+def test_outcome_ids_of_the_lines_result_line_and_error_line_make(custom_id, line_id, ascii_only):
+    for record in (result_line(custom_id, status_code=200, request_id="req_1", body={"id": "decoy"}, line_id=line_id),
+                   error_line(custom_id, code="timeout", message="m", line_id=line_id)):
+        try:
+            text = json.dumps(record, ensure_ascii=ascii_only)
+            raw = text.encode("utf-8")
+        except UnicodeEncodeError:  # a lone surrogate has no UTF-8: such a line is never stored
+            continue
+        assert outcome_ids(raw) == OutcomeIds(custom_id, line_id or record["id"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(custom_id=_ANY_TEXT, line_id=_ANY_TEXT, data=st.data())
+def test_outcome_ids_take_keys_in_any_order_and_any_whitespace(custom_id, line_id, data):
+    # The body holds a line of its own, as result_line spells it, which must not be taken for this one.
+    decoy = json.dumps(result_line("decoy", status_code=200, request_id=None, body=None, line_id="decoy"))
+    record = {"id": line_id, "custom_id": custom_id, "error": None,
+              "response": {"status_code": 200, "request_id": None, "body": {"text": decoy, "line": json.loads(decoy)}}}
+    keys = data.draw(st.permutations(list(record)))
+    space = [data.draw(_JSON_SPACE) for _ in range(4 * len(keys) + 2)]
+    members = [f"{space[4 * i]}{json.dumps(k)}{space[4 * i + 1]}:{space[4 * i + 2]}{json.dumps(record[k])}"
+               f"{space[4 * i + 3]}" for i, k in enumerate(keys)]
+    raw = (space[-2] + "{" + ",".join(members) + "}" + space[-1]).encode()
+    assert outcome_ids(raw) == OutcomeIds(custom_id, line_id)
+
+
+def test_outcome_ids_of_odd_lines():
+    assert outcome_ids(b'{"custom_id": "a", "id": 7}') == OutcomeIds("a", None)
+    assert outcome_ids(b'{"custom_id": "a"}') == OutcomeIds("a", None)
+    for raw in (b'{"id": "x"}', b'{"custom_id": 3}', b'["custom_id"]', b"not json", b'{"custom_id": "a"'):
+        with pytest.raises(ValueError):
+            outcome_ids(raw)

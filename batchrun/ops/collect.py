@@ -9,7 +9,6 @@ Each file is locked while it is written, so two collectors cannot interleave.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,26 +16,12 @@ from pathlib import Path
 
 import redis
 
+from batchrun.files.outputs import JsonlAppender, iter_outcome_ids, outcome_ids, repair_truncated_tail
 from batchrun.files.seen_ids import SeenIds
-from batchrun.files.outputs import JsonlAppender, iter_outcome_ids, repair_truncated_tail
 from batchrun.state.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
 UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `collect --follow` says so
-
-
-# An outcome line starts as outputs.result_line / error_line make it: {"id": "batch_req_…", "custom_id": "…".
-_HEAD = re.compile(rb'\{"id": "([^"\\]*)", "custom_id": ("(?:[^"\\]|\\.)*")')
-
-
-def _ids(line: bytes) -> tuple[str, str | None]:
-    """The custom_id and line id of an outcome line, without decoding the whole line when it
-    starts as usual."""
-    m = _HEAD.match(line)
-    if m is not None:
-        return json.loads(m.group(2)), m.group(1).decode()
-    obj = json.loads(line)
-    return obj["custom_id"], obj.get("id")
 
 
 def _tag(line_id: str | None) -> int:
@@ -130,12 +115,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
             note = repair_truncated_tail(path)
             if note:
                 on_note(note)
-        # The custom_ids already written, as 24-byte digests rather than a set of strings: a
-        # million outcomes would otherwise take ~100 MB here.
-        seen = SeenIds()
-        for path in (results_path, errors_path):
-            for cid, line_id in iter_outcome_ids(path):
-                seen.add(cid, _tag(line_id))
+        seen = _outcomes_in(results_path, errors_path)
         # Where this collector is in the outcome list, and the outcome it read last there. A
         # Redis that lost the list's tail (AOF tail loss, failover to a replica behind) and
         # then got new outcomes has other ones at these places: if the last one read is not
@@ -152,24 +132,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
                 if page:
                     offset += len(page)
                     last = page[-1]
-                    for raw in page:
-                        kind, line = raw[:1], raw[1:]
-                        cid, line_id = _ids(line)
-                        tag = _tag(line_id)
-                        there = seen.add(cid, tag)
-                        if there is not None:
-                            report.already_there += 1
-                            report.other_there += there != tag
-                            continue
-                        sink = out if kind == b"R" else err
-                        if line.isascii() and b"\n" not in line and b"\r" not in line:
-                            sink.write_line(line)  # as the worker serialised it: no decoding again
-                        else:
-                            sink.write(json.loads(line))
-                        if kind == b"R":
-                            report.results_written += 1
-                        else:
-                            report.errors_written += 1
+                    _write_page(page, seen, out, err, report)
                     if len(page) == PAGE:
                         continue
                 out.flush()
@@ -192,3 +155,38 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
                 break
             time.sleep(poll)
     return report
+
+
+def _outcomes_in(results_path: str, errors_path: str) -> SeenIds:
+    """The outcomes the files already hold: custom_id -> _tag of its line id."""
+    # As 24-byte digests rather than a set of strings: a million outcomes would otherwise take
+    # ~100 MB here.
+    seen = SeenIds()
+    for path in (results_path, errors_path):
+        for cid, line_id in iter_outcome_ids(path):
+            seen.add(cid, _tag(line_id))
+    return seen
+
+
+def _write_page(page: list[bytes], seen: SeenIds, out: JsonlAppender, err: JsonlAppender,
+                report: CollectReport) -> None:
+    """Append the outcomes of one page ("R" or "E", then the line) that the files lack, counting
+    into ``report``."""
+    for raw in page:
+        kind, line = raw[:1], raw[1:]
+        cid, line_id = outcome_ids(line)
+        tag = _tag(line_id)
+        there = seen.add(cid, tag)
+        if there is not None:
+            report.already_there += 1
+            report.other_there += there != tag
+            continue
+        sink = out if kind == b"R" else err
+        if line.isascii() and b"\n" not in line and b"\r" not in line:
+            sink.write_line(line)  # as the worker serialised it: no decoding again
+        else:
+            sink.write(json.loads(line))
+        if kind == b"R":
+            report.results_written += 1
+        else:
+            report.errors_written += 1
