@@ -149,6 +149,8 @@ def clear_cache() -> None:
 
 
 def _fallback_count(text: str) -> int:
+    """ceil(len / 3): over-counts English prose, though dense code and non-Latin scripts can still
+    exceed it (Russian runs ~1 token per 2 chars in cl100k_base)."""
     return -(-len(text) // _FALLBACK_CHARS_PER_TOKEN)  # ceil without floats
 
 
@@ -215,8 +217,8 @@ def server_charge_estimate(
 
     OpenAI does not tokenise at admission; it is believed to estimate ~4 characters per
     token. Message framing and images/audio/files are left out, since how the server
-    prices them there is unknown. Useful as a second opinion when calibrating
-    estimate_tokens against the x-ratelimit-remaining-tokens headers.
+    prices them there is unknown. The budget counts a request's input as the larger of
+    this and estimate_tokens' input.
     """
     prompt, output_tokens = walk_request(url, body, default_max_output)
     chars = sum(len(text) for text in prompt.texts)
