@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
 from typing import NamedTuple
 
 # Re-exported: callers open and check the files with the lines.
@@ -45,14 +46,15 @@ def read_custom_ids(path: str | os.PathLike) -> set[str]:
     return set(iter_custom_ids(path))
 
 
-def iter_custom_ids(path: str | os.PathLike):
+def iter_custom_ids(path: str | os.PathLike) -> Iterator[str]:
     """The custom_ids of a results or errors file, one line at a time (see ``read_custom_ids``)."""
     for custom_id, _ in iter_outcome_ids(path):
         yield custom_id
 
 
-def iter_outcome_ids(path: str | os.PathLike):
-    """(custom_id, line id or None) of each line of a results or errors file (see ``read_custom_ids``)."""
+def iter_outcome_ids(path: str | os.PathLike) -> Iterator[OutcomeIds]:
+    """The OutcomeIds (custom_id, line id or None) of each line of a results or errors file (see
+    ``read_custom_ids``)."""
     name = os.fsdecode(path)
     try:
         f = open(path, "rb")
@@ -86,8 +88,7 @@ def iter_outcome_ids(path: str | os.PathLike):
                        if any(k in obj for k in ("method", "url", "body")) else "")
                     + "); is this the right file? Give -o a results file, or a new one"
                 )
-            line_id = obj.get("id")
-            yield custom_id, line_id if isinstance(line_id, str) else None
+            yield OutcomeIds(custom_id, _line_id(obj))
 
 
 def repair_truncated_tail(path: str | os.PathLike) -> str | None:
@@ -210,8 +211,12 @@ def outcome_ids(line: bytes) -> OutcomeIds:
     custom_id = obj.get("custom_id") if isinstance(obj, dict) else None
     if not isinstance(custom_id, str):
         raise ValueError(f"not a result or error line (no custom_id): {line[:80]!r}")
-    line_id = obj.get("id")
-    return OutcomeIds(custom_id, line_id if isinstance(line_id, str) else None)
+    return OutcomeIds(custom_id, _line_id(obj))
+
+
+def _line_id(line: dict) -> str | None:
+    line_id = line.get("id")
+    return line_id if isinstance(line_id, str) else None
 
 
 _random_hex: list[str] = []
