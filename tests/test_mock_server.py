@@ -23,13 +23,8 @@ import openai  # noqa: E402
 import tiktoken  # noqa: E402
 from click.testing import CliRunner  # noqa: E402
 
-from batchrun.mock.server import (  # noqa: E402
-    MockConfig,
-    MockServerThread,
-    go_duration,
-    mock_server_command,
-    reply_text,
-)
+from batchrun.cli.mock import mock_server_command  # noqa: E402
+from batchrun.mock import MockConfig, MockServerThread, go_duration, reply_text  # noqa: E402
 
 HI = [{"role": "user", "content": "hi"}]
 DOCS = "Visit https://platform.openai.com/account/rate-limits to learn more."
