@@ -33,7 +33,7 @@ import redis
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from batchrun.mock.server import MockConfig, MockServerThread, reply_text  # noqa: E402
+from batchrun.mock import MockConfig, MockServerThread, reply_text  # noqa: E402
 
 
 def free_port() -> int:

@@ -8,7 +8,7 @@ import sys
 import threading
 from pathlib import Path
 
-from batchrun.mock.server import reply_text
+from batchrun.mock import reply_text
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -37,7 +37,7 @@ def test_a_lost_machine_is_the_worker_and_its_work_horse_and_both_are_gone(spawn
     import chaos
     import redis
 
-    from batchrun.mock.server import MockConfig, MockServerThread
+    from batchrun.mock import MockConfig, MockServerThread
     from tests.helpers import batchrun_cmd, cli_env, write_jobs
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 300)

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from batchrun.mock.server import MockConfig, MockServerThread
+from batchrun.mock import MockConfig, MockServerThread
 from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
 from tests.hostile import HostileServer, Reply, error_body, ok, rate_limit_body
 

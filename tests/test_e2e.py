@@ -12,7 +12,7 @@ import time
 import pytest
 
 from batchrun.ops.collect import collect
-from batchrun.mock.server import MockConfig, MockServerThread
+from batchrun.mock import MockConfig, MockServerThread
 from batchrun.settings import BatchOptions, CircuitPolicy, Limits, WorkerSettings
 from batchrun.state.store import BatchStore
 from batchrun.ops.submit import submit_file

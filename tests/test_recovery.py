@@ -12,7 +12,7 @@ import time
 import pytest
 import redis
 
-from batchrun.mock.server import MockConfig, MockServerThread
+from batchrun.mock import MockConfig, MockServerThread
 from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
 
 pytestmark = pytest.mark.redis

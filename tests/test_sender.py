@@ -16,7 +16,7 @@ from openai import AsyncOpenAI
 from openai._models import FinalRequestOptions
 
 from batchrun.policy.classify import classify_exception
-from batchrun.mock.server import MockConfig, MockServerThread, reply_text
+from batchrun.mock import MockConfig, MockServerThread, reply_text
 from batchrun.runner.sender import LeanAsyncOpenAI, StreamTruncated, make_client, send
 from batchrun.settings import WorkerSettings
 

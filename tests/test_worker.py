@@ -20,7 +20,7 @@ from rq.registry import FailedJobRegistry
 from rq.serializers import JSONSerializer
 
 from batchrun.state import keys
-from batchrun.mock.server import MockConfig, MockServerThread
+from batchrun.mock import MockConfig, MockServerThread
 from batchrun.settings import WorkerSettings
 from batchrun.runner.worker import BatchJob, RefusedJob, refusal
 from tests.helpers import ROOT, batchrun_cmd, check_exactly_once, cli_env, read_lines, run_thread_worker, write_jobs

@@ -876,7 +876,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
 
 
 def _add_mock_server() -> None:
-    from batchrun.mock.server import mock_server_command
+    from batchrun.cli.mock import mock_server_command
 
     main.add_command(mock_server_command)
 

@@ -82,7 +82,7 @@ def run_batch(cfg: RunConfig) -> int:
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
         if cfg.mock:
-            from batchrun.mock.server import MockConfig, MockServerThread
+            from batchrun.mock import MockConfig, MockServerThread
 
             server = stack.enter_context(MockServerThread(MockConfig()))
             settings.base_url, settings.api_key = server.base_url, settings.api_key or "sk-mock"
