@@ -97,7 +97,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     if not options.shard_size:
         options = dataclasses.replace(options, shard_size=auto_shard_size(valid))
     existing = store.meta(batch_id)
-    table = merged_prices(existing.get("prices"), prices)  # jobs added to a batch: its own table, updated
+    table = merged_prices(existing.get("prices"), prices)  # jobs added to a batch: its own table, updated by a new file
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(path, endpoint, table)
     _check_limit_models(path, endpoint, options)
