@@ -393,10 +393,11 @@ def test_cli_text(tmp_path):
     assert "gpt-4o-mini: 2 jobs (/v1/completions)" in out
     assert "input tokens    4,000 (tiktoken)" in out
     assert "output tokens   at most 1,250; typical 300 (100 per answer)" in out
-    assert "cost            $0.01 (typical) to $0.02 (every answer at its maximum)" in out  # 0.0104 / 0.018
+    # money and durations as `status` writes them (batchrun.text)
+    assert "cost            $0.0104 (typical) to $0.0180 (every answer at its maximum)" in out
     # 2 requests at 4 RPM: 0.5 min = 30 s; 5250 tokens at 5250 TPM: 1.0 min (each job fits in 5250)
-    assert ("shortest time   1.0 min, TPM binds "
-            "(2 requests at 4 RPM: 30 s; 5,250 tokens charged at 5,250 TPM: 1.0 min)") in out
+    assert ("shortest time   1 min 00 s, TPM binds "
+            "(2 requests at 4 RPM: 30 s; 5,250 tokens charged at 5,250 TPM: 1 min 00 s)") in out
     assert res.stderr == ""
 
 

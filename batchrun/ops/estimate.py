@@ -21,7 +21,6 @@ calls has to win the GIL back from the reader. The sums are the same as calling
 from __future__ import annotations
 
 import logging
-import math
 import multiprocessing
 import operator
 import os
@@ -38,6 +37,7 @@ import tiktoken
 from batchrun.files.jobfile import Job, LineError, iter_jobs
 from batchrun.policy.pricing import Price, PriceTable, worst_case_cost
 from batchrun.settings import Limits
+from batchrun.text import format_duration, format_usd, plural
 from batchrun.policy.tokens import DEFAULT_MAX_OUTPUT_TOKENS, encoding_for, estimate_tokens
 
 # The walk the budget's estimate makes, so that this one counts requests exactly alike.
@@ -509,9 +509,9 @@ def render_text(report: EstimateReport) -> str:
 
 def _headline(report: EstimateReport) -> str:
     n = len(report.models)
-    head = f"{report.path}: {report.jobs:,} job{_s(report.jobs)} for {n} model{_s(n)}"
+    head = f"{report.path}: {report.jobs:,} job{plural(report.jobs)} for {n} model{plural(n)}"
     if report.invalid_lines:
-        head += (f"; {report.invalid_lines:,} invalid line{_s(report.invalid_lines)} skipped "
+        head += (f"; {report.invalid_lines:,} invalid line{plural(report.invalid_lines)} skipped "
                  "(listed on stderr) and not counted")
     return head
 
@@ -523,7 +523,7 @@ def _model_lines(m: ModelEstimate, typical: int | None) -> list[str]:
     if m.typical_output_tokens is not None and m.max_output_tokens:
         output += f"; typical {m.typical_output_tokens:,} ({typical:,} per answer)"
     lines = [
-        f"{m.model}: {m.jobs:,} job{_s(m.jobs)} ({urls})",
+        f"{m.model}: {m.jobs:,} job{plural(m.jobs)} ({urls})",
         f"  input tokens    {m.input_tokens:,} ({how})",
         f"  output tokens   {output}",
         f"  cost            {_cost_range(m)}",
@@ -531,7 +531,7 @@ def _model_lines(m: ModelEstimate, typical: int | None) -> list[str]:
     if m.too_large_jobs:
         shown = ", ".join(f"{cid} (line {line}, {tokens:,} tokens)" for line, cid, tokens in m.too_large[:3])
         more = f" and {m.too_large_jobs - 3:,} more" if m.too_large_jobs > 3 else ""
-        lines.append(f"  can never fit   {m.too_large_jobs:,} job{_s(m.too_large_jobs)} need more than the "
+        lines.append(f"  can never fit   {m.too_large_jobs:,} job{plural(m.too_large_jobs)} need more than the "
                      f"{m.tpm:,} TPM limit at once: {shown}{more}; `run` fails them (request_too_large), "
                      f"and the time below leaves them out")
     if m.minutes is not None and m.too_large_jobs < m.jobs:
@@ -543,7 +543,7 @@ def _cost_range(m: ModelEstimate) -> str:
     if m.price is None:
         return "no price known (add it with --prices FILE)"
     low_label = "typical" if m.typical_output_tokens is not None else "input alone"
-    return (f"{_usd(m.cost_low)} ({low_label}) to {_usd(m.cost_high)} (every answer at its maximum); "
+    return (f"{format_usd(m.cost_low)} ({low_label}) to {format_usd(m.cost_high)} (every answer at its maximum); "
             f"per 1M tokens: input {m.price.input:g}, output {m.price.output:g}")
 
 
@@ -552,11 +552,11 @@ def _limits_line(m: ModelEstimate) -> str:
     jobs = m.jobs - m.too_large_jobs
     charged = m.tokens_charged - m.too_large_tokens
     if m.rpm:
-        parts.append(f"{jobs:,} requests at {m.rpm:,} RPM: {_duration(jobs / m.rpm)}")
+        parts.append(f"{jobs:,} requests at {m.rpm:,} RPM: {format_duration(jobs / m.rpm * 60)}")
     if m.tpm:
-        parts.append(f"{charged:,} token{_s(charged)} charged at {m.tpm:,} TPM: "
-                     f"{_duration(charged / m.tpm)}")
-    return f"{_duration(m.minutes)}, {m.binding_limit.upper()} binds ({'; '.join(parts)})"
+        parts.append(f"{charged:,} token{plural(charged)} charged at {m.tpm:,} TPM: "
+                     f"{format_duration(charged / m.tpm * 60)}")
+    return f"{format_duration(m.minutes * 60)}, {m.binding_limit.upper()} binds ({'; '.join(parts)})"
 
 
 def _total_lines(report: EstimateReport) -> list[str]:
@@ -568,7 +568,7 @@ def _total_lines(report: EstimateReport) -> list[str]:
     ]
     priced = [m for m in report.models if m.price is not None]
     if priced:
-        cost = f"{_usd(report.cost_low)} to {_usd(report.cost_high)}"
+        cost = f"{format_usd(report.cost_low)} to {format_usd(report.cost_high)}"
         if report.unpriced_models:
             cost += f" (without {', '.join(report.unpriced_models)}: no price known)"
         lines.append(f"  cost            {cost}")
@@ -577,7 +577,7 @@ def _total_lines(report: EstimateReport) -> list[str]:
         note = f"{slowest.model} sets it: each model has its own limits, and they run side by side"
         if report.models_without_limits:
             note += f"; no limit given for {', '.join(report.models_without_limits)}"
-        lines.append(f"  shortest time   {_duration(slowest.minutes)} ({note})")
+        lines.append(f"  shortest time   {format_duration(slowest.minutes * 60)} ({note})")
     return lines
 
 
@@ -588,25 +588,3 @@ def _hints(report: EstimateReport) -> list[str]:
     if report.slowest is None and report.models:
         hints.append("add --tpm/--rpm (N, or MODEL=N) to see the shortest time your rate limits allow")
     return [""] + hints if hints else []
-
-
-def _s(n: int) -> str:
-    return "" if n == 1 else "s"
-
-
-def _usd(amount: float) -> str:
-    if amount == 0 or amount >= 0.01:
-        return f"${amount:,.2f}"
-    if amount < 0.000001:
-        return "<$0.000001"
-    return f"${amount:.6f}"  # fractions of a cent stay visible
-
-
-def _duration(minutes: float) -> str:
-    if minutes < 1:
-        return f"{math.ceil(minutes * 60)} s"
-    if minutes < 120:
-        return f"{minutes:.1f} min"
-    if minutes < 48 * 60:
-        return f"{minutes / 60:.1f} h"
-    return f"{minutes / (24 * 60):.1f} days"

@@ -8,8 +8,10 @@ import time
 import redis
 from tqdm import tqdm
 
-from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, format_usd, pace
+from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, pace
+from batchrun.state.jobcounts import jobs_ended
 from batchrun.state.store import BatchStore
+from batchrun.text import format_usd
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
 REFRESH = 1.0  # seconds between reads of the batch's status
@@ -55,7 +57,7 @@ class Progress:
         except (redis.ConnectionError, redis.TimeoutError, LookupError):
             return  # the display waits; collecting carries on (or says what is wrong)
         j = st["jobs"]
-        ended = j["done"] + j["failed"]
+        ended = jobs_ended(j)
         if self._initial is None:  # jobs ended before this display began (a run continued) are no rate
             self._initial = ended
             if self.bar is not None:

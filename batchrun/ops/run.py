@@ -27,7 +27,9 @@ from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
 from batchrun.ops.progress import Progress, note
+from batchrun.ops.resume import paused_at_cap, set_cap
 from batchrun.settings import BatchOptions, WorkerSettings, set_worker_settings
+from batchrun.state.jobcounts import jobs_left
 from batchrun.state.store import BatchStore
 from batchrun.ops.submit import submit_file
 
@@ -144,7 +146,7 @@ def run_batch(cfg: RunConfig) -> int:
                 click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
             counts = store.counts(bid)
             click.echo(_summary(cfg, errors_path, written, skip)
-                       + f"; {counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
+                       + f"; {jobs_left(counts)} job(s) not done", err=True)
             _print_resume(cfg, bid, errors_path, store)
             return Exit.INTERRUPTED
         if store.meta(bid).get("state") != "finished":
@@ -226,7 +228,7 @@ def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None
     _apply_new_cap(store, bid, cfg.options.max_cost)
     meta = store.meta(bid)
     if meta.get("state") == "paused":
-        if "past its --max-cost" in (meta.get("reason") or ""):
+        if paused_at_cap(meta):
             raise ValueError(f"batch {bid} is paused at its spending cap; give a higher one with --max-cost USD")
         store.resume(bid)  # a pause for the account (quota, key): the user runs it again once fixed
 
@@ -258,12 +260,8 @@ def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:
     meta = store.meta(bid)
     if not max_cost or float(meta.get("max_cost") or 0) == max_cost:
         return
-    committed = store.committed_cost(bid)
-    if max_cost <= committed:
-        raise ValueError(f"batch {bid} has already spent or set aside ${committed:.4f}; a cap of ${max_cost:.4f} "
-                         f"would pause it again at once")
-    store.set_max_cost(bid, max_cost)
-    if meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
+    set_cap(store, bid, max_cost)  # CapTooLow (a ValueError) when it would pause the batch again at once
+    if paused_at_cap(meta):
         store.resume(bid)
 
 

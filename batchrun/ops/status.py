@@ -8,16 +8,14 @@ from __future__ import annotations
 from batchrun.state.limiter import stored_number
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
+from batchrun.state.jobcounts import jobs_ended, jobs_left
 from batchrun.state.store import BatchStore
+from batchrun.text import format_duration, format_usd
 
 WINDOW = 60  # seconds of recent counts behind the rates and the ETA
 # Per-minute rates need this much of a window: over the first seconds of a batch, the server's
 # start burst scaled to a minute reads as several times the limit.
 MIN_RATE_SECONDS = 30
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 def _float(meta: dict, name: str) -> float:
@@ -39,8 +37,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     span = max(1.0, min(span, now - created)) if created else max(1.0, span)
     per_minute = 60.0 / span
 
-    ended = jobs["done"] + jobs["failed"]
-    remaining = max(0, jobs["total"] - ended)
+    remaining = jobs_left(jobs)
     rate = recent.get("ended", 0) / span  # jobs per second, recently
     state = meta.get("state", "")
     if state == "finished" or remaining == 0:
@@ -130,30 +127,10 @@ def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minut
     return out
 
 
-def format_duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "unknown"
-    seconds = int(round(seconds))
-    if seconds < 60:
-        return f"{seconds} s"
-    if seconds < 3600:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-
-
-def format_usd(value: float) -> str:
-    """Dollars with enough digits that a tiny non-zero sum does not read as $0.0000."""
-    import math
-
-    if 0 < value < 0.0001:
-        return f"${value:.{1 - math.floor(math.log10(value))}f}"
-    return f"${value:.4f}" if value < 10 else f"${value:,.2f}"
-
-
 def eta_phrase(status: dict) -> str | None:
     """When the batch ends, in words (None once it has ended): never "unknown" without a reason."""
     j, state = status["jobs"], status["state"]
-    if state in ("finished", "cancelled") or j["done"] + j["failed"] >= j["total"]:
+    if state in ("finished", "cancelled") or not jobs_left(j):
         return None
     if state == "paused":
         return "no end in sight while paused"
@@ -174,8 +151,7 @@ def pace(m: dict) -> tuple[str, str]:
 def describe(status: dict) -> list[str]:
     """`batchrun status` for a person: a few lines."""
     j, lm, tot, cost = status["jobs"], status["last_minute"], status["totals"], status["cost"]
-    ended = j["done"] + j["failed"]
-    share = f" ({100 * ended / j['total']:.0f} %)" if j["total"] else ""
+    share = f" ({100 * jobs_ended(j) / j['total']:.0f} %)" if j["total"] else ""
     lines = [f"batch {status['batch_id']}: {status['state']}" + (f" — {status['reason']}" if status["reason"] else "")]
     if status["state"] == "cancelled":  # what was queued will not be sent
         lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, "

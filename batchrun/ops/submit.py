@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 
 from batchrun.state import keys
 from batchrun.files.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
+from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, auto_shard_size
+from batchrun.state.jobcounts import jobs_left
 from batchrun.state.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
@@ -95,11 +97,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     if not options.shard_size:
         options = dataclasses.replace(options, shard_size=auto_shard_size(valid))
     existing = store.meta(batch_id)
-    if existing.get("prices"):  # jobs added to a batch: its own table, updated by a new price file
-        table = PriceTable.from_json(existing["prices"])
-        table = table.with_file(prices) if prices else table
-    else:
-        table = PriceTable.load(prices)
+    table = merged_prices(existing.get("prices"), prices)  # jobs added to a batch: its own table, updated by a new file
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(path, endpoint, table)
     _check_limit_models(path, endpoint, options)
@@ -146,7 +144,7 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
         store.reopen(batch_id)
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
-    if total == int(meta.get("done", 0)) + int(meta.get("failed", 0)):
+    if not jobs_left(meta):
         store.set_state(batch_id, "finished", only_from=("running",))  # an empty file, or all of it done before
     elif meta.get("state") == "running":
         # Every shard with work left gets a runner, not only those that got new jobs: a submit

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from batchrun.state import keys
+from batchrun.state.jobcounts import jobs_left
 from batchrun.state.limiter import release_held
 from batchrun.state.store import BatchStore
 
@@ -37,7 +38,6 @@ def work_left(store: BatchStore) -> bool:
     """Is any running batch unfinished? (what `worker --burst` waits for)."""
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("state") == "running" and \
-                int(meta.get("done", 0)) + int(meta.get("failed", 0)) < int(meta.get("total", 0)):
+        if meta.get("state") == "running" and jobs_left(meta):
             return True
     return False

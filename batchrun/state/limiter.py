@@ -28,6 +28,7 @@ from batchrun.state import keys
 from batchrun.runner.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.state.store import BatchStore
+from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
 
 HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone...
@@ -94,10 +95,6 @@ def stored_number(value: object) -> float:
     except ValueError:
         return 0.0
     return number if math.isfinite(number) else 0.0
-
-
-def _s(x) -> str:
-    return x.decode() if isinstance(x, bytes) else str(x)
 
 
 class SharedLimiter:

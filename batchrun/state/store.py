@@ -15,6 +15,7 @@ from rq.serializers import JSONSerializer
 from batchrun.state import keys
 from batchrun.state.scripts import Scripts
 from batchrun.settings import BatchOptions
+from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
 
 RUN_SHARD = "batchrun.runner.shard.run_shard"
@@ -36,10 +37,6 @@ class Lease:
     now_ms: int  # Redis server time when the lease was taken
     jobs: list[LeasedJob]
     max_cost: float = 0.0  # the batch's spending cap now (0: none)
-
-
-def _s(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 class BatchStore:

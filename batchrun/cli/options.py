@@ -1,0 +1,132 @@
+"""Options several commands share, their types, and the checks of what the user gave."""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+from batchrun.settings import MAX_SHARD_SIZE, BatchOptions, Limits
+from batchrun.state.connections import ENV_URL, check_url
+from batchrun.state.store import BatchStore
+
+
+def _check_redis_url(ctx, param, value):
+    problem = check_url(value) if value else None
+    if problem:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return value
+
+
+class Number(click.FloatRange):
+    """A FloatRange that also refuses NaN and the infinities (which pass its range checks)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return rv
+
+
+redis_option = click.option("--redis-url", envvar=ENV_URL, default=None, callback=_check_redis_url,
+                            help=f"Redis that keeps the batches (env {ENV_URL}); `run` without one uses an "
+                                 "in-process Redis.")
+
+
+def batch_options(f):
+    """Options stored with a batch (submit and run)."""
+    opts = [
+        click.option("--rpm", multiple=True, metavar="[MODEL=]N", help="Requests per minute (per model, or bare for all)."),
+        click.option("--tpm", multiple=True, metavar="[MODEL=]N", help="Tokens per minute (per model, or bare for all)."),
+        click.option("--max-attempts", type=click.IntRange(1), default=10, show_default=True,
+                     help="Attempts per job before it goes to the errors file."),
+        click.option("--backoff-base", type=Number(0), default=1.0, show_default=True,
+                     help="First retry waits up to this many seconds (full jitter)."),
+        click.option("--backoff-cap", type=Number(0, min_open=True), default=60.0, show_default=True,
+                     help="Longest wait before a retry, in seconds; a server's longer wait hint is capped to "
+                          "it (a 429 asking for longer pauses the batch)."),
+        click.option("--give-up-after", type=Number(0, 86400, min_open=True), default=300.0,
+                     show_default=True, metavar="S",
+                     help="Pause the batch when the server has not answered (or only with 5xx) for S seconds."),
+        click.option("--shard-size", type=click.IntRange(0, MAX_SHARD_SIZE), default=0,
+                     help="Jobs per shard (the unit RQ hands to a worker), at most 1,000,000; default: a "
+                          "quarter of the file, within 1,000 to 10,000."),
+        click.option("--burst-seconds", type=Number(0), default=0.0, show_default=True,
+                     help="Burst the budget allows, in seconds' worth of the limit; 0: what the server's "
+                          "headers show (one second's worth until they do)."),
+        click.option("--max-cost", type=Number(0), default=0.0, metavar="USD",
+                     help="Hard spending cap: the batch pauses before a job could take it past this "
+                          "(requests in flight counted at their worst case); 0: no cap."),
+        click.option("--prices", type=click.Path(exists=True, dir_okay=False), default=None, envvar="BATCHRUN_PRICES",
+                     help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
+        click.option("--keep-days", type=Number(0, min_open=True), default=7.0, show_default=True,
+                     help="Days a finished or cancelled batch's data stays in Redis."),
+        click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
+        click.option("--endpoint", default="/v1/chat/completions", show_default=True,
+                     help="URL for lines that are bare request bodies."),
+        click.option("--skip-invalid", is_flag=True, help="Submit the valid lines of a file that has invalid ones."),
+    ]
+    for opt in reversed(opts):
+        f = opt(f)
+    return f
+
+
+def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
+                 keep_days, give_up_after=300.0) -> BatchOptions:
+    try:
+        limits = Limits.parse(rpm, tpm)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    check_finite("--max-cost", max_cost)
+    options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
+                           shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
+                           give_up_seconds=give_up_after, limits=limits)
+    problems = options.problems()
+    if problems:
+        raise click.UsageError("; ".join(problems))
+    return options
+
+
+# What the user may have typed for a stored batch option: (option, BatchOptions field).
+_STORED = (("--max-attempts", "max_attempts"), ("--backoff-base", "backoff_base"), ("--backoff-cap", "backoff_cap"),
+           ("--shard-size", "shard_size"), ("--burst-seconds", "burst_seconds"), ("--keep-days", "keep_days"),
+           ("--give-up-after", "give_up_seconds"), ("--max-cost", "max_cost"))
+
+
+def _show_limits(by_model: dict[str, int]) -> str:
+    return " ".join(f"{m}={v}" if m != "*" else str(v) for m, v in sorted(by_model.items())) or "none"
+
+
+def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: BatchOptions, *,
+                            cap_applies: bool) -> None:
+    """A batch keeps the options it was submitted with: a new submit that gives other values
+    for them is refused (rather than ignored), naming each. Options left at their defaults
+    are not compared, so `run … --batch-id ID` (the printed resume command) still works.
+    ``cap_applies``: the command gives an existing batch the new --max-cost (run does)."""
+    if not batch_id or not store.exists(batch_id):
+        return
+    ctx = click.get_current_context()
+    given = {name for name in ctx.params if ctx.get_parameter_source(name) != click.core.ParameterSource.DEFAULT}
+    stored = store.options(batch_id)
+    changed = []
+    for option, name in _STORED:
+        if option[2:].replace("-", "_") not in given or (name == "max_cost" and cap_applies):
+            continue
+        if getattr(options, name) != getattr(stored, name):
+            changed.append(f"{option} {getattr(options, name):g} (it has {getattr(stored, name):g})")
+    for kind in ("rpm", "tpm"):
+        mine = {m: e[kind] for m, e in options.limits.by_model.items() if kind in e}
+        theirs = {m: e[kind] for m, e in stored.limits.by_model.items() if e.get(kind)}
+        if kind in given and mine != theirs:
+            changed.append(f"--{kind} {_show_limits(mine)} (it has {_show_limits(theirs)})")
+    if changed:
+        cap = f"; change its spending cap with: batchrun resume {batch_id} --max-cost USD" \
+            if any(c.startswith("--max-cost") for c in changed) else ""
+        raise click.UsageError(f"batch {batch_id} exists with other settings: {', '.join(changed)}; a batch keeps "
+                               f"the settings it was submitted with: leave these options out to add jobs to it, "
+                               f"or give a new --batch-id{cap}")
+
+
+def check_finite(name: str, value: float | None) -> None:
+    if value is not None and not math.isfinite(value):
+        raise click.BadParameter(f"{name} must be a number of dollars, not {value}")
