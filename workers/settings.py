@@ -1,3 +1,3 @@
 """RQ settings for ``rq worker -c workers.settings`` from a checkout: see batchrun.runner.rq_settings."""
 
-from batchrun.runner.rq_settings import *  # noqa: F401,F403
+from batchrun.runner.rq_settings import QUEUES, REDIS_URL  # noqa: F401  (read by rq, by name)
