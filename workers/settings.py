@@ -1,3 +1,5 @@
 """RQ settings for ``rq worker -c workers.settings`` from a checkout: see batchrun.runner.rq_settings."""
 
-from batchrun.runner.rq_settings import QUEUES, REDIS_URL  # noqa: F401  (read by rq, by name)
+from batchrun.runner.rq_settings import QUEUES, REDIS_URL
+
+__all__ = ["QUEUES", "REDIS_URL"]  # read by rq, by name
