@@ -1,9 +1,9 @@
 """The layers batchrun's folders name, checked from the imports themselves (ast, nothing imported).
 
 From the bottom: policy/ and files/ (pure rules and file formats), state/ (Redis), runner/ (the
-workers' side), ops/ (what a command does), cli/ (click). A layer imports only from below it;
-mock/ (a test server) is used by nobody in the library. Imports inside functions count too:
-a lazy import is still a dependency.
+workers' side), ops/ (what a command does), cli/ (click). A layer imports only from below it,
+and none of policy/, files/ or state/ imports mock/ (the test server). Imports inside functions,
+and those under TYPE_CHECKING, count too: a lazy import is still a dependency.
 """
 
 from __future__ import annotations
