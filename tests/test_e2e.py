@@ -301,7 +301,8 @@ def test_expected_trouble_is_one_sentence_not_a_stack_trace(tmp_path):
 
 @pytest.mark.redis
 def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
-    """`rq worker -c workers.settings -S json -w batchrun.runner.worker.BatchWorker --burst`, as the README shows."""
+    """`rq worker -c batchrun.runner.rq_settings -S json -w batchrun.runner.worker.BatchWorker --burst`, as the
+    README shows, from outside a checkout (the settings module is installed with the package)."""
     import shutil
 
     jobs = write_jobs(tmp_path / "jobs.jsonl", 60)
@@ -311,8 +312,8 @@ def test_the_plain_rq_command_runs_batchrun_workers(real_redis_url, tmp_path):
         sub = subprocess.run(batchrun_cmd("submit", str(jobs), "--shard-size", "20", "--backoff-base", "0.1"),
                              env=env, capture_output=True, text=True, timeout=60)
         batch_id = sub.stdout.split()[-1]
-        worker = subprocess.run([rq, "worker", "-c", "workers.settings", "-S", "json", "-w",
-                                 "batchrun.runner.worker.BatchWorker", "--burst"], env=env, cwd=ROOT,
+        worker = subprocess.run([rq, "worker", "-c", "batchrun.runner.rq_settings", "-S", "json", "-w",
+                                 "batchrun.runner.worker.BatchWorker", "--burst"], env=env, cwd=tmp_path,
                                 capture_output=True, text=True, timeout=120)
         assert worker.returncode == 0, worker.stderr
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"

@@ -30,11 +30,12 @@ if (Path(__file__).resolve().parents[2] / "shared" / "tiktoken_cache").is_dir():
 
 from click.testing import CliRunner  # noqa: E402
 
-from batchrun.ops import estimate  # noqa: E402
+from batchrun.ops import estimate, token_count  # noqa: E402
 
 from batchrun.policy import tokens
 from batchrun.cli.main import main  # noqa: E402
-from batchrun.ops.estimate import estimate_file, render_text, shortest_minutes  # noqa: E402
+from batchrun.cli.estimate_text import render_text  # noqa: E402
+from batchrun.ops.estimate import estimate_file, shortest_minutes  # noqa: E402
 from batchrun.policy.pricing import ENV_PRICES, Price, PriceTable  # noqa: E402
 from batchrun.settings import Limits  # noqa: E402
 from batchrun.policy.tokens import estimate_tokens  # noqa: E402
@@ -160,16 +161,16 @@ def per_model_from_estimate_tokens(rows: list[dict]) -> dict[str, tuple[int, int
 @pytest.mark.parametrize("workers, chunk_chars", [(0, 1_000_000), (0, 200), (2, 300)])
 def test_counts_identical_to_estimate_tokens(tmp_path, monkeypatch, workers, chunk_chars):
     # Small chunks exercise chunking and the memory of repeated texts; workers=2 the processes.
-    monkeypatch.setattr(estimate, "_CHUNK_CHARS", chunk_chars)
+    monkeypatch.setattr(token_count, "CHUNK_CHARS", chunk_chars)
     started = []
-    real_start = estimate._start_pool
-    monkeypatch.setattr(estimate, "_start_pool", lambda *a: started.append(real_start(*a)) or started[-1])
+    real_start = token_count.start_pool
+    monkeypatch.setattr(token_count, "start_pool", lambda *a: started.append(real_start(*a)) or started[-1])
     rows = varied_rows(copies=30)
     report = estimate_file(write_jsonl(tmp_path / "jobs.jsonl", rows), workers=workers)
     got = {m.model: (m.input_tokens, m.max_output_tokens) for m in report.models}
     assert got == per_model_from_estimate_tokens(rows)
     if workers:
-        if not estimate._fork_is_safe():
+        if not token_count.fork_is_safe():
             pytest.skip("worker processes are not used here (not Linux, or other threads run)")
         assert started[0][0] is not None, "the worker processes were not used"
 

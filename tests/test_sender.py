@@ -347,9 +347,9 @@ def test_a_server_that_trickles_times_out_at_the_request_timeout(kind):
 
 
 def test_an_answer_past_the_size_bound_fails_as_a_server_fault(monkeypatch):
-    import batchrun.runner.sender as sender
+    import batchrun.runner.lean_http as lean_http
 
-    monkeypatch.setattr(sender, "MAX_BODY_BYTES", 100_000)
+    monkeypatch.setattr(lean_http, "MAX_BODY_BYTES", 100_000)
     endless = Reply(events=sse(*[_chunk("x" * 1000)] * 500, _chunk(finish="stop"), "[DONE]"))
     with HostileServer([endless, Reply(200, {}, {**chat_body("y" * 200_000)})]) as srv:
         streamed, plain = _send_to(srv.base_url, "/v1/chat/completions", [{**BODY, "stream": True}, BODY])

@@ -79,9 +79,10 @@ def _assert_refused(conn, jobs: dict[str, str], tmp_path, log: str) -> None:
 @pytest.mark.redis
 @pytest.mark.parametrize("command", [
     pytest.param(batchrun_cmd("-q", "worker", "--burst"), id="batchrun-worker"),
-    pytest.param([RQ, "worker", "-c", "workers.settings", "-S", "json", "-w", "batchrun.runner.worker.BatchWorker",
-                  "--burst"], id="rq-worker-json"),
-    # the README's command without `-S json`: RQ would read the jobs with pickle
+    pytest.param([RQ, "worker", "-c", "batchrun.runner.rq_settings", "-S", "json", "-w",
+                  "batchrun.runner.worker.BatchWorker", "--burst"], id="rq-worker-json"),
+    # the README's command without `-S json` (RQ would read the jobs with pickle), with a
+    # checkout's workers.settings, which re-exports batchrun.runner.rq_settings
     pytest.param([RQ, "worker", "-c", "workers.settings", "-w", "batchrun.runner.worker.BatchWorker", "--burst"],
                  id="rq-worker-default-serializer"),
 ])

@@ -26,7 +26,8 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
 
     Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
     """
-    from batchrun.ops.estimate import estimate_file, render_text
+    from batchrun.cli.estimate_text import render_text
+    from batchrun.ops.estimate import estimate_file
     from batchrun.policy.pricing import PriceTable
 
     try:
