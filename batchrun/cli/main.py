@@ -15,6 +15,8 @@ from batchrun.files.jobfile import JobFileError
 from batchrun.settings import (MAX_CONCURRENCY, MAX_SHARD_SIZE, BatchOptions, Limits, OptionsError, WorkerSettings,
                                set_worker_settings)
 from batchrun.ops.status import format_usd
+from batchrun.state.meta import pause_kind_of
+from batchrun.state.states import BatchState, PauseKind
 from batchrun.state.store import BatchStore
 from batchrun.urls import mask_url
 
@@ -521,7 +523,7 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
 
         progress.update()
         try:  # Redis going away is waited out by collect, which says so: these notes wait too
-            if report.state == "paused":
+            if report.state == BatchState.PAUSED:
                 reason = store.meta(batch_id).get("reason") or ""
                 if reason != told["paused"]:
                     told["paused"] = reason
@@ -547,10 +549,10 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
                    f"another outcome for their custom_id (from another batch?); collect into another file to keep "
                    f"them", err=True)
     meta = store.meta(batch_id)
-    if meta.get("state") == "paused" and not follow:
+    if meta.get("state") == BatchState.PAUSED and not follow:
         click.echo(f"batch {batch_id} is paused: " + hints.complete(
             meta.get("reason") or "", lambda bid, extra: hints.resume_batch(bid, where, extra)), err=True)
-    elif meta.get("state") not in ("finished", "cancelled") and not follow:  # exit 4 prints what continues
+    elif meta.get("state") not in (BatchState.FINISHED, BatchState.CANCELLED) and not follow:  # exit 4: what continues
         args = ["collect", batch_id, "-o", output] + (["--errors", errors] if errors != default_errors_path(output)
                                                       else []) + where.args() + ["--follow"]
         click.echo(f"batch {batch_id} is still running; follow it with: {hints.command(args)}"
@@ -636,7 +638,7 @@ def status(ctx, batch_id, redis_url, as_json, watch, every):
                 idle = unserved_for(data)
                 if idle is not None:
                     click.echo("  " + hints.unserved(batch_id, idle, where))
-            if not watch or data["state"] in ("finished", "cancelled"):
+            if not watch or data["state"] in (BatchState.FINISHED, BatchState.CANCELLED):
                 return
             time.sleep(every)
     except KeyboardInterrupt:  # stops watching; the batch goes on
@@ -742,9 +744,9 @@ def resume(ctx, target, redis_url, output, errors, retry_failed, mock, concurren
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
     meta = store.meta(batch_id)
-    if meta.get("state") == "cancelled":
+    if meta.get("state") == BatchState.CANCELLED:
         fail(f"batch {batch_id} was cancelled")
-    if max_cost is None and meta.get("state") == "paused" and "past its --max-cost" in (meta.get("reason") or ""):
+    if max_cost is None and pause_kind_of(meta) is PauseKind.COST_CAP:
         where = hints.RedisRef.of(url, source_of(ctx))
         fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
              + hints.command(hints.resume_batch(batch_id, where, ["--max-cost", "USD"]))
@@ -778,7 +780,7 @@ def cancel(batch_id, redis_url):
     store, _ = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis")
-    store.set_state(batch_id, "cancelled", "cancelled by the user")
+    store.set_state(batch_id, BatchState.CANCELLED, "cancelled by the user")
     click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
 
 

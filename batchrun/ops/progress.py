@@ -9,6 +9,7 @@ import redis
 from tqdm import tqdm
 
 from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, format_usd, pace
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 PLAIN_EVERY = 5.0  # seconds between lines when output is not a terminal
@@ -89,7 +90,7 @@ class Progress:
 def summary(st: dict, *, short: bool) -> str:
     """Pace against the limits, ETA, retries waiting and cost, from a `batch_status`."""
     j, cost = st["jobs"], st["cost"]
-    if st["state"] == "cancelled":
+    if st["state"] == BatchState.CANCELLED:
         parts = [f"{j['queued'] + j['waiting_retry']} not sent (cancelled)", f"{j['in_flight']} in flight"]
     else:
         parts = [f"{j['queued']} queued", f"{j['in_flight']} in flight", f"{j['waiting_retry']} waiting to retry"]

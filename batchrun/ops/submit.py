@@ -15,6 +15,7 @@ from batchrun.state import keys
 from batchrun.files.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, auto_shard_size
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
@@ -147,8 +148,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
     if total == int(meta.get("done", 0)) + int(meta.get("failed", 0)):
-        store.set_state(batch_id, "finished", only_from=("running",))  # an empty file, or all of it done before
-    elif meta.get("state") == "running":
+        store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,))  # empty, or all done before
+    elif meta.get("state") == BatchState.RUNNING:
         # Every shard with work left gets a runner, not only those that got new jobs: a submit
         # interrupted before it enqueued, or run again, still leaves a batch that runs.
         store.wake_all_shards(batch_id)

@@ -12,6 +12,7 @@ import logging
 
 from batchrun.state import keys
 from batchrun.state.limiter import release_held
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -37,7 +38,7 @@ def work_left(store: BatchStore) -> bool:
     """Is any running batch unfinished? (what `worker --burst` waits for)."""
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("state") == "running" and \
+        if meta.get("state") == BatchState.RUNNING and \
                 int(meta.get("done", 0)) + int(meta.get("failed", 0)) < int(meta.get("total", 0)):
             return True
     return False

@@ -125,8 +125,9 @@ class BatchStore:
         args: list = []
         for cid, shard, req in items:
             args += (cid, shard, req)
-        out = self.scripts.add_jobs(keys=[keys.batch(batch_id), keys.sub(batch_id, "status"), keys.sub(batch_id, "req")],
-                                    args=[keys.todo_prefix(batch_id), *args])
+        out = self.scripts.add_jobs(
+            keys=[keys.batch(batch_id), keys.sub(batch_id, "status"), keys.sub(batch_id, "req")],
+            args=[keys.todo_prefix(batch_id), *args])
         return int(out[0]), [int(s) for s in out[1:]]
 
     def reopen(self, batch_id: str) -> None:
