@@ -37,6 +37,7 @@ from batchrun.runner.batching import Batcher
 from batchrun.policy.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
                                classify_exception, redact_response, remember_secrets, stream_truncated_verdict)
 from batchrun.state.limiter import SharedLimiter, stored_number
+from batchrun.state.retry import until_reachable
 from batchrun.state.states import BatchState
 from batchrun.files.outputs import error_line, result_line
 from batchrun.policy.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
@@ -176,15 +177,10 @@ class ShardRunner:
 
     async def _redis(self, fn, *args, **kwargs):
         """A store call from the event loop, retried while Redis is unreachable."""
-        delay = 0.2
-        while True:
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("batch %s shard %d: Redis unreachable (%s); retrying in %.1f s",
-                            self.batch_id, self.shard, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await until_reachable(
+            lambda: fn(*args, **kwargs),
+            lambda exc, delay: log.warning("batch %s shard %d: Redis unreachable (%s); retrying in %.1f s",
+                                           self.batch_id, self.shard, exc, delay))
 
     async def _loop(self) -> None:
         started = time.monotonic()

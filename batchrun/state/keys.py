@@ -114,7 +114,12 @@ BUDGET_PATTERN = f"{PREFIX}:budget:*"
 
 
 def parked_member(batch_id: str, shard: int) -> str:
-    return f"{batch_id}:{shard}"
+    return f"{parked_prefix(batch_id)}{shard}"
+
+
+def parked_prefix(batch_id: str) -> str:
+    """What a shard number follows in the batch's members of PARKED (for scripts that find the shard)."""
+    return f"{batch_id}:"
 
 
 class ParkedShard(NamedTuple):

@@ -228,7 +228,7 @@ class BatchStore:
             out = self.scripts.expire_batch(
                 keys=[keys.batch(batch_id), keys.ENDED, keys.PARKED, keys.sub(batch_id, "leases"),
                       *(keys.sub(batch_id, n) for n in keys.SUBKEYS if n != "leases")],
-                args=[batch_id, keys.todo_prefix(batch_id)])
+                args=[batch_id, keys.todo_prefix(batch_id), keys.parked_prefix(batch_id)])
             done += int(out) == 1
         return done
 
@@ -254,7 +254,7 @@ class BatchStore:
     def reclaim(self, batch_id: str, limit: int = 1000) -> int:
         return int(self.scripts.reclaim(
             keys=[keys.batch(batch_id), keys.PARKED, *(keys.sub(batch_id, n) for n in _RECLAIM_SUBKEYS)],
-            args=[batch_id, limit, keys.todo_prefix(batch_id)]))
+            args=[batch_id, limit, keys.todo_prefix(batch_id), keys.parked_prefix(batch_id)]))
 
     def history(self, batch_id: str, custom_id: str) -> list[dict]:
         raw = self.redis.hget(keys.sub(batch_id, "history"), custom_id)

@@ -9,6 +9,7 @@
 -- KEYS[5..] its other keys (keys.SUBKEYS but leases; the per-shard todo sets are not among them)
 -- ARGV[1]  batch id
 -- ARGV[2]  the prefix of its shards' todo sets (keys.todo_prefix: the shard number follows)
+-- ARGV[3]  the prefix of its shards' parked members (keys.parked_prefix)
 -- Returns  1 if done, 0 if the batch is not ended (dropped from the set), -1 if it has
 --          requests in flight (kept in the set for a later round)
 local b = KEYS[1]
@@ -28,7 +29,7 @@ redis.call('EXPIRE', b, ttl)
 for i = 4, #KEYS do redis.call('EXPIRE', KEYS[i], ttl) end
 for shard = 0, math.max(0, (tonumber(f[3] or '0') or 0) - 1) do
   redis.call('EXPIRE', ARGV[2] .. shard, ttl)
-  redis.call('ZREM', KEYS[3], ARGV[1] .. ':' .. shard)
+  redis.call('ZREM', KEYS[3], ARGV[3] .. shard)
 end
 redis.call('SREM', KEYS[2], ARGV[1])
 return 1

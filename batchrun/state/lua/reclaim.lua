@@ -13,6 +13,7 @@
 -- ARGV[1]  batch id
 -- ARGV[2]  how many at most
 -- ARGV[3]  the prefix of its shards' todo sets (keys.todo_prefix: the shard number follows)
+-- ARGV[4]  the prefix of its shards' parked members (keys.parked_prefix)
 -- Returns  how many jobs were reclaimed
 local b = KEYS[1]
 local leases, owners, costres, lapsed, status = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
@@ -36,7 +37,7 @@ for _, cid in ipairs(expired) do
     local shard = string.match(owner, '|(%d+)$')
     if shard then
       redis.call('ZADD', ARGV[3] .. shard, now, cid)
-      redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':' .. shard)
+      redis.call('ZADD', KEYS[2], now, ARGV[4] .. shard)
       n = n + 1
     end
   end
