@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import enum
 
+from batchrun.state.states import BatchState
+
 
 class Exit(enum.IntEnum):
     OK = 0  # the batch finished and every job has a result
@@ -20,6 +22,6 @@ class Exit(enum.IntEnum):
 
 def for_state(state: str, failed: int) -> Exit:
     """The exit code for a batch in ``state`` with ``failed`` jobs in its errors file."""
-    if state != "finished":
+    if state != BatchState.FINISHED:
         return Exit.NOT_FINISHED
     return Exit.SOME_FAILED if failed else Exit.OK

@@ -67,6 +67,7 @@ def test_a_tiny_cap_reads_as_its_digits_not_as_zero(store, make_batch):
 @pytest.mark.parametrize("meta, capped", [
     ({"state": "paused", "reason": "the next job (x, up to $0.01) would take the batch past its --max-cost "
                                    "of $1.00 ($0.99 spent)"}, True),
+    ({"state": "paused", "pause_kind": "cost_cap", "reason": "any words"}, True),  # what reserve_cost.lua writes
     ({"state": "paused", "reason": "insufficient_quota: check your plan and billing"}, False),
     ({"state": "running", "reason": "… past its --max-cost of $1.00"}, False),  # running again
     ({"state": "paused"}, False),

@@ -9,6 +9,7 @@ import click
 from batchrun.cli.helpers import fail, open_store
 from batchrun.cli.options import redis_option
 from batchrun.state.jobcounts import jobs_left
+from batchrun.state.states import BatchState
 
 
 @click.command()
@@ -19,7 +20,7 @@ def cancel(batch_id, redis_url):
     store, _ = open_store(redis_url)
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis")
-    store.set_state(batch_id, "cancelled", "cancelled by the user")
+    store.set_state(batch_id, BatchState.CANCELLED, "cancelled by the user")
     click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
 
 

@@ -13,6 +13,7 @@ from batchrun.cli.options import Number, check_finite, redis_option
 from batchrun.ops import hints
 from batchrun.settings import MAX_CONCURRENCY
 from batchrun.text import format_usd
+from batchrun.state.states import BatchState
 
 
 @click.command()
@@ -103,7 +104,7 @@ def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | N
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis, and no file of that name")
     meta = store.meta(batch_id)
-    if meta.get("state") == "cancelled":
+    if meta.get("state") == BatchState.CANCELLED:
         fail(f"batch {batch_id} was cancelled")
     if max_cost is None and paused_at_cap(meta):
         where = hints.RedisRef.of(url, hints.source_of(ctx))

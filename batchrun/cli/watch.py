@@ -13,6 +13,7 @@ from batchrun.cli.helpers import fail, open_store
 from batchrun.cli.options import Number, redis_option
 from batchrun.ops import hints
 from batchrun.text import format_usd
+from batchrun.state.states import BatchState
 
 
 @click.command()
@@ -70,7 +71,7 @@ class _FollowNotes:
 
         self.progress.update()
         try:  # Redis going away is waited out by collect, which says so: these notes wait too
-            if report.state == "paused":
+            if report.state == BatchState.PAUSED:
                 reason = self.store.meta(self.batch_id).get("reason") or ""
                 if reason != self.told_paused:
                     self.told_paused = reason
@@ -99,10 +100,10 @@ def _print_collected(store, batch_id: str, output: str, errors: str, report, whe
                    f"another outcome for their custom_id (from another batch?); collect into another file to keep "
                    f"them", err=True)
     meta = store.meta(batch_id)
-    if meta.get("state") == "paused" and not follow:
+    if meta.get("state") == BatchState.PAUSED and not follow:
         click.echo(f"batch {batch_id} is paused: " + hints.complete(
             meta.get("reason") or "", lambda bid, extra: hints.resume_batch(bid, where, extra)), err=True)
-    elif meta.get("state") not in ("finished", "cancelled") and not follow:  # exit 4 prints what continues
+    elif meta.get("state") not in (BatchState.FINISHED, BatchState.CANCELLED) and not follow:  # exit 4: what continues
         args = ["collect", batch_id, "-o", output] + (["--errors", errors] if errors != default_errors_path(output)
                                                       else []) + where.args() + ["--follow"]
         click.echo(f"batch {batch_id} is still running; follow it with: {hints.command(args)}"
@@ -143,7 +144,7 @@ def status(ctx, batch_id, redis_url, as_json, watch, every):
                 idle = unserved_for(data)
                 if idle is not None:
                     click.echo("  " + hints.unserved(batch_id, idle, where))
-            if not watch or data["state"] in ("finished", "cancelled"):
+            if not watch or data["state"] in (BatchState.FINISHED, BatchState.CANCELLED):
                 return
             time.sleep(every)
     except KeyboardInterrupt:  # stops watching; the batch goes on

@@ -18,6 +18,7 @@ import redis
 
 from batchrun.files.outputs import JsonlAppender, iter_outcome_ids, outcome_ids, repair_truncated_tail
 from batchrun.files.seen_ids import SeenIds
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
@@ -78,7 +79,7 @@ def unserved_for(status: dict) -> float | None:
     """From one `batch_status`: the seconds (up to its last minute) that a running batch has had
     jobs due and no worker on them, if at least UNSERVED_AFTER; else None."""
     j, lm = status["jobs"], status["last_minute"]
-    if status["state"] != "running" or j["in_flight"] or not j["queued"] or lm["requests"] or lm["ended"]:
+    if status["state"] != BatchState.RUNNING or j["in_flight"] or not j["queued"] or lm["requests"] or lm["ended"]:
         return None
     return lm["seconds"] if lm["seconds"] >= UNSERVED_AFTER else None
 
@@ -147,9 +148,9 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
             report.state = meta.get("state", "")
             if on_progress:
                 on_progress(report)
-            ended = report.state in ("finished", "cancelled")
+            ended = report.state in (BatchState.FINISHED, BatchState.CANCELLED)
             if ended and offset >= store.results_length(batch_id) and _still_there(store, batch_id, offset, last):
-                report.finished = report.state == "finished"
+                report.finished = report.state == BatchState.FINISHED
                 break
             if not follow or should_stop():
                 break

@@ -10,6 +10,7 @@ from tqdm import tqdm
 
 from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, pace
 from batchrun.state.jobcounts import jobs_ended
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import format_usd
 
@@ -91,7 +92,7 @@ class Progress:
 def summary(st: dict, *, short: bool) -> str:
     """Pace against the limits, ETA, retries waiting and cost, from a `batch_status`."""
     j, cost = st["jobs"], st["cost"]
-    if st["state"] == "cancelled":
+    if st["state"] == BatchState.CANCELLED:
         parts = [f"{j['queued'] + j['waiting_retry']} not sent (cancelled)", f"{j['in_flight']} in flight"]
     else:
         parts = [f"{j['queued']} queued", f"{j['in_flight']} in flight", f"{j['waiting_retry']} waiting to retry"]

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from batchrun.policy.pricing import PriceTable
+from batchrun.state.meta import pause_kind_of
+from batchrun.state.states import PauseKind
 from batchrun.state.store import BatchStore
 from batchrun.text import format_usd
 
-# What the pause reason says when the spending cap paused a batch (state/lua/reserve_cost.lua).
-CAP_PAUSE_MARK = "past its --max-cost"
 
 
 class CapTooLow(ValueError):
@@ -25,7 +25,7 @@ class CapTooLow(ValueError):
 
 def paused_at_cap(meta: Mapping[str, str]) -> bool:
     """Whether the batch (its meta hash) is paused because its spending cap was reached."""
-    return meta.get("state") == "paused" and CAP_PAUSE_MARK in (meta.get("reason") or "")
+    return pause_kind_of(meta) is PauseKind.COST_CAP
 
 
 def set_cap(store: BatchStore, batch_id: str, max_cost: float) -> None:

@@ -30,6 +30,7 @@ from batchrun.ops.progress import Progress, note
 from batchrun.ops.resume import paused_at_cap, set_cap
 from batchrun.settings import BatchOptions, WorkerSettings, set_worker_settings
 from batchrun.state.jobcounts import jobs_left
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.ops.submit import submit_file
 
@@ -116,7 +117,7 @@ def run_batch(cfg: RunConfig) -> int:
                 state = store.meta(bid).get("state")
             except (redis.ConnectionError, redis.TimeoutError):
                 state = None  # Redis away: collect waits it out, and so does this run
-            return state == "paused" or not workers.alive()
+            return state == BatchState.PAUSED or not workers.alive()
 
         def collect_now(**kw) -> None:
             r = CollectReport()
@@ -149,7 +150,7 @@ def run_batch(cfg: RunConfig) -> int:
                        + f"; {jobs_left(counts)} job(s) not done", err=True)
             _print_resume(cfg, bid, errors_path, store)
             return Exit.INTERRUPTED
-        if store.meta(bid).get("state") != "finished":
+        if store.meta(bid).get("state") != BatchState.FINISHED:
             # Paused (quota, the spending cap): the requests in flight still land and were paid
             # for; wait for the workers to finish them, and write them too.
             workers.stop()
@@ -161,11 +162,11 @@ def run_batch(cfg: RunConfig) -> int:
     counts = store.counts(bid)
     click.echo(_summary(cfg, errors_path, written, skip)
                + (_held(cfg.output, errors_path) if skip else ""))
-    if meta.get("state") == "paused":
+    if meta.get("state") == BatchState.PAUSED:
         reason = hints.complete(meta.get("reason") or "", lambda _id, extra: _continue_command(cfg, bid, extra))
         click.echo(f"batch {bid} is paused: {reason}", err=True)
         _print_resume(cfg, bid, errors_path, store)
-    elif meta.get("state") != "finished":
+    elif meta.get("state") != BatchState.FINISHED:
         click.echo(f"batch {bid} is {meta.get('state')} with work left", err=True)
         _print_resume(cfg, bid, errors_path, store)
     return for_state(meta.get("state", ""), counts["failed"] + prior_errors)
@@ -216,7 +217,7 @@ def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None
     """`run --batch-id ID` on a batch that exists: it continues that batch."""
     bid = cfg.batch_id
     meta = store.meta(bid)
-    if meta.get("state") == "cancelled":
+    if meta.get("state") == BatchState.CANCELLED:
         raise ValueError(f"batch {bid} was cancelled; run the file under another --batch-id "
                          f"(the jobs {cfg.output} holds are not sent again)")
     pending = _pending_in_batch(store, bid, skip)
@@ -227,7 +228,7 @@ def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None
                          f"under another --batch-id")
     _apply_new_cap(store, bid, cfg.options.max_cost)
     meta = store.meta(bid)
-    if meta.get("state") == "paused":
+    if meta.get("state") == BatchState.PAUSED:
         if paused_at_cap(meta):
             raise ValueError(f"batch {bid} is paused at its spending cap; give a higher one with --max-cost USD")
         store.resume(bid)  # a pause for the account (quota, key): the user runs it again once fixed
@@ -303,7 +304,7 @@ def _batch_to_continue(cfg: RunConfig, sidecar: str, store: BatchStore) -> str |
     bid = saved.get("batch_id")
     if not isinstance(bid, str) or saved.get("jobs") != cfg.jobs or not store.exists(bid):
         return None
-    if store.meta(bid).get("state") == "cancelled":
+    if store.meta(bid).get("state") == BatchState.CANCELLED:
         return None
     note(f"continuing batch {bid}, which the earlier run of this command made ({sidecar} names it)")
     return bid
@@ -494,7 +495,7 @@ def _continue_command(cfg: RunConfig, bid: str, extra: list[str]) -> list[str]:
 def _print_resume(cfg: RunConfig, bid: str, errors_path: str, store: BatchStore | None = None) -> None:
     """The exact command that continues where this run stopped."""
     meta = store.meta(bid) if store is not None else {}
-    capped = "past its --max-cost" in (meta.get("reason") or "")
+    capped = paused_at_cap(meta)
     command = _continue_command(cfg, bid, ["--max-cost", "USD"] if capped else [])
     click.echo(f"to finish the batch: {hints.command(command)}", err=True)
     note = cfg.redis.note()

@@ -5,10 +5,12 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
-from batchrun.state.limiter import stored_number
+from batchrun.state import keys
+from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
 from batchrun.state.jobcounts import jobs_ended, jobs_left
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import format_duration, format_usd
 
@@ -18,49 +20,45 @@ WINDOW = 60  # seconds of recent counts behind the rates and the ETA
 MIN_RATE_SECONDS = 30
 
 
-def _float(meta: dict, name: str) -> float:
-    return stored_number(meta.get(name))  # "nan", "inf", "x": 0, nothing int() would choke on
-
-
 def batch_status(store: BatchStore, batch_id: str) -> dict:
-    meta = store.meta(batch_id)
-    if not meta:
+    meta = store.batch_meta(batch_id)
+    if meta is None:
         raise LookupError(f"no batch {batch_id!r} in this Redis")
     try:
-        options = BatchOptions.from_fields(meta)
+        options = BatchOptions.from_fields(meta.fields)
     except (ValueError, TypeError, OverflowError, AttributeError):  # unreadable: its runner pauses it, saying why
         options = BatchOptions()
     jobs = store.counts(batch_id)
     recent, span = store.recent_metrics(batch_id, WINDOW)
     now = store.server_time_ms() / 1000
-    created = int(_float(meta, "created"))
+    created = meta.created
     span = max(1.0, min(span, now - created)) if created else max(1.0, span)
     per_minute = 60.0 / span
 
     remaining = jobs_left(jobs)
     rate = recent.get("ended", 0) / span  # jobs per second, recently
-    state = meta.get("state", "")
-    if state == "finished" or remaining == 0:
+    state = meta.state
+    if state is BatchState.FINISHED or remaining == 0:
         eta = 0.0
-    elif state == "running" and rate > 0:
+    elif state is BatchState.RUNNING and rate > 0:
         eta = remaining / rate
     else:
         eta = None  # paused, cancelled, or nothing ended lately
 
-    spent = _float(meta, "cost")
+    spent = meta.cost
     projected = None
-    if jobs["done"] and state != "cancelled":  # a cancelled batch sends nothing more
+    if jobs["done"] and state is not BatchState.CANCELLED:  # a cancelled batch sends nothing more
         # Failed jobs cost nothing; assume the rest succeed at the average cost so far.
         projected = spent / jobs["done"] * max(jobs["done"], jobs["total"] - jobs["failed"])
-    prices_as_of = PriceTable.from_json(meta["prices"]).as_of if meta.get("prices") else None
+    prices_as_of = PriceTable.from_json(meta.prices).as_of if meta.prices else None
 
     return {
         "batch_id": batch_id,
-        "state": state,
-        "reason": meta.get("reason") or None,
+        "state": state or meta.state_text,  # a state this version does not know, as stored
+        "reason": meta.reason or None,
         "created_at": created or None,
-        "finished_at": int(_float(meta, "finished_at")) or None,
-        "source": meta.get("source") or None,
+        "finished_at": meta.finished_at or None,
+        "source": meta.source or None,
         "jobs": {name: jobs[name] for name in ("total", "done", "failed", "queued", "in_flight", "waiting_retry")},
         "last_minute": {
             "seconds": round(span, 1),
@@ -72,17 +70,17 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
             "jobs_per_second": round(rate, 2),
         },
         "totals": {
-            "requests": int(_float(meta, "n_requests")),
-            "tokens": int(_float(meta, "n_tokens")),
-            "rate_limited": int(_float(meta, "n_rate_limited")),
-            "retries": int(_float(meta, "retries")),
+            "requests": meta.n_requests,
+            "tokens": meta.n_tokens,
+            "rate_limited": meta.n_rate_limited,
+            "retries": meta.retries,
         },
         "models": _models(store, options.limits, recent, per_minute if span >= MIN_RATE_SECONDS else None, span),
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": {
             "spent_usd": round(spent, 6),
-            "in_flight_usd": round(max(0.0, _float(meta, "cost_reserved")), 6),
-            "unaccounted_usd": round(_float(meta, "cost_unknown"), 6),
+            "in_flight_usd": round(max(0.0, meta.cost_reserved), 6),
+            "unaccounted_usd": round(meta.cost_unknown, 6),
             "projected_usd": None if projected is None else round(projected, 6),
             "max_cost_usd": options.max_cost or None,
             "prices_as_of": prices_as_of,
@@ -102,7 +100,7 @@ def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minut
         if not name.startswith("via:"):
             continue
         key = name[4:]
-        model = key.split(":", 4)[-1]
+        model = keys.split_budget(key).model
         rpm, tpm = (int(stored_number(v)) for v in store.redis.hmget(key, "lim_rpm", "lim_tpm"))
         old = learnt.get(model, (0, 0))
         learnt[model] = (old[0] + rpm, old[1] + tpm)
@@ -130,9 +128,9 @@ def _models(store: BatchStore, limits: Limits, recent: dict[str, int], per_minut
 def eta_phrase(status: dict) -> str | None:
     """When the batch ends, in words (None once it has ended): never "unknown" without a reason."""
     j, state = status["jobs"], status["state"]
-    if state in ("finished", "cancelled") or not jobs_left(j):
+    if state in (BatchState.FINISHED, BatchState.CANCELLED) or not jobs_left(j):
         return None
-    if state == "paused":
+    if state == BatchState.PAUSED:
         return "no end in sight while paused"
     if status["eta_seconds"] is None:
         return f"end time not known yet (no job ended in the last {status['last_minute']['seconds']:.0f} s)"
@@ -153,13 +151,13 @@ def describe(status: dict) -> list[str]:
     j, lm, tot, cost = status["jobs"], status["last_minute"], status["totals"], status["cost"]
     share = f" ({100 * jobs_ended(j) / j['total']:.0f} %)" if j["total"] else ""
     lines = [f"batch {status['batch_id']}: {status['state']}" + (f" — {status['reason']}" if status["reason"] else "")]
-    if status["state"] == "cancelled":  # what was queued will not be sent
+    if status["state"] == BatchState.CANCELLED:  # what was queued will not be sent
         lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, "
                      f"{j['queued'] + j['waiting_retry']} not sent (cancelled), of {j['total']}{share}")
     else:
         lines.append(f"  jobs: {j['done']} done, {j['failed']} failed, {j['in_flight']} in flight, {j['queued']} "
                      f"queued, {j['waiting_retry']} waiting to retry, of {j['total']}{share}")
-    if status["state"] not in ("finished", "cancelled"):
+    if status["state"] not in (BatchState.FINISHED, BatchState.CANCELLED):
         eta = eta_phrase(status)
         lines.append(f"  last {lm['seconds']:.0f} s: {lm['requests']} requests, {lm['rate_limited']} rate limited "
                      f"(429), {lm['retries']} retries, {lm['jobs_per_second']:.1f} jobs/s"
@@ -175,7 +173,7 @@ def describe(status: dict) -> list[str]:
                      f"{m['tokens_per_minute']:,.0f} tokens/min{tpm}")
     lines.append(f"  in all: {tot['requests']} requests, {tot['rate_limited']} rate limited, {tot['retries']} retries")
     money = f"  cost: {format_usd(cost['spent_usd'])} so far"
-    if cost["projected_usd"] is not None and status["state"] != "finished":
+    if cost["projected_usd"] is not None and status["state"] != BatchState.FINISHED:
         money += f", about {format_usd(cost['projected_usd'])} for the whole batch"
     if cost["max_cost_usd"]:
         money += f"; cap {format_usd(cost['max_cost_usd'])}, {format_usd(cost['in_flight_usd'])} set aside for " \

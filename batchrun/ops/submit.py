@@ -17,6 +17,7 @@ from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.state.jobcounts import jobs_left
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
@@ -145,8 +146,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
     if not jobs_left(meta):
-        store.set_state(batch_id, "finished", only_from=("running",))  # an empty file, or all of it done before
-    elif meta.get("state") == "running":
+        store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,))  # empty, or all done before
+    elif meta.get("state") == BatchState.RUNNING:
         # Every shard with work left gets a runner, not only those that got new jobs: a submit
         # interrupted before it enqueued, or run again, still leaves a batch that runs.
         store.wake_all_shards(batch_id)

@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Generic, TypeVar
 
-import redis
+from batchrun.state.retry import until_reachable
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,21 +61,16 @@ class Batcher(Generic[T, R]):
 
     async def _run(self, items: list[T], futures: list[asyncio.Future]) -> None:
         async with self._lock:
-            delay = 0.2
-            while True:
-                try:
-                    out = await asyncio.to_thread(self._flush, items)
-                    break
-                except (redis.ConnectionError, redis.TimeoutError) as exc:
-                    log.warning("Redis unreachable (%s); keeping %d %s item(s) and retrying in %.1f s",
-                                exc, len(items), self._name, delay)
-                    await asyncio.sleep(delay)
-                    delay = min(delay * 2, 5.0)
-                except BaseException as exc:  # a bug: let every waiter see it
-                    for f in futures:
-                        if not f.done():
-                            f.set_exception(exc)
-                    return
+            try:
+                out = await until_reachable(
+                    lambda: self._flush(items),
+                    lambda exc, delay: log.warning("Redis unreachable (%s); keeping %d %s item(s) and retrying in "
+                                                   "%.1f s", exc, len(items), self._name, delay))
+            except BaseException as exc:  # a bug: let every waiter see it
+                for f in futures:
+                    if not f.done():
+                        f.set_exception(exc)
+                return
         for i, f in enumerate(futures):
             if not f.done():
                 f.set_result(out[i] if out is not None else None)

@@ -13,6 +13,7 @@ import logging
 from batchrun.state import keys
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.limiter import release_held
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -38,6 +39,6 @@ def work_left(store: BatchStore) -> bool:
     """Is any running batch unfinished? (what `worker --burst` waits for)."""
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("state") == "running" and jobs_left(meta):
+        if meta.get("state") == BatchState.RUNNING and jobs_left(meta):
             return True
     return False

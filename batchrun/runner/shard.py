@@ -37,6 +37,8 @@ from batchrun.runner.batching import Batcher
 from batchrun.policy.classify import (BATCH_ID_PLACEHOLDER, Action, Verdict, classify_answer, classify_error_object,
                                classify_exception, redact_response, remember_secrets, stream_truncated_verdict)
 from batchrun.state.limiter import SharedLimiter, stored_number
+from batchrun.state.retry import until_reachable
+from batchrun.state.states import BatchState
 from batchrun.files.outputs import error_line, result_line
 from batchrun.policy.pricing import PriceTable, answer_cost, usage_total_tokens, worst_case_cost
 from batchrun.runner.sender import StreamFailed, StreamTruncated, heard_at, make_client, may_have_reached_server, send
@@ -110,7 +112,7 @@ class ShardRunner:
         if problems:  # not a crash that RQ and the shard's parked entry would bring back for ever
             message = (f"its stored options cannot work: {'; '.join(problems)}; purge it (batchrun purge {bid}) "
                        f"and submit the file again with options that work")
-            if await self._redis(store.set_state, bid, "paused", message, only_from=("running",)):
+            if await self._redis(store.set_state, bid, BatchState.PAUSED, message, only_from=(BatchState.RUNNING,)):
                 log.error("batch %s paused: %s", bid, message)
             await self._redis(store.unpark, bid, self.shard)
             return {}
@@ -175,15 +177,10 @@ class ShardRunner:
 
     async def _redis(self, fn, *args, **kwargs):
         """A store call from the event loop, retried while Redis is unreachable."""
-        delay = 0.2
-        while True:
-            try:
-                return await asyncio.to_thread(fn, *args, **kwargs)
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("batch %s shard %d: Redis unreachable (%s); retrying in %.1f s",
-                            self.batch_id, self.shard, exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        return await until_reachable(
+            lambda: fn(*args, **kwargs),
+            lambda exc, delay: log.warning("batch %s shard %d: Redis unreachable (%s); retrying in %.1f s",
+                                           self.batch_id, self.shard, exc, delay))
 
     async def _loop(self) -> None:
         started = time.monotonic()
@@ -207,7 +204,7 @@ class ShardRunner:
                     return  # run() parks the shard on the way out if work is left
                 lease = await self._redis(self.store.lease, self.batch_id, self.shard,
                                           min(free, LEASE_BATCH), self.lease_ms, self.token)
-                if lease.state != "running":
+                if lease.state != BatchState.RUNNING:
                     log.info("batch %s is %s: shard %d stops taking jobs", self.batch_id, lease.state, self.shard)
                     return
                 for job in lease.jobs:
@@ -272,7 +269,8 @@ class ShardRunner:
         now_ms = max(time.time() * 1000, self.running_since_ms + silent * 1000)
         circuit = types.SimpleNamespace(down_since_ms=now_ms - silent * 1000, now_ms=now_ms)
         message = self._gave_up_message(circuit).replace(BATCH_ID_PLACEHOLDER, self.batch_id)
-        if await self._redis(self.store.set_state, self.batch_id, "paused", message, only_from=("running",)):
+        if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
+                             only_from=(BatchState.RUNNING,)):
             log.error("batch %s paused: %s", self.batch_id, message)
         self.stats["paused"] += 1
         for cid in self._on_the_wire:  # given back by _process, without costing an attempt (maybe paid)
@@ -346,7 +344,8 @@ class ShardRunner:
             if price is None:  # not the job's fault: the batch waits for a price
                 message = (f"no price is known for model {model!r} (job {job.custom_id}), so the --max-cost "
                            f"cannot be kept; give its price with: batchrun resume {self.batch_id} --prices FILE")
-                if await self._redis(self.store.set_state, self.batch_id, "paused", message, only_from=("running",)):
+                if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
+                                     only_from=(BatchState.RUNNING,)):
                     log.error("batch %s paused: %s", self.batch_id, message)
                 await self.requeuer.submit((job.custom_id, 0, False, ""))
                 return
@@ -462,8 +461,8 @@ class ShardRunner:
             verdict = Verdict(Action.PAUSE, verdict.kind, self._long_wait_message(verdict))
         if verdict.action is Action.PAUSE:
             message = verdict.message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
-            paused = await asyncio.to_thread(self.store.set_state, self.batch_id, "paused", message,
-                                             only_from=("running",))
+            paused = await asyncio.to_thread(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
+                                             only_from=(BatchState.RUNNING,))
             if paused:
                 log.error("batch %s paused: %s", self.batch_id, message)
             # (a give-up after a timeout: the request may have been billed, so its worst case stays counted)

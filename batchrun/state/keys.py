@@ -16,11 +16,18 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:lapsed``        hash    "owner custom_id" -> worst case counted for a lapsed lease
 ``…:m:BUCKET``      hash    counts in one 5-second bucket (expires by itself)
 ==================  ======  ==================================================
+
+A budget (``batchrun:budget:ENDPOINT:KEYFP:MODEL``) has its runners' held reservations
+at ``…:held``; a circuit is ``batchrun:circuit:ENDPOINT``. Lua scripts get every key
+they touch from here, through KEYS; only per-shard todo sets and metric buckets, whose
+names depend on what a script reads, are derived in Lua from a prefix built here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import re
+from typing import NamedTuple
 
 PREFIX = "batchrun"
 BATCHES = f"{PREFIX}:batches"  # zset batch id -> created (unix s), for `list`
@@ -46,21 +53,80 @@ SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results",
 
 
 def todo(batch_id: str, shard: int) -> str:
-    return f"{batch(batch_id)}:todo:{shard}"
+    return f"{todo_prefix(batch_id)}{shard}"
+
+
+def todo_prefix(batch_id: str) -> str:
+    """What a shard number follows in its todo set's name (for scripts that find the shard)."""
+    return f"{batch(batch_id)}:todo:"
+
+
+def metrics_bucket(batch_id: str, bucket: int) -> str:
+    """The counts of one 5-second bucket (number: Redis time in s // 5)."""
+    return f"{metrics_prefix(batch_id)}{bucket}"
+
+
+def metrics_prefix(batch_id: str) -> str:
+    return f"{batch(batch_id)}:m:"
+
+
+def batch_pattern(batch_id: str) -> str:
+    """A SCAN pattern for every key under the batch's name (its hash excepted)."""
+    return f"{batch(batch_id)}:*"
 
 
 def circuit(endpoint_id: str) -> str:
     return f"{PREFIX}:circuit:{endpoint_id}"
 
 
+def endpoint_id(base_url: str) -> str:
+    """A short, stable name for an API base URL (a trailing slash makes no difference)."""
+    return hashlib.sha256(base_url.rstrip("/").encode()).hexdigest()[:10]
+
+
+def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
+    return f"{endpoint_id(base_url)}:{key_fingerprint}:{model}"
+
+
 def budget(budget_id: str) -> str:
     return f"{PREFIX}:budget:{budget_id}"
 
 
+def held(budget_key: str) -> str:
+    """The hash of reservations runners hold on a budget but have not sent yet."""
+    return f"{budget_key}:held"
+
+
+class BudgetName(NamedTuple):
+    endpoint: str  # endpoint_id of the base URL
+    key_fingerprint: str
+    model: str
+
+
+def split_budget(budget_key: str) -> BudgetName:
+    """The parts of a budget key (a model name may hold colons: it is the rest)."""
+    _, _, endpoint, fingerprint, model = budget_key.split(":", 4)
+    return BudgetName(endpoint, fingerprint, model)
+
+
+CIRCUIT_PATTERN = f"{PREFIX}:circuit:*"
+BUDGET_PATTERN = f"{PREFIX}:budget:*"
+
+
 def parked_member(batch_id: str, shard: int) -> str:
-    return f"{batch_id}:{shard}"
+    return f"{parked_prefix(batch_id)}{shard}"
 
 
-def split_parked_member(member: str) -> tuple[str, int]:
+def parked_prefix(batch_id: str) -> str:
+    """What a shard number follows in the batch's members of PARKED (for scripts that find the shard)."""
+    return f"{batch_id}:"
+
+
+class ParkedShard(NamedTuple):
+    batch_id: str
+    shard: int
+
+
+def split_parked_member(member: str) -> ParkedShard:
     batch_id, _, shard = member.rpartition(":")
-    return batch_id, int(shard)
+    return ParkedShard(batch_id, int(shard))

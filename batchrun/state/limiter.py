@@ -14,29 +14,31 @@ gate costs a fraction of a round trip per request.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import heapq
 import itertools
-import math
 import random
-import re
 from dataclasses import dataclass
 
 import redis
 
 from batchrun.state import keys
+from batchrun.state.budget_headers import MAX_HEADER_NUMBER, admitted_ratio, stored_number, usable_header_number
+from batchrun.state.budgets import HELD_REPORTS_MISSED, HELD_STALE_MS, describe_budgets, release_held
 from batchrun.runner.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
 
-HELD_STALE_MS = 40_000  # a runner that has not reported its held reservations for this long is gone...
-HELD_REPORTS_MISSED = 4  # ...or for this many of its report intervals (lease / 3), if that is longer
+# Names that moved to budget_headers, budgets and keys, still importable from here.
+__all__ = ["Admission", "CircuitState", "SharedLimiter", "MAX_HEADER_NUMBER", "HELD_STALE_MS", "HELD_REPORTS_MISSED",
+           "budget_id", "describe_budgets", "release_held", "stored_number", "usable_header_number"]
+budget_id = keys.budget_id
+_admitted_ratio = admitted_ratio
+
 LEVEL_REFRESH_S = 0.25  # how often a runner with waiting requests reads the budget's level
 FRESH_HEADERS_S = 2.0  # remaining-* headers of a slower answer are too old to correct the budget
 FIRST_ANSWER_S = 5.0  # a runner's other requests wait at most this long for its first answer
-_HEADER_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"
 LAST_RESORT_S = 60.0  # a waiter goes at most this long after the wait computed at its reservation
 
 
@@ -60,43 +62,6 @@ class CircuitState:
         return self.state == "open"
 
 
-def _digest(text: str) -> str:
-    return hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:10]
-
-
-def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
-    return f"{_digest(base_url)}:{key_fingerprint}:{model}"
-
-
-# Larger than any real rate limit (OpenAI's largest are around 1e10 tokens per minute); a header
-# above it is a broken or hostile server, not a limit. observe.lua keeps the same bound.
-MAX_HEADER_NUMBER = 1e13
-
-
-def usable_header_number(value: object, *, remaining: bool = False) -> str:
-    """An x-ratelimit-limit-*/remaining-* header's value as the budget may use it: a finite number
-    in [0, MAX_HEADER_NUMBER], as the text it came as; '' for anything else ("nan", "inf", "1e999",
-    "12 tokens", a list, a negative limit), which then counts as absent. A negative *remaining*
-    reads as "0" (nothing left: observe.lua then keeps one second's worth of debt at most, not
-    days of it). The one judge of such values."""
-    if not isinstance(value, str) or not _HEADER_NUMBER.fullmatch(value.strip()):
-        return ""
-    number = float(value)
-    if number < 0:
-        return "0" if remaining and number > -MAX_HEADER_NUMBER else ""
-    return value.strip() if number <= MAX_HEADER_NUMBER else ""
-
-
-def stored_number(value: object) -> float:
-    """A number read back from a budget hash: a value that is not a finite number (a hash written
-    by an older version from a hostile header) reads as 0."""
-    try:
-        number = float(_s(value)) if value is not None else 0.0
-    except ValueError:
-        return 0.0
-    return number if math.isfinite(number) else 0.0
-
-
 class SharedLimiter:
     def __init__(self, store: BatchStore, settings: WorkerSettings, options: BatchOptions, token: str = ""):
         self._store = store
@@ -104,7 +69,7 @@ class SharedLimiter:
         self._options = options
         self._circuit: CircuitPolicy = settings.circuit
         self._token = token
-        self.circuit_key = keys.circuit(_digest(settings.base_url))
+        self.circuit_key = keys.circuit(keys.endpoint_id(settings.base_url))
         self._gates: dict[str, Batcher] = {}
         self._settlers: dict[str, Batcher] = {}
         self._observers: dict[str, Batcher] = {}
@@ -124,7 +89,7 @@ class SharedLimiter:
         return self._options.limits.for_model(model)
 
     def budget_key(self, model: str) -> str:
-        return keys.budget(budget_id(self._settings.base_url, self._settings.key_fingerprint(), model))
+        return keys.budget(keys.budget_id(self._settings.base_url, self._settings.key_fingerprint(), model))
 
     # -- before sending ------------------------------------------------------------
 
@@ -311,7 +276,7 @@ class SharedLimiter:
                 *head, mark = head
                 late = sum(i[3] for i in items)
                 self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out,
-                                                              self._options.burst_seconds, _admitted_ratio(items),
+                                                              self._options.burst_seconds, admitted_ratio(items),
                                                               late])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
@@ -344,7 +309,7 @@ class SharedLimiter:
         # Runners report every lease / 3 (shard.py): a long lease must not make a live one look dead.
         stale_ms = max(HELD_STALE_MS, int(HELD_REPORTS_MISSED * self._settings.lease_seconds / 3 * 1000))
         for model, (r, t) in self._held.items():
-            pipe.hset(self.budget_key(model) + ":held", self._token,
+            pipe.hset(keys.held(self.budget_key(model)), self._token,
                       f"{max(r, 0)}|{max(t, 0)}|{now_ms}|{stale_ms}")
         if self._reported is not None:  # not after forget_held
             pipe.execute()
@@ -354,7 +319,7 @@ class SharedLimiter:
         self._reported = None  # a report of sends still on its way must not bring the entry back
         pipe = self._store.redis.pipeline()
         for model in self._held:
-            pipe.hdel(self.budget_key(model) + ":held", self._token)
+            pipe.hdel(keys.held(self.budget_key(model)), self._token)
         pipe.execute()
 
     # -- the circuit ------------------------------------------------------------------
@@ -384,77 +349,3 @@ class SharedLimiter:
         await self._recorder.drain()
         if self._rereport is not None:
             await asyncio.gather(self._rereport, return_exceptions=True)
-
-
-def _admitted_ratio(items) -> str:
-    """The server's input charge over our input estimate, from answers admitted into a full bucket
-    (observe.lua's ARGV[13]); '' if none tells.
-
-    Such an answer's ``limit - remaining`` is what its own admission took, plus whatever else the
-    server had not refilled yet: an upper bound on its charge, so the ratio errs on the safe side.
-    Of the answers that came together, those whose deficit is well above the cleanest one's (per
-    token we charged) also paid for others (a burst of ours, other clients on the key) and are left
-    out: they would inflate k, slowing the fleet.
-    """
-    seen_ok = []
-    for input_tokens, output_tokens, seen, *_ in items:
-        if seen is None or input_tokens <= 0 or seen[5] != "1" or seen[4] <= 0:
-            continue
-        try:
-            limit, remaining = float(seen[1]), float(seen[3])
-        except ValueError:
-            continue
-        # A deficit not above the answer's own output reservation says nothing of its charge (headers
-        # that do not move, a bucket refilled meanwhile): it would teach k < 1.
-        if limit > 0 and output_tokens < limit - remaining:
-            seen_ok.append(((limit - remaining) / seen[4], limit - remaining - output_tokens, input_tokens))
-    if not seen_ok:
-        return ""
-    cleanest = min(ratio for ratio, _, _ in seen_ok)
-    took_in = sum(took for ratio, took, _ in seen_ok if ratio <= 1.5 * cleanest)
-    our_in = sum(n for ratio, _, n in seen_ok if ratio <= 1.5 * cleanest)
-    return f"{took_in / our_in:.4f}"
-
-
-def release_held(store: BatchStore) -> int:
-    """Give back the reservations of runners that stopped reporting (maintenance)."""
-    released = 0
-    for key in store.redis.smembers(keys.BUDGETS):
-        key = _s(key)
-        if not store.redis.exists(key):
-            store.redis.srem(keys.BUDGETS, key)
-            continue
-        r, _ = store.scripts.release_held(keys=[key, key + ":held"], args=[HELD_STALE_MS])
-        released += int(float(_s(r)))
-    return released
-
-
-def describe_budgets(store: BatchStore) -> list[dict]:
-    """What `batchrun limits` shows: each budget in use, its limits and its state now."""
-    now_ms = store.server_time_ms()
-    out = []
-    for key in sorted(_s(k) for k in store.redis.smembers(keys.BUDGETS)):
-        h = {_s(k): _s(v) for k, v in store.redis.hgetall(key).items()}
-        if not h:
-            continue
-        _, _, endpoint, fingerprint, model = key.split(":", 4)
-        f = {name: stored_number(h.get(name)) for name in ("req", "tok", "ts", "cfg_rpm", "cfg_tpm", "lim_rpm",
-                                                         "lim_tpm", "cap_r", "cap_t", "k", "cool_until")}
-        rpm = f["cfg_rpm"] or f["lim_rpm"]
-        tpm = f["cfg_tpm"] or f["lim_tpm"]
-        if f["cfg_rpm"]:  # a configured limit is a ceiling: one second's worth at once (reserve.lua)
-            f["cap_r"] = max(1.0, rpm / 60)
-        if f["cfg_tpm"]:
-            f["cap_t"] = tpm / 60
-        elapsed = max(0.0, now_ms - f["ts"])
-        out.append({
-            "model": model, "endpoint": endpoint, "key_fingerprint": fingerprint,
-            "configured_rpm": int(f["cfg_rpm"]), "configured_tpm": int(f["cfg_tpm"]),
-            "learnt_rpm": int(f["lim_rpm"]), "learnt_tpm": int(f["lim_tpm"]),
-            "burst_rpm": f["cap_r"], "burst_tpm": f["cap_t"],
-            "available_rpm": min(f["cap_r"] or rpm, f["req"] + elapsed * rpm / 60000),
-            "available_tpm": min(f["cap_t"] or tpm, f["tok"] + elapsed * tpm / 60000),
-            "charge_ratio": f["k"] or 1.0,
-            "cooldown_seconds": max(0.0, (f["cool_until"] - now_ms) / 1000),
-        })
-    return out

@@ -1,8 +1,9 @@
 """The Lua scripts in ``batchrun/state/lua``, loaded once per connection.
 
 Each script is one atomic state change that several workers may race on; its
-KEYS/ARGV contract is at the top of its file. Scripts read the clock with
-Redis ``TIME``, so workers on machines with skewed clocks still agree.
+KEYS/ARGV contract is at the top of its file. Each is loaded behind one shared
+prelude (``lua/_prelude.lua``: reading Redis ``TIME``, so workers on machines with
+skewed clocks still agree), which no script repeats.
 """
 
 from __future__ import annotations
@@ -17,9 +18,17 @@ NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park",
          "expire_batch")
 
 
+PRELUDE = "_prelude"
+
+
+def _read(name: str) -> str:
+    return resources.files("batchrun.state").joinpath("lua", f"{name}.lua").read_text()
+
+
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
-    return resources.files("batchrun.state").joinpath("lua", f"{name}.lua").read_text()
+    """The script as Redis runs it: the prelude, then the script's own file."""
+    return f"{_read(PRELUDE)}\n{_read(name)}"
 
 
 class Scripts:

@@ -13,7 +13,9 @@ from rq import Queue
 from rq.serializers import JSONSerializer
 
 from batchrun.state import keys
+from batchrun.state.meta import BatchMeta, decode_hash
 from batchrun.state.scripts import Scripts
+from batchrun.state.states import BatchState, PauseKind
 from batchrun.settings import BatchOptions
 from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
@@ -21,6 +23,7 @@ from batchrun.urls import mask_url
 RUN_SHARD = "batchrun.runner.shard.run_shard"
 SHARD_JOB_TIMEOUT = 4 * 3600  # runners yield long before this (WorkerSettings.max_shard_seconds)
 PROMOTE_RELAPSE_MS = 30_000  # a promoted shard whose runner never starts is due again after this
+_RECLAIM_SUBKEYS = ("leases", "owner", "costres", "lapsed", "status")  # reclaim.lua's KEYS[3..7]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +54,7 @@ class BatchStore:
         """Create the batch if it is new; returns False if it existed (its options stay).
         ``prices`` is the price table (JSON) its workers use, so every machine counts alike."""
         key = keys.batch(batch_id)
-        fields = {"state": "running", "total": 0, "done": 0, "failed": 0, "retries": 0,
+        fields = {"state": BatchState.RUNNING, "total": 0, "done": 0, "failed": 0, "retries": 0,
                   "shards": 0, "created": self.server_time_ms() // 1000, "source": source, **options.to_fields()}
         if prices:
             fields["prices"] = prices
@@ -79,7 +82,13 @@ class BatchStore:
         return bool(self.redis.exists(keys.batch(batch_id)))
 
     def meta(self, batch_id: str) -> dict[str, str]:
-        return {_s(k): _s(v) for k, v in self.redis.hgetall(keys.batch(batch_id)).items()}
+        """The batch's hash as text ({} if there is none); ``batch_meta`` reads it typed."""
+        return decode_hash(self.redis.hgetall(keys.batch(batch_id)))
+
+    def batch_meta(self, batch_id: str) -> BatchMeta | None:
+        """The batch's hash, typed; None if there is no such batch."""
+        raw = self.redis.hgetall(keys.batch(batch_id))
+        return BatchMeta.from_hash(raw) if raw else None
 
     def options(self, batch_id: str) -> BatchOptions:
         return BatchOptions.from_fields(self.meta(batch_id))
@@ -98,10 +107,13 @@ class BatchStore:
             self.redis.zrem(keys.BATCHES, *gone)
         return [bid for bid in ids if bid not in gone]
 
-    def set_state(self, batch_id: str, state: str, reason: str = "", *, only_from: tuple[str, ...] = ()) -> bool:
-        """Move the batch to ``state`` (only from one of ``only_from``, when given), atomically."""
+    def set_state(self, batch_id: str, state: BatchState, reason: str = "", *,
+                  only_from: tuple[BatchState, ...] = (), pause_kind: PauseKind | None = None) -> bool:
+        """Move the batch to ``state`` (only from one of ``only_from``, when given), atomically.
+        The pause kind (why it paused, for the code that acts on it) is cleared unless given."""
         return bool(self.scripts.set_state(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED],
-                                           args=[batch_id, state, reason, *only_from]))
+                                           args=[batch_id, BatchState(state), reason, pause_kind or "",
+                                                 *(BatchState(s) for s in only_from)]))
 
     # -- jobs ------------------------------------------------------------
 
@@ -110,12 +122,14 @@ class BatchStore:
         args: list = []
         for cid, shard, req in items:
             args += (cid, shard, req)
-        out = self.scripts.add_jobs(keys=[keys.batch(batch_id)], args=args)
+        out = self.scripts.add_jobs(
+            keys=[keys.batch(batch_id), keys.sub(batch_id, "status"), keys.sub(batch_id, "req")],
+            args=[keys.todo_prefix(batch_id), *args])
         return int(out[0]), [int(s) for s in out[1:]]
 
     def reopen(self, batch_id: str) -> None:
         """New jobs in a finished batch: it runs again, and its keys no longer expire."""
-        if self.set_state(batch_id, "running", only_from=("finished",)):
+        if self.set_state(batch_id, BatchState.RUNNING, only_from=(BatchState.FINISHED,)):
             pipe = self.redis.pipeline()
             for key in self.batch_keys(batch_id):
                 pipe.persist(key)
@@ -151,7 +165,8 @@ class BatchStore:
         args: list = [batch_id, owner]
         for cid, worst in items:
             args += (cid, repr(float(worst)))
-        out = self.scripts.reserve_cost(keys=[keys.batch(batch_id), keys.ACTIVE], args=args)
+        out = self.scripts.reserve_cost(keys=[keys.batch(batch_id), keys.sub(batch_id, "owner"),
+                                              keys.sub(batch_id, "costres")], args=args)
         return _s(out[0]), [bool(int(x)) for x in out[1:]]
 
     def add_metrics(self, batch_id: str, counts: dict[str, int]) -> None:
@@ -162,7 +177,7 @@ class BatchStore:
             if n:
                 args += (name, int(n))
         if args:
-            self.scripts.metrics(keys=[keys.batch(batch_id)], args=args)
+            self.scripts.metrics(keys=[keys.batch(batch_id)], args=[keys.metrics_prefix(batch_id), *args])
 
     def recent_metrics(self, batch_id: str, seconds: int = 60) -> tuple[dict[str, int], float]:
         """Counts summed over the last ``seconds`` (whole 5-second buckets), and the span in
@@ -172,7 +187,7 @@ class BatchStore:
         n = max(1, seconds // 5)
         pipe = self.redis.pipeline()
         for bucket in range(current - n + 1, current + 1):
-            pipe.hgetall(f"{keys.batch(batch_id)}:m:{bucket}")
+            pipe.hgetall(keys.metrics_bucket(batch_id, bucket))
         totals: dict[str, int] = {}
         for h in pipe.execute():
             for k, v in h.items():
@@ -192,7 +207,8 @@ class BatchStore:
     def renew(self, batch_id: str, owner: str, lease_ms: int, custom_ids: list[str]) -> int:
         if not custom_ids:
             return 0
-        return int(self.scripts.renew(keys=[keys.batch(batch_id)], args=[owner, lease_ms, *custom_ids]))
+        return int(self.scripts.renew(keys=[keys.sub(batch_id, "owner"), keys.sub(batch_id, "leases")],
+                                      args=[owner, lease_ms, *custom_ids]))
 
     def batch_keys(self, batch_id: str) -> list[str]:
         """Every key of a batch but its 5-second metric buckets (which expire by themselves)."""
@@ -206,18 +222,20 @@ class BatchStore:
         done = 0
         for raw in self.redis.srandmember(keys.ENDED, limit) or ():
             batch_id = _s(raw)
-            out = self.scripts.expire_batch(keys=[keys.batch(batch_id), keys.ENDED, keys.PARKED],
-                                            args=[batch_id, *keys.SUBKEYS])
+            out = self.scripts.expire_batch(
+                keys=[keys.batch(batch_id), keys.ENDED, keys.PARKED, keys.sub(batch_id, "leases"),
+                      *(keys.sub(batch_id, n) for n in keys.SUBKEYS if n != "leases")],
+                args=[batch_id, keys.todo_prefix(batch_id), keys.parked_prefix(batch_id)])
             done += int(out) == 1
         return done
 
     def purge(self, batch_id: str) -> int:
         """Remove every key of a batch (cancelling it first, so runners stop). Returns keys deleted."""
-        self.set_state(batch_id, "cancelled", "purged")
+        self.set_state(batch_id, BatchState.CANCELLED, "purged")
         n_shards = int(self.redis.hget(keys.batch(batch_id), "shards") or 0)
         # Sub-keys are found by name too, so that keys left without their hash go as well.
         doomed = set(self.batch_keys(batch_id))
-        doomed |= {_s(k) for k in self.redis.scan_iter(match=f"{keys.batch(batch_id)}:*", count=1000)}
+        doomed |= {_s(k) for k in self.redis.scan_iter(match=keys.batch_pattern(batch_id), count=1000)}
         doomed = sorted(doomed)
         pipe = self.redis.pipeline()
         chunks = range(0, len(doomed), 1000)
@@ -231,7 +249,9 @@ class BatchStore:
         return sum(int(x) for x in pipe.execute()[:len(chunks)])
 
     def reclaim(self, batch_id: str, limit: int = 1000) -> int:
-        return int(self.scripts.reclaim(keys=[keys.batch(batch_id), keys.PARKED], args=[batch_id, limit]))
+        return int(self.scripts.reclaim(
+            keys=[keys.batch(batch_id), keys.PARKED, *(keys.sub(batch_id, n) for n in _RECLAIM_SUBKEYS)],
+            args=[batch_id, limit, keys.todo_prefix(batch_id), keys.parked_prefix(batch_id)]))
 
     def history(self, batch_id: str, custom_id: str) -> list[dict]:
         raw = self.redis.hget(keys.sub(batch_id, "history"), custom_id)
@@ -259,7 +279,7 @@ class BatchStore:
         """A runner leaving its shard: if jobs are left and the batch runs, the shard's entry becomes
         the earliest due time among them (replacing the runner's hold); returns whether it did."""
         first = self.redis.zrange(keys.todo(batch_id, shard), 0, 0, withscores=True)
-        if not first or _s(self.redis.hget(keys.batch(batch_id), "state") or b"") != "running":
+        if not first or _s(self.redis.hget(keys.batch(batch_id), "state") or b"") != BatchState.RUNNING:
             return False
         self.redis.zadd(keys.PARKED, {keys.parked_member(batch_id, shard): int(first[0][1])})
         return True
@@ -284,7 +304,8 @@ class BatchStore:
 
     def wake_all_shards(self, batch_id: str) -> int:
         """Park every shard that still has jobs, due now (used by resume)."""
-        n = int(self.meta(batch_id).get("shards", 0) or 0)
+        meta = self.batch_meta(batch_id)
+        n = meta.shards if meta else 0
         pipe = self.redis.pipeline()
         for shard in range(n):
             pipe.zcard(keys.todo(batch_id, shard))
@@ -297,7 +318,7 @@ class BatchStore:
         """Run a paused or interrupted batch again: expired leases come back, and every shard
         with work left gets a runner (queued work is not duplicated: shards are idempotent).
         Returns the number of shards queued."""
-        self.set_state(batch_id, "running", only_from=("paused", "running"))
+        self.set_state(batch_id, BatchState.RUNNING, only_from=(BatchState.PAUSED, BatchState.RUNNING))
         self.reclaim(batch_id)
         n = self.wake_all_shards(batch_id)
         self.promote_parked()
@@ -307,8 +328,8 @@ class BatchStore:
 
     def counts(self, batch_id: str) -> dict[str, int]:
         """Jobs by where they are: total, done, failed, in_flight, queued, waiting_retry, retries."""
-        meta = self.meta(batch_id)
-        n_shards = int(meta.get("shards", 0) or 0)
+        meta = self.batch_meta(batch_id) or BatchMeta.from_hash({})
+        n_shards = meta.shards
         now_ms = self.server_time_ms()
         pipe = self.redis.pipeline()
         pipe.zcard(keys.sub(batch_id, "leases"))
@@ -317,10 +338,10 @@ class BatchStore:
             pipe.zcount(keys.todo(batch_id, shard), f"({now_ms}", "+inf")
         res = pipe.execute()
         return {
-            "total": int(meta.get("total", 0)),
-            "done": int(meta.get("done", 0)),
-            "failed": int(meta.get("failed", 0)),
-            "retries": int(meta.get("retries", 0)),
+            "total": meta.total,
+            "done": meta.done,
+            "failed": meta.failed,
+            "retries": meta.retries,
             "in_flight": int(res[0]),
             "queued": sum(res[1::2]),
             "waiting_retry": sum(res[2::2]),
@@ -330,15 +351,15 @@ class BatchStore:
         """What holds the whole fleet back now: open circuits and budget cooldowns."""
         now_ms = self.server_time_ms()
         circuits, cooldowns = [], []
-        for key in self.redis.scan_iter(match=f"{keys.PREFIX}:circuit:*", count=100):
+        for key in self.redis.scan_iter(match=keys.CIRCUIT_PATTERN, count=100):
             c = {_s(k): _s(v) for k, v in self.redis.hgetall(key).items()}
             if c.get("state") == "open":
                 circuits.append({"endpoint": mask_url(c.get("url", "?")),  # as stored by older workers too
                                  "seconds_left": max(0.0, (float(c.get("open_until", 0)) - now_ms) / 1000)})
-        for key in self.redis.scan_iter(match=f"{keys.PREFIX}:budget:*", count=100):
+        for key in self.redis.scan_iter(match=keys.BUDGET_PATTERN, count=100):
             until = self.redis.hget(key, "cool_until")
             if until and float(until) > now_ms:
-                model = _s(key).split(":", 4)[-1]
+                model = keys.split_budget(_s(key)).model
                 cooldowns.append({"model": model, "seconds_left": (float(until) - now_ms) / 1000})
         return {"circuits": circuits, "cooldowns": cooldowns}
 

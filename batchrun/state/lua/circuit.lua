@@ -18,8 +18,7 @@
 --          later than down_since + this, so that a probe tells at that moment whether to give up
 -- Returns  {state, open_until ms, now ms, down_since ms (0: not down)}
 local k = KEYS[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local h = redis.call('HMGET', k, 'state', 'ok', 'fail', 'win_start', 'open_until', 'trips', 'down_since')
 local state = h[1] or 'closed'
 local ok, fail, win_start = tonumber(h[2] or 0), tonumber(h[3] or 0), tonumber(h[4] or 0)

@@ -72,8 +72,7 @@ if ne > 0 then redis.call('HINCRBY', b, 'failed', ne) end
 if nr + ne > 0 then
   local f = redis.call('HMGET', b, 'total', 'done', 'failed', 'state')
   if tonumber(f[2] or 0) + tonumber(f[3] or 0) >= tonumber(f[1] or 0) and f[4] ~= 'cancelled' then
-    local t = redis.call('TIME')
-    redis.call('HSET', b, 'state', 'finished', 'finished_at', t[1])
+    redis.call('HSET', b, 'state', 'finished', 'finished_at', tostring((server_time())))
     redis.call('SREM', KEYS[2], ARGV[1])
     redis.call('SADD', KEYS[3], ARGV[1])
   end

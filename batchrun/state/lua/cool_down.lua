@@ -6,8 +6,7 @@
 -- ARGV[2]  requests per minute configured (0: learnt or none)
 -- ARGV[3]  tokens per minute configured (0: learnt or none)
 -- Returns  1
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local s = redis.call('HMGET', KEYS[1], 'cool_until', 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm')
 -- The budget's limits are the strictest of the batches on it lately (reserve.lua keeps them there).
 local eff = redis.call('HMGET', KEYS[1], 'cfg_rpm', 'cfg_tpm')

@@ -12,8 +12,7 @@
 local b = KEYS[1]
 local f = redis.call('HMGET', b, 'state', 'max_cost')
 local state, cap = f[1], f[2] or '0'
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_whole_ms()
 if state ~= 'running' then
   return {state or 'missing', '', tostring(now), cap}
 end

@@ -12,8 +12,7 @@
 --          tokens taken, requests taken} as strings (a rate of 0: no such limit). The totals
 --          taken only grow: one below a waiter's mark says the budget was lost (deleted, or
 --          Redis restarted from an older snapshot) and that mark will never be reached.
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local s = redis.call('HMGET', KEYS[1], 'tok', 'ts', 'spent', 'lim_tpm', 'cap_t', 'cool_until',
                      'req', 'spent_r', 'lim_rpm', 'cap_r')
 local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])

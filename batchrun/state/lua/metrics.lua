@@ -3,16 +3,16 @@
 -- Buckets expire on their own; the bucket is chosen by Redis time, so runners
 -- on machines with skewed clocks agree.
 -- KEYS[1]  batch key
--- ARGV     pairs: counter name, amount (names: requests, tokens, rate_limited,
+-- ARGV[1]  the prefix of its buckets' keys (keys.metrics_prefix: the bucket number follows)
+-- ARGV     then pairs: counter name, amount (names: requests, tokens, rate_limited,
 --          retries, ended, and per model requests:MODEL, charged:MODEL)
 -- Returns  the bucket number (seconds // 5), or -1 if the batch is gone (purged)
 local b = KEYS[1]
 if redis.call('EXISTS', b) == 0 then return -1 end
-local t = redis.call('TIME')
-local bucket = math.floor(tonumber(t[1]) / 5)
-local key = b .. ':m:' .. bucket
+local bucket = math.floor(server_time() / 5)
+local key = ARGV[1] .. bucket
 local totals = {}
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
   redis.call('HINCRBY', key, ARGV[i], ARGV[i + 1])
   if not string.find(ARGV[i], ':', 1, true) then
     redis.call('HINCRBY', b, 'n_' .. ARGV[i], ARGV[i + 1])

@@ -53,8 +53,7 @@ local function stored(x, default)
   if n and n == n and n > -math.huge and n < math.huge then return n end
   return default
 end
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_r', 'cap_t', 'k',
                      's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent', 'obs_mark')
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it

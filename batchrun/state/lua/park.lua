@@ -9,15 +9,13 @@
 -- ARGV[3]  'hold' or absent
 -- Returns  1
 if ARGV[3] == 'hold' then
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local now = now_whole_ms()
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
   return 1
 end
 local due = ARGV[2]
 if due == '' then
-  local t = redis.call('TIME')
-  due = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  due = now_whole_ms()
 else
   due = tonumber(due)
 end

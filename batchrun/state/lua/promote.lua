@@ -5,8 +5,7 @@
 -- ARGV[1]  how many at most
 -- ARGV[2]  ms before a handed-out shard is due again
 -- Returns  the members handed out
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_whole_ms()
 local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[1]))
 for _, m in ipairs(due) do
   redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), m)

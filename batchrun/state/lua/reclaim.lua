@@ -8,32 +8,36 @@
 -- replace the worst case by what it really cost, so it counts once.
 -- KEYS[1]  batch key
 -- KEYS[2]  parked shards (sorted set "batch_id:shard" -> due ms)
+-- KEYS[3..7] the batch's leases, lease owners, cost set aside, lapsed attempts, status
+--          (store.py's _RECLAIM_SUBKEYS)
 -- ARGV[1]  batch id
 -- ARGV[2]  how many at most
+-- ARGV[3]  the prefix of its shards' todo sets (keys.todo_prefix: the shard number follows)
+-- ARGV[4]  the prefix of its shards' parked members (keys.parked_prefix)
 -- Returns  how many jobs were reclaimed
 local b = KEYS[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local expired = redis.call('ZRANGEBYSCORE', b .. ':leases', '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local leases, owners, costres, lapsed, status = KEYS[3], KEYS[4], KEYS[5], KEYS[6], KEYS[7]
+local now = now_whole_ms()
+local expired = redis.call('ZRANGEBYSCORE', leases, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 local n = 0
 for _, cid in ipairs(expired) do
-  local owner = redis.call('HGET', b .. ':owner', cid)
-  redis.call('ZREM', b .. ':leases', cid)
-  redis.call('HDEL', b .. ':owner', cid)
-  local held = redis.call('HGET', b .. ':costres', cid)
+  local owner = redis.call('HGET', owners, cid)
+  redis.call('ZREM', leases, cid)
+  redis.call('HDEL', owners, cid)
+  local held = redis.call('HGET', costres, cid)
   if held then
-    redis.call('HDEL', b .. ':costres', cid)
+    redis.call('HDEL', costres, cid)
     redis.call('HINCRBYFLOAT', b, 'cost_reserved', -tonumber(held))
     redis.call('HINCRBYFLOAT', b, 'cost_unknown', tonumber(held))
   end
   if owner then  -- added to: a runner that leased the job back may lapse again
-    redis.call('HINCRBYFLOAT', b .. ':lapsed', owner .. ' ' .. cid, held or 0)
+    redis.call('HINCRBYFLOAT', lapsed, owner .. ' ' .. cid, held or 0)
   end
-  if owner and redis.call('HEXISTS', b .. ':status', cid) == 0 then
+  if owner and redis.call('HEXISTS', status, cid) == 0 then
     local shard = string.match(owner, '|(%d+)$')
     if shard then
-      redis.call('ZADD', b .. ':todo:' .. shard, now, cid)
-      redis.call('ZADD', KEYS[2], now, ARGV[1] .. ':' .. shard)
+      redis.call('ZADD', ARGV[3] .. shard, now, cid)
+      redis.call('ZADD', KEYS[2], now, ARGV[4] .. shard)
       n = n + 1
     end
   end

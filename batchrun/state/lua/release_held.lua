@@ -6,8 +6,7 @@
 --          (stale_ms: when that runner's report is stale, from its own report interval)
 -- ARGV[1]  ms after which a report without stale_ms is stale
 -- Returns  {requests, tokens} given back
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local entries = redis.call('HGETALL', KEYS[2])
 local back_r, back_t = 0, 0
 for i = 1, #entries, 2 do

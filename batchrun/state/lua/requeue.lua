@@ -16,8 +16,7 @@
 -- Returns  {requeued, earliest due ms or ''}
 local b = KEYS[1]
 local owner, shard = ARGV[1], ARGV[2]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local now = now_whole_ms()
 local n, earliest = 0, nil
 local cancelled = redis.call('HGET', b, 'state') == 'cancelled'
 for i = 3, #ARGV, 5 do

@@ -35,8 +35,7 @@
 --          level.lua tells when the budget has reached it); request mark: the
 --          same count in requests.
 local b = KEYS[1]
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local now = now_ms()
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'cool_until', 'cool_next', 'lim_rpm', 'lim_tpm',
                      'cap_r', 'cap_t', 'k', 'spent', 'spent_r')
 local cfg_r, cfg_t = tonumber(ARGV[1]), tonumber(ARGV[2])

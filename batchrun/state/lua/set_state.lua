@@ -6,22 +6,27 @@
 -- ARGV[1]  batch id
 -- ARGV[2]  new state
 -- ARGV[3]  reason ('' for none)
+-- ARGV[4]  pause kind (states.PauseKind; '' for none): replaces the one before
 -- ARGV     then the states it may move from (none: any)
 -- Returns  1 if the state changed, 0 if not
 local cur = redis.call('HGET', KEYS[1], 'state')
 if not cur then return 0 end
-if #ARGV > 3 then
+if #ARGV > 4 then
   local allowed = false
-  for i = 4, #ARGV do
+  for i = 5, #ARGV do
     if ARGV[i] == cur then allowed = true end
   end
   if not allowed then return 0 end
 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'reason', ARGV[3])
+if ARGV[4] ~= '' then
+  redis.call('HSET', KEYS[1], 'pause_kind', ARGV[4])
+else
+  redis.call('HDEL', KEYS[1], 'pause_kind')
+end
 if ARGV[2] == 'running' and cur ~= 'running' then
   -- a resumed batch gives an unreachable server a full --give-up-after again
-  local t = redis.call('TIME')
-  redis.call('HSET', KEYS[1], 'running_since', tostring(tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)))
+  redis.call('HSET', KEYS[1], 'running_since', tostring(now_whole_ms()))
 end
 if ARGV[2] == 'running' or ARGV[2] == 'paused' then
   redis.call('SADD', KEYS[2], ARGV[1])
