@@ -52,4 +52,5 @@ def test_work_left_is_an_unfinished_running_batch(store, make_batch):
     store.complete("b", [("R", cid, "{}") for cid in cids])
     assert not maintenance.work_left(store)
     store.redis.hset(keys.batch("b"), "state", "running")
+    store.redis.sadd(keys.ACTIVE, "b")
     assert not maintenance.work_left(store)  # every job ended: nothing left, whatever its state says
