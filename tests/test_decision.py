@@ -168,3 +168,16 @@ def test_properties(verdict, policy, attempt, circuit, give_up, maybe_paid, seed
     # The same inputs, the same decision: nothing but the arguments counts.
     assert decide(verdict, attempt=attempt, policy=policy, circuit=circuit, give_up=give_up,
                   maybe_paid=maybe_paid, rng=random.Random(seed)) == decision
+
+
+def test_the_policy_layer_imports_no_layer_above_it():
+    import ast
+    from pathlib import Path
+
+    import batchrun.policy.decision as module
+
+    tree = ast.parse(Path(module.__file__).read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    above = ("batchrun.state", "batchrun.runner", "batchrun.ops", "batchrun.cli")
+    assert not [name for name in imported if name and name.startswith(above)]

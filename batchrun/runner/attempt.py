@@ -26,7 +26,7 @@ from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
-from batchrun.state.limiter import Admission, stored_number
+from batchrun.state.limiter import Admission, CircuitState, stored_number
 from batchrun.state.store import LeasedJob
 
 log = logging.getLogger("batchrun.worker")
@@ -228,7 +228,7 @@ class JobAttempts:
         await self._carry_out(job, decision.outcome, verdict, response, circuit)
 
     async def _carry_out(self, job: LeasedJob, outcome: Outcome, verdict: Verdict, response: dict | None,
-                         circuit) -> None:
+                         circuit: CircuitState) -> None:
         cid = job.custom_id
         match outcome:
             case Pause(kind=kind, maybe_paid=paid):
@@ -250,7 +250,7 @@ class JobAttempts:
             case GiveBack(maybe_paid=paid):
                 await self.requeuer.submit(RequeueItem(cid, 0, False, "", paid))
 
-    def _pause_message(self, kind: PauseKind, verdict: Verdict, circuit) -> str:
+    def _pause_message(self, kind: PauseKind, verdict: Verdict, circuit: CircuitState) -> str:
         if kind is PauseKind.GAVE_UP:
             return self._gave_up_message(circuit)
         if kind is PauseKind.LONG_WAIT:
