@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+
 from batchrun.text import decoded as _s
 
 _HEADER_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"

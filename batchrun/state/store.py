@@ -14,6 +14,7 @@ from rq.serializers import JSONSerializer
 
 from batchrun.state import keys
 from batchrun.state.meta import BatchMeta, decode_hash
+from batchrun.state.items import CompleteItem, Completed, OutcomeKind, RequeueItem, Requeued
 from batchrun.state.scripts import Scripts
 from batchrun.state.states import BatchState, PauseKind
 from batchrun.settings import BatchOptions
@@ -147,16 +148,15 @@ class BatchStore:
             jobs.append(LeasedJob(_s(out[i]), int(out[i + 1]), json.loads(raw)))
         return Lease(state, int(float(next_due)) if next_due else None, now, jobs, max_cost)
 
-    def complete(self, batch_id: str, items: list[tuple], owner: str = "") -> tuple[int, int, int]:
-        """Record final outcomes: (kind 'R'/'E', custom_id, output line JSON[, cost in USD[, maybe paid]]),
-        reported by the runner ``owner`` (its cost counts only for attempts it answers for; see
-        complete.lua). Maybe paid: an error without an answer whose request may have been processed."""
+    def complete(self, batch_id: str, items: list[CompleteItem], owner: str = "") -> Completed:
+        """Record final outcomes, reported by the runner ``owner`` (its cost counts only for attempts
+        it answers for; see complete.lua). Plain tuples in CompleteItem's order are read too."""
         args: list = [batch_id, owner]
-        for kind, cid, line, *extra in items:
-            cost, paid = (extra + [0, False])[:2]
-            args += (kind, cid, line, repr(cost) if cost else "0", "1" if paid else "0")
+        for item in items:
+            kind, cid, line, cost, paid = CompleteItem(*item)
+            args += (OutcomeKind(kind).value, cid, line, repr(cost) if cost else "0", "1" if paid else "0")
         out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=args)
-        return int(out[0]), int(out[1]), int(out[2])
+        return Completed(int(out[0]), int(out[1]), int(out[2]))
 
     def reserve_cost(self, batch_id: str, owner: str, items: list[tuple[str, float]]) -> tuple[str, list[bool]]:
         """Set aside each (custom_id, worst-case USD) of jobs ``owner`` leased, under the batch's
@@ -195,14 +195,14 @@ class BatchStore:
         span = (n - 1) * 5 + (now_ms % 5000) / 1000
         return totals, span
 
-    def requeue(self, batch_id: str, owner: str, shard: int, items: list[tuple]) -> tuple[int, int | None]:
-        """Give jobs back with a delay: (custom_id, delay ms, counts as attempt, history JSON or ''
-        [, maybe paid: the request may have been processed, so its worst case counts as spent])."""
+    def requeue(self, batch_id: str, owner: str, shard: int, items: list[RequeueItem]) -> Requeued:
+        """Give leased jobs back with a delay (plain tuples in RequeueItem's order are read too)."""
         args: list = [owner, shard]
-        for cid, delay_ms, counts, record, *paid in items:
-            args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record, "1" if paid and paid[0] else "0")
+        for item in items:
+            cid, delay_ms, counts, record, paid = RequeueItem(*item)
+            args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record, "1" if paid else "0")
         out = self.scripts.requeue(keys=[keys.batch(batch_id)], args=args)
-        return int(out[0]), (int(float(_s(out[1]))) if _s(out[1]) else None)
+        return Requeued(int(out[0]), int(float(_s(out[1]))) if _s(out[1]) else None)
 
     def renew(self, batch_id: str, owner: str, lease_ms: int, custom_ids: list[str]) -> int:
         if not custom_ids:
