@@ -1,4 +1,4 @@
-"""runner.batching.Batcher: many submits become few flushes, in order, and nothing is dropped."""
+"""state.batching.Batcher: many submits become few flushes, in order, and nothing is dropped."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import asyncio
 import pytest
 import redis
 
-from batchrun.runner.batching import Batcher
+from batchrun.state.batching import Batcher
 
 
 def test_items_submitted_together_go_in_one_flush_and_each_gets_its_answer():
@@ -37,7 +37,7 @@ def test_a_full_batch_is_flushed_at_once_and_flushes_keep_their_order():
 
 
 def test_redis_away_keeps_the_items_and_retries(monkeypatch):
-    monkeypatch.setattr("batchrun.runner.batching.asyncio.sleep", _no_sleep)
+    monkeypatch.setattr("batchrun.state.batching.asyncio.sleep", _no_sleep)
     tries: list[list[str]] = []
 
     def flush(items):

@@ -15,6 +15,7 @@ from batchrun.policy.classify import Action, Verdict
 from batchrun.runner.shard import ShardRunner
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state import keys
+from batchrun.policy.decision import PauseKind
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
 from batchrun.state.limiter import CircuitState
 from batchrun.state.store import BatchStore, LeasedJob
@@ -27,9 +28,11 @@ HISTORY = [{"at": 1.0, "status": 500, "error": "server_error", "message": "first
 class FakeStore:
     def __init__(self):
         self.states: list[tuple[str, str]] = []
+        self.pause_kinds: list = []
 
-    def set_state(self, batch_id, state, reason="", *, only_from=()):
+    def set_state(self, batch_id, state, reason="", *, only_from=(), pause_kind=None):
         self.states.append((state, reason))
+        self.pause_kinds.append(pause_kind)
         return True
 
     def history(self, batch_id, custom_id):
@@ -115,6 +118,7 @@ def test_a_server_down_past_the_give_up_time_pauses_the_batch_and_keeps_the_job(
     assert runner.requeuer.items == [RequeueItem("j1", 0, False, "", True)]  # maybe paid: still counted
     [(state, reason)] = runner.store.states
     assert state == "paused" and "past --give-up-after 30 s" in reason and "batchrun resume b`" in reason
+    assert runner.store.pause_kinds == [PauseKind.GAVE_UP]  # stored beside the reason: code tests the kind
     assert runner.stats == Counter(paused=1) and not runner.completer.items
 
 
@@ -145,6 +149,7 @@ def test_an_empty_budget_cools_the_fleet_down_and_a_per_day_limit_pauses():
          response=HTTP_429)
     assert runner.limiter.cooled == [("gpt-4o-mini", 60.0)]
     assert "longer than the --backoff-cap of 60 s" in runner.store.states[0][1]
+    assert runner.store.pause_kinds == [PauseKind.LONG_WAIT]
     assert runner.requeuer.items == [RequeueItem("j1", 0, False, "", False)]
 
 

@@ -9,6 +9,7 @@ import click
 from batchrun.settings import WorkerSettings
 from batchrun.state.connections import ENV_URL, connect, is_memory, resolve_url
 from batchrun.state.store import BatchStore
+from batchrun.ops.hints import RedisSource
 
 
 def worker_settings(concurrency: int | None, grace: float) -> WorkerSettings:
@@ -34,3 +35,15 @@ def open_store(redis_url: str | None) -> tuple[BatchStore, str]:
 def fail(message: str, code: int = 1):
     click.echo(f"batchrun: {message}", err=True)
     sys.exit(code)
+
+
+def source_of(ctx, param: str = "redis_url") -> RedisSource:
+    """How the user gave ``--redis-url`` to this click command."""
+    from click.core import ParameterSource
+
+    found = ctx.get_parameter_source(param)
+    if found is ParameterSource.ENVIRONMENT:
+        return RedisSource.ENVIRONMENT
+    if found is ParameterSource.DEFAULT_MAP:
+        return RedisSource.CONFIG
+    return RedisSource.COMMAND_LINE

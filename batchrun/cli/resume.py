@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from batchrun.cli.helpers import fail, open_store
+from batchrun.cli.helpers import fail, open_store, source_of
 from batchrun.cli.options import Number, check_finite, redis_option
 from batchrun.ops import hints
 from batchrun.settings import MAX_CONCURRENCY
@@ -83,7 +83,7 @@ def _resume_files(ctx, jobs: str, output: str, errors: str | None, given: dict, 
 
     try:
         cfg, used = resume_config(jobs, output, errors, given, redis_url=resolve_url(redis_url),
-                                  redis_source=hints.source_of(ctx), **kw)
+                                  redis_source=source_of(ctx), **kw)
     except OptionsError as exc:
         fail(str(exc), 2)
     except ValueError as exc:
@@ -107,7 +107,7 @@ def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | N
     if meta.get("state") == BatchState.CANCELLED:
         fail(f"batch {batch_id} was cancelled")
     if max_cost is None and paused_at_cap(meta):
-        where = hints.RedisRef.of(url, hints.source_of(ctx))
+        where = hints.RedisRef.of(url, source_of(ctx))
         fail(f"batch {batch_id} is paused at its spending cap; resume it with a higher one: "
              + hints.command(hints.resume_batch(batch_id, where, ["--max-cost", "USD"]))
              + (f" {where.note()}" if where.note() else ""))

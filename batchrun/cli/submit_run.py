@@ -69,7 +69,7 @@ def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, 
     Exit codes: 0 finished, 3 finished with errors, 4 paused or work left, 130 interrupted,
     1 an error, 2 a usage error.
     """
-    from batchrun.ops.hints import source_of
+    from batchrun.cli.helpers import source_of
     from batchrun.ops.run import RunConfig, run_batch
 
     options = make_options(**kw)

@@ -9,7 +9,7 @@ import time
 
 import click
 
-from batchrun.cli.helpers import fail, open_store
+from batchrun.cli.helpers import fail, open_store, source_of
 from batchrun.cli.options import Number, redis_option
 from batchrun.ops import hints
 from batchrun.text import format_usd
@@ -36,7 +36,7 @@ def collect(ctx, batch_id, output, errors, follow, redis_url):
     from batchrun.ops.progress import Progress
 
     store, url = open_store(redis_url)
-    where = hints.RedisRef.of(url, hints.source_of(ctx))
+    where = hints.RedisRef.of(url, source_of(ctx))
     if not store.exists(batch_id):
         fail(f"no batch {batch_id!r} in this Redis")
     errors = errors or default_errors_path(output)
@@ -136,7 +136,7 @@ def status(ctx, batch_id, redis_url, as_json, watch, every):
             else:
                 if watch and tty:
                     click.clear()
-                where = hints.RedisRef.of(url, hints.source_of(ctx))
+                where = hints.RedisRef.of(url, source_of(ctx))
                 if data["reason"]:  # its command, as it works from here
                     data["reason"] = hints.complete(data["reason"],
                                                     lambda bid, extra: hints.resume_batch(bid, where, extra))

@@ -55,18 +55,6 @@ class RedisRef:
         return None
 
 
-def source_of(ctx, param: str = "redis_url") -> RedisSource:
-    """How the user gave ``--redis-url`` to this click command."""
-    from click.core import ParameterSource
-
-    found = ctx.get_parameter_source(param)
-    if found is ParameterSource.ENVIRONMENT:
-        return RedisSource.ENVIRONMENT
-    if found is ParameterSource.DEFAULT_MAP:
-        return RedisSource.CONFIG
-    return RedisSource.COMMAND_LINE
-
-
 def command(args: Sequence[str]) -> str:
     return "batchrun " + shlex.join(args)
 

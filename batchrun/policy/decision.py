@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from enum import Enum
 from typing import Protocol, Union
 
+from batchrun.enums import StoredText
 from batchrun.policy.backoff import BackoffPolicy, backoff_delay, gave_up, hint_exceeds_cap
 from batchrun.policy.classify import Action, Verdict
 
@@ -37,13 +37,15 @@ __all__ = [
 ]
 
 
-class PauseKind(Enum):
-    """Why a batch pauses (no job fails, and the job that saw it keeps its attempts)."""
+class PauseKind(StoredText):
+    """Why a batch paused (no job fails, and the job that saw it keeps its attempts). Stored as the
+    batch's ``pause_kind`` beside its reason, so that code tests the kind, never the words."""
 
     VERDICT = "verdict"  # the answer says no job can succeed (auth, quota): the verdict's message says why
     GAVE_UP = "gave_up"  # the server has been down past --give-up-after
     LONG_WAIT = "long_wait"  # the budget is empty for longer than --backoff-cap (a per-day limit)
     NO_PRICE = "no_price"  # --max-cost is set and the model has no price
+    COST_CAP = "cost_cap"  # the next job would cross --max-cost (reserve_cost.lua): resume with a higher one
 
 
 @dataclass(frozen=True, slots=True)

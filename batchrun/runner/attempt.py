@@ -135,7 +135,7 @@ class JobAttempts:
             message = (f"no price is known for model {model!r} (job {job.custom_id}), so the --max-cost "
                        f"cannot be kept; give its price with: batchrun resume {self.batch_id} --prices FILE")
             if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                                 only_from=(BatchState.RUNNING,)):
+                                 only_from=(BatchState.RUNNING,), pause_kind=PauseKind.NO_PRICE):
                 log.error("batch %s paused: %s", self.batch_id, message)
         await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", outcome.maybe_paid))
         return False
@@ -236,7 +236,7 @@ class JobAttempts:
             case Pause(kind=kind, maybe_paid=paid):
                 message = self._pause_message(kind, verdict, circuit).replace(BATCH_ID_PLACEHOLDER, self.batch_id)
                 if await asyncio.to_thread(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                                           only_from=(BatchState.RUNNING,)):
+                                           only_from=(BatchState.RUNNING,), pause_kind=kind):
                     log.error("batch %s paused: %s", self.batch_id, message)
                 # (a give-up after a timeout: the request may have been billed, so its worst case stays counted)
                 await self.requeuer.submit(RequeueItem(cid, 0, False, "", paid))

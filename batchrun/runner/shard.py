@@ -32,13 +32,13 @@ from batchrun.policy.classify import BATCH_ID_PLACEHOLDER, remember_secrets
 from batchrun.policy.pricing import PriceTable
 from batchrun.runner import maintenance
 from batchrun.runner.attempt import JobAttempts
-from batchrun.runner.batching import Batcher
+from batchrun.state.batching import Batcher
 from batchrun.runner.sender import heard_at, make_client, send
 from batchrun.runner.wording import event_phrase, human_wait, outage_cause, v1_suggestion
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
 from batchrun.state.limiter import SharedLimiter
 from batchrun.state.retry import until_reachable
-from batchrun.state.states import BatchState
+from batchrun.state.states import BatchState, PauseKind
 from batchrun.state.store import BatchStore
 from batchrun.urls import mask_url
 
@@ -286,7 +286,7 @@ class ShardRunner(JobAttempts):
         circuit = types.SimpleNamespace(down_since_ms=now_ms - silent * 1000, now_ms=now_ms)
         message = self._gave_up_message(circuit).replace(BATCH_ID_PLACEHOLDER, self.batch_id)
         if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                             only_from=(BatchState.RUNNING,)):
+                             only_from=(BatchState.RUNNING,), pause_kind=PauseKind.GAVE_UP):
             log.error("batch %s paused: %s", self.batch_id, message)
         self.stats["paused"] += 1
         for cid in self._on_the_wire:  # given back by _process, without costing an attempt (maybe paid)

@@ -24,7 +24,7 @@ import redis
 from batchrun.state import keys
 from batchrun.state.budget_headers import MAX_HEADER_NUMBER, admitted_ratio, stored_number, usable_header_number
 from batchrun.state.budgets import HELD_REPORTS_MISSED, HELD_STALE_MS, describe_budgets, release_held
-from batchrun.runner.batching import Batcher
+from batchrun.state.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
