@@ -144,3 +144,17 @@ def test_no_module_is_over_the_size_limit():
     sizes = {_module_name(p): len(p.read_text().splitlines()) for p in MODULES}
     over = {name: n for name, n in sorted(sizes.items()) if n > MAX_MODULE_LINES}
     assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
+
+
+MAX_FUNCTION_LINES = 70
+
+
+def test_no_function_is_over_the_size_limit():
+    long = []
+    for path in MODULES:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                lines = node.end_lineno - node.lineno + 1
+                if lines > MAX_FUNCTION_LINES:
+                    long.append(f"{_module_name(path)}.{node.name}: {lines}")
+    assert not long, f"functions over {MAX_FUNCTION_LINES} lines: {long}"
