@@ -166,6 +166,36 @@ def run_fleet(jobs: Path, n: int, mock: MockProcess, concurrency: int, tmp: Path
             "note": f"submit {submitted:.2f} s; first request {at - submitted:.2f} s after it" if at else ""}
 
 
+SUBMIT_CHILD = """
+import sys, time
+from batchrun.state.connections import connect
+from batchrun.state.store import BatchStore
+from batchrun.ops.submit import submit_file
+store = BatchStore(connect("memory://"))
+started = time.monotonic()
+report = submit_file(store, sys.argv[1])
+print(report.total / (time.monotonic() - started))
+"""
+
+
+def submit_rate(jobs: Path) -> float:
+    """Lines per second of submit_file into the in-process Redis (process start and imports not
+    counted: this is what `run` spends on loading)."""
+    out = subprocess.run([PYTHON, "-c", SUBMIT_CHILD, str(jobs)], env=env(), check=True, capture_output=True, text=True)
+    return float(out.stdout.split()[-1])
+
+
+def big_run(n: int, concurrency: int, tmp: Path) -> list:
+    """`batchrun run` on an n-line file: when its first request leaves, and its peak memory."""
+    jobs = write_jobs(tmp / f"jobs-{n}.jsonl", n)
+    rate = submit_rate(jobs)
+    with MockProcess() as mock:
+        r = run_zero_setup(jobs, n, mock, concurrency, tmp)
+    print(f"{n} jobs, run: {r['wall']:.2f} s", file=sys.stderr, flush=True)
+    return [LABELS["run"], n, f"{r['wall']:.2f}", "", "", f"{r['first']:.2f}", f"{r['peak']:.0f}",
+            f"submit into the in-process Redis alone: {rate:,.0f} lines/s"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="2,000 jobs only")
@@ -174,6 +204,8 @@ def main() -> None:
     ap.add_argument("--fleet-max", type=int, default=2000, help="run the fleet only up to this many jobs")
     ap.add_argument("--redis-url", default="redis://127.0.0.1:6379/10", help="the fleet's Redis (flushed)")
     ap.add_argument("--no-fleet", action="store_true")
+    ap.add_argument("--big", type=int, default=100_000, help="jobs of the run that measures first request and memory "
+                                                            "(0: none; not with --quick)")
     ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -196,11 +228,14 @@ def main() -> None:
                 else:
                     results[kind] = run_fleet(jobs, n, mock, args.concurrency, tmp, args.redis_url)
             print(f"{n} jobs, {kind}: {results[kind]['wall']:.2f} s", file=sys.stderr, flush=True)
+        results["run"]["note"] = f"submit into the in-process Redis alone: {submit_rate(jobs):,.0f} lines/s"
         base, floor = results["cookbook"]["wall"], results["semaphore"]["wall"]
         for kind, r in results.items():
             rows.append([LABELS[kind], n, f"{r['wall']:.2f}", f"{r['wall'] / base:.2f}", f"{r['wall'] / floor:.2f}",
                          f"{r['first']:.2f}" if r["first"] is not None else "",
                          f"{r['peak']:.0f}" if r["peak"] else "", r.get("note", "")])
+    if args.big and not args.quick:
+        rows.append(big_run(args.big, args.concurrency, tmp))
     print(f"\ncommand: {command_line()}")
     print(f"machine: {machine()}; mock server in its own process; {args.concurrency} in flight; "
           f"fleet Redis {args.redis_url}\n")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 
@@ -21,7 +22,6 @@ from batchrun.ops.run_files import already_done, check_paths, held
 from batchrun.ops.run_settings import (load_run_settings, record_spent, save_run_settings,  # noqa: F401
                                        settings_path, spent_usd)
 
-from batchrun.runner import shard
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
@@ -181,7 +181,11 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> int | None:
         click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
                    f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
         try:
-            shard.STOP.set()
+            # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
+            # real Redis does not import the sending machinery at all.
+            shard = sys.modules.get("batchrun.runner.shard")
+            if shard is not None:
+                shard.STOP.set()
             run.workers.stop()
             run.collect()
         except KeyboardInterrupt:
