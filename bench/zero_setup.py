@@ -111,6 +111,7 @@ def _count(path: Path, n: int, what: str) -> None:
 
 def run_baseline(kind: str, jobs: Path, n: int, mock: MockProcess, concurrency: int, tmp: Path) -> dict:
     out = tmp / f"{kind}.jsonl"
+    out.unlink(missing_ok=True)  # the cookbook appends
     cmd = [PYTHON, __file__, "--child", kind, str(jobs), mock.base_url, str(out), "--concurrency", str(concurrency)]
     started = time.monotonic()
     first = FirstRequest(mock, started)
