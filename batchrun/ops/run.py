@@ -126,7 +126,16 @@ def run_batch(cfg: RunConfig) -> int:
             _prepare_existing(store, cfg, skip)  # before any worker runs its shards
         run = _Run(cfg, errors_path, skip, store, LocalWorkers(cfg.grace))
         stack.callback(run.workers.stop)
-        total = _submit_and_start(run, settings, sidecar, stack)
+        # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
+        # dropped, and the command that continues is printed. From before the submit: on the
+        # in-process Redis, sending starts while the file loads.
+        stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
+        try:
+            total = _submit_and_start(run, settings, sidecar, stack)
+        except KeyboardInterrupt:
+            if not run.workers.threads:
+                raise  # nothing was sent yet
+            return _interrupted(run)
         interrupted = _follow(run, stack, total)
         if interrupted is not None:
             return interrupted
@@ -141,19 +150,24 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
     send while the rest of the file loads; on a real Redis the worker processes start after it."""
     cfg, store = run.cfg, run.store
 
-    def start_threads(bid: str) -> None:
+    def accepted(bid: str) -> None:
+        # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
+        # this command after a crash continues this batch instead of paying for its jobs again.
         run.batch_id = bid
+        saved = save_run_settings(cfg, sidecar, bid)
+        stack.callback(lambda: record_spent(sidecar, saved, bid, store))
+
+    def start_threads(bid: str) -> None:
+        accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
         local_workers.start_threads(run.workers, store.redis, settings)
 
     report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
                          skip_invalid=cfg.skip_invalid, skip_ids=run.skip, prices=cfg.prices,
                          on_skip=lambda e: click.echo(f"skipped: {e}", err=True),
                          on_loading=start_threads if is_memory(cfg.redis_url) else None)
-    bid = run.batch_id = report.batch_id
-    # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
-    # this command after a crash continues this batch instead of paying for its jobs again.
-    saved = save_run_settings(cfg, sidecar, bid)
-    stack.callback(lambda: record_spent(sidecar, saved, bid, store))
+    bid = report.batch_id
+    if not run.batch_id:
+        accepted(bid)
     note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
     if run.workers.threads:
         pass  # started while the file loaded
@@ -168,34 +182,14 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
 def _follow(run: _Run, stack: ExitStack, total: int) -> int | None:
     """Collect until the batch ends or pauses; on Ctrl-C (or SIGTERM) stop gracefully and return
     the exit code, else None."""
-    cfg, store, bid = run.cfg, run.store, run.batch_id
+    store, bid = run.store, run.batch_id
     progress = stack.enter_context(Progress(store, bid, total=total))
-    # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
-    # dropped, and the command that continues is printed.
-    stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
     try:
         run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
                     should_stop=run.should_stop)
     except KeyboardInterrupt:
         progress.close()
-        click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
-                   f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
-        try:
-            # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
-            # real Redis does not import the sending machinery at all.
-            shard = sys.modules.get("batchrun.runner.shard")
-            if shard is not None:
-                shard.STOP.set()
-            run.workers.stop()
-            run.collect()
-        except KeyboardInterrupt:
-            run.workers.abandon()
-            click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
-        counts = store.counts(bid)
-        click.echo(_summary(cfg, run.errors_path, run.written, run.skip)
-                   + f"; {counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
-        _print_resume(cfg, bid, run.errors_path, store)
-        return Exit.INTERRUPTED
+        return _interrupted(run)
     if store.meta(bid).get("state") != "finished":
         # Paused (quota, the spending cap): the requests in flight still land and were paid
         # for; wait for the workers to finish them, and write them too.
@@ -203,6 +197,30 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> int | None:
         run.collect()
     progress.close()
     return None
+
+
+def _interrupted(run: _Run) -> int:
+    """After a Ctrl-C (or SIGTERM): requests in flight get the grace period and their answers are
+    written; a second Ctrl-C stops at once. Returns the exit code."""
+    cfg, store, bid = run.cfg, run.store, run.batch_id
+    click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
+               f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
+    try:
+        # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
+        # real Redis does not import the sending machinery at all.
+        shard = sys.modules.get("batchrun.runner.shard")
+        if shard is not None:
+            shard.STOP.set()
+        run.workers.stop()
+        run.collect()
+    except KeyboardInterrupt:
+        run.workers.abandon()
+        click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
+    counts = store.counts(bid)
+    click.echo(_summary(cfg, run.errors_path, run.written, run.skip)
+               + f"; {counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
+    _print_resume(cfg, bid, run.errors_path, store)
+    return Exit.INTERRUPTED
 
 
 def _report_end(run: _Run, prior_errors: int) -> int:
