@@ -132,10 +132,13 @@ def run_batch(cfg: RunConfig) -> int:
         stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
         try:
             total = _submit_and_start(run, settings, sidecar, stack)
-        except KeyboardInterrupt:
+        except BaseException as exc:
             if not run.workers.threads:
                 raise  # nothing was sent yet
-            return _interrupted(run)
+            if isinstance(exc, KeyboardInterrupt):
+                return _interrupted(run)
+            _stop_and_collect(run)  # the load failed (the file changed, say): what was sent is written
+            raise
         interrupted = _follow(run, stack, total)
         if interrupted is not None:
             return interrupted
@@ -206,13 +209,7 @@ def _interrupted(run: _Run) -> int:
     click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
                f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
     try:
-        # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
-        # real Redis does not import the sending machinery at all.
-        shard = sys.modules.get("batchrun.runner.shard")
-        if shard is not None:
-            shard.STOP.set()
-        run.workers.stop()
-        run.collect()
+        _stop_and_collect(run)
     except KeyboardInterrupt:
         run.workers.abandon()
         click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
@@ -221,6 +218,17 @@ def _interrupted(run: _Run) -> int:
                + f"; {counts['total'] - counts['done'] - counts['failed']} job(s) not done", err=True)
     _print_resume(cfg, bid, run.errors_path, store)
     return Exit.INTERRUPTED
+
+
+def _stop_and_collect(run: _Run) -> None:
+    """Stop the workers gracefully (requests in flight get the grace period) and write what landed."""
+    # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
+    # real Redis does not import the sending machinery at all.
+    shard = sys.modules.get("batchrun.runner.shard")
+    if shard is not None:
+        shard.STOP.set()
+    run.workers.stop()
+    run.collect()
 
 
 def _report_end(run: _Run, prior_errors: int) -> int:
