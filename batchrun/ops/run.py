@@ -7,28 +7,27 @@ machines may join.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-import subprocess
 import sys
-import threading
 from contextlib import ExitStack
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import click
 
-from batchrun.ops import hints
+from batchrun.ops import hints, local_workers
+from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
+from batchrun.ops.run_files import already_done, check_paths, held
+# The settings file's functions live in run_settings; these names stay importable from here.
+from batchrun.ops.run_settings import (load_run_settings, record_spent, save_run_settings,  # noqa: F401
+                                       settings_path, spent_usd)
 
-from batchrun.runner import shard
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.exitcodes import Exit, for_state
 from batchrun.ops.progress import Progress, note
 from batchrun.ops.resume import paused_at_cap, set_cap
-from batchrun.settings import BatchOptions, WorkerSettings, set_worker_settings
+from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
@@ -37,6 +36,7 @@ from batchrun.ops.submit import submit_file
 log = logging.getLogger("batchrun")
 
 DEFAULT_ENDPOINT = "/v1/chat/completions"
+COLLECT_POLL_SECONDS = 0.1  # how soon `run` writes an outcome after it lands, and sees the batch end
 
 
 @dataclass
@@ -64,6 +64,38 @@ class RunConfig:
         return hints.RedisRef.of(self.redis_url, self.redis_source)
 
 
+@dataclass
+class _Run:
+    """One `run` under way: what its steps share."""
+    cfg: RunConfig
+    errors_path: str
+    skip: set[str]  # custom_ids the files hold already
+    store: BatchStore
+    workers: LocalWorkers
+    written: CollectReport = field(default_factory=CollectReport)  # what this command wrote, over its collects
+    batch_id: str = ""
+
+    def collect(self, **kw) -> None:
+        r = CollectReport()
+        try:
+            collect(self.store, self.batch_id, self.cfg.output, self.errors_path,
+                    on_note=lambda m: click.echo(m, err=True), report=r, **kw)
+        finally:
+            # Counted even when Ctrl-C cuts the collect short: what it wrote is in the files.
+            self.written.results_written += r.results_written
+            self.written.errors_written += r.errors_written
+            self.written.other_there += r.other_there
+
+    def should_stop(self) -> bool:
+        import redis
+
+        try:
+            state = self.store.meta(self.batch_id).get("state")
+        except (redis.ConnectionError, redis.TimeoutError):
+            state = None  # Redis away: collect waits it out, and so does this run
+        return state == BatchState.PAUSED or not self.workers.alive()
+
+
 def run_batch(cfg: RunConfig) -> int:
     errors_path = cfg.errors or default_errors_path(cfg.output)
     sidecar = settings_path(cfg.output)
@@ -72,16 +104,15 @@ def run_batch(cfg: RunConfig) -> int:
         raise click.ClickException("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
     # Every path is checked before anything is submitted: a batch must not start that
     # cannot write its results.
-    _check_paths(cfg, errors_path, sidecar)
+    check_paths(cfg, errors_path, sidecar)
     # Jobs the files hold already are never sent again, by `run` as by `resume`: a second
     # run onto a complete output must not pay again for answers it would then drop.
-    skip, prior_errors = _already_done(cfg, errors_path)
+    skip, prior_errors = already_done(cfg, errors_path)
     if skip and not cfg.only_missing:
         again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
         note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
              + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
                 else ""))
-    written = [0, 0, 0]  # results, errors, outcomes the files held another one of
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
         if cfg.mock:
@@ -96,72 +127,119 @@ def run_batch(cfg: RunConfig) -> int:
             cfg.batch_id = _batch_to_continue(cfg, sidecar, store)
         if cfg.batch_id and store.exists(cfg.batch_id):
             _prepare_existing(store, cfg, skip)  # before any worker runs its shards
-        report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
-                             skip_invalid=cfg.skip_invalid, skip_ids=skip, prices=cfg.prices,
-                             on_skip=lambda e: click.echo(f"skipped: {e}", err=True))
-        bid = report.batch_id
-        # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
-        # this command after a crash continues this batch instead of paying for its jobs again.
-        saved = save_run_settings(cfg, sidecar, bid)
-        stack.callback(lambda: record_spent(sidecar, saved, bid, store))
-        note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
-
-        workers = _start_workers(cfg, settings, store)
-        stack.callback(workers.stop)
-        progress = stack.enter_context(Progress(store, bid, total=report.total))
-
-        def should_stop() -> bool:
-            import redis
-
-            try:
-                state = store.meta(bid).get("state")
-            except (redis.ConnectionError, redis.TimeoutError):
-                state = None  # Redis away: collect waits it out, and so does this run
-            return state == BatchState.PAUSED or not workers.alive()
-
-        def collect_now(**kw) -> None:
-            r = CollectReport()
-            try:
-                collect(store, bid, cfg.output, errors_path, on_note=lambda m: click.echo(m, err=True), report=r, **kw)
-            finally:
-                # Counted even when Ctrl-C cuts the collect short: what it wrote is in the files.
-                written[0] += r.results_written
-                written[1] += r.errors_written
-                written[2] += r.other_there
-
+        run = _Run(cfg, errors_path, skip, store, LocalWorkers(cfg.grace))
+        stack.callback(run.workers.stop)
         # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
-        # dropped, and the command that continues is printed.
+        # dropped, and the command that continues is printed. From before the submit: on the
+        # in-process Redis, sending starts while the file loads.
         stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
         try:
-            collect_now(follow=True, poll=0.3, on_progress=lambda r: progress.update(), should_stop=should_stop)
-        except KeyboardInterrupt:
-            progress.close()
-            click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
-                       f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
-            try:
-                shard.STOP.set()
-                workers.stop()
-                collect_now()
-            except KeyboardInterrupt:
-                workers.abandon()
-                click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
-            counts = store.counts(bid)
-            click.echo(_summary(cfg, errors_path, written, skip)
-                       + f"; {jobs_left(counts)} job(s) not done", err=True)
-            _print_resume(cfg, bid, errors_path, store)
-            return Exit.INTERRUPTED
-        if store.meta(bid).get("state") != BatchState.FINISHED:
-            # Paused (quota, the spending cap): the requests in flight still land and were paid
-            # for; wait for the workers to finish them, and write them too.
-            workers.stop()
-            collect_now()
-        progress.close()
+            total = _submit_and_start(run, settings, sidecar, stack)
+        except BaseException as exc:
+            if not run.workers.threads:
+                raise  # nothing was sent yet
+            if isinstance(exc, KeyboardInterrupt):
+                return _interrupted(run)
+            _stop_and_collect(run)  # the load failed (the file changed, say): what was sent is written
+            raise
+        interrupted = _follow(run, stack, total)
+        if interrupted is not None:
+            return interrupted
         store.expire_ended()  # a finished batch's keys start their --keep-days now
+    return _report_end(run, prior_errors)
 
+
+def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: ExitStack) -> int:
+    """Submit the file and start the local workers; returns the batch's total.
+
+    On the in-process Redis the worker threads start as soon as the first shard has its jobs, and
+    send while the rest of the file loads; on a real Redis the worker processes start after it."""
+    cfg, store = run.cfg, run.store
+
+    def accepted(bid: str) -> None:
+        # Only now (a refused run leaves no settings behind), and with the batch id: a rerun of
+        # this command after a crash continues this batch instead of paying for its jobs again.
+        run.batch_id = bid
+        saved = save_run_settings(cfg, sidecar, bid)
+        stack.callback(lambda: record_spent(sidecar, saved, bid, store))
+
+    def start_threads(bid: str) -> None:
+        accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
+        local_workers.start_threads(run.workers, store.redis, settings)
+
+    report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
+                         skip_invalid=cfg.skip_invalid, skip_ids=run.skip, prices=cfg.prices,
+                         on_skip=lambda e: click.echo(f"skipped: {e}", err=True),
+                         on_loading=start_threads if is_memory(cfg.redis_url) else None)
+    bid = report.batch_id
+    if not run.batch_id:
+        accepted(bid)
+    note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
+    if run.workers.threads:
+        pass  # started while the file loaded
+    elif is_memory(cfg.redis_url):
+        local_workers.start_threads(run.workers, store.redis, settings)
+    else:
+        local_workers.start_processes(run.workers, cfg.redis_url, settings, processes=cfg.processes,
+                                      concurrency=cfg.concurrency)
+    return report.total
+
+
+def _follow(run: _Run, stack: ExitStack, total: int) -> int | None:
+    """Collect until the batch ends or pauses; on Ctrl-C (or SIGTERM) stop gracefully and return
+    the exit code, else None."""
+    store, bid = run.store, run.batch_id
+    progress = stack.enter_context(Progress(store, bid, total=total))
+    try:
+        run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
+                    should_stop=run.should_stop)
+    except KeyboardInterrupt:
+        progress.close()
+        return _interrupted(run)
+    if store.meta(bid).get("state") != BatchState.FINISHED:
+        # Paused (quota, the spending cap): the requests in flight still land and were paid
+        # for; wait for the workers to finish them, and write them too.
+        run.workers.stop()
+        run.collect()
+    progress.close()
+    return None
+
+
+def _interrupted(run: _Run) -> int:
+    """After a Ctrl-C (or SIGTERM): requests in flight get the grace period and their answers are
+    written; a second Ctrl-C stops at once. Returns the exit code."""
+    cfg, store, bid = run.cfg, run.store, run.batch_id
+    click.echo(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
+               f"(Ctrl-C again to stop at once; nothing finished is lost)", err=True)
+    try:
+        _stop_and_collect(run)
+    except KeyboardInterrupt:
+        run.workers.abandon()
+        click.echo("stopped at once; the jobs in flight come back to the queue as after a crash", err=True)
+    counts = store.counts(bid)
+    click.echo(_summary(cfg, run.errors_path, run.written, run.skip)
+               + f"; {jobs_left(counts)} job(s) not done", err=True)
+    _print_resume(cfg, bid, run.errors_path, store)
+    return Exit.INTERRUPTED
+
+
+def _stop_and_collect(run: _Run) -> None:
+    """Stop the workers gracefully (requests in flight get the grace period) and write what landed."""
+    # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
+    # real Redis does not import the sending machinery at all.
+    shard = sys.modules.get("batchrun.runner.shard")
+    if shard is not None:
+        shard.STOP.set()
+    run.workers.stop()
+    run.collect()
+
+
+def _report_end(run: _Run, prior_errors: int) -> int:
+    cfg, store, bid, errors_path = run.cfg, run.store, run.batch_id, run.errors_path
     meta = store.meta(bid)
     counts = store.counts(bid)
-    click.echo(_summary(cfg, errors_path, written, skip)
-               + (_held(cfg.output, errors_path) if skip else ""))
+    click.echo(_summary(cfg, errors_path, run.written, run.skip)
+               + (held(cfg.output, errors_path) if run.skip else ""))
     if meta.get("state") == BatchState.PAUSED:
         reason = hints.complete(meta.get("reason") or "", lambda _id, extra: _continue_command(cfg, bid, extra))
         click.echo(f"batch {bid} is paused: {reason}", err=True)
@@ -176,41 +254,14 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def _summary(cfg: RunConfig, errors_path: str, written: list[int], skip: set[str]) -> str:
+def _summary(cfg: RunConfig, errors_path: str, written: CollectReport, skip: set[str]) -> str:
     """What this command wrote (not what the batch holds: a rerun writes only what was missing)."""
-    return (f"{written[0]} result(s) written to {cfg.output}, {written[1]} error(s) to {errors_path}"
+    return (f"{written.results_written} result(s) written to {cfg.output}, {written.errors_written} error(s) "
+            f"to {errors_path}"
             + (f"; {len(skip)} job(s) were there already" if skip else "")
-            + (f"; {written[2]} outcome(s) of this batch were not written, as the files hold another outcome "
-               f"for their custom_id (a job sent twice after a Redis rollback, or a race with another run)"
-               if written[2] else ""))
-
-
-def _check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
-    from batchrun.files.outputs import OutputFileError, check_writable
-
-    named = {"-o": cfg.output, "--errors": errors_path, "the settings file": sidecar}
-    jobs = os.path.realpath(cfg.jobs)
-    seen: dict[str, str] = {}
-    for what, path in named.items():
-        real = os.path.realpath(path)
-        if real == jobs or _same_file(path, cfg.jobs):  # samefile: a hard link too
-            raise OutputFileError(f"{what} {path} is the jobs file itself; write the results to another file "
-                                  f"(nothing was submitted)")
-        if real in seen:
-            raise OutputFileError(f"{what} {path} is also {seen[real]}; give them different files "
-                                  f"(nothing was submitted)")
-        seen[real] = f"{what} {path}"
-        try:
-            check_writable(path)
-        except OutputFileError as exc:
-            raise OutputFileError(f"{exc}; nothing was submitted") from None
-
-
-def _same_file(a: str, b: str) -> bool:
-    try:
-        return os.path.samefile(a, b)
-    except OSError:
-        return False  # one of them does not exist (yet)
+            + (f"; {written.other_there} outcome(s) of this batch were not written, as the files hold another "
+               f"outcome for their custom_id (a job sent twice after a Redis rollback, or a race with another run)"
+               if written.other_there else ""))
 
 
 def _prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None:
@@ -247,14 +298,6 @@ def _pending_in_batch(store: BatchStore, bid: str, ids: set[str]) -> set[str]:
     return pending
 
 
-def _held(output: str, errors_path: str) -> str:
-    """After a resume from the files, which already held earlier runs' lines: what they hold now."""
-    from batchrun.files.outputs import iter_custom_ids
-
-    results, errors = (sum(1 for _ in iter_custom_ids(p)) if os.path.exists(p) else 0 for p in (output, errors_path))
-    return f"; the files now hold {results} result(s) and {errors} error(s) in all"
-
-
 def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:
     """`run --batch-id ID --max-cost N` on a batch that exists: N becomes its cap, and a batch
     paused at its old cap runs again."""
@@ -264,35 +307,6 @@ def _apply_new_cap(store: BatchStore, bid: str, max_cost: float) -> None:
     set_cap(store, bid, max_cost)  # CapTooLow (a ValueError) when it would pause the batch again at once
     if paused_at_cap(meta):
         store.resume(bid)
-
-
-def _already_done(cfg: RunConfig, errors_path: str) -> tuple[set[str], int]:
-    """custom_ids the output files hold (results, and errors unless they are to be retried),
-    and how many of them are errors."""
-    from pathlib import Path
-
-    from batchrun.files.outputs import read_custom_ids, repair_truncated_tail
-
-    for path in (cfg.output, errors_path):
-        repaired = repair_truncated_tail(path) if Path(path).exists() else None
-        if repaired:
-            note(repaired)
-    done = read_custom_ids(cfg.output)
-    failed: set[str] = set()
-    if cfg.retry_failed and Path(errors_path).exists() and Path(errors_path).stat().st_size:
-        kept = f"{errors_path}.previous"
-        os.replace(errors_path, kept)  # their new outcome goes to a fresh errors file
-        note(f"the errors of the previous run are sent again; the old errors file is now {kept}")
-    else:
-        failed = read_custom_ids(errors_path) - done
-    return done | failed, len(failed)
-
-
-def settings_path(output: str) -> str:
-    """The file beside OUT that keeps a run's settings, so that `resume JOBS -o OUT` repeats them."""
-    p = Path(output)
-    stem = p.name[:-len(".jsonl")] if p.name.endswith(".jsonl") else p.name
-    return str(p.with_name(stem + ".batchrun.json"))
 
 
 def _batch_to_continue(cfg: RunConfig, sidecar: str, store: BatchStore) -> str | None:
@@ -308,64 +322,6 @@ def _batch_to_continue(cfg: RunConfig, sidecar: str, store: BatchStore) -> str |
         return None
     note(f"continuing batch {bid}, which the earlier run of this command made ({sidecar} names it)")
     return bid
-
-
-def save_run_settings(cfg: RunConfig, path: str, batch_id: str | None = None) -> dict:
-    """Write the settings a resume repeats (never the Redis URL nor any key: they may hold secrets)."""
-    previous = load_run_settings(path) if cfg.only_missing else None
-    saved = {
-        "jobs": cfg.jobs, "endpoint": cfg.endpoint, "skip_invalid": cfg.skip_invalid,
-        "options": cfg.options.to_fields(), "concurrency": cfg.concurrency, "processes": cfg.processes,
-        "grace": cfg.grace, "mock": cfg.mock, "prices": cfg.prices,
-        "max_cost_total": cfg.options.max_cost if cfg.cap_total is None else cfg.cap_total,
-        # USD each batch of this file spent: a resume's cap is what the first run's cap leaves.
-        "spent_usd": dict((previous or {}).get("spent_usd") or {}),
-    }
-    if batch_id and not cfg.redis.memory:
-        saved["batch_id"] = batch_id  # the batch a rerun of this command continues
-    _write_json(path, saved)
-    return saved
-
-
-def load_run_settings(path: str) -> dict | None:
-    from batchrun.files.outputs import OutputFileError
-
-    try:
-        with open(path) as f:
-            text = f.read()
-        if not text.strip():
-            return None  # made empty by the check that the path is writable
-        data = json.loads(text)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise OutputFileError(f"{path}: cannot read the first run's settings ({exc}); "
-                              f"remove it and give the options again") from None
-    if not isinstance(data, dict) or not isinstance(data.get("options"), dict):
-        raise OutputFileError(f"{path}: not a batchrun settings file; remove it and give the options again")
-    return data
-
-
-def record_spent(path: str, saved: dict, bid: str, store: BatchStore) -> None:
-    import redis
-
-    try:
-        saved["spent_usd"][bid] = float(store.meta(bid).get("cost") or 0)
-    except (redis.ConnectionError, redis.TimeoutError):
-        return  # Redis is gone: the next run counts from what it knows
-    _write_json(path, saved)
-
-
-def spent_usd(saved: dict) -> float:
-    return sum(float(v) for v in (saved.get("spent_usd") or {}).values())
-
-
-def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.write("\n")
-    os.replace(tmp, path)  # whole or not at all
 
 
 def resume_config(jobs: str, output: str, errors: str | None, given: dict, *, max_cost: float | None,
@@ -437,41 +393,14 @@ def resume_config(jobs: str, output: str, errors: str | None, given: dict, *, ma
     return cfg, ", ".join(used)
 
 
-class _RunLogFilter(logging.Filter):
-    """Worker lines in `run` at the default verbosity: warnings and the one-line retry
-    summaries (what is happening, when it retries) show, the rest is the progress display's.
-    A line that carries a `batchrun resume ID` command is completed for this run, or dropped
-    (``complete`` None) where the run prints it completed itself."""
-
-    def __init__(self, complete=None, *, quiet: bool = True):
-        super().__init__()
-        self.complete = complete
-        self.quiet = quiet  # drop the info lines; under -v (and -q) the level alone decides
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if self.quiet and record.levelno < logging.WARNING and record.funcName != "_summarise":
-            return False
-        message = record.getMessage()
-        if hints.has_command(message):
-            if self.complete is None:
-                return False
-            record.msg, record.args = hints.complete(message, self.complete), ()
-        return True
-
-
 def _quiet_worker_lines(cfg: RunConfig, stack: ExitStack) -> None:
     # At every verbosity a worker line's `batchrun resume ID` is completed for this run; only at
     # the default one are the info lines dropped (-v shows every line, -q what its level lets by).
     level = logging.getLogger("batchrun").getEffectiveLevel()
     worker_log = logging.getLogger("batchrun.worker")
-    quiet = _RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra), quiet=level == logging.INFO)
+    quiet = RunLogFilter(lambda bid, extra: _continue_command(cfg, bid, extra), quiet=level == logging.INFO)
     worker_log.addFilter(quiet)
     stack.callback(worker_log.removeFilter, quiet)
-
-
-def _worker_log_mode() -> str:
-    level = logging.getLogger("batchrun").getEffectiveLevel()
-    return "verbose" if level < logging.INFO else "quiet" if level > logging.INFO else "summaries"
 
 
 def _continue_command(cfg: RunConfig, bid: str, extra: list[str]) -> list[str]:
@@ -509,84 +438,3 @@ def _print_resume(cfg: RunConfig, bid: str, errors_path: str, store: BatchStore 
     elif capped:
         click.echo("(give a cap above the old one)", err=True)
 
-
-class _Workers:
-    def __init__(self, grace: float):
-        self.grace = grace
-        self.abandoned = False
-        self.threads: list[threading.Thread] = []
-        self.procs: list[subprocess.Popen] = []
-        self.rq_workers = []
-
-    def alive(self) -> bool:
-        return any(t.is_alive() for t in self.threads) or any(p.poll() is None for p in self.procs)
-
-    def abandon(self) -> None:
-        """Stop at once: worker threads die with this process; worker processes are killed (their
-        leases lapse and their jobs come back, as after a crash)."""
-        self.abandoned = True
-        for p in self.procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.abandoned:
-            return
-        for w in self.rq_workers:
-            w._stop_requested = True
-        for p in self.procs:
-            if p.poll() is None:
-                p.terminate()
-        for t in self.threads:
-            t.join(timeout=self.grace + 30)
-        for p in self.procs:
-            try:
-                p.wait(timeout=self.grace + 30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-
-
-def _start_workers(cfg: RunConfig, settings: WorkerSettings, store: BatchStore) -> _Workers:
-    from batchrun.runner.worker import make_worker, preload_encodings
-
-    workers = _Workers(cfg.grace)
-    if is_memory(cfg.redis_url):
-        set_worker_settings(settings)
-        preload_encodings()
-        w = make_worker(store.redis, burst=True, threaded=True)
-        t = threading.Thread(target=w.work, kwargs={"burst": True, "logging_level": "WARNING"}, daemon=True)
-        t.start()
-        workers.rq_workers.append(w)
-        workers.threads.append(t)
-        return workers
-    # Secrets (the API key, a Redis password) go through the environment, never the command line.
-    env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
-           "BATCHRUN_REDIS_URL": cfg.redis_url}
-    cmd = [sys.executable, "-m", "batchrun.ops.run", _worker_log_mode(), "worker", "--burst", "--grace", str(cfg.grace)]
-    if cfg.concurrency:
-        cmd += ["--concurrency", str(cfg.concurrency)]
-    for _ in range(cfg.processes):
-        # Own session: a Ctrl-C at the terminal reaches `run` only, which stops them once, gracefully.
-        workers.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-    return workers
-
-
-if __name__ == "__main__":
-    # A local worker process of `run` on a real Redis: `python -m batchrun.ops.run MODE worker …`. In
-    # "summaries" mode it shows warnings and the retry summaries, as the in-process worker does;
-    # `run` prints pause messages itself, with the command that works from there.
-    from batchrun.cli.main import main
-
-    from batchrun.runner.worker import watch_parent
-
-    mode, args = sys.argv[1], sys.argv[2:]
-    # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It
-    # stops as on SIGTERM (requests in flight get the grace, the rest stays queued), and a
-    # rerun of the same command continues that batch.
-    watch_parent(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
-    if mode == "summaries":
-        # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
-        logging.getLogger("batchrun.worker").setLevel(logging.INFO)
-    # At every verbosity: a pause line's `batchrun resume ID` is dropped, `run` prints the command itself.
-    logging.getLogger("batchrun.worker").addFilter(_RunLogFilter(quiet=mode == "summaries"))
-    main(args=(["-v"] if mode == "verbose" else ["-q"]) + args, prog_name="batchrun")

@@ -74,12 +74,17 @@ def new_batch_id() -> str:
 def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, options: BatchOptions | None = None,
                 endpoint: str = "/v1/chat/completions", skip_invalid: bool = False,
                 on_skip: Callable[[LineError], None] | None = None,
-                skip_ids: set[str] | None = None, prices: str | None = None) -> SubmitReport:
+                skip_ids: set[str] | None = None, prices: str | None = None,
+                on_loading: Callable[[str], None] | None = None) -> SubmitReport:
     """Load the jobs of ``path`` into batch ``batch_id`` (new if None) and enqueue the shards that got jobs.
 
     Nothing is written unless the whole file is valid or ``skip_invalid`` is set. Jobs whose
     custom_id is in ``skip_ids`` (already in the output files) are left out. ``prices`` is a
     user's price file over the shipped table; the batch keeps the merged table.
+
+    With ``on_loading``, a new batch's shards are enqueued as they fill, and ``on_loading(batch_id)``
+    is called once the first can run: workers may send while the rest of the file loads. It is not
+    called for a batch that existed (its workers start after the submit, as without it).
     """
     validated = _fingerprint(path)
     valid, errors = validate_file(path, endpoint=endpoint)
@@ -105,52 +110,96 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     store.create_batch(batch_id, options, source=str(path), prices=table.to_json())
     if existing and prices:
         store.set_prices(batch_id, table.to_json())
-    shard_size = store.options(batch_id).shard_size  # an existing batch keeps its own
-
-    added, index, chunk_bytes = 0, 0, 0
-    chunk: list[tuple[str, int, bytes]] = []
-    # The chunks go to Redis from two threads while this one reads on: while Redis runs one
-    # chunk's script, the other thread sends the next (packing a chunk takes about as long as
-    # Redis takes to add it). Chunks may land in any order: each job's shard is fixed here. At
-    # most three chunks wait, so memory stays flat.
-    sending: deque[Future] = deque()
-
-    def flush() -> None:
-        nonlocal added, chunk, chunk_bytes
-        sending.append(sender.submit(store.add_jobs, batch_id, chunk))
-        chunk, chunk_bytes = [], 0
-        while len(sending) > 3 or (sending and sending[0].done()):
-            added += sending.popleft().result()[0]
-
     if errors and on_skip is not None:
         for err in errors:
             on_skip(err)
-    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchrun-submit") as sender:
-        # validate_file has checked every line: the second pass trusts them (see iter_requests).
-        for custom_id, request in iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors],
-                                                size=validated[0]):
-            if skip_ids and custom_id in skip_ids:
-                continue
-            shard = index // shard_size
-            index += 1
-            chunk.append((custom_id, shard, request))
-            chunk_bytes += len(request) + len(custom_id)
-            if len(chunk) >= CHUNK or chunk_bytes >= CHUNK_BYTES:
-                flush()
-        if chunk:
-            flush()
-        while sending:
-            added += sending.popleft().result()[0]
+    loader = _Loader(store, batch_id, store.options(batch_id).shard_size,  # an existing batch keeps its own
+                     early=None if existing else on_loading, reserve=valid)
+    # validate_file has checked every line: the second pass trusts them (see iter_requests).
+    requests = iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors], size=validated[0])
+    added = loader.load(cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))
     if added:
         store.reopen(batch_id)
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
     if not jobs_left(meta):
         store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,))  # empty, or all done before
-    elif meta.get("state") == BatchState.RUNNING:
+    elif meta.get("state") == BatchState.RUNNING and not loader.ready_below:
         # Every shard with work left gets a runner, not only those that got new jobs: a submit
-        # interrupted before it enqueued, or run again, still leaves a batch that runs.
+        # interrupted before it enqueued, or run again, still leaves a batch that runs. (Shards
+        # enqueued while loading have theirs already.)
         store.wake_all_shards(batch_id)
         while store.promote_parked(limit=1000) == 1000:
             pass
     return SubmitReport(batch_id, valid, added, total, errors)
+
+
+class _Loader:
+    """Sends a file's jobs to Redis in chunks, from two threads while the caller reads on: while
+    Redis runs one chunk's script, the other thread sends the next (packing a chunk takes about as
+    long as Redis takes to add it). Chunks may land in any order: each job's shard is fixed here. At
+    most three chunks wait, so memory stays flat.
+
+    With ``early`` (a new batch), every shard is enqueued as soon as all its jobs have landed, and
+    ``early(batch_id)`` is called at the first. Until the load ends, the batch's total holds
+    ``reserve`` jobs more than it has (at least as many as will be added): a shard that ends before
+    the rest is loaded must not see its jobs as the whole batch and finish it."""
+
+    def __init__(self, store: BatchStore, batch_id: str, shard_size: int, *,
+                 early: Callable[[str], None] | None, reserve: int):
+        self.store, self.batch_id, self.shard_size = store, batch_id, shard_size
+        self.early, self.reserve = early, reserve if early else 0
+        # Smaller chunks while shards are enqueued early: the first shard is ready sooner.
+        self.chunk_jobs = min(CHUNK, max(100, shard_size // 2)) if early else CHUNK
+        self.added = 0
+        self.ready_below = 0  # shards below this one are enqueued
+        self.sending: deque[tuple[Future, int]] = deque()  # (add_jobs call, first shard of the next chunk)
+
+    def load(self, requests) -> int:
+        """Load (custom_id, request JSON) pairs; returns how many jobs were new to the batch."""
+        if self.reserve:
+            self._count_total(self.reserve)
+        try:
+            with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchrun-submit") as self.sender:
+                self._send_all(requests)
+                while self.sending:
+                    self._land()
+        finally:
+            if self.reserve:
+                self._count_total(-self.reserve)
+        return self.added
+
+    def _send_all(self, requests) -> None:
+        chunk: list[tuple[str, int, bytes]] = []
+        index = chunk_bytes = 0
+        for custom_id, request in requests:
+            chunk.append((custom_id, index // self.shard_size, request))
+            index += 1
+            chunk_bytes += len(request) + len(custom_id)
+            if len(chunk) >= self.chunk_jobs or chunk_bytes >= CHUNK_BYTES:
+                self._flush(chunk, index // self.shard_size)
+                chunk, chunk_bytes = [], 0
+        if chunk:
+            self._flush(chunk, index // self.shard_size + 1)
+
+    def _flush(self, chunk: list, next_shard: int) -> None:
+        self.sending.append((self.sender.submit(self.store.add_jobs, self.batch_id, chunk), next_shard))
+        while len(self.sending) > 3 or (self.sending and self.sending[0][0].done()):
+            self._land()
+
+    def _land(self) -> None:
+        """Wait for the oldest chunk; the chunks before it have landed, so every shard below the
+        next chunk's first one has all its jobs."""
+        future, next_shard = self.sending.popleft()
+        self.added += future.result()[0]
+        if self.early is None or next_shard <= self.ready_below:
+            return
+        for shard in range(self.ready_below, next_shard):
+            self.store.park(self.batch_id, shard, None)  # due now; shards without jobs are skipped
+        self.store.promote_parked(limit=1000)
+        if self.ready_below == 0:
+            self.early(self.batch_id)
+        self.ready_below = next_shard
+
+    def _count_total(self, n: int) -> None:
+        self.store.redis.hincrby(keys.batch(self.batch_id), "total", n)

@@ -36,6 +36,9 @@ from batchrun.state.store import RUN_SHARD, BatchStore
 log = logging.getLogger("batchrun.worker")
 
 POLL_SECONDS = 1  # how long an idle worker waits on the queue between maintenance rounds
+# ... in `batchrun run`'s in-process worker: its idle wait is what `run` waits out at the end (a stop
+# is seen only between waits), and a poll costs only a few in-process commands.
+THREAD_POLL_SECONDS = 0.05
 ORPHAN_CHECK_SECONDS = 0.5  # how often a work horse checks that its worker is still alive
 JOB_FUNCTIONS = frozenset({RUN_SHARD})  # every function batchrun enqueues as an RQ job
 REFUSED_TTL = 86400  # seconds a refused job stays in the failed registry (`rq info` shows it)
@@ -80,6 +83,7 @@ class BatchJob(Job):
 
 class BatchWorkerMixin:
     batchrun_burst = False
+    poll_seconds: float = POLL_SECONDS
 
     def __init__(self, queues, *args, **kwargs):
         # Whatever the command line says (`rq worker -S pickle`, `-j`): JSON, so that reading a job
@@ -112,7 +116,7 @@ class BatchWorkerMixin:
         while True:
             try:
                 maintenance.run_once(store)
-                result = super().dequeue_job_and_maintain_ttl(POLL_SECONDS, POLL_SECONDS)
+                result = super().dequeue_job_and_maintain_ttl(self.poll_seconds, self.poll_seconds)
                 if result is not None or self._stop_requested:
                     return result
                 if burst and not maintenance.work_left(store):
@@ -169,6 +173,7 @@ def watch_parent(parent_pid: int, on_gone) -> None:
 
 class ThreadWorker(BatchWorkerMixin, SimpleWorker):
     death_penalty_class = TimerDeathPenalty
+    poll_seconds = THREAD_POLL_SECONDS
 
     def _install_signal_handlers(self):
         pass  # signals belong to the main thread, which runs `batchrun run`

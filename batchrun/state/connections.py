@@ -69,9 +69,64 @@ def connect(url: str | None = None) -> redis.Redis:
 
         with _lock:
             server = _fake_servers.setdefault(url, fakeredis.FakeServer())
-        return fakeredis.FakeRedis(server=server)
+        return fakeredis.FakeRedis(server=server, connection_class=_direct_connection_class())
     # socket_timeout bounds every command; RQ raises it for its own blocking pops.
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
+
+
+_direct_class = None
+
+
+def _direct_connection_class():
+    """fakeredis's connection, minus its socket emulation: a command goes to the fake server as
+    its list of arguments, not packed into RESP and parsed back (fakeredis's parser costs grow
+    with the square of one command's size, and submit, lease and complete send hundreds of jobs
+    in one). Replies, blocking commands, transactions and pub/sub take fakeredis's own path."""
+    global _direct_class
+    if _direct_class is None:
+        from fakeredis import FakeRedisConnection
+
+        class DirectConnection(FakeRedisConnection):
+            def send_command(self, *args, **kwargs) -> None:
+                self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
+
+            def pack_command(self, *args) -> list[_Command]:
+                return [_Command(self._arguments(args))]
+
+            def pack_commands(self, commands) -> list[_Command]:
+                return [_Command(self._arguments(args)) for args in commands]
+
+            def _arguments(self, args: tuple) -> list[bytes]:
+                # As redis-py's packer: a first argument may hold words of the command ("CONFIG GET").
+                if isinstance(args[0], str):
+                    args = tuple(args[0].encode().split()) + args[1:]
+                elif b" " in args[0]:
+                    args = tuple(args[0].split()) + args[1:]
+                encode = self.encoder.encode
+                return [bytes(a) if isinstance(a, (bytearray, memoryview)) else encode(a) for a in args]
+
+            def send_packed_command(self, command, check_health: bool = True) -> None:
+                if not (isinstance(command, list) and command and isinstance(command[0], _Command)):
+                    return super().send_packed_command(command, check_health)
+                if not self._sock:
+                    self.connect_check_health(check_health=False)
+                sock = self._sock
+                for item in command:
+                    if not sock._server or not sock._server.connected or sock._killed:
+                        raise redis.ConnectionError("Connection closed by server.")
+                    sock._process_command(item.arguments)
+
+        _direct_class = DirectConnection
+    return _direct_class
+
+
+class _Command:
+    """One command's arguments, as the direct connection hands them to the fake server."""
+
+    __slots__ = ("arguments",)
+
+    def __init__(self, arguments: list[bytes]):
+        self.arguments = arguments
 
 
 def describe(url: str) -> str:

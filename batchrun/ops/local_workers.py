@@ -1,0 +1,135 @@
+"""The local workers of ``batchrun run``: threads of the run's own process on the in-process
+Redis, ``batchrun worker --burst`` processes on a real one; and how their log lines show.
+
+``python -m batchrun.ops.local_workers MODE worker …`` is such a worker process: this module
+imports no more than a worker needs, so that it starts sooner.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+from batchrun.ops import hints
+from batchrun.settings import WorkerSettings, set_worker_settings
+
+IN_PROCESS_WORKERS = 1  # worker threads on the in-process Redis (one shard after another)
+
+
+class RunLogFilter(logging.Filter):
+    """Worker lines in `run` at the default verbosity: warnings and the one-line retry
+    summaries (what is happening, when it retries) show, the rest is the progress display's.
+    A line that carries a `batchrun resume ID` command is completed for this run, or dropped
+    (``complete`` None) where the run prints it completed itself."""
+
+    def __init__(self, complete=None, *, quiet: bool = True):
+        super().__init__()
+        self.complete = complete
+        self.quiet = quiet  # drop the info lines; under -v (and -q) the level alone decides
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.quiet and record.levelno < logging.WARNING and record.funcName != "_summarise":
+            return False
+        message = record.getMessage()
+        if hints.has_command(message):
+            if self.complete is None:
+                return False
+            record.msg, record.args = hints.complete(message, self.complete), ()
+        return True
+
+
+def worker_log_mode() -> str:
+    level = logging.getLogger("batchrun").getEffectiveLevel()
+    return "verbose" if level < logging.INFO else "quiet" if level > logging.INFO else "summaries"
+
+
+class LocalWorkers:
+    """The workers one `run` started, to watch and stop."""
+
+    def __init__(self, grace: float):
+        self.grace = grace
+        self.abandoned = False
+        self.threads: list[threading.Thread] = []
+        self.procs: list[subprocess.Popen] = []
+        self.rq_workers = []
+
+    def alive(self) -> bool:
+        return any(t.is_alive() for t in self.threads) or any(p.poll() is None for p in self.procs)
+
+    def abandon(self) -> None:
+        """Stop at once: worker threads die with this process; worker processes are killed (their
+        leases lapse and their jobs come back, as after a crash)."""
+        self.abandoned = True
+        for p in self.procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.abandoned:
+            return
+        for w in self.rq_workers:
+            w._stop_requested = True
+        for p in self.procs:
+            if p.poll() is None:
+                p.terminate()
+        for t in self.threads:
+            t.join(timeout=self.grace + 30)
+        for p in self.procs:
+            try:
+                p.wait(timeout=self.grace + 30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings) -> None:
+    """Worker threads on the in-process Redis (only this process sees it)."""
+    from batchrun.runner.worker import make_worker, preload_encodings
+
+    set_worker_settings(settings)
+    preload_encodings()
+    for _ in range(IN_PROCESS_WORKERS):
+        w = make_worker(redis, burst=True, threaded=True)
+        t = threading.Thread(target=w.work, kwargs={"burst": True, "logging_level": "WARNING"}, daemon=True)
+        t.start()
+        workers.rq_workers.append(w)
+        workers.threads.append(t)
+
+
+def start_processes(workers: LocalWorkers, redis_url: str, settings: WorkerSettings, *, processes: int,
+                    concurrency: int | None) -> None:
+    """``processes`` worker processes on a real Redis."""
+    # Secrets (the API key, a Redis password) go through the environment, never the command line.
+    env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
+           "BATCHRUN_REDIS_URL": redis_url}
+    cmd = [sys.executable, "-m", "batchrun.ops.local_workers", worker_log_mode(), "worker", "--burst", "--grace", str(workers.grace)]
+    if concurrency:
+        cmd += ["--concurrency", str(concurrency)]
+    for _ in range(processes):
+        # Own session: a Ctrl-C at the terminal reaches `run` only, which stops them once, gracefully.
+        workers.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
+
+
+if __name__ == "__main__":
+    # A local worker process of `run` on a real Redis: `python -m batchrun.ops.local_workers MODE worker …`. In
+    # "summaries" mode it shows warnings and the retry summaries, as the in-process worker does;
+    # `run` prints pause messages itself, with the command that works from there.
+    from batchrun.cli.main import main
+
+    from batchrun.runner.worker import watch_parent
+
+    mode, args = sys.argv[1], sys.argv[2:]
+    # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It
+    # stops as on SIGTERM (requests in flight get the grace, the rest stays queued), and a
+    # rerun of the same command continues that batch.
+    watch_parent(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
+    if mode == "summaries":
+        # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
+        logging.getLogger("batchrun.worker").setLevel(logging.INFO)
+    # At every verbosity: a pause line's `batchrun resume ID` is dropped, `run` prints the command itself.
+    logging.getLogger("batchrun.worker").addFilter(RunLogFilter(quiet=mode == "summaries"))
+    main(args=(["-v"] if mode == "verbose" else ["-q"]) + args, prog_name="batchrun")
+
