@@ -77,7 +77,7 @@ def _resume_files(ctx, jobs: str, output: str, errors: str | None, given: dict, 
     """`resume JOBS -o OUT`: a new batch of the jobs OUT lacks, with the first run's settings; exits."""
     from batchrun.files.jobfile import JobFileError
     from batchrun.ops import progress
-    from batchrun.ops.run import resume_config, run_batch
+    from batchrun.cli.run import resume_config, run_batch
     from batchrun.settings import OptionsError
     from batchrun.state.connections import resolve_url
 

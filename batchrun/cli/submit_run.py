@@ -70,7 +70,7 @@ def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, 
     1 an error, 2 a usage error.
     """
     from batchrun.cli.helpers import source_of
-    from batchrun.ops.run import RunConfig, run_batch
+    from batchrun.cli.run import RunConfig, run_batch
 
     options = make_options(**kw)
     if request_timeout is not None:  # through the environment, which the worker processes inherit

@@ -1,7 +1,7 @@
 """The local workers of ``batchrun run``: threads of the run's own process on the in-process
 Redis, ``batchrun worker --burst`` processes on a real one; and how their log lines show.
 
-``python -m batchrun.ops.local_workers MODE worker …`` is such a worker process: this module
+``python -m batchrun.cli.local_worker MODE worker …`` is such a worker process: this module
 imports no more than a worker needs, so that it starts sooner.
 """
 
@@ -105,31 +105,10 @@ def start_processes(workers: LocalWorkers, redis_url: str, settings: WorkerSetti
     # Secrets (the API key, a Redis password) go through the environment, never the command line.
     env = {**os.environ, "OPENAI_BASE_URL": settings.base_url, "OPENAI_API_KEY": settings.api_key,
            "BATCHRUN_REDIS_URL": redis_url}
-    cmd = [sys.executable, "-m", "batchrun.ops.local_workers", worker_log_mode(), "worker", "--burst", "--grace", str(workers.grace)]
+    cmd = [sys.executable, "-m", "batchrun.cli.local_worker", worker_log_mode(), "worker", "--burst", "--grace", str(workers.grace)]
     if concurrency:
         cmd += ["--concurrency", str(concurrency)]
     for _ in range(processes):
         # Own session: a Ctrl-C at the terminal reaches `run` only, which stops them once, gracefully.
         workers.procs.append(subprocess.Popen(cmd, env=env, start_new_session=True))
-
-
-if __name__ == "__main__":
-    # A local worker process of `run` on a real Redis: `python -m batchrun.ops.local_workers MODE worker …`. In
-    # "summaries" mode it shows warnings and the retry summaries, as the in-process worker does;
-    # `run` prints pause messages itself, with the command that works from there.
-    from batchrun.cli.main import main
-
-    from batchrun.runner.worker import watch_parent
-
-    mode, args = sys.argv[1], sys.argv[2:]
-    # `run` killed (SIGKILL, OOM): this worker must not go on sending its batch unwatched. It
-    # stops as on SIGTERM (requests in flight get the grace, the rest stays queued), and a
-    # rerun of the same command continues that batch.
-    watch_parent(os.getppid(), lambda: os.kill(os.getpid(), signal.SIGTERM))
-    if mode == "summaries":
-        # The process runs quiet (-q: RQ's own lines too); only its worker logger says more.
-        logging.getLogger("batchrun.worker").setLevel(logging.INFO)
-    # At every verbosity: a pause line's `batchrun resume ID` is dropped, `run` prints the command itself.
-    logging.getLogger("batchrun.worker").addFilter(RunLogFilter(quiet=mode == "summaries"))
-    main(args=(["-v"] if mode == "verbose" else ["-q"]) + args, prog_name="batchrun")
 

@@ -17,9 +17,9 @@ import click
 
 from batchrun.ops import hints, local_workers
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
-from batchrun.ops.run_files import already_done, check_paths, held
+from batchrun.cli.run_files import already_done, check_paths, held
 # The settings file's functions live in run_settings; these names stay importable from here.
-from batchrun.ops.run_settings import (load_run_settings, record_spent, save_run_settings,  # noqa: F401
+from batchrun.cli.run_settings import (load_run_settings, record_spent, save_run_settings,  # noqa: F401
                                        settings_path, spent_usd)
 
 from batchrun.ops.collect import CollectReport, collect, default_errors_path

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 from batchrun.ops.progress import note
 
 if TYPE_CHECKING:
-    from batchrun.ops.run import RunConfig
+    from batchrun.cli.run import RunConfig
 
 
 def check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
