@@ -1,9 +1,10 @@
 """Shared fixtures: Redis backends (fakeredis and the real server), a BatchStore, batches made quickly.
 
-The real Redis is 127.0.0.1:6379, database 13 (or BATCHRUN_TEST_REDIS_DB, so that two runs of the suite on
-one machine keep out of each other's way), flushed before and after each test that uses it.
-When it is unreachable the "real" tests are skipped, unless BATCHRUN_REQUIRE_REDIS=1 (as in CI),
-which makes them fail instead.
+The real Redis is 127.0.0.1:6379, database 12 (or BATCHRUN_TEST_REDIS_DB, so that two runs of the suite on
+one machine keep out of each other's way) plus the pytest-xdist worker's number (gw0 -> +0, gw3 -> +3), so
+that the workers of one run under ``-n 4`` use DBs 12-15 and never flush each other's; it is flushed before
+and after each test that uses it. When it is unreachable the "real" tests are skipped, unless
+BATCHRUN_REQUIRE_REDIS=1 (as in CI), which makes them fail instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,27 @@ import redis
 from batchrun.settings import BatchOptions
 from batchrun.state.store import BatchStore
 
-REAL_REDIS_URL = f"redis://127.0.0.1:6379/{int(os.environ.get('BATCHRUN_TEST_REDIS_DB') or 13)}"
+REDIS_DATABASES = 16  # redis-server's default "databases"
+
+
+def _xdist_worker_index() -> int:
+    """0 outside pytest-xdist; N in its worker "gwN"."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def _test_db() -> int:
+    first = int(os.environ.get("BATCHRUN_TEST_REDIS_DB") or 12)
+    db = first + _xdist_worker_index()
+    if not 0 <= db < REDIS_DATABASES:
+        raise pytest.UsageError(
+            f"xdist worker {os.environ.get('PYTEST_XDIST_WORKER')} would use Redis DB {db} "
+            f"(BATCHRUN_TEST_REDIS_DB={first} + its number), past 0..{REDIS_DATABASES - 1}: "
+            "set a lower BATCHRUN_TEST_REDIS_DB or run fewer workers (-n)")
+    return db
+
+
+REAL_REDIS_URL = f"redis://127.0.0.1:6379/{_test_db()}"
 
 
 def _require_redis() -> bool:
