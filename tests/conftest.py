@@ -20,26 +20,30 @@ from batchrun.settings import BatchOptions
 from batchrun.state.store import BatchStore
 
 REDIS_DATABASES = 16  # redis-server's default "databases"
+FIRST_TEST_DB = int(os.environ.get("BATCHRUN_TEST_REDIS_DB") or 12)
 
 
 def _xdist_worker_index() -> int:
-    """0 outside pytest-xdist; N in its worker "gwN"."""
+    """0 outside pytest-xdist; N for its worker "gwN". A worker that replaces a crashed one gets a new
+    number past the count: modulo the count it takes the dead one's DB, which nothing uses any more."""
     worker = os.environ.get("PYTEST_XDIST_WORKER", "")
-    return int(worker[2:]) if worker.startswith("gw") and worker[2:].isdigit() else 0
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    return int(worker[2:]) % count if worker.startswith("gw") and worker[2:].isdigit() else 0
 
 
-def _test_db() -> int:
-    first = int(os.environ.get("BATCHRUN_TEST_REDIS_DB") or 12)
-    db = first + _xdist_worker_index()
-    if not 0 <= db < REDIS_DATABASES:
+def pytest_configure(config) -> None:
+    """In the controller: refuse a worker count whose DBs would not all exist, before any worker starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "dist", "no") == "no":
+        return
+    last = FIRST_TEST_DB + len(getattr(config.option, "tx", None) or [None]) - 1
+    if not 0 <= FIRST_TEST_DB <= last < REDIS_DATABASES:
         raise pytest.UsageError(
-            f"xdist worker {os.environ.get('PYTEST_XDIST_WORKER')} would use Redis DB {db} "
-            f"(BATCHRUN_TEST_REDIS_DB={first} + its number), past 0..{REDIS_DATABASES - 1}: "
-            "set a lower BATCHRUN_TEST_REDIS_DB or run fewer workers (-n)")
-    return db
+            f"the xdist workers would use Redis DBs {FIRST_TEST_DB}-{last} (BATCHRUN_TEST_REDIS_DB="
+            f"{FIRST_TEST_DB} plus one per worker), past 0-{REDIS_DATABASES - 1}: set a lower "
+            "BATCHRUN_TEST_REDIS_DB or run fewer workers (-n)")
 
 
-REAL_REDIS_URL = f"redis://127.0.0.1:6379/{_test_db()}"
+REAL_REDIS_URL = f"redis://127.0.0.1:6379/{FIRST_TEST_DB + _xdist_worker_index()}"
 
 
 def _require_redis() -> bool:
