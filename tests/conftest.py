@@ -1,9 +1,10 @@
 """Shared fixtures: Redis backends (fakeredis and the real server), a BatchStore, batches made quickly.
 
-The real Redis is 127.0.0.1:6379, database 13 (or BATCHRUN_TEST_REDIS_DB, so that two runs of the suite on
-one machine keep out of each other's way), flushed before and after each test that uses it.
-When it is unreachable the "real" tests are skipped, unless BATCHRUN_REQUIRE_REDIS=1 (as in CI),
-which makes them fail instead.
+The real Redis is 127.0.0.1:6379, database 12 (or BATCHRUN_TEST_REDIS_DB, so that two runs of the suite on
+one machine keep out of each other's way) plus the pytest-xdist worker's number (gw0 -> +0, gw3 -> +3), so
+that the workers of one run under ``-n 4`` use DBs 12-15 and never flush each other's; it is flushed before
+and after each test that uses it. When it is unreachable the "real" tests are skipped, unless
+BATCHRUN_REQUIRE_REDIS=1 (as in CI), which makes them fail instead.
 """
 
 from __future__ import annotations
@@ -18,7 +19,31 @@ import redis
 from batchrun.settings import BatchOptions
 from batchrun.state.store import BatchStore
 
-REAL_REDIS_URL = f"redis://127.0.0.1:6379/{int(os.environ.get('BATCHRUN_TEST_REDIS_DB') or 13)}"
+REDIS_DATABASES = 16  # redis-server's default "databases"
+FIRST_TEST_DB = int(os.environ.get("BATCHRUN_TEST_REDIS_DB") or 12)
+
+
+def _xdist_worker_index() -> int:
+    """0 outside pytest-xdist; N for its worker "gwN". A worker that replaces a crashed one gets a new
+    number past the count: modulo the count it takes the dead one's DB, which nothing uses any more."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    return int(worker[2:]) % count if worker.startswith("gw") and worker[2:].isdigit() else 0
+
+
+def pytest_configure(config) -> None:
+    """In the controller: refuse a worker count whose DBs would not all exist, before any worker starts."""
+    if os.environ.get("PYTEST_XDIST_WORKER") or getattr(config.option, "dist", "no") == "no":
+        return
+    last = FIRST_TEST_DB + len(getattr(config.option, "tx", None) or [None]) - 1
+    if not 0 <= FIRST_TEST_DB <= last < REDIS_DATABASES:
+        raise pytest.UsageError(
+            f"the xdist workers would use Redis DBs {FIRST_TEST_DB}-{last} (BATCHRUN_TEST_REDIS_DB="
+            f"{FIRST_TEST_DB} plus one per worker), past 0-{REDIS_DATABASES - 1}: set a lower "
+            "BATCHRUN_TEST_REDIS_DB or run fewer workers (-n)")
+
+
+REAL_REDIS_URL = f"redis://127.0.0.1:6379/{FIRST_TEST_DB + _xdist_worker_index()}"
 
 
 def _require_redis() -> bool:

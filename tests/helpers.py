@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -52,6 +53,14 @@ def check_exactly_once(jobs_path: Path, results_path: Path, errors_path: Path) -
         assert content == reply_text(job["url"], job["body"]), f"result of {r['custom_id']} is not its answer"
         assert body["usage"]["completion_tokens"] > 0
     return results, errors
+
+
+def spare_port() -> int:
+    """A TCP port on 127.0.0.1 that the OS just gave out and nothing holds, for a server a test starts:
+    a fixed port would clash between the parallel workers of one run (pytest -n) or two runs."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def batchrun_cmd(*args: str) -> list[str]:

@@ -127,7 +127,9 @@ class HostileServer:
             asyncio.set_event_loop(loop)
             app = web.Application()
             app.router.add_route("*", "/{tail:.*}", self._handle)
-            self._runner = web.AppRunner(app, access_log=None)
+            # A handler still waiting (a server that never answers) is cancelled at stop() after 0.5 s,
+            # not aiohttp's 60 s: stop() would otherwise wait out its 10 s join on every such test.
+            self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
             try:
                 loop.run_until_complete(self._runner.setup())
                 site = web.TCPSite(self._runner, self.host, self.port)

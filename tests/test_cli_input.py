@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import redis
 
-from tests.helpers import ROOT, batchrun_cmd, cli_env, read_lines, write_jobs
+from tests.helpers import ROOT, batchrun_cmd, cli_env, read_lines, spare_port, write_jobs
 
 EXAMPLE = ROOT / "jobs.example.jsonl"
 
@@ -488,8 +488,8 @@ def test_a_redis_that_refuses_the_password_is_one_sentence(tmp_path):
 
     if not shutil.which("redis-server"):
         pytest.skip("no redis-server to start")
-    port = 6442
-    server = subprocess.Popen(["redis-server", "--port", str(port), "--requirepass", "right", "--save", "",
+    port = spare_port()
+    server = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--requirepass", "right", "--save", "",
                                "--appendonly", "no"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         for _ in range(50):

@@ -18,7 +18,7 @@ import openai
 import pytest
 import redis
 
-from batchrun.settings import BatchOptions, WorkerSettings
+from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
 from batchrun.runner.shard import outage_cause, v1_suggestion
 from batchrun.ops.submit import submit_file
 from tests.helpers import batchrun_cmd, cli_env, read_lines, run_thread_worker, write_jobs
@@ -119,12 +119,15 @@ def test_a_server_that_is_down_pauses_the_batch_after_the_give_up_time(store, tm
 def test_a_resumed_batch_gets_a_full_give_up_period_again(store, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
     url = f"http://127.0.0.1:{closed_port()}/v1"
+    # Short cooling periods: the circuit is still open from the first run, and the default 5 s
+    # doubling after each failed probe would only delay the resumed run's probes.
+    quick_circuit = CircuitPolicy(first_cooling_ms=500, max_cooling_ms=1_000)
     rep = submit_file(store, str(jobs), options=BatchOptions(give_up_seconds=2.0))
-    run_thread_worker(store.redis, _settings(url), timeout=60)
+    run_thread_worker(store.redis, _settings(url, circuit=quick_circuit), timeout=60)
     assert store.meta(rep.batch_id)["state"] == "paused"
     store.resume(rep.batch_id)  # the endpoint is still down since the first run
     started = time.monotonic()
-    run_thread_worker(store.redis, _settings(url), timeout=60)
+    run_thread_worker(store.redis, _settings(url, circuit=quick_circuit), timeout=60)
     assert store.meta(rep.batch_id)["state"] == "paused"
     assert time.monotonic() - started >= 2.0, "a resumed batch paused at once, without trying for its period"
 

@@ -146,16 +146,18 @@ def test_resume_from_the_files_retries_failed_jobs_when_asked(tmp_path):
 def test_a_second_ctrl_c_stops_at_once_and_still_loses_nothing(spawn, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 200)
     out = tmp_path / "results.jsonl"
-    with MockServerThread(MockConfig(latency_ms=20_000)) as srv:  # slow answers: the grace would be long
+    # Slow answers: the grace would be long. 15 s: the second wave, sent 1 s before the first Ctrl-C,
+    # would end 13.5 s after the second, clear of the 10 s that "at once" is given below.
+    with MockServerThread(MockConfig(latency_ms=15_000)) as srv:
         env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
         env.pop("BATCHRUN_REDIS_URL", None)
         run = spawn(batchrun_cmd("run", str(jobs), "-o", str(out), "--concurrency", "20"), env=env,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
         deadline = time.monotonic() + 90
-        while _lines(out) < 20:  # the first 20 answers, after 20 s
+        while _lines(out) < 20:  # the first 20 answers, after 15 s
             assert time.monotonic() < deadline and run.poll() is None
             time.sleep(0.05)
-        time.sleep(1)  # the next 20 are on their way (they take 20 s)
+        time.sleep(1)  # the next 20 are on their way (they take 15 s)
         os.killpg(run.pid, signal.SIGINT)
         time.sleep(0.5)
         stopped = time.monotonic()
