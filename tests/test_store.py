@@ -860,3 +860,28 @@ def test_a_runner_of_a_purged_batch_lets_go_of_its_shard(store, make_batch):
     assert asyncio.run(runner.run()) == {}
     assert store.redis.zscore(keys.PARKED, "b:0") is None
     assert not store.exists("b")
+
+
+# --- shard jobs queued by the version before the layout (b0fdd1d) -----------------------------------
+
+LEGACY_RUN_SHARD = "batchrun.shard.run_shard"  # RUN_SHARD before 7a37836 moved shard.py to runner/
+
+
+@pytest.mark.xfail(strict=True, reason="review14: jobs queued before the upgrade name batchrun.shard.run_shard; "
+                                       "runner/worker.py refuses them (its JOB_FUNCTIONS and BatchJob.func know "
+                                       "only the new name) and moves them to the failed registry")
+def test_a_shard_job_queued_by_the_version_before_the_layout_is_still_run():
+    import fakeredis
+    from rq.job import Job
+
+    from batchrun.runner.worker import BatchJob, refusal
+
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    # What b0fdd1d's enqueue_shards put on the queue (Queue.prepare_data with its RUN_SHARD).
+    data = Queue.prepare_data(LEGACY_RUN_SHARD, args=("b-1", 0), timeout=store_module.SHARD_JOB_TIMEOUT,
+                              result_ttl=0, failure_ttl=86400, description="batchrun shard b-1:0")
+    job = Queue(keys.QUEUE, connection=conn, serializer=JSONSerializer).enqueue_many([data])[0]
+    job = BatchJob.fetch(job.id, connection=conn, serializer=JSONSerializer)
+    assert isinstance(job, Job)
+    assert refusal(job) is None
+    assert job.func.__name__ == "run_shard"
