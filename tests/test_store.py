@@ -867,9 +867,6 @@ def test_a_runner_of_a_purged_batch_lets_go_of_its_shard(store, make_batch):
 LEGACY_RUN_SHARD = "batchrun.shard.run_shard"  # RUN_SHARD before 7a37836 moved shard.py to runner/
 
 
-@pytest.mark.xfail(strict=True, reason="review14: jobs queued before the upgrade name batchrun.shard.run_shard; "
-                                       "runner/worker.py refuses them (its JOB_FUNCTIONS and BatchJob.func know "
-                                       "only the new name) and moves them to the failed registry")
 def test_a_shard_job_queued_by_the_version_before_the_layout_is_still_run():
     import fakeredis
     from rq.job import Job

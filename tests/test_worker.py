@@ -274,3 +274,24 @@ def test_credentials_in_the_base_url_reach_the_server_and_nothing_else(spawn, re
                                                                        + collected.stderr),
                            ("results", out.read_text())]:
             assert secret not in text, f"{secret} is in the {name}"
+
+
+def test_redis_going_away_as_a_work_horse_ends_does_not_kill_the_worker(caplog):
+    """RQ reads the job's status once the horse exits; with Redis down that raised out of
+    Worker.work and the worker process died (seen in a Redis-restart test under load)."""
+    from batchrun.runner.worker import BatchWorkerMixin
+
+    class RedisGoneBase:
+        def execute_job(self, job, queue):
+            raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6399. Connection refused.")
+
+    class Worker(BatchWorkerMixin, RedisGoneBase):
+        name = "w1"
+
+    conn = fakeredis.FakeRedis(server=fakeredis.FakeServer())
+    q = Queue(keys.QUEUE, connection=conn, serializer=JSONSerializer)
+    job = BatchJob.fetch(q.enqueue("batchrun.runner.shard.run_shard", "b-1", 0).id, connection=conn,
+                         serializer=JSONSerializer)
+    with caplog.at_level("WARNING", logger="batchrun.worker"):
+        Worker.__new__(Worker).execute_job(job, q)  # returns instead of raising
+    assert "Redis unreachable as shard job" in caplog.text and "runs again once Redis is back" in caplog.text

@@ -40,7 +40,10 @@ POLL_SECONDS = 1  # how long an idle worker waits on the queue between maintenan
 # is seen only between waits), and a poll costs only a few in-process commands.
 THREAD_POLL_SECONDS = 0.05
 ORPHAN_CHECK_SECONDS = 0.5  # how often a work horse checks that its worker is still alive
-JOB_FUNCTIONS = frozenset({RUN_SHARD})  # every function batchrun enqueues as an RQ job
+# The name shard jobs had before the layout moved shard.py into runner/ (jobs queued by that
+# version, still in Redis after an upgrade, run as they are).
+LEGACY_RUN_SHARD = "batchrun.shard.run_shard"
+JOB_FUNCTIONS = frozenset({RUN_SHARD, LEGACY_RUN_SHARD})  # every function batchrun enqueues as an RQ job
 REFUSED_TTL = 86400  # seconds a refused job stays in the failed registry (`rq info` shows it)
 
 
@@ -76,6 +79,8 @@ class BatchJob(Job):
         reason = refusal(self)
         if reason is not None:
             raise RefusedJob(f"job {self.id} refused: {reason}")
+        if self.func_name == LEGACY_RUN_SHARD:
+            return shard.run_shard
         return super().func
 
     success_callback = failure_callback = stopped_callback = property(lambda self: None)
@@ -94,9 +99,15 @@ class BatchWorkerMixin:
 
     def execute_job(self, job, queue):
         reason = refusal(job)
-        if reason is None:
+        if reason is not None:
+            return self._refuse(job.id, queue, reason)
+        try:
             return super().execute_job(job, queue)
-        self._refuse(job.id, queue, reason)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            # Redis went away as the work horse ended (RQ reads the job's status then): the worker
+            # must live on. The shard is parked in batchrun's own state, so it runs again.
+            log.warning("worker %s: Redis unreachable as shard job %s ended (%s); the shard stays parked and "
+                        "runs again once Redis is back", self.name, job.id, exc)
 
     def _refuse(self, job_id: str, queue: Queue, reason: str) -> None:
         """Log a job that is not batchrun's and move it to the failed registry, never run."""
