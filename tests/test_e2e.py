@@ -83,6 +83,7 @@ def test_quota_exhaustion_pauses_the_batch_and_resume_finishes_it(store: BatchSt
         run_thread_worker(store.redis, settings_for(srv, concurrency=5))
         meta = store.meta(rep.batch_id)
         assert meta["state"] == "paused" and "quota" in meta["reason"]
+        assert meta["pause_kind"] == "verdict"  # stored beside the reason: code tests the kind
         assert rep.batch_id in meta["reason"]  # the message says which batch to resume
         assert int(meta["failed"]) == 0 and int(meta["done"]) == 0
         assert store.counts(rep.batch_id)["in_flight"] == 0
@@ -336,7 +337,7 @@ def test_a_spending_cap_pauses_the_batch_before_crossing_it_and_a_higher_cap_fin
         rep = submit_file(store, str(jobs), options=BatchOptions(max_cost=cap, shard_size=30))
         run_thread_worker(store.redis, settings_for(srv, concurrency=5))
         meta = store.meta(rep.batch_id)
-        assert meta["state"] == "paused" and "--max-cost" in meta["reason"]
+        assert meta["state"] == "paused" and "--max-cost" in meta["reason"] and meta["pause_kind"] == "cost_cap"
         assert f"batchrun resume {rep.batch_id} --max-cost" in meta["reason"]
         done = int(meta["done"])
         assert 20 <= done < 60
@@ -368,6 +369,7 @@ def test_a_model_without_a_price_pauses_a_capped_batch_until_its_price_is_given(
         run_thread_worker(store.redis, settings_for(srv, concurrency=5))
         meta = store.meta(rep.batch_id)
         assert meta["state"] == "paused" and "no price is known for model 'house-model'" in meta["reason"]
+        assert meta["pause_kind"] == "no_price"
         assert f"batchrun resume {rep.batch_id} --prices FILE" in meta["reason"]
         assert int(meta["failed"]) == 0 and srv.stats()["requests"] == 0  # nothing sent, nothing failed
 

@@ -15,7 +15,7 @@ from batchrun.settings import Limits
 from batchrun.ops.status import batch_status, describe, format_duration
 from tests.conftest import REAL_REDIS_URL
 
-FIELDS = {"batch_id", "state", "reason", "created_at", "finished_at", "source", "jobs", "last_minute", "totals",
+FIELDS = {"batch_id", "state", "reason", "pause_kind", "created_at", "finished_at", "source", "jobs", "last_minute", "totals",
           "models", "eta_seconds", "cost", "fleet"}
 
 
@@ -31,7 +31,7 @@ def test_status_has_the_documented_fields(store, make_batch):
                                "prices_as_of"}
     assert st["cost"]["max_cost_usd"] == 2.5 and st["cost"]["projected_usd"] is None
     assert st["eta_seconds"] is None  # nothing ended yet: no rate to go by
-    assert st["state"] == "running" and st["reason"] is None
+    assert st["state"] == "running" and st["reason"] is None and st["pause_kind"] is None
     json.dumps(st)  # all of it is JSON
 
 

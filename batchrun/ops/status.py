@@ -56,6 +56,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         "batch_id": batch_id,
         "state": state or meta.state_text,  # a state this version does not know, as stored
         "reason": meta.reason or None,
+        "pause_kind": meta.pause_kind,  # why it paused (policy.decision.PauseKind), None when not paused
         "created_at": created or None,
         "finished_at": meta.finished_at or None,
         "source": meta.source or None,

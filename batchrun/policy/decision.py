@@ -46,6 +46,7 @@ class PauseKind(StoredText):
     LONG_WAIT = "long_wait"  # the budget is empty for longer than --backoff-cap (a per-day limit)
     NO_PRICE = "no_price"  # --max-cost is set and the model has no price
     COST_CAP = "cost_cap"  # the next job would cross --max-cost (reserve_cost.lua): resume with a higher one
+    BAD_OPTIONS = "bad_options"  # the batch's stored options cannot work (purge it, submit again)
 
 
 @dataclass(frozen=True, slots=True)

@@ -130,7 +130,7 @@ class ShardRunner(JobAttempts):
         message = (f"its stored options cannot work: {'; '.join(problems)}; purge it (batchrun purge {bid}) "
                    f"and submit the file again with options that work")
         if await self._redis(self.store.set_state, bid, BatchState.PAUSED, message,
-                             only_from=(BatchState.RUNNING,)):
+                             only_from=(BatchState.RUNNING,), pause_kind=PauseKind.BAD_OPTIONS):
             log.error("batch %s paused: %s", bid, message)
         return None
 
