@@ -41,14 +41,14 @@ def test_parked_members_split_back():
     assert keys.split_parked_member(member).shard == 12
 
 
-# Scripts whose keys come from store methods another layer owns (lease, complete, requeue):
-# they still derive their sub-keys from the batch key.
-STILL_DERIVING = {"lease", "complete", "requeue"}
-
-
 def test_scripts_take_their_keys_through_KEYS():
     deriving = {name for name in scripts.NAMES if re.search(r"\.\.\s*':", _lua(name))}
-    assert deriving <= STILL_DERIVING, deriving - STILL_DERIVING
+    assert not deriving
+
+
+def test_the_shard_of_a_lease_owner():
+    assert keys.owner_shard("runner-a|12") == 12 and keys.owner_shard("a|b|3") == 3
+    assert keys.owner_shard("") is None and keys.owner_shard("runner-a") is None and keys.owner_shard("x|") is None
 
 
 def test_one_prelude_reads_the_server_clock():

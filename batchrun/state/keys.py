@@ -56,6 +56,13 @@ def todo(batch_id: str, shard: int) -> str:
     return f"{todo_prefix(batch_id)}{shard}"
 
 
+def owner_shard(owner: str) -> int | None:
+    """The shard of a lease owner string ("token|shard", as runners sign their leases), or None
+    for a caller without one ('')."""
+    token, bar, shard = owner.rpartition("|")
+    return int(shard) if bar and shard.isdigit() else None
+
+
 def todo_prefix(batch_id: str) -> str:
     """What a shard number follows in its todo set's name (for scripts that find the shard)."""
     return f"{batch(batch_id)}:todo:"

@@ -25,6 +25,9 @@ RUN_SHARD = "batchrun.runner.shard.run_shard"
 SHARD_JOB_TIMEOUT = 4 * 3600  # runners yield long before this (WorkerSettings.max_shard_seconds)
 PROMOTE_RELAPSE_MS = 30_000  # a promoted shard whose runner never starts is due again after this
 _RECLAIM_SUBKEYS = ("leases", "owner", "costres", "lapsed", "status")  # reclaim.lua's KEYS[3..7]
+_LEASE_SUBKEYS = ("status", "leases", "owner", "req", "attempts")  # lease.lua's KEYS[3..7]
+_REQUEUE_SUBKEYS = ("lapsed", "owner", "status", "leases", "costres", "attempts", "history")  # requeue.lua's KEYS[3..9]
+_COMPLETE_SUBKEYS = ("status", "owner", "lapsed", "costres", "leases", "results", "req")  # complete.lua's KEYS[4..10]
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,7 +141,9 @@ class BatchStore:
             pipe.execute()
 
     def lease(self, batch_id: str, shard: int, n: int, lease_ms: int, token: str) -> Lease:
-        out = self.scripts.lease(keys=[keys.batch(batch_id)], args=[shard, n, lease_ms, token])
+        out = self.scripts.lease(keys=[keys.batch(batch_id), keys.todo(batch_id, shard),
+                                       *(keys.sub(batch_id, name) for name in _LEASE_SUBKEYS)],
+                                 args=[shard, n, lease_ms, token])
         state, next_due, now, max_cost = _s(out[0]), _s(out[1]), int(_s(out[2])), float(_s(out[3]))
         jobs = []
         for i in range(4, len(out), 3):
@@ -155,7 +160,11 @@ class BatchStore:
         for item in items:
             kind, cid, line, cost, paid = CompleteItem(*item)
             args += (OutcomeKind(kind).value, cid, line, repr(cost) if cost else "0", "1" if paid else "0")
-        out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=args)
+        shard = keys.owner_shard(owner)
+        out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED,
+                                          *(keys.sub(batch_id, name) for name in _COMPLETE_SUBKEYS),
+                                          *([keys.todo(batch_id, shard)] if shard is not None else [])],
+                                    args=args)
         return Completed(int(out[0]), int(out[1]), int(out[2]))
 
     def reserve_cost(self, batch_id: str, owner: str, items: list[tuple[str, float]]) -> tuple[str, list[bool]]:
@@ -201,7 +210,8 @@ class BatchStore:
         for item in items:
             cid, delay_ms, counts, record, paid = RequeueItem(*item)
             args += (cid, max(0, int(delay_ms)), "1" if counts else "0", record, "1" if paid else "0")
-        out = self.scripts.requeue(keys=[keys.batch(batch_id)], args=args)
+        out = self.scripts.requeue(keys=[keys.batch(batch_id), keys.todo(batch_id, shard),
+                                         *(keys.sub(batch_id, name) for name in _REQUEUE_SUBKEYS)], args=args)
         return Requeued(int(out[0]), int(float(_s(out[1]))) if _s(out[1]) else None)
 
     def renew(self, batch_id: str, owner: str, lease_ms: int, custom_ids: list[str]) -> int:

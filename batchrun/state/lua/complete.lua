@@ -14,6 +14,8 @@
 -- KEYS[1]  batch key
 -- KEYS[2]  set of active batch ids
 -- KEYS[3]  set of batches that ended and whose keys need an expiry
+-- KEYS[4..10] the batch's status, owner, lapsed, costres, leases, results, req (store.py's _COMPLETE_SUBKEYS)
+-- KEYS[11] the calling runner's shard's todo set (keys.todo), absent for a caller without a shard
 -- ARGV[1]  batch id
 -- ARGV[2]  owner string (token|shard) of the calling runner; '' for a caller
 --          without leases (tools, tests), which answers for first outcomes only
@@ -21,44 +23,45 @@
 --          maybe paid (1/0: no answer, yet the request may have been processed)
 -- Returns  {results recorded, errors recorded, duplicates dropped}
 local b = KEYS[1]
+local k = {status = KEYS[4], owner = KEYS[5], lapsed = KEYS[6], costres = KEYS[7], leases = KEYS[8], results = KEYS[9], req = KEYS[10]}
 local owner = ARGV[2]
 if #ARGV < 3 then return {0, 0, 0} end
 if redis.call('EXISTS', b) == 0 then return {0, 0, (#ARGV - 2) / 5} end  -- purged: nothing to record
-local shard = string.match(owner, '|(%d+)$')
+local todo = KEYS[11]
 local cost, freed, back, unknown = 0, 0, 0, 0
 local nr, ne, dup = 0, 0, 0
 local taken = {}
 for i = 3, #ARGV, 5 do
   local kind, cid, paid = ARGV[i], ARGV[i + 1], ARGV[i + 4] == '1'
-  local first = not taken[cid] and redis.call('HEXISTS', b .. ':status', cid) == 0
+  local first = not taken[cid] and redis.call('HEXISTS', k.status, cid) == 0
   local mine, lapsed
   if owner == '' then
     mine = first
   else
-    mine = redis.call('HGET', b .. ':owner', cid) == owner
-    lapsed = redis.call('HGET', b .. ':lapsed', owner .. ' ' .. cid)
+    mine = redis.call('HGET', k.owner, cid) == owner
+    lapsed = redis.call('HGET', k.lapsed, owner .. ' ' .. cid)
   end
   if lapsed then
-    redis.call('HDEL', b .. ':lapsed', owner .. ' ' .. cid)
+    redis.call('HDEL', k.lapsed, owner .. ' ' .. cid)
     if not paid then back = back + tonumber(lapsed) end
   end
   if mine then
-    local held = redis.call('HGET', b .. ':costres', cid)
+    local held = redis.call('HGET', k.costres, cid)
     if held then
-      redis.call('HDEL', b .. ':costres', cid)
+      redis.call('HDEL', k.costres, cid)
       freed = freed + tonumber(held)
       if paid then unknown = unknown + tonumber(held) end
     end
-    redis.call('ZREM', b .. ':leases', cid)
-    redis.call('HDEL', b .. ':owner', cid)
+    redis.call('ZREM', k.leases, cid)
+    redis.call('HDEL', k.owner, cid)
   end
   if mine or lapsed then cost = cost + (tonumber(ARGV[i + 3]) or 0) end
   if first then
     taken[cid] = true
-    redis.call('HSET', b .. ':status', cid, kind)
-    redis.call('RPUSH', b .. ':results', kind .. ARGV[i + 2])
-    redis.call('HDEL', b .. ':req', cid)
-    if shard then redis.call('ZREM', b .. ':todo:' .. shard, cid) end
+    redis.call('HSET', k.status, cid, kind)
+    redis.call('RPUSH', k.results, kind .. ARGV[i + 2])
+    redis.call('HDEL', k.req, cid)
+    if todo then redis.call('ZREM', todo, cid) end
     if kind == 'R' then nr = nr + 1 else ne = ne + 1 end
   else
     dup = dup + 1

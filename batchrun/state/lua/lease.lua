@@ -1,6 +1,8 @@
 -- lease: take up to N jobs of a shard whose due time has come, as leases that
 -- expire unless renewed (a worker that dies gives its jobs back this way).
 -- KEYS[1]  batch key
+-- KEYS[2]  the shard's todo set (keys.todo)
+-- KEYS[3..7] the batch's status, leases, owner, req, attempts (store.py's _LEASE_SUBKEYS)
 -- ARGV[1]  shard number
 -- ARGV[2]  how many jobs at most
 -- ARGV[3]  lease length in ms
@@ -10,20 +12,21 @@
 --          after this lease, '' when the set is empty; now_ms is Redis server time;
 --          max_cost is the batch's spending cap now ('0': none), so runners see a new one.
 local b = KEYS[1]
+local k = {status = KEYS[3], leases = KEYS[4], owner = KEYS[5], req = KEYS[6], attempts = KEYS[7]}
 local f = redis.call('HMGET', b, 'state', 'max_cost')
 local state, cap = f[1], f[2] or '0'
 local now = now_whole_ms()
 if state ~= 'running' then
   return {state or 'missing', '', tostring(now), cap}
 end
-local todo = b .. ':todo:' .. ARGV[1]
+local todo = KEYS[2]
 local out = {state, '', tostring(now), cap}
 local cids = redis.call('ZRANGEBYSCORE', todo, '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
 if #cids > 0 then
   redis.call('ZREM', todo, unpack(cids))
   -- A job finished by a runner whose lease had lapsed may still sit in todo:
   -- never send it again.
-  local status = redis.call('HMGET', b .. ':status', unpack(cids))
+  local status = redis.call('HMGET', k.status, unpack(cids))
   local live = {}
   for i, cid in ipairs(cids) do
     if not status[i] then live[#live + 1] = cid end
@@ -38,10 +41,10 @@ if #cids > 0 then
       hargs[#hargs + 1] = cid
       hargs[#hargs + 1] = owner
     end
-    redis.call('ZADD', b .. ':leases', unpack(zargs))
-    redis.call('HSET', b .. ':owner', unpack(hargs))
-    local reqs = redis.call('HMGET', b .. ':req', unpack(live))
-    local atts = redis.call('HMGET', b .. ':attempts', unpack(live))
+    redis.call('ZADD', k.leases, unpack(zargs))
+    redis.call('HSET', k.owner, unpack(hargs))
+    local reqs = redis.call('HMGET', k.req, unpack(live))
+    local atts = redis.call('HMGET', k.attempts, unpack(live))
     for i, cid in ipairs(live) do
       out[#out + 1] = cid
       out[#out + 1] = atts[i] or '0'
