@@ -828,3 +828,14 @@ def test_batches_sharing_a_key_and_model_share_its_strictest_limit(store):
     store.redis.hset(budget_key(), "low_t_at", str(store.server_time_ms() - 61_000))
     store.redis.hset(budget_key(), "tok", "1000")
     assert admit(loose, 0, 1000).wait == 0 and admit(loose, 0, 1000).wait == pytest.approx(1.0, abs=0.05)
+
+
+def test_reserve_answers_are_typed_reservations(store):
+    from batchrun.state.limiter import Grant, Reservation
+
+    limiter = limiter_for(store, tpm="6000", burst_seconds=0)  # 100 tokens/s, 100 at once
+    flush = limiter._reserver(MODEL)
+    fits, waits, never = flush([(0, 100, 0), (0, 100, 0), (0, 7_000, 0)])
+    assert isinstance(fits, Reservation) and fits.grant is Grant.GRANTED and fits.wait_ms == 0
+    assert waits.grant is Grant.GRANTED and 900 <= waits.wait_ms <= 1_000 and waits.charge == 100
+    assert never.grant is Grant.NEVER_FITS  # more than a minute of --tpm 6000

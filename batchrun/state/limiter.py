@@ -18,6 +18,8 @@ import heapq
 import itertools
 import random
 from dataclasses import dataclass
+from enum import Enum
+from typing import NamedTuple
 
 import redis
 
@@ -60,6 +62,25 @@ class CircuitState:
     @property
     def open(self) -> bool:
         return self.state == "open"
+
+
+class Grant(Enum):
+    """reserve.lua's verdict on one request (the numbers are its contract)."""
+
+    GRANTED = 0  # send after the wait
+    PROBE = 2  # granted as the open circuit's one probe
+    CIRCUIT_OPEN = 1  # not granted: ask again after the wait
+    NEVER_FITS = -1  # more than the limit allows in a minute, judged on the smallest input estimate
+
+
+class Reservation(NamedTuple):
+    """reserve.lua's answer for one request."""
+
+    wait_ms: int
+    grant: Grant
+    charge: int  # tokens taken (given back with settle.lua if the server charged nothing)
+    mark: int  # the budget's token mark this request waits for
+    mark_requests: int  # ... and its request mark
 
 
 class SharedLimiter:
@@ -106,22 +127,22 @@ class SharedLimiter:
         first = await self._after_first_answer() if wait_turn else False
         while True:
             least = input_tokens if least_input is None else min(least_input, input_tokens)
-            ms, verdict, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens, least))
-            if verdict == -1:
+            ms, grant, charge, mark, mark_r = await gate.submit((input_tokens, output_tokens, least))
+            if grant is Grant.NEVER_FITS:
                 self._answered()  # nothing will be sent for it
                 return None
-            if verdict == 1:  # circuit open: come back when it may have closed, not all at once
+            if grant is Grant.CIRCUIT_OPEN:  # come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
                 continue
             held = self._held[model]
             held[0] += 1
             held[1] += charge
-            if ms > 0 and verdict in (0, 2) and wait_turn:
+            if ms > 0 and wait_turn:  # granted (as the probe or not): wait for its turn
                 if not await self._wait_turn(model, mark, mark_r, ms / 1000):
                     held[0] -= 1  # the budget was lost, and this reservation with it: reserve again
                     held[1] -= charge
                     continue
-            admission = Admission(ms / 1000, probe=verdict == 2, charge=charge, mark=mark)
+            admission = Admission(ms / 1000, probe=grant is Grant.PROBE, charge=charge, mark=mark)
             if first:
                 self._first_admission = admission
             return admission
@@ -229,10 +250,10 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
-        def flush(items: list[tuple[int, int, int]]) -> list[tuple[int, ...]]:
+        def flush(items: list[tuple[int, int, int]]) -> list[Reservation]:
             flat = [x for item in items for x in item]
             out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
-            return [tuple(out[i:i + 5]) for i in range(0, len(out), 5)]
+            return [Reservation(out[i], Grant(out[i + 1]), *out[i + 2:i + 5]) for i in range(0, len(out), 5)]
 
         return flush
 
