@@ -19,7 +19,9 @@ the same machine, with C requests in flight (default 200):
 
 Columns: wall seconds (process start included) and its ratio to the cookbook's wall in the same
 run (below 1 is faster), and to the semaphore loop's; "first request" is when the mock server had answered its first request,
-from the start (polled every 20 ms). --quick runs 2,000 jobs only.
+from the start (polled every 20 ms). The fleet's note says when its first request left after the
+submit, and how long after the last outcome landed in Redis the collector's files held it (both
+polled every 10 ms). --quick runs 2,000 jobs only.
 """
 
 from __future__ import annotations
@@ -94,6 +96,39 @@ class FirstRequest:
         return self.at
 
 
+class LastOutcome:
+    """Polls the batch's outcome list in Redis and the collector's files (every 10 ms): when the
+    n-th outcome landed in Redis, and when the files held n lines."""
+
+    def __init__(self, redis_url: str, batch_id: str, n: int, files: list[Path]):
+        import redis
+
+        from batchrun.state import keys
+
+        self.redis, self.key, self.n, self.files = redis.Redis.from_url(redis_url), keys.sub(batch_id, "results"), n, files
+        self.landed = self.written = None
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._poll, daemon=True)
+        self.thread.start()
+
+    def _lines(self) -> int:
+        return sum(p.read_bytes().count(b"\n") for p in self.files if p.exists())
+
+    def _poll(self) -> None:
+        while not self.done.is_set() and self.written is None:
+            if self.landed is None and self.redis.llen(self.key) >= self.n:
+                self.landed = time.monotonic()
+            if self.landed is not None and self._lines() >= self.n:
+                self.written = time.monotonic()
+            time.sleep(0.01)
+
+    def lag(self) -> float | None:
+        """Seconds from the last outcome's landing to its being written (None if not seen)."""
+        self.done.set()
+        self.thread.join()
+        return self.written - self.landed if self.landed is not None and self.written is not None else None
+
+
 def _wait(proc: subprocess.Popen, what: str) -> float:
     """Wait for ``proc``; its peak RSS in MB (getrusage of the reaped child)."""
     _, status, usage = os.wait4(proc.pid, 0)
@@ -157,14 +192,17 @@ def run_fleet(jobs: Path, n: int, mock: MockProcess, concurrency: int, tmp: Path
     workers = [subprocess.Popen(worker, env=fleet_env) for _ in range(2)]
     collector = subprocess.Popen([PYTHON, "-m", "batchrun", "-q", "collect", batch_id, "-o", str(out), "--follow"],
                                  env=fleet_env, stdout=subprocess.DEVNULL)
+    last = LastOutcome(redis_url, batch_id, n, [out, out.with_name(out.stem + ".errors.jsonl")])
     _wait(collector, "batchrun collect --follow")
     wall = time.monotonic() - started
+    lag = last.lag()
     for i, w in enumerate(workers):
         _wait(w, f"worker {i + 1}")
     _count(out, n, "the fleet")
     at = first.stop()
     return {"wall": wall, "first": at, "peak": None,
-            "note": f"submit {submitted:.2f} s; first request {at - submitted:.2f} s after it" if at else ""}
+            "note": (f"submit {submitted:.2f} s; first request {at - submitted:.2f} s after it" if at else "")
+            + (f"; last outcome written {lag:.2f} s after it landed" if lag is not None else "")}
 
 
 SUBMIT_CHILD = """

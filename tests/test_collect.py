@@ -189,3 +189,34 @@ def test_every_outcome_that_reached_redis_reaches_the_files_whatever_the_rollbac
         assert set(listed) <= set(written)
 
     check()
+
+
+def test_follow_reads_again_soon_while_outcomes_land_and_backs_off_when_none_do(tmp_path, monkeypatch):
+    import batchrun.ops.collect as collect_module
+
+    store, ids = _setup(tmp_path, 6)
+    items = [("R", cid, json.dumps(result_line(cid, status_code=200, request_id="r", body={}))) for cid in ids]
+    store.complete("b", items[:3])
+    waits = []
+
+    def sleep(seconds):  # each wait of the collector: the rest lands after its third
+        waits.append(seconds)
+        if len(waits) == 3:
+            store.complete("b", items[3:5])
+        elif len(waits) == 4:
+            store.complete("b", items[5:])
+
+    monkeypatch.setattr(collect_module.time, "sleep", sleep)
+    report = collect(store, "b", str(tmp_path / "out.jsonl"), follow=True, poll=5.0, on_note=lambda m: None)
+    assert report.finished and report.results_written == len(ids)
+    shortest = collect_module.FOLLOW_POLL_MIN
+    assert waits == [shortest, shortest * 2, shortest * 4, shortest]
+
+
+def test_poll_backoff_doubles_when_idle_up_to_its_longest_and_resets_on_outcomes():
+    from batchrun.ops.collect import PollBackoff
+
+    backoff = PollBackoff(0.1, 0.5)
+    assert [backoff.after_read(found=False) for _ in range(4)] == [0.2, 0.4, 0.5, 0.5]
+    assert backoff.after_read(found=True) == 0.1
+    assert PollBackoff(1.0, 0.5).after_read(found=True) == 0.5  # never longer than the longest

@@ -7,7 +7,7 @@ import math
 
 import click
 
-from batchrun.mock import FAULT_KINDS, MockConfig, serve
+from batchrun.mock.config import FAULT_KINDS, MockConfig
 
 
 def _parse_error_rates(ctx: click.Context, param: click.Parameter, values: tuple[str, ...]) -> dict:
@@ -114,6 +114,8 @@ def mock_server_command(
     retry_after_header: bool,
 ) -> None:
     """Run an OpenAI-compatible mock server with OpenAI's rate limits and injectable faults."""
+    from batchrun.mock.harness import serve  # aiohttp's server: imported only by this command
+
     config = MockConfig(
         rpm=rpm,
         tpm=tpm,

@@ -43,19 +43,26 @@ thread or the foreground). The ``batchrun mock-server`` command lives in ``batch
 """
 
 
-from batchrun.mock.app import create_app
-from batchrun.mock.config import FAULT_KINDS, MockConfig
-from batchrun.mock.harness import MockServerThread, serve
-from batchrun.mock.limits import go_duration
-from batchrun.mock.replies import reply_text, request_digest
+import importlib
 
-__all__ = [
-    "FAULT_KINDS",
-    "MockConfig",
-    "MockServerThread",
-    "create_app",
-    "go_duration",
-    "reply_text",
-    "request_digest",
-    "serve",
-]
+# Where each name lives. Imported on first use, so that `batchrun` commands that only name the mock
+# (the CLI registers mock-server) do not import aiohttp's server and the mock's modules.
+_HOMES = {
+    "FAULT_KINDS": "config",
+    "MockConfig": "config",
+    "MockServerThread": "harness",
+    "create_app": "app",
+    "go_duration": "limits",
+    "reply_text": "replies",
+    "request_digest": "replies",
+    "serve": "harness",
+}
+
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str):
+    home = _HOMES.get(name)
+    if home is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"batchrun.mock.{home}"), name)

@@ -23,6 +23,9 @@ from batchrun.state.store import BatchStore
 
 PAGE = 5000  # outcomes per LRANGE
 UNSERVED_AFTER = 30.0  # seconds with work due and no worker on it before `collect --follow` says so
+# `--follow`'s wait between reads while outcomes keep landing: the last one is written this soon
+# after it lands. Idle reads double the wait up to collect's ``poll``. A read is a few commands.
+FOLLOW_POLL_MIN = 0.02
 
 
 def _tag(line_id: str | None) -> int:
@@ -84,6 +87,20 @@ def unserved_for(status: dict) -> float | None:
     return lm["seconds"] if lm["seconds"] >= UNSERVED_AFTER else None
 
 
+class PollBackoff:
+    """How long `--follow` waits before its next read: ``shortest`` after a read that found
+    outcomes, doubled after each read that found none, at most ``longest``."""
+
+    def __init__(self, shortest: float, longest: float):
+        self.shortest, self.longest = min(shortest, longest), longest
+        self.wait = self.shortest
+
+    def after_read(self, found: bool) -> float:
+        """The wait before the next read, given whether this one found outcomes."""
+        self.wait = self.shortest if found else min(self.wait * 2, self.longest)
+        return self.wait
+
+
 @dataclass
 class CollectReport:
     results_written: int = 0
@@ -103,7 +120,8 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
     """Append the batch's outcomes that the files do not hold yet.
 
     With ``follow``, keep going until the batch is finished (or cancelled, or
-    ``should_stop()``); a paused batch is waited for. Redis going away is waited out.
+    ``should_stop()``); a paused batch is waited for. Reads follow each other within
+    FOLLOW_POLL_MIN while outcomes land, backing off to ``poll`` seconds when none do. Redis going away is waited out.
     ``report``, if given, is counted into as lines are written: it holds them even when an
     exception (Ctrl-C) cuts the collect short.
     """
@@ -122,6 +140,7 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
         # then got new outcomes has other ones at these places: if the last one read is not
         # where it was, the list is read again from the start (the files skip what they hold).
         offset, last = 0, None
+        backoff, read_from = PollBackoff(FOLLOW_POLL_MIN, poll), 0
         while True:
             try:
                 if offset and not _still_there(store, batch_id, offset, last):
@@ -154,7 +173,8 @@ def collect(store: BatchStore, batch_id: str, results_path: str, errors_path: st
                 break
             if not follow or should_stop():
                 break
-            time.sleep(poll)
+            time.sleep(backoff.after_read(found=offset != read_from))
+            read_from = offset
     return report
 
 
