@@ -10,6 +10,7 @@ from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
 from batchrun.state.jobcounts import jobs_ended, jobs_left
+from batchrun.state.meta import BatchMeta
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import format_duration, format_usd
@@ -35,23 +36,9 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     span = max(1.0, min(span, now - created)) if created else max(1.0, span)
     per_minute = 60.0 / span
 
-    remaining = jobs_left(jobs)
     rate = recent.get("ended", 0) / span  # jobs per second, recently
     state = meta.state
-    if state is BatchState.FINISHED or remaining == 0:
-        eta = 0.0
-    elif state is BatchState.RUNNING and rate > 0:
-        eta = remaining / rate
-    else:
-        eta = None  # paused, cancelled, or nothing ended lately
-
-    spent = meta.cost
-    projected = None
-    if jobs["done"] and state is not BatchState.CANCELLED:  # a cancelled batch sends nothing more
-        # Failed jobs cost nothing; assume the rest succeed at the average cost so far.
-        projected = spent / jobs["done"] * max(jobs["done"], jobs["total"] - jobs["failed"])
-    prices_as_of = PriceTable.from_json(meta.prices).as_of if meta.prices else None
-
+    eta = _eta(state, jobs_left(jobs), rate)
     return {
         "batch_id": batch_id,
         "state": state or meta.state_text,  # a state this version does not know, as stored
@@ -78,15 +65,32 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         },
         "models": _models(store, options.limits, recent, per_minute if span >= MIN_RATE_SECONDS else None, span),
         "eta_seconds": None if eta is None else round(eta, 1),
-        "cost": {
-            "spent_usd": round(spent, 6),
-            "in_flight_usd": round(max(0.0, meta.cost_reserved), 6),
-            "unaccounted_usd": round(meta.cost_unknown, 6),
-            "projected_usd": None if projected is None else round(projected, 6),
-            "max_cost_usd": options.max_cost or None,
-            "prices_as_of": prices_as_of,
-        },
+        "cost": _cost(meta, jobs, options),
         "fleet": store.fleet_conditions(),
+    }
+
+
+def _eta(state: BatchState | None, remaining: int, rate: float) -> float | None:
+    if state is BatchState.FINISHED or remaining == 0:
+        return 0.0
+    if state is BatchState.RUNNING and rate > 0:
+        return remaining / rate
+    return None  # paused, cancelled, or nothing ended lately
+
+
+def _cost(meta: BatchMeta, jobs: dict[str, int], options: BatchOptions) -> dict:
+    spent = meta.cost
+    projected = None
+    if jobs["done"] and meta.state is not BatchState.CANCELLED:  # a cancelled batch sends nothing more
+        # Failed jobs cost nothing; assume the rest succeed at the average cost so far.
+        projected = spent / jobs["done"] * max(jobs["done"], jobs["total"] - jobs["failed"])
+    return {
+        "spent_usd": round(spent, 6),
+        "in_flight_usd": round(max(0.0, meta.cost_reserved), 6),
+        "unaccounted_usd": round(meta.cost_unknown, 6),
+        "projected_usd": None if projected is None else round(projected, 6),
+        "max_cost_usd": options.max_cost or None,
+        "prices_as_of": PriceTable.from_json(meta.prices).as_of if meta.prices else None,
     }
 
 
