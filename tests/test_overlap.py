@@ -79,3 +79,16 @@ def test_a_batch_that_exists_is_loaded_first(store: BatchStore, tmp_path):
     again = submit_file(store, str(more), batch_id="b", on_loading=called.append)
     assert not called  # its workers start after the submit, as without on_loading
     assert (first.total, again.total) == (120, 240)
+
+
+def test_a_short_last_shard_whose_jobs_end_a_full_chunk_is_enqueued(store: BatchStore, tmp_path):
+    # 300 jobs in chunks of 100 (shard_size // 2): the last chunk is full and ends inside shard 1,
+    # which has only 100 jobs. (A 1,500-line file with the default shard size, 1,000 in chunks of
+    # 500, is such a file: `batchrun run` waited for its last 500 jobs for ever.)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=200), on_loading=lambda bid: None)
+        run_thread_worker(store.redis, settings_for(srv), 30)
+        assert store.meta(rep.batch_id)["state"] == "finished"
+        assert srv.stats()["requests"] == 300
+    collect_once(store, rep.batch_id, jobs, tmp_path)
