@@ -79,3 +79,44 @@ def test_a_batch_that_exists_is_loaded_first(store: BatchStore, tmp_path):
     again = submit_file(store, str(more), batch_id="b", on_loading=called.append)
     assert not called  # its workers start after the submit, as without on_loading
     assert (first.total, again.total) == (120, 240)
+
+
+def test_a_short_last_shard_whose_jobs_end_a_full_chunk_is_enqueued(store: BatchStore, tmp_path):
+    # 300 jobs in chunks of 100 (shard_size // 2): the last chunk is full and ends inside shard 1,
+    # which has only 100 jobs. (A 1,500-line file with the default shard size, 1,000 in chunks of
+    # 500, is such a file: `batchrun run` waited for its last 500 jobs for ever.)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=200), on_loading=lambda bid: None)
+        run_thread_worker(store.redis, settings_for(srv), 30)
+        assert store.meta(rep.batch_id)["state"] == "finished"
+        assert srv.stats()["requests"] == 300
+    collect_once(store, rep.batch_id, jobs, tmp_path)
+
+
+def test_a_sigterm_before_the_first_job_is_sent_exits_130(tmp_path):
+    """Before the first shard has its jobs (the file is still being validated) nothing was sent:
+    `run` says so and exits 130 as after any interrupt (it printed click's "Aborted!" and exited 1)."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    from tests.helpers import batchrun_cmd, cli_env
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 100_000)  # seconds of validation before the first shard
+    with MockServerThread(MockConfig()) as srv:
+        env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test", BATCHRUN_REDIS_URL="")
+        env.pop("BATCHRUN_REDIS_URL")
+        proc = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl")), env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1.0)
+            proc.send_signal(signal.SIGTERM)
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            proc.kill()
+        assert srv.stats()["requests"] == 0, "the signal came too late for this test"
+    assert proc.returncode == 130, stderr
+    assert "no job was sent" in stderr and "Aborted" not in stderr, stderr
+    assert not os.path.exists(tmp_path / "out.batchrun.json")

@@ -137,6 +137,10 @@ def run_batch(cfg: RunConfig) -> int:
             total = _submit_and_start(run, settings, sidecar, stack)
         except BaseException as exc:
             if not run.workers.threads:
+                if isinstance(exc, KeyboardInterrupt):  # an interrupt exits 130, also before any job is sent
+                    click.echo("\ninterrupted while the file was being submitted: no job was sent; run the same "
+                               "command again to start", err=True)
+                    return Exit.INTERRUPTED
                 raise  # nothing was sent yet
             if isinstance(exc, KeyboardInterrupt):
                 return _interrupted(run)

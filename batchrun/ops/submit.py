@@ -161,15 +161,19 @@ class _Loader:
             self._count_total(self.reserve)
         try:
             with ThreadPoolExecutor(max_workers=2, thread_name_prefix="batchrun-submit") as self.sender:
-                self._send_all(requests)
+                shards = self._send_all(requests)
                 while self.sending:
                     self._land()
+                # Every chunk has landed: the last shard too is whole, also when the last chunk was
+                # full and so ended inside it (300 jobs, shards of 200, chunks of 100).
+                self._ready(shards)
         finally:
             if self.reserve:
                 self._count_total(-self.reserve)
         return self.added
 
-    def _send_all(self, requests) -> None:
+    def _send_all(self, requests) -> int:
+        """Send every chunk; returns how many shards the jobs fill."""
         chunk: list[tuple[str, int, bytes]] = []
         index = chunk_bytes = 0
         for custom_id, request in requests:
@@ -180,7 +184,8 @@ class _Loader:
                 self._flush(chunk, index // self.shard_size)
                 chunk, chunk_bytes = [], 0
         if chunk:
-            self._flush(chunk, index // self.shard_size + 1)
+            self._flush(chunk, -(-index // self.shard_size))
+        return -(-index // self.shard_size)
 
     def _flush(self, chunk: list, next_shard: int) -> None:
         self.sending.append((self.sender.submit(self.store.add_jobs, self.batch_id, chunk), next_shard))
@@ -192,6 +197,10 @@ class _Loader:
         next chunk's first one has all its jobs."""
         future, next_shard = self.sending.popleft()
         self.added += future.result()[0]
+        self._ready(next_shard)
+
+    def _ready(self, next_shard: int) -> None:
+        """Every shard below ``next_shard`` has all its jobs: enqueue those not enqueued yet."""
         if self.early is None or next_shard <= self.ready_below:
             return
         for shard in range(self.ready_below, next_shard):
