@@ -3,6 +3,8 @@ in-process Redis): no job is lost or sent twice, and the batch does not finish e
 
 from __future__ import annotations
 
+import pytest
+
 import asyncio
 import threading
 
@@ -91,6 +93,21 @@ def test_a_short_last_shard_whose_jobs_end_a_full_chunk_is_enqueued(store: Batch
         run_thread_worker(store.redis, settings_for(srv), 30)
         assert store.meta(rep.batch_id)["state"] == "finished"
         assert srv.stats()["requests"] == 300
+    collect_once(store, rep.batch_id, jobs, tmp_path)
+
+
+@pytest.mark.parametrize("lines, shard_size", [(1, 1), (7, 3), (10, 5), (11, 5), (199, 200), (400, 200),
+                                               (401, 200), (550, 100), (3, 1000), (300, 200), (600, 400),
+                                               (1500, 1000)])
+def test_every_shard_is_run_whatever_the_file_and_shard_sizes(store: BatchStore, tmp_path, lines, shard_size):
+    # Chunks, shards and a short or full last shard line up differently for each pair: none may be
+    # left unqueued (a batch that never finishes).
+    jobs = write_jobs(tmp_path / "jobs.jsonl", lines)
+    with MockServerThread(MockConfig()) as srv:
+        rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=shard_size), on_loading=lambda bid: None)
+        run_thread_worker(store.redis, settings_for(srv), 30)
+        assert store.meta(rep.batch_id)["state"] == "finished"
+        assert srv.stats()["requests"] == lines
     collect_once(store, rep.batch_id, jobs, tmp_path)
 
 
