@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from batchrun.mock.server import MockConfig, MockServerThread
+from batchrun.mock import MockConfig, MockServerThread
 from batchrun.ops.collect import collect
 from batchrun.ops.submit import submit_file
 from batchrun.runner.shard import ShardRunner
