@@ -11,6 +11,7 @@ import asyncio
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
@@ -22,8 +23,9 @@ from batchrun.api.results import Result, from_line, not_run
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
-from batchrun.state.connections import is_memory, resolve_url
+from batchrun.state.connections import connect, is_memory, resolve_url
 from batchrun.state.states import BatchState
+from batchrun.state.store import BatchStore
 
 POLL_SECONDS = 0.05  # how often the caller's thread looks for new lines and a Ctrl-C
 
@@ -158,6 +160,9 @@ class _RunThread(threading.Thread):
         self.stop = threading.Event()
         self.end: RunEnd | None = None
         self.error: BaseException | None = None
+        # Set as the run ends. Not is_alive(): a Ctrl-C inside Thread.join can leave it False
+        # for a thread still running (CPython's join is not safe to interrupt).
+        self.finished = threading.Event()
 
     def run(self) -> None:
         try:
@@ -165,6 +170,11 @@ class _RunThread(threading.Thread):
                                  stop_requested=self.stop.is_set)
         except BaseException as exc:  # handed to the caller's thread
             self.error = exc
+        if self.end is not None and is_memory(self.cfg.redis_url):
+            # No later call can reach this batch (its outcomes are in the files): its keys would
+            # only fill this process's memory.
+            BatchStore(connect(self.cfg.redis_url)).purge(self.end.batch_id)
+        self.finished.set()
 
 
 def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
@@ -177,7 +187,7 @@ def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[
     try:
         while True:
             try:
-                alive = thread.is_alive()
+                alive = not thread.finished.is_set()
                 for tail in tails:
                     for line in tail.new_lines():
                         if line.get("custom_id") not in seen:
@@ -185,7 +195,7 @@ def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[
                             yield from_line(line, prices)
                 if not alive:
                     break
-                thread.join(POLL_SECONDS)
+                time.sleep(POLL_SECONDS)
             except KeyboardInterrupt:
                 if interrupted:
                     raise  # a second Ctrl-C: stop waiting at once (the run's thread winds down alone)
@@ -193,7 +203,7 @@ def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[
                 thread.stop.set()
     except GeneratorExit:
         thread.stop.set()
-        thread.join()
+        thread.finished.wait()
         raise
     if thread.error is not None:
         raise thread.error
@@ -217,14 +227,17 @@ def _why_not_run(cfg: RunConfig, end: RunEnd | None, *, kept_output: bool) -> st
         where = f"batch {end.batch_id} was stopped before it"
     else:
         where = f"batch {end.batch_id} is {end.state} with work left"
+    capped = "max-cost" in (end.reason or "")
     if is_memory(cfg.redis_url) and kept_output:
-        how = f"to continue, call the same run again with output={cfg.output!r}: what it holds is not sent again"
+        how = (f"to continue, call the same run again with output={cfg.output!r}"
+               + (" and a higher max_cost" if capped else "") + ": what it holds is not sent again")
     elif is_memory(cfg.redis_url):
-        how = ("to continue, pass output=PATH (what is done stays in that file and is not sent again) and call "
-               "the same run again; the in-process Redis ended with this run")
+        how = ("to continue, run again only the requests whose result is not_run"
+               + (" with a higher max_cost" if capped else "")
+               + " (or give output=PATH, and a rerun with it sends only what that file lacks)")
     else:
         how = (f"to continue, call the same run again with batch_id={end.batch_id!r}"
-               + (" and a higher max_cost" if "cap" in (end.reason or "") else ""))
+               + (" and a higher max_cost" if capped else ""))
     return f"{where}; {how}"
 
 
