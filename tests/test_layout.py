@@ -1,7 +1,7 @@
 """The layers batchrun's folders name, checked from the imports themselves (ast, nothing imported).
 
 From the bottom: policy/ and files/ (pure rules and file formats), state/ (Redis), runner/ (the
-workers' side), ops/ (what a command does), cli/ (click). A layer imports only from below it,
+workers' side), ops/ (what a command does), api/ (the library), cli/ (click). A layer imports only from below it,
 and none of policy/, files/ or state/ imports mock/ (the test server). Imports inside functions,
 and those under TYPE_CHECKING, count too: a lazy import is still a dependency.
 """
@@ -65,11 +65,12 @@ def _layer(dotted: str) -> str | None:
 
 
 FORBIDDEN = {
-    "policy": {"state", "runner", "ops", "cli", "mock"},
-    "files": {"state", "runner", "ops", "cli", "mock"},
-    "state": {"runner", "ops", "cli", "mock"},
-    "runner": {"ops", "cli"},
-    "ops": {"cli"},
+    "policy": {"state", "runner", "ops", "api", "cli", "mock"},
+    "files": {"state", "runner", "ops", "api", "cli", "mock"},
+    "state": {"runner", "ops", "api", "cli", "mock"},
+    "runner": {"ops", "api", "cli"},
+    "ops": {"api", "cli"},
+    "api": {"cli"},
 }
 
 

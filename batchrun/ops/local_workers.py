@@ -87,8 +87,12 @@ class LocalWorkers:
 
 def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings) -> None:
     """Worker threads on the in-process Redis (only this process sees it)."""
+    from batchrun.runner import shard
     from batchrun.runner.worker import make_worker, preload_encodings
 
+    # An earlier run of this process (a library call) that was stopped set it; this run's
+    # shards must not start stopped.
+    shard.STOP.clear()
     set_worker_settings(settings)
     preload_encodings()
     for _ in range(IN_PROCESS_WORKERS):

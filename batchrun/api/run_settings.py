@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from batchrun.cli.run import RunConfig
+    from batchrun.api.batch import RunConfig
     from batchrun.state.store import BatchStore
 
 

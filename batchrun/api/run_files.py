@@ -6,10 +6,10 @@ from __future__ import annotations
 import os
 from typing import TYPE_CHECKING
 
-from batchrun.ops.progress import note
+from collections.abc import Callable
 
 if TYPE_CHECKING:
-    from batchrun.cli.run import RunConfig
+    from batchrun.api.batch import RunConfig
 
 
 def check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
@@ -48,7 +48,7 @@ def held(output: str, errors_path: str) -> str:
     return f"; the files now hold {results} result(s) and {errors} error(s) in all"
 
 
-def already_done(cfg: RunConfig, errors_path: str) -> tuple[set[str], int]:
+def already_done(cfg: RunConfig, errors_path: str, note: Callable[[str], None]) -> tuple[set[str], int]:
     """custom_ids the output files hold (results, and errors unless they are to be retried),
     and how many of them are errors."""
     from pathlib import Path

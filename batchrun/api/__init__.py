@@ -1,0 +1,1 @@
+"""batchrun as a library: ``batchrun.run(requests)`` and the run every `batchrun run` is."""

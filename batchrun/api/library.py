@@ -1,0 +1,245 @@
+"""``batchrun.run`` and its kin: the library face of the run `batchrun run` is (api/batch.py).
+
+The run goes on a thread of its own and its results are read back from the output files as
+they land: the same files, resume and cap as the command, and a caller's thread (a notebook's,
+with its event loop) that stays free to take Ctrl-C and stop the run gracefully.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterable, Iterator
+from dataclasses import dataclass
+
+from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
+from batchrun.api.events import EventHandler, LoggedOutput
+from batchrun.api.filetail import FileTail
+from batchrun.api.requests import ids_of_file, write_job_file
+from batchrun.api.results import Result, from_line, not_run
+from batchrun.ops.collect import default_errors_path
+from batchrun.policy.pricing import PriceTable
+from batchrun.settings import BatchOptions, Limits
+from batchrun.state.connections import connect, is_memory, resolve_url
+from batchrun.state.states import BatchState
+from batchrun.state.store import BatchStore
+
+POLL_SECONDS = 0.05  # how often the caller's thread looks for new lines and a Ctrl-C
+
+
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C stopped the run gracefully: what finished is in ``results`` (the rest are
+    ``not_run``), and the message says how to continue."""
+
+    def __init__(self, message: str, results: list[Result] | None = None):
+        super().__init__(message)
+        self.results = results or []
+
+
+@dataclass
+class RunOptions:
+    """``run``'s options, as the CLI's (see `batchrun run --help`)."""
+    model: str | None = None
+    endpoint: str = DEFAULT_ENDPOINT
+    tpm: int | str | dict | None = None  # 2_000_000, "gpt-4o-mini=2000000", or {"gpt-4o-mini": 2_000_000}
+    rpm: int | str | dict | None = None
+    max_cost: float = 0.0
+    max_attempts: int = 10
+    redis_url: str | None = None  # default: BATCHRUN_REDIS_URL, else the in-process Redis
+    base_url: str | None = None  # default: OPENAI_BASE_URL
+    api_key: str | None = None  # default: OPENAI_API_KEY; never stored
+    concurrency: int | None = None
+    processes: int = 1
+    batch_id: str | None = None
+    output: str | None = None  # keep the results file (and resume from it); default: a temporary one
+    errors: str | None = None
+    prices: str | None = None
+    grace: float = 30.0
+    skip_invalid: bool = False
+    progress: bool = True
+    on_event: EventHandler | None = None  # each line the run says; default: the "batchrun" logger
+
+
+def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[Result]:
+    """Run ``requests`` and yield each Result as it ends (not in input order); the requests the
+    batch does not get to (paused, cap) come last, as ``not_run`` results saying why."""
+    opts = RunOptions(**options)
+    with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
+        cfg, ids = _config(requests, opts, tmp)
+        yield from _run_and_read(cfg, ids, opts)
+
+
+def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
+    """Run ``requests`` (Batch API lines or bare request bodies, or a JSONL path) and return one
+    Result per request, in input order. A failed request is a Result with ``ok`` False."""
+    opts = RunOptions(**options)
+    with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
+        cfg, ids = _config(requests, opts, tmp)
+        got: dict[str, Result] = {}
+        try:
+            for result in _run_and_read(cfg, ids, opts):
+                got[result.custom_id] = result
+        except Interrupted as exc:
+            exc.results = _in_order(ids, got, str(exc))
+            raise
+    return _in_order(ids, got, "the run did not get to it")
+
+
+def complete(prompts: Iterable[str], model: str, system: str | None = None, max_tokens: int | None = None,
+             body: dict | None = None, **options) -> list[str | None]:
+    """One chat completion per prompt; the answers' texts in order, None where a request failed."""
+    def request(prompt: str) -> dict:
+        messages = ([{"role": "system", "content": system}] if system is not None else []) + \
+                   [{"role": "user", "content": prompt}]
+        return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens else {}),
+                **(body or {})}
+
+    options.setdefault("endpoint", DEFAULT_ENDPOINT)
+    return [r.text if r.ok else None for r in run([request(p) for p in prompts], **options)]
+
+
+async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> AsyncIterator[Result]:
+    """``stream`` for asyncio code: the run goes on its own thread, the event loop stays free."""
+    results = stream(requests, **options)
+    done = object()
+    try:
+        while True:
+            result = await asyncio.to_thread(next, results, done)
+            if result is done:
+                return
+            yield result
+    finally:
+        # Closing the generator (a cancelled task, a break) stops the run as Ctrl-C would.
+        await asyncio.to_thread(results.close)
+
+
+async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
+    """``run`` for asyncio code (``await batchrun.arun(...)``)."""
+    return await asyncio.to_thread(run, requests, **options)
+
+
+def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
+    if isinstance(requests, (str, os.PathLike)):
+        jobs = os.fspath(requests)
+        ids = ids_of_file(jobs)
+    else:
+        jobs = os.path.join(tmp, "requests.jsonl")
+        ids = write_job_file(requests, jobs, endpoint=opts.endpoint, model=opts.model)
+    options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
+                           limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)))
+    cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
+                    redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
+                    skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,
+                    processes=opts.processes, mock=False, grace=opts.grace, prices=opts.prices,
+                    base_url=opts.base_url, api_key=opts.api_key)
+    problems = options.problems()
+    if problems:
+        from batchrun.settings import OptionsError
+
+        raise OptionsError("; ".join(problems))
+    return cfg, ids
+
+
+def _specs(limit: int | str | dict | None) -> list[str]:
+    if limit is None:
+        return []
+    if isinstance(limit, dict):
+        return [f"{model}={n}" for model, n in limit.items()]
+    return [str(limit)]
+
+
+class _RunThread(threading.Thread):
+    """The run on its own thread; ``stop`` asks it to stop as a Ctrl-C does."""
+
+    def __init__(self, cfg: RunConfig, opts: RunOptions):
+        super().__init__(name="batchrun-run", daemon=True)
+        self.cfg, self.opts = cfg, opts
+        self.stop = threading.Event()
+        self.end: RunEnd | None = None
+        self.error: BaseException | None = None
+        # Set as the run ends. Not is_alive(): a Ctrl-C inside Thread.join can leave it False
+        # for a thread still running (CPython's join is not safe to interrupt).
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self.end = run_batch(self.cfg, LoggedOutput(self.opts.on_event, progress=self.opts.progress),
+                                 stop_requested=self.stop.is_set)
+        except BaseException as exc:  # handed to the caller's thread
+            self.error = exc
+        if self.end is not None and is_memory(self.cfg.redis_url):
+            # No later call can reach this batch (its outcomes are in the files): its keys would
+            # only fill this process's memory.
+            BatchStore(connect(self.cfg.redis_url)).purge(self.end.batch_id)
+        self.finished.set()
+
+
+def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+    prices = PriceTable.load(opts.prices)
+    tails = [FileTail(cfg.output), FileTail(cfg.errors or default_errors_path(cfg.output))]
+    seen: set[str] = set()
+    thread = _RunThread(cfg, opts)
+    thread.start()
+    interrupted = False
+    try:
+        while True:
+            try:
+                alive = not thread.finished.is_set()
+                for tail in tails:
+                    for line in tail.new_lines():
+                        if line.get("custom_id") not in seen:
+                            seen.add(line["custom_id"])
+                            yield from_line(line, prices)
+                if not alive:
+                    break
+                time.sleep(POLL_SECONDS)
+            except KeyboardInterrupt:
+                if interrupted:
+                    raise  # a second Ctrl-C: stop waiting at once (the run's thread winds down alone)
+                interrupted = True
+                thread.stop.set()
+    except GeneratorExit:
+        thread.stop.set()
+        thread.finished.wait()
+        raise
+    if thread.error is not None:
+        raise thread.error
+    end = thread.end
+    why = _why_not_run(cfg, end, kept_output=opts.output is not None)
+    if end is not None and end.interrupted:
+        raise Interrupted(f"batchrun: interrupted; {why}")
+    for cid in ids:
+        if cid not in seen:
+            seen.add(cid)
+            yield not_run(cid, why)
+
+
+def _why_not_run(cfg: RunConfig, end: RunEnd | None, *, kept_output: bool) -> str:
+    """For the requests without an outcome: where the batch stopped and how to continue it."""
+    if end is None:
+        return "the run ended without an outcome for it"
+    if end.state is BatchState.PAUSED:
+        where = f"batch {end.batch_id} is paused: {end.reason or 'see the log'}"
+    elif end.interrupted:
+        where = f"batch {end.batch_id} was stopped before it"
+    else:
+        where = f"batch {end.batch_id} is {end.state} with work left"
+    capped = "max-cost" in (end.reason or "")
+    if is_memory(cfg.redis_url) and kept_output:
+        how = (f"to continue, call the same run again with output={cfg.output!r}"
+               + (" and a higher max_cost" if capped else "") + ": what it holds is not sent again")
+    elif is_memory(cfg.redis_url):
+        how = ("to continue, run again only the requests whose result is not_run"
+               + (" with a higher max_cost" if capped else "")
+               + " (or give output=PATH, and a rerun with it sends only what that file lacks)")
+    else:
+        how = (f"to continue, call the same run again with batch_id={end.batch_id!r}"
+               + (" and a higher max_cost" if capped else ""))
+    return f"{where}; {how}"
+
+
+def _in_order(ids: list[str], got: dict[str, Result], why: str) -> list[Result]:
+    return [got.get(cid) or not_run(cid, why) for cid in ids]

@@ -1,0 +1,108 @@
+"""Result: one request's outcome as a typed object, made from (and back into) the Batch API
+output line that `batchrun run` writes, so that files and objects agree."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from batchrun.policy.pricing import PriceTable, cost_of_usage
+
+NOT_RUN = "not_run"  # ResultError.code of a request the batch did not get to (paused, interrupted)
+
+
+@dataclass(frozen=True)
+class ResultError:
+    """Why a request has no answer: the server's code (or batchrun's) and a sentence."""
+    code: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Result:
+    custom_id: str
+    ok: bool
+    body: dict | None = None  # the server's answer body (also that of a failed answer, when it had one)
+    status_code: int | None = None
+    error: ResultError | None = None
+    attempts: int = 0  # tries the job took, as far as its line tells (0: not known)
+    cost_usd: float | None = None  # at the shipped (or given) prices; None for an unknown model
+    line: dict | None = field(default=None, repr=False, compare=False)  # the output line it was read from
+
+    @property
+    def usage(self) -> dict | None:
+        usage = (self.body or {}).get("usage")
+        return usage if isinstance(usage, dict) else None
+
+    @property
+    def text(self) -> str | None:
+        """The answer's text: chat completions, completions and responses; None for others."""
+        return answer_text(self.body) if self.ok else None
+
+    @property
+    def embedding(self) -> list[float] | None:
+        data = (self.body or {}).get("data") if self.ok else None
+        if isinstance(data, list) and data and isinstance(data[0], dict):
+            vector = data[0].get("embedding")
+            return vector if isinstance(vector, list) else None
+        return None
+
+    def to_dict(self) -> dict:
+        """The Batch API output line (results or errors file) this result is."""
+        if self.line is not None:
+            return copy.deepcopy(self.line)
+        return {"id": None, "custom_id": self.custom_id, "response": None,
+                "error": {"code": self.error.code, "message": self.error.message} if self.error else None}
+
+
+def from_line(line: dict, prices: PriceTable | None = None) -> Result:
+    """A results or errors file's line as a Result."""
+    response = line.get("response") if isinstance(line.get("response"), dict) else {}
+    body = response.get("body") if isinstance(response.get("body"), dict) else None
+    status = response.get("status_code")
+    err = line.get("error")
+    error = ResultError(str(err.get("code") or "error"), str(err.get("message") or "")) \
+        if isinstance(err, dict) else None
+    ok = error is None and isinstance(status, int) and 200 <= status < 300
+    attempts = line.get("attempts")
+    tries = len(attempts) if isinstance(attempts, list) else (1 if ok else 0)
+    return Result(custom_id=line["custom_id"], ok=ok, body=body, status_code=status, error=error, attempts=tries,
+                  cost_usd=_cost(body, prices) if ok else None, line=line)
+
+
+def not_run(custom_id: str, why: str) -> Result:
+    return Result(custom_id=custom_id, ok=False, error=ResultError(NOT_RUN, why))
+
+
+def answer_text(body: Any) -> str | None:
+    if not isinstance(body, dict):
+        return None
+    choices = body.get("choices")
+    if isinstance(choices, list) and choices and isinstance(choices[0], dict):
+        first = choices[0]
+        message = first.get("message")
+        if isinstance(message, dict):  # chat completions
+            content = message.get("content")
+            return content if isinstance(content, str) else None
+        text = first.get("text")  # completions
+        return text if isinstance(text, str) else None
+    if isinstance(body.get("output_text"), str):
+        return body["output_text"]
+    return _responses_text(body.get("output"))
+
+
+def _responses_text(output: Any) -> str | None:
+    """The text parts of a Responses API answer's message items, joined."""
+    if not isinstance(output, list):
+        return None
+    parts = [c.get("text") for item in output if isinstance(item, dict) and item.get("type") == "message"
+             for c in item.get("content") or () if isinstance(c, dict) and isinstance(c.get("text"), str)]
+    return "".join(parts) if parts else None
+
+
+def _cost(body: dict | None, prices: PriceTable | None) -> float | None:
+    if body is None or prices is None or not isinstance(body.get("model"), str):
+        return None
+    price = prices.price_for(body["model"])
+    return cost_of_usage(price, body.get("usage")) if price is not None else None
