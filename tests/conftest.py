@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 
 import fakeredis
 import pytest
@@ -155,3 +156,13 @@ def spawn():
             except ProcessLookupError:
                 pass
             proc.wait()
+
+
+@pytest.fixture(autouse=True)
+def _no_stop_left_over():
+    """A run interrupted in this process sets the shard runners' STOP flag; a test that starts
+    runners itself after it (pytest-xdist orders tests freely) must not find them stopping."""
+    yield
+    shard = sys.modules.get("batchrun.runner.shard")
+    if shard is not None:
+        shard.STOP.clear()

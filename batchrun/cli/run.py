@@ -8,7 +8,7 @@ import click
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunOutput, run_batch as run_library_batch
 from batchrun.api.errors import ApiKeyMissing
 # The settings file's functions live in api/run_settings; these names stay importable from here.
-from batchrun.api.run_settings import (load_run_settings, record_spent, save_run_settings,  # noqa: F401
+from batchrun.api.run_settings import (load_run_settings,  # noqa: F401
                                        settings_path, spent_usd)
 from batchrun.ops import hints
 from batchrun.ops.progress import Progress, note
