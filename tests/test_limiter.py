@@ -468,6 +468,21 @@ def test_calibration_counts_the_servers_refill_at_the_servers_limit(store):
     assert bucket(store)["k"] == pytest.approx(0.5 * 1 + 0.5 * k_new, abs=0.03)
 
 
+def test_calibration_ignores_windows_in_which_a_small_server_bucket_can_have_filled(store):
+    """A server whose bucket holds one second's worth (a quantised limit) fills up between answers
+    and throws its refill away: that refill is no charge. Counted as one, it took k to ~2.5 after a
+    single window (4 after a few), and a fleet at the server's limit spent only 31 % of it."""
+    limiter = limiter_for(store, tpm="80000", burst_seconds=0)  # the server's too: 1333 tokens/s, 1333 at once
+    a = admit(limiter, 200, 136)
+    observe(limiter, a, limit=80_000, remaining=1_000)  # below 90 % of its capacity: a window opens
+    time.sleep(2.1)
+    # The server admitted what we estimated at 600 input + 400 output, charging exactly that; it
+    # refilled 2800 in the window but could hold only 1333: its remaining barely moved.
+    observe(limiter, a, limit=80_000, remaining=900, admitted=(600, 400))
+    assert bucket(store).get("k", 1.0) == 1.0
+    assert admit(limiter, 100, 50).charge == 150
+
+
 def test_calibration_works_while_the_servers_bucket_stays_full(store):
     """Below the server's limit its bucket stays full and no refill can be measured, but each answer's
     headers show what its admission took: limit - remaining."""

@@ -135,9 +135,15 @@ if rem_t and srv_tpm > 0 then
     fields[#fields + 1], fields[#fields + 2] = 'obs_in', tostring(s_in)
     fields[#fields + 1], fields[#fields + 2] = 'obs_out', tostring(s_out)
   elseif window >= 2000 then
-    local consumed = srv_tpm * window / 60000 - (rem_t - tonumber(s[12]))
+    local refill = srv_tpm * window / 60000
+    local consumed = refill - (rem_t - tonumber(s[12]))
     local d_in, d_out = s_in - tonumber(s[13]), s_out - tonumber(s[14])
-    if d_in > 0 and consumed > d_out then  -- else the window tells nothing of the input's charge
+    -- The refill counts as consumed only if the bucket cannot have been full in the window: from
+    -- where it started, the refill alone must not reach its capacity. A small bucket (a second's
+    -- worth: a quantised limit) fills between two answers and throws refill away, which would
+    -- read as charge and inflate k, slowing the fleet to a fraction of the limit.
+    local unfilled = tonumber(s[12]) + refill < cap_t
+    if unfilled and d_in > 0 and consumed > d_out then  -- else the window tells nothing of the input's charge
       local k_new = math.max(0.25, math.min(4, (consumed - d_out) / d_in))
       k = 0.5 * k + 0.5 * k_new
       fields[#fields + 1], fields[#fields + 2] = 'k', tostring(k)
