@@ -162,6 +162,9 @@ def spawn():
 def _no_stop_left_over():
     """A run interrupted in this process sets the shard runners' STOP flag; a test that starts
     runners itself after it (pytest-xdist orders tests freely) must not find them stopping."""
+    shard = sys.modules.get("batchrun.runner.shard")
+    if shard is not None:
+        shard.STOP.clear()
     yield
     shard = sys.modules.get("batchrun.runner.shard")
     if shard is not None:

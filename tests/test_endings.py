@@ -517,6 +517,11 @@ def test_credentials_echoed_by_the_server_are_kept_out_of_redis_logs_and_the_err
             asyncio.run(asyncio.wait_for(ShardRunner(store, "b", 0, settings).run(), 60))
             if store.meta("b")["state"] != "running":
                 break
+        # (Under pytest-xdist this once ended with j1 still running: say what the store held.)
+        from batchrun.runner import shard as shard_module
+
+        assert store.meta("b")["state"] != "running", (shard_module.STOP.is_set(), store.counts("b"),
+                                                       store.redis.zrange("batchrun:batch:b:todo:0", 0, -1))
         assert any(key in r.headers.get("Authorization", "") + r.headers.get("api-key", "")
                    or "Basic" in r.headers.get("Authorization", "") for r in srv.requests)
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"

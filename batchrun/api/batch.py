@@ -272,6 +272,10 @@ def _stop_and_collect(run: _Run) -> None:
     if shard is not None:
         shard.STOP.set()
     run.workers.stop()
+    if shard is not None and not any(t.is_alive() for t in run.workers.threads):
+        # The flag is the process's: once this run's threads are gone it must not stop whatever
+        # runs shards next in this process (a library call, a test).
+        shard.STOP.clear()
     run.collect()
 
 
