@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
@@ -20,6 +22,7 @@ from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import ids_of_file, write_job_file
 from batchrun.api.results import Result, from_line, not_run
+from batchrun.files.jobfile import JobFileError
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
@@ -69,7 +72,8 @@ def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[
     opts = RunOptions(**options)
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
-        yield from _run_and_read(cfg, ids, opts)
+        with _in_caller_terms(cfg, tmp):
+            yield from _run_and_read(cfg, ids, opts)
 
 
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
@@ -80,8 +84,9 @@ def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]
         cfg, ids = _config(requests, opts, tmp)
         got: dict[str, Result] = {}
         try:
-            for result in _run_and_read(cfg, ids, opts):
-                got[result.custom_id] = result
+            with _in_caller_terms(cfg, tmp):
+                for result in _run_and_read(cfg, ids, opts):
+                    got[result.custom_id] = result
         except Interrupted as exc:
             exc.results = _in_order(ids, got, str(exc))
             raise
@@ -141,6 +146,26 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
 
         raise OptionsError("; ".join(problems))
     return cfg, ids
+
+
+@contextmanager
+def _in_caller_terms(cfg: RunConfig, tmp: str) -> Iterator[None]:
+    """A refusal of the requests given as objects names them as the caller does (request N, the
+    Nth given, from 0), not as lines of the temporary file, gone once the call returns."""
+    try:
+        yield
+    except JobFileError as exc:
+        if cfg.jobs != os.path.join(tmp, "requests.jsonl"):
+            raise
+        n = len(exc.errors)
+        listed = [f"  request {e.line_no - 1}: "
+                  + re.sub(r"\bline (\d+)", lambda m: f"request {int(m[1]) - 1}", e.reason) for e in exc.errors[:20]]
+        more = [f"  ... and {n - 20} more"] if n > 20 else []
+        refused = JobFileError([], headline="\n".join(
+            [f"{n} of the requests given cannot be sent; nothing was sent (pass skip_invalid=True to "
+             f"send the valid ones):"] + listed + more))
+        refused.errors = exc.errors
+        raise refused from None
 
 
 def _specs(limit: int | str | dict | None) -> list[str]:
