@@ -15,3 +15,7 @@ class ApiKeyMissing(BatchrunError):
 
 class RequestsError(BatchrunError, ValueError):
     """The requests given to ``batchrun.run`` cannot be sent (not dicts, a custom_id twice)."""
+
+
+class RunInProgress(BatchrunError):
+    """Another run is going on in this process: runs share its local workers and their settings."""

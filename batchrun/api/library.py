@@ -18,6 +18,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
+from batchrun.api.errors import RunInProgress
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import ids_of_file, write_job_file
@@ -202,7 +203,23 @@ class _RunThread(threading.Thread):
         self.finished.set()
 
 
+# One run at a time per process: the local workers' stop flag and worker settings (base URL,
+# API key) are the process's, so a second run beside the first would stop it or send with its key.
+_ONE_RUN = threading.Lock()
+
+
 def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+    if not _ONE_RUN.acquire(blocking=False):
+        raise RunInProgress("another batchrun run is going on in this process (on another thread, or a stream "
+                            "not read to its end); wait for it to end or close that stream, or pass all the "
+                            "requests to one call")
+    try:
+        yield from _read_while_running(cfg, ids, opts)
+    finally:
+        _ONE_RUN.release()
+
+
+def _read_while_running(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
     prices = PriceTable.load(opts.prices)
     tails = [FileTail(cfg.output), FileTail(cfg.errors or default_errors_path(cfg.output))]
     seen: set[str] = set()
