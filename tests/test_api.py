@@ -6,6 +6,9 @@ from __future__ import annotations
 import _thread
 import asyncio
 import json
+import logging
+import os
+import tempfile
 import threading
 from collections import Counter
 
@@ -123,6 +126,25 @@ def test_a_cap_that_pauses_returns_what_finished_and_says_why_for_the_rest(mock)
     assert all(r.error.code == NOT_RUN for r in rest)
     assert "paused" in rest[0].error.message and "max_cost" in rest[0].error.message
     assert_answers([r for r in results if r.ok], [b for b, r in zip(bodies, results) if r.ok])
+
+
+def test_a_capped_library_run_says_what_to_call_in_python_never_a_command(mock, caplog):
+    """Its warnings, the worker lines it logs and its not_run messages name ``max_cost=`` and the
+    call to make again; never a `batchrun resume` command nor the temporary file it ran from."""
+    mock.set_config(latency_ms=50)
+    events = []
+    with caplog.at_level(logging.INFO, logger="batchrun"):
+        results = batchrun.run([body(i, max_tokens=200) for i in range(200)],
+                               **on(mock, max_cost=0.001, concurrency=4, on_event=events.append))
+    rest = [r.error.message for r in results if not r.ok]
+    assert rest, "the cap should stop the batch part way"
+    warnings = [e.text for e in events if e.kind == "warning"]
+    assert any("to finish the batch:" in w and "max_cost=" in w for w in warnings), warnings
+    said = [e.text for e in events] + rest + [r.getMessage() for r in caplog.records]
+    for text in said:
+        assert "batchrun resume" not in text and "--max-cost" not in text, text
+        assert tempfile.gettempdir() + os.sep not in text, text
+    assert "max_cost=" in rest[0]
 
 
 @pytest.mark.redis

@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
+from batchrun.api.continuing import library_call, reword
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import ids_of_file, write_job_file
 from batchrun.api.results import Result, from_line, not_run
+from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
@@ -134,7 +136,8 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,
                     processes=opts.processes, mock=False, grace=opts.grace, prices=opts.prices,
-                    base_url=opts.base_url, api_key=opts.api_key)
+                    base_url=opts.base_url, api_key=opts.api_key, library=True,
+                    output_kept=opts.output is not None)
     problems = options.problems()
     if problems:
         from batchrun.settings import OptionsError
@@ -208,7 +211,7 @@ def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[
     if thread.error is not None:
         raise thread.error
     end = thread.end
-    why = _why_not_run(cfg, end, kept_output=opts.output is not None)
+    why = _why_not_run(cfg, end)
     if end is not None and end.interrupted:
         raise Interrupted(f"batchrun: interrupted; {why}")
     for cid in ids:
@@ -217,28 +220,22 @@ def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[
             yield not_run(cid, why)
 
 
-def _why_not_run(cfg: RunConfig, end: RunEnd | None, *, kept_output: bool) -> str:
-    """For the requests without an outcome: where the batch stopped and how to continue it."""
+def _why_not_run(cfg: RunConfig, end: RunEnd | None) -> str:
+    """For the requests without an outcome: where the batch stopped and how to continue it, in
+    Python's words (continuing.library_call)."""
     if end is None:
         return "the run ended without an outcome for it"
+    reason = reword(cfg, end.reason, end.batch_id) if end.reason else ""
     if end.state is BatchState.PAUSED:
-        where = f"batch {end.batch_id} is paused: {end.reason or 'see the log'}"
+        where = f"batch {end.batch_id} is paused: {reason or 'see the log'}"
     elif end.interrupted:
         where = f"batch {end.batch_id} was stopped before it"
     else:
         where = f"batch {end.batch_id} is {end.state} with work left"
+    if hints.has_command(end.reason or ""):
+        return where  # the reason says how to continue already
     capped = "max-cost" in (end.reason or "")
-    if is_memory(cfg.redis_url) and kept_output:
-        how = (f"to continue, call the same run again with output={cfg.output!r}"
-               + (" and a higher max_cost" if capped else "") + ": what it holds is not sent again")
-    elif is_memory(cfg.redis_url):
-        how = ("to continue, run again only the requests whose result is not_run"
-               + (" with a higher max_cost" if capped else "")
-               + " (or give output=PATH, and a rerun with it sends only what that file lacks)")
-    else:
-        how = (f"to continue, call the same run again with batch_id={end.batch_id!r}"
-               + (" and a higher max_cost" if capped else ""))
-    return f"{where}; {how}"
+    return f"{where}; to continue, {library_call(cfg, end.batch_id, ['--max-cost', 'USD'] if capped else [])}"
 
 
 def _in_order(ids: list[str], got: dict[str, Result], why: str) -> list[Result]:
