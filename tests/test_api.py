@@ -16,6 +16,7 @@ import pytest
 
 import batchrun
 from batchrun.api.results import NOT_RUN
+from batchrun.files.jobfile import JobFileError
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
 
@@ -196,3 +197,21 @@ def test_bad_requests_are_refused_with_a_sentence(mock):
         batchrun.run([body(0), "hello"], **on(mock))
     with pytest.raises(batchrun.ApiKeyMissing, match="OPENAI_API_KEY"):
         batchrun.run([body(0)], base_url=mock.base_url, api_key="", progress=False)
+
+
+def test_requests_are_checked_before_anything_is_sent_and_no_file_is_written(mock, tmp_path, monkeypatch):
+    """Dicts go to the submit as they are (ops/submit.py's submit_requests): an invalid one is
+    refused with the job file's sentence naming its index, before any request is sent."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # TMPDIR is read again
+    try:
+        with pytest.raises(JobFileError, match=r"request 1: .*'model'"):
+            batchrun.run([body(0), {"messages": [{"role": "user", "content": "hi"}]}], **on(mock))
+        assert mock.stats()["requests"] == 0
+        seen = []
+        results = batchrun.run([body(i) for i in range(20)],
+                               **on(mock, on_event=lambda e: seen.extend(p.name for p in tmp_path.rglob("*"))))
+        assert all(r.ok for r in results)
+        assert not any(name.endswith("requests.jsonl") for name in seen), seen
+    finally:
+        tempfile.tempdir = None

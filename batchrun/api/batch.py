@@ -25,7 +25,7 @@ from batchrun.exitcodes import Exit, for_state
 from batchrun.ops import hints, local_workers
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
-from batchrun.ops.submit import submit_file
+from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.state.jobcounts import jobs_left
@@ -81,6 +81,7 @@ class RunConfig:
     api_key: str | None = field(default=None, repr=False)  # the library's: over OPENAI_API_KEY; never stored
     library: bool = False  # a library call: its words say what to call in Python, not what to type
     output_kept: bool = True  # the library's: False when the output is a temporary file, gone after the call
+    requests: list[dict] | None = field(default=None, repr=False)  # the library's: the jobs, in place of a file
 
     @property
     def redis(self) -> hints.RedisRef:
@@ -215,10 +216,14 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
         accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
         local_workers.start_threads(run.workers, store.redis, settings)
 
-    report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
-                         skip_invalid=cfg.skip_invalid, skip_ids=run.skip, prices=cfg.prices,
-                         on_skip=lambda e: run.out.warn(f"skipped: {e}"),
-                         on_loading=start_threads if is_memory(cfg.redis_url) else None)
+    given = {"batch_id": cfg.batch_id, "options": cfg.options, "endpoint": cfg.endpoint,
+             "skip_invalid": cfg.skip_invalid, "skip_ids": run.skip, "prices": cfg.prices,
+             "on_skip": lambda e: run.out.warn(f"skipped: {e}"),
+             "on_loading": start_threads if is_memory(cfg.redis_url) else None}
+    if cfg.requests is not None:  # the library's requests, validated and loaded without a file
+        report = submit_requests(store, cfg.requests, **given)
+    else:
+        report = submit_file(store, cfg.jobs, **given)
     bid = report.batch_id
     if not run.batch_id:
         accepted(bid)

@@ -19,7 +19,7 @@ from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
 from batchrun.api.continuing import library_call, reword
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
-from batchrun.api.requests import ids_of_file, write_job_file
+from batchrun.api.requests import batch_lines, ids_of_file
 from batchrun.api.results import Result, from_line, not_run
 from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
@@ -128,8 +128,9 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
     else:
-        jobs = os.path.join(tmp, "requests.jsonl")
-        ids = write_job_file(requests, jobs, endpoint=opts.endpoint, model=opts.model)
+        jobs = ""  # no file: ops/submit.py's submit_requests validates and loads them as they are
+        lines = batch_lines(requests, endpoint=opts.endpoint, model=opts.model)
+        ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
                            limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)))
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
@@ -137,7 +138,7 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,
                     processes=opts.processes, mock=False, grace=opts.grace, prices=opts.prices,
                     base_url=opts.base_url, api_key=opts.api_key, library=True,
-                    output_kept=opts.output is not None)
+                    output_kept=opts.output is not None, requests=None if jobs else lines)
     problems = options.problems()
     if problems:
         from batchrun.settings import OptionsError
