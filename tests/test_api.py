@@ -10,6 +10,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 from collections import Counter
 
 import pytest
@@ -226,3 +227,21 @@ def test_the_callers_objects_are_out_of_the_collectors_passes_during_a_run_and_b
     batchrun.run([body(i) for i in range(20)], **on(mock, on_event=lambda e: counts.append(gc.get_freeze_count())))
     assert counts and min(counts) > 0
     assert gc.get_freeze_count() == 0
+
+
+def test_cancelling_arun_stops_its_run(mock):
+    mock.set_config(latency_ms=30)
+
+    async def main():
+        task = asyncio.ensure_future(batchrun.arun([body(i) for i in range(300)], **on(mock, concurrency=4)))
+        await asyncio.sleep(0.8)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    sent = mock.stats()["requests"]
+    assert 0 < sent < 300
+    time.sleep(0.6)
+    assert mock.stats()["requests"] == sent, "the run went on sending after its task was cancelled"
+    assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())

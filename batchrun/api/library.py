@@ -8,6 +8,8 @@ with its event loop) that stays free to take Ctrl-C and stop the run gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import gc
 import os
 import tempfile
@@ -79,12 +81,15 @@ def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
     """Run ``requests`` (Batch API lines or bare request bodies, or a JSONL path) and return one
     Result per request, in input order. A failed request is a Result with ``ok`` False."""
-    opts = RunOptions(**options)
+    return _run(requests, RunOptions(**options))
+
+
+def _run(requests, opts: RunOptions, cancel: threading.Event | None = None) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
         got: dict[str, Result] = {}
         try:
-            for result in _run_and_read(cfg, ids, opts):
+            for result in _run_and_read(cfg, ids, opts, cancel):
                 got[result.custom_id] = result
         except Interrupted as exc:
             exc.results = _in_order(ids, got, str(exc))
@@ -121,8 +126,18 @@ async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> As
 
 
 async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
-    """``run`` for asyncio code (``await batchrun.arun(...)``)."""
-    return await asyncio.to_thread(run, requests, **options)
+    """``run`` for asyncio code (``await batchrun.arun(...)``). Cancelling the task stops the run
+    as Ctrl-C does (requests in flight finish and are kept), and returns once it has stopped."""
+    cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(_run, requests,
+                                                                                 RunOptions(**options), cancel))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(BaseException):  # Interrupted: the stop the cancel asked for
+            await future
+        raise
 
 
 def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
@@ -207,12 +222,14 @@ def _gc_frozen() -> Iterator[None]:
                 gc.unfreeze()
 
 
-def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions,
+                  cancel: threading.Event | None = None) -> Iterator[Result]:
     with _gc_frozen():
-        yield from _run_and_read_frozen(cfg, ids, opts)
+        yield from _run_and_read_frozen(cfg, ids, opts, cancel)
 
 
-def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
+                         cancel: threading.Event | None) -> Iterator[Result]:
     prices = PriceTable.load(opts.prices)
     tails = [FileTail(cfg.output), FileTail(cfg.errors or default_errors_path(cfg.output))]
     seen: set[str] = set()
@@ -230,6 +247,8 @@ def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions) -> It
                             yield from_line(line, prices)
                 if not alive:
                     break
+                if cancel is not None and cancel.is_set():
+                    thread.stop.set()  # arun's task was cancelled: stop as on Ctrl-C
                 time.sleep(POLL_SECONDS)
             except KeyboardInterrupt:
                 if interrupted:
