@@ -245,3 +245,11 @@ def test_cancelling_arun_stops_its_run(mock):
     time.sleep(0.6)
     assert mock.stats()["requests"] == sent, "the run went on sending after its task was cancelled"
     assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_library_refuses_what_the_command_refuses_with_a_sentence(mock):
+    from batchrun.settings import OptionsError
+
+    with pytest.raises(OptionsError, match=r"processes=2 needs a shared Redis \(redis_url="):
+        batchrun.run([body(0)], **on(mock, processes=2))
+    assert mock.stats()["requests"] == 0

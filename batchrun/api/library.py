@@ -157,6 +157,9 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
                     base_url=opts.base_url, api_key=opts.api_key, library=True,
                     output_kept=opts.output is not None, requests=None if jobs else lines)
     problems = options.problems()
+    if opts.processes > 1 and is_memory(cfg.redis_url):  # the CLI's check_run, in the library's words
+        problems.append(f"processes={opts.processes} needs a shared Redis (redis_url=, or BATCHRUN_REDIS_URL): "
+                        f"without one the run keeps its Redis inside this process, with one in-process worker")
     if problems:
         from batchrun.settings import OptionsError
 
