@@ -6,13 +6,18 @@ from __future__ import annotations
 import _thread
 import asyncio
 import json
+import logging
+import os
+import tempfile
 import threading
+import time
 from collections import Counter
 
 import pytest
 
 import batchrun
 from batchrun.api.results import NOT_RUN
+from batchrun.files.jobfile import JobFileError
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
 
@@ -125,6 +130,25 @@ def test_a_cap_that_pauses_returns_what_finished_and_says_why_for_the_rest(mock)
     assert_answers([r for r in results if r.ok], [b for b, r in zip(bodies, results) if r.ok])
 
 
+def test_a_capped_library_run_says_what_to_call_in_python_never_a_command(mock, caplog):
+    """Its warnings, the worker lines it logs and its not_run messages name ``max_cost=`` and the
+    call to make again; never a `batchrun resume` command nor the temporary file it ran from."""
+    mock.set_config(latency_ms=50)
+    events = []
+    with caplog.at_level(logging.INFO, logger="batchrun"):
+        results = batchrun.run([body(i, max_tokens=200) for i in range(200)],
+                               **on(mock, max_cost=0.001, concurrency=4, on_event=events.append))
+    rest = [r.error.message for r in results if not r.ok]
+    assert rest, "the cap should stop the batch part way"
+    warnings = [e.text for e in events if e.kind == "warning"]
+    assert any("to finish the batch:" in w and "max_cost=" in w for w in warnings), warnings
+    said = [e.text for e in events] + rest + [r.getMessage() for r in caplog.records]
+    for text in said:
+        assert "batchrun resume" not in text and "--max-cost" not in text, text
+        assert tempfile.gettempdir() + os.sep not in text, text
+    assert "max_cost=" in rest[0]
+
+
 @pytest.mark.redis
 def test_resume_by_batch_id_on_the_real_redis_sends_nothing_twice(mock, real_redis_url):
     mock.set_config(latency_ms=50)
@@ -174,3 +198,58 @@ def test_bad_requests_are_refused_with_a_sentence(mock):
         batchrun.run([body(0), "hello"], **on(mock))
     with pytest.raises(batchrun.ApiKeyMissing, match="OPENAI_API_KEY"):
         batchrun.run([body(0)], base_url=mock.base_url, api_key="", progress=False)
+
+
+def test_requests_are_checked_before_anything_is_sent_and_no_file_is_written(mock, tmp_path, monkeypatch):
+    """Dicts go to the submit as they are (ops/submit.py's submit_requests): an invalid one is
+    refused with the job file's sentence naming its index, before any request is sent."""
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    tempfile.tempdir = None  # TMPDIR is read again
+    try:
+        with pytest.raises(JobFileError, match=r"request 1: .*'model'"):
+            batchrun.run([body(0), {"messages": [{"role": "user", "content": "hi"}]}], **on(mock))
+        assert mock.stats()["requests"] == 0
+        seen = []
+        results = batchrun.run([body(i) for i in range(20)],
+                               **on(mock, on_event=lambda e: seen.extend(p.name for p in tmp_path.rglob("*"))))
+        assert all(r.ok for r in results)
+        assert not any(name.endswith("requests.jsonl") for name in seen), seen
+    finally:
+        tempfile.tempdir = None
+
+
+def test_the_callers_objects_are_out_of_the_collectors_passes_during_a_run_and_back_after(mock):
+    """bench/api_overhead.py: gc.freeze() while a run goes (the caller's 20,000 bodies made each
+    full collection of the run a third slower), gc.unfreeze() as it ends."""
+    import gc
+
+    counts = []
+    batchrun.run([body(i) for i in range(20)], **on(mock, on_event=lambda e: counts.append(gc.get_freeze_count())))
+    assert counts and min(counts) > 0
+    assert gc.get_freeze_count() == 0
+
+
+def test_cancelling_arun_stops_its_run(mock):
+    mock.set_config(latency_ms=30)
+
+    async def main():
+        task = asyncio.ensure_future(batchrun.arun([body(i) for i in range(300)], **on(mock, concurrency=4)))
+        await asyncio.sleep(0.8)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    sent = mock.stats()["requests"]
+    assert 0 < sent < 300
+    time.sleep(0.6)
+    assert mock.stats()["requests"] == sent, "the run went on sending after its task was cancelled"
+    assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())
+
+
+def test_the_library_refuses_what_the_command_refuses_with_a_sentence(mock):
+    from batchrun.settings import OptionsError
+
+    with pytest.raises(OptionsError, match=r"processes=2 needs a shared Redis \(redis_url="):
+        batchrun.run([body(0)], **on(mock, processes=2))
+    assert mock.stats()["requests"] == 0

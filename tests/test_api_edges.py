@@ -38,27 +38,24 @@ def test_a_refused_list_names_the_request_not_a_deleted_temporary_file(mock):
     assert mock.stats()["log"] == []  # nothing was sent
 
 
-def test_two_runs_on_two_threads_one_stopped_early_both_end(mock):
-    # A stream closed early stops its run by setting the process-wide shard.STOP, which the
-    # other thread's run also obeys (and start_threads clears it for everyone): the other
-    # run must still end, with every request answered.
+def test_a_second_run_beside_the_first_is_refused_and_the_first_ends_whole(mock):
+    # Runs share the process's local workers, their stop flag and their settings (base URL, API
+    # key): a stream closed early used to stop a run on another thread, which then hung. A second
+    # run while one goes is refused with a sentence; the first ends with every request answered.
+    from batchrun.api.errors import RunInProgress
+
     out: dict = {}
 
     def a():
         out["a"] = batchrun.run([body(1000 + i) for i in range(200)], **on(mock, concurrency=4))
 
-    def b():
-        results = batchrun.stream([body(2000 + i) for i in range(200)], **on(mock, concurrency=4))
-        next(results)
-        results.close()
-
-    mock.set_config(latency_ms=50)
+    mock.set_config(latency_ms=20)
     ta = threading.Thread(target=a, daemon=True)
     ta.start()
     time.sleep(0.5)
-    tb = threading.Thread(target=b, daemon=True)
-    tb.start()
-    tb.join(60)
+    with pytest.raises(RunInProgress, match="another batchrun run is going on in this process"):
+        next(batchrun.stream([body(2000 + i) for i in range(5)], **on(mock)))
     ta.join(60)
-    assert not tb.is_alive() and not ta.is_alive(), "a run hung"
-    assert all(r.ok for r in out["a"])
+    assert not ta.is_alive(), "the first run hung"
+    assert len(out["a"]) == 200 and all(r.ok for r in out["a"])
+    assert len(batchrun.run([body(3000)], **on(mock))) == 1  # and the next run may go

@@ -10,7 +10,7 @@ import pytest
 from batchrun.files.jobfile import JobFileError
 from batchrun.settings import BatchOptions
 from batchrun.state.store import BatchStore
-from batchrun.ops.submit import CHUNK, submit_file
+from batchrun.ops.submit import CHUNK, submit_file, submit_requests
 
 
 @pytest.fixture
@@ -99,3 +99,35 @@ def test_big_lines_go_to_redis_in_chunks_of_bounded_size(store, tmp_path, monkey
     monkeypatch.setattr(store, "add_jobs", recorded)
     assert submit_file(store, path, batch_id="b").added == 10
     assert len(sizes) >= 3 and max(sizes) < 10_000 + 3200  # a chunk ends with the line that passes the bound
+
+
+def test_submit_requests_checks_every_request_before_writing_and_says_it_as_for_a_file(store, tmp_path):
+    lines = [json.loads(_line("a")), {"custom_id": "b", "method": "POST", "url": "/v1/chat/completions",
+                                      "body": {"messages": []}}, json.loads(_line("a"))]
+    with pytest.raises(JobFileError) as caught:
+        submit_requests(store, lines, batch_id="b")
+    assert store.redis.keys("*") == []  # nothing was written
+    # The sentences a job file of the same lines gets, naming the request's index for the line.
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    with pytest.raises(JobFileError) as from_file:
+        submit_file(store, path, batch_id="b")
+    said = [str(e) for e in caught.value.errors]
+    assert said == [str(e).replace(f"{path}, line 2", "request 1").replace(f"{path}, line 3", "request 2")
+                    .replace("first on line 1", "first in request 0") for e in from_file.value.errors]
+    assert said[1] == "request 2: duplicate custom_id 'a' (first in request 0)"
+    assert "2 of the requests are invalid; nothing was submitted" in str(caught.value)
+
+
+def test_submit_requests_loads_the_jobs_as_submit_file_does(store, tmp_path):
+    lines = [json.loads(_line(f"j{i}", f"q{i}")) for i in range(2500)]
+    report = submit_requests(store, lines, batch_id="r", options=BatchOptions(shard_size=1000))
+    path = tmp_path / "jobs.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    from_file = submit_file(store, path, batch_id="f", options=BatchOptions(shard_size=1000))
+    assert (report.valid, report.added, report.total) == (from_file.valid, from_file.added, from_file.total)
+    for shard in range(3):
+        got = store.lease("r", shard, 1000, 30_000, "t").jobs
+        want = store.lease("f", shard, 1000, 30_000, "t").jobs
+        assert [(j.custom_id, j.request) for j in got] == [(j.custom_id, j.request) for j in want]
+    assert submit_requests(store, lines, batch_id="r").added == 0  # again: nothing new

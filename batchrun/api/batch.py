@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from batchrun.api.continuing import (DEFAULT_ENDPOINT, batch_to_continue, continue_command, prepare_existing,
-                                     print_resume)
+                                     print_resume, reword)
 from batchrun.api.errors import ApiKeyMissing
 from batchrun.api.run_files import already_done, check_paths, held
 from batchrun.api.run_settings import record_spent, save_run_settings, settings_path
@@ -25,7 +25,7 @@ from batchrun.exitcodes import Exit, for_state
 from batchrun.ops import hints, local_workers
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
-from batchrun.ops.submit import submit_file
+from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.state.jobcounts import jobs_left
@@ -79,6 +79,9 @@ class RunConfig:
     cap_total: float | None = None  # resume: the cap over every run of the file (default: options.max_cost)
     base_url: str | None = None  # the library's: over OPENAI_BASE_URL (the mock's when `mock`)
     api_key: str | None = field(default=None, repr=False)  # the library's: over OPENAI_API_KEY; never stored
+    library: bool = False  # a library call: its words say what to call in Python, not what to type
+    output_kept: bool = True  # the library's: False when the output is a temporary file, gone after the call
+    requests: list[dict] | None = field(default=None, repr=False)  # the library's: the jobs, in place of a file
 
     @property
     def redis(self) -> hints.RedisRef:
@@ -144,7 +147,11 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
     # Jobs the files hold already are never sent again, by `run` as by `resume`: a second
     # run onto a complete output must not pay again for answers it would then drop.
     skip, prior_errors = already_done(cfg, errors_path, out.note)
-    if skip and not cfg.only_missing:
+    if skip and not cfg.only_missing and cfg.library:
+        out.note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
+                 + (f"; the {prior_errors} failed one(s) come back as they failed (to send them again, "
+                    f"take their lines out of {errors_path})" if prior_errors else ""))
+    elif skip and not cfg.only_missing:
         again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
         out.note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
                  + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
@@ -175,8 +182,9 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
         except BaseException as exc:
             if not run.workers.threads:
                 if isinstance(exc, KeyboardInterrupt):  # an interrupt exits 130, also before any job is sent
-                    run.out.warn("\ninterrupted while the file was being submitted: no job was sent; run the same "
-                                 "command again to start")
+                    again = "call the same run again" if cfg.library else "run the same command again"
+                    run.out.warn(f"\ninterrupted while the file was being submitted: no job was sent; {again} "
+                                 f"to start")
                     return RunEnd(run.batch_id or "", None, Exit.INTERRUPTED, interrupted=True)
                 raise  # nothing was sent yet
             if isinstance(exc, KeyboardInterrupt):
@@ -208,10 +216,14 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
         accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
         local_workers.start_threads(run.workers, store.redis, settings)
 
-    report = submit_file(store, cfg.jobs, batch_id=cfg.batch_id, options=cfg.options, endpoint=cfg.endpoint,
-                         skip_invalid=cfg.skip_invalid, skip_ids=run.skip, prices=cfg.prices,
-                         on_skip=lambda e: run.out.warn(f"skipped: {e}"),
-                         on_loading=start_threads if is_memory(cfg.redis_url) else None)
+    given = {"batch_id": cfg.batch_id, "options": cfg.options, "endpoint": cfg.endpoint,
+             "skip_invalid": cfg.skip_invalid, "skip_ids": run.skip, "prices": cfg.prices,
+             "on_skip": lambda e: run.out.warn(f"skipped: {e}"),
+             "on_loading": start_threads if is_memory(cfg.redis_url) else None}
+    if cfg.requests is not None:  # the library's requests, validated and loaded without a file
+        report = submit_requests(store, cfg.requests, **given)
+    else:
+        report = submit_file(store, cfg.jobs, **given)
     bid = report.batch_id
     if not run.batch_id:
         accepted(bid)
@@ -285,7 +297,7 @@ def _report_end(run: _Run, prior_errors: int) -> RunEnd:
     counts = store.counts(bid)
     out.result(_summary(cfg, errors_path, run.written, run.skip) + (held(cfg.output, errors_path) if run.skip else ""))
     if meta.get("state") == BatchState.PAUSED:
-        reason = hints.complete(meta.get("reason") or "", lambda _id, extra: continue_command(cfg, bid, extra))
+        reason = reword(cfg, meta.get("reason") or "", bid)
         out.warn(f"batch {bid} is paused: {reason}")
         print_resume(cfg, bid, out, store)
     elif meta.get("state") != BatchState.FINISHED:
@@ -308,8 +320,10 @@ def _interrupt(signum, frame) -> None:
 
 def _summary(cfg: RunConfig, errors_path: str, written: CollectReport, skip: set[str]) -> str:
     """What this command wrote (not what the batch holds: a rerun writes only what was missing)."""
-    return (f"{written.results_written} result(s) written to {cfg.output}, {written.errors_written} error(s) "
-            f"to {errors_path}"
+    where = (f"{written.results_written} result(s) written to {cfg.output}, {written.errors_written} error(s) "
+             f"to {errors_path}" if cfg.output_kept else
+             f"{written.results_written} result(s) and {written.errors_written} error(s) came back")
+    return (where
             + (f"; {len(skip)} job(s) were there already" if skip else "")
             + (f"; {written.other_there} outcome(s) of this batch were not written, as the files hold another "
                f"outcome for their custom_id (a job sent twice after a Redis rollback, or a race with another run)"
@@ -321,6 +335,7 @@ def _quiet_worker_lines(cfg: RunConfig, stack: ExitStack) -> None:
     # the default one are the info lines dropped (-v shows every line, -q what its level lets by).
     level = logging.getLogger("batchrun").getEffectiveLevel()
     worker_log = logging.getLogger("batchrun.worker")
-    quiet = RunLogFilter(lambda bid, extra: continue_command(cfg, bid, extra), quiet=level == logging.INFO)
+    quiet = RunLogFilter(lambda bid, extra: continue_command(cfg, bid, extra), quiet=level == logging.INFO,
+                         reword=(lambda message: reword(cfg, message)) if cfg.library else None)
     worker_log.addFilter(quiet)
     stack.callback(worker_log.removeFilter, quiet)

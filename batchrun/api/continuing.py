@@ -95,10 +95,39 @@ def continue_command(cfg: RunConfig, bid: str, extra: list[str]) -> list[str]:
     return hints.rerun(cfg.jobs, cfg.output, cfg.errors, bid, cfg.redis, mock=cfg.mock, extra=kept + extra)
 
 
+def library_call(cfg: RunConfig, bid: str, extra: list[str]) -> str:
+    """What continues this run from Python (the library's wording of ``continue_command``): the
+    same call again, with ``batch_id=`` on a real Redis or ``output=`` on the in-process one."""
+    more = (" and a higher max_cost=" if "--max-cost" in extra else "") + \
+           (" and prices= a price file that names the model" if "--prices" in extra else "")
+    if not cfg.redis.memory:
+        return f"call the same run again with batch_id={bid!r}{more}"
+    if cfg.output_kept:
+        return f"call the same run again with output={cfg.output!r}{more}: what it holds is not sent again"
+    return ("run again only the requests whose result is not_run" + more.replace(" and ", " with ", 1)
+            + " (or give output=PATH, and a rerun with it sends only what that file lacks)")
+
+
+def reword(cfg: RunConfig, message: str, bid: str | None = None) -> str:
+    """A message with `batchrun resume ID` in it (a pause reason, a worker's line), with what
+    continues the run from where the user is: the command for the CLI, the call for the library."""
+    if cfg.library:
+        return hints.complete_words(message, lambda found, extra: library_call(cfg, bid or found, extra))
+    return hints.complete(message, lambda found, extra: continue_command(cfg, bid or found, extra))
+
+
 def print_resume(cfg: RunConfig, bid: str, out: RunOutput, store: BatchStore | None = None) -> None:
     """The exact command that continues where this run stopped."""
     meta = store.meta(bid) if store is not None else {}
     capped = paused_at_cap(meta)
+    if cfg.library:
+        out.warn(f"to finish the batch: {library_call(cfg, bid, ['--max-cost', 'USD'] if capped else [])}")
+        if capped and cfg.redis.memory:
+            out.warn(f"(the next call's max_cost counts from zero: this run spent "
+                     f"${float(meta.get('cost') or 0):.4f})")
+        elif capped:
+            out.warn("(give a max_cost above the old one: it caps the batch as a whole)")
+        return
     command = continue_command(cfg, bid, ["--max-cost", "USD"] if capped else [])
     out.warn(f"to finish the batch: {hints.command(command)}")
     note = cfg.redis.note()

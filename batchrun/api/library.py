@@ -8,8 +8,10 @@ with its event loop) that stays free to take Ctrl-C and stop the run gracefully.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import gc
 import os
-import re
 import tempfile
 import threading
 import time
@@ -18,12 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
+from batchrun.api.continuing import library_call, reword
 from batchrun.api.errors import RunInProgress
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
-from batchrun.api.requests import ids_of_file, write_job_file
+from batchrun.api.requests import batch_lines, ids_of_file
 from batchrun.api.results import Result, from_line, not_run
-from batchrun.files.jobfile import JobFileError
+from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
@@ -73,21 +76,22 @@ def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[
     opts = RunOptions(**options)
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
-        with _in_caller_terms(cfg, tmp):
-            yield from _run_and_read(cfg, ids, opts)
+        yield from _run_and_read(cfg, ids, opts)
 
 
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
     """Run ``requests`` (Batch API lines or bare request bodies, or a JSONL path) and return one
     Result per request, in input order. A failed request is a Result with ``ok`` False."""
-    opts = RunOptions(**options)
+    return _run(requests, RunOptions(**options))
+
+
+def _run(requests, opts: RunOptions, cancel: threading.Event | None = None) -> list[Result]:
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
         got: dict[str, Result] = {}
         try:
-            with _in_caller_terms(cfg, tmp):
-                for result in _run_and_read(cfg, ids, opts):
-                    got[result.custom_id] = result
+            for result in _run_and_read(cfg, ids, opts, cancel):
+                got[result.custom_id] = result
         except Interrupted as exc:
             exc.results = _in_order(ids, got, str(exc))
             raise
@@ -123,8 +127,18 @@ async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> As
 
 
 async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
-    """``run`` for asyncio code (``await batchrun.arun(...)``)."""
-    return await asyncio.to_thread(run, requests, **options)
+    """``run`` for asyncio code (``await batchrun.arun(...)``). Cancelling the task stops the run
+    as Ctrl-C does (requests in flight finish and are kept), and returns once it has stopped."""
+    cancel = threading.Event()
+    future = asyncio.get_running_loop().run_in_executor(None, functools.partial(_run, requests,
+                                                                                 RunOptions(**options), cancel))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        cancel.set()
+        with contextlib.suppress(BaseException):  # Interrupted: the stop the cancel asked for
+            await future
+        raise
 
 
 def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
@@ -132,41 +146,26 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
     else:
-        jobs = os.path.join(tmp, "requests.jsonl")
-        ids = write_job_file(requests, jobs, endpoint=opts.endpoint, model=opts.model)
+        jobs = ""  # no file: ops/submit.py's submit_requests validates and loads them as they are
+        lines = batch_lines(requests, endpoint=opts.endpoint, model=opts.model)
+        ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
                            limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)))
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,
                     processes=opts.processes, mock=False, grace=opts.grace, prices=opts.prices,
-                    base_url=opts.base_url, api_key=opts.api_key)
+                    base_url=opts.base_url, api_key=opts.api_key, library=True,
+                    output_kept=opts.output is not None, requests=None if jobs else lines)
     problems = options.problems()
+    if opts.processes > 1 and is_memory(cfg.redis_url):  # the CLI's check_run, in the library's words
+        problems.append(f"processes={opts.processes} needs a shared Redis (redis_url=, or BATCHRUN_REDIS_URL): "
+                        f"without one the run keeps its Redis inside this process, with one in-process worker")
     if problems:
         from batchrun.settings import OptionsError
 
         raise OptionsError("; ".join(problems))
     return cfg, ids
-
-
-@contextmanager
-def _in_caller_terms(cfg: RunConfig, tmp: str) -> Iterator[None]:
-    """A refusal of the requests given as objects names them as the caller does (request N, the
-    Nth given, from 0), not as lines of the temporary file, gone once the call returns."""
-    try:
-        yield
-    except JobFileError as exc:
-        if cfg.jobs != os.path.join(tmp, "requests.jsonl"):
-            raise
-        n = len(exc.errors)
-        listed = [f"  request {e.line_no - 1}: "
-                  + re.sub(r"\bline (\d+)", lambda m: f"request {int(m[1]) - 1}", e.reason) for e in exc.errors[:20]]
-        more = [f"  ... and {n - 20} more"] if n > 20 else []
-        refused = JobFileError([], headline="\n".join(
-            [f"{n} of the requests given cannot be sent; nothing was sent (pass skip_invalid=True to "
-             f"send the valid ones):"] + listed + more))
-        refused.errors = exc.errors
-        raise refused from None
 
 
 def _specs(limit: int | str | dict | None) -> list[str]:
@@ -206,20 +205,45 @@ class _RunThread(threading.Thread):
 # One run at a time per process: the local workers' stop flag and worker settings (base URL,
 # API key) are the process's, so a second run beside the first would stop it or send with its key.
 _ONE_RUN = threading.Lock()
+_frozen_runs = 0  # library runs under way in this process, while the objects before the first are frozen
+_freeze_lock = threading.Lock()
 
 
-def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+@contextmanager
+def _gc_frozen() -> Iterator[None]:
+    """While runs go, the objects that existed before the first (the caller's requests among them:
+    200,000 objects for 20,000 bodies) are left out of the garbage collector's passes (gc.freeze),
+    and put back as the last run ends (gc.unfreeze). Scanning them again at each full collection
+    made a 20,000-job run a third slower than `batchrun run` on the same file (bench/api_overhead.py)."""
+    global _frozen_runs
+    with _freeze_lock:
+        if _frozen_runs == 0:
+            gc.freeze()
+        _frozen_runs += 1
+    try:
+        yield
+    finally:
+        with _freeze_lock:
+            _frozen_runs -= 1
+            if _frozen_runs == 0:
+                gc.unfreeze()
+
+
+def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions,
+                  cancel: threading.Event | None = None) -> Iterator[Result]:
     if not _ONE_RUN.acquire(blocking=False):
         raise RunInProgress("another batchrun run is going on in this process (on another thread, or a stream "
                             "not read to its end); wait for it to end or close that stream, or pass all the "
                             "requests to one call")
     try:
-        yield from _read_while_running(cfg, ids, opts)
+        with _gc_frozen():
+            yield from _run_and_read_frozen(cfg, ids, opts, cancel)
     finally:
         _ONE_RUN.release()
 
 
-def _read_while_running(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Iterator[Result]:
+def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
+                         cancel: threading.Event | None) -> Iterator[Result]:
     prices = PriceTable.load(opts.prices)
     tails = [FileTail(cfg.output), FileTail(cfg.errors or default_errors_path(cfg.output))]
     seen: set[str] = set()
@@ -237,6 +261,8 @@ def _read_while_running(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Ite
                             yield from_line(line, prices)
                 if not alive:
                     break
+                if cancel is not None and cancel.is_set():
+                    thread.stop.set()  # arun's task was cancelled: stop as on Ctrl-C
                 time.sleep(POLL_SECONDS)
             except KeyboardInterrupt:
                 if interrupted:
@@ -250,7 +276,7 @@ def _read_while_running(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Ite
     if thread.error is not None:
         raise thread.error
     end = thread.end
-    why = _why_not_run(cfg, end, kept_output=opts.output is not None)
+    why = _why_not_run(cfg, end)
     if end is not None and end.interrupted:
         raise Interrupted(f"batchrun: interrupted; {why}")
     for cid in ids:
@@ -259,28 +285,22 @@ def _read_while_running(cfg: RunConfig, ids: list[str], opts: RunOptions) -> Ite
             yield not_run(cid, why)
 
 
-def _why_not_run(cfg: RunConfig, end: RunEnd | None, *, kept_output: bool) -> str:
-    """For the requests without an outcome: where the batch stopped and how to continue it."""
+def _why_not_run(cfg: RunConfig, end: RunEnd | None) -> str:
+    """For the requests without an outcome: where the batch stopped and how to continue it, in
+    Python's words (continuing.library_call)."""
     if end is None:
         return "the run ended without an outcome for it"
+    reason = reword(cfg, end.reason, end.batch_id) if end.reason else ""
     if end.state is BatchState.PAUSED:
-        where = f"batch {end.batch_id} is paused: {end.reason or 'see the log'}"
+        where = f"batch {end.batch_id} is paused: {reason or 'see the log'}"
     elif end.interrupted:
         where = f"batch {end.batch_id} was stopped before it"
     else:
         where = f"batch {end.batch_id} is {end.state} with work left"
+    if hints.has_command(end.reason or ""):
+        return where  # the reason says how to continue already
     capped = "max-cost" in (end.reason or "")
-    if is_memory(cfg.redis_url) and kept_output:
-        how = (f"to continue, call the same run again with output={cfg.output!r}"
-               + (" and a higher max_cost" if capped else "") + ": what it holds is not sent again")
-    elif is_memory(cfg.redis_url):
-        how = ("to continue, run again only the requests whose result is not_run"
-               + (" with a higher max_cost" if capped else "")
-               + " (or give output=PATH, and a rerun with it sends only what that file lacks)")
-    else:
-        how = (f"to continue, call the same run again with batch_id={end.batch_id!r}"
-               + (" and a higher max_cost" if capped else ""))
-    return f"{where}; {how}"
+    return f"{where}; to continue, {library_call(cfg, end.batch_id, ['--max-cost', 'USD'] if capped else [])}"
 
 
 def _in_order(ids: list[str], got: dict[str, Result], why: str) -> list[Result]:

@@ -1,8 +1,9 @@
 """The requests given to ``batchrun.run`` as the job file a run reads, and their custom_ids in
 input order (the order the results come back in).
 
-Dicts go through a temporary JSONL file: the submit reads files as a stream, and one file keeps
-every check (and every error sentence) of `batchrun run` for the library too.
+Dicts are not written to a file: ``batch_lines`` makes them Batch API lines and ops/submit.py's
+``submit_requests`` checks each as a line of a job file is checked (the same sentences, naming the
+request's index), before anything is written.
 """
 
 from __future__ import annotations
@@ -30,6 +31,15 @@ def write_job_file(requests: Iterable[object], path: str, *, endpoint: str, mode
     if not ids:
         raise RequestsError("no requests were given; pass a list of request bodies (dicts) or a JSONL path")
     return ids
+
+
+def batch_lines(requests: Iterable[object], *, endpoint: str, model: str | None) -> list[dict]:
+    """``requests`` (Batch API lines or bare request bodies) as Batch API lines, in order, each with
+    its custom_id as ``write_job_file`` gives it: what ops/submit.py's submit_requests takes."""
+    lines = [_batch_line(request, index, endpoint=endpoint, model=model) for index, request in enumerate(requests)]
+    if not lines:
+        raise RequestsError("no requests were given; pass a list of request bodies (dicts) or a JSONL path")
+    return lines
 
 
 def _batch_line(request: object, index: int, *, endpoint: str, model: str | None) -> dict:

@@ -16,11 +16,11 @@ def check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
     from batchrun.files.outputs import OutputFileError, check_writable
 
     named = {"-o": cfg.output, "--errors": errors_path, "the settings file": sidecar}
-    jobs = os.path.realpath(cfg.jobs)
+    jobs = os.path.realpath(cfg.jobs) if cfg.jobs else None  # None: the library's requests, no file
     seen: dict[str, str] = {}
     for what, path in named.items():
         real = os.path.realpath(path)
-        if real == jobs or same_file(path, cfg.jobs):  # samefile: a hard link too
+        if jobs is not None and (real == jobs or same_file(path, cfg.jobs)):  # samefile: a hard link too
             raise OutputFileError(f"{what} {path} is the jobs file itself; write the results to another file "
                                   f"(nothing was submitted)")
         if real in seen:

@@ -106,5 +106,20 @@ def complete(message: str, make: Callable[[str, list[str]], list[str]]) -> str:
     return _RESUME.sub(lambda m: command(make(m.group("id"), m.group("extra").split())), message)
 
 
+# The same command as a phrase ("then run `batchrun resume ID`"), for wording that is no command.
+_RESUME_PHRASE = re.compile(r"(?:(?P<verb>\b[Rr]un )?`)?" + _RESUME.pattern + "`?")
+
+
+def complete_words(message: str, words: Callable[[str, list[str]], str]) -> str:
+    """``message`` with each ``run `batchrun resume ID …``` phrase replaced by ``words(ID, options)``,
+    what to do instead (the library's: a call to make again), and the CLI's option names in
+    Python's (``--max-cost`` is ``max_cost``)."""
+    def sub(m: re.Match) -> str:
+        text = words(m.group("id"), m.group("extra").split())
+        return text[:1].upper() + text[1:] if (m.group("verb") or "").startswith("R") else text
+
+    return _RESUME_PHRASE.sub(sub, message).replace("--max-cost", "max_cost").replace("--prices", "prices")
+
+
 def has_command(message: str) -> bool:
     return _RESUME.search(message) is not None

@@ -26,9 +26,10 @@ class RunLogFilter(logging.Filter):
     A line that carries a `batchrun resume ID` command is completed for this run, or dropped
     (``complete`` None) where the run prints it completed itself."""
 
-    def __init__(self, complete=None, *, quiet: bool = True):
+    def __init__(self, complete=None, *, quiet: bool = True, reword=None):
         super().__init__()
         self.complete = complete
+        self.reword = reword  # the whole message reworded instead (the library's: a call, not a command)
         self.quiet = quiet  # drop the info lines; under -v (and -q) the level alone decides
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -36,6 +37,9 @@ class RunLogFilter(logging.Filter):
             return False
         message = record.getMessage()
         if hints.has_command(message):
+            if self.reword is not None:
+                record.msg, record.args = self.reword(message), ()
+                return True
             if self.complete is None:
                 return False
             record.msg, record.args = hints.complete(message, self.complete), ()

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import re
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from batchrun.state import keys
-from batchrun.files.jobfile import JobFileError, LineError, iter_requests, read_jobs, validate_file
+from batchrun.files.jobfile import MAX_LINE_BYTES, Job, JobFileError, LineError, iter_requests, read_jobs, validate_file
+from batchrun.files.joblines import parse_line
+from batchrun.files.seen_ids import SeenIds
 from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, auto_shard_size
@@ -34,31 +38,55 @@ class SubmitReport:
     skipped: list[LineError] = field(default_factory=list)
 
 
-def _check_prices(path, endpoint: str, table: PriceTable) -> None:
+class _Source:
+    """Where the jobs come from, for the checks and their sentences: a job file (read again for
+    each check) or requests given in Python (held, validated, as Jobs)."""
+
+    def __init__(self, path=None, endpoint: str = "", jobs: list[Job] | None = None):
+        self.path, self.endpoint, self.jobs = path, endpoint, jobs
+
+    def iter_jobs(self):
+        if self.jobs is not None:
+            return iter(self.jobs)
+        return read_jobs(self.path, endpoint=self.endpoint, skip_invalid=True)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.jobs is None else "the requests"
+
+    def where(self, job: Job) -> str:
+        return f"on line {job.line_no}" if self.jobs is None else f"in request {job.line_no - 1}"
+
+    @property
+    def of(self) -> str:
+        return "the file's" if self.jobs is None else "the requests'"
+
+
+def _check_prices(source: _Source, table: PriceTable) -> None:
     """A spending cap needs a price for every model of the file (an extra pass, only then)."""
-    missing: dict[str, int] = {}
-    for job in read_jobs(path, endpoint=endpoint, skip_invalid=True):
+    missing: dict[str, str] = {}
+    for job in source.iter_jobs():
         model = str(job.body.get("model", ""))
         if model not in missing and table.price_for(model) is None:
-            missing[model] = job.line_no
+            missing[model] = source.where(job)
     if missing:
-        listed = ", ".join(f"{m!r} (first on line {n})" for m, n in missing.items())
-        raise ValueError(f"{path}: no price is known for {listed}, so --max-cost cannot be kept; "
+        listed = ", ".join(f"{m!r} (first {where})" for m, where in missing.items())
+        raise ValueError(f"{source.name}: no price is known for {listed}, so --max-cost cannot be kept; "
                          f"give the price with --prices FILE (see `batchrun estimate`)")
 
 
-def _check_limit_models(path, endpoint: str, options: BatchOptions) -> None:
+def _check_limit_models(source: _Source, options: BatchOptions) -> None:
     """A MODEL=N limit for a model no job uses is a typo (`gpt4o-mini`): say so, with the file's
     models (an extra pass, only when limits name models)."""
     named = options.limits.models()
     if not named:
         return
-    used = {str(job.body.get("model", "")) for job in read_jobs(path, endpoint=endpoint, skip_invalid=True)}
+    used = {str(job.body.get("model", "")) for job in source.iter_jobs()}
     unused = sorted(named - used)
     if unused:
         listed = ", ".join(repr(m) for m in unused)
-        raise ValueError(f"{path}: no job uses {listed}, so its limit would never apply; the file's models are "
-                         f"{', '.join(repr(m) for m in sorted(used))} (check the name in --rpm/--tpm MODEL=N); "
+        raise ValueError(f"{source.name}: no job uses {listed}, so its limit would never apply; {source.of} models "
+                         f"are {', '.join(repr(m) for m in sorted(used))} (check the name in --rpm/--tpm MODEL=N); "
                          f"nothing was submitted")
 
 
@@ -96,6 +124,70 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     if not valid:
         raise ValueError(f"{path} has no job to submit ({'no valid line' if errors else 'it is empty'}); "
                          f"nothing was submitted")
+    # validate_file has checked every line: the second pass trusts them (see iter_requests).
+    requests = iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors], size=validated[0])
+    return _submit_valid(store, _Source(path, endpoint), requests, valid, errors, batch_id=batch_id,
+                         options=options, on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading)
+
+
+_FIRST_ON_LINE = re.compile(r"\(first on line (\d+)\)")
+
+
+class RequestError(LineError):
+    """Why one request given in Python (not a line of a file) cannot be submitted."""
+
+    def __str__(self) -> str:
+        return f"request {self.line_no}: {self.reason}"
+
+
+def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str | None = None,
+                    options: BatchOptions | None = None, endpoint: str = "/v1/chat/completions",
+                    skip_invalid: bool = False, on_skip: Callable[[LineError], None] | None = None,
+                    skip_ids: set[str] | None = None, prices: str | None = None,
+                    on_loading: Callable[[str], None] | None = None) -> SubmitReport:
+    """``submit_file`` for requests given in Python: Batch API lines as dicts (custom_id, method,
+    url, body), or bare bodies. Every request is checked as a line of a file is, with the same
+    sentences naming its index (``request 3: ...``), BEFORE anything is written: nothing is
+    submitted unless all are valid or ``skip_invalid`` is set. No file is written or read."""
+    seen = SeenIds()
+    dumps = json.dumps
+    jobs: list[Job] = []
+    raws: list[bytes] = []
+    errors: list[LineError] = []
+    for index, line in enumerate(lines):
+        try:
+            raw = dumps(line).encode()
+        except (TypeError, ValueError) as exc:
+            errors.append(RequestError("the requests", index, f"cannot be written as JSON ({exc})"))
+            continue
+        if len(raw) > MAX_LINE_BYTES:
+            errors.append(RequestError("the requests", index,
+                                       f"longer than {MAX_LINE_BYTES >> 20} MB, more than a job can hold"))
+            continue
+        job = parse_line(raw, index + 1, endpoint, seen, True)  # 1-based, as SeenIds keeps line numbers
+        if job.__class__ is str:
+            errors.append(RequestError("the requests", index, _FIRST_ON_LINE.sub(
+                lambda m: f"(first in request {int(m.group(1)) - 1})", job)))
+            continue
+        jobs.append(job)
+        # A Batch API line is passed on as it is (its custom_id key is extra), as iter_requests does.
+        raws.append(raw if "body" in line else dumps({"method": job.method, "url": job.url, "body": job.body}).encode())
+    if errors and not skip_invalid:
+        n = len(errors)
+        raise JobFileError(errors, headline=f"{n} of the requests {'is' if n == 1 else 'are'} invalid; nothing was "
+                                            f"submitted (skip_invalid=True submits the valid ones):")
+    if not jobs:
+        raise ValueError(f"there is no request to submit ({'none is valid' if errors else 'none was given'}); "
+                         f"nothing was submitted")
+    pairs = ((job.custom_id, raw) for job, raw in zip(jobs, raws))
+    return _submit_valid(store, _Source(jobs=jobs), pairs, len(jobs), errors, batch_id=batch_id, options=options,
+                         on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading)
+
+
+def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[str, bytes]], valid: int,
+                  errors: list[LineError], *, batch_id: str | None, options: BatchOptions | None,
+                  on_skip, skip_ids: set[str] | None, prices: str | None, on_loading) -> SubmitReport:
+    """The submit once every job is known valid: the batch made (or extended), its jobs loaded."""
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
     batch_id = batch_id or new_batch_id()
@@ -105,9 +197,9 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     existing = store.meta(batch_id)
     table = merged_prices(existing.get("prices"), prices)  # jobs added to a batch: its own table, updated by a new file
     if options.max_cost or float(existing.get("max_cost") or 0):
-        _check_prices(path, endpoint, table)
-    _check_limit_models(path, endpoint, options)
-    store.create_batch(batch_id, options, source=str(path), prices=table.to_json())
+        _check_prices(source, table)
+    _check_limit_models(source, options)
+    store.create_batch(batch_id, options, source=source.name, prices=table.to_json())
     if existing and prices:
         store.set_prices(batch_id, table.to_json())
     if errors and on_skip is not None:
@@ -115,8 +207,6 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
             on_skip(err)
     loader = _Loader(store, batch_id, store.options(batch_id).shard_size,  # an existing batch keeps its own
                      early=None if existing else on_loading, reserve=valid)
-    # validate_file has checked every line: the second pass trusts them (see iter_requests).
-    requests = iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors], size=validated[0])
     added = loader.load(cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))
     if added:
         store.reopen(batch_id)
