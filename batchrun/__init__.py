@@ -14,7 +14,7 @@ _API = {
     "Result": "batchrun.api.results", "ResultError": "batchrun.api.results",
     "RunEvent": "batchrun.api.events", "EventKind": "batchrun.api.events",
     "BatchrunError": "batchrun.api.errors", "ApiKeyMissing": "batchrun.api.errors",
-    "RequestsError": "batchrun.api.errors",
+    "RequestsError": "batchrun.api.errors", "RunInProgress": "batchrun.api.errors",
 }
 
 __all__ = ["__version__", *_API]

@@ -53,6 +53,7 @@ def test_a_second_run_beside_the_first_is_refused_and_the_first_ends_whole(mock)
     ta = threading.Thread(target=a, daemon=True)
     ta.start()
     time.sleep(0.5)
+    assert batchrun.RunInProgress is RunInProgress
     with pytest.raises(RunInProgress, match="another batchrun run is going on in this process"):
         next(batchrun.stream([body(2000 + i) for i in range(5)], **on(mock)))
     ta.join(60)
