@@ -130,3 +130,9 @@ def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: Ba
 def check_finite(name: str, value: float | None) -> None:
     if value is not None and not math.isfinite(value):
         raise click.BadParameter(f"{name} must be a number of dollars, not {value}")
+
+
+# `run` and `worker`: the one place its words live.
+request_timeout_option = click.option(
+    "--request-timeout", type=Number(0, min_open=True), default=None,
+    help="Seconds one request may take, its answer or stream included (default 600; or BATCHRUN_REQUEST_TIMEOUT).")

@@ -8,7 +8,8 @@ import sys
 import click
 
 from batchrun.cli.helpers import fail, open_store, worker_settings
-from batchrun.cli.options import Number, batch_options, make_options, redis_option, refuse_changed_settings
+from batchrun.cli.options import (Number, batch_options, make_options, redis_option, refuse_changed_settings,
+                                  request_timeout_option)
 from batchrun.files.jobfile import JobFileError
 from batchrun.settings import MAX_CONCURRENCY
 from batchrun.state.connections import ENV_URL, connect, describe, is_memory, resolve_url
@@ -57,9 +58,7 @@ def _submit(store, jobs, batch_id, endpoint, skip_invalid, options, prices):
 @click.option("--mock", is_flag=True, help="Send to a built-in mock OpenAI server (no API key needed).")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On Ctrl-C, seconds in-flight requests get to finish (Ctrl-C again stops at once).")
-@click.option("--request-timeout", type=Number(0, min_open=True), default=None,
-              help="Seconds one request may take, its answer or stream included (default 600; "
-                   "or BATCHRUN_REQUEST_TIMEOUT).")
+@request_timeout_option
 @click.pass_context
 def run(ctx, jobs, output, errors, redis_url, batch_id, endpoint, skip_invalid, concurrency, processes, mock, grace,
         prices, request_timeout, **kw):

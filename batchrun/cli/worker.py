@@ -9,7 +9,7 @@ import sys
 import click
 
 from batchrun.cli.helpers import fail, worker_settings
-from batchrun.cli.options import Number, redis_option
+from batchrun.cli.options import Number, redis_option, request_timeout_option
 from batchrun.settings import MAX_CONCURRENCY, set_worker_settings
 from batchrun.state.connections import ENV_URL, connect, describe, is_memory, resolve_url
 from batchrun.urls import mask_url
@@ -26,9 +26,7 @@ log = logging.getLogger("batchrun")
 @click.option("--name", default=None, help="Worker name shown by `rq info`.")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish (a second signal stops at once).")
-@click.option("--request-timeout", type=Number(0, min_open=True), default=None,
-              help="Seconds one request may take, its answer or stream included (default 600; "
-                   "or BATCHRUN_REQUEST_TIMEOUT).")
+@request_timeout_option
 def worker(redis_url, concurrency, processes, burst, name, grace, request_timeout):
     """Run worker process(es) that send the queued batches' requests.
 
