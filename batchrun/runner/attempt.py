@@ -25,6 +25,7 @@ from batchrun.policy.pricing import answer_cost, usage_total_tokens, worst_case_
 from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge_estimate
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
+from batchrun.state.counters import counter_names, status_class
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
 from batchrun.state.limiter import Admission, CircuitState, stored_number
 from batchrun.state.states import BatchState
@@ -185,7 +186,7 @@ class JobAttempts:
         cost = answer_cost([sent.price, self._price(answered) if isinstance(answered, str) and answered else None],
                            usage, estimate.input_tokens, estimate.output_tokens)
         await self.completer.submit(CompleteItem(OutcomeKind.RESULT, cid, json.dumps(line), cost))
-        self._count_request(model, admission.charge, usage=usage)
+        self._count_request(model, admission.charge, usage=usage, status_code=answer.status_code)
         self.stats["done"] += 1
         self.metrics["ended"] += 1
 
@@ -194,7 +195,8 @@ class JobAttempts:
         # Refused before it was processed: the server charged nothing, so neither does the budget.
         refused = response is not None and response["status_code"] in REFUSED_UNCHARGED
         self._count_request(sent.model, 0 if refused else admission.charge,
-                            rate_limited=response is not None and response["status_code"] == 429)
+                            rate_limited=response is not None and response["status_code"] == 429,
+                            status_code=None if response is None else response["status_code"])
         self._background(self.limiter.observe(sent.model, exchange.headers, admission,
                                               time.monotonic() - sent.started, input_tokens=sent.budget_in,
                                               output_tokens=sent.estimate.output_tokens, charged=not refused))
@@ -204,17 +206,21 @@ class JobAttempts:
         await self._handle_failure(sent.job, sent.model, verdict, response, admission.probe, exchange.error)
 
     def _count_request(self, model: str, charged: int, *, usage: object = None,
-                       rate_limited: bool = False) -> None:
+                       rate_limited: bool = False, status_code: int | None = None) -> None:
         m = self.metrics
         m["requests"] += 1
         m[f"requests:{model}"] += 1
         m[f"charged:{model}"] += charged
-        # Which budget (server, key, model) it drew from: `status` shows those budgets' limits.
-        via = self._via.get(model) or self._via.setdefault(model, f"via:{self.limiter.budget_key(model)}")
-        m[via] += 1
+        # Which budget (server, key, model) it drew from: `status` shows those budgets' limits,
+        # the dashboard and /metrics its requests by answer (names made once per model: counter_names).
+        names = self._via.get(model) or self._via.setdefault(model, counter_names(self.limiter.budget_key(model)))
+        m[names.via] += 1
+        m[names.tokens] += charged
+        m[names.by_class[status_class(status_code)]] += 1
         m["tokens"] += usage_total_tokens(usage)  # 0 for usage that cannot be read: never raises
         if rate_limited:
             m["rate_limited"] += 1
+            m[names.rate_limited] += 1
 
     async def _handle_failure(self, job: LeasedJob, model: str, verdict: Verdict, response: dict | None,
                               probe: bool, error: BaseException | None = None) -> None:

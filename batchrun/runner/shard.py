@@ -33,6 +33,7 @@ from batchrun.policy.pricing import PriceTable
 from batchrun.runner import maintenance
 from batchrun.runner.attempt import JobAttempts
 from batchrun.state.batching import Batcher
+from batchrun.state.counters import CounterNames
 from batchrun.runner.sender import heard_at, make_client, send
 from batchrun.runner.wording import event_phrase, human_wait, outage_cause, v1_suggestion
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
@@ -87,7 +88,7 @@ class ShardRunner(JobAttempts):
         self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
-        self._via: dict[str, str] = {}  # model -> its budget's metric name
+        self._via: dict[str, CounterNames] = {}  # model -> its budget's metric names
         self._last_summary = time.monotonic()
         self._awaiting = 0  # requests sent whose answer has not come back
         self._heard_at = 0.0  # time.monotonic() when an answer (or anything but a timeout) last came back

@@ -14,7 +14,8 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:results``       list    'R'/'E' + output line, in the order jobs ended
 ``…:costres``       hash    custom_id -> worst-case USD set aside (--max-cost)
 ``…:lapsed``        hash    "owner custom_id" -> worst case counted for a lapsed lease
-``…:m:BUCKET``      hash    counts in one 5-second bucket (expires by itself)
+``…:m:BUCKET``      hash    counts in one 5-second bucket (expires after an hour)
+``…:counts``        hash    running totals of the per-model and per-budget counts (/metrics)
 ==================  ======  ==================================================
 
 A budget (``batchrun:budget:ENDPOINT:KEYFP:MODEL``) has its runners' held reservations
@@ -49,7 +50,7 @@ def sub(batch_id: str, name: str) -> str:
 
 
 # A batch's keys besides its hash and the per-shard todo sets.
-SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed")
+SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed", "counts")
 
 
 def todo(batch_id: str, shard: int) -> str:

@@ -186,7 +186,8 @@ class BatchStore:
             if n:
                 args += (name, int(n))
         if args:
-            self.scripts.metrics(keys=[keys.batch(batch_id)], args=[keys.metrics_prefix(batch_id), *args])
+            self.scripts.metrics(keys=[keys.batch(batch_id), keys.sub(batch_id, "counts")],
+                                 args=[keys.metrics_prefix(batch_id), *args])
 
     def recent_metrics(self, batch_id: str, seconds: int = 60) -> tuple[dict[str, int], float]:
         """Counts summed over the last ``seconds`` (whole 5-second buckets), and the span in
