@@ -59,9 +59,13 @@ def parse_counter(name: str) -> BudgetCount | None:
     return None
 
 
-def batch_totals(redis, batch_id: str) -> dict[str, int]:
-    """The batch's running totals of the named counters (what metrics.lua adds to ``…:counts``)."""
-    return {_s(k): int(v) for k, v in redis.hgetall(keys.sub(batch_id, "counts")).items()}
+def batch_totals(redis, batch_ids: list[str]) -> list[dict[str, int]]:
+    """Each batch's running totals of the named counters (what metrics.lua adds to ``…:counts``),
+    in one round trip."""
+    pipe = redis.pipeline(transaction=False)
+    for batch_id in batch_ids:
+        pipe.hgetall(keys.sub(batch_id, "counts"))
+    return [{_s(k): int(v) for k, v in h.items()} for h in (pipe.execute() if batch_ids else [])]
 
 
 def read_buckets(redis, batch_ids: list[str], buckets: list[int]) -> dict[str, list[dict[str, int]]]:
