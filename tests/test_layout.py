@@ -65,12 +65,13 @@ def _layer(dotted: str) -> str | None:
 
 
 FORBIDDEN = {
-    "policy": {"state", "runner", "ops", "api", "cli", "mock"},
-    "files": {"state", "runner", "ops", "api", "cli", "mock"},
-    "state": {"runner", "ops", "api", "cli", "mock"},
-    "runner": {"ops", "api", "cli"},
-    "ops": {"api", "cli"},
-    "api": {"cli"},
+    "policy": {"state", "runner", "ops", "api", "cli", "mock", "dashboard"},
+    "files": {"state", "runner", "ops", "api", "cli", "mock", "dashboard"},
+    "state": {"runner", "ops", "api", "cli", "mock", "dashboard"},
+    "runner": {"ops", "api", "cli", "dashboard"},
+    "ops": {"api", "cli", "dashboard"},
+    "api": {"cli", "dashboard"},
+    "dashboard": {"api", "cli", "mock", "runner"},  # reads Redis through state/ and ops/ only
 }
 
 

@@ -27,7 +27,10 @@ log = logging.getLogger("batchrun")
 @click.option("--grace", type=Number(0), default=30.0, show_default=True,
               help="On SIGTERM/Ctrl-C, seconds in-flight requests get to finish (a second signal stops at once).")
 @request_timeout_option
-def worker(redis_url, concurrency, processes, burst, name, grace, request_timeout):
+@click.option("--metrics-port", type=click.IntRange(1, 65535), default=None,
+              help="Serve Prometheus metrics of the fleet (read from Redis) on this port, at /metrics.")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True, help="Address for --metrics-port.")
+def worker(redis_url, concurrency, processes, burst, name, grace, request_timeout, metrics_port, metrics_host):
     """Run worker process(es) that send the queued batches' requests.
 
     OPENAI_API_KEY and OPENAI_BASE_URL are read from the environment.
@@ -44,6 +47,8 @@ def worker(redis_url, concurrency, processes, burst, name, grace, request_timeou
     if not settings.api_key:
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
              "(it is read from the environment only, never stored in Redis)")
+    if metrics_port is not None:  # in the supervising process only: the pool's workers do not get the option
+        _serve_metrics(url, metrics_host, metrics_port)
     if processes > 1:
         # The Redis URL (it may hold a password) goes through the environment, not the command line.
         os.environ[ENV_URL] = url
@@ -57,3 +62,14 @@ def worker(redis_url, concurrency, processes, burst, name, grace, request_timeou
     log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), mask_url(settings.base_url),
              settings.concurrency, " (burst)" if burst else "")
     w.work(burst=burst, logging_level=logging.getLogger("rq.worker").getEffectiveLevel())  # as -v/-vv set it
+
+
+def _serve_metrics(url: str, host: str, port: int) -> None:
+    from batchrun.dashboard.prometheus import serve_metrics
+    from batchrun.state.store import BatchStore
+
+    try:
+        serve_metrics(BatchStore(connect(url)), host, port)
+    except OSError as exc:
+        fail(f"cannot serve metrics on {host}:{port} ({exc.strerror or exc}); choose another --metrics-port", 2)
+    log.info("Prometheus metrics on http://%s:%d/metrics", host, port)

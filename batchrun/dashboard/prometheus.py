@@ -151,3 +151,12 @@ def fleet_registry(store: BatchStore) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(FleetCollector(store))
     return registry
+
+
+def serve_metrics(store: BatchStore, host: str, port: int):
+    """/metrics of the fleet on host:port, from a daemon thread (`worker --metrics-port`). Returns the
+    server (its ``server_port`` is the port, for port 0). Raises OSError if it cannot listen."""
+    from prometheus_client import start_http_server
+
+    server, _ = start_http_server(port, addr=host, registry=fleet_registry(store))
+    return server
