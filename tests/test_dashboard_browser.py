@@ -1,0 +1,79 @@
+"""The dashboard in a real browser: headless Chromium loads the page during a running batch, and the
+rendered DOM (after the page's script has fetched and drawn) shows the batch's row, a chart with
+bars, and progress that moves between two loads. The run saves a screenshot as docs/dashboard.png
+(the README shows it)."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from dashboard_helpers import get_json, running_batch, start_dashboard, wait_until
+from helpers import ROOT
+
+pytestmark = pytest.mark.redis
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+SCREENSHOT = ROOT / "docs" / "dashboard.png"
+
+if CHROMIUM is None and not os.environ.get("CI"):
+    pytest.skip("no chromium on this machine (Debian: apt-get install chromium; .ci/run installs it)",
+                allow_module_level=True)
+
+
+def _chromium(profile: Path, url: str, *extra: str) -> str:
+    """Chromium headless on ``url``: its script runs (fetches included) within the virtual time budget."""
+    assert CHROMIUM, "CI must have chromium (.ci/run installs it)"
+    proc = subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                           f"--user-data-dir={profile}", "--window-size=1300,1000", "--virtual-time-budget=4000",
+                           *extra, url], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def _main(dom: str) -> str:
+    """What the page's script rendered (the <main> element; the script's own text left out)."""
+    if '<main id="main">' not in dom:
+        return dom  # already cut out
+    return dom.split('<main id="main">', 1)[1].split("</main>", 1)[0]
+
+
+def _batch_row(dom: str, batch_id: str) -> dict[str, str]:
+    dom = _main(dom)
+    found = re.search(r'<tr class="batch-row"([^>]*)>', dom)
+    assert found, "no batch row in the rendered page:\n" + dom[-3000:]
+    attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', found.group(1)))
+    assert attrs["data-batch"] == batch_id
+    return attrs
+
+
+def test_chromium_renders_the_running_batch_and_its_progress_moves(real_redis_url, spawn, tmp_path):
+    # An RPM limit (the chart's dashed line), and a few 429s and 500s (red dots, orange retry ticks).
+    with running_batch(spawn, real_redis_url, tmp_path, n=500, latency_ms=200, concurrency=4,
+                       error_rates={"429": 0.05, "500": 0.05}, submit_args=("--rpm", "900")) as (env, worker):
+        port = start_dashboard(spawn, env)
+        wait_until("the batch's first requests counted", lambda: (o := get_json(port, "/api/overview"))["budgets"]
+                   and o["budgets"][0]["history"] and o["batches"][0]["ended"] > 0)
+        url = f"http://127.0.0.1:{port}/"
+        first = _main(_chromium(tmp_path / "p1", url, "--dump-dom"))
+        row = _batch_row(first, "live")
+        assert row["data-state"] == "running" and row["data-total"] == "500"
+        assert re.search(r'<svg class="chart"[^>]*data-series="requests"[^>]*>.*?<rect class="bar"[^>]*data-value="[1-9]',
+                         first, re.S), "the budget's requests chart has no bar"
+        assert '<tr class="worker-row">' in first and "no batch in this Redis" not in first
+        wait_until("more jobs ended", lambda: get_json(port, "/api/overview")["batches"][0]["ended"]
+                   > int(row["data-ended"]) + 5)
+        second = _batch_row(_chromium(tmp_path / "p2", url, "--dump-dom"), "live")
+        assert int(second["data-ended"]) > int(row["data-ended"]), (row, second)
+
+        page = _chromium(tmp_path / "p3", f"http://127.0.0.1:{port}/batch/live", "--dump-dom")
+        assert _batch_row(page, "live") and 'id="batch-history"' in page and 'id="jobs"' in page
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        _chromium(tmp_path / "p4", url, f"--screenshot={SCREENSHOT}")
+        assert SCREENSHOT.stat().st_size > 10_000
+        worker.wait(timeout=240)
