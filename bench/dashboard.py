@@ -9,9 +9,9 @@ with one `batchrun worker` already running: once alone, once with `batchrun dash
 second, /metrics every 2 s; a page polls every 2 s). Rounds alternate the order (without, with;
 with, without) so that a machine getting busier does not favour either.
 
-Columns: jobs/s of each run; ratio with ÷ without (1.00: unchanged), the median over rounds; and
-Redis commands per job in each run (the difference is the dashboard's reads). Needs a Redis
-server (default redis://127.0.0.1:6379/10, flushed before each run).
+Columns: jobs/s of each run; ratio with ÷ without (1.00: unchanged), the median over rounds; the
+answers the viewers got. Needs a Redis server (default redis://127.0.0.1:6379/10, flushed before
+each run).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import (PYTHON, MockProcess, Workers, batchrun_env, command_line, command_stats,  # noqa: E402
+from bench.common import (PYTHON, MockProcess, Workers, batchrun_env, command_line,  # noqa: E402
                           free_port, machine, submit, table, wait_finished, write_jobs)
 
 POLLS = (("/api/overview", 0.5), ("/api/batch/{batch}", 1.0), ("/metrics", 2.0))  # path, seconds between
@@ -91,18 +91,16 @@ def one_run(jobs: Path, n: int, redis_url: str, concurrency: int, with_dashboard
     with MockProcess() as mock, Workers(1, redis_url, mock.base_url, concurrency):
         viewers = Viewers(redis_url).__enter__() if with_dashboard else None
         try:
-            calls0 = sum(command_stats(conn).values())
             started = time.monotonic()
             batch = submit(jobs, redis_url)
             if viewers:
                 viewers.batch = batch
             wait_finished(conn, batch)
             wall = time.monotonic() - started
-            calls = sum(command_stats(conn).values()) - calls0
         finally:
             if viewers:
                 viewers.__exit__(None, None, None)
-    return {"rate": n / wall, "wall": wall, "commands_per_job": calls / n,
+    return {"rate": n / wall, "wall": wall,
             "answers": viewers.answers if viewers else 0, "failures": viewers.failures if viewers else 0}
 
 
@@ -121,14 +119,12 @@ def main() -> None:
         without, with_ = runs[False], runs[True]
         ratios.append(with_["rate"] / without["rate"])
         rows.append([i + 1, "without, with" if order[0] is False else "with, without", f"{without['rate']:.0f}",
-                     f"{with_['rate']:.0f}", f"{ratios[-1]:.2f}", f"{without['commands_per_job']:.1f}",
-                     f"{with_['commands_per_job']:.1f}", f"{with_['answers']} ({with_['failures']} failed)"])
+                     f"{with_['rate']:.0f}", f"{ratios[-1]:.2f}", f"{with_['answers']} ({with_['failures']} failed)"])
         print(f"round {i + 1}: {without['rate']:.0f} jobs/s without, {with_['rate']:.0f} with the dashboard open",
               file=sys.stderr, flush=True)
     print(f"\ncommand: {command_line()}")
     print(f"machine: {machine()}; {args.jobs} jobs, 1 worker, {args.concurrency} in flight; Redis {args.redis_url}\n")
-    print(table(["round", "order", "jobs/s without", "jobs/s with", "with ÷ without", "Redis cmds/job without",
-                 "Redis cmds/job with", "dashboard answers"], rows))
+    print(table(["round", "order", "jobs/s without", "jobs/s with", "with ÷ without", "dashboard answers"], rows))
     print(f"\nmedian ratio with ÷ without over {args.rounds} rounds: {statistics.median(ratios):.2f}")
 
 

@@ -1,18 +1,21 @@
 """Errors grouped by code, each with a sample message and the batches it came from, read from
-the batches' outcome lists (``…:results``) as they grow: each refresh reads only what was added
-since the last one (at most READ_PER_REFRESH lines per batch), so a long batch costs no more
-than a short one. A batch first seen with many outcomes is read from its last FIRST_LOOK."""
+the batches' outcome lists (``…:results``) as they grow: each refresh looks only at what was added
+since the last one (at most READ_PER_REFRESH outcomes per batch, filtered in Redis so that only
+error lines travel), so a long batch costs no more than a short one. A batch first seen with many
+outcomes is read from its last FIRST_LOOK."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 
+from batchrun.state.counters import error_outcomes
 from batchrun.state.store import BatchStore
 
 FIRST_LOOK = 2000  # a batch seen for the first time: its last this many outcomes
 READ_PER_REFRESH = 2000  # outcomes read per batch and refresh at most
 SAMPLE_CHARS = 300
+MAX_GROUPS = 100  # codes past this many are counted as "other"
 
 
 @dataclass
@@ -38,18 +41,14 @@ class ErrorTally:
 
     def refresh(self, store: BatchStore, batch_ids: list[str]) -> None:
         for batch_id in batch_ids:
-            length = store.results_length(batch_id)
-            start = self._read.get(batch_id)
-            if start is None or start > length:  # new to us, or purged and made again
-                start = max(0, length - FIRST_LOOK)
-                self.skipped[batch_id] = start
+            asked = self._read.get(batch_id)
+            got = error_outcomes(store, batch_id, asked, READ_PER_REFRESH, FIRST_LOOK)
+            if got.start != asked:  # new to us, or purged and made again
+                self.skipped[batch_id] = got.start
                 self._forget(batch_id)
-            count = min(READ_PER_REFRESH, length - start)
-            if count > 0:
-                for raw in store.results(batch_id, start, count):
-                    if raw[:1] == b"E":
-                        self._add(batch_id, raw[1:])
-            self._read[batch_id] = start + max(0, count)
+            for raw in got.lines:
+                self._add(batch_id, raw)
+            self._read[batch_id] = got.next
 
     def _forget(self, batch_id: str) -> None:
         for group in self._groups.values():
@@ -63,6 +62,8 @@ class ErrorTally:
             code, message = str(error.get("code") or "unknown"), str(error.get("message") or "")
         except (ValueError, AttributeError):
             code, message, line = "unreadable", "an error line that is not JSON", {}
+        if code not in self._groups and len(self._groups) >= MAX_GROUPS:
+            code = "other"  # a server inventing codes does not grow this without bound
         group = self._groups.setdefault(code, ErrorGroup(code))
         group.count += 1
         group.batches[batch_id] = group.batches.get(batch_id, 0) + 1

@@ -42,7 +42,8 @@ class BucketHistory:
         current = now_ms // 1000 // BUCKET_SECONDS
         first = (current // MINUTE_BUCKETS - MINUTES + 1) * MINUTE_BUCKETS
         wanted = range(first, current + 1)
-        self._closed = {k: v for k, v in self._closed.items() if k[1] >= first and k[0] in batch_ids}
+        # (by age only: a batch page's call must not drop what the overview keeps)
+        self._closed = {k: v for k, v in self._closed.items() if k[1] >= first}
         missing: dict[str, list[int]] = {}
         for batch_id in batch_ids:
             missing[batch_id] = [b for b in wanted if (batch_id, b) not in self._closed]
@@ -52,8 +53,10 @@ class BucketHistory:
                 if bucket < current - OPEN_BUCKETS:
                     self._closed[batch_id, bucket] = counts
                 out[bucket][batch_id] = counts
+        wanted_ids = set(batch_ids)
         for (batch_id, bucket), counts in self._closed.items():
-            out[bucket][batch_id] = counts
+            if batch_id in wanted_ids:
+                out[bucket][batch_id] = counts
         return out
 
 

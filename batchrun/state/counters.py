@@ -1,5 +1,6 @@
 """The names of the per-budget counts runners report with their other metrics (store.add_metrics),
-and reading them back: the 5-second buckets (an hour of them) and a batch's running totals.
+and reading them back: the 5-second buckets (an hour of them) and a batch's running totals;
+and a batch's error outcomes, for the dashboard's tally.
 
 A runner counts in memory and reports once a second (runner/shard.py), so these names cost the
 hot path one dict increment each; the dashboard and /metrics only read what is written anyway.
@@ -81,3 +82,17 @@ def read_buckets(redis, batch_ids: list[str], buckets: list[int]) -> dict[str, l
         chunk = raw[i * len(buckets):(i + 1) * len(buckets)]
         out[batch_id] = [{_s(k): int(v) for k, v in h.items()} for h in chunk]
     return out
+
+
+class ErrorLines(NamedTuple):
+    start: int  # the index read from (a first look, or a list made again, starts elsewhere than asked)
+    next: int  # the index to read from next time
+    lines: list[bytes]  # the error lines among them, without their 'E'
+
+
+def error_outcomes(store, batch_id: str, start: int | None, count: int, first_look: int) -> ErrorLines:
+    """The error lines among up to ``count`` of a batch's outcomes from index ``start`` (None: its
+    last ``first_look`` ones), filtered in Redis (error_outcomes.lua)."""
+    out = store.scripts.error_outcomes(keys=[keys.sub(batch_id, "results")],
+                                       args=["" if start is None else start, count, first_look])
+    return ErrorLines(int(out[0]), int(out[1]), list(out[2:]))

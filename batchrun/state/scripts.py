@@ -15,7 +15,8 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch")
+         "expire_batch",
+         "error_outcomes")
 
 
 PRELUDE = "_prelude"
@@ -57,3 +58,4 @@ class Scripts:
     reserve_cost: Script
     metrics: Script
     expire_batch: Script
+    error_outcomes: Script
