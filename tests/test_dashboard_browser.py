@@ -77,3 +77,28 @@ def test_chromium_renders_the_running_batch_and_its_progress_moves(real_redis_ur
         _chromium(tmp_path / "p4", url, f"--screenshot={SCREENSHOT}")
         assert SCREENSHOT.stat().st_size > 10_000
         worker.wait(timeout=240)
+
+
+def test_the_page_sends_its_token_and_shows_server_text_as_text(real_redis_url, spawn, tmp_path):
+    """A server's error message is the server's text: on the page it is text, never markup."""
+    from hostile import HostileServer, Reply, error_body, ok
+
+    from helpers import batchrun_cmd, cli_env, write_jobs
+
+    token = "browser-test-token-0123456789"
+    evil = "<img src=x onerror=\"document.title='pwned'\"> broke"
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 4)
+    with HostileServer([ok(), Reply(400, {}, error_body(evil, "invalid_request_error", "bad_thing"))]) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=srv.base_url,
+                      BATCHRUN_DASHBOARD_TOKEN=token)
+        for args in (("submit", str(jobs), "--batch-id", "evil"), ("worker", "--burst")):
+            proc = subprocess.run(batchrun_cmd(*args), env=env, capture_output=True, text=True, timeout=180)
+            assert proc.returncode == 0, proc.stderr
+    port = start_dashboard(spawn, env)
+    refused = _main(_chromium(tmp_path / "p1", f"http://127.0.0.1:{port}/batch/evil", "--dump-dom"))
+    assert "needs its token" in refused  # the page itself was refused: the browser shows the sentence
+    dom = _chromium(tmp_path / "p2", f"http://127.0.0.1:{port}/batch/evil?token={token}", "--dump-dom")
+    main = _main(dom)
+    assert _batch_row(main, "evil")["data-state"] == "finished"
+    assert '<tr class="error-row">' in main and "&lt;img src=x" in main and " broke" in main
+    assert "<img" not in main and "pwned" not in dom.split("<title>")[1].split("</title>")[0]

@@ -191,3 +191,29 @@ def test_loopback_hosts(host, loopback):
         with pytest.raises(DashboardSetupError, match="--token"):
             check_setup(host, None)
         check_setup(host, "x" * 16)
+
+
+def test_a_batch_made_again_is_tallied_afresh(store, make_batch):
+    make_batch(store, "a", 1)
+    for i in range(3):
+        _error(store, "a", f"j{i}", "server_error", "m")
+    tally = ErrorTally()
+    tally.refresh(store, ["a"])
+    assert tally.groups()[0]["count"] == 3
+    store.purge("a")
+    make_batch(store, "a", 1)
+    _error(store, "a", "k", "timeout", "slow")
+    tally.refresh(store, ["a"])  # its list is shorter than what was read: a new batch of that name
+    assert [(g["code"], g["count"]) for g in tally.groups()] == [("timeout", 1)]
+
+
+def test_error_codes_past_the_cap_are_counted_as_other(store, make_batch, monkeypatch):
+    from batchrun.dashboard import errors
+
+    monkeypatch.setattr(errors, "MAX_GROUPS", 2)
+    make_batch(store, "a", 1)
+    for i in range(5):
+        _error(store, "a", f"j{i}", f"code{i}", "m")
+    tally = ErrorTally()
+    tally.refresh(store, ["a"])
+    assert {g["code"]: g["count"] for g in tally.groups()} == {"code0": 1, "code1": 1, "other": 3}

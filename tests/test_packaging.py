@@ -104,7 +104,8 @@ def test_the_wheel_ships_the_data_files_and_only_the_batchrun_package(wheel):
     names = set(wheel.namelist())
     lua = {p.relative_to(ROOT).as_posix() for p in (PACKAGE / "state" / "lua").glob("*.lua")}
     assert lua and lua <= names, sorted(lua - names)
-    for data in ("batchrun/policy/prices.toml", "batchrun/py.typed", "batchrun/runner/rq_settings.py"):
+    for data in ("batchrun/policy/prices.toml", "batchrun/py.typed", "batchrun/runner/rq_settings.py",
+                 "batchrun/dashboard/page.html"):
         assert data in names
     top = {n.split("/")[0] for n in names}
     dist_info = {t for t in top if t.endswith(".dist-info")}

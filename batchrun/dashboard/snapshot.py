@@ -139,7 +139,8 @@ class Dashboard:
                 "most_retried": self.most_retried(batch_id), "workers": workers, "actions": self.allow_actions}
 
     def most_retried(self, batch_id: str) -> list[dict]:
-        """The jobs with the most failed attempts (of the first RETRY_SCAN with any), with the last one's error."""
+        """The jobs with the most failed attempts (of the first RETRY_SCAN with any), with the last one's
+        error and when the first failed (a job still not ended long after is the batch's slowest)."""
         counts: list[tuple[int, str]] = []
         for cid, n in self.store.redis.hscan_iter(keys.sub(batch_id, "attempts"), count=1000):
             counts.append((int(n), _s(cid)))
@@ -151,6 +152,7 @@ class Dashboard:
             history = self.store.history(batch_id, cid)
             last = history[-1] if history else {}
             out.append({"custom_id": cid, "failed_attempts": n, "last_error": last.get("error"),
+                        "first_failed_at": history[0].get("at") if history else None,
                         "last_status": last.get("status"), "last_message": (last.get("message") or "")[:200],
                         "ended": self.store.redis.hget(keys.sub(batch_id, "status"), cid) is not None})
         return out
