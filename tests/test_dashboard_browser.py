@@ -80,14 +80,14 @@ def test_chromium_renders_the_running_batch_and_its_progress_moves(real_redis_ur
 
 
 def test_the_page_sends_its_token_and_shows_server_text_as_text(real_redis_url, spawn, tmp_path):
-    """A server's error message is the server's text: on the page it is text, never markup."""
+    """A server's error message and a job's custom_id are text: on the page they are text, never markup."""
     from hostile import HostileServer, Reply, error_body, ok
 
     from helpers import batchrun_cmd, cli_env, write_jobs
 
     token = "browser-test-token-0123456789"
     evil = "<img src=x onerror=\"document.title='pwned'\"> broke"
-    jobs = write_jobs(tmp_path / "jobs.jsonl", 4)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 4, prefix="<i>req")  # custom_ids "<i>req-0" ...
     with HostileServer([ok(), Reply(400, {}, error_body(evil, "invalid_request_error", "bad_thing"))]) as srv:
         env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_API_KEY="sk-test", OPENAI_BASE_URL=srv.base_url,
                       BATCHRUN_DASHBOARD_TOKEN=token)
@@ -100,5 +100,6 @@ def test_the_page_sends_its_token_and_shows_server_text_as_text(real_redis_url, 
     dom = _chromium(tmp_path / "p2", f"http://127.0.0.1:{port}/batch/evil?token={token}", "--dump-dom")
     main = _main(dom)
     assert _batch_row(main, "evil")["data-state"] == "finished"
-    assert '<tr class="error-row">' in main and "&lt;img src=x" in main and " broke" in main
-    assert "<img" not in main and "pwned" not in dom.split("<title>")[1].split("</title>")[0]
+    assert '<tr class="error-row">' in main and " broke" in main  # (batchrun itself drops markup from messages)
+    assert "&lt;i&gt;req-" in main  # the custom_id of the sample, shown as it is
+    assert "<img" not in main and "<i>" not in main and "pwned" not in dom.split("<title>")[1].split("</title>")[0]
