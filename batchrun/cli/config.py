@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from batchrun.endpoints import EndpointsError, parse_endpoints
+
 
 def load_config(path: str, group: click.Group) -> dict:
     """A TOML config file as click's default_map for ``group``: top-level keys apply to every
@@ -79,6 +81,9 @@ def config_problems(path: str, data: dict, commands: dict[str, click.Command]) -
     option_names = {p.name for c in commands.values() for p in c.params if isinstance(p, click.Option)}
     out = []
     for key, value in data.items():
+        if key == "endpoints":  # [[endpoints]]: the worker's endpoints (batchrun/endpoints.py checks them)
+            out += endpoint_problems(path, value)
+            continue
         if isinstance(value, dict):
             if key not in commands:
                 out.append(unknown("section", f"[{key}]", [f"[{c}]" for c in commands]))
@@ -97,3 +102,11 @@ def config_problems(path: str, data: dict, commands: dict[str, click.Command]) -
             if all(found):
                 out += found
     return list(dict.fromkeys(p for p in out if p))
+
+
+def endpoint_problems(path: str, value) -> list[str]:
+    try:
+        parse_endpoints(path, value)
+    except EndpointsError as exc:
+        return exc.problems
+    return []

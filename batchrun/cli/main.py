@@ -7,6 +7,7 @@ each command family lives in its own module beside it.
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
@@ -14,6 +15,7 @@ from batchrun import __version__
 from batchrun.cli import estimate, manage, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
+from batchrun.endpoints import CONFIG_ENV
 from batchrun.cli.verbosity import lift_verbosity
 from batchrun.state.connections import ENV_URL, db_out_of_range, describe
 
@@ -88,6 +90,8 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
     setup_logging(verbose - quiet)
     if config_path:
         ctx.default_map = load_config(config_path, main)
+        # Its [[endpoints]] are read where requests are sent: this process's runners, and the workers it starts.
+        os.environ[CONFIG_ENV] = os.path.abspath(config_path)
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:

@@ -91,6 +91,11 @@ def endpoint_id(base_url: str) -> str:
     return hashlib.sha256(base_url.rstrip("/").encode()).hexdigest()[:10]
 
 
+def slots(endpoint_id: str) -> str:
+    """The leases on an endpoint's fleet-wide max_in_flight (zset member -> expiry ms)."""
+    return f"{PREFIX}:slots:{endpoint_id}"
+
+
 def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
     return f"{endpoint_id(base_url)}:{key_fingerprint}:{model}"
 

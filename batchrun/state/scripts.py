@@ -15,7 +15,7 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch")
+         "expire_batch", "slot_acquire", "slot_release", "slot_renew")
 
 
 PRELUDE = "_prelude"
@@ -57,3 +57,6 @@ class Scripts:
     reserve_cost: Script
     metrics: Script
     expire_batch: Script
+    slot_acquire: Script
+    slot_release: Script
+    slot_renew: Script
