@@ -212,6 +212,11 @@ def configured_endpoints(env=None) -> tuple[Endpoint, ...]:
     return _CACHE[version]
 
 
+def missing_keys(endpoints: tuple[Endpoint, ...], env=None) -> list[str]:
+    """One sentence per endpoint whose key variable is unset in this process."""
+    return [p for p in (e.missing_key(env) for e in endpoints) if p]
+
+
 def default_endpoint(settings: WorkerSettings) -> Endpoint:
     """Today's single endpoint (OPENAI_BASE_URL / OPENAI_API_KEY), as an Endpoint."""
     return Endpoint(name="default", base_url=settings.base_url, api_key_env="OPENAI_API_KEY")

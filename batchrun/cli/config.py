@@ -33,9 +33,15 @@ def load_config(path: str, group: click.Group) -> dict:
         entry = {k: _config_value(params[k], v) for k, v in shared.items()
                  if k in params and _config_check(command, k, v) is None}
         entry.update({k.replace("-", "_"): _config_value(params[k.replace("-", "_")], v)
-                      for k, v in data.get(name, {}).items()})
+                      for k, v in _section(data, name).items()})
         default_map[name] = entry
     return default_map
+
+
+def _section(data: dict, command: str) -> dict:
+    """A command's [command] table (`endpoints` is the [[endpoints]] array, not the command's table)."""
+    section = data.get(command, {})
+    return section if isinstance(section, dict) else {}
 
 
 def _config_value(param: click.Parameter, value):

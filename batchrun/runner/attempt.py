@@ -28,7 +28,7 @@ from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_se
 from batchrun.policy.routing import is_endpoint_trouble, reroute
 from batchrun.runner.routes import Route
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
-from batchrun.state.limiter import Admission, CircuitState, stored_number
+from batchrun.state.limiter import Admission, CircuitState, EndpointDown, stored_number
 from batchrun.state.states import BatchState
 from batchrun.state.store import LeasedJob
 
@@ -119,11 +119,10 @@ class JobAttempts:
         server_in = server_charge_estimate(url, body) - estimate.output_tokens
         budget_in = max(estimate.input_tokens, server_in)
         least_input = min(estimate.input_tokens, server_in)
-        route = self.routes.choose(model, budget_in + estimate.output_tokens, self._avoid.pop(job.custom_id, None))
+        route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
         if route is None:
             await self._finish_error(job, "model_not_served", unserved_job_sentence(job.custom_id, model, self.routes))
             return
-        admission = await route.limiter.admit(model, budget_in, estimate.output_tokens, least_input=least_input)
         if admission is None:
             await self._fail_too_large(job, model, least_input + estimate.output_tokens, route)
             return
@@ -144,6 +143,22 @@ class JobAttempts:
             await self._record_result(sending, exchange.answer)
         else:
             await self._record_failure(sending, exchange)
+
+    async def _route_and_admit(self, job: LeasedJob, model: str, budget_in: int, output: int, least_input: int):
+        """The endpoint for this attempt and its budget's admission: an endpoint found down on the
+        way (its circuit open) gives way to another one serving the model, while there is one."""
+        avoid = self._avoid.pop(job.custom_id, None)
+        while True:
+            route = self.routes.choose(model, budget_in + output, avoid)
+            if route is None:
+                return None, None
+            give_way = (lambda: self.routes.elsewhere(model, route)) if len(self.routes.serving(model)) > 1 else None
+            try:
+                return route, await route.limiter.admit(model, budget_in, output, least_input=least_input,
+                                                        give_way=give_way)
+            except EndpointDown:
+                route.circuit = CircuitState("open", int(time.time() * 1000) + 1000, int(time.time() * 1000))
+                avoid = route.name
 
     async def _within_cost_cap(self, job: LeasedJob, model: str, price, estimate: TokenEstimate) -> bool:
         """Under --max-cost: set the job's worst case aside, or give the job back (False)."""

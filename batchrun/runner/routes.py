@@ -176,6 +176,15 @@ class Routes:
         level.tok, level.rate = avail - spent, rate * 1000
         level.req, level.rate_r = avail_r - spent_r, rate_r * 1000
         level.cool_s = max(0.0, (cool_until - now_ms) / 1000)
+        try:  # its circuit too: a route down is skipped while another is up
+            state, open_until = await asyncio.to_thread(self._store.redis.hmget, route.limiter.circuit_key,
+                                                        "state", "open_until")
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        if state is not None:
+            # (open_until is server time; kept as this machine's, shifted by the difference)
+            shift = time.time() * 1000 - now_ms
+            route.circuit = CircuitState(_s(state), int(float(_s(open_until) or 0) + shift), int(now_ms + shift))
 
     def renew_slots(self) -> None:
         for r in self.all:

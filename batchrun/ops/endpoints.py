@@ -1,0 +1,53 @@
+"""`batchrun endpoints`: the endpoints of the config file with their budgets, slots and health.
+
+The config file's [[endpoints]] (or the single endpoint of OPENAI_BASE_URL / OPENAI_API_KEY),
+each with what Redis knows of it: its budgets (state/budgets.describe_budgets, those of its base
+URL and key), the fleet-wide slots in use (max_in_flight) and its circuit (up, or down since
+when). Keys are never shown: only whether this process's environment has each one.
+"""
+
+from __future__ import annotations
+
+from batchrun.endpoints import Endpoint, EndpointKind
+from batchrun.settings import WorkerSettings
+from batchrun.state import keys
+from batchrun.state.budgets import describe_budgets
+from batchrun.state.slots import slots_in_use
+from batchrun.state.store import BatchStore
+from batchrun.text import decoded as _s
+from batchrun.urls import mask_url
+
+
+def endpoint_health(store: BatchStore, base_url: str, now_ms: float) -> dict:
+    """The endpoint's circuit as `endpoints` shows it: up, or open (down) until when."""
+    h = {_s(k): _s(v) for k, v in store.redis.hgetall(keys.circuit(keys.endpoint_id(base_url))).items()}
+    open_until = float(h.get("open_until") or 0)
+    if h.get("state") == "open" and open_until > now_ms:
+        return {"health": "down", "retry_in_seconds": round((open_until - now_ms) / 1000, 1)}
+    return {"health": "up" if h else "unused", "retry_in_seconds": 0.0}
+
+
+def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings,
+                       store: BatchStore | None) -> list[dict]:
+    """One dict per endpoint: its config, and (with a store) its budgets, slots and health."""
+    budgets = describe_budgets(store) if store is not None else []
+    now_ms = store.server_time_ms() if store is not None else 0
+    out = []
+    for ep in endpoints:
+        s = ep.worker_settings(settings)
+        entry = {
+            "name": ep.name, "kind": ep.kind.value, "base_url": mask_url(ep.base_url),
+            "models": list(ep.models) or (sorted(ep.deployments) if ep.kind is EndpointKind.AZURE and ep.deployments
+                                          else ["(any)"]),
+            "deployments": dict(ep.deployments), "api_version": ep.api_version,
+            "api_key_env": ep.api_key_env, "key_set": bool(s.api_key) if ep.api_key_env else None,
+            "limits": ep.limits.by_model, "max_in_flight": ep.max_in_flight,
+        }
+        if store is not None:
+            endpoint_id, fingerprint = keys.endpoint_id(ep.base_url), s.key_fingerprint()
+            entry["budgets"] = [b for b in budgets if b["endpoint"] == endpoint_id
+                                and b["key_fingerprint"] == fingerprint]
+            entry["in_flight"] = slots_in_use(store, ep.base_url) if ep.max_in_flight else None
+            entry.update(endpoint_health(store, ep.base_url, now_ms))
+        out.append(entry)
+    return out
