@@ -7,6 +7,7 @@ the api-key header, its deployment path and api-version, and its 429s are waited
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
 import threading
 import time
@@ -49,8 +50,7 @@ def _busiest_window(per_second: list[list[int]], seconds: int = 60) -> int:
 
 def test_a_batch_spreads_over_two_endpoints_each_within_its_limit_in_the_time_of_their_sum(real_redis_url, tmp_path):
     tpm = 12_000  # each; the batch is ~9,000 tokens: about 22 s at both limits' sum, 45 s at one
-    with MockServerThread(MockConfig(tpm=tpm, burst_seconds=1)) as a, \
-            MockServerThread(MockConfig(tpm=tpm, burst_seconds=1)) as b:
+    with MockServerThread(MockConfig(tpm=tpm)) as a, MockServerThread(MockConfig(tpm=tpm)) as b:
         config = _config(tmp_path, _endpoint("a", a.base_url, 'api_key_env = "KEY_A"', f"tpm = [{tpm}]"),
                          _endpoint("b", b.base_url, 'api_key_env = "KEY_B"', f'tpm = ["gpt-4o-mini={tpm}"]'))
         jobs, out = write_jobs(tmp_path / "jobs.jsonl", 200), tmp_path / "out.jsonl"
@@ -65,10 +65,15 @@ def test_a_batch_spreads_over_two_endpoints_each_within_its_limit_in_the_time_of
         assert s["rate_limited"]["tokens"] == 0, s["rate_limited"]  # never over its limit
         assert _busiest_window(s["per_second"]) <= tpm * 1.02
     seconds = [sec for s in stats for sec, *_ in s["per_second"]]
-    wall = max(seconds) - min(seconds) + 1
-    ideal = sum(s["tokens_charged"] for s in stats) / (2 * tpm / 60)
+    wall = max(seconds) - min(seconds) + 1  # from the first request in to the last, at the servers
+    # The work as the budgets count it (batchrun's charge of each request, the one minute of `status`).
+    env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
+    batch_id = subprocess.run(batchrun_cmd("list"), env=env, capture_output=True, text=True).stdout.split()[0]
+    status = json.loads(subprocess.run(batchrun_cmd("status", batch_id, "--json"), env=env, capture_output=True,
+                                       text=True).stdout)
+    ideal = sum(m["tokens"] for m in status["models"]) / (2 * tpm / 60)
     print(f"wall {wall} s, work / sum of limits {ideal:.1f} s, ratio {wall / ideal:.2f}")
-    assert wall <= ideal * 1.25 + 2  # within 10 % when the machine is quiet; shared CI cores get slack
+    assert wall <= ideal * 1.1 + 2  # within 10 %, plus the servers' whole-second buckets
 
 
 @pytest.mark.parametrize("trouble", ["500", "429"])
