@@ -43,6 +43,11 @@ class Endpoint:
     api_version: str = ""  # azure: deployment paths with ?api-version=...; '': the v1 path
     limits: Limits = field(default_factory=Limits)  # its own per-minute limits (tpm, rpm)
     max_in_flight: int = 0  # requests open at once across the fleet; 0: no cap
+    per_day: Limits = field(default_factory=Limits)  # rpd, tpd: kept as rpm/tpm entries of a day's worth
+
+    def day_limits(self, model: str) -> tuple[int, int]:
+        """(requests, tokens) per day for a model; 0 means no limit."""
+        return self.per_day.for_model(model)
 
     def serves(self, model: str) -> bool:
         if self.models:
@@ -76,7 +81,7 @@ class EndpointsError(ValueError):
 
 
 _FIELDS = ("name", "kind", "base_url", "api_key_env", "models", "deployments", "api_version", "tpm", "rpm",
-           "max_in_flight")
+           "rpd", "tpd", "max_in_flight")
 
 
 def parse_endpoints(path: str, raw: object) -> tuple[Endpoint, ...]:
@@ -149,6 +154,7 @@ def _parse_one(where: str, t: dict, problems: list[str]) -> Endpoint | None:
     elif api_version and kind is not EndpointKind.AZURE:
         problems.append(f"{where}: api_version is for kind = \"azure\" endpoints")
     limits = _limits(where, t, problems)
+    per_day = _limits(where, t, problems, per_day=True)
     max_in_flight = t.get("max_in_flight", 0)
     if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) \
             or not 0 <= max_in_flight <= MAX_IN_FLIGHT:
@@ -158,17 +164,20 @@ def _parse_one(where: str, t: dict, problems: list[str]) -> Endpoint | None:
         return None
     return Endpoint(name=name, base_url=base_url.rstrip("/"), kind=kind, api_key_env=key_env,
                     models=tuple(m.strip() for m in models), deployments=dict(deployments),
-                    api_version=api_version, limits=limits, max_in_flight=max_in_flight)
+                    api_version=api_version, limits=limits, max_in_flight=max_in_flight,
+                    per_day=per_day)
 
 
-def _limits(where: str, t: dict, problems: list[str]) -> Limits:
+def _limits(where: str, t: dict, problems: list[str], per_day: bool = False) -> Limits:
+    """tpm/rpm (or, per_day, tpd/rpd, held as a Limits whose numbers are a day's worth)."""
     limits = Limits()
     for kind in ("rpm", "tpm"):
-        specs = t.get(kind, [])
+        field_name = kind.replace("m", "d") if per_day else kind
+        specs = t.get(field_name, [])
         if isinstance(specs, (str, int)) and not isinstance(specs, bool):
             specs = [str(specs)]
         if not isinstance(specs, list):
-            problems.append(f"{where}: {kind} must be a list such as [\"gpt-4o-mini=2000000\"]")
+            problems.append(f"{where}: {field_name} must be a list such as [\"gpt-4o-mini=2000000\"]")
             continue
         for spec in specs:
             if isinstance(spec, float) and math.isfinite(spec):
@@ -176,7 +185,9 @@ def _limits(where: str, t: dict, problems: list[str]) -> Limits:
             try:
                 limits.set(kind, str(spec))
             except ValueError as exc:
-                problems.append(f"{where}: {str(exc).replace('--' + kind, kind, 1)}")
+                message = str(exc).replace("--" + kind, field_name).replace("per minute", "per day" if per_day
+                                                                            else "per minute")
+                problems.append(f"{where}: {message}")
     return limits
 
 

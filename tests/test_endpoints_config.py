@@ -10,8 +10,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, strategies as st
 
-from batchrun.endpoints import (Endpoint, EndpointKind, EndpointsError, load_endpoints, missing_keys,
-                                parse_endpoints, unserved_models)
+from batchrun.endpoints import Endpoint, EndpointKind, EndpointsError, load_endpoints, missing_keys, unserved_models
 from batchrun.policy.classify import Verdict, Action
 from batchrun.policy.decision import Decision, Fail, GiveBack, HoldForCircuit, Pause, PauseKind, Requeue
 from batchrun.policy.routing import REROUTE_DELAY_S, RouteOption, pick, reroute

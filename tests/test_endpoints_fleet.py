@@ -206,3 +206,27 @@ def test_an_azure_content_filter_400_fails_at_once_with_its_category(real_redis_
         assert len(errors) == 2 and len(srv.requests) == 2, proc.stderr[-2000:]  # not retried
         assert all(r.path == "/openai/v1/chat/completions" and r.body["model"] == "d" for r in srv.requests)
         assert all("violence" in e["error"]["message"] for e in errors), errors[0]["error"]
+
+
+def test_an_endpoint_whose_day_is_spent_stops_and_the_others_carry_on(real_redis_url, tmp_path):
+    with MockServerThread(MockConfig()) as daily, MockServerThread(MockConfig()) as other:
+        config = _config(tmp_path, _endpoint("daily", daily.base_url, "rpd = [5]", 'tpd = ["gpt-4o-mini=100000"]'),
+                         _endpoint("other", other.base_url, "tpm = [600000]"))
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 40), tmp_path / "out.jsonl"
+        proc = _run(config, jobs, out, real_redis_url, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
+        assert not errors and daily.stats()["requests"] == 5  # its day's 5 requests, not one more
+        assert Counter(r["batchrun_endpoint"] for r in results) == {"daily": 5, "other": 35}
+        listed = subprocess.run(batchrun_cmd("--config", config, "endpoints"), capture_output=True, text=True,
+                                env=cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=60).stdout
+    daily_part = listed.split("other (")[0]
+    assert "today (UTC): 5 of 5 requests" in daily_part and "its day is spent: resumes in" in daily_part
+
+
+def test_bad_per_day_limits_are_named(tmp_path):
+    from batchrun.endpoints import EndpointsError, load_endpoints
+
+    path = _config(tmp_path, _endpoint("d", "https://x/v1", 'rpd = ["m=0"]'))
+    with pytest.raises(EndpointsError, match=r"\('d'\): rpd 'm=0': a limit must be at least 1"):
+        load_endpoints(path)

@@ -8,6 +8,7 @@ import click
 
 from batchrun.cli.helpers import worker_settings
 from batchrun.cli.options import redis_option
+from batchrun.text import format_duration
 from batchrun.endpoints import EndpointsError, configured_endpoints, default_endpoint
 
 
@@ -35,6 +36,12 @@ def _lines(e: dict) -> list[str]:
         out.append(f"  budget {b['model']}: TPM {tpm or '-'}, RPM {rpm or '-'}; available now "
                    f"{b['available_tpm']:.0f} tokens, {b['available_rpm']:.0f} requests"
                    + (f"; cooling down {b['cooldown_seconds']:.0f} s" if b["cooldown_seconds"] else ""))
+        if "requests_today" in b:
+            day = [f"{b['requests_today']:,} of {b['rpd']:,} requests" if b["rpd"] else "",
+                   f"{b['tokens_today']:,} of {b['tpd']:,} tokens" if b["tpd"] else ""]
+            out.append(f"    today (UTC): {', '.join(d for d in day if d)}"
+                       + (f"; its day is spent: resumes in {format_duration(b['day_resumes_in_seconds'])}, at "
+                          f"midnight UTC (other endpoints carry on)" if b["day_resumes_in_seconds"] else ""))
     return out
 
 

@@ -27,6 +27,21 @@ def endpoint_health(store: BatchStore, base_url: str, now_ms: float) -> dict:
     return {"health": "up" if h else "unused", "retry_in_seconds": 0.0}
 
 
+def day_usage(store: BatchStore, ep: Endpoint, model: str, now_ms: float) -> dict:
+    """Today's requests and tokens against the endpoint's per-day limits of a model (none: {}),
+    and when the day starts again if they are spent."""
+    rpd, tpd = ep.day_limits(model)
+    if not (rpd or tpd):
+        return {}
+    budget = keys.budget(keys.budget_id(ep.base_url, ep.worker_settings(WorkerSettings()).key_fingerprint(), model))
+    day, req, tok = (_s(x) for x in store.redis.hmget(keys.day_counts(budget), "day", "req", "tok"))
+    today = int(now_ms // 86_400_000)
+    req, tok = (int(float(req or 0)), int(float(tok or 0))) if day is not None and int(day) == today else (0, 0)
+    spent = (rpd and req >= rpd) or (tpd and tok >= tpd * 0.999)
+    return {"rpd": rpd, "tpd": tpd, "requests_today": req, "tokens_today": tok,
+            "day_resumes_in_seconds": round((today + 1) * 86_400_000 - now_ms) / 1000 if spent else 0.0}
+
+
 def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings,
                        store: BatchStore | None) -> list[dict]:
     """One dict per endpoint: its config, and (with a store) its budgets, slots and health."""
@@ -45,8 +60,8 @@ def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings
         }
         if store is not None:
             endpoint_id, fingerprint = keys.endpoint_id(ep.base_url), s.key_fingerprint()
-            entry["budgets"] = [b for b in budgets if b["endpoint"] == endpoint_id
-                                and b["key_fingerprint"] == fingerprint]
+            entry["budgets"] = [{**b, **day_usage(store, ep, b["model"], now_ms)} for b in budgets
+                                if b["endpoint"] == endpoint_id and b["key_fingerprint"] == fingerprint]
             entry["in_flight"] = slots_in_use(store, ep.base_url) if ep.max_in_flight else None
             entry.update(endpoint_health(store, ep.base_url, now_ms))
         out.append(entry)

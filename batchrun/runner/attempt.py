@@ -120,6 +120,10 @@ class JobAttempts:
         budget_in = max(estimate.input_tokens, server_in)
         least_input = min(estimate.input_tokens, server_in)
         route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
+        if route is None and admission is not None:  # every endpoint's day is spent: back when one starts again
+            await self.requeuer.submit(RequeueItem(job.custom_id, int(admission * 1000), False, "", False))
+            self._note_event("day_limit", admission)
+            return
         if route is None:
             await self._finish_error(job, "model_not_served", unserved_job_sentence(job.custom_id, model, self.routes))
             return
@@ -146,12 +150,21 @@ class JobAttempts:
 
     async def _route_and_admit(self, job: LeasedJob, model: str, budget_in: int, output: int, least_input: int):
         """The endpoint for this attempt and its budget's admission: an endpoint found down on the
-        way (its circuit open) gives way to another one serving the model, while there is one."""
+        way (its circuit open) or with its day's limit spent gives way to another one serving the
+        model, while there is one. (route, None): it can never fit; (None, seconds): every endpoint
+        serving it has spent its day, the soonest starts again in that many seconds."""
         avoid = self._avoid.pop(job.custom_id, None)
+        spent: dict[str, float] = {}  # endpoint -> seconds until its day starts again
         while True:
-            route = self.routes.choose(model, budget_in + output, avoid)
-            if route is None:
-                return None, None
+            route = self.routes.choose(model, budget_in + output, avoid, skip=spent)
+            if route is None:  # none serves it, or every one that does has spent its day
+                lefts = [r.day_until(model) for r in self.routes.serving(model)] + list(spent.values())
+                return None, min((left for left in lefts if left > 0), default=None)
+            day_left = route.day_until(model) or await self._redis(route.day_spent, self.store, model,
+                                                                     budget_in + output)
+            if day_left:  # (requests it counted already go on: a cooldown of its budget would hold them too)
+                spent[route.name] = day_left
+                continue
             give_way = (lambda: self.routes.elsewhere(model, route)) if len(self.routes.serving(model)) > 1 else None
             try:
                 return route, await route.limiter.admit(model, budget_in, output, least_input=least_input,

@@ -22,6 +22,7 @@ from batchrun.policy.routing import RouteOption, pick
 from batchrun.runner.azure import azure_body, make_azure_client
 from batchrun.runner.sender import make_client
 from batchrun.settings import BatchOptions, Limits, WorkerSettings
+from batchrun.state import keys
 from batchrun.state.limiter import CircuitState, SharedLimiter
 from batchrun.state.slots import FleetSlots
 from batchrun.state.store import BatchStore
@@ -70,6 +71,7 @@ class Route:
     in_flight: int = 0
     circuit: CircuitState | None = None  # its circuit as last seen by this runner
     levels: dict[str, _Level] = field(default_factory=dict)
+    day_spent_until: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic() its day restarts
 
     def client_for(self, model: str) -> AsyncOpenAI:
         ep = self.endpoint
@@ -86,6 +88,24 @@ class Route:
         """The body as this endpoint takes it (Azure's v1 path names the deployment as the model)."""
         ep = self.endpoint
         return azure_body(ep, body) if ep is not None and ep.kind is EndpointKind.AZURE else body
+
+    def day_spent(self, store: BatchStore, model: str, tokens: int) -> float:
+        """Count this request against the endpoint's per-day limits of the model: 0 when counted,
+        else the seconds until the day's counts start again (the request is not counted)."""
+        rpd, tpd = self.endpoint.day_limits(model) if self.endpoint is not None else (0, 0)
+        if not (rpd or tpd):
+            return 0.0
+        key = keys.day_counts(self.limiter.budget_key(model))
+        refused, reset_ms = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens])  # (from a thread)
+        if not int(refused):
+            return 0.0
+        self.day_spent_until[model] = time.monotonic() + int(reset_ms) / 1000  # not asked again until then
+        return int(reset_ms) / 1000
+
+    def day_until(self, model: str) -> float:
+        """Seconds until this endpoint's spent day starts again for the model, as this runner learnt
+        it (0: not known to be spent)."""
+        return max(0.0, self.day_spent_until.get(model, 0.0) - time.monotonic())
 
     def circuit_open(self) -> bool:
         c = self.circuit
@@ -132,9 +152,10 @@ class Routes:
         """Another endpoint serving the model that is up (its circuit not open)."""
         return any(r is not route and not r.circuit_open() for r in self.serving(model))
 
-    def choose(self, model: str, tokens: int, avoid: str | None = None) -> Route | None:
-        """The endpoint this request goes to: the soonest to take it (None: none serves the model)."""
-        routes = self.serving(model)
+    def choose(self, model: str, tokens: int, avoid: str | None = None, skip=()) -> Route | None:
+        """The endpoint this request goes to: the soonest to take it (None: none serves the model,
+        or those that do are in ``skip``)."""
+        routes = [r for r in self.serving(model) if r.name not in skip and not r.day_until(model)]
         if len(routes) <= 1:
             return routes[0] if routes else None
         now = time.monotonic()

@@ -104,6 +104,11 @@ def budget(budget_id: str) -> str:
     return f"{PREFIX}:budget:{budget_id}"
 
 
+def day_counts(budget_key: str) -> str:
+    """The hash of a budget's requests and tokens counted today, for per-day limits (rpd, tpd)."""
+    return f"{budget_key}:day"
+
+
 def held(budget_key: str) -> str:
     """The hash of reservations runners hold on a budget but have not sent yet."""
     return f"{budget_key}:held"

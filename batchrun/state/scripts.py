@@ -15,7 +15,8 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch", "slot_acquire", "slot_release", "slot_renew")
+         "expire_batch", "slot_acquire", "slot_release", "slot_renew",
+         "day_take")
 
 
 PRELUDE = "_prelude"
@@ -60,3 +61,4 @@ class Scripts:
     slot_acquire: Script
     slot_release: Script
     slot_renew: Script
+    day_take: Script
