@@ -72,6 +72,8 @@ def test_a_batch_spreads_over_two_endpoints_each_within_its_limit_in_the_time_of
     status = json.loads(subprocess.run(batchrun_cmd("status", batch_id, "--json"), env=env, capture_output=True,
                                        text=True).stdout)
     ideal = sum(m["tokens"] for m in status["models"]) / (2 * tpm / 60)
+    assert {e["endpoint"] for e in status["endpoints"]} == {"a", "b"}  # the pace per endpoint
+    assert sum(e["requests"] for e in status["endpoints"]) == 200
     print(f"wall {wall} s, work / sum of limits {ideal:.1f} s, ratio {wall / ideal:.2f}")
     assert wall <= ideal * 1.1 + 2  # within 10 %, plus the servers' whole-second buckets
 

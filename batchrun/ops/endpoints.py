@@ -66,3 +66,23 @@ def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings
             entry.update(endpoint_health(store, ep.base_url, now_ms))
         out.append(entry)
     return out
+
+
+def endpoint_pace(recent: dict[str, int], per_minute: float | None) -> list[dict]:
+    """A batch's requests per endpoint over the recent window (the runners count ``endpoint:NAME``),
+    per minute once the window means something (else None): `status`'s pace per endpoint."""
+    out = []
+    for name, n in sorted(recent.items()):
+        if name.startswith("endpoint:"):
+            out.append({"endpoint": name.split(":", 1)[1], "requests": n,
+                        "requests_per_minute": None if per_minute is None else round(n * per_minute, 1)})
+    return out
+
+
+def pace_line(endpoints: list[dict]) -> str | None:
+    """'  endpoints: openai-a 300 requests/min, azure-east 120 requests/min' (None: none named)."""
+    if not endpoints:
+        return None
+    parts = [f"{e['endpoint']} " + (f"{e['requests']:,} requests" if e["requests_per_minute"] is None
+                                    else f"{e['requests_per_minute']:,.0f} requests/min") for e in endpoints]
+    return "  endpoints: " + ", ".join(parts)

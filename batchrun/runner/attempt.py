@@ -284,6 +284,7 @@ class JobAttempts:
         if verdict.circuit:
             status = (response or {}).get("status_code")
             self._outage = (outage_cause(verdict.kind, status, error), circuit.down_since_ms, circuit.now_ms)
+            self._outage_url = (route.settings if route is not None else self.settings).base_url
         decision = decide(verdict, attempt=job.attempts + 1, policy=self.policy, circuit=circuit,
                           give_up=GiveUp(self.give_up_seconds, self.running_since_ms),
                           maybe_paid=self._maybe_paid(job.custom_id, response), rng=self.rng)
@@ -364,7 +365,7 @@ class JobAttempts:
     def _gave_up_message(self, circuit) -> str:
         cause, _, _ = self._outage
         since = max(circuit.down_since_ms, self.running_since_ms)
-        return gave_up_sentence(self.settings.base_url, cause, (circuit.now_ms - since) / 1000, self.give_up_seconds)
+        return gave_up_sentence(getattr(self, "_outage_url", self.settings.base_url), cause, (circuit.now_ms - since) / 1000, self.give_up_seconds)
 
     def _long_wait_message(self, verdict: Verdict) -> str:
         return long_wait_sentence(verdict.message, verdict.hint or 0.0, self.policy.cap)

@@ -18,6 +18,7 @@ import redis
 from openai import AsyncOpenAI
 
 from batchrun.endpoints import Endpoint, EndpointKind, configured_endpoints
+from batchrun.policy.classify import remember_secrets
 from batchrun.policy.routing import RouteOption, pick
 from batchrun.runner.azure import azure_body, make_azure_client
 from batchrun.runner.sender import make_client
@@ -129,6 +130,7 @@ class Routes:
     @staticmethod
     def _route(store, settings, options, token, ep: Endpoint) -> Route:
         s = ep.worker_settings(settings)
+        remember_secrets(s.api_key, s.base_url)  # a server may echo them: messages hide them
         opts = replace(options, limits=merged_limits(options.limits, ep.limits))
         slots = FleetSlots(store, ep.base_url, ep.max_in_flight, int(settings.lease_seconds * 1000), token) \
             if ep.max_in_flight else None
