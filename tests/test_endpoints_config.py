@@ -204,3 +204,21 @@ def test_a_worker_refuses_to_start_without_an_endpoints_key(real_redis_url, tmp_
     env.pop("NO_SUCH_KEY_X", None)
     proc = _cli(["--config", path, "worker", "--burst"], env)
     assert proc.returncode == 1 and "endpoint 'a': its key variable NO_SUCH_KEY_X is not set" in proc.stderr
+
+
+def test_a_burst_over_endpoints_without_limits_spreads_at_once(redis_client):
+    """Before any answer or budget reading, equal endpoints take turns (not all to the first)."""
+    import asyncio
+
+    from batchrun.runner.routes import Routes
+    from batchrun.settings import BatchOptions, WorkerSettings
+    from batchrun.state.store import BatchStore
+
+    eps = (Endpoint("a", "http://a/v1"), Endpoint("b", "http://b/v1"), Endpoint("c", "http://c/v1", models=("x",)))
+
+    async def burst():
+        routes = Routes(BatchStore(redis_client), WorkerSettings(), BatchOptions(), "t", endpoints=eps)
+        return Counter(routes.choose("gpt-4o-mini", 50).name for _ in range(90))
+
+    from collections import Counter
+    assert asyncio.run(burst()) == {"a": 45, "b": 45}  # c does not serve the model

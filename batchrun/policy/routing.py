@@ -30,6 +30,7 @@ class RouteOption:
     avoided: bool = False  # this job's last attempt failed there (a 429 or an outage)
     load: float = 0.0  # requests in flight there, as a share of its max_in_flight (or a count)
     full: bool = False  # its fleet-wide max_in_flight is taken
+    chosen: int = 0  # requests this runner sent it so far: among equals, turns go round
 
 
 def pick(options: list[RouteOption]) -> int | None:
@@ -39,7 +40,7 @@ def pick(options: list[RouteOption]) -> int | None:
 
     def rank(i: int):
         o = options[i]
-        return (o.open, o.avoided, o.full, round(max(0.0, o.wait_s) / _TIE_S), o.load, i)
+        return (o.open, o.avoided, o.full, round(max(0.0, o.wait_s) / _TIE_S), o.load, o.chosen, i)
 
     return min(range(len(options)), key=rank)
 

@@ -70,6 +70,7 @@ class Route:
     slots: FleetSlots | None = None
     clients: dict[str, AsyncOpenAI] = field(default_factory=dict)  # deployment ('' : the one) -> client
     in_flight: int = 0
+    chosen: int = 0  # requests routed here by this runner (turns among equals: a burst spreads at once)
     circuit: CircuitState | None = None  # its circuit as last seen by this runner
     levels: dict[str, _Level] = field(default_factory=dict)
     day_spent_until: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic() its day restarts
@@ -172,8 +173,9 @@ class Routes:
             cap = r.endpoint.max_in_flight if r.endpoint is not None else 0
             options.append(RouteOption(wait_s=wait, open=r.circuit_open(), avoided=r.name == avoid,
                                        load=r.in_flight / cap if cap else r.in_flight,
-                                       full=bool(cap) and r.in_flight >= cap))
+                                       full=bool(cap) and r.in_flight >= cap, chosen=r.chosen))
         route = routes[pick(options)]
+        route.chosen += 1
         level = route.levels[model]
         level.tok -= tokens  # counts against it until the next read
         level.req -= 1
