@@ -26,6 +26,7 @@ from batchrun.ops import hints, local_workers
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
 from batchrun.ops.submit import submit_file, submit_requests
+from batchrun.endpoints import configured_endpoints, missing_keys
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.state.jobcounts import jobs_left
@@ -139,7 +140,10 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
     sidecar = settings_path(cfg.output)
     settings = WorkerSettings.from_env(concurrency=cfg.concurrency, grace_seconds=cfg.grace,
                                        base_url=cfg.base_url, api_key=cfg.api_key)
-    if not cfg.mock and not settings.api_key:
+    endpoints = () if cfg.mock else configured_endpoints()  # the config file's [[endpoints]], each its own key
+    if endpoints and missing_keys(endpoints):
+        raise ApiKeyMissing("; ".join(missing_keys(endpoints)))
+    if not cfg.mock and not endpoints and not settings.api_key:
         raise ApiKeyMissing("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
     # Every path is checked before anything is submitted: a batch must not start that
     # cannot write its results.

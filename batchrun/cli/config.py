@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import click
 
+from batchrun.endpoints import EndpointsError, parse_endpoints
+
 
 def load_config(path: str, group: click.Group) -> dict:
     """A TOML config file as click's default_map for ``group``: top-level keys apply to every
@@ -31,9 +33,15 @@ def load_config(path: str, group: click.Group) -> dict:
         entry = {k: _config_value(params[k], v) for k, v in shared.items()
                  if k in params and _config_check(command, k, v) is None}
         entry.update({k.replace("-", "_"): _config_value(params[k.replace("-", "_")], v)
-                      for k, v in data.get(name, {}).items()})
+                      for k, v in _section(data, name).items()})
         default_map[name] = entry
     return default_map
+
+
+def _section(data: dict, command: str) -> dict:
+    """A command's [command] table (`endpoints` is the [[endpoints]] array, not the command's table)."""
+    section = data.get(command, {})
+    return section if isinstance(section, dict) else {}
 
 
 def _config_value(param: click.Parameter, value):
@@ -79,6 +87,9 @@ def config_problems(path: str, data: dict, commands: dict[str, click.Command]) -
     option_names = {p.name for c in commands.values() for p in c.params if isinstance(p, click.Option)}
     out = []
     for key, value in data.items():
+        if key == "endpoints":  # [[endpoints]]: the worker's endpoints (batchrun/endpoints.py checks them)
+            out += endpoint_problems(path, value)
+            continue
         if isinstance(value, dict):
             if key not in commands:
                 out.append(unknown("section", f"[{key}]", [f"[{c}]" for c in commands]))
@@ -97,3 +108,11 @@ def config_problems(path: str, data: dict, commands: dict[str, click.Command]) -
             if all(found):
                 out += found
     return list(dict.fromkeys(p for p in out if p))
+
+
+def endpoint_problems(path: str, value) -> list[str]:
+    try:
+        parse_endpoints(path, value)
+    except EndpointsError as exc:
+        return exc.problems
+    return []

@@ -7,13 +7,15 @@ each command family lives in its own module beside it.
 from __future__ import annotations
 
 import logging
+import os
 
 import click
 
 from batchrun import __version__
-from batchrun.cli import dashboard, estimate, manage, resume, submit_run, watch, worker
+from batchrun.cli import dashboard, endpoints, estimate, manage, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
+from batchrun.endpoints import CONFIG_ENV
 from batchrun.cli.verbosity import lift_verbosity
 from batchrun.state.connections import ENV_URL, db_out_of_range, describe
 
@@ -88,6 +90,12 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
     setup_logging(verbose - quiet)
     if config_path:
         ctx.default_map = load_config(config_path, main)
+        # Its [[endpoints]] are read where requests are sent: this process's runners, and the workers it starts
+        # (for this command only: main() called again in one process starts from what it was).
+        before = os.environ.get(CONFIG_ENV)
+        os.environ[CONFIG_ENV] = os.path.abspath(config_path)
+        ctx.call_on_close(lambda: os.environ.pop(CONFIG_ENV, None) if before is None
+                          else os.environ.__setitem__(CONFIG_ENV, before))
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:
@@ -95,7 +103,7 @@ def _lift_verbosity(args: list[str]) -> list[str]:
 
 
 for _command in (submit_run.submit, worker.worker, watch.collect, submit_run.run, watch.status, watch.list_batches,
-                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate):
+                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate, endpoints.endpoints):
     main.add_command(_command)
 main.add_command(dashboard.dashboard)
 

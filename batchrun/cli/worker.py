@@ -10,6 +10,7 @@ import click
 
 from batchrun.cli.helpers import fail, worker_settings
 from batchrun.cli.options import Number, redis_option, request_timeout_option
+from batchrun.endpoints import configured_endpoints, missing_keys
 from batchrun.settings import MAX_CONCURRENCY, set_worker_settings
 from batchrun.state.connections import ENV_URL, connect, describe, is_memory, resolve_url
 from batchrun.urls import mask_url
@@ -44,7 +45,10 @@ def worker(redis_url, concurrency, processes, burst, name, grace, request_timeou
     if request_timeout is not None:  # through the environment, which the worker processes inherit
         os.environ["BATCHRUN_REQUEST_TIMEOUT"] = repr(request_timeout)
     settings = worker_settings(concurrency, grace)
-    if not settings.api_key:
+    endpoints = configured_endpoints()  # [[endpoints]] of --config (checked with the file): their own keys
+    if endpoints and missing_keys(endpoints):
+        fail("; ".join(missing_keys(endpoints)))
+    if not endpoints and not settings.api_key:
         fail("OPENAI_API_KEY is not set in this worker's environment; export it "
              "(it is read from the environment only, never stored in Redis)")
     if metrics_port is not None:  # in the supervising process only: the pool's workers do not get the option

@@ -5,6 +5,7 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
+from batchrun.ops.endpoints import endpoint_pace, pace_line
 from batchrun.state import keys
 from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
@@ -64,6 +65,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
             "retries": meta.retries,
         },
         "models": _models(store, options.limits, recent, per_minute if span >= MIN_RATE_SECONDS else None, span),
+        "endpoints": endpoint_pace(recent, per_minute if span >= MIN_RATE_SECONDS else None),  # [[endpoints]]
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": _cost(meta, jobs, options),
         "fleet": store.fleet_conditions(),
@@ -176,6 +178,8 @@ def describe(status: dict) -> list[str]:
         tpm = f" of {m['tpm_limit']:,} TPM" if m["tpm_limit"] else ""
         lines.append(f"  {m['model']}: {m['requests_per_minute']:,.0f} requests/min{rpm}, "
                      f"{m['tokens_per_minute']:,.0f} tokens/min{tpm}")
+    if pace_line(status.get("endpoints") or []):
+        lines.append(pace_line(status["endpoints"]))
     lines.append(f"  in all: {tot['requests']} requests, {tot['rate_limited']} rate limited, {tot['retries']} retries")
     money = f"  cost: {format_usd(cost['spent_usd'])} so far"
     if cost["projected_usd"] is not None and status["state"] != BatchState.FINISHED:

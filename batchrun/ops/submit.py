@@ -19,6 +19,7 @@ from batchrun.files.joblines import parse_line
 from batchrun.files.seen_ids import SeenIds
 from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
+from batchrun.endpoints import CONFIG_ENV, configured_endpoints, unserved_models, unserved_sentence
 from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
@@ -184,6 +185,18 @@ def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str |
                          on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading)
 
 
+def _check_served_models(source: _Source) -> None:
+    """With [[endpoints]] in the config file, a model no endpoint serves could never be sent
+    (an extra pass, only then)."""
+    endpoints = configured_endpoints()
+    if not endpoints:
+        return
+    unserved = unserved_models(endpoints, (str(job.body.get("model", "")) for job in source.iter_jobs()))
+    if unserved:
+        raise ValueError(f"{source.name}: {unserved_sentence(os.environ.get(CONFIG_ENV, ''), endpoints, unserved)}; "
+                         f"nothing was submitted")
+
+
 def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[str, bytes]], valid: int,
                   errors: list[LineError], *, batch_id: str | None, options: BatchOptions | None,
                   on_skip, skip_ids: set[str] | None, prices: str | None, on_loading) -> SubmitReport:
@@ -199,6 +212,7 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(source, table)
     _check_limit_models(source, options)
+    _check_served_models(source)
     store.create_batch(batch_id, options, source=source.name, prices=table.to_json())
     if existing and prices:
         store.set_prices(batch_id, table.to_json())

@@ -65,7 +65,22 @@ def error_fields(body: object) -> ErrorFields:
         value = body.get(key)
         return "" if value is None else str(value)
 
-    return ErrorFields(message=text("message"), type=text("type"), code=text("code"))
+    message = text("message")
+    if text("code") == "content_filter":  # Azure: which categories tripped the filter, not just that it did
+        categories = filtered_categories(body.get("innererror"))
+        if categories:
+            message = f"{message.rstrip('. ')} (content filter: {categories})"
+    return ErrorFields(message=message, type=text("type"), code=text("code"))
+
+
+def filtered_categories(inner: object) -> str:
+    """Azure's ``innererror.content_filter_result`` as 'violence (high), hate (medium)': the categories
+    it filtered, with their severity ('' when it names none)."""
+    result = inner.get("content_filter_result") if isinstance(inner, Mapping) else None
+    if not isinstance(result, Mapping):
+        return ""
+    return ", ".join(f"{name} ({v.get('severity')})" if v.get("severity") else str(name)
+                     for name, v in result.items() if isinstance(v, Mapping) and v.get("filtered"))
 
 
 def quota_code(fields: ErrorFields) -> str | None:

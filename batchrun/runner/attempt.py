@@ -25,9 +25,11 @@ from batchrun.policy.pricing import answer_cost, usage_total_tokens, worst_case_
 from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge_estimate
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
+from batchrun.policy.routing import is_endpoint_trouble, reroute
+from batchrun.runner.routes import Route
 from batchrun.state.counters import counter_names, status_class
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
-from batchrun.state.limiter import Admission, CircuitState, stored_number
+from batchrun.state.limiter import Admission, CircuitState, EndpointDown, stored_number
 from batchrun.state.states import BatchState
 from batchrun.state.store import LeasedJob
 
@@ -37,6 +39,13 @@ log = logging.getLogger("batchrun.worker")
 # (OpenAI does not count refused requests against the limits).
 REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
 _V1_HINTED: set[str] = set()  # base URLs this process has said lack /v1
+ENDPOINT_FIELD = "batchrun_endpoint"  # the result line's field naming the endpoint that answered
+
+
+def unserved_job_sentence(custom_id: str, model: str, routes) -> str:
+    names = ", ".join(r.name for r in routes.all)
+    return (f"job {custom_id} asks for model {model!r}, which no endpoint of this worker's config serves "
+            f"(endpoints: {names}); add it to an endpoint's models and submit the job again")
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,7 @@ class Sending:
     budget_in: int  # input tokens the budget counts
     admission: Admission
     started: float  # time.monotonic() when it was sent
+    route: Route  # the endpoint it went to (runner/routes.py)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,18 +120,59 @@ class JobAttempts:
         server_in = server_charge_estimate(url, body) - estimate.output_tokens
         budget_in = max(estimate.input_tokens, server_in)
         least_input = min(estimate.input_tokens, server_in)
-        admission = await self.limiter.admit(model, budget_in, estimate.output_tokens, least_input=least_input)
-        if admission is None:
-            await self._fail_too_large(job, model, least_input + estimate.output_tokens)
+        route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
+        if route is None and admission is not None:  # every endpoint's day is spent: back when one starts again
+            await self.requeuer.submit(RequeueItem(job.custom_id, int(admission * 1000), False, "", False))
+            self._note_event("day_limit", admission)
             return
-        self.limiter.sent(model, admission)
-        sending = Sending(job, model, price, estimate, budget_in, admission, time.monotonic())
-        self._on_the_wire.add(job.custom_id)
-        exchange = await self._exchange(job, url, body)
+        if route is None:
+            await self._finish_error(job, "model_not_served", unserved_job_sentence(job.custom_id, model, self.routes))
+            return
+        if admission is None:
+            await self._fail_too_large(job, model, least_input + estimate.output_tokens, route)
+            return
+        route.in_flight += 1
+        slot = None
+        try:
+            if route.slots is not None:  # the endpoint's fleet-wide max_in_flight (state/slots.py)
+                slot = await route.slots.acquire()
+            route.limiter.sent(model, admission)
+            sending = Sending(job, model, price, estimate, budget_in, admission, time.monotonic(), route)
+            self._on_the_wire.add(job.custom_id)
+            exchange = await self._exchange(job, url, route.body_for(body), route)
+        finally:
+            route.in_flight -= 1
+            if slot is not None:
+                await asyncio.shield(route.slots.release(slot))
         if exchange.verdict is None:
             await self._record_result(sending, exchange.answer)
         else:
             await self._record_failure(sending, exchange)
+
+    async def _route_and_admit(self, job: LeasedJob, model: str, budget_in: int, output: int, least_input: int):
+        """The endpoint for this attempt and its budget's admission: an endpoint found down on the
+        way (its circuit open) or with its day's limit spent gives way to another one serving the
+        model, while there is one. (route, None): it can never fit; (None, seconds): every endpoint
+        serving it has spent its day, the soonest starts again in that many seconds."""
+        avoid = self._avoid.pop(job.custom_id, None)
+        spent: dict[str, float] = {}  # endpoint -> seconds until its day starts again
+        while True:
+            route = self.routes.choose(model, budget_in + output, avoid, skip=spent)
+            if route is None:  # none serves it, or every one that does has spent its day
+                lefts = [r.day_until(model) for r in self.routes.serving(model)] + list(spent.values())
+                return None, min((left for left in lefts if left > 0), default=None)
+            day_left = route.day_until(model) or await self._redis(route.day_spent, self.store, model,
+                                                                     budget_in + output)
+            if day_left:  # (requests it counted already go on: a cooldown of its budget would hold them too)
+                spent[route.name] = day_left
+                continue
+            give_way = (lambda: self.routes.elsewhere(model, route)) if len(self.routes.serving(model)) > 1 else None
+            try:
+                return route, await route.limiter.admit(model, budget_in, output, least_input=least_input,
+                                                        give_way=give_way)
+            except EndpointDown:
+                route.circuit = CircuitState("open", int(time.time() * 1000) + 1000, int(time.time() * 1000))
+                avoid = route.name
 
     async def _within_cost_cap(self, job: LeasedJob, model: str, price, estimate: TokenEstimate) -> bool:
         """Under --max-cost: set the job's worst case aside, or give the job back (False)."""
@@ -141,10 +192,10 @@ class JobAttempts:
         await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", outcome.maybe_paid))
         return False
 
-    async def _fail_too_large(self, job: LeasedJob, model: str, least_tokens: int) -> None:
-        _, tpm = self.limiter.limits(model)
+    async def _fail_too_large(self, job: LeasedJob, model: str, least_tokens: int, route: Route) -> None:
+        _, tpm = route.limiter.limits(model)
         # The budget judges by the strictest --tpm of the batches sharing it (reserve.lua keeps it).
-        in_force = stored_number(await self._redis(self.store.redis.hget, self.limiter.budget_key(model), "cfg_tpm"))
+        in_force = stored_number(await self._redis(self.store.redis.hget, route.limiter.budget_key(model), "cfg_tpm"))
         if in_force and in_force != tpm:
             limit = f"the {in_force:,.0f} tokens-per-minute limit in force (the strictest --tpm of the batches on it)"
         else:
@@ -154,9 +205,9 @@ class JobAttempts:
                                  f"more than {limit} allows for {model} in a minute; it can never be sent "
                                  f"(reduce its prompt or max_tokens, or raise the limit)")
 
-    async def _exchange(self, job: LeasedJob, url: str, body: dict) -> Exchange:
+    async def _exchange(self, job: LeasedJob, url: str, body: dict, route: Route) -> Exchange:
         try:
-            answer = await self._send(url, body)
+            answer = await self._send(url, body, route.client_for(str(body.get("model", ""))))
         except StreamTruncated:
             return Exchange(stream_truncated_verdict())
         except StreamFailed as exc:
@@ -174,11 +225,14 @@ class JobAttempts:
 
     async def _record_result(self, sent: Sending, answer: Answer) -> None:
         model, admission, estimate, cid = sent.model, sent.admission, sent.estimate, sent.job.custom_id
-        self._background(self.limiter.observe(model, answer.headers, admission, time.monotonic() - sent.started,
+        limiter = sent.route.limiter
+        self._background(limiter.observe(model, answer.headers, admission, time.monotonic() - sent.started,
                                               input_tokens=sent.budget_in,
                                               output_tokens=estimate.output_tokens, charged=True))
-        self._background(self.limiter.record(False, admission.probe))
+        self._background(self._record_circuit(sent.route, False, admission.probe))
         line = result_line(cid, status_code=answer.status_code, request_id=answer.request_id, body=answer.body)
+        if sent.route.name:  # which endpoint answered (a batchrun extension field of the output line)
+            line[ENDPOINT_FIELD] = sent.route.name
         usage = answer.body.get("usage") if isinstance(answer.body, dict) else None
         # Priced by the dearer of the model asked for and the model that answered; usage that
         # cannot be read (missing, odd types, negative) counts as the request's worst case.
@@ -186,7 +240,7 @@ class JobAttempts:
         cost = answer_cost([sent.price, self._price(answered) if isinstance(answered, str) and answered else None],
                            usage, estimate.input_tokens, estimate.output_tokens)
         await self.completer.submit(CompleteItem(OutcomeKind.RESULT, cid, json.dumps(line), cost))
-        self._count_request(model, admission.charge, usage=usage, status_code=answer.status_code)
+        self._count_request(model, admission.charge, sent.route, usage=usage, status_code=answer.status_code)
         self.stats["done"] += 1
         self.metrics["ended"] += 1
 
@@ -194,45 +248,59 @@ class JobAttempts:
         verdict, response, admission = exchange.verdict, exchange.response, sent.admission
         # Refused before it was processed: the server charged nothing, so neither does the budget.
         refused = response is not None and response["status_code"] in REFUSED_UNCHARGED
-        self._count_request(sent.model, 0 if refused else admission.charge,
+        self._count_request(sent.model, 0 if refused else admission.charge, sent.route,
                             rate_limited=response is not None and response["status_code"] == 429,
                             status_code=None if response is None else response["status_code"])
-        self._background(self.limiter.observe(sent.model, exchange.headers, admission,
+        self._background(sent.route.limiter.observe(sent.model, exchange.headers, admission,
                                               time.monotonic() - sent.started, input_tokens=sent.budget_in,
                                               output_tokens=sent.estimate.output_tokens, charged=not refused))
         if refused and not verdict.budget_exhausted:
             # (a 429 that says the budget is exhausted empties it instead: see cool_down)
-            self._background(self.limiter.settle_unused(sent.model, admission))
-        await self._handle_failure(sent.job, sent.model, verdict, response, admission.probe, exchange.error)
+            self._background(sent.route.limiter.settle_unused(sent.model, admission))
+        await self._handle_failure(sent.job, sent.model, verdict, response, admission.probe, exchange.error,
+                                   sent.route)
 
-    def _count_request(self, model: str, charged: int, *, usage: object = None,
+    def _count_request(self, model: str, charged: int, route: Route, *, usage: object = None,
                        rate_limited: bool = False, status_code: int | None = None) -> None:
         m = self.metrics
         m["requests"] += 1
         m[f"requests:{model}"] += 1
         m[f"charged:{model}"] += charged
         # Which budget (server, key, model) it drew from: `status` shows those budgets' limits,
-        # the dashboard and /metrics its requests by answer (names made once per model: counter_names).
-        names = self._via.get(model) or self._via.setdefault(model, counter_names(self.limiter.budget_key(model)))
+        # the dashboard and /metrics its requests by answer (names made once per endpoint and model).
+        names = self._via.get((route.name, model)) or self._via.setdefault(
+            (route.name, model), counter_names(route.limiter.budget_key(model)))
         m[names.via] += 1
         m[names.tokens] += charged
         m[names.by_class[status_class(status_code)]] += 1
+        if route.name:  # pace per endpoint, for `status`
+            m[f"endpoint:{route.name}"] += 1
         m["tokens"] += usage_total_tokens(usage)  # 0 for usage that cannot be read: never raises
         if rate_limited:
             m["rate_limited"] += 1
             m[names.rate_limited] += 1
 
     async def _handle_failure(self, job: LeasedJob, model: str, verdict: Verdict, response: dict | None,
-                              probe: bool, error: BaseException | None = None) -> None:
-        circuit = await self.limiter.record(verdict.circuit, probe)
+                              probe: bool, error: BaseException | None = None, route: Route | None = None) -> None:
+        # (route None: a failure before any endpoint was chosen, judged on the first one's circuit)
+        limiter = route.limiter if route is not None else self.limiter
+        circuit = await limiter.record(verdict.circuit, probe)
+        if route is not None:
+            route.circuit = circuit
         if verdict.circuit:
             status = (response or {}).get("status_code")
             self._outage = (outage_cause(verdict.kind, status, error), circuit.down_since_ms, circuit.now_ms)
+            self._outage_url = (route.settings if route is not None else self.settings).base_url
         decision = decide(verdict, attempt=job.attempts + 1, policy=self.policy, circuit=circuit,
                           give_up=GiveUp(self.give_up_seconds, self.running_since_ms),
                           maybe_paid=self._maybe_paid(job.custom_id, response), rng=self.rng)
+        status = (response or {}).get("status_code")
+        if route is not None and len(self.routes.serving(model)) > 1:  # another endpoint may take it: its next attempt goes there
+            decision = reroute(decision, verdict, status, elsewhere=self.routes.elsewhere(model, route))
+            if is_endpoint_trouble(verdict, status):
+                self._avoid[job.custom_id] = route.name
         if decision.cool_down is not None:
-            await self.limiter.cool_down(model, decision.cool_down)
+            await limiter.cool_down(model, decision.cool_down)
         await self._carry_out(job, decision.outcome, verdict, response, circuit)
 
     async def _carry_out(self, job: LeasedJob, outcome: Outcome, verdict: Verdict, response: dict | None,
@@ -303,7 +371,7 @@ class JobAttempts:
     def _gave_up_message(self, circuit) -> str:
         cause, _, _ = self._outage
         since = max(circuit.down_since_ms, self.running_since_ms)
-        return gave_up_sentence(self.settings.base_url, cause, (circuit.now_ms - since) / 1000, self.give_up_seconds)
+        return gave_up_sentence(getattr(self, "_outage_url", self.settings.base_url), cause, (circuit.now_ms - since) / 1000, self.give_up_seconds)
 
     def _long_wait_message(self, verdict: Verdict) -> str:
         return long_wait_sentence(verdict.message, verdict.hint or 0.0, self.policy.cap)
@@ -317,6 +385,10 @@ class JobAttempts:
         self.stats["failed"] += 1
         self.metrics["ended"] += 1
         log.debug("job %s failed: %s", job.custom_id, message)
+
+    async def _record_circuit(self, route: Route, failed: bool, probe: bool) -> CircuitState:
+        route.circuit = state = await route.limiter.record(failed, probe)
+        return state
 
     def _price(self, model: str):
         """The model's price, looked up once per runner (a miss walks aliases and prefixes)."""

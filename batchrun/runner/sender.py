@@ -67,13 +67,13 @@ class Answer:
     body: Any
 
 
-def make_client(settings: WorkerSettings) -> AsyncOpenAI:
+def make_client(settings: WorkerSettings, cls: type = LeanAsyncOpenAI) -> AsyncOpenAI:
     timeout = httpx2.Timeout(settings.request_timeout)  # every phase, connecting included, as before
     # A query in the base URL (Azure's ?api-version=...) goes to every request as the SDK's
     # default_query: left in the base URL, the SDK would append the path after it.
     base = urlsplit(settings.base_url)
     query = dict(parse_qsl(base.query, keep_blank_values=True))
-    client = LeanAsyncOpenAI(
+    client = cls(  # (runner/azure.py's for Azure endpoints)
         api_key=settings.api_key or "unset",
         base_url=urlunsplit(base._replace(query="", fragment="")) if base.query else settings.base_url,
         max_retries=0,

@@ -34,10 +34,10 @@ from batchrun.runner import maintenance
 from batchrun.runner.attempt import JobAttempts
 from batchrun.state.batching import Batcher
 from batchrun.state.counters import CounterNames
-from batchrun.runner.sender import heard_at, make_client, send
+from batchrun.runner.routes import Routes
+from batchrun.runner.sender import heard_at, send
 from batchrun.runner.wording import event_phrase, human_wait, outage_cause, v1_suggestion
 from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
-from batchrun.state.limiter import SharedLimiter
 from batchrun.state.retry import until_reachable
 from batchrun.state.states import BatchState, PauseKind
 from batchrun.state.store import BatchStore
@@ -88,7 +88,8 @@ class ShardRunner(JobAttempts):
         self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
-        self._via: dict[str, CounterNames] = {}  # model -> its budget's metric names
+        self._via: dict[tuple[str, str], CounterNames] = {}  # (endpoint, model) -> its budget's metric names
+        self._avoid: dict[str, str] = {}  # custom_id -> the endpoint its last attempt failed on (a 429, an outage)
         self._last_summary = time.monotonic()
         self._awaiting = 0  # requests sent whose answer has not come back
         self._heard_at = 0.0  # time.monotonic() when an answer (or anything but a timeout) last came back
@@ -147,8 +148,9 @@ class ShardRunner(JobAttempts):
         await self._redis(store.hold_shard, bid, self.shard, self.lease_ms)
         self.policy = BackoffPolicy(base=options.backoff_base, factor=options.backoff_factor,
                                     cap=options.backoff_cap, max_attempts=options.max_attempts)
-        self.limiter = SharedLimiter(store, self.settings, options, token=self.token)
-        self.client = make_client(self.settings)
+        self.routes = Routes(store, self.settings, options, self.token)  # its endpoints (runner/routes.py)
+        self.limiter = self.routes.first.limiter
+        self.client = self.routes.first.client_for("")
         self.completer = Batcher(lambda items: [store.complete(bid, items, self.owner)] * len(items), name="result")
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
@@ -159,8 +161,8 @@ class ShardRunner(JobAttempts):
             await self._finish_in_flight()
         if self._side_tasks:
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
-        await self.limiter.drain()
-        await self._redis(self.limiter.forget_held)
+        await self.routes.drain()
+        await self._redis(self.routes.forget_held)
         await self.coster.drain()  # before the requeues, which release what it set aside
         await self.completer.drain()
         await self.requeuer.drain()
@@ -171,7 +173,7 @@ class ShardRunner(JobAttempts):
         # already resumed) need a runner: park the shard at their due time; else let go of it.
         if not await self._redis(self.store.park_if_waiting, self.batch_id, self.shard):
             await self._redis(self.store.unpark, self.batch_id, self.shard)
-        await self.client.close()
+        await self.routes.close()
         self._summarise(force=True)
 
     async def _finish_in_flight(self) -> None:
@@ -253,7 +255,7 @@ class ShardRunner(JobAttempts):
                 return
             self._summarise()
 
-    async def _send(self, url: str, body: dict):
+    async def _send(self, url: str, body: dict, client=None):
         """send(), noting when anything last came back: a server that accepts requests and never answers
         fails no attempt before the request timeout, so the give-up time is judged on the wire too."""
         if not self._awaiting:
@@ -261,7 +263,7 @@ class ShardRunner(JobAttempts):
         self._awaiting += 1
         heard = True
         try:
-            return await send(self.client, url, body)
+            return await send(client or self.client, url, body)
         except openai.APITimeoutError:
             heard = False
             raise
@@ -302,7 +304,8 @@ class ShardRunner(JobAttempts):
                 await asyncio.to_thread(self.store.renew, self.batch_id, self.owner, self.lease_ms,
                                         list(self.inflight))
                 await asyncio.to_thread(self.store.hold_shard, self.batch_id, self.shard, self.lease_ms)
-                await asyncio.to_thread(self.limiter.report_held)
+                await asyncio.to_thread(self.routes.report_held)
+                await asyncio.to_thread(self.routes.renew_slots)
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
 

@@ -21,6 +21,7 @@ def event_phrase(kind: str) -> str:
         "server_error": "server error",
         "stream_broken": "stream broke mid-way",
         "stream_truncated": "stream ended without a finish_reason",
+        "day_limit": "the per-day limit (rpd/tpd) of every endpoint serving the model is spent",
     }.get(kind, kind.replace("_", " "))
 
 

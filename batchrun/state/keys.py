@@ -92,12 +92,22 @@ def endpoint_id(base_url: str) -> str:
     return hashlib.sha256(base_url.rstrip("/").encode()).hexdigest()[:10]
 
 
+def slots(endpoint_id: str) -> str:
+    """The leases on an endpoint's fleet-wide max_in_flight (zset member -> expiry ms)."""
+    return f"{PREFIX}:slots:{endpoint_id}"
+
+
 def budget_id(base_url: str, key_fingerprint: str, model: str) -> str:
     return f"{endpoint_id(base_url)}:{key_fingerprint}:{model}"
 
 
 def budget(budget_id: str) -> str:
     return f"{PREFIX}:budget:{budget_id}"
+
+
+def day_counts(budget_key: str) -> str:
+    """The hash of a budget's requests and tokens counted today, for per-day limits (rpd, tpd)."""
+    return f"{budget_key}:day"
 
 
 def held(budget_key: str) -> str:

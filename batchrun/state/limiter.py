@@ -19,7 +19,7 @@ import itertools
 import random
 from dataclasses import dataclass
 from enum import Enum
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import redis
 
@@ -33,7 +33,7 @@ from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
 
 # Names that moved to budget_headers, budgets and keys, still importable from here.
-__all__ = ["Admission", "CircuitState", "SharedLimiter", "MAX_HEADER_NUMBER", "HELD_STALE_MS", "HELD_REPORTS_MISSED",
+__all__ = ["Admission", "CircuitState", "EndpointDown", "SharedLimiter", "MAX_HEADER_NUMBER", "HELD_STALE_MS", "HELD_REPORTS_MISSED",
            "budget_id", "describe_budgets", "release_held", "stored_number", "usable_header_number"]
 budget_id = keys.budget_id
 _admitted_ratio = admitted_ratio
@@ -62,6 +62,10 @@ class CircuitState:
     @property
     def open(self) -> bool:
         return self.state == "open"
+
+
+class EndpointDown(Exception):
+    """admit() gave way: the endpoint's circuit is open and another endpoint serves the model."""
 
 
 class Grant(Enum):
@@ -115,11 +119,14 @@ class SharedLimiter:
     # -- before sending ------------------------------------------------------------
 
     async def admit(self, model: str, input_tokens: int, output_tokens: int, *,
-                    least_input: int | None = None, wait_turn: bool = True) -> Admission | None:
+                    least_input: int | None = None, wait_turn: bool = True,
+                    give_way: Callable[[], bool] | None = None) -> Admission | None:
         """Wait for the circuit if it is open, reserve, and wait for this request's turn;
         None if it can never fit, judged on ``least_input`` (the smallest input estimate; default
         ``input_tokens``) + output. On return the request may be sent (with ``wait_turn=False``:
-        after ``admission.wait``, as things stood when it was reserved)."""
+        after ``admission.wait``, as things stood when it was reserved). With ``give_way``, an open
+        circuit for which it returns True raises EndpointDown instead of waiting (another endpoint
+        takes the request)."""
         gate = self._gates.get(model)
         if gate is None:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
@@ -131,6 +138,9 @@ class SharedLimiter:
             if grant is Grant.NEVER_FITS:
                 self._answered()  # nothing will be sent for it
                 return None
+            if grant is Grant.CIRCUIT_OPEN and give_way is not None and give_way():
+                self._answered()  # nothing is sent here: another endpoint takes it (runner/routes.py)
+                raise EndpointDown(self._settings.base_url)
             if grant is Grant.CIRCUIT_OPEN:  # come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
                 continue

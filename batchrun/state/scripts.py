@@ -15,8 +15,7 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch",
-         "error_outcomes")
+         "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take")
 
 
 PRELUDE = "_prelude"
@@ -59,3 +58,7 @@ class Scripts:
     metrics: Script
     expire_batch: Script
     error_outcomes: Script
+    slot_acquire: Script
+    slot_release: Script
+    slot_renew: Script
+    day_take: Script

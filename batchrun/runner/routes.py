@@ -1,0 +1,234 @@
+"""A runner's endpoints: for each, its budgets (a SharedLimiter), its client(s), its fleet-wide slots.
+
+Each request is routed here (policy/routing.py picks): among the endpoints serving its model,
+the one whose budget can take it soonest. The budgets' levels are read from Redis (level.lua)
+at most every LEVEL_REFRESH_S per endpoint and model, and what this runner has routed since
+counts against them meanwhile, so that a burst of requests spreads instead of all going to the
+one that looked emptiest at the last read.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field, replace
+
+import redis
+from openai import AsyncOpenAI
+
+from batchrun.endpoints import Endpoint, EndpointKind, configured_endpoints
+from batchrun.policy.classify import remember_secrets
+from batchrun.policy.routing import RouteOption, pick
+from batchrun.runner.azure import azure_body, make_azure_client
+from batchrun.runner.sender import make_client
+from batchrun.settings import BatchOptions, Limits, WorkerSettings
+from batchrun.state import keys
+from batchrun.state.limiter import CircuitState, SharedLimiter
+from batchrun.state.slots import FleetSlots
+from batchrun.state.store import BatchStore
+from batchrun.text import decoded as _s
+
+log = logging.getLogger("batchrun.worker")
+
+LEVEL_REFRESH_S = 0.25  # an endpoint's budget level is read this often at most, per model
+
+
+def merged_limits(batch: Limits, endpoint: Limits) -> Limits:
+    """The batch's --tpm/--rpm with the endpoint's own limits over them (an endpoint's limit
+    of a model, or its bare one, wins over the batch's for the same model)."""
+    out = {m: dict(v) for m, v in batch.by_model.items()}
+    for model, entry in endpoint.by_model.items():
+        out.setdefault(model, {}).update(entry)
+        if model == "*":  # the endpoint's bare limit applies to the models the batch named too
+            for other in out:
+                for kind, value in entry.items():
+                    if other != "*" and kind not in endpoint.by_model.get(other, {}):
+                        out[other][kind] = value
+    return Limits(out)
+
+
+@dataclass
+class _Level:
+    read_at: float = -1e9  # time.monotonic() of the read
+    tok: float = 0.0  # tokens available at the read (negative: reserved ahead)
+    rate: float = 0.0  # tokens per second (0: no limit known)
+    req: float = 0.0
+    rate_r: float = 0.0
+    cool_s: float = 0.0  # the cooldown left at the read, seconds
+    reading: asyncio.Task | None = None
+
+
+@dataclass
+class Route:
+    """One endpoint, as one runner sends to it."""
+
+    name: str  # '' for the worker's single endpoint (no [[endpoints]])
+    endpoint: Endpoint | None
+    settings: WorkerSettings
+    limiter: SharedLimiter
+    slots: FleetSlots | None = None
+    clients: dict[str, AsyncOpenAI] = field(default_factory=dict)  # deployment ('' : the one) -> client
+    in_flight: int = 0
+    chosen: int = 0  # requests routed here by this runner (turns among equals: a burst spreads at once)
+    circuit: CircuitState | None = None  # its circuit as last seen by this runner
+    levels: dict[str, _Level] = field(default_factory=dict)
+    day_spent_until: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic() its day restarts
+
+    def client_for(self, model: str) -> AsyncOpenAI:
+        ep = self.endpoint
+        azure = ep is not None and ep.kind is EndpointKind.AZURE
+        deployment = ep.deployments.get(model, "") if azure and ep.api_version else ""  # else the v1 path
+        client = self.clients.get(deployment)
+        if client is None:
+            client = self.clients[deployment] = (make_azure_client(ep, self.settings, deployment)
+                                                 if ep is not None and ep.kind is EndpointKind.AZURE
+                                                 else make_client(self.settings))
+        return client
+
+    def body_for(self, body: dict) -> dict:
+        """The body as this endpoint takes it (Azure's v1 path names the deployment as the model)."""
+        ep = self.endpoint
+        return azure_body(ep, body) if ep is not None and ep.kind is EndpointKind.AZURE else body
+
+    def day_spent(self, store: BatchStore, model: str, tokens: int) -> float:
+        """Count this request against the endpoint's per-day limits of the model: 0 when counted,
+        else the seconds until the day's counts start again (the request is not counted)."""
+        rpd, tpd = self.endpoint.day_limits(model) if self.endpoint is not None else (0, 0)
+        if not (rpd or tpd):
+            return 0.0
+        key = keys.day_counts(self.limiter.budget_key(model))
+        refused, reset_ms = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens])  # (from a thread)
+        if not int(refused):
+            return 0.0
+        self.day_spent_until[model] = time.monotonic() + int(reset_ms) / 1000  # not asked again until then
+        return int(reset_ms) / 1000
+
+    def day_until(self, model: str) -> float:
+        """Seconds until this endpoint's spent day starts again for the model, as this runner learnt
+        it (0: not known to be spent)."""
+        return max(0.0, self.day_spent_until.get(model, 0.0) - time.monotonic())
+
+    def circuit_open(self) -> bool:
+        c = self.circuit
+        return c is not None and c.open and time.time() * 1000 < c.open_until_ms
+
+
+class Routes:
+    """The routes of one runner: the endpoints of the worker's config, or its single endpoint."""
+
+    def __init__(self, store: BatchStore, settings: WorkerSettings, options: BatchOptions, token: str,
+                 endpoints: tuple[Endpoint, ...] | None = None):
+        self._store = store
+        self._options = options
+        endpoints = configured_endpoints() if endpoints is None else endpoints
+        if not endpoints:
+            self.all = [Route("", None, settings, SharedLimiter(store, settings, options, token=token))]
+        else:
+            self.all = [self._route(store, settings, options, token, ep) for ep in endpoints]
+        self._by_model: dict[str, list[Route]] = {}
+
+    @staticmethod
+    def _route(store, settings, options, token, ep: Endpoint) -> Route:
+        s = ep.worker_settings(settings)
+        remember_secrets(s.api_key, s.base_url)  # a server may echo them: messages hide them
+        opts = replace(options, limits=merged_limits(options.limits, ep.limits))
+        slots = FleetSlots(store, ep.base_url, ep.max_in_flight, int(settings.lease_seconds * 1000), token) \
+            if ep.max_in_flight else None
+        return Route(ep.name, ep, s, SharedLimiter(store, s, opts, token=token), slots)
+
+    @property
+    def first(self) -> Route:
+        return self.all[0]
+
+    @property
+    def named(self) -> bool:
+        return bool(self.first.name)
+
+    def serving(self, model: str) -> list[Route]:
+        routes = self._by_model.get(model)
+        if routes is None:
+            routes = self._by_model[model] = [r for r in self.all if r.endpoint is None or r.endpoint.serves(model)]
+        return routes
+
+    def elsewhere(self, model: str, route: Route) -> bool:
+        """Another endpoint serving the model that is up (its circuit not open)."""
+        return any(r is not route and not r.circuit_open() for r in self.serving(model))
+
+    def choose(self, model: str, tokens: int, avoid: str | None = None, skip=()) -> Route | None:
+        """The endpoint this request goes to: the soonest to take it (None: none serves the model,
+        or those that do are in ``skip``)."""
+        routes = [r for r in self.serving(model) if r.name not in skip and not r.day_until(model)]
+        if len(routes) <= 1:
+            return routes[0] if routes else None
+        now = time.monotonic()
+        options = []
+        for r in routes:
+            level = self._level(r, model, now)
+            wait = level.cool_s - (now - level.read_at)
+            if level.rate:
+                wait = max(wait, (tokens - level.tok) / level.rate)
+            if level.rate_r:
+                wait = max(wait, (1 - level.req) / level.rate_r)
+            cap = r.endpoint.max_in_flight if r.endpoint is not None else 0
+            options.append(RouteOption(wait_s=wait, open=r.circuit_open(), avoided=r.name == avoid,
+                                       load=r.in_flight / cap if cap else r.in_flight,
+                                       full=bool(cap) and r.in_flight >= cap, chosen=r.chosen))
+        route = routes[pick(options)]
+        route.chosen += 1
+        level = route.levels[model]
+        level.tok -= tokens  # counts against it until the next read
+        level.req -= 1
+        return route
+
+    def _level(self, route: Route, model: str, now: float) -> _Level:
+        level = route.levels.get(model)
+        if level is None:
+            level = route.levels[model] = _Level()
+        if now - level.read_at > LEVEL_REFRESH_S and (level.reading is None or level.reading.done()):
+            level.reading = asyncio.get_running_loop().create_task(self._read(route, model, level))
+        return level
+
+    async def _read(self, route: Route, model: str, level: _Level) -> None:
+        rpm, tpm = route.limiter.limits(model)
+        try:
+            out = await asyncio.to_thread(self._store.scripts.level, keys=[route.limiter.budget_key(model)],
+                                          args=[rpm, tpm, self._options.burst_seconds])
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        now_ms, avail, rate, avail_r, rate_r, cool_until, spent, spent_r = (float(_s(x)) for x in out)
+        level.read_at = time.monotonic()
+        level.tok, level.rate = avail - spent, rate * 1000
+        level.req, level.rate_r = avail_r - spent_r, rate_r * 1000
+        level.cool_s = max(0.0, (cool_until - now_ms) / 1000)
+        try:  # its circuit too: a route down is skipped while another is up
+            state, open_until = await asyncio.to_thread(self._store.redis.hmget, route.limiter.circuit_key,
+                                                        "state", "open_until")
+        except (redis.ConnectionError, redis.TimeoutError):
+            return
+        if state is not None:
+            # (open_until is server time; kept as this machine's, shifted by the difference)
+            shift = time.time() * 1000 - now_ms
+            route.circuit = CircuitState(_s(state), int(float(_s(open_until) or 0) + shift), int(now_ms + shift))
+
+    def renew_slots(self) -> None:
+        for r in self.all:
+            if r.slots is not None:
+                r.slots.renew()
+
+    def report_held(self) -> None:
+        for r in self.all:
+            r.limiter.report_held()
+
+    def forget_held(self) -> None:
+        for r in self.all:
+            r.limiter.forget_held()
+
+    async def drain(self) -> None:
+        for r in self.all:
+            await r.limiter.drain()
+
+    async def close(self) -> None:
+        for r in self.all:
+            for client in r.clients.values():
+                await client.close()
