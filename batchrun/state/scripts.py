@@ -15,10 +15,11 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch")
+         "expire_batch", "set_priority", "to_front")
 
 
 PRELUDE = "_prelude"
+LIBRARIES = {"reserve": ("_fairshare",)}  # shared Lua a script needs, put between the prelude and it
 
 
 def _read(name: str) -> str:
@@ -28,7 +29,7 @@ def _read(name: str) -> str:
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
     """The script as Redis runs it: the prelude, then the script's own file."""
-    return f"{_read(PRELUDE)}\n{_read(name)}"
+    return "\n".join(_read(part) for part in (PRELUDE, *LIBRARIES.get(name, ()), name))
 
 
 class Scripts:
@@ -57,3 +58,5 @@ class Scripts:
     reserve_cost: Script
     metrics: Script
     expire_batch: Script
+    set_priority: Script
+    to_front: Script
