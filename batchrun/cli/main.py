@@ -11,7 +11,7 @@ import logging
 import click
 
 from batchrun import __version__
-from batchrun.cli import estimate, manage, resume, submit_run, watch, worker
+from batchrun.cli import estimate, manage, priority, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
 from batchrun.cli.verbosity import lift_verbosity
@@ -95,7 +95,7 @@ def _lift_verbosity(args: list[str]) -> list[str]:
 
 
 for _command in (submit_run.submit, worker.worker, watch.collect, submit_run.run, watch.status, watch.list_batches,
-                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate):
+                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate, priority.priority):
     main.add_command(_command)
 
 
