@@ -153,7 +153,7 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
     try:
         parse_priority(o.priority)
     except ValueError as exc:
-        out.append(f"--priority: {exc}")
+        out.append(str(exc).replace("priority", "--priority", 1))  # "--priority 'urgent' is not high, ..."
     for model, entry in sorted(o.limits.by_model.items()):
         for kind, value in sorted(entry.items()):
             x = _number(value)

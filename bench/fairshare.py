@@ -48,7 +48,8 @@ class Tree:
     def start(self) -> None:
         self.redis.flushdb()
         self.workers = [subprocess.Popen([sys.executable, "-m", "batchrun", "-q", "worker", "--concurrency", "100",
-                                          "--grace", "5"], env=self.env, cwd=self.tmp) for _ in range(2)]
+                                          "--grace", "5"], env=self.env, cwd=self.tmp,
+                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(2)]
 
     def stop(self) -> None:
         for w in self.workers:
