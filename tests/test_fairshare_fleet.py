@@ -119,3 +119,31 @@ def test_a_low_batch_takes_the_budget_alone_and_yields_it_within_seconds(fleet):
     time.sleep(4)
     counts = fleet.counted(["low", "normal"], 6)
     assert counts["low"] / (counts["low"] + counts["normal"]) >= 0.65, counts  # 4:1 is 80 %
+
+
+def test_one_worker_takes_turns_between_two_batches_and_every_job_ends_once(spawn, real_redis_url, tmp_path):
+    """Yielding is the give-back path of every stop: with one worker, two batches take turns of a few
+    seconds, and each job of both ends exactly once."""
+    from tests.helpers import check_exactly_once
+
+    with MockServerThread(MockConfig()) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        files = {}
+        for name in ("first", "second"):
+            files[name] = write_jobs(tmp_path / f"{name}.jsonl", 400, prefix=name)
+            proc = subprocess.run(batchrun_cmd("submit", str(files[name]), "--tpm", "90000", "--batch-id", name),
+                                  env=env, capture_output=True, text=True, timeout=60)
+            assert proc.returncode == 0, proc.stderr
+        worker = spawn(batchrun_cmd("worker", "--burst", "--concurrency", "100"), env=env,
+                       stderr=subprocess.PIPE, text=True)
+        _, log = worker.communicate(timeout=180)
+        assert worker.returncode == 0, log[-2000:]
+    assert "batch first shard 0: gives its worker to batch second (fair share)" in log, log[-2000:]
+    assert "gives its worker to batch first" in log  # and back: turns
+    for name, jobs in files.items():
+        out, err = tmp_path / f"{name}.out.jsonl", tmp_path / f"{name}.err.jsonl"
+        col = subprocess.run(batchrun_cmd("collect", name, "-o", str(out), "--errors", str(err)), env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert col.returncode == 0 and "400 result(s) written" in col.stdout, col.stdout + col.stderr
+        _, errors = check_exactly_once(jobs, out, err)
+        assert not errors

@@ -104,3 +104,14 @@ def test_one_batch_alone_keeps_rqs_order(store, make_batch):
     before = store.queue.get_job_ids()
     assert choose_next_shard(store) is None
     assert store.queue.get_job_ids() == before
+
+
+def test_a_broken_fair_key_leaves_rqs_order_and_the_worker_alive(store, make_batch):
+    make_batch(store, "big", 40, shard_size=10)
+    make_batch(store, "small", 5, shard_size=10)
+    store.enqueue_shards("big", [0, 1])
+    store.enqueue_shards("small", [0])
+    store.redis.set(keys.RUNNERS, "not a sorted set")  # written by hand
+    before = store.queue.get_job_ids()
+    assert choose_next_shard(store) is None
+    assert store.queue.get_job_ids() == before

@@ -18,6 +18,8 @@ from __future__ import annotations
 import logging
 import time
 
+import redis
+
 from batchrun.policy.fairshare import next_batch, should_yield
 from batchrun.state.fairshare import FairShare
 from batchrun.state.limiter import SharedLimiter
@@ -76,7 +78,17 @@ class FairTurn:
 
 def choose_next_shard(store: BatchStore) -> str | None:
     """Before a free worker takes a job: put the fair choice's shard job at the front of the queue.
-    Returns the batch chosen (None: the queue holds one batch's shards at most, RQ's order stands)."""
+    Returns the batch chosen (None: the queue holds one batch's shards at most, RQ's order stands).
+    Anything odd met on the way (a key of the wrong type, written by hand) leaves RQ's order as it
+    is: the fair order is a preference, never a reason for a worker to stop."""
+    try:
+        return _choose_next_shard(store)
+    except (redis.ResponseError, ValueError, TypeError) as exc:
+        log.warning("the fair choice of the next shard failed (%s); the worker takes RQ's next job", exc)
+        return None
+
+
+def _choose_next_shard(store: BatchStore) -> str | None:
     fair = FairShare(store)
     waiting = fair.waiting()
     if len(waiting) < 2:

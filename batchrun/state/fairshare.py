@@ -21,6 +21,7 @@ from batchrun.state import keys
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
 
+SERVED_KEEP_MS = 86_400_000  # a day
 RUNNER_TTL_MS = 10_000  # a runner's entry lapses this long after its last renewal (a killed process)
 QUEUE_LOOK = 200  # queued RQ jobs looked at to see which batches wait for a worker
 ACTIVE_MS = 3000  # as in _fairshare.lua: a batch that reserved this recently is active on the budget
@@ -85,8 +86,13 @@ class FairShare:
         self.redis.zrem(keys.RUNNERS, f"{batch_id}|{token}")
 
     def served(self, batch_id: str) -> None:
-        """A worker starts one of ``batch_id``'s shards (round robin goes on from here)."""
-        self.redis.hset(keys.SERVED, batch_id, self.store.server_time_ms())
+        """A worker starts one of ``batch_id``'s shards (round robin goes on from here). Batches not
+        served for SERVED_KEEP_MS are forgotten, so the set stays as small as the fleet's recent work."""
+        now = self.store.server_time_ms()
+        pipe = self.redis.pipeline()
+        pipe.zadd(keys.SERVED, {batch_id: now})
+        pipe.zremrangebyscore(keys.SERVED, "-inf", now - SERVED_KEEP_MS)
+        pipe.execute()
 
     def running(self) -> dict[str, int]:
         now = self.store.server_time_ms()
@@ -117,15 +123,11 @@ class FairShare:
         running = self.running()
         batches = set(running) | set(waiting)
         weights = {b: p.weight for b, p in self.priorities(batches).items()}
-        served = {_s(b): float(_s(v)) for b, v in self.redis.hgetall(keys.SERVED).items()} if waiting else {}
+        served = {_s(b): float(ms) for b, ms in self.redis.zrange(keys.SERVED, 0, -1, withscores=True)} if waiting else {}
         return FleetShare(running, waiting, weights, served)
 
     def to_front(self, job_id: str) -> bool:
         return bool(self.store.scripts.to_front(keys=[self.store.queue.key], args=[job_id]))
-
-    def forget(self, batch_id: str) -> None:
-        """A batch purged: nothing of it stays here."""
-        self.redis.hdel(keys.SERVED, batch_id)
 
     # -- budgets ------------------------------------------------------------------
 

@@ -112,7 +112,7 @@ def fair_share(budget_key: str) -> tuple[str, str]:
 
 
 RUNNERS = f"{PREFIX}:fair:runners"  # zset "batch_id|runner token" -> expiry ms: the shard runners alive
-SERVED = f"{PREFIX}:fair:served"  # hash batch_id -> ms a worker last started one of its shards
+SERVED = f"{PREFIX}:fair:served"  # zset batch_id -> ms a worker last started one of its shards
 
 
 class BudgetName(NamedTuple):
