@@ -79,6 +79,7 @@ class BatchOptions:
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     limits: Limits = field(default_factory=Limits)
+    priority: str = "normal"  # high, normal, low or a weight (policy/fairshare.py); `batchrun priority` changes it
 
     def problems(self) -> list[str]:
         """Why these options cannot work, one sentence per option (empty if they can): the
@@ -97,8 +98,8 @@ class BatchOptions:
         for f in fields(cls):
             if f.name == "limits" or f.name not in data:
                 continue
-            kind = type(getattr(opts, f.name))  # int or float, from the default
-            setattr(opts, f.name, kind(float(data[f.name])))
+            kind = type(getattr(opts, f.name))  # int, float or str, from the default
+            setattr(opts, f.name, data[f.name] if kind is str else kind(float(data[f.name])))
         if "limits" in data:
             opts.limits = Limits(json.loads(data["limits"]))
         return opts
@@ -148,6 +149,11 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
     need("--max-cost", o.max_cost, lambda x: x >= 0, "a number of dollars, 0 or more (0: no cap)")
     need("--keep-days", o.keep_days, lambda x: 0 < x <= MAX_KEEP_DAYS,
          f"a number of days above 0 and at most {MAX_KEEP_DAYS:,.0f}")
+    from batchrun.policy.fairshare import parse_priority  # (policy imports nothing of this module)
+    try:
+        parse_priority(o.priority)
+    except ValueError as exc:
+        out.append(str(exc).replace("priority", "--priority", 1))  # "--priority 'urgent' is not high, ..."
     for model, entry in sorted(o.limits.by_model.items()):
         for kind, value in sorted(entry.items()):
             x = _number(value)

@@ -12,7 +12,7 @@ import os
 import click
 
 from batchrun import __version__
-from batchrun.cli import dashboard, endpoints, estimate, manage, resume, submit_run, watch, worker
+from batchrun.cli import dashboard, endpoints, estimate, manage, priority, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
 from batchrun.endpoints import CONFIG_ENV
@@ -103,7 +103,8 @@ def _lift_verbosity(args: list[str]) -> list[str]:
 
 
 for _command in (submit_run.submit, worker.worker, watch.collect, submit_run.run, watch.status, watch.list_batches,
-                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate, endpoints.endpoints):
+                 resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate, endpoints.endpoints,
+                 priority.priority):
     main.add_command(_command)
 main.add_command(dashboard.dashboard)
 

@@ -61,6 +61,9 @@ def batch_options(f):
                      help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
         click.option("--keep-days", type=Number(0, min_open=True), default=7.0, show_default=True,
                      help="Days a finished or cancelled batch's data stays in Redis."),
+        click.option("--priority", default="normal", show_default=True, metavar="high|normal|low|WEIGHT",
+                     help="The batch's share of a fleet and a budget shared with other batches: high (weight 4), "
+                          "normal (1), low (only what the others leave) or a weight; `batchrun priority` changes it."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -72,7 +75,7 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days, give_up_after=300.0) -> BatchOptions:
+                 keep_days, give_up_after=300.0, priority="normal") -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -80,7 +83,7 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     check_finite("--max-cost", max_cost)
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                           give_up_seconds=give_up_after, limits=limits)
+                           give_up_seconds=give_up_after, limits=limits, priority=priority or "normal")
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))

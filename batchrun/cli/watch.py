@@ -160,9 +160,14 @@ def list_batches(redis_url, limit):
     ids = store.recent_batches(limit)
     if not ids:
         click.echo("no batch on this Redis")
+    from batchrun.ops.priority import share_view
+    from batchrun.state.fairshare import FairShare
+
+    running = FairShare(store).running()
     for bid in ids:
         m = store.meta(bid)
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(int(m.get("created", 0) or 0)))
         cost = float(m.get("cost", 0) or 0)
         click.echo(f"{bid}  {created}  {m.get('state', '?'):9}  {m.get('done', 0)}/{m.get('total', 0)} done, "
-                   f"{m.get('failed', 0)} failed, {format_usd(cost)}  {m.get('source', '')}")
+                   f"{m.get('failed', 0)} failed, {format_usd(cost)}  {share_view(store, bid, running).short()}  "
+                   f"{m.get('source', '')}")

@@ -6,6 +6,8 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 from __future__ import annotations
 
 from batchrun.ops.endpoints import endpoint_pace, pace_line
+from batchrun.ops.priority import ShareView, share_view
+from batchrun.state.keys import split_budget
 from batchrun.state import keys
 from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
@@ -20,6 +22,14 @@ WINDOW = 60  # seconds of recent counts behind the rates and the ETA
 # Per-minute rates need this much of a window: over the first seconds of a batch, the server's
 # start burst scaled to a minute reads as several times the limit.
 MIN_RATE_SECONDS = 30
+
+
+def share_fields(view: ShareView) -> dict:
+    """The batch's priority and its share now, as status --json gives them."""
+    return {"priority": view.priority.text, "weight": view.priority.weight, "workers": view.runners,
+            "all_workers": view.all_runners, "line": view.line(),
+            "budgets": [{"model": split_budget(b.budget_key).model, "share": round(b.share, 3), "batches": b.batches}
+                        for b in view.budgets]}
 
 
 def batch_status(store: BatchStore, batch_id: str) -> dict:
@@ -69,6 +79,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": _cost(meta, jobs, options),
         "fleet": store.fleet_conditions(),
+        "share": share_fields(share_view(store, batch_id)),
     }
 
 
@@ -192,6 +203,8 @@ def describe(status: dict) -> list[str]:
     if cost["prices_as_of"]:
         money += f" (prices of {cost['prices_as_of']})"
     lines.append(money)
+    if status.get("share"):
+        lines.append(f"  share: {status['share']['line']}")
     held = describe_conditions(status["fleet"])
     if held:
         lines.append(f"  fleet: {held}")

@@ -32,6 +32,7 @@ from batchrun.policy.classify import BATCH_ID_PLACEHOLDER, remember_secrets
 from batchrun.policy.pricing import PriceTable
 from batchrun.runner import maintenance
 from batchrun.runner.attempt import JobAttempts
+from batchrun.runner.fairturn import FairTurn
 from batchrun.state.batching import Batcher
 from batchrun.state.counters import CounterNames
 from batchrun.runner.routes import Routes
@@ -155,6 +156,9 @@ class ShardRunner(JobAttempts):
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
         self.coster = Batcher(self._reserve_costs, name="cost reservation", max_delay=0.002)
+        self.turn = FairTurn(store, bid, self.shard, self.token,
+                             [route.limiter for route in self.routes.all])  # fair share between batches
+        await self._redis(self.turn.start)
 
     async def _wind_down(self, renewer: asyncio.Task, reporter: asyncio.Task) -> None:
         if self.inflight:
@@ -163,6 +167,7 @@ class ShardRunner(JobAttempts):
             await asyncio.gather(*self._side_tasks, return_exceptions=True)
         await self.routes.drain()
         await self._redis(self.routes.forget_held)
+        await self._redis(self.turn.stop)
         await self.coster.drain()  # before the requeues, which release what it set aside
         await self.completer.drain()
         await self.requeuer.drain()
@@ -218,7 +223,8 @@ class ShardRunner(JobAttempts):
             # a second: a pause or a cancel then stops the waiting jobs before they are sent.
             if free >= low_water or not self.inflight or time.monotonic() - last_lease > 1.0:
                 last_lease = time.monotonic()
-                if time.monotonic() - started > self.settings.max_shard_seconds:
+                if time.monotonic() - started > self.settings.max_shard_seconds or (
+                        self.turn.due() and await self._redis(self.turn.should_yield)):
                     # Give the RQ worker back so other batches get a turn; the shard continues later.
                     return  # run() parks the shard on the way out if work is left
                 lease = await self._redis(self.store.lease, self.batch_id, self.shard,

@@ -30,7 +30,7 @@ from rq.timeouts import TimerDeathPenalty
 
 from batchrun.state import keys
 
-from batchrun.runner import maintenance, shard
+from batchrun.runner import fairturn, maintenance, shard
 from batchrun.state.store import RUN_SHARD, BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -127,6 +127,7 @@ class BatchWorkerMixin:
         while True:
             try:
                 maintenance.run_once(store)
+                fairturn.choose_next_shard(store)  # the next shard: round robin between batches, not FIFO
                 result = super().dequeue_job_and_maintain_ttl(self.poll_seconds, self.poll_seconds)
                 if result is not None or self._stop_requested:
                     return result

@@ -115,6 +115,17 @@ def held(budget_key: str) -> str:
     return f"{budget_key}:held"
 
 
+def fair_share(budget_key: str) -> tuple[str, str]:
+    """A budget's fair-share hash and its queue of reservations not yet due (state/lua/_fairshare.lua).
+    Not under the budget's own name: what scans ``batchrun:budget:*`` reads hashes only."""
+    budget_id = budget_key[len(f"{PREFIX}:budget:"):]
+    return f"{PREFIX}:fairshare:{budget_id}", f"{PREFIX}:fairqueue:{budget_id}"
+
+
+RUNNERS = f"{PREFIX}:fair:runners"  # zset "batch_id|runner token" -> expiry ms: the shard runners alive
+SERVED = f"{PREFIX}:fair:served"  # zset batch_id -> ms a worker last started one of its shards
+
+
 class BudgetName(NamedTuple):
     endpoint: str  # endpoint_id of the base URL
     key_fingerprint: str

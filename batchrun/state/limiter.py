@@ -75,6 +75,7 @@ class Grant(Enum):
     PROBE = 2  # granted as the open circuit's one probe
     CIRCUIT_OPEN = 1  # not granted: ask again after the wait
     NEVER_FITS = -1  # more than the limit allows in a minute, judged on the smallest input estimate
+    OVER_SHARE = 3  # not granted: the batch holds its fair share of the budget; ask again after the wait
 
 
 class Reservation(NamedTuple):
@@ -108,6 +109,11 @@ class SharedLimiter:
         self._first_admission: Admission | None = None
         self._reported = False  # this runner's held reservations are in Redis (report_held)
         self._rereport: asyncio.Task | None = None
+        self._share: tuple[str, float] | None = None  # (batch id, weight): its fair share of each budget
+
+    def share_as(self, batch_id: str, weight: float) -> None:
+        """Draw from each budget as ``batch_id``, with this weight (policy/fairshare.py; 0: low)."""
+        self._share = (batch_id, weight)
 
     def limits(self, model: str) -> tuple[int, int]:
         """The configured (rpm, tpm) of a model; 0 where none (the budget may have learnt one)."""
@@ -143,6 +149,9 @@ class SharedLimiter:
                 raise EndpointDown(self._settings.base_url)
             if grant is Grant.CIRCUIT_OPEN:  # come back when it may have closed, not all at once
                 await asyncio.sleep(ms / 1000 + self._rng.uniform(0, 0.5))
+                continue
+            if grant is Grant.OVER_SHARE:  # together (no jitter): they ask again in the order they asked
+                await asyncio.sleep(ms / 1000)
                 continue
             held = self._held[model]
             held[0] += 1
@@ -260,9 +269,13 @@ class SharedLimiter:
         args = [rpm, tpm, self._options.burst_seconds, 0]
         keys_ = [self.budget_key(model), self.circuit_key, keys.BUDGETS]
 
+        fair_keys = list(keys.fair_share(keys_[0]))
+
         def flush(items: list[tuple[int, int, int]]) -> list[Reservation]:
             flat = [x for item in items for x in item]
-            out = [int(x) for x in self._store.scripts.reserve(keys=keys_, args=[*args, *flat])]
+            share = self._share  # read at each call: a priority changed on a running batch applies
+            call_keys, call_args = (keys_, args) if share is None else ([*keys_, *fair_keys], [*args, *share])
+            out = [int(x) for x in self._store.scripts.reserve(keys=call_keys, args=[*call_args, *flat])]
             return [Reservation(out[i], Grant(out[i + 1]), *out[i + 2:i + 5]) for i in range(0, len(out), 5)]
 
         return flush

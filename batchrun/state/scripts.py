@@ -15,10 +15,12 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take")
+         "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take", "set_priority",
+         "to_front")
 
 
 PRELUDE = "_prelude"
+LIBRARIES = {"reserve": ("_fairshare",)}  # shared Lua a script needs, put between the prelude and it
 
 
 def _read(name: str) -> str:
@@ -28,7 +30,7 @@ def _read(name: str) -> str:
 @lru_cache(maxsize=None)
 def source(name: str) -> str:
     """The script as Redis runs it: the prelude, then the script's own file."""
-    return f"{_read(PRELUDE)}\n{_read(name)}"
+    return "\n".join(_read(part) for part in (PRELUDE, *LIBRARIES.get(name, ()), name))
 
 
 class Scripts:
@@ -62,3 +64,5 @@ class Scripts:
     slot_release: Script
     slot_renew: Script
     day_take: Script
+    set_priority: Script
+    to_front: Script

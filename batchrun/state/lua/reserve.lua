@@ -23,6 +23,10 @@
 -- ARGV[4]  spacing in ms between requests released after a cooldown (0: 60000/rpm, else 5)
 -- ARGV     then for each request: input token estimate (charged k times), output token
 --          reservation, and the smallest input estimate (judges "can never fit")
+-- Fair share (fairshare.lua's contract, only with KEYS[4] and KEYS[5]): KEYS[4] the budget's
+--          fair-share hash, KEYS[5] its queue of reservations not yet due; ARGV[5] the caller's
+--          batch id, ARGV[6] its weight (0: low); the requests' triples then start at ARGV[7].
+--          Verdict 3: not granted, the batch holds its share of the budget: ask again after ms.
 -- Returns  for each request {ms, verdict, charge, mark, request mark}:
 --          verdict 0: granted, send after ms;  2: granted as the circuit's probe;
 --          1: not granted (circuit open), ask again after ms;  -1: can never fit
@@ -73,15 +77,17 @@ local k = tonumber(s[10] or 1)
 if cfg_t > 0 and k < 1 then k = 1 end
 local spacing = tonumber(ARGV[4])
 if spacing <= 0 then spacing = rpm > 0 and 60000 / rpm or 5 end
-local n = (#ARGV - 4) / 3
+local fair_batch = #KEYS >= 5 and ARGV[5] or ''
+local base = #KEYS >= 5 and 6 or 4  -- the requests' triples follow the fixed arguments
+local n = (#ARGV - base) / 3
 local out = {}
 
 local function charge_of(i)
-  return math.ceil(k * tonumber(ARGV[2 + 3 * i]) + tonumber(ARGV[3 + 3 * i]))
+  return math.ceil(k * tonumber(ARGV[base - 2 + 3 * i]) + tonumber(ARGV[base - 1 + 3 * i]))
 end
 
 local function too_large(i)
-  return tpm > 0 and math.ceil(tonumber(ARGV[4 + 3 * i]) + tonumber(ARGV[3 + 3 * i])) > max_t
+  return tpm > 0 and math.ceil(tonumber(ARGV[base + 3 * i]) + tonumber(ARGV[base - 1 + 3 * i])) > max_t
 end
 
 -- The circuit first: an open circuit grants nothing and spends no budget.
@@ -136,9 +142,20 @@ local function take(i)
   return {math.ceil(w), 0, charge, spent, spent_r}
 end
 
+-- Fair share between batches (fairshare.lua): how much more this batch may queue, or nil (no limit).
+local room, share_rate = nil, 0
+if fair_batch ~= '' and not circuit_open then
+  room, share_rate = fair_room(KEYS[4], KEYS[5], fair_batch, tonumber(ARGV[6]), now, rpm, tpm,
+                               spent + math.min(tok, 0), spent, spent_r + math.min(req, 0), spent_r)
+end
+
 for i = 1, n do
-  if not circuit_open then
-    for _, v in ipairs(take(i)) do out[#out + 1] = v end
+  if room ~= nil and room <= 0 then
+    for _, v in ipairs({fair_wait(room, share_rate), 3, 0, 0, 0}) do out[#out + 1] = v end
+  elseif not circuit_open then
+    local r = take(i)
+    for _, v in ipairs(r) do out[#out + 1] = v end
+    if room ~= nil and r[2] == 0 then room = fair_queued(KEYS[4], KEYS[5], fair_batch, r, room) end
   elseif i == probe then
     local r = take(i)
     out[5 * i - 4], out[5 * i - 2], out[5 * i - 1], out[5 * i] = r[1], r[3], r[4], r[5]
@@ -151,5 +168,9 @@ redis.call('HSET', b, 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring
 if own_r > 0 and own_r == cfg_r then redis.call('HSET', b, 'low_r', tostring(own_r), 'low_r_at', tostring(now)) end
 if own_t > 0 and own_t == cfg_t then redis.call('HSET', b, 'low_t', tostring(own_t), 'low_t_at', tostring(now)) end
 redis.call('PEXPIRE', b, 86400000)
+if fair_batch ~= '' then
+  redis.call('PEXPIRE', KEYS[4], 86400000)
+  redis.call('PEXPIRE', KEYS[5], 86400000)
+end
 redis.call('SADD', KEYS[3], b)
 return out
