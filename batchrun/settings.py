@@ -79,6 +79,8 @@ class BatchOptions:
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     limits: Limits = field(default_factory=Limits)
+    via: str = "live"  # how its jobs are sent: VIAS (batchrun/remote/ runs "batch-api")
+    resend_via: str = "live"  # where lines a remote batch expired or failed go again: "live" or "batch-api"
 
     def problems(self) -> list[str]:
         """Why these options cannot work, one sentence per option (empty if they can): the
@@ -97,8 +99,8 @@ class BatchOptions:
         for f in fields(cls):
             if f.name == "limits" or f.name not in data:
                 continue
-            kind = type(getattr(opts, f.name))  # int or float, from the default
-            setattr(opts, f.name, kind(float(data[f.name])))
+            kind = type(getattr(opts, f.name))  # int, float or str, from the default
+            setattr(opts, f.name, data[f.name] if kind is str else kind(float(data[f.name])))
         if "limits" in data:
             opts.limits = Limits(json.loads(data["limits"]))
         return opts
@@ -110,6 +112,7 @@ MAX_BACKOFF_SECONDS = 86_400.0  # a day
 MAX_BURST_SECONDS = 3_600.0
 MAX_KEEP_DAYS = 3_650.0  # ten years
 MAX_SHARD_SIZE = 1_000_000  # one RQ job; past this a typo, and a shard too big to share or redo
+VIAS = ("live", "batch-api")  # how a batch's jobs may be sent
 MAX_CONCURRENCY = 10_000  # requests in flight per process: past this, sockets and memory run out first
 
 
@@ -148,6 +151,10 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
     need("--max-cost", o.max_cost, lambda x: x >= 0, "a number of dollars, 0 or more (0: no cap)")
     need("--keep-days", o.keep_days, lambda x: 0 < x <= MAX_KEEP_DAYS,
          f"a number of days above 0 and at most {MAX_KEEP_DAYS:,.0f}")
+    if o.via not in VIAS:
+        out.append(f"--via must be one of {', '.join(VIAS)}, not {o.via!r}")
+    if o.resend_via not in ("live", "batch-api"):
+        out.append(f"--resend-via must be 'live' or 'batch-api', not {o.resend_via!r}")
     for model, entry in sorted(o.limits.by_model.items()):
         for kind, value in sorted(entry.items()):
             x = _number(value)

@@ -65,10 +65,11 @@ def _layer(dotted: str) -> str | None:
 
 
 FORBIDDEN = {
-    "policy": {"state", "runner", "ops", "api", "cli", "mock"},
-    "files": {"state", "runner", "ops", "api", "cli", "mock"},
-    "state": {"runner", "ops", "api", "cli", "mock"},
+    "policy": {"state", "runner", "remote", "ops", "api", "cli", "mock"},
+    "files": {"state", "runner", "remote", "ops", "api", "cli", "mock"},
+    "state": {"runner", "remote", "ops", "api", "cli", "mock"},
     "runner": {"ops", "api", "cli"},
+    "remote": {"runner", "ops", "api", "cli", "mock"},  # the Batch API sender, beside runner/
     "ops": {"api", "cli"},
     "api": {"cli"},
 }

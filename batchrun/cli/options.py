@@ -6,7 +6,7 @@ import math
 
 import click
 
-from batchrun.settings import MAX_SHARD_SIZE, BatchOptions, Limits
+from batchrun.settings import MAX_SHARD_SIZE, VIAS, BatchOptions, Limits
 from batchrun.state.connections import ENV_URL, check_url
 from batchrun.state.store import BatchStore
 
@@ -61,6 +61,12 @@ def batch_options(f):
                      help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
         click.option("--keep-days", type=Number(0, min_open=True), default=7.0, show_default=True,
                      help="Days a finished or cancelled batch's data stays in Redis."),
+        click.option("--via", type=click.Choice(VIAS), default="live", show_default=True,
+                     help="How the jobs are sent: live requests, or OpenAI's Batch API (/v1/batches: half "
+                          "price, done within 24 hours)."),
+        click.option("--resend-via", type=click.Choice(("live", "batch-api")), default="live", show_default=True,
+                     help="With --via batch-api: where lines a remote batch expired or failed are sent "
+                          "again (one attempt each)."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -72,7 +78,7 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days, give_up_after=300.0) -> BatchOptions:
+                 keep_days, give_up_after=300.0, via="live", resend_via="live") -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -80,7 +86,7 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     check_finite("--max-cost", max_cost)
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                           give_up_seconds=give_up_after, limits=limits)
+                           give_up_seconds=give_up_after, limits=limits, via=via, resend_via=resend_via)
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -114,6 +120,9 @@ def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: Ba
             continue
         if getattr(options, name) != getattr(stored, name):
             changed.append(f"{option} {getattr(options, name):g} (it has {getattr(stored, name):g})")
+    for option, name in (("--via", "via"), ("--resend-via", "resend_via")):
+        if name in given and getattr(options, name) != getattr(stored, name):
+            changed.append(f"{option} {getattr(options, name)} (it has {getattr(stored, name)})")
     for kind in ("rpm", "tpm"):
         mine = {m: e[kind] for m, e in options.limits.by_model.items() if kind in e}
         theirs = {m: e[kind] for m, e in stored.limits.by_model.items() if e.get(kind)}

@@ -5,6 +5,7 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
+from batchrun.remote.start import describe_remote, remote_summary
 from batchrun.state import keys
 from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
@@ -67,6 +68,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": _cost(meta, jobs, options),
         "fleet": store.fleet_conditions(),
+        "remote_batches": remote_summary(store, batch_id),  # --via batch-api (remote/start.py)
     }
 
 
@@ -188,6 +190,7 @@ def describe(status: dict) -> list[str]:
     if cost["prices_as_of"]:
         money += f" (prices of {cost['prices_as_of']})"
     lines.append(money)
+    lines += describe_remote(status.get("remote_batches") or [])
     held = describe_conditions(status["fleet"])
     if held:
         lines.append(f"  fleet: {held}")

@@ -15,6 +15,9 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:costres``       hash    custom_id -> worst-case USD set aside (--max-cost)
 ``…:lapsed``        hash    "owner custom_id" -> worst case counted for a lapsed lease
 ``…:m:BUCKET``      hash    counts in one 5-second bucket (expires by itself)
+``…:rparts``        hash    part number -> remote batch record JSON (--via batch-api)
+``…:rids``          hash    part number -> its custom_ids, one a line
+``…:rlock``         string  the token of the runner driving its remote batches (expires)
 ==================  ======  ==================================================
 
 A budget (``batchrun:budget:ENDPOINT:KEYFP:MODEL``) has its runners' held reservations
@@ -49,7 +52,8 @@ def sub(batch_id: str, name: str) -> str:
 
 
 # A batch's keys besides its hash and the per-shard todo sets.
-SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed")
+SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed",
+           "rparts", "rids", "rlock")  # the last three: its remote batches (state/remote_parts.py)
 
 
 def todo(batch_id: str, shard: int) -> str:
