@@ -16,7 +16,7 @@ import socket
 import time
 import uuid
 
-from batchrun.policy.remote_split import JobSize, split_parts
+from batchrun.policy.remote_split import MAX_BYTES, MAX_REQUESTS, JobSize, split_parts
 from batchrun.remote.client import RemoteClient
 from batchrun.remote.collect import Recorder, input_line
 from batchrun.remote.start import enqueue_remote
@@ -30,11 +30,12 @@ from batchrun.text import decoded as _s
 
 log = logging.getLogger("batchrun.remote")
 
-LOCK_MS = 60_000  # the runner renews it every pass; a dead runner's lapses after this
+# The runner renews its lock every pass (at least every third of it); a dead runner's lapses after it.
+LOCK_MS = int(float(os.environ.get("BATCHRUN_REMOTE_LOCK_SECONDS") or 60) * 1000)
 # Jobs in a remote batch are leased to it for longer than the 24-hour window and the capped
 # queue-full waits: only a runner that is gone for days gives them back to live sending.
 LEASE_MS = 4 * 86_400_000
-LEASE_CHUNK = 5000
+LEASE_CHUNK = 2000  # jobs per lease call (lease.lua unpacks twice as many arguments: Lua caps that near 8,000)
 MAX_RUN_SECONDS = float(os.environ.get("BATCHRUN_REMOTE_RUN_SECONDS") or 600)
 POLL_FIRST = 0.2  # seconds between passes after a change...
 POLL_CAP = float(os.environ.get("BATCHRUN_REMOTE_POLL_CAP") or 30)  # ... growing to this while nothing changes
@@ -52,11 +53,14 @@ def run_remote(batch_id: str, generation: int) -> dict:
 
 class RemoteRunner:
     def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, *,
-                 max_seconds: float = MAX_RUN_SECONDS, poll_cap: float = POLL_CAP):
+                 max_seconds: float = MAX_RUN_SECONDS, poll_cap: float = POLL_CAP,
+                 max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES):
         self.store, self.batch_id, self.client = store, batch_id, client
         self.parts = RemoteParts(store.redis)
         self.token = f"remote-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        self.max_seconds, self.poll_cap = max_seconds, poll_cap
+        self.max_seconds = max_seconds
+        self.poll_cap = min(poll_cap, LOCK_MS / 3000)  # a pass renews the lock: never sleep past a third of it
+        self.max_requests, self.max_bytes = max_requests, max_bytes
 
     def run(self) -> dict:
         if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
@@ -110,19 +114,20 @@ class RemoteRunner:
         if gen <= int(meta.get("remote_planned") or 0) and self.parts.parts(self.batch_id):
             return 0
         shards = int(meta.get("shards") or 0)
+        resend_live = self.store.options(self.batch_id).resend_via == "live"
         for shard in range(shards):
-            self._lease_shard(shard)
+            self._lease_shard(shard, resend_live)
         made = self._make_parts()
         self.store.redis.hset(keys.batch(self.batch_id), "remote_planned", gen)
         return made
 
-    def _lease_shard(self, shard: int) -> None:
+    def _lease_shard(self, shard: int, resend_live: bool) -> None:
         while True:
             lease = self.store.lease(self.batch_id, shard, LEASE_CHUNK, LEASE_MS, REMOTE_TOKEN)
             if not lease.jobs:
                 return
             # A job sent again live (it failed in a remote batch) stays live: back to its shard.
-            live = [j.custom_id for j in lease.jobs if j.attempts > 0 and self.store.options(self.batch_id).resend_via == "live"]
+            live = [j.custom_id for j in lease.jobs if j.attempts > 0 and resend_live]
             if live:
                 Recorder(self.store, self.batch_id).resend_live([(c, "", "") for c in live], counts=False)
                 if len(live) == len(lease.jobs):
@@ -144,7 +149,7 @@ class RemoteRunner:
                     sizes.append(JobSize(cid, req.get("url", ""), str((req.get("body") or {}).get("model", "")),
                                          len(input_line(cid, raw))))
         first = max((p.no for p in self.parts.parts(self.batch_id)), default=-1) + 1
-        plans = split_parts(sizes)
+        plans = split_parts(sizes, self.max_requests, self.max_bytes)
         new = [Part(first + i, plan.url, plan.model, len(plan.custom_ids)) for i, plan in enumerate(plans)]
         self._save(new, {part.no: plan.custom_ids for part, plan in zip(new, plans)})
         log.info("batch %s: %d job(s) in %d new remote batch(es)", self.batch_id, len(sizes), len(new))
