@@ -44,8 +44,8 @@ def line_outcome(line: object) -> LineOutcome | None:
         return LineOutcome(LineFate.RESULT, cid, 200, "", "")
     if status is not None:
         fields = error_fields(response.get("body"))
-        code = fields.code or fields.type or f"http_{status}"
-        message = fields.message or f"the remote batch answered HTTP {status}"
+        code = fields.code or fields.type or str(error.get("code") or "") or f"http_{status}"
+        message = fields.message or str(error.get("message") or "") or f"the remote batch answered HTTP {status}"
         final = 400 <= status < 500 and status not in RETRYABLE_4XX
         return LineOutcome(LineFate.ERROR if final else LineFate.RESEND, cid, status, code, message)
     code = str(error.get("code") or "remote_line_failed")
