@@ -86,3 +86,17 @@ def test_cancel_cancels_the_remote_batches_upstream_and_keeps_what_they_finished
     done = int(conn.hget(f"batchrun:batch:{batch_id}", "done"))
     assert 0 < done < 100  # what ran before the cancel is kept, the rest never sent
     assert live == 0
+
+
+def test_estimate_via_the_batch_api_shows_both_prices(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 1000, max_tokens=100)
+    text = _cli(["estimate", str(jobs), "--via", "batch-api", "--typical-output", "50"], cli_env())
+    assert text.returncode == 0, text.stderr
+    assert "cost            $0.0336 (typical) to $0.0636" in text.stdout  # live, shipped gpt-4o-mini
+    assert "via the Batch API: $0.0168 to $0.0318 (50% of the live $0.0336 to $0.0636" in text.stdout
+    data = json.loads(_cli(["estimate", str(jobs), "--via", "batch-api", "--json"], cli_env()).stdout)
+    total = data["total"]
+    assert data["batch_api"]["cost_high_usd"] == pytest.approx(total["cost_high_usd"] / 2)
+    assert data["batch_api"]["live_cost_low_usd"] == total["cost_low_usd"]
+    plain = _cli(["estimate", str(jobs)], cli_env())
+    assert "Batch API" not in plain.stdout
