@@ -100,3 +100,49 @@ def test_estimate_via_the_batch_api_shows_both_prices(tmp_path):
     assert data["batch_api"]["live_cost_low_usd"] == total["cost_low_usd"]
     plain = _cli(["estimate", str(jobs)], cli_env())
     assert "Batch API" not in plain.stdout
+
+
+def _run_auto(srv, jobs, out, deadline, *extra):
+    env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+    started = time.time()
+    done = _cli(["run", str(jobs), "-o", str(out), "--via", "auto", "--deadline", deadline, "--rpm", "600", *extra],
+                env, timeout=300)
+    return done, time.time() - started
+
+
+def test_via_auto_sends_live_what_the_budget_carries_by_the_deadline_and_the_rest_remote(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 500)
+    out = tmp_path / "out.jsonl"
+    with MockServerThread(rpm=600, batch_seconds=3) as srv:
+        done, took = _run_auto(srv, jobs, out, "30s")
+        live, summary = srv.stats()["requests"], _summary(srv)
+    assert done.returncode == 0, done.stderr
+    assert took < 30, f"the run took {took:.0f} s, past its 30 s deadline"
+    # 600 RPM for the time left at the split (under 30 s), with 0.7 headroom: at most 210 live
+    assert 100 <= live <= 210 and summary["created"] == 1
+    assert f"{live} job(s) live by the deadline" in done.stderr and f"{500 - live} through the Batch API" in done.stderr
+    assert not check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")[1]
+
+
+def test_via_auto_moves_a_late_remote_batchs_lines_to_live(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
+    out = tmp_path / "out.jsonl"
+    with MockServerThread(rpm=6000, batch_seconds=120) as srv:  # the remote batch would take 2 minutes
+        done, took = _run_auto(srv, jobs, out, "20s", "--rpm", "600")
+        live, summary = srv.stats()["requests"], _summary(srv)
+    assert done.returncode == 0, done.stderr
+    assert summary["cancels"] == 1 and list(summary["batches"].values()) == ["cancelled"]
+    assert "late for the deadline: cancelled upstream" in done.stderr
+    assert live > 150  # the live share and the late batch's unfinished lines
+    assert not check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")[1]
+
+
+def test_via_auto_needs_a_deadline_and_a_deadline_needs_auto(tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    env = cli_env(BATCHRUN_REDIS_URL="redis://127.0.0.1:1/0")
+    no_deadline = _cli(["submit", str(jobs), "--via", "auto"], env)
+    assert no_deadline.returncode == 2 and "--via auto needs --deadline DURATION" in no_deadline.stderr
+    stray = _cli(["submit", str(jobs), "--deadline", "6h"], env)
+    assert stray.returncode == 2 and "--deadline applies to --via auto only" in stray.stderr
+    bad = _cli(["submit", str(jobs), "--via", "auto", "--deadline", "soon"], env)
+    assert bad.returncode == 2 and "'soon' is not a duration" in bad.stderr

@@ -90,3 +90,26 @@ def test_the_batch_api_price_is_half():
     price = Price(input=2.0, cached_input=1.0, output=8.0)
     usage = {"prompt_tokens": 1_000_000, "completion_tokens": 1_000_000}
     assert cost_of_usage(batch_price(price), usage) == pytest.approx(cost_of_usage(price, usage) / 2) == 5.0
+
+
+from batchrun.policy.via_split import HEADROOM, live_share  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(0, 10**6), st.floats(0, 10_000), st.integers(0, 10**5), st.integers(0, 10**8),
+       st.floats(0, 86_400 * 2), st.floats(0, 86_400))
+def test_the_live_share_never_passes_the_budget_and_grows_with_time(jobs, avg, rpm, tpm, seconds, more):
+    n = live_share(jobs, avg, rpm, tpm, seconds)
+    assert 0 <= n <= jobs
+    if rpm:
+        assert n <= rpm * seconds / 60 * HEADROOM + 1e-6
+    if tpm:
+        assert n * max(avg, 1.0) <= tpm * seconds / 60 * HEADROOM + max(avg, 1.0)
+    assert live_share(jobs, avg, rpm, tpm, seconds + more) >= n  # more time: never fewer live
+
+
+def test_the_live_share_cases():
+    assert live_share(1000, 100, 0, 0, 60) == 1000  # no limit known: all live
+    assert live_share(1000, 100, 600, 0, 60) == 420  # 600 requests in the minute, 0.7 of them
+    assert live_share(1000, 100, 0, 60_000, 60) == 420  # 600 jobs' tokens in the minute
+    assert live_share(1000, 100, 600, 60_000, 0) == 0  # the deadline has passed: all remote

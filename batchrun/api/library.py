@@ -68,6 +68,7 @@ class RunOptions:
     skip_invalid: bool = False
     via: str = "live"  # "batch-api": through OpenAI's Batch API (half price, within 24 hours)
     resend_via: str = "live"  # where lines a remote batch expired or failed go again
+    deadline: float = 0.0  # seconds; with via="auto": live what the budget carries by then, the rest via the Batch API
     progress: bool = True
     on_event: EventHandler | None = None  # each line the run says; default: the "batchrun" logger
 
@@ -153,7 +154,7 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
         ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
                            limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)), via=opts.via,
-                           resend_via=opts.resend_via)
+                           resend_via=opts.resend_via, deadline_seconds=opts.deadline)
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,

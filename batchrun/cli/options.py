@@ -33,6 +33,27 @@ redis_option = click.option("--redis-url", envvar=ENV_URL, default=None, callbac
                                  "in-process Redis.")
 
 
+class Duration(click.ParamType):
+    """A duration: seconds, or a number with s, m, h or d (90s, 45m, 6h, 2d)."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration; give seconds or a number with s, m, h or d (6h)", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} must be a duration above 0", param, ctx)
+        return seconds
+
+
 def batch_options(f):
     """Options stored with a batch (submit and run)."""
     opts = [
@@ -67,6 +88,9 @@ def batch_options(f):
         click.option("--resend-via", type=click.Choice(("live", "batch-api")), default="live", show_default=True,
                      help="With --via batch-api: where lines a remote batch expired or failed are sent "
                           "again (one attempt each)."),
+        click.option("--deadline", type=Duration(), default=None, metavar="DURATION",
+                     help="With --via auto: the batch should end within this (90s, 45m, 6h, 2d); what the "
+                          "budget cannot send live by then goes through the Batch API."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -78,7 +102,7 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days, give_up_after=300.0, via="live", resend_via="live") -> BatchOptions:
+                 keep_days, give_up_after=300.0, via="live", resend_via="live", deadline=None) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -86,7 +110,8 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     check_finite("--max-cost", max_cost)
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                           give_up_seconds=give_up_after, limits=limits, via=via, resend_via=resend_via)
+                           give_up_seconds=give_up_after, limits=limits, via=via, resend_via=resend_via,
+                           deadline_seconds=deadline or 0.0)
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))

@@ -17,13 +17,14 @@ import time
 import uuid
 
 from batchrun.policy.remote_split import MAX_BYTES, MAX_REQUESTS, JobSize, split_parts
+from batchrun.remote.auto import split_once
 from batchrun.remote.client import RemoteClient
 from batchrun.remote.collect import Recorder, input_line
 from batchrun.remote.start import enqueue_remote
 from batchrun.remote.steps import PartSteps
 from batchrun.settings import current_worker_settings
 from batchrun.state import keys
-from batchrun.state.remote_parts import REMOTE_TOKEN, Part, RemoteParts
+from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
@@ -32,9 +33,6 @@ log = logging.getLogger("batchrun.remote")
 
 # The runner renews its lock every pass (at least every third of it); a dead runner's lapses after it.
 LOCK_MS = int(float(os.environ.get("BATCHRUN_REMOTE_LOCK_SECONDS") or 60) * 1000)
-# Jobs in a remote batch are leased to it for longer than the 24-hour window and the capped
-# queue-full waits: only a runner that is gone for days gives them back to live sending.
-LEASE_MS = 4 * 86_400_000
 LEASE_CHUNK = 2000  # jobs per lease call (lease.lua unpacks twice as many arguments: Lua caps that near 8,000)
 MAX_RUN_SECONDS = float(os.environ.get("BATCHRUN_REMOTE_RUN_SECONDS") or 600)
 POLL_FIRST = 0.2  # seconds between passes after a change...
@@ -113,17 +111,21 @@ class RemoteRunner:
         gen = int(meta.get("remote_gen") or 0)
         if gen <= int(meta.get("remote_planned") or 0) and self.parts.parts(self.batch_id):
             return 0
-        shards = int(meta.get("shards") or 0)
-        resend_live = self.store.options(self.batch_id).resend_via == "live"
-        for shard in range(shards):
-            self._lease_shard(shard, resend_live)
+        if meta.get("via") == "auto":
+            if not split_once(self.store, self.batch_id, meta):  # once: later jobs of the batch go live
+                self.store.wake_all_shards(self.batch_id)
+                self.store.promote_parked(limit=1000)
+        else:
+            resend_live = self.store.options(self.batch_id).resend_via == "live"
+            for shard in range(int(meta.get("shards") or 0)):
+                self._lease_shard(shard, resend_live)
         made = self._make_parts()
         self.store.redis.hset(keys.batch(self.batch_id), "remote_planned", gen)
         return made
 
     def _lease_shard(self, shard: int, resend_live: bool) -> None:
         while True:
-            lease = self.store.lease(self.batch_id, shard, LEASE_CHUNK, LEASE_MS, REMOTE_TOKEN)
+            lease = self.store.lease(self.batch_id, shard, LEASE_CHUNK, REMOTE_LEASE_MS, REMOTE_TOKEN)
             if not lease.jobs:
                 return
             # A job sent again live (it failed in a remote batch) stays live: back to its shard.

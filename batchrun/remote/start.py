@@ -17,7 +17,8 @@ WAKE_MS = 30_000  # a revived batch is not queued again for this long (its runne
 
 
 def uses_batch_api(options: BatchOptions) -> bool:
-    return options.via == "batch-api"
+    """Does the batch send through the Batch API (all of it, or the share --via auto gives it)?"""
+    return options.via in ("batch-api", "auto")
 
 
 def enqueue_remote(store: BatchStore, batch_id: str) -> None:
@@ -41,7 +42,7 @@ def revive(store: BatchStore) -> int:
     queued = 0
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("via") != "batch-api" or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
+        if meta.get("via") not in ("batch-api", "auto") or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
             continue
         if parts.locked(batch_id) or not needs_runner(store, parts, batch_id, meta):
             continue

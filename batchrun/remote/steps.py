@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from batchrun.remote.auto import is_late
 from batchrun.remote.client import QueueFull, Refused, RemoteClient, RemoteError, Unavailable
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
@@ -41,8 +42,12 @@ class PartSteps:
         """Move each part one step on; True if any changed."""
         changed = False
         held = {p.model for p in parts if p.state is PartState.HELD}
+        late = is_late(self.store.meta(self.batch_id))
         for part in parts:
             if part.state.ended:
+                continue
+            if late and not part.late:
+                changed |= self._late(part)
                 continue
             if part.state is PartState.UPLOADED and part.model in held:
                 continue  # the model's queue is full: this file waits behind the held one
@@ -151,8 +156,9 @@ class PartSteps:
     def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> None:
         if not items:
             return
-        if self._cancelled():
-            self.recorder.resend_live(items, counts=False)  # a cancelled batch takes nothing back: leases go
+        if self._cancelled() or part.late:
+            # A cancelled batch takes nothing back (the leases go); a late part's lines were not tried.
+            self.recorder.resend_live(items, counts=False)
             return
         again, last = self.recorder.over_limit(items)
         if last:
@@ -165,6 +171,27 @@ class PartSteps:
             self.save([Part(no, part.url, part.model, len(again), resend=True)], {no: [c for c, _, _ in again]})
         else:
             self.recorder.resend_live(again)
+
+    def _late(self, part: Part) -> bool:
+        """--via auto, the deadline near: cancel the remote batch upstream (what it finished is kept,
+        the rest goes live when it has ended) or, if it is not upstream yet, send its jobs live."""
+        part.late = True
+        try:
+            if part.state is PartState.CREATING:
+                found = self.client.find(self._metadata(part))
+                if found:
+                    self._running(part, found)
+            if part.state is PartState.RUNNING:
+                if self.client.cancel(part.remote_id) is not None:
+                    part.remote_status = "cancelling"
+                part.note = "late for the deadline: cancelled upstream, its unfinished lines go live"
+            else:
+                self._to_live(part, "late for the deadline")
+        except RemoteError as exc:
+            part.late, part.note = False, f"late for the deadline, and cancelling failed: {exc}"
+        self.save([part])
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+        return True
 
     def _to_live(self, part: Part, why: str) -> None:
         """The part's jobs go to live sending (no attempt counted: none was made)."""

@@ -18,6 +18,9 @@ from batchrun.state.scripts import source
 from batchrun.text import decoded as _s
 
 REMOTE_TOKEN = "remote"  # lease owner token of jobs in remote batches ("remote|SHARD")
+# Jobs in a remote batch are leased to it for longer than the 24-hour window and the capped
+# queue-full waits: only a runner that is gone for days gives them back to live sending.
+REMOTE_LEASE_MS = 4 * 86_400_000
 
 
 class PartState(StoredText):
@@ -50,6 +53,7 @@ class Part:
     held_since_ms: int = 0
     note: str = ""  # the last thing worth telling the user (a failed create, a hold)
     resend: bool = False  # a part of lines sent again (they cost an attempt already)
+    late: bool = False  # --via auto: cancelled for the deadline; its unfinished lines go live
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "state": str(self.state)})
