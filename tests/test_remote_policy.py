@@ -110,6 +110,6 @@ def test_the_live_share_never_passes_the_budget_and_grows_with_time(jobs, avg, r
 
 def test_the_live_share_cases():
     assert live_share(1000, 100, 0, 0, 60) == 1000  # no limit known: all live
-    assert live_share(1000, 100, 600, 0, 60) == 420  # 600 requests in the minute, 0.7 of them
-    assert live_share(1000, 100, 0, 60_000, 60) == 420  # 600 jobs' tokens in the minute
+    assert live_share(1000, 100, 600, 0, 60) == 360  # 600 requests in the minute, 0.6 of them
+    assert live_share(1000, 100, 0, 60_000, 60) == 360  # 600 jobs' tokens in the minute
     assert live_share(1000, 100, 600, 60_000, 0) == 0  # the deadline has passed: all remote

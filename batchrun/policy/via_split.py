@@ -3,7 +3,7 @@ through the Batch API at half price). Pure.
 
 Live sending is bounded by the batch's own limits (--rpm, --tpm): in ``seconds`` it can send at
 most rpm × seconds / 60 requests and tpm × seconds / 60 tokens. The live share is the smaller of
-the two, in jobs of the batch's average charge, times a headroom (0.7) for retries, the budget's ramp-up and
+the two, in jobs of the batch's average charge, times a headroom (0.6) for retries, the budget's ramp-up and
 the limits' burst; without a limit the live budget is not known to end, and every job goes live.
 """
 
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 
-HEADROOM = 0.7
+HEADROOM = 0.6
 
 
 def live_share(jobs: int, avg_tokens: float, rpm: int, tpm: int, seconds: float,
