@@ -107,3 +107,23 @@ def test_a_file_of_two_models_fails_in_validation(sdk):
     b = _wait(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
                                             completion_window="24h").id, ("failed",))
     assert b.errors.data[0].code == "mismatched_model"
+
+
+def test_the_mock_server_command_takes_the_batch_options(spawn):
+    from tests.helpers import batchrun_cmd, cli_env, spare_port
+
+    port = spare_port()
+    spawn(batchrun_cmd("mock-server", "--port", str(port), "--batch-seconds", "0.2",
+                       "--batch-expire-fraction", "0.5"), env=cli_env())
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-test", max_retries=0)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            f = client.files.create(file=("in.jsonl", _lines(4)), purpose="batch")
+            break
+        except openai.APIConnectionError:
+            assert time.monotonic() < deadline, "the mock server did not start"
+            time.sleep(0.2)
+    b = _wait(client, client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                            completion_window="24h").id, ("expired",))
+    assert (b.request_counts.completed, b.request_counts.failed) == (2, 2)

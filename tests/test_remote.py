@@ -196,3 +196,16 @@ def test_the_python_api_runs_through_the_batch_api():
     redis.Redis.from_url(REAL_REDIS_URL).flushdb()
     assert [r.ok for r in results] == [True] * 20 and summary["created"] == 1 and live == 0
     assert all(r.text.startswith("mock:") for r in results)
+
+
+def test_a_batch_cancelled_before_its_runner_started_ends_the_runner_at_once(real_store, tmp_path):
+    from batchrun.state.states import BatchState
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 10)
+    with MockServerThread() as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        real_store.set_state(report.batch_id, BatchState.CANCELLED, "cancelled by the user")
+        started = time.monotonic()
+        out = RemoteRunner(real_store, report.batch_id, RemoteClient(srv.base_url, "k"), max_seconds=30).run()
+        assert out["again"] is False and time.monotonic() - started < 10
+        assert mock_summary(srv)["created"] == 0

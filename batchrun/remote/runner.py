@@ -89,8 +89,9 @@ class RemoteRunner:
                 self.plan(meta)
             parts = self.parts.parts(self.batch_id)
             changed = steps.cancel_all(parts) if state == BatchState.CANCELLED else steps.advance(parts)
-            if all(p.state.ended for p in self.parts.parts(self.batch_id)) and not self._unplanned_left(meta):
-                return False
+            planning = state == BatchState.RUNNING and self._unplanned_left(self.store.meta(self.batch_id))
+            if all(p.state.ended for p in self.parts.parts(self.batch_id)) and not planning:
+                return False  # (a batch that is not running plans nothing: its unplanned jobs wait for a resume)
             if time.monotonic() >= ends:
                 return True
             time.sleep(delay)
