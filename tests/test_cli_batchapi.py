@@ -121,16 +121,17 @@ def _run_auto(srv, jobs, out, deadline, *extra):
 
 
 def test_via_auto_sends_live_what_the_budget_carries_by_the_deadline_and_the_rest_remote(tmp_path):
-    jobs = write_jobs(tmp_path / "jobs.jsonl", 500)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 800)
     out = tmp_path / "out.jsonl"
     with MockServerThread(rpm=600, batch_seconds=3) as srv:
-        done, took = _run_auto(srv, jobs, out, "30s")
+        done, took = _run_auto(srv, jobs, out, "45s")
         live, summary = srv.stats()["requests"], _summary(srv)
     assert done.returncode == 0, done.stderr
-    assert took < 30 + 3, f"the batch took {took:.0f} s, past its 30 s deadline"  # (+3: a loaded machine's slack)
-    # 600 RPM for the time left at the split (under 30 s), with 0.6 headroom: at most 180 live
-    assert 80 <= live <= 180 and summary["created"] == 1
-    assert f"{live} job(s) live by the deadline" in done.stderr and f"{500 - live} through the Batch API" in done.stderr
+    # (+5 s: the live budget's ramp-up on 2 shared, loaded cores; bench/batch_split.py measures it quiet)
+    assert took < 45 + 5, f"the batch took {took:.0f} s, past its 45 s deadline"
+    # 600 RPM for the time left at the split (under 45 s), with 0.6 headroom: at most 270 live
+    assert 50 <= live <= 270 and summary["created"] == 1
+    assert f"{live} job(s) live by the deadline" in done.stderr and f"{800 - live} through the Batch API" in done.stderr
     assert not check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")[1]
 
 
@@ -138,7 +139,7 @@ def test_via_auto_moves_a_late_remote_batchs_lines_to_live(tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 300)
     out = tmp_path / "out.jsonl"
     with MockServerThread(rpm=6000, batch_seconds=120) as srv:  # the remote batch would take 2 minutes
-        done, took = _run_auto(srv, jobs, out, "20s", "--rpm", "600")
+        done, took = _run_auto(srv, jobs, out, "40s")  # (long enough that the remote batch is made before it is late)
         live, summary = srv.stats()["requests"], _summary(srv)
     assert done.returncode == 0, done.stderr
     assert summary["cancels"] == 1 and list(summary["batches"].values()) == ["cancelled"]
