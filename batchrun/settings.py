@@ -80,6 +80,9 @@ class BatchOptions:
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     limits: Limits = field(default_factory=Limits)
     priority: str = "normal"  # high, normal, low or a weight (policy/fairshare.py); `batchrun priority` changes it
+    via: str = "live"  # how its jobs are sent: VIAS (batchrun/remote/ runs "batch-api" and "auto")
+    resend_via: str = "live"  # where lines a remote batch expired or failed go again: "live" or "batch-api"
+    deadline_seconds: float = 0.0  # --via auto: the batch should end this long after it was created
 
     def problems(self) -> list[str]:
         """Why these options cannot work, one sentence per option (empty if they can): the
@@ -111,6 +114,7 @@ MAX_BACKOFF_SECONDS = 86_400.0  # a day
 MAX_BURST_SECONDS = 3_600.0
 MAX_KEEP_DAYS = 3_650.0  # ten years
 MAX_SHARD_SIZE = 1_000_000  # one RQ job; past this a typo, and a shard too big to share or redo
+VIAS = ("live", "batch-api", "auto")  # how a batch's jobs may be sent
 MAX_CONCURRENCY = 10_000  # requests in flight per process: past this, sockets and memory run out first
 
 
@@ -154,6 +158,16 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
         parse_priority(o.priority)
     except ValueError as exc:
         out.append(str(exc).replace("priority", "--priority", 1))  # "--priority 'urgent' is not high, ..."
+    if o.via not in VIAS:
+        out.append(f"--via must be one of {', '.join(VIAS)}, not {o.via!r}")
+    if o.resend_via not in ("live", "batch-api"):
+        out.append(f"--resend-via must be 'live' or 'batch-api', not {o.resend_via!r}")
+    need("--deadline", o.deadline_seconds, lambda x: 0 <= x <= 30 * 86_400, "a duration up to 30 days")
+    if o.via == "auto" and not o.deadline_seconds:
+        out.append("--via auto needs --deadline DURATION (how long the batch may take, e.g. 6h): the live share "
+                   "is what the budget can send by then")
+    if o.deadline_seconds and o.via != "auto":
+        out.append(f"--deadline applies to --via auto only (this batch is --via {o.via})")
     for model, entry in sorted(o.limits.by_model.items()):
         for kind, value in sorted(entry.items()):
             x = _number(value)

@@ -65,13 +65,14 @@ def _layer(dotted: str) -> str | None:
 
 
 FORBIDDEN = {
-    "policy": {"state", "runner", "ops", "api", "cli", "mock", "dashboard"},
-    "files": {"state", "runner", "ops", "api", "cli", "mock", "dashboard"},
-    "state": {"runner", "ops", "api", "cli", "mock", "dashboard"},
+    "policy": {"state", "runner", "remote", "ops", "api", "cli", "mock", "dashboard"},
+    "files": {"state", "runner", "remote", "ops", "api", "cli", "mock", "dashboard"},
+    "state": {"runner", "remote", "ops", "api", "cli", "mock", "dashboard"},
     "runner": {"ops", "api", "cli", "dashboard"},
+    "remote": {"runner", "ops", "api", "cli", "mock", "dashboard"},  # the Batch API sender, beside runner/
     "ops": {"api", "cli", "dashboard"},
     "api": {"cli", "dashboard"},
-    "dashboard": {"api", "cli", "mock", "runner"},  # reads Redis through state/ and ops/ only
+    "dashboard": {"api", "cli", "mock", "runner", "remote"},  # reads Redis through state/ and ops/ only
 }
 
 

@@ -67,6 +67,9 @@ class RunOptions:
     grace: float = 30.0
     skip_invalid: bool = False
     priority: str | float = "normal"  # high, normal, low or a weight: its share of a shared fleet and budget
+    via: str = "live"  # "batch-api": through OpenAI's Batch API (half price, within 24 hours)
+    resend_via: str = "live"  # where lines a remote batch expired or failed go again
+    deadline: float = 0.0  # seconds; with via="auto": live what the budget carries by then, the rest via the Batch API
     progress: bool = True
     on_event: EventHandler | None = None  # each line the run says; default: the "batchrun" logger
 
@@ -151,7 +154,8 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
         lines = batch_lines(requests, endpoint=opts.endpoint, model=opts.model)
         ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
-                           limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)), priority=str(opts.priority))
+                           limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)), priority=str(opts.priority),
+                           via=opts.via, resend_via=opts.resend_via, deadline_seconds=opts.deadline)
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,

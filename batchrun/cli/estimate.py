@@ -7,7 +7,7 @@ import json
 import click
 
 from batchrun.cli.helpers import fail
-from batchrun.settings import Limits
+from batchrun.settings import VIAS, Limits
 
 
 @click.command()
@@ -21,12 +21,14 @@ from batchrun.settings import Limits
 @click.option("--endpoint", default="/v1/chat/completions", show_default=True,
               help="URL for lines that are bare request bodies.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
+@click.option("--via", type=click.Choice(VIAS), default="live", show_default=True,
+              help="batch-api: also the cost through OpenAI's Batch API (half price, done within 24 hours).")
+def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via):
     """Count JOBS' tokens; show its cost range and the shortest time your limits allow.
 
     Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
     """
-    from batchrun.cli.estimate_text import render_text
+    from batchrun.cli.estimate_text import batch_api_costs, render_text
     from batchrun.ops.estimate import estimate_file
     from batchrun.policy.pricing import PriceTable
 
@@ -49,11 +51,14 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
              f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
              f"MODEL=N)")  # about the file, as run and submit say it: exit 1
     if as_json:
-        click.echo(json.dumps(report.to_dict()))
+        data = report.to_dict()
+        if via == "batch-api":
+            data["batch_api"] = batch_api_costs(report)
+        click.echo(json.dumps(data))
         return
     shown = report.errors[:20]
     for err in shown:
         click.echo(f"skipped: {err}", err=True)
     if report.invalid_lines > len(shown):
         click.echo(f"skipped: ... and {report.invalid_lines - len(shown):,} more invalid lines", err=True)
-    click.echo(render_text(report))
+    click.echo(render_text(report, via))

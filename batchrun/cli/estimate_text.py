@@ -8,18 +8,22 @@ from __future__ import annotations
 
 
 from batchrun.ops.estimate import EstimateReport, ModelEstimate
+from batchrun.policy.pricing import BATCH_API_SHARE
 from batchrun.text import format_duration, format_usd, plural
 
-__all__ = ["render_text"]
+__all__ = ["batch_api_costs", "batch_api_text", "render_text"]
 
 
-def render_text(report: EstimateReport) -> str:
-    """The report as ``batchrun estimate`` prints it (invalid lines are printed separately)."""
+def render_text(report: EstimateReport, via: str = "live") -> str:
+    """The report as ``batchrun estimate`` prints it (invalid lines are printed separately);
+    with ``via="batch-api"`` the Batch API's cost too."""
     lines = [_headline(report), f"prices: {', then '.join(report.prices.sources)}; USD per 1M tokens"]
     for m in report.models:
         lines += [""] + _model_lines(m, report.typical_output)
     if len(report.models) > 1:
         lines += [""] + _total_lines(report)
+    if via == "batch-api" and any(m.price is not None for m in report.models):
+        lines += ["", batch_api_text(report)]
     lines += _hints(report)
     return "\n".join(lines)
 
@@ -105,3 +109,17 @@ def _hints(report: EstimateReport) -> list[str]:
     if report.slowest is None and report.models:
         hints.append("add --tpm/--rpm (N, or MODEL=N) to see the shortest time your rate limits allow")
     return [""] + hints if hints else []
+
+
+def batch_api_costs(report: EstimateReport) -> dict:
+    """The cost through OpenAI's Batch API (--via batch-api): the live cost at BATCH_API_SHARE."""
+    return {"share_of_live_price": BATCH_API_SHARE, "cost_low_usd": report.cost_low * BATCH_API_SHARE,
+            "cost_high_usd": report.cost_high * BATCH_API_SHARE, "live_cost_low_usd": report.cost_low,
+            "live_cost_high_usd": report.cost_high}
+
+
+def batch_api_text(report: EstimateReport) -> str:
+    c = batch_api_costs(report)
+    return (f"via the Batch API: {format_usd(c['cost_low_usd'])} to {format_usd(c['cost_high_usd'])} "
+            f"({BATCH_API_SHARE:.0%} of the live {format_usd(report.cost_low)} to {format_usd(report.cost_high)}; "
+            f"done within 24 hours, outside your rate limits)")

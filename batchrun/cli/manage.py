@@ -6,6 +6,7 @@ import json
 
 import click
 
+from batchrun.remote.start import cancel_upstream
 from batchrun.cli.helpers import fail, open_store
 from batchrun.cli.options import redis_option
 from batchrun.state.jobcounts import jobs_left
@@ -22,6 +23,10 @@ def cancel(batch_id, redis_url):
         fail(f"no batch {batch_id!r} in this Redis")
     store.set_state(batch_id, BatchState.CANCELLED, "cancelled by the user")
     click.echo(f"batch {batch_id} cancelled; in-flight requests finish, nothing new is sent")
+    remote = cancel_upstream(store, batch_id)  # --via batch-api: a worker cancels them upstream
+    if remote:
+        click.echo(f"{remote} remote batch(es) at the Batch API are being cancelled by a worker; what they had "
+                   f"finished is recorded (see `batchrun status {batch_id}`)")
 
 
 @click.command()

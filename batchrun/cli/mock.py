@@ -99,6 +99,14 @@ def _finite(ctx: click.Context, param: click.Parameter, value: float) -> float:
     is_flag=True,
     help="Add retry-after-ms and retry-after headers to rate-limit 429s (OpenAI sends them only sometimes).",
 )
+@click.option("--batch-seconds", default=2.0, show_default=True, type=click.FloatRange(0, 86400),
+              callback=_finite, help="Batch API: seconds from a remote batch's creation to its end.")
+@click.option("--batch-error-rate", default=0.0, show_default=True, type=click.FloatRange(0, 1),
+              help="Batch API: share of lines that fail with a 500.")
+@click.option("--batch-expire-fraction", default=None, type=click.FloatRange(0, 1),
+              help="Batch API: remote batches expire with only this share of lines done.")
+@click.option("--batch-queue-tokens", default=None, type=click.IntRange(1),
+              help="Batch API: enqueued tokens per model at most (a batch over it fails validation).")
 def mock_server_command(
     host: str,
     port: int,
@@ -112,6 +120,10 @@ def mock_server_command(
     default_max_tokens: int,
     seed: int | None,
     retry_after_header: bool,
+    batch_seconds: float = 2.0,
+    batch_error_rate: float = 0.0,
+    batch_expire_fraction: float | None = None,
+    batch_queue_tokens: int | None = None,
 ) -> None:
     """Run an OpenAI-compatible mock server with OpenAI's rate limits and injectable faults."""
     from batchrun.mock.harness import serve  # aiohttp's server: imported only by this command
@@ -127,6 +139,10 @@ def mock_server_command(
         seed=seed,
         retry_after_header=retry_after_header,
         default_max_tokens=default_max_tokens,
+        batch_seconds=batch_seconds,
+        batch_error_rate=batch_error_rate,
+        batch_expire_fraction=batch_expire_fraction,
+        batch_queue_tokens=batch_queue_tokens,
     )
     try:
         serve(host, port, config)

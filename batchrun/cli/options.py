@@ -6,7 +6,7 @@ import math
 
 import click
 
-from batchrun.settings import MAX_SHARD_SIZE, BatchOptions, Limits
+from batchrun.settings import MAX_SHARD_SIZE, VIAS, BatchOptions, Limits
 from batchrun.state.connections import ENV_URL, check_url
 from batchrun.state.store import BatchStore
 
@@ -31,6 +31,27 @@ class Number(click.FloatRange):
 redis_option = click.option("--redis-url", envvar=ENV_URL, default=None, callback=_check_redis_url,
                             help=f"Redis that keeps the batches (env {ENV_URL}); `run` without one uses an "
                                  "in-process Redis.")
+
+
+class Duration(click.ParamType):
+    """A duration: seconds, or a number with s, m, h or d (90s, 45m, 6h, 2d)."""
+
+    name = "duration"
+    UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (int, float)):
+            return float(value)
+        text = str(value).strip().lower()
+        unit = self.UNITS.get(text[-1:], None)
+        number = text[:-1] if unit else text
+        try:
+            seconds = float(number) * (unit or 1)
+        except ValueError:
+            self.fail(f"{value!r} is not a duration; give seconds or a number with s, m, h or d (6h)", param, ctx)
+        if not math.isfinite(seconds) or seconds <= 0:
+            self.fail(f"{value!r} must be a duration above 0", param, ctx)
+        return seconds
 
 
 def batch_options(f):
@@ -64,6 +85,15 @@ def batch_options(f):
         click.option("--priority", default="normal", show_default=True, metavar="high|normal|low|WEIGHT",
                      help="The batch's share of a fleet and a budget shared with other batches: high (weight 4), "
                           "normal (1), low (only what the others leave) or a weight; `batchrun priority` changes it."),
+        click.option("--via", type=click.Choice(VIAS), default="live", show_default=True,
+                     help="How the jobs are sent: live requests, or OpenAI's Batch API (/v1/batches: half "
+                          "price, done within 24 hours)."),
+        click.option("--resend-via", type=click.Choice(("live", "batch-api")), default="live", show_default=True,
+                     help="With --via batch-api: where lines a remote batch expired or failed are sent "
+                          "again (one attempt each)."),
+        click.option("--deadline", type=Duration(), default=None, metavar="DURATION",
+                     help="With --via auto: the batch should end within this (90s, 45m, 6h, 2d); what the "
+                          "budget cannot send live by then goes through the Batch API."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -75,7 +105,8 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days, give_up_after=300.0, priority="normal") -> BatchOptions:
+                 keep_days, give_up_after=300.0, priority="normal", via="live", resend_via="live",
+                 deadline=None) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -83,7 +114,8 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     check_finite("--max-cost", max_cost)
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                           give_up_seconds=give_up_after, limits=limits, priority=priority or "normal")
+                           give_up_seconds=give_up_after, limits=limits, priority=priority or "normal", via=via,
+                           resend_via=resend_via, deadline_seconds=deadline or 0.0)
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))
@@ -117,6 +149,9 @@ def refuse_changed_settings(store: BatchStore, batch_id: str | None, options: Ba
             continue
         if getattr(options, name) != getattr(stored, name):
             changed.append(f"{option} {getattr(options, name):g} (it has {getattr(stored, name):g})")
+    for option, name in (("--via", "via"), ("--resend-via", "resend_via")):
+        if name in given and getattr(options, name) != getattr(stored, name):
+            changed.append(f"{option} {getattr(options, name)} (it has {getattr(stored, name)})")
     for kind in ("rpm", "tpm"):
         mine = {m: e[kind] for m, e in options.limits.by_model.items() if kind in e}
         theirs = {m: e[kind] for m, e in stored.limits.by_model.items() if e.get(kind)}

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 from aiohttp import web
 
+from batchrun.mock.batches import add_routes as add_batch_routes
 from batchrun.mock.config import HTTP_FAULTS, MODELS, MockConfig
 from batchrun.mock.counting import encoding, measure, output_cap
 from batchrun.mock.errors import BAD_JSON, MISSING_KEY, invalid
@@ -227,6 +228,7 @@ def create_app(config: MockConfig) -> web.Application:
     app.router.add_get("/_mock/stats", mock.get_stats)
     app.router.add_post("/_mock/reset", mock.post_reset)
     app.router.add_post("/_mock/config", mock.post_config)
+    add_batch_routes(app, lambda: mock.config)  # /v1/files, /v1/batches (mock/batches.py)
     app.router.add_route("*", "/{tail:.*}", mock.not_found)
 
     async def warm_up(app: web.Application) -> None:

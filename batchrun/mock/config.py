@@ -28,6 +28,14 @@ class MockConfig:
     retry_after_header: bool = False  # 429s also carry retry-after-ms / retry-after
     default_max_tokens: int = 64  # output cap when the request sets none
     log_requests: bool = False  # keep (time, request digest, status, wait hint) per request, for tests
+    # The Batch API (mock/batches.py): a remote batch takes batch_seconds from creation to its end
+    # (a tenth validating, a tenth finalizing); batch_error_rate of its lines fail with a 500;
+    # with batch_expire_fraction set, batches expire with only that share of lines done; a model's
+    # batches may hold batch_queue_tokens enqueued tokens at most (None: no limit).
+    batch_seconds: float = 2.0
+    batch_error_rate: float = 0.0
+    batch_expire_fraction: float | None = None
+    batch_queue_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("rpm", "tpm"):
@@ -40,6 +48,10 @@ class MockConfig:
             raise ValueError(f"count must be 'chars' or 'tiktoken', got {self.count!r}")
         if self.default_max_tokens < 1:
             raise ValueError(f"default_max_tokens must be >= 1, got {self.default_max_tokens!r}")
+        if not 0 <= self.batch_seconds <= 86_400 or not 0 <= self.batch_error_rate <= 1:
+            raise ValueError("batch_seconds must be within [0, 86400] and batch_error_rate within [0, 1]")
+        if self.batch_expire_fraction is not None and not 0 <= self.batch_expire_fraction <= 1:
+            raise ValueError(f"batch_expire_fraction must be within [0, 1], got {self.batch_expire_fraction!r}")
         for kind, rate in self.error_rates.items():
             if kind not in FAULT_KINDS:
                 raise ValueError(

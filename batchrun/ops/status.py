@@ -8,6 +8,7 @@ from __future__ import annotations
 from batchrun.ops.endpoints import endpoint_pace, pace_line
 from batchrun.ops.priority import ShareView, share_view
 from batchrun.state.keys import split_budget
+from batchrun.remote.start import describe_remote, remote_summary
 from batchrun.state import keys
 from batchrun.state.budget_headers import stored_number
 from batchrun.policy.pricing import PriceTable
@@ -80,6 +81,7 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         "cost": _cost(meta, jobs, options),
         "fleet": store.fleet_conditions(),
         "share": share_fields(share_view(store, batch_id)),
+        "remote_batches": remote_summary(store, batch_id),  # --via batch-api (remote/start.py)
     }
 
 
@@ -205,6 +207,7 @@ def describe(status: dict) -> list[str]:
     lines.append(money)
     if status.get("share"):
         lines.append(f"  share: {status['share']['line']}")
+    lines += describe_remote(status.get("remote_batches") or [])
     held = describe_conditions(status["fleet"])
     if held:
         lines.append(f"  fleet: {held}")

@@ -20,6 +20,7 @@ from batchrun.files.seen_ids import SeenIds
 from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
 from batchrun.endpoints import CONFIG_ENV, configured_endpoints, unserved_models, unserved_sentence
+from batchrun.remote.start import request_plan, uses_batch_api
 from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
@@ -219,8 +220,9 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     if errors and on_skip is not None:
         for err in errors:
             on_skip(err)
+    remote = uses_batch_api(store.options(batch_id))  # --via batch-api: remote batches, no live shards
     loader = _Loader(store, batch_id, store.options(batch_id).shard_size,  # an existing batch keeps its own
-                     early=None if existing else on_loading, reserve=valid)
+                     early=None if existing or remote else on_loading, reserve=valid)
     added = loader.load(cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))
     if added:
         store.reopen(batch_id)
@@ -228,6 +230,8 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     total = int(meta.get("total", 0))
     if not jobs_left(meta):
         store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,))  # empty, or all done before
+    elif remote:
+        request_plan(store, batch_id)
     elif meta.get("state") == BatchState.RUNNING and not loader.ready_below:
         # Every shard with work left gets a runner, not only those that got new jobs: a submit
         # interrupted before it enqueued, or run again, still leaves a batch that runs. (Shards

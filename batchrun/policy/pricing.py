@@ -149,6 +149,15 @@ def cost_of_usage(price: Price, usage: dict | None) -> float:
     ) / _PER_TOKENS
 
 
+BATCH_API_SHARE = 0.5  # OpenAI's Batch API bills half the synchronous price, input and output alike
+
+
+def batch_price(price: Price) -> Price:
+    """The Batch API's price of a model whose synchronous price is ``price``."""
+    return Price(input=price.input * BATCH_API_SHARE, cached_input=price.cached_input * BATCH_API_SHARE,
+                 output=price.output * BATCH_API_SHARE)
+
+
 def worst_case_cost(price: Price, input_tokens: int, output_tokens: int) -> float:
     """Input at the full (uncached) price plus the maximum output."""
     return (input_tokens * price.input + output_tokens * price.output) / _PER_TOKENS

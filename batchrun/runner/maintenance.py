@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 
+from batchrun.remote import start as remote
 from batchrun.state import keys
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.limiter import release_held
@@ -30,6 +31,7 @@ def run_once(store: BatchStore, *, force: bool = False) -> None:
         if n:
             log.warning("batch %s: %d job(s) whose worker stopped answering go back to the queue", batch_id, n)
     store.promote_parked()
+    remote.revive(store)  # --via batch-api batches whose remote-batch runner died get a new one
     store.expire_ended()
     if release_held(store):
         log.warning("reservations held by a worker that stopped answering went back to the budget")

@@ -31,6 +31,7 @@ from rq.timeouts import TimerDeathPenalty
 from batchrun.state import keys
 
 from batchrun.runner import fairturn, maintenance, shard
+from batchrun.remote.start import RUN_REMOTE
 from batchrun.state.store import RUN_SHARD, BatchStore
 
 log = logging.getLogger("batchrun.worker")
@@ -43,7 +44,7 @@ ORPHAN_CHECK_SECONDS = 0.5  # how often a work horse checks that its worker is s
 # The name shard jobs had before the layout moved shard.py into runner/ (jobs queued by that
 # version, still in Redis after an upgrade, run as they are).
 LEGACY_RUN_SHARD = "batchrun.shard.run_shard"
-JOB_FUNCTIONS = frozenset({RUN_SHARD, LEGACY_RUN_SHARD})  # every function batchrun enqueues as an RQ job
+JOB_FUNCTIONS = frozenset({RUN_SHARD, LEGACY_RUN_SHARD, RUN_REMOTE})  # every function batchrun enqueues as an RQ job
 REFUSED_TTL = 86400  # seconds a refused job stays in the failed registry (`rq info` shows it)
 
 

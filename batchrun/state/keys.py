@@ -16,6 +16,9 @@ Everything batchrun keeps lives under one prefix. A batch is a hash at
 ``…:lapsed``        hash    "owner custom_id" -> worst case counted for a lapsed lease
 ``…:m:BUCKET``      hash    counts in one 5-second bucket (expires after an hour)
 ``…:counts``        hash    running totals of the per-model and per-budget counts (/metrics)
+``…:rparts``        hash    part number -> remote batch record JSON (--via batch-api)
+``…:rids``          hash    part number -> its custom_ids, one a line
+``…:rlock``         string  the token of the runner driving its remote batches (expires)
 ==================  ======  ==================================================
 
 A budget (``batchrun:budget:ENDPOINT:KEYFP:MODEL``) has its runners' held reservations
@@ -50,7 +53,8 @@ def sub(batch_id: str, name: str) -> str:
 
 
 # A batch's keys besides its hash and the per-shard todo sets.
-SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed", "counts")
+SUBKEYS = ("req", "leases", "owner", "attempts", "history", "status", "results", "costres", "lapsed", "counts",
+           "rparts", "rids", "rlock")  # the last three: its remote batches (state/remote_parts.py)
 
 
 def todo(batch_id: str, shard: int) -> str:

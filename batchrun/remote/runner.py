@@ -1,0 +1,163 @@
+"""run_remote: the RQ job that drives a batch's remote batches (--via batch-api).
+
+One runner per batch at a time (its remote lock). Each pass it takes new jobs out of the shards
+into parts (policy/remote_split.py), then moves every part one step on (remote/steps.py), polling
+with a backoff that starts short and is capped. It yields its RQ worker after MAX_RUN_SECONDS
+and queues its successor; if it dies, its lock lapses and fleet maintenance queues a new one,
+which reattaches to the remote batches recorded in Redis (nothing is uploaded or created twice).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+
+from batchrun.policy.remote_split import MAX_BYTES, MAX_REQUESTS, JobSize, split_parts
+from batchrun.remote.auto import split_once
+from batchrun.remote.client import RemoteClient
+from batchrun.remote.collect import Recorder, input_line
+from batchrun.remote.start import enqueue_remote
+from batchrun.remote.steps import PartSteps
+from batchrun.settings import current_worker_settings
+from batchrun.state import keys
+from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, RemoteParts
+from batchrun.state.states import BatchState
+from batchrun.state.store import BatchStore
+from batchrun.text import decoded as _s
+
+log = logging.getLogger("batchrun.remote")
+
+# The runner renews its lock every pass (at least every third of it); a dead runner's lapses after it.
+LOCK_MS = int(float(os.environ.get("BATCHRUN_REMOTE_LOCK_SECONDS") or 60) * 1000)
+LEASE_CHUNK = 2000  # jobs per lease call (lease.lua unpacks twice as many arguments: Lua caps that near 8,000)
+MAX_RUN_SECONDS = float(os.environ.get("BATCHRUN_REMOTE_RUN_SECONDS") or 600)
+POLL_FIRST = 0.2  # seconds between passes after a change...
+POLL_CAP = float(os.environ.get("BATCHRUN_REMOTE_POLL_CAP") or 30)  # ... growing to this while nothing changes
+
+
+def run_remote(batch_id: str, generation: int) -> dict:
+    """RQ entry point (JSON arguments and result). ``generation`` is unused (the worker's job
+    check wants two arguments: a batch id and a number)."""
+    from rq import get_current_job
+
+    settings = current_worker_settings()
+    client = RemoteClient(settings.base_url, settings.api_key)
+    return RemoteRunner(BatchStore(get_current_job().connection), batch_id, client).run()
+
+
+class RemoteRunner:
+    def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, *,
+                 max_seconds: float = MAX_RUN_SECONDS, poll_cap: float = POLL_CAP,
+                 max_requests: int = MAX_REQUESTS, max_bytes: int = MAX_BYTES):
+        self.store, self.batch_id, self.client = store, batch_id, client
+        self.parts = RemoteParts(store.redis)
+        self.token = f"remote-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.max_seconds = max_seconds
+        self.poll_cap = min(poll_cap, LOCK_MS / 3000)  # a pass renews the lock: never sleep past a third of it
+        self.max_requests, self.max_bytes = max_requests, max_bytes
+
+    def run(self) -> dict:
+        if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
+            return {"batch": self.batch_id, "left": "another runner drives its remote batches"}
+        again = False
+        try:
+            again = self._loop()
+        except LostLock as exc:
+            log.warning("%s; this runner stops", exc)
+        finally:
+            self.parts.unlock(self.batch_id, self.token)
+        if again:
+            enqueue_remote(self.store, self.batch_id)  # after the unlock: the successor takes the lock
+        return {"batch": self.batch_id, "again": again}
+
+    def _loop(self) -> bool:
+        """Passes until nothing is left to drive; True if time ran out with work left."""
+        ends = time.monotonic() + self.max_seconds
+        delay = POLL_FIRST
+        recorder = Recorder(self.store, self.batch_id)
+        steps = PartSteps(self.store, self.batch_id, self.client, recorder, self._save)
+        while True:
+            meta = self.store.meta(self.batch_id)
+            if not meta or not self.parts.lock(self.batch_id, self.token, LOCK_MS):
+                return False  # purged, or another runner took over
+            state = meta.get("state")
+            if state == BatchState.RUNNING:
+                self.plan(meta)
+            parts = self.parts.parts(self.batch_id)
+            changed = steps.cancel_all(parts) if state == BatchState.CANCELLED else steps.advance(parts)
+            planning = state == BatchState.RUNNING and self._unplanned_left(self.store.meta(self.batch_id))
+            if all(p.state.ended for p in self.parts.parts(self.batch_id)) and not planning:
+                return False  # (a batch that is not running plans nothing: its unplanned jobs wait for a resume)
+            if time.monotonic() >= ends:
+                return True
+            time.sleep(delay)
+            delay = POLL_FIRST if changed else min(delay * 1.5, self.poll_cap)
+
+    def _save(self, parts: list[Part], ids: dict[int, list[str]] | None = None) -> None:
+        if not self.parts.save(self.batch_id, self.token, parts, ids):
+            raise LostLock(f"batch {self.batch_id}: another runner took its remote batches over")
+
+    def _unplanned_left(self, meta: dict[str, str]) -> bool:
+        return int(meta.get("remote_gen") or 0) > int(meta.get("remote_planned") or 0)
+
+    # -- taking jobs into parts ----------------------------------------------
+
+    def plan(self, meta: dict[str, str]) -> int:
+        """Take the shards' new jobs into parts; returns how many parts were made. Also picks up jobs
+        a runner leased before it died without recording their part."""
+        gen = int(meta.get("remote_gen") or 0)
+        if gen <= int(meta.get("remote_planned") or 0) and self.parts.parts(self.batch_id):
+            return 0
+        if meta.get("via") == "auto":
+            if not split_once(self.store, self.batch_id, meta):  # once: later jobs of the batch go live
+                self.store.wake_all_shards(self.batch_id)
+                self.store.promote_parked(limit=1000)
+        else:
+            resend_live = self.store.options(self.batch_id).resend_via == "live"
+            for shard in range(int(meta.get("shards") or 0)):
+                self._lease_shard(shard, resend_live)
+        made = self._make_parts()
+        self.store.redis.hset(keys.batch(self.batch_id), "remote_planned", gen)
+        return made
+
+    def _lease_shard(self, shard: int, resend_live: bool) -> None:
+        while True:
+            lease = self.store.lease(self.batch_id, shard, LEASE_CHUNK, REMOTE_LEASE_MS, REMOTE_TOKEN)
+            if not lease.jobs:
+                return
+            # A job sent again live (it failed in a remote batch) stays live: back to its shard.
+            live = [j.custom_id for j in lease.jobs if j.attempts > 0 and resend_live]
+            if live:
+                Recorder(self.store, self.batch_id).resend_live([(c, "", "") for c in live], counts=False)
+                if len(live) == len(lease.jobs):
+                    return
+
+    def _make_parts(self) -> int:
+        """Parts for every job leased to the remote token that no part holds yet."""
+        planned = self.parts.all_ids(self.batch_id)
+        mine = [_s(cid) for cid, owner in self.store.redis.hscan_iter(keys.sub(self.batch_id, "owner"), count=5000)
+                if _s(owner).startswith(REMOTE_TOKEN + "|") and _s(cid) not in planned]
+        if not mine:
+            return 0
+        sizes = []
+        for i in range(0, len(mine), LEASE_CHUNK):
+            chunk = mine[i:i + LEASE_CHUNK]
+            for cid, raw in zip(chunk, self.store.redis.hmget(keys.sub(self.batch_id, "req"), chunk)):
+                if raw:
+                    req = json.loads(raw)
+                    sizes.append(JobSize(cid, req.get("url", ""), str((req.get("body") or {}).get("model", "")),
+                                         len(input_line(cid, raw))))
+        first = max((p.no for p in self.parts.parts(self.batch_id)), default=-1) + 1
+        plans = split_parts(sizes, self.max_requests, self.max_bytes)
+        new = [Part(first + i, plan.url, plan.model, len(plan.custom_ids)) for i, plan in enumerate(plans)]
+        self._save(new, {part.no: plan.custom_ids for part, plan in zip(new, plans)})
+        log.info("batch %s: %d job(s) in %d new remote batch(es)", self.batch_id, len(sizes), len(new))
+        return len(new)
+
+
+class LostLock(Exception):
+    """Another runner holds the batch's remote lock now: this one stops writing."""

@@ -1,0 +1,252 @@
+"""One step of a remote batch's life: upload, create (idempotently), wait out a full queue,
+poll, collect; and cancelling them all.
+
+Each step records its result before the next one starts, and a create records its intent
+(CREATING) first: a runner that dies after sending it looks the batch up by its metadata
+(batchrun's batch id and part number) instead of creating a second one.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+from batchrun.remote.auto import is_late
+from batchrun.remote.client import QueueFull, Refused, RemoteClient, RemoteError, Unavailable
+from batchrun.remote.collect import Recorder, input_line, read_file_lines
+from batchrun.policy.remote_lines import is_queue_full
+from batchrun.state import keys
+from batchrun.state.remote_parts import Part, PartState, RemoteParts
+from batchrun.state.store import BatchStore
+
+log = logging.getLogger("batchrun.remote")
+
+ENDED_UPSTREAM = ("completed", "expired", "cancelled")
+HOLD_FIRST, HOLD_CAP = 2.0, 600.0  # seconds between creates while the model's queue is full
+MAX_HOLD_SECONDS = 86_400.0  # a part held this long goes to live sending instead
+CANCEL_WAIT_SECONDS = 300.0  # cancelling: how long the upstream gets to end the batches
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class PartSteps:
+    def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, recorder: Recorder,
+                 save: Callable[..., None]):
+        self.store, self.batch_id, self.client, self.recorder, self.save = store, batch_id, client, recorder, save
+        self.cancel_started: float | None = None
+
+    def advance(self, parts: list[Part]) -> bool:
+        """Move each part one step on; True if any changed."""
+        changed = False
+        held = {p.model for p in parts if p.state is PartState.HELD}
+        late = is_late(self.store.meta(self.batch_id))
+        for part in parts:
+            if part.state.ended:
+                continue
+            if late and not part.late:
+                changed |= self._late(part)
+                continue
+            if part.state is PartState.UPLOADED and part.model in held:
+                continue  # the model's queue is full: this file waits behind the held one
+            before = part.to_json()
+            try:
+                self.step(part)
+            except Unavailable as exc:
+                part.note = f"{exc} (tried again at the next poll)"
+            except Refused as exc:
+                self._refused(part, str(exc))
+            if part.to_json() != before:
+                self.save([part])
+                changed = True
+            if part.state is PartState.HELD:
+                held.add(part.model)
+        return changed
+
+    def step(self, part: Part) -> None:
+        match part.state:
+            case PartState.PLANNED:
+                self._upload(part)
+            case PartState.UPLOADED:
+                self._create(part)
+            case PartState.CREATING:
+                found = self.client.find(self._metadata(part))
+                if found:
+                    self._running(part, found)
+                else:
+                    self._create(part)
+            case PartState.HELD:
+                if now_ms() - part.held_since_ms >= MAX_HOLD_SECONDS * 1000:
+                    self._to_live(part, "the model's Batch API queue stayed full")
+                elif now_ms() >= part.hold_until_ms:
+                    part.state = PartState.UPLOADED
+                    self._create(part)
+            case PartState.RUNNING:
+                self._poll(part)
+
+    def _metadata(self, part: Part) -> dict[str, str]:
+        return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
+
+    def _upload(self, part: Part) -> None:
+        cids = self._ids(part)
+        lines = []
+        for i in range(0, len(cids), 5000):
+            chunk = cids[i:i + 5000]
+            for cid, raw in zip(chunk, self.store.redis.hmget(keys.sub(self.batch_id, "req"), chunk)):
+                if raw:  # (no request: the job ended meanwhile)
+                    lines.append(input_line(cid, raw))
+        if not lines:
+            part.state, part.note = PartState.DONE, "every job had ended before the upload"
+            return
+        part.file_id = self.client.upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
+        part.state, part.note = PartState.UPLOADED, ""
+
+    def _create(self, part: Part) -> None:
+        part.state = PartState.CREATING
+        self.save([part])  # the intent first: a crash after the create finds the batch by its metadata
+        try:
+            created = self.client.create(part.file_id, part.url, self._metadata(part))
+        except QueueFull as exc:
+            self._hold(part, str(exc))
+            return
+        self._running(part, created)
+
+    def _hold(self, part: Part, why: str) -> None:
+        wait = min(HOLD_CAP, HOLD_FIRST * 2 ** min(part.holds, 20))
+        part.state, part.holds = PartState.HELD, part.holds + 1
+        part.held_since_ms = part.held_since_ms or now_ms()
+        part.hold_until_ms = now_ms() + int(wait * 1000)
+        part.remote_id, part.remote_status = "", ""
+        part.note = f"the model's Batch API queue is full; created again in {wait:.0f} s ({why})"
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+
+    def _running(self, part: Part, batch: dict) -> None:
+        part.state, part.remote_id = PartState.RUNNING, batch["id"]
+        part.remote_status, part.counts = batch.get("status") or "", dict(batch.get("request_counts") or {})
+        part.held_since_ms, part.note = 0, ""
+
+    def _poll(self, part: Part) -> None:
+        batch = self.client.retrieve(part.remote_id)
+        part.remote_status, part.counts = batch.get("status") or "", dict(batch.get("request_counts") or {})
+        if part.remote_status in ENDED_UPSTREAM:
+            self._collect(part, batch)
+        elif part.remote_status == "failed":
+            errors = ((batch.get("errors") or {}).get("data") or [])
+            first = errors[0] if errors else {}
+            if is_queue_full(first.get("code"), first.get("message")):
+                self._hold(part, str(first.get("message") or first.get("code")))
+            else:
+                self._to_live(part, f"the remote batch failed: {first.get('message') or 'no reason given'}")
+
+    def _collect(self, part: Part, batch: dict) -> None:
+        ids = self._ids(part)
+        ours, lines = set(ids), {}
+        for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
+            if file_id:
+                read_file_lines(self.client.content(file_id), ours, lines)
+        got = self.recorder.record(part.model, ids, lines)
+        self._resend(part, got.resend)
+        part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
+        part.note = f"{got.results} result(s), {got.errors} error(s), {len(got.resend)} sent again"
+        log.info("batch %s, remote batch %d (%s) %s: %s", self.batch_id, part.no, part.remote_id,
+                 part.remote_status, part.note)
+
+    def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> None:
+        if not items:
+            return
+        if self._cancelled() or part.late:
+            # A cancelled batch takes nothing back (the leases go); a late part's lines were not tried.
+            self.recorder.resend_live(items, counts=False)
+            return
+        again, last = self.recorder.over_limit(items)
+        if last:
+            self.recorder.fail(last)
+        if not again:
+            return
+        if self.recorder.options.resend_via == "batch-api":
+            self.recorder.count_attempt(again)
+            no = max(p.no for p in self._all_parts()) + 1
+            self.save([Part(no, part.url, part.model, len(again), resend=True)], {no: [c for c, _, _ in again]})
+        else:
+            self.recorder.resend_live(again)
+
+    def _late(self, part: Part) -> bool:
+        """--via auto, the deadline near: cancel the remote batch upstream (what it finished is kept,
+        the rest goes live when it has ended) or, if it is not upstream yet, send its jobs live."""
+        part.late = True
+        try:
+            if part.state is PartState.CREATING:
+                found = self.client.find(self._metadata(part))
+                if found:
+                    self._running(part, found)
+            if part.state is PartState.RUNNING:
+                if self.client.cancel(part.remote_id) is not None:
+                    part.remote_status = "cancelling"
+                part.note = "late for the deadline: cancelled upstream, its unfinished lines go live"
+            else:
+                self._to_live(part, "late for the deadline")
+        except RemoteError as exc:
+            part.late, part.note = False, f"late for the deadline, and cancelling failed: {exc}"
+        self.save([part])
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+        return True
+
+    def _to_live(self, part: Part, why: str) -> None:
+        """The part's jobs go to live sending (no attempt counted: none was made)."""
+        n = self.recorder.resend_live([(cid, "", "") for cid in self._ids(part)], counts=False)
+        part.state, part.note = PartState.DONE, f"{why}; its {n} job(s) went to live sending"
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+
+    def _refused(self, part: Part, why: str) -> None:
+        """The upstream refused the file or the batch for good: each job ends with that reason."""
+        items = [(cid, "remote_batch_refused", why) for cid in self._ids(part)]
+        self.recorder.fail(items)
+        part.state, part.note = PartState.DONE, why
+
+    # -- cancel ----------------------------------------------------------------
+
+    def cancel_all(self, parts: list[Part]) -> bool:
+        """The batch was cancelled: cancel upstream, record what the remote batches had finished,
+        and free the rest. Bounded: after CANCEL_WAIT_SECONDS, what is still open is left."""
+        self.cancel_started = self.cancel_started or time.monotonic()
+        late = time.monotonic() - self.cancel_started > CANCEL_WAIT_SECONDS
+        changed = False
+        for part in parts:
+            if part.state.ended:
+                continue
+            before = part.to_json()
+            try:
+                self._cancel_one(part, late)
+            except RemoteError as exc:
+                part.note = f"cancelling: {exc}"
+            if part.to_json() != before:
+                self.save([part])
+                changed = True
+        return changed
+
+    def _cancel_one(self, part: Part, late: bool) -> None:
+        if part.state is PartState.CREATING:
+            found = self.client.find(self._metadata(part))
+            if found:
+                self._running(part, found)
+        if part.state is not PartState.RUNNING or late:
+            self.recorder.resend_live([(cid, "", "") for cid in self._ids(part)], counts=False)
+            part.state = PartState.CANCELLED
+            part.note = part.note or "cancelled before it was created upstream"
+            return
+        if part.remote_status not in ("cancelling", "cancelled", *ENDED_UPSTREAM):
+            self.client.cancel(part.remote_id)
+            part.remote_status = "cancelling"
+            return
+        self._poll(part)
+
+    def _cancelled(self) -> bool:
+        return self.store.redis.hget(keys.batch(self.batch_id), "state") in (b"cancelled", "cancelled")
+
+    def _ids(self, part: Part) -> list[str]:
+        return RemoteParts(self.store.redis).ids(self.batch_id, part.no)
+
+    def _all_parts(self) -> list[Part]:
+        return RemoteParts(self.store.redis).parts(self.batch_id)
