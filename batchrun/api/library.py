@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
 from batchrun.api.continuing import library_call, reword
-from batchrun.api.errors import RunInProgress
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
@@ -202,9 +201,6 @@ class _RunThread(threading.Thread):
         self.finished.set()
 
 
-# One run at a time per process: the local workers' stop flag and worker settings (base URL,
-# API key) are the process's, so a second run beside the first would stop it or send with its key.
-_ONE_RUN = threading.Lock()
 _frozen_runs = 0  # library runs under way in this process, while the objects before the first are frozen
 _freeze_lock = threading.Lock()
 
@@ -231,15 +227,10 @@ def _gc_frozen() -> Iterator[None]:
 
 def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions,
                   cancel: threading.Event | None = None) -> Iterator[Result]:
-    if not _ONE_RUN.acquire(blocking=False):
-        raise RunInProgress("another batchrun run is going on in this process (on another thread, or a stream "
-                            "not read to its end); wait for it to end or close that stream, or pass all the "
-                            "requests to one call")
-    try:
-        with _gc_frozen():
-            yield from _run_and_read_frozen(cfg, ids, opts, cancel)
-    finally:
-        _ONE_RUN.release()
+    # Several runs may go at once (threads, asyncio tasks): each has its own workers, settings and
+    # stop flag (runner/run_scope.py).
+    with _gc_frozen():
+        yield from _run_and_read_frozen(cfg, ids, opts, cancel)
 
 
 def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
