@@ -139,7 +139,8 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
     settings = WorkerSettings.from_env(concurrency=cfg.concurrency, grace_seconds=cfg.grace,
                                        base_url=cfg.base_url, api_key=cfg.api_key)
     if not cfg.mock and not settings.api_key:
-        raise ApiKeyMissing("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
+        raise ApiKeyMissing("no API key: pass api_key=, or set OPENAI_API_KEY in the environment" if cfg.library else
+                            "OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
     # Every path is checked before anything is submitted: a batch must not start that
     # cannot write its results.
     check_paths(cfg, errors_path, sidecar)

@@ -25,6 +25,7 @@ from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
 from batchrun.api.results import Result, from_line, not_run
+from batchrun.api.wording import in_python_words
 from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
@@ -103,7 +104,7 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
     def request(prompt: str) -> dict:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
                    [{"role": "user", "content": prompt}]
-        return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens else {}),
+        return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens is not None else {}),
                 **(body or {})}
 
     options.setdefault("endpoint", DEFAULT_ENDPOINT)
@@ -141,6 +142,11 @@ async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[
 
 
 def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
+    with in_python_words():
+        return _config_checked(requests, opts, tmp)
+
+
+def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
     if isinstance(requests, (str, os.PathLike)):
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
@@ -190,8 +196,9 @@ class _RunThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.end = run_batch(self.cfg, LoggedOutput(self.opts.on_event, progress=self.opts.progress),
-                                 stop_requested=self.stop.is_set)
+            with in_python_words():
+                self.end = run_batch(self.cfg, LoggedOutput(self.opts.on_event, progress=self.opts.progress),
+                                     stop_requested=self.stop.is_set)
         except BaseException as exc:  # handed to the caller's thread
             self.error = exc
         if self.end is not None and is_memory(self.cfg.redis_url):
