@@ -14,7 +14,6 @@ import gc
 import os
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,7 +33,10 @@ from batchrun.state.connections import connect, is_memory, resolve_url
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
-POLL_SECONDS = 0.05  # how often the caller's thread looks for new lines and a Ctrl-C
+# How often the caller's thread reads the new lines (and looks at an arun cancel): each read wakes
+# it, and its turn at the GIL is taken from the sending thread. The end of the run and a Ctrl-C
+# are seen at once, whatever this is.
+POLL_SECONDS = 0.2
 
 
 class Interrupted(KeyboardInterrupt):
@@ -261,7 +263,7 @@ def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
                     break
                 if cancel is not None and cancel.is_set():
                     thread.stop.set()  # arun's task was cancelled: stop as on Ctrl-C
-                time.sleep(POLL_SECONDS)
+                thread.finished.wait(POLL_SECONDS)
             except KeyboardInterrupt:
                 if interrupted:
                     raise  # a second Ctrl-C: stop waiting at once (the run's thread winds down alone)
