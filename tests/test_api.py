@@ -241,7 +241,9 @@ def test_cancelling_arun_stops_its_run(mock):
 
     async def main():
         task = asyncio.ensure_future(batchrun.arun([body(i) for i in range(300)], **on(mock, concurrency=4)))
-        await asyncio.sleep(0.8)
+        deadline = time.monotonic() + 60  # until it sends (on a loaded machine the submit can take seconds)
+        while mock.stats()["requests"] < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -121,11 +121,16 @@ def test_cancelling_one_arun_task_leaves_the_other_to_end_whole(two_mocks):
     bodies_a = [body(i, "a") for i in range(400)]
     bodies_b = [body(i, "b") for i in range(300)]
 
+    async def sending(server) -> None:  # not a fixed wait: on a loaded machine a submit can take seconds
+        deadline = time.monotonic() + 60
+        while server.stats()["requests"] < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
     async def main():
         a = asyncio.ensure_future(batchrun.arun(bodies_a, **on(mock_a, concurrency=4)))
+        await sending(mock_a)
         b = asyncio.ensure_future(batchrun.arun(bodies_b, **on(mock_b, concurrency=10)))
-        await asyncio.sleep(1.0)
-        assert not b.done()
+        await sending(mock_b)  # both runs under way
         a.cancel()
         with pytest.raises(asyncio.CancelledError):
             await a
