@@ -110,8 +110,10 @@ def test_a_runs_worker_leaves_another_runs_shard_to_that_run(two_mocks, monkeypa
     assert mock_a.stats()["requests"] == 0, "run A's worker sent run B's jobs to A's server"
     assert store.counts("run-b")["done"] == 0
     due = redis.zscore(keys.PARKED, keys.parked_member("run-b", 0))
-    now_ms = redis.time()[0] * 1000
-    assert due is not None and due <= now_ms + 1000, "run B's shard was not given back to be run soon"
+    seconds, micros = redis.time()
+    now_ms = seconds * 1000 + micros / 1000
+    # Due within a second or two, not after the 30 s a promoted shard whose runner never started waits.
+    assert due is not None and due <= now_ms + 2000, "run B's shard was not given back to be run soon"
 
 
 def test_cancelling_one_arun_task_leaves_the_other_to_end_whole(two_mocks):
