@@ -171,11 +171,18 @@ def test_ctrl_c_stops_gracefully_and_a_rerun_onto_the_output_sends_nothing_twice
     mock.set_config(latency_ms=30)
     bodies = [body(i) for i in range(300)]
     output = str(tmp_path / "out.jsonl")
-    timer = threading.Timer(1.0, _thread.interrupt_main)
+
+    def interrupt_once_answers_land():  # not after a fixed time: on a loaded machine, the submit may outlast it
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (os.path.exists(output) and os.path.getsize(output)):
+            time.sleep(0.02)
+        _thread.interrupt_main()
+
+    timer = threading.Thread(target=interrupt_once_answers_land, daemon=True)
     timer.start()
     with pytest.raises(batchrun.Interrupted) as caught:
         batchrun.run(bodies, **on(mock, output=output, concurrency=4))
-    timer.cancel()
+    timer.join()
     partial = caught.value.results
     assert len(partial) == 300 and 0 < sum(r.ok for r in partial) < 300
     assert f"output={output!r}" in str(caught.value)
@@ -234,7 +241,9 @@ def test_cancelling_arun_stops_its_run(mock):
 
     async def main():
         task = asyncio.ensure_future(batchrun.arun([body(i) for i in range(300)], **on(mock, concurrency=4)))
-        await asyncio.sleep(0.8)
+        deadline = time.monotonic() + 60  # until it sends (on a loaded machine the submit can take seconds)
+        while mock.stats()["requests"] < 5 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

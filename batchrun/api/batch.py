@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -144,7 +143,8 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
     if endpoints and missing_keys(endpoints):
         raise ApiKeyMissing("; ".join(missing_keys(endpoints)))
     if not cfg.mock and not endpoints and not settings.api_key:
-        raise ApiKeyMissing("OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
+        raise ApiKeyMissing("no API key: pass api_key=, or set OPENAI_API_KEY in the environment" if cfg.library else
+                            "OPENAI_API_KEY is not set; export it, or try the mock server with --mock")
     # Every path is checked before anything is submitted: a batch must not start that
     # cannot write its results.
     check_paths(cfg, errors_path, sidecar)
@@ -218,7 +218,7 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
 
     def start_threads(bid: str) -> None:
         accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
-        local_workers.start_threads(run.workers, store.redis, settings)
+        local_workers.start_threads(run.workers, store.redis, settings, bid)
 
     given = {"batch_id": cfg.batch_id, "options": cfg.options, "endpoint": cfg.endpoint,
              "skip_invalid": cfg.skip_invalid, "skip_ids": run.skip, "prices": cfg.prices,
@@ -235,7 +235,7 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
     if run.workers.threads:
         pass  # started while the file loaded
     elif is_memory(cfg.redis_url):
-        local_workers.start_threads(run.workers, store.redis, settings)
+        local_workers.start_threads(run.workers, store.redis, settings, bid)
     else:
         local_workers.start_processes(run.workers, cfg.redis_url, settings, processes=cfg.processes,
                                       concurrency=cfg.concurrency)
@@ -282,16 +282,8 @@ def _interrupted(run: _Run) -> RunEnd:
 
 def _stop_and_collect(run: _Run) -> None:
     """Stop the workers gracefully (requests in flight get the grace period) and write what landed."""
-    # Only where this process runs shards itself (threads on the in-process Redis): `run` on a
-    # real Redis does not import the sending machinery at all.
-    shard = sys.modules.get("batchrun.runner.shard")
-    if shard is not None:
-        shard.STOP.set()
+    run.workers.stop_flag.set()  # this run's worker threads only: another run of the process goes on
     run.workers.stop()
-    if shard is not None and not any(t.is_alive() for t in run.workers.threads):
-        # The flag is the process's: once this run's threads are gone it must not stop whatever
-        # runs shards next in this process (a library call, a test).
-        shard.STOP.clear()
     run.collect()
 
 

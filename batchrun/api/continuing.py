@@ -21,20 +21,21 @@ def prepare_existing(store: BatchStore, cfg: RunConfig, skip: set[str]) -> None:
     """`run --batch-id ID` on a batch that exists: it continues that batch."""
     bid = cfg.batch_id
     meta = store.meta(bid)
+    other_id = "call the same run with another batch_id=" if cfg.library else "run the file under another --batch-id"
     if meta.get("state") == BatchState.CANCELLED:
-        raise ValueError(f"batch {bid} was cancelled; run the file under another --batch-id "
-                         f"(the jobs {cfg.output} holds are not sent again)")
+        raise ValueError(f"batch {bid} was cancelled; {other_id} (the jobs {cfg.output} holds are not sent again)")
     pending = _pending_in_batch(store, bid, skip)
     if pending:
+        collect = ("give another output=" if cfg.library else f"collect batch {bid} into another file instead")
         raise ValueError(f"batch {bid} still has {len(pending)} job(s) to send whose custom_id {cfg.output} or its "
                          f"errors file already holds (e.g. {sorted(pending)[0]!r}): their answers would be paid "
-                         f"for and then dropped; collect batch {bid} into another file instead, or run the file "
-                         f"under another --batch-id")
+                         f"for and then dropped; {collect}, or {other_id}")
     _apply_new_cap(store, bid, cfg.options.max_cost)
     meta = store.meta(bid)
     if meta.get("state") == BatchState.PAUSED:
         if paused_at_cap(meta):
-            raise ValueError(f"batch {bid} is paused at its spending cap; give a higher one with --max-cost USD")
+            raise ValueError(f"batch {bid} is paused at its spending cap; give a higher one with "
+                             f"{'max_cost=' if cfg.library else '--max-cost USD'}")
         store.resume(bid)  # a pause for the account (quota, key): the user runs it again once fixed
 
 

@@ -18,4 +18,5 @@ class RequestsError(BatchrunError, ValueError):
 
 
 class RunInProgress(BatchrunError):
-    """Another run is going on in this process: runs share its local workers and their settings."""
+    """No longer raised: runs in one process each have their own workers, settings and stop (several
+    may go at once). Kept so that code which catches it still imports."""

@@ -14,18 +14,17 @@ import gc
 import os
 import tempfile
 import threading
-import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
 from batchrun.api.continuing import library_call, reword
-from batchrun.api.errors import RunInProgress
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
 from batchrun.api.results import Result, from_line, not_run
+from batchrun.api.wording import in_python_words
 from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
@@ -34,7 +33,10 @@ from batchrun.state.connections import connect, is_memory, resolve_url
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
-POLL_SECONDS = 0.05  # how often the caller's thread looks for new lines and a Ctrl-C
+# How often the caller's thread reads the new lines (and looks at an arun cancel): each read wakes
+# it, and its turn at the GIL is taken from the sending thread. The end of the run and a Ctrl-C
+# are seen at once, whatever this is.
+POLL_SECONDS = 0.2
 
 
 class Interrupted(KeyboardInterrupt):
@@ -108,7 +110,7 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
     def request(prompt: str) -> dict:
         messages = ([{"role": "system", "content": system}] if system is not None else []) + \
                    [{"role": "user", "content": prompt}]
-        return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens else {}),
+        return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens is not None else {}),
                 **(body or {})}
 
     options.setdefault("endpoint", DEFAULT_ENDPOINT)
@@ -146,6 +148,11 @@ async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[
 
 
 def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
+    with in_python_words():
+        return _config_checked(requests, opts, tmp)
+
+
+def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
     if isinstance(requests, (str, os.PathLike)):
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
@@ -196,8 +203,9 @@ class _RunThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.end = run_batch(self.cfg, LoggedOutput(self.opts.on_event, progress=self.opts.progress),
-                                 stop_requested=self.stop.is_set)
+            with in_python_words():
+                self.end = run_batch(self.cfg, LoggedOutput(self.opts.on_event, progress=self.opts.progress),
+                                     stop_requested=self.stop.is_set)
         except BaseException as exc:  # handed to the caller's thread
             self.error = exc
         if self.end is not None and is_memory(self.cfg.redis_url):
@@ -207,9 +215,6 @@ class _RunThread(threading.Thread):
         self.finished.set()
 
 
-# One run at a time per process: the local workers' stop flag and worker settings (base URL,
-# API key) are the process's, so a second run beside the first would stop it or send with its key.
-_ONE_RUN = threading.Lock()
 _frozen_runs = 0  # library runs under way in this process, while the objects before the first are frozen
 _freeze_lock = threading.Lock()
 
@@ -236,15 +241,10 @@ def _gc_frozen() -> Iterator[None]:
 
 def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions,
                   cancel: threading.Event | None = None) -> Iterator[Result]:
-    if not _ONE_RUN.acquire(blocking=False):
-        raise RunInProgress("another batchrun run is going on in this process (on another thread, or a stream "
-                            "not read to its end); wait for it to end or close that stream, or pass all the "
-                            "requests to one call")
-    try:
-        with _gc_frozen():
-            yield from _run_and_read_frozen(cfg, ids, opts, cancel)
-    finally:
-        _ONE_RUN.release()
+    # Several runs may go at once (threads, asyncio tasks): each has its own workers, settings and
+    # stop flag (runner/run_scope.py).
+    with _gc_frozen():
+        yield from _run_and_read_frozen(cfg, ids, opts, cancel)
 
 
 def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
@@ -268,7 +268,7 @@ def _run_and_read_frozen(cfg: RunConfig, ids: list[str], opts: RunOptions,
                     break
                 if cancel is not None and cancel.is_set():
                     thread.stop.set()  # arun's task was cancelled: stop as on Ctrl-C
-                time.sleep(POLL_SECONDS)
+                thread.finished.wait(POLL_SECONDS)
             except KeyboardInterrupt:
                 if interrupted:
                     raise  # a second Ctrl-C: stop waiting at once (the run's thread winds down alone)

@@ -65,7 +65,15 @@ def _batch_line(request: object, index: int, *, endpoint: str, model: str | None
 def ids_of_file(path: str | os.PathLike) -> list[str]:
     """The custom_ids of a job file, in its order (a bare body's is ``line-N``, as the job file
     reader names it). Lines that are not JSON objects are left to the submit to refuse."""
-    return list(_file_ids(path))
+    try:
+        return list(_file_ids(path))
+    except FileNotFoundError:
+        raise RequestsError(f"{os.fspath(path)}: no such file; pass the path of a JSONL job file, or the "
+                            f"requests themselves as a list of dicts") from None
+    except IsADirectoryError:
+        raise RequestsError(f"{os.fspath(path)} is a folder, not a JSONL job file") from None
+    except OSError as exc:
+        raise RequestsError(f"{os.fspath(path)}: cannot read it ({exc.strerror or exc})") from None
 
 
 def _file_ids(path: str | os.PathLike) -> Iterator[str]:

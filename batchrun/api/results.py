@@ -27,8 +27,15 @@ class Result:
     status_code: int | None = None
     error: ResultError | None = None
     attempts: int = 0  # tries the job took, as far as its line tells (0: not known)
-    cost_usd: float | None = None  # at the shipped (or given) prices; None for an unknown model
     line: dict | None = field(default=None, repr=False, compare=False)  # the output line it was read from
+    # The price table ``cost_usd`` is worked out with, on first use: most callers never ask, and
+    # working it out for each of 20,000 results was a fifth of what reading them back cost.
+    prices: PriceTable | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def cost_usd(self) -> float | None:
+        """USD at the shipped (or given) prices; None for a failed request or an unknown model."""
+        return _cost(self.body, self.prices) if self.ok else None
 
     @property
     def usage(self) -> dict | None:
@@ -58,17 +65,24 @@ class Result:
 
 def from_line(line: dict, prices: PriceTable | None = None) -> Result:
     """A results or errors file's line as a Result."""
-    response = line.get("response") if isinstance(line.get("response"), dict) else {}
-    body = response.get("body") if isinstance(response.get("body"), dict) else None
+    response = line.get("response")
+    if response.__class__ is not dict:
+        response = {}
+    body = response.get("body")
+    if body.__class__ is not dict:
+        body = None
     status = response.get("status_code")
     err = line.get("error")
-    error = ResultError(str(err.get("code") or "error"), str(err.get("message") or "")) \
-        if isinstance(err, dict) else None
-    ok = error is None and isinstance(status, int) and 200 <= status < 300
+    if err is None:  # the common case, a result: no more checks than it needs
+        error = None
+        ok = status.__class__ is int and 200 <= status < 300
+    else:
+        error = ResultError(str(err.get("code") or "error"), str(err.get("message") or "")) \
+            if isinstance(err, dict) else None
+        ok = error is None and isinstance(status, int) and 200 <= status < 300
     attempts = line.get("attempts")
     tries = len(attempts) if isinstance(attempts, list) else (1 if ok else 0)
-    return Result(custom_id=line["custom_id"], ok=ok, body=body, status_code=status, error=error, attempts=tries,
-                  cost_usd=_cost(body, prices) if ok else None, line=line)
+    return Result(line["custom_id"], ok, body, status, error, tries, line, prices)
 
 
 def not_run(custom_id: str, why: str) -> Result:

@@ -15,7 +15,9 @@ if TYPE_CHECKING:
 def check_paths(cfg: RunConfig, errors_path: str, sidecar: str) -> None:
     from batchrun.files.outputs import OutputFileError, check_writable
 
-    named = {"-o": cfg.output, "--errors": errors_path, "the settings file": sidecar}
+    named = ({"output=": cfg.output, "errors=": errors_path} if cfg.library else
+             {"-o": cfg.output, "--errors": errors_path})
+    named["the settings file"] = sidecar
     jobs = os.path.realpath(cfg.jobs) if cfg.jobs else None  # None: the library's requests, no file
     seen: dict[str, str] = {}
     for what, path in named.items():

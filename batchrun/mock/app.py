@@ -14,6 +14,7 @@ from typing import NamedTuple
 from aiohttp import web
 
 from batchrun.mock.batches import add_routes as add_batch_routes
+from batchrun.mock import responses_api
 from batchrun.mock.config import HTTP_FAULTS, MODELS, MockConfig
 from batchrun.mock.counting import encoding, measure, output_cap
 from batchrun.mock.errors import BAD_JSON, MISSING_KEY, invalid
@@ -122,6 +123,8 @@ class MockOpenAI:
         if endpoint == "embeddings":
             payload = embeddings_body(body, prompts, prompt_tokens)
             return self._json(200, payload, self._headers(key, model))
+        if endpoint == "responses":
+            return await self._responses(request, body, prompt_tokens, stream, fault, key)
 
         cap = output_cap(body, self.config.default_max_tokens)
         if endpoint == "chat/completions":
@@ -175,6 +178,29 @@ class MockOpenAI:
         await send_stream(request, response, sent, per_event, disconnect=fault == "stream_disconnect")
         return response
 
+    async def _responses(self, request: web.Request, body: dict, prompt_tokens: int, stream: bool,
+                         fault: str | None, key: str) -> web.StreamResponse:
+        """POST /v1/responses (mock/responses_api.py), plain or streamed."""
+        config = self.config
+        cap = output_cap(body, config.default_max_tokens)
+        pieces = reply_pieces("responses", body, config.default_max_tokens)
+        usage = responses_api.usage_body(prompt_tokens, len(pieces))
+        self.stats.completion_tokens += len(pieces)
+        if config.latency_ms > 0:  # the time to the first token (a plain answer: to the whole answer)
+            await asyncio.sleep((config.latency_ms + (0 if stream else config.latency_per_token_ms * len(pieces)))
+                                / 1000)
+        if not stream:
+            return self._json(200, responses_api.response_body(body, pieces, cap, usage), self._headers(key, body["model"]))
+        head, content, tail = responses_api.stream_events(body, pieces, cap, usage)
+        response = web.StreamResponse(status=200, headers=self._headers(key, body["model"]))
+        response.content_type = "text/event-stream"
+        response.charset = "utf-8"
+        self.stats.by_status[200] = self.stats.by_status.get(200, 0) + 1
+        per_event = config.latency_per_token_ms / 1000
+        await send_stream(request, response, responses_api.events_to_send(head, content, tail, fault), per_event,
+                          disconnect=fault == "stream_disconnect")
+        return response
+
     # the other endpoints
 
     async def models(self, request: web.Request) -> web.Response:
@@ -222,7 +248,7 @@ def create_app(config: MockConfig) -> web.Application:
     mock = MockOpenAI(config)
     app = web.Application(client_max_size=64 * 1024 * 1024)  # bulk embedding inputs are large
     app[MOCK_KEY] = mock
-    app.router.add_post("/v1/{endpoint:chat/completions|completions|embeddings}", mock.handle)
+    app.router.add_post("/v1/{endpoint:chat/completions|completions|embeddings|responses}", mock.handle)
     app.router.add_get("/v1/models", mock.models)
     app.router.add_get("/v1/models/{model}", mock.models)
     app.router.add_get("/_mock/stats", mock.get_stats)

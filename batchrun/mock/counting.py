@@ -108,7 +108,8 @@ def _prompt_chars_estimate(prompts: list) -> int:
 
 
 def output_cap(body: dict, default_max_tokens: int) -> int:
-    return body.get("max_tokens") or body.get("max_completion_tokens") or default_max_tokens
+    return (body.get("max_tokens") or body.get("max_completion_tokens") or body.get("max_output_tokens")
+            or default_max_tokens)
 
 
 class Measure(NamedTuple):
@@ -130,6 +131,14 @@ def measure(endpoint: str, body: dict, n: int, config: MockConfig) -> Measure:
         else:
             values = _message_values(body["messages"])
             estimate = math.ceil(sum(len(text) for key, text in values if key != "role") / 4)
+    elif endpoint == "responses":
+        from batchrun.mock.responses_api import input_texts
+
+        texts = input_texts(body)
+        prompts = [body["input"]]
+        items = len(body["input"]) if isinstance(body["input"], list) else 1
+        prompt_tokens = sum(_tokens(enc, t) for t in texts) + 3 * items  # as chat's 3 a message
+        estimate = prompt_tokens if config.count == "tiktoken" else math.ceil(sum(len(t) for t in texts) / 4)
     else:
         prompts = _prompts(body["input" if endpoint == "embeddings" else "prompt"])
         prompt_tokens = _prompt_tokens(enc, prompts)

@@ -37,7 +37,8 @@ def reply_pieces(endpoint: str, body: dict, default_max_tokens: int) -> list[str
 
     Its length is a deterministic function of the request between half the cap and the cap.
     """
-    subject = body["messages"] if endpoint == "chat/completions" else body["prompt"]
+    subject = body["messages"] if endpoint == "chat/completions" else \
+        body["input"] if endpoint == "responses" else body["prompt"]
     digest = hashlib.sha256(_canonical(subject)).hexdigest()
     cap = output_cap(body, default_max_tokens)
     low = (cap + 1) // 2
@@ -60,7 +61,8 @@ def request_digest(body: dict) -> str:
 
 
 def reply_text(endpoint: str, body: dict, *, default_max_tokens: int = 64) -> str:
-    """The text the mock answers to ``body`` on ``endpoint`` ("chat/completions" or "completions").
+    """The text the mock answers to ``body`` on ``endpoint`` ("chat/completions", "completions" or
+    "responses", whose answer is keyed on ``input``).
 
     ``"mock:" + sha256(canonical JSON of messages or prompt)[:12]`` followed by filler words,
     between half of and the full output cap in tokens (cut inside the prefix for tiny caps).

@@ -112,6 +112,10 @@ def validate(endpoint: str, body: dict) -> dict | None:
                 "invalid_value",
             )
         return _check_input(body, "input") or _check_int(body, "dimensions", 1, 3072)
+    if endpoint == "responses":
+        from batchrun.mock import responses_api
+
+        return responses_api.validate(body)
     problem = _check_messages(body) if endpoint == "chat/completions" else _check_input(body, "prompt")
     if problem:
         return problem

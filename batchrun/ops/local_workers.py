@@ -15,7 +15,7 @@ import sys
 import threading
 
 from batchrun.ops import hints
-from batchrun.settings import WorkerSettings, set_worker_settings
+from batchrun.settings import WorkerSettings
 
 IN_PROCESS_WORKERS = 1  # worker threads on the in-process Redis (one shard after another)
 
@@ -60,6 +60,9 @@ class LocalWorkers:
         self.threads: list[threading.Thread] = []
         self.procs: list[subprocess.Popen] = []
         self.rq_workers = []
+        # The stop flag of this run's worker threads (runner/run_scope.py): this run's alone, so
+        # stopping it stops no other run of the process.
+        self.stop_flag = threading.Event()
 
     def alive(self) -> bool:
         return any(t.is_alive() for t in self.threads) or any(p.poll() is None for p in self.procs)
@@ -89,19 +92,20 @@ class LocalWorkers:
                 p.kill()
 
 
-def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings) -> None:
-    """Worker threads on the in-process Redis (only this process sees it)."""
-    from batchrun.runner import shard
+def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings, batch_id: str | None = None) -> None:
+    """Worker threads on the in-process Redis (only this process sees it), for batch ``batch_id``'s
+    shards alone (None: any batch's)."""
+    from batchrun.runner.run_scope import RunScope, serve
     from batchrun.runner.worker import make_worker, preload_encodings
 
-    # An earlier run of this process (a library call) that was stopped set it; this run's
-    # shards must not start stopped.
-    shard.STOP.clear()
-    set_worker_settings(settings)
+    # The threads' shards send with this run's settings (base URL, API key) and stop on this run's
+    # flag, not the process's: another run of this process has its own.
+    scope = RunScope(settings, workers.stop_flag, batch_id)
     preload_encodings()
     for _ in range(IN_PROCESS_WORKERS):
         w = make_worker(redis, burst=True, threaded=True)
-        t = threading.Thread(target=w.work, kwargs={"burst": True, "logging_level": "WARNING"}, daemon=True)
+        t = threading.Thread(target=serve(scope, w.work, burst=True, logging_level="WARNING"),
+                             name="batchrun-local-worker", daemon=True)
         t.start()
         workers.rq_workers.append(w)
         workers.threads.append(t)

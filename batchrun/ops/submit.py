@@ -59,6 +59,12 @@ class _Source:
     def where(self, job: Job) -> str:
         return f"on line {job.line_no}" if self.jobs is None else f"in request {job.line_no - 1}"
 
+    def option(self, name: str) -> str:
+        """An option as the caller gave it: a flag for a file, a keyword for requests from Python."""
+        flags = {"max_cost": "--max-cost", "prices": "--prices FILE", "limits": "--rpm/--tpm MODEL=N"}
+        keywords = {"max_cost": "max_cost=", "prices": "prices=PATH", "limits": "rpm=/tpm= {MODEL: N}"}
+        return (flags if self.jobs is None else keywords)[name]
+
     @property
     def of(self) -> str:
         return "the file's" if self.jobs is None else "the requests'"
@@ -73,8 +79,9 @@ def _check_prices(source: _Source, table: PriceTable) -> None:
             missing[model] = source.where(job)
     if missing:
         listed = ", ".join(f"{m!r} (first {where})" for m, where in missing.items())
-        raise ValueError(f"{source.name}: no price is known for {listed}, so --max-cost cannot be kept; "
-                         f"give the price with --prices FILE (see `batchrun estimate`)")
+        raise ValueError(f"{source.name}: no price is known for {listed}, so {source.option('max_cost')} cannot be "
+                         f"kept; give the price with {source.option('prices')}"
+                         + (" (see `batchrun estimate`)" if source.jobs is None else " (a TOML price file)"))
 
 
 def _check_limit_models(source: _Source, options: BatchOptions) -> None:
@@ -88,7 +95,7 @@ def _check_limit_models(source: _Source, options: BatchOptions) -> None:
     if unused:
         listed = ", ".join(repr(m) for m in unused)
         raise ValueError(f"{source.name}: no job uses {listed}, so its limit would never apply; {source.of} models "
-                         f"are {', '.join(repr(m) for m in sorted(used))} (check the name in --rpm/--tpm MODEL=N); "
+                         f"are {', '.join(repr(m) for m in sorted(used))} (check the name in {source.option('limits')}); "
                          f"nothing was submitted")
 
 

@@ -38,7 +38,8 @@ from batchrun.state.counters import CounterNames
 from batchrun.runner.routes import Routes
 from batchrun.runner.sender import heard_at, send
 from batchrun.runner.wording import event_phrase, human_wait, outage_cause, v1_suggestion
-from batchrun.settings import BatchOptions, WorkerSettings, current_worker_settings
+from batchrun.runner.run_scope import PROCESS_STOP, current_scope
+from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.retry import until_reachable
 from batchrun.state.states import BatchState, PauseKind
 from batchrun.state.store import BatchStore
@@ -49,12 +50,14 @@ __all__ = ["STOP", "ShardRunner", "outage_cause", "run_shard", "v1_suggestion"]
 
 log = logging.getLogger("batchrun.worker")
 
-# Set when this process should stop taking jobs (SIGTERM in a work horse, Ctrl-C in `run`):
-# runners finish their in-flight requests within the grace period and give back the rest.
-STOP = threading.Event()
+# Set when this process should stop taking jobs (SIGTERM in a work horse): runners finish their
+# in-flight requests within the grace period and give back the rest. A run's in-process runners
+# stop on their run's own flag instead (runner/run_scope.py).
+STOP = PROCESS_STOP
 
 LEASE_BATCH = 500  # jobs per lease call at most
 SUMMARY_EVERY = 5.0  # seconds between one-line summaries of retries
+FOREIGN_SHARD_DELAY_MS = 200  # another run's shard, dequeued by this run's worker, is due again after this
 METRICS_EVERY = 1.0  # seconds between reports of counts for `status`
 _CIRCUIT_LINES: dict[str, float] = {}  # base URL -> when this process last said its circuit is open
 
@@ -65,14 +68,21 @@ def run_shard(batch_id: str, shard: int) -> dict:
 
     job = get_current_job()
     store = BatchStore(job.connection)
-    return asyncio.run(ShardRunner(store, batch_id, shard, current_worker_settings()).run())
+    scope = current_scope()
+    if not scope.serves(batch_id):
+        # Another run's shard (several runs in one process): due again soon, for that run's workers.
+        store.hold_shard(batch_id, shard, FOREIGN_SHARD_DELAY_MS)
+        return {}
+    return asyncio.run(ShardRunner(store, batch_id, shard, scope.settings, stop=scope.stop).run())
 
 
 class ShardRunner(JobAttempts):
     """One shard's run: leasing, the loop, stopping; each job's attempt is JobAttempts (runner/attempt.py)."""
 
-    def __init__(self, store: BatchStore, batch_id: str, shard: int, settings: WorkerSettings):
+    def __init__(self, store: BatchStore, batch_id: str, shard: int, settings: WorkerSettings,
+                 stop: threading.Event = STOP):
         self.store = store
+        self.stop = stop  # this runner's stop flag: its run's, or the process's
         self.batch_id = batch_id
         self.shard = shard
         self.settings = settings
@@ -189,8 +199,8 @@ class ShardRunner(JobAttempts):
             if cid not in self._on_the_wire:
                 task.cancel()
         # (not stopping: a request ends within its timeout, which bounds this wait too)
-        grace = self.settings.grace_seconds if STOP.is_set() else self.settings.request_timeout + 5
-        if STOP.is_set():
+        grace = self.settings.grace_seconds if self.stop.is_set() else self.settings.request_timeout + 5
+        if self.stop.is_set():
             log.warning("batch %s shard %d: stopping; %d request(s) in flight get %.0f s to finish, "
                         "the shard's other jobs go back to the queue", self.batch_id, self.shard,
                         len(self._on_the_wire), grace)
@@ -213,7 +223,7 @@ class ShardRunner(JobAttempts):
         low_water = max(1, concurrency // 8)  # lease in groups, not one round trip per freed slot
         last_maintenance = last_lease = 0.0
         while True:
-            if STOP.is_set():
+            if self.stop.is_set():
                 return
             if time.monotonic() - last_maintenance > maintenance.INTERVAL:
                 last_maintenance = time.monotonic()
