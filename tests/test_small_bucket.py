@@ -100,3 +100,31 @@ def test_a_stale_answer_tells_no_bucket(store):
     first = admit(limiter, 0, 100)
     observe_headers(limiter, first, headers("0", reset="1s"), latency=30)
     assert bucket(store).get("srv_cap", 0) == 0
+
+
+def test_the_mock_servers_headers_tell_its_one_second_bucket_to_a_real_run(store, tmp_path):
+    """End to end: a worker's answers from `mock-server --tpm 60000 --burst-seconds 1` leave the
+    budget knowing the server's bucket (1,000 tokens), so its headroom is 250, not 1,000."""
+    from batchrun.mock import MockConfig, MockServerThread
+    from batchrun.ops.submit import submit_file
+    from batchrun.settings import BatchOptions, Limits, WorkerSettings
+    from tests.helpers import run_thread_worker, write_jobs
+    from tests.test_limiter import budget_key
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20)
+    with MockServerThread(MockConfig(tpm=60_000, burst_seconds=1)) as srv:
+        settings = WorkerSettings(base_url=srv.base_url, api_key="sk-x", concurrency=4)
+        options = BatchOptions(limits=Limits.parse(rpm=[], tpm=["60000"]), burst_seconds=1)
+        rep = submit_file(store, str(jobs), options=options)
+        run_thread_worker(store.redis, settings, 60)
+        assert store.meta(rep.batch_id)["state"] == "finished"
+        assert srv.stats()["by_status"].get("429", 0) == 0
+    told = bucket(store, budget_key(model=jobs_model(jobs), base_url=srv.base_url))["srv_cap"]
+    assert 950 <= told <= 1000  # remaining + reset's refill: the bucket, give or take rounding
+
+
+def jobs_model(path) -> str:
+    import json
+
+    with open(path) as f:
+        return json.loads(f.readline())["body"]["model"]
