@@ -121,7 +121,8 @@ def test_a_sigterm_before_the_first_job_is_sent_exits_130(tmp_path):
 
     from tests.helpers import batchrun_cmd, cli_env
 
-    jobs = write_jobs(tmp_path / "jobs.jsonl", 100_000)  # seconds of validation before the first shard
+    # Seconds of validation before the first shard (of 500 jobs, which lands in ~0.03 s after it).
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 200_000)
     with MockServerThread(MockConfig()) as srv:
         env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test", BATCHRUN_REDIS_URL="")
         env.pop("BATCHRUN_REDIS_URL")

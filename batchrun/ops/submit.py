@@ -29,6 +29,9 @@ from batchrun.state.store import BatchStore
 CHUNK = 2000  # jobs per add_jobs call (one Lua call, one round trip)
 # ... and bytes at most: Redis drops a client whose command passes its query buffer limit (1 GB by default).
 CHUNK_BYTES = 64 << 20
+# Jobs of a new batch's first shard while shards are enqueued early (`run` on the in-process Redis):
+# sending starts once they have landed, not once a whole shard of up to 10,000 has.
+FIRST_SHARD_JOBS = 500
 
 
 @dataclass
@@ -264,8 +267,9 @@ class _Loader:
                  early: Callable[[str], None] | None, reserve: int):
         self.store, self.batch_id, self.shard_size = store, batch_id, shard_size
         self.early, self.reserve = early, reserve if early else 0
-        # Smaller chunks while shards are enqueued early: the first shard is ready sooner.
+        # Smaller chunks while shards are enqueued early, and a small first shard: it is ready sooner.
         self.chunk_jobs = min(CHUNK, max(100, shard_size // 2)) if early else CHUNK
+        self.first = min(shard_size, FIRST_SHARD_JOBS) if early else shard_size
         self.added = 0
         self.ready_below = 0  # shards below this one are enqueued
         self.sending: deque[tuple[Future, int]] = deque()  # (add_jobs call, first shard of the next chunk)
@@ -292,15 +296,21 @@ class _Loader:
         chunk: list[tuple[str, int, bytes]] = []
         index = chunk_bytes = 0
         for custom_id, request in requests:
-            chunk.append((custom_id, index // self.shard_size, request))
+            chunk.append((custom_id, self.shard_of(index), request))
             index += 1
             chunk_bytes += len(request) + len(custom_id)
-            if len(chunk) >= self.chunk_jobs or chunk_bytes >= CHUNK_BYTES:
-                self._flush(chunk, index // self.shard_size)
+            # The first shard's jobs go as one chunk of their own.
+            if len(chunk) >= self.chunk_jobs or chunk_bytes >= CHUNK_BYTES or index == self.first:
+                self._flush(chunk, self.shard_of(index))
                 chunk, chunk_bytes = [], 0
+        shards = self.shard_of(index - 1) + 1 if index else 0
         if chunk:
-            self._flush(chunk, -(-index // self.shard_size))
-        return -(-index // self.shard_size)
+            self._flush(chunk, shards)
+        return shards
+
+    def shard_of(self, index: int) -> int:
+        """The shard of the job at ``index`` (from 0): the first ``first`` jobs, then ``shard_size`` each."""
+        return 0 if index < self.first else 1 + (index - self.first) // self.shard_size
 
     def _flush(self, chunk: list, next_shard: int) -> None:
         self.sending.append((self.sender.submit(self.store.add_jobs, self.batch_id, chunk), next_shard))

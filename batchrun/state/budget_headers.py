@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 
+from batchrun.policy.backoff import parse_duration
 from batchrun.text import decoded as _s
 
 _HEADER_NUMBER = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")  # digits: float() would take "nan" and "inf"
@@ -32,6 +33,24 @@ def usable_header_number(value: object, *, remaining: bool = False) -> str:
     if number < 0:
         return "0" if remaining and number > -MAX_HEADER_NUMBER else ""
     return value.strip() if number <= MAX_HEADER_NUMBER else ""
+
+
+def told_bucket(headers, charge: int) -> str:
+    """The server's token bucket size as its headers tell it: x-ratelimit-remaining-tokens plus
+    what refills in x-ratelimit-reset-tokens ("the time until the bucket is full") at
+    x-ratelimit-limit-tokens per minute, and never below remaining + ``charge`` (the request these
+    headers answer was just admitted). '' when one of the three is missing or unusable (Azure's
+    "-1" reset, a bare number): observe.lua then keeps its full headroom.
+
+    This is what tells a bucket of one second's worth (a limit enforced per second) from a
+    minute's: observe.lua keeps a fraction of a small bucket as headroom, not all of it."""
+    limit = usable_header_number(headers.get("x-ratelimit-limit-tokens", ""))
+    remaining = usable_header_number(headers.get("x-ratelimit-remaining-tokens", ""), remaining=True)
+    reset = parse_duration(headers.get("x-ratelimit-reset-tokens", ""))
+    if not limit or not remaining or reset is None:
+        return ""
+    size = float(remaining) + min(reset, 86400.0) * float(limit) / 60
+    return f"{min(MAX_HEADER_NUMBER, max(size, float(remaining) + max(charge, 0))):.0f}"
 
 
 def stored_number(value: object) -> float:

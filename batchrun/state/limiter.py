@@ -24,7 +24,8 @@ from typing import Callable, NamedTuple
 import redis
 
 from batchrun.state import keys
-from batchrun.state.budget_headers import MAX_HEADER_NUMBER, admitted_ratio, stored_number, usable_header_number
+from batchrun.state.budget_headers import (MAX_HEADER_NUMBER, admitted_ratio, stored_number, told_bucket,
+                                          usable_header_number)
 from batchrun.state.budgets import HELD_REPORTS_MISSED, HELD_STALE_MS, describe_budgets, release_held
 from batchrun.state.batching import Batcher
 from batchrun.settings import BatchOptions, CircuitPolicy, WorkerSettings
@@ -319,19 +320,21 @@ class SharedLimiter:
                 head = latest or ("", "", "", "", 0, "0", 0)
                 *head, mark = head
                 late = sum(i[3] for i in items)
+                bucket = next((i[4] for i in reversed(items) if i[4]), "")
                 self._store.scripts.observe(keys=[key], args=[*head, rpm, tpm, mark, sent_in, sent_out,
                                                               self._options.burst_seconds, admitted_ratio(items),
-                                                              late])
+                                                              late, bucket])
 
             observer = self._observers[model] = Batcher(flush, name="observation", max_delay=0.05)
-        seen = None
+        seen, bucket = None, ""
         if has_headers:
+            bucket = told_bucket(headers, admission.charge) if latency <= FRESH_HEADERS_S else ""
             seen = (*(usable_header_number(headers.get(f"x-ratelimit-{name}", ""), remaining=name.startswith("rem"))
                       for name in ("limit-requests", "limit-tokens", "remaining-requests", "remaining-tokens")),
                     admission.charge, "1" if latency <= FRESH_HEADERS_S else "0", admission.mark)
         late = admission.charge if charged and admission is self._first_admission else 0
         try:
-            await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen, late))
+            await observer.submit((input_tokens if charged else 0, output_tokens if charged else 0, seen, late, bucket))
         finally:
             self._answered()  # after the observation: the requests it lets go see its effect
 

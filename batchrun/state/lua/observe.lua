@@ -10,7 +10,10 @@
 --    only where no limit was configured: under a configured one, headers may
 --    only lower the pace. A headroom of one second's worth stays unused: at
 --    the limit the server's bucket hovers at empty, and without it every small
---    error is a 429.
+--    error is a 429. Where the server's headers tell its bucket is small
+--    (ARGV[15]: a limit enforced per second), a quarter of that bucket instead:
+--    a second's worth would be all of it, and the fleet would wait for a bucket
+--    to fill that throws away what refills beyond full (~half the limit spent).
 --  * Calibration gives k, the ratio of the server's input charge to our input
 --    estimate, two ways:
 --    - over windows of >= 2 s in which the server's bucket was not full, the
@@ -38,8 +41,11 @@
 -- ARGV[14] the charge of a request that reached the server late (a runner's first, sent while its
 --          client started up): it is taken again, as arriving now. Where it was reserved, nobody
 --          else could send, so counting it twice only costs the fleet one request's worth (0: none)
+-- ARGV[15] the server's token bucket size, as the latest fresh headers told it (budget_headers.py
+--          told_bucket: remaining + reset-tokens' refill); '' if they did not (then the last told)
 -- Returns  k after this observation, as a string
 local b = KEYS[1]
+local HEADROOM_SHARE = 0.25  -- of a server bucket smaller than four seconds' worth
 -- tonumber() takes 'nan', 'inf' and '1e999': a header is used only if it is a finite number in
 -- [0, 1e13] (limiter.py's usable_header_number has the same rule), and a stored field that is not
 -- finite (written by an older version) reads as its default, so no such value is ever stored.
@@ -55,7 +61,7 @@ local function stored(x, default)
 end
 local now = now_ms()
 local s = redis.call('HMGET', b, 'req', 'tok', 'ts', 'lim_rpm', 'lim_tpm', 'cap_r', 'cap_t', 'k',
-                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent', 'obs_mark')
+                     's_in', 's_out', 'obs_t', 'obs_rem', 'obs_in', 'obs_out', 'spent', 'obs_mark', 'srv_cap')
 if not s[3] then return '1' end  -- no budget yet: reserve.lua makes it
 local lim_r = header(ARGV[1]) or stored(s[4], 0)
 local lim_t = header(ARGV[2]) or stored(s[5], 0)
@@ -91,12 +97,17 @@ local req, tok, ts = stored(s[1], 0), stored(s[2], 0), stored(s[3], now)
 local elapsed = math.max(0, now - ts)
 if rpm > 0 then req = math.min(math.max(own_r, 1), req + elapsed * rpm / 60000) end
 if tpm > 0 then tok = math.min(own_t, tok + elapsed * tpm / 60000) end
+-- The headroom: one second's worth, or a quarter of a smaller server bucket (told, never guessed:
+-- cap_t is only a lower bound, which another client draining the bucket keeps small).
+local srv_cap = header(ARGV[15]) or stored(s[17], 0)
+local headroom = tpm / 60
+if srv_cap > 0 then headroom = math.min(headroom, HEADROOM_SHARE * srv_cap) end
 -- Only headers newer than those already applied (answers can overtake each other).
 local fresh = ARGV[6] == '1' and tonumber(ARGV[9]) >= tonumber(s[16] or 0)
 if fresh and rem_t and tpm > 0 then
   local reserved_since = math.max(0, tonumber(s[15] or 0) - tonumber(ARGV[9]))
   -- A negative remaining is read as 0: one header must not put the fleet in debt for days.
-  local synced = math.max(0, rem_t) - reserved_since - tpm / 60
+  local synced = math.max(0, rem_t) - reserved_since - headroom
   -- A configured limit is a ceiling: the server's headers may lower the budget, never raise it.
   tok = math.min(cfg_t > 0 and tok or own_t, synced)
 end
@@ -112,7 +123,7 @@ local fields = {'s_in', tostring(s_in), 's_out', tostring(s_out),
                 'obs_mark', tostring(math.max(tonumber(s[16] or 0), tonumber(ARGV[9]))),
                 'lim_rpm', tostring(lim_r), 'lim_tpm', tostring(lim_t), 'cap_r', tostring(cap_r),
                 'cap_t', tostring(cap_t), 'req', tostring(req), 'tok', tostring(tok), 'ts', tostring(now),
-                'k', tostring(k)}  -- (a k set below comes later in HSET, and wins)
+                'k', tostring(k), 'srv_cap', tostring(srv_cap)}  -- (a k set below comes later in HSET, and wins)
 -- The server refills at its own limit, whatever limit the fleet keeps to.
 local srv_tpm = lim_t > 0 and lim_t or tpm
 local k_seen = tonumber(ARGV[13])
