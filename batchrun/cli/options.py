@@ -6,7 +6,8 @@ import math
 
 import click
 
-from batchrun.settings import MAX_SHARD_SIZE, BatchOptions, Limits
+from batchrun.settings import MAX_CACHE_MB, MAX_KEEP_DAYS, MAX_SHARD_SIZE, BatchOptions, Limits
+from batchrun.state.cache import DEFAULT_MAX_MB
 from batchrun.state.connections import ENV_URL, check_url
 from batchrun.state.store import BatchStore
 
@@ -61,6 +62,15 @@ def batch_options(f):
                      help="TOML price table overriding the shipped one (env BATCHRUN_PRICES)."),
         click.option("--keep-days", type=Number(0, min_open=True), default=7.0, show_default=True,
                      help="Days a finished or cancelled batch's data stays in Redis."),
+        click.option("--no-cache", is_flag=True,
+                     help="Send every request, even one the response cache holds or another line repeats."),
+        click.option("--refresh", is_flag=True,
+                     help="Send again what the response cache holds, and store the new answers."),
+        click.option("--cache-ttl", type=Number(0, MAX_KEEP_DAYS), default=0.0, metavar="DAYS",
+                     help="Days a stored answer serves later runs (default: --keep-days)."),
+        click.option("--cache-max-mb", type=Number(0, MAX_CACHE_MB, min_open=True), default=DEFAULT_MAX_MB,
+                     show_default=True, metavar="MB",
+                     help="Size bound of the response cache (compressed); the answers nearest their expiry go first."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -72,7 +82,8 @@ def batch_options(f):
 
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
-                 keep_days, give_up_after=300.0) -> BatchOptions:
+                 keep_days, give_up_after=300.0, no_cache=False, refresh=False, cache_ttl=0.0,
+                 cache_max_mb=DEFAULT_MAX_MB) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -80,7 +91,11 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     check_finite("--max-cost", max_cost)
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
-                           give_up_seconds=give_up_after, limits=limits)
+                           give_up_seconds=give_up_after, limits=limits, cache=0 if no_cache else 1,
+                           cache_refresh=1 if refresh else 0, cache_ttl_days=cache_ttl, cache_max_mb=cache_max_mb)
+    if no_cache and refresh:
+        raise click.UsageError("--refresh stores new answers in the response cache, which --no-cache bypasses: "
+                               "give one of them")
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))

@@ -152,6 +152,7 @@ class ShardRunner(JobAttempts):
         self.requeuer = Batcher(lambda items: [store.requeue(bid, self.owner, self.shard, items)] * len(items),
                                 name="retry")
         self.coster = Batcher(self._reserve_costs, name="cost reservation", max_delay=0.002)
+        self._set_up_cache(meta, options)  # runner/cached.py
 
     async def _wind_down(self, renewer: asyncio.Task, reporter: asyncio.Task) -> None:
         if self.inflight:
@@ -302,6 +303,7 @@ class ShardRunner(JobAttempts):
                                         list(self.inflight))
                 await asyncio.to_thread(self.store.hold_shard, self.batch_id, self.shard, self.lease_ms)
                 await asyncio.to_thread(self.limiter.report_held)
+                await asyncio.to_thread(self._renew_cache_claims)  # claims live as long as the leases
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
 

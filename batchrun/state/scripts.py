@@ -15,7 +15,7 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch")
+         "expire_batch", "cache_put", "cache_delete", "cache_release")
 
 
 PRELUDE = "_prelude"
@@ -57,3 +57,6 @@ class Scripts:
     reserve_cost: Script
     metrics: Script
     expire_batch: Script
+    cache_put: Script
+    cache_delete: Script
+    cache_release: Script
