@@ -27,7 +27,9 @@ class Result:
     status_code: int | None = None
     error: ResultError | None = None
     attempts: int = 0  # tries the job took, as far as its line tells (0: not known)
-    cost_usd: float | None = None  # at the shipped (or given) prices; None for an unknown model
+    cost_usd: float | None = None  # at the shipped (or given) prices; None for an unknown model; 0.0 if cached
+    cached: bool = False  # served from the response cache: not sent, not paid
+    saved_usd: float | None = None  # a cached answer: what sending it would have cost (None otherwise)
     line: dict | None = field(default=None, repr=False, compare=False)  # the output line it was read from
 
     @property
@@ -67,8 +69,11 @@ def from_line(line: dict, prices: PriceTable | None = None) -> Result:
     ok = error is None and isinstance(status, int) and 200 <= status < 300
     attempts = line.get("attempts")
     tries = len(attempts) if isinstance(attempts, list) else (1 if ok else 0)
-    return Result(custom_id=line["custom_id"], ok=ok, body=body, status_code=status, error=error, attempts=tries,
-                  cost_usd=_cost(body, prices) if ok else None, line=line)
+    cached = ok and line.get("cached") is True
+    cost = _cost(body, prices) if ok else None
+    return Result(custom_id=line["custom_id"], ok=ok, body=body, status_code=status, error=error,
+                  attempts=0 if cached else tries, cost_usd=0.0 if cached else cost, cached=cached,
+                  saved_usd=cost if cached else None, line=line)
 
 
 def not_run(custom_id: str, why: str) -> Result:

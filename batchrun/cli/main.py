@@ -11,6 +11,7 @@ import logging
 import click
 
 from batchrun import __version__
+from batchrun.cli import cache as cache_cli
 from batchrun.cli import estimate, manage, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
@@ -97,6 +98,7 @@ def _lift_verbosity(args: list[str]) -> list[str]:
 for _command in (submit_run.submit, worker.worker, watch.collect, submit_run.run, watch.status, watch.list_batches,
                  resume.resume, manage.cancel, manage.purge, manage.limits, estimate.estimate):
     main.add_command(_command)
+main.add_command(cache_cli.cache_group)
 
 
 def _add_mock_server() -> None:
