@@ -7,6 +7,7 @@ import json
 import click
 
 from batchrun.cli.helpers import fail
+from batchrun.cli.options import redis_option
 from batchrun.settings import Limits
 
 
@@ -21,13 +22,17 @@ from batchrun.settings import Limits
 @click.option("--endpoint", default="/v1/chat/completions", show_default=True,
               help="URL for lines that are bare request bodies.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
+@redis_option
+@click.option("--no-cache", is_flag=True, help="Do not look in the response cache for lines it would serve.")
+def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, redis_url, no_cache):
     """Count JOBS' tokens; show its cost range and the shortest time your limits allow.
 
     Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
     """
     from batchrun.cli.estimate_text import render_text
+    from batchrun.ops.cache import estimate_coverage
     from batchrun.ops.estimate import estimate_file
+    from batchrun.settings import WorkerSettings
     from batchrun.policy.pricing import PriceTable
 
     try:
@@ -36,7 +41,9 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
         raise click.UsageError(str(exc)) from None
     try:
         prices = PriceTable.load(prices_path)
-        report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices)
+        coverage = None if no_cache else estimate_coverage(redis_url, WorkerSettings.from_env().base_url, prices)
+        report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices,
+                               coverage=coverage)
     except ValueError as exc:  # a bad price file or --endpoint: the message says which and why
         fail(str(exc))
     if not report.jobs:
@@ -49,7 +56,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
              f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
              f"MODEL=N)")  # about the file, as run and submit say it: exit 1
     if as_json:
-        click.echo(json.dumps(report.to_dict()))
+        click.echo(json.dumps({**report.to_dict(), "cache": coverage.to_dict() if coverage else None}))
         return
     shown = report.errors[:20]
     for err in shown:
@@ -57,3 +64,5 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json):
     if report.invalid_lines > len(shown):
         click.echo(f"skipped: ... and {report.invalid_lines - len(shown):,} more invalid lines", err=True)
     click.echo(render_text(report))
+    for line in coverage.lines() if coverage else []:
+        click.echo(line)
