@@ -79,7 +79,7 @@ class BatchOptions:
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
     cache: int = 1  # 1: answers come from / go to the response cache (state/cache.py); 0: --no-cache
-    cache_refresh: int = 0  # 1: --refresh, answers stored before the batch was made are sent again
+    cache_refresh: float = 0.0  # --refresh: Unix seconds it was given; answers stored before are sent again
     cache_ttl_days: float = 0.0  # how long a stored answer serves; 0: keep_days
     cache_max_mb: float = 512.0  # the cache's size bound (compressed answers)
     limits: Limits = field(default_factory=Limits)

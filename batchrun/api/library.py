@@ -155,7 +155,7 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
         ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
                            limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)), cache=1 if opts.cache else 0,
-                           cache_refresh=1 if opts.refresh else 0, cache_ttl_days=opts.cache_ttl,
+                           cache_refresh=time.time() if opts.refresh else 0.0, cache_ttl_days=opts.cache_ttl,
                            cache_max_mb=opts.cache_max_mb)
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 
 import click
 
@@ -92,7 +93,7 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
                            give_up_seconds=give_up_after, limits=limits, cache=0 if no_cache else 1,
-                           cache_refresh=1 if refresh else 0, cache_ttl_days=cache_ttl, cache_max_mb=cache_max_mb)
+                           cache_refresh=time.time() if refresh else 0.0, cache_ttl_days=cache_ttl, cache_max_mb=cache_max_mb)
     if no_cache and refresh:
         raise click.UsageError("--refresh stores new answers in the response cache, which --no-cache bypasses: "
                                "give one of them")

@@ -30,16 +30,16 @@ CACHED_FIELD = "cached"  # the batchrun extension field of a result line served 
 _FIRST_POLL, _LONGEST_POLL = 0.05, 1.0  # seconds between looks while an identical request is sent
 
 
-def cache_policy_of(options, meta: dict[str, str]) -> CachePolicy:
+def cache_policy_of(options) -> CachePolicy:
     ttl_days = options.cache_ttl_days or options.keep_days
     return CachePolicy(enabled=bool(options.cache), refresh=bool(options.cache_refresh),
                        ttl_seconds=ttl_days * 86400.0, max_bytes=int(options.cache_max_mb * 1024 * 1024),
-                       not_before=float(meta.get("created_at") or 0) if options.cache_refresh else 0.0)
+                       not_before=options.cache_refresh)
 
 
 class CacheSteps:
     def _set_up_cache(self, meta: dict[str, str], options) -> None:
-        self.cache_policy = cache_policy_of(options, meta)
+        self.cache_policy = cache_policy_of(options)
         self.cache = ResponseCache.for_store(self.store, self.owner) if self.cache_policy.enabled else None
         self._claimed: dict[str, str] = {}  # custom_id -> the cache key whose sending it claimed
         self._cache_failing = False

@@ -31,7 +31,7 @@ class CachePolicy:
     refresh: bool = False  # entries stored before ``not_before`` are not used (and are overwritten)
     ttl_seconds: float = 7 * 86400.0
     max_bytes: int = int(DEFAULT_MAX_MB * 1024 * 1024)
-    not_before: float = 0.0  # Unix seconds: with --refresh, the batch's creation
+    not_before: float = 0.0  # Unix seconds: with --refresh, when it was given
 
 
 class ResponseCache:
