@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import pytest
-import redis
 
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.policy.cache_entries import cache_key
