@@ -72,11 +72,12 @@ def test_a_file_run_twice_to_a_new_output_sends_nothing_the_second_time(where, t
     check_exactly_once(jobs, second, tmp_path / "second.errors.jsonl")
 
 
-def test_1000_lines_over_100_bodies_send_100_requests(tmp_path):
+@pytest.mark.parametrize("shards", [[], ["--shard-size", "100"]], ids=["one-shard", "ten-shards"])
+def test_1000_lines_over_100_bodies_send_100_requests(shards, tmp_path):
     jobs = write_repeated_jobs(tmp_path / "jobs.jsonl", 1000, 100)
     out = tmp_path / "out.jsonl"
     with MockServerThread(MockConfig()) as srv:
-        done = _cli(["run", str(jobs), "-o", str(out)], _env(srv))
+        done = _cli(["run", str(jobs), "-o", str(out), *shards], _env(srv))
         assert done.returncode == 0, done.stderr
         assert srv.stats()["requests"] == 100
     results, _ = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")  # each line its own answer

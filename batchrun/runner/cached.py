@@ -38,6 +38,9 @@ def cache_policy_of(options) -> CachePolicy:
 
 
 class CacheSteps:
+    cache: ResponseCache | None = None  # (set by _set_up_cache; None: the batch bypasses the cache)
+    _claimed: dict[str, str] = {}  # (replaced by _set_up_cache; only a runner with a cache adds to it)
+
     def _set_up_cache(self, meta: dict[str, str], options) -> None:
         self.cache_policy = cache_policy_of(options)
         self.cache = ResponseCache.for_store(self.store, self.owner) if self.cache_policy.enabled else None

@@ -168,6 +168,10 @@ class SqliteCacheStorage:
         return CacheStats(where=self.where, entries=n, bytes=size, oldest=oldest / 1000 if oldest else None,
                           newest=newest / 1000 if newest else None)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def close(self) -> None:
         self.flush()
         atexit.unregister(self.flush)

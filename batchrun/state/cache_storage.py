@@ -10,12 +10,15 @@ its business.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 CACHE_DIR_ENV = "BATCHRUN_CACHE_DIR"  # where the sqlite file lives (tests point it at a tmp dir)
 CACHE_FILE = "responses.sqlite3"
+_files: dict = {}  # path -> the SqliteCacheStorage of this process
+_lock = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -62,7 +65,14 @@ def open_storage(redis, url: str = "") -> CacheStorage:
     if is_in_process(redis):
         from batchrun.state.cache_sqlite import SqliteCacheStorage
 
-        return SqliteCacheStorage(default_cache_dir() / CACHE_FILE)
+        # One per file and process: its runners see each other's answers before they are written
+        # (state/cache_sqlite.py writes behind), and it has one connection and one writer thread.
+        path = default_cache_dir() / CACHE_FILE
+        with _lock:
+            storage = _files.get(path)
+            if storage is None or storage.closed:
+                storage = _files[path] = SqliteCacheStorage(path)
+        return storage
     from batchrun.state.cache_redis import RedisCacheStorage
 
     return RedisCacheStorage(redis, url)
