@@ -78,6 +78,10 @@ class BatchOptions:
     max_cost: float = 0.0  # USD the batch may spend at most, counting requests in flight at their worst case; 0: no cap
     keep_days: float = 7.0  # a finished or cancelled batch's keys expire after this many days
     give_up_seconds: float = 300.0  # a server that has not answered (or only 5xx) for this long pauses the batch
+    cache: int = 1  # 1: answers come from / go to the response cache (state/cache.py); 0: --no-cache
+    cache_refresh: float = 0.0  # --refresh: Unix seconds it was given; answers stored before are sent again
+    cache_ttl_days: float = 0.0  # how long a stored answer serves; 0: keep_days
+    cache_max_mb: float = 512.0  # the cache's size bound (compressed answers)
     limits: Limits = field(default_factory=Limits)
     priority: str = "normal"  # high, normal, low or a weight (policy/fairshare.py); `batchrun priority` changes it
     via: str = "live"  # how its jobs are sent: VIAS (batchrun/remote/ runs "batch-api" and "auto")
@@ -115,6 +119,7 @@ MAX_BURST_SECONDS = 3_600.0
 MAX_KEEP_DAYS = 3_650.0  # ten years
 MAX_SHARD_SIZE = 1_000_000  # one RQ job; past this a typo, and a shard too big to share or redo
 VIAS = ("live", "batch-api", "auto")  # how a batch's jobs may be sent
+MAX_CACHE_MB = 1_000_000  # a terabyte: past this a typo
 MAX_CONCURRENCY = 10_000  # requests in flight per process: past this, sockets and memory run out first
 
 
@@ -168,6 +173,9 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
                    "is what the budget can send by then")
     if o.deadline_seconds and o.via != "auto":
         out.append(f"--deadline applies to --via auto only (this batch is --via {o.via})")
+    need("--cache-ttl", o.cache_ttl_days, lambda x: 0 <= x <= MAX_KEEP_DAYS,
+         f"a number of days from 0 to {MAX_KEEP_DAYS:,.0f} (0: --keep-days)")
+    need("--cache-max-mb", o.cache_max_mb, lambda x: 0 < x <= MAX_CACHE_MB, f"a number of MB above 0 and at most {MAX_CACHE_MB:,}")
     for model, entry in sorted(o.limits.by_model.items()):
         for kind, value in sorted(entry.items()):
             x = _number(value)

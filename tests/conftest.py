@@ -169,3 +169,11 @@ def _no_stop_left_over():
     shard = sys.modules.get("batchrun.runner.shard")
     if shard is not None:
         shard.STOP.clear()
+
+
+@pytest.fixture(autouse=True)
+def _own_response_cache(tmp_path_factory, monkeypatch):
+    """Each test its own response cache file (BATCHRUN_CACHE_DIR, inherited by the commands it
+    starts): answers stored by one test (same bodies, a port the OS gave out again) must not serve
+    another, and no test writes into the user's ~/.cache."""
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(tmp_path_factory.mktemp("response-cache")))

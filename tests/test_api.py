@@ -68,7 +68,7 @@ def test_batch_api_lines_keep_their_custom_ids_and_a_failure_is_a_value(mock):
     assert [r.custom_id for r in results] == [f"q{i}" for i in range(5)]
     assert_answers(results, [line["body"] for line in lines])
     mock.set_config(error_rates={"500": 1.0})
-    failed = batchrun.run(lines[:2], max_attempts=1, **on(mock))
+    failed = batchrun.run(lines[:2], max_attempts=1, cache=False, **on(mock))  # sent again, not from the cache
     assert [r.ok for r in failed] == [False, False]
     assert failed[0].error.code and failed[0].error.code != NOT_RUN and failed[0].text is None
     assert failed[0].to_dict()["error"]["code"] == failed[0].error.code

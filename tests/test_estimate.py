@@ -372,7 +372,7 @@ def invoke(*args: str):
     return CliRunner().invoke(main, ["estimate", *args], catch_exceptions=False)
 
 
-JSON_FIELDS = {"file", "jobs", "invalid_lines", "errors", "typical_output_per_answer", "prices", "models", "total"}
+JSON_FIELDS = {"file", "jobs", "invalid_lines", "errors", "typical_output_per_answer", "prices", "models", "total", "cache"}
 MODEL_FIELDS = {"model", "jobs", "jobs_by_url", "input_tokens", "input_exact", "max_output_tokens",
                 "typical_output_tokens", "tokens_charged", "price", "cost_low_usd", "cost_high_usd", "rpm", "tpm",
                 "minutes", "binding_limit", "too_large_jobs", "too_large"}

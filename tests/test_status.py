@@ -16,7 +16,7 @@ from batchrun.ops.status import batch_status, describe, format_duration
 from tests.conftest import REAL_REDIS_URL
 
 FIELDS = {"batch_id", "state", "reason", "pause_kind", "created_at", "finished_at", "source", "jobs", "last_minute", "totals",
-          "models", "endpoints", "eta_seconds", "cost", "fleet", "share", "remote_batches"}
+          "models", "endpoints", "eta_seconds", "cost", "cache", "fleet", "share", "remote_batches"}
 
 
 def test_status_has_the_documented_fields(store, make_batch):

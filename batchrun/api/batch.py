@@ -291,7 +291,8 @@ def _report_end(run: _Run, prior_errors: int) -> RunEnd:
     cfg, store, bid, errors_path, out = run.cfg, run.store, run.batch_id, run.errors_path, run.out
     meta = store.meta(bid)
     counts = store.counts(bid)
-    out.result(_summary(cfg, errors_path, run.written, run.skip) + (held(cfg.output, errors_path) if run.skip else ""))
+    out.result(_summary(cfg, errors_path, run.written, run.skip) + (held(cfg.output, errors_path) if run.skip else "")
+               + cache_note(meta))
     if meta.get("state") == BatchState.PAUSED:
         reason = reword(cfg, meta.get("reason") or "", bid)
         out.warn(f"batch {bid} is paused: {reason}")
@@ -301,6 +302,18 @@ def _report_end(run: _Run, prior_errors: int) -> RunEnd:
         print_resume(cfg, bid, out, store)
     return RunEnd(bid, _state_of(meta), for_state(meta.get("state", ""), counts["failed"] + prior_errors),
                   reason=meta.get("reason") or "")
+
+
+def cache_note(meta: dict) -> str:
+    """'; 40 of them from the response cache (not sent, not paid: $0.0012 saved)', or ''."""
+    from batchrun.ops.status import cache_phrase
+    from batchrun.state.budget_headers import stored_number
+
+    hits = int(stored_number(meta.get("cache_hits")))
+    if not hits:
+        return ""
+    phrase = cache_phrase({"hits": hits, "saved_usd": stored_number(meta.get("cache_saved"))})
+    return f"; {phrase.replace('answers from', 'of them from').replace('answer from', 'of them from')}"
 
 
 def _state_of(meta: dict) -> BatchState | None:

@@ -14,6 +14,7 @@ import gc
 import os
 import tempfile
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -57,6 +58,10 @@ class RunOptions:
     rpm: int | str | dict | None = None
     max_cost: float = 0.0
     max_attempts: int = 10
+    cache: bool = True  # False: --no-cache (every request sent, none stored)
+    refresh: bool = False  # send again what the cache holds, store the new answers
+    cache_ttl: float = 0.0  # days a stored answer serves; 0: the batch's keep-days
+    cache_max_mb: float = 512.0  # the response cache's size bound
     redis_url: str | None = None  # default: BATCHRUN_REDIS_URL, else the in-process Redis
     base_url: str | None = None  # default: OPENAI_BASE_URL
     api_key: str | None = None  # default: OPENAI_API_KEY; never stored
@@ -162,7 +167,9 @@ def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, li
         ids = [line["custom_id"] for line in lines]
     options = BatchOptions(max_attempts=opts.max_attempts, max_cost=opts.max_cost,
                            limits=Limits.parse(_specs(opts.rpm), _specs(opts.tpm)), priority=str(opts.priority),
-                           via=opts.via, resend_via=opts.resend_via, deadline_seconds=opts.deadline)
+                           via=opts.via, resend_via=opts.resend_via, deadline_seconds=opts.deadline,
+                           cache=1 if opts.cache else 0, cache_refresh=time.time() if opts.refresh else 0.0,
+                           cache_ttl_days=opts.cache_ttl, cache_max_mb=opts.cache_max_mb)
     cfg = RunConfig(jobs=jobs, output=opts.output or os.path.join(tmp, "results.jsonl"), errors=opts.errors,
                     redis_url=resolve_url(opts.redis_url), batch_id=opts.batch_id, endpoint=opts.endpoint,
                     skip_invalid=opts.skip_invalid, options=options, concurrency=opts.concurrency,
@@ -170,6 +177,9 @@ def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, li
                     base_url=opts.base_url, api_key=opts.api_key, library=True,
                     output_kept=opts.output is not None, requests=None if jobs else lines)
     problems = options.problems()
+    if opts.refresh and not opts.cache:
+        problems.append("refresh=True stores new answers in the response cache, which cache=False bypasses: "
+                        "give one of them")
     if opts.processes > 1 and is_memory(cfg.redis_url):  # the CLI's check_run, in the library's words
         problems.append(f"processes={opts.processes} needs a shared Redis (redis_url=, or BATCHRUN_REDIS_URL): "
                         f"without one the run keeps its Redis inside this process, with one in-process worker")

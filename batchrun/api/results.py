@@ -27,6 +27,7 @@ class Result:
     status_code: int | None = None
     error: ResultError | None = None
     attempts: int = 0  # tries the job took, as far as its line tells (0: not known)
+    cached: bool = False  # served from the response cache: not sent, not paid
     line: dict | None = field(default=None, repr=False, compare=False)  # the output line it was read from
     # The price table ``cost_usd`` is worked out with, on first use: most callers never ask, and
     # working it out for each of 20,000 results was a fifth of what reading them back cost.
@@ -34,8 +35,15 @@ class Result:
 
     @property
     def cost_usd(self) -> float | None:
-        """USD at the shipped (or given) prices; None for a failed request or an unknown model."""
+        """USD at the shipped (or given) prices; None for a failed request or an unknown model; 0.0 if cached."""
+        if self.cached:
+            return 0.0
         return _cost(self.body, self.prices) if self.ok else None
+
+    @property
+    def saved_usd(self) -> float | None:
+        """A cached answer: what sending it would have cost (None otherwise)."""
+        return _cost(self.body, self.prices) if self.cached else None
 
     @property
     def usage(self) -> dict | None:
@@ -82,7 +90,8 @@ def from_line(line: dict, prices: PriceTable | None = None) -> Result:
         ok = error is None and isinstance(status, int) and 200 <= status < 300
     attempts = line.get("attempts")
     tries = len(attempts) if isinstance(attempts, list) else (1 if ok else 0)
-    return Result(line["custom_id"], ok, body, status, error, tries, line, prices)
+    cached = ok and line.get("cached") is True
+    return Result(line["custom_id"], ok, body, status, error, 0 if cached else tries, cached, line, prices)
 
 
 def not_run(custom_id: str, why: str) -> Result:

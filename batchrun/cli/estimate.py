@@ -7,6 +7,7 @@ import json
 import click
 
 from batchrun.cli.helpers import fail
+from batchrun.cli.options import redis_option
 from batchrun.settings import VIAS, Limits
 
 
@@ -23,13 +24,17 @@ from batchrun.settings import VIAS, Limits
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--via", type=click.Choice(VIAS), default="live", show_default=True,
               help="batch-api: also the cost through OpenAI's Batch API (half price, done within 24 hours).")
-def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via):
+@redis_option
+@click.option("--no-cache", is_flag=True, help="Do not look in the response cache for lines it would serve.")
+def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via, redis_url, no_cache):
     """Count JOBS' tokens; show its cost range and the shortest time your limits allow.
 
     Nothing is sent and no Redis is needed. Invalid lines are listed and skipped.
     """
     from batchrun.cli.estimate_text import batch_api_costs, render_text
+    from batchrun.ops.cache import estimate_coverage
     from batchrun.ops.estimate import estimate_file
+    from batchrun.settings import WorkerSettings
     from batchrun.policy.pricing import PriceTable
 
     try:
@@ -38,7 +43,9 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via
         raise click.UsageError(str(exc)) from None
     try:
         prices = PriceTable.load(prices_path)
-        report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices)
+        coverage = None if no_cache else estimate_coverage(redis_url, WorkerSettings.from_env().base_url, prices)
+        report = estimate_file(jobs, endpoint=endpoint, limits=limits, typical_output=typical_output, prices=prices,
+                               coverage=coverage)
     except ValueError as exc:  # a bad price file or --endpoint: the message says which and why
         fail(str(exc))
     if not report.jobs:
@@ -51,7 +58,7 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via
              f"models are {', '.join(repr(m.model) for m in report.models)} (check the name in --rpm/--tpm "
              f"MODEL=N)")  # about the file, as run and submit say it: exit 1
     if as_json:
-        data = report.to_dict()
+        data = {**report.to_dict(), "cache": coverage.to_dict() if coverage else None}
         if via == "batch-api":
             data["batch_api"] = batch_api_costs(report)
         click.echo(json.dumps(data))
@@ -62,3 +69,5 @@ def estimate(jobs, rpm, tpm, typical_output, prices_path, endpoint, as_json, via
     if report.invalid_lines > len(shown):
         click.echo(f"skipped: ... and {report.invalid_lines - len(shown):,} more invalid lines", err=True)
     click.echo(render_text(report, via))
+    for line in coverage.lines() if coverage else []:
+        click.echo(line)

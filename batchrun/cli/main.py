@@ -12,6 +12,7 @@ import os
 import click
 
 from batchrun import __version__
+from batchrun.cli import cache as cache_cli
 from batchrun.cli import dashboard, endpoints, estimate, manage, priority, resume, submit_run, watch, worker
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
@@ -107,6 +108,7 @@ for _command in (submit_run.submit, worker.worker, watch.collect, submit_run.run
                  priority.priority):
     main.add_command(_command)
 main.add_command(dashboard.dashboard)
+main.add_command(cache_cli.cache_group)
 
 
 def _add_mock_server() -> None:

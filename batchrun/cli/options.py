@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import time
 
 import click
 
-from batchrun.settings import MAX_SHARD_SIZE, VIAS, BatchOptions, Limits
+from batchrun.settings import MAX_CACHE_MB, MAX_KEEP_DAYS, MAX_SHARD_SIZE, VIAS, BatchOptions, Limits
+from batchrun.state.cache import DEFAULT_MAX_MB
 from batchrun.state.connections import ENV_URL, check_url
 from batchrun.state.store import BatchStore
 
@@ -94,6 +96,15 @@ def batch_options(f):
         click.option("--deadline", type=Duration(), default=None, metavar="DURATION",
                      help="With --via auto: the batch should end within this (90s, 45m, 6h, 2d); what the "
                           "budget cannot send live by then goes through the Batch API."),
+        click.option("--no-cache", is_flag=True,
+                     help="Send every request, even one the response cache holds or another line repeats."),
+        click.option("--refresh", is_flag=True,
+                     help="Send again what the response cache holds, and store the new answers."),
+        click.option("--cache-ttl", type=Number(0, MAX_KEEP_DAYS), default=0.0, metavar="DAYS",
+                     help="Days a stored answer serves later runs (default: --keep-days)."),
+        click.option("--cache-max-mb", type=Number(0, MAX_CACHE_MB, min_open=True), default=DEFAULT_MAX_MB,
+                     show_default=True, metavar="MB",
+                     help="Size bound of the response cache (compressed); the answers nearest their expiry go first."),
         click.option("--batch-id", default=None, help="Name the batch (default: a new id)."),
         click.option("--endpoint", default="/v1/chat/completions", show_default=True,
                      help="URL for lines that are bare request bodies."),
@@ -106,7 +117,7 @@ def batch_options(f):
 
 def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, burst_seconds, max_cost,
                  keep_days, give_up_after=300.0, priority="normal", via="live", resend_via="live",
-                 deadline=None) -> BatchOptions:
+                 deadline=None, no_cache=False, refresh=False, cache_ttl=0.0, cache_max_mb=DEFAULT_MAX_MB) -> BatchOptions:
     try:
         limits = Limits.parse(rpm, tpm)
     except ValueError as exc:
@@ -115,7 +126,11 @@ def make_options(rpm, tpm, max_attempts, backoff_base, backoff_cap, shard_size, 
     options = BatchOptions(max_attempts=max_attempts, backoff_base=backoff_base, backoff_cap=backoff_cap,
                            shard_size=shard_size, burst_seconds=burst_seconds, max_cost=max_cost, keep_days=keep_days,
                            give_up_seconds=give_up_after, limits=limits, priority=priority or "normal", via=via,
-                           resend_via=resend_via, deadline_seconds=deadline or 0.0)
+                           resend_via=resend_via, deadline_seconds=deadline or 0.0, cache=0 if no_cache else 1,
+                           cache_refresh=time.time() if refresh else 0.0, cache_ttl_days=cache_ttl, cache_max_mb=cache_max_mb)
+    if no_cache and refresh:
+        raise click.UsageError("--refresh stores new answers in the response cache, which --no-cache bypasses: "
+                               "give one of them")
     problems = options.problems()
     if problems:
         raise click.UsageError("; ".join(problems))

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass
 
 from batchrun.files.seen_ids import SeenIds
+from batchrun.policy.cache_entries import OPT_OUT_FIELD, opt_out_problem
 
 __all__ = ["URLS", "Job", "LineError", "parse_line", "scan_json"]
 
@@ -122,7 +123,7 @@ def _parse_batch_line(obj: dict, line_no: int, seen: SeenIds, build: bool = True
         return f"body is not an object (it is {_kind(body)})"
     if not isinstance(body.get("model"), str) or not body["model"]:
         return "body has no 'model'"
-    problem = _count_problem(body)
+    problem = _count_problem(body) or (opt_out_problem(obj) if OPT_OUT_FIELD in obj else None)
     if problem:
         return problem
     return Job(custom_id, "POST", url, body, line_no) if build else True

@@ -186,6 +186,7 @@ def estimate_file(
     typical_output: int | None = None,
     prices: PriceTable | None = None,
     workers: int | None = None,
+    coverage=None,
 ) -> EstimateReport:
     """Estimate the job file at ``path``.
 
@@ -211,6 +212,8 @@ def estimate_file(
                     errors.append(item)
             else:
                 _add_job(item, totals, counter, typical_output, limits)
+                if coverage is not None:  # what the response cache would serve (ops/cache.py)
+                    coverage.add(item.url, item.body)
         text_tokens = counter.finish()
     finally:
         if pool is not None:

@@ -107,6 +107,8 @@ def summary(st: dict, *, short: bool) -> str:
     if cost["max_cost_usd"]:
         money += f" of {format_usd(cost['max_cost_usd'])} cap"
     parts.append(money)
+    if st.get("cache", {}).get("hits"):
+        parts.append(f"{st['cache']['hits']:,} from the cache ({format_usd(st['cache']['saved_usd'])} saved)")
     held = describe_conditions(st["fleet"])
     if held:
         parts.append(held)

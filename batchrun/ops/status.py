@@ -79,10 +79,24 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
         "endpoints": endpoint_pace(recent, per_minute if span >= MIN_RATE_SECONDS else None),  # [[endpoints]]
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": _cost(meta, jobs, options),
+        "cache": cache_counts(meta.fields, options),
         "fleet": store.fleet_conditions(),
         "share": share_fields(share_view(store, batch_id)),
         "remote_batches": remote_summary(store, batch_id),  # --via batch-api (remote/start.py)
     }
+
+
+def cache_counts(fields: dict[str, str], options: BatchOptions) -> dict:
+    """The response cache's part of a batch (complete.lua counts each hit with its job's end)."""
+    return {"enabled": bool(options.cache), "hits": int(stored_number(fields.get("cache_hits"))),
+            "saved_usd": round(stored_number(fields.get("cache_saved")), 6)}
+
+
+def cache_phrase(cache: dict) -> str:
+    """'12 answers from the response cache (not sent, not paid: $0.0421 saved)'."""
+    n = cache["hits"]
+    return f"{n:,} answer{'s' if n != 1 else ''} from the response cache (not sent, not paid: " \
+           f"{format_usd(cache['saved_usd'])} saved)"
 
 
 def _eta(state: BatchState | None, remaining: int, rate: float) -> float | None:
@@ -208,6 +222,8 @@ def describe(status: dict) -> list[str]:
     if status.get("share"):
         lines.append(f"  share: {status['share']['line']}")
     lines += describe_remote(status.get("remote_batches") or [])
+    if status["cache"]["hits"]:
+        lines.append(f"  cache: {cache_phrase(status['cache'])}")
     held = describe_conditions(status["fleet"])
     if held:
         lines.append(f"  fleet: {held}")

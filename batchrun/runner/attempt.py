@@ -23,6 +23,7 @@ from batchrun.policy.decision import (Fail, GiveBack, GiveUp, HoldForCircuit, Ou
                                       cost_cap_outcome, decide)
 from batchrun.policy.pricing import answer_cost, usage_total_tokens, worst_case_cost
 from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge_estimate
+from batchrun.runner.cached import CacheSteps
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
 from batchrun.policy.routing import is_endpoint_trouble, reroute
@@ -87,7 +88,7 @@ def _failed_response(exc: Exception) -> dict | None:
     return {"status_code": status, "request_id": request_id, "body": body}
 
 
-class JobAttempts:
+class JobAttempts(CacheSteps):
     async def _process(self, job: LeasedJob) -> None:
         try:
             await self._attempt(job)
@@ -109,6 +110,15 @@ class JobAttempts:
             self._on_the_wire.discard(job.custom_id)
 
     async def _attempt(self, job: LeasedJob) -> None:
+        key = self._cache_key_of(job)  # None: the batch or the line bypasses the cache (runner/cached.py)
+        if key is not None and await self._served_from_cache(job, key):
+            return  # no budget, no money
+        try:
+            await self._send_attempt(job)
+        finally:
+            self._release_claim(job.custom_id)  # after the answer is stored: those waiting take it
+
+    async def _send_attempt(self, job: LeasedJob) -> None:
         url, body = job.request["url"], job.request["body"]
         model = str(body.get("model", ""))
         estimate = estimate_tokens(url, body)
@@ -233,6 +243,7 @@ class JobAttempts:
         line = result_line(cid, status_code=answer.status_code, request_id=answer.request_id, body=answer.body)
         if sent.route.name:  # which endpoint answered (a batchrun extension field of the output line)
             line[ENDPOINT_FIELD] = sent.route.name
+        self._store_in_cache(cid, answer)
         usage = answer.body.get("usage") if isinstance(answer.body, dict) else None
         # Priced by the dearer of the model asked for and the model that answered; usage that
         # cannot be read (missing, odd types, negative) counts as the request's worst case.

@@ -169,6 +169,7 @@ class ShardRunner(JobAttempts):
         self.turn = FairTurn(store, bid, self.shard, self.token,
                              [route.limiter for route in self.routes.all])  # fair share between batches
         await self._redis(self.turn.start)
+        self._set_up_cache(meta, options)  # runner/cached.py
 
     async def _wind_down(self, renewer: asyncio.Task, reporter: asyncio.Task) -> None:
         if self.inflight:
@@ -322,6 +323,8 @@ class ShardRunner(JobAttempts):
                 await asyncio.to_thread(self.store.hold_shard, self.batch_id, self.shard, self.lease_ms)
                 await asyncio.to_thread(self.routes.report_held)
                 await asyncio.to_thread(self.routes.renew_slots)
+                await asyncio.to_thread(self.limiter.report_held)
+                await asyncio.to_thread(self._renew_cache_claims)  # claims live as long as the leases
             except Exception as exc:  # Redis away: leases may lapse; results still land once
                 log.warning("could not renew leases of batch %s: %s", self.batch_id, exc)
 

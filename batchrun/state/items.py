@@ -25,6 +25,7 @@ class CompleteItem(NamedTuple):
     line: str  # the output line, JSON
     cost: float = 0.0  # USD the attempt cost
     maybe_paid: bool = False  # an error without an answer whose request may have been processed
+    cached: bool = False  # a result from the response cache: ``cost`` is what it saved, not what it cost
 
 
 class RequeueItem(NamedTuple):

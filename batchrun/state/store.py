@@ -158,8 +158,9 @@ class BatchStore:
         it answers for; see complete.lua). Plain tuples in CompleteItem's order are read too."""
         args: list = [batch_id, owner]
         for item in items:
-            kind, cid, line, cost, paid = CompleteItem(*item)
-            args += (OutcomeKind(kind).value, cid, line, repr(cost) if cost else "0", "1" if paid else "0")
+            kind, cid, line, cost, paid, cached = CompleteItem(*item)
+            args += (OutcomeKind(kind).value, cid, line, repr(cost) if cost else "0",
+                     "C" if cached else "1" if paid else "0")
         shard = keys.owner_shard(owner)
         out = self.scripts.complete(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED,
                                           *(keys.sub(batch_id, name) for name in _COMPLETE_SUBKEYS),

@@ -20,7 +20,9 @@
 -- ARGV[2]  owner string (token|shard) of the calling runner; '' for a caller
 --          without leases (tools, tests), which answers for first outcomes only
 -- ARGV     then quints: kind ('R' result, 'E' error), custom_id, output line JSON, cost in USD,
---          maybe paid (1/0: no answer, yet the request may have been processed)
+--          maybe paid (1/0: no answer, yet the request may have been processed; 'C': a result
+--          from the response cache, which cost nothing: its cost field is what it saved, counted
+--          in 'cache_hits' and 'cache_saved' of its first outcome, not in 'cost')
 -- Returns  {results recorded, errors recorded, duplicates dropped}
 local b = KEYS[1]
 local k = {status = KEYS[4], owner = KEYS[5], lapsed = KEYS[6], costres = KEYS[7], leases = KEYS[8], results = KEYS[9], req = KEYS[10]}
@@ -29,10 +31,10 @@ if #ARGV < 3 then return {0, 0, 0} end
 if redis.call('EXISTS', b) == 0 then return {0, 0, (#ARGV - 2) / 5} end  -- purged: nothing to record
 local todo = KEYS[11]
 local cost, freed, back, unknown = 0, 0, 0, 0
-local nr, ne, dup = 0, 0, 0
+local nr, ne, dup, hits, saved = 0, 0, 0, 0, 0
 local taken = {}
 for i = 3, #ARGV, 5 do
-  local kind, cid, paid = ARGV[i], ARGV[i + 1], ARGV[i + 4] == '1'
+  local kind, cid, paid, cached = ARGV[i], ARGV[i + 1], ARGV[i + 4] == '1', ARGV[i + 4] == 'C'
   local first = not taken[cid] and redis.call('HEXISTS', k.status, cid) == 0
   local mine, lapsed
   if owner == '' then
@@ -55,7 +57,8 @@ for i = 3, #ARGV, 5 do
     redis.call('ZREM', k.leases, cid)
     redis.call('HDEL', k.owner, cid)
   end
-  if mine or lapsed then cost = cost + (tonumber(ARGV[i + 3]) or 0) end
+  if (mine or lapsed) and not cached then cost = cost + (tonumber(ARGV[i + 3]) or 0) end
+  if first and cached then hits = hits + 1; saved = saved + (tonumber(ARGV[i + 3]) or 0) end
   if first then
     taken[cid] = true
     redis.call('HSET', k.status, cid, kind)
@@ -70,6 +73,8 @@ end
 if cost > 0 then redis.call('HINCRBYFLOAT', b, 'cost', cost) end
 if freed > 0 then redis.call('HINCRBYFLOAT', b, 'cost_reserved', -freed) end
 if unknown - back ~= 0 then redis.call('HINCRBYFLOAT', b, 'cost_unknown', unknown - back) end
+if hits > 0 then redis.call('HINCRBY', b, 'cache_hits', hits) end
+if saved > 0 then redis.call('HINCRBYFLOAT', b, 'cache_saved', saved) end
 if nr > 0 then redis.call('HINCRBY', b, 'done', nr) end
 if ne > 0 then redis.call('HINCRBY', b, 'failed', ne) end
 if nr + ne > 0 then
