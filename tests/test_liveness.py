@@ -188,7 +188,15 @@ def test_ctrl_c_while_the_circuit_is_open_does_not_wait_the_grace(spawn, tmp_pat
     errors = open(tmp_path / "stderr.txt", "w+")
     run = spawn(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl"), "--grace", "30",
                              "--concurrency", "10"), env=env, stdout=subprocess.DEVNULL, stderr=errors)
-    time.sleep(4)  # the first requests fail at once and open the circuit; the jobs wait for it
+    # Once the file is in (the first progress line), the first requests fail at once and open the
+    # circuit; the jobs wait for it. (A fixed sleep met a slow start-up on a loaded machine.)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and run.poll() is None:
+        errors.seek(0)
+        if "progress:" in errors.read():
+            break
+        time.sleep(0.1)
+    time.sleep(1)
     assert run.poll() is None
     stopped_at = time.monotonic()
     os.killpg(run.pid, signal.SIGINT)
