@@ -1,0 +1,74 @@
+"""Edges of [[endpoints]] found by an adversarial review: config mistakes that echo secrets, a
+request larger than every endpoint's day, an endpoint told to wait longer than the backoff cap."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from batchrun.mock import MockConfig, MockServerThread
+from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, read_lines, write_jobs
+
+
+def _write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "batchrun.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def _cli(args: list[str], env: dict, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(batchrun_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# -- config mistakes never print a secret ----------------------------------------------------------
+
+def test_a_key_written_in_api_key_env_is_refused_without_being_printed(tmp_path):
+    path = _write(tmp_path, '[[endpoints]]\nname = "a"\nbase_url = "https://api.openai.com/v1"\n'
+                            'api_key_env = "sk-proj-abcDEF123secret"\n')
+    proc = _cli(["--config", path, "endpoints"], cli_env())
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "abcDEF123secret" not in proc.stderr + proc.stdout
+    assert "api_key_env" in proc.stderr and "looks like a key" in proc.stderr
+
+
+def test_a_bad_base_url_with_credentials_is_named_masked(tmp_path):
+    path = _write(tmp_path, '[[endpoints]]\nname = "a"\nbase_url = "htps://me:hunter2pass@gw.example/v1"\n')
+    proc = _cli(["--config", path, "endpoints"], cli_env())
+    assert proc.returncode == 2 and "must be an http:// or https:// URL" in proc.stderr
+    assert "hunter2pass" not in proc.stderr + proc.stdout
+
+
+# -- a request larger than its endpoints' day fails, it does not wait for ever ----------------------
+
+@pytest.mark.redis
+def test_a_request_larger_than_every_endpoints_tpd_fails_at_once_with_a_sentence(real_redis_url, tmp_path):
+    with MockServerThread(MockConfig()) as srv:
+        path = _write(tmp_path, f'[[endpoints]]\nname = "tiny"\nbase_url = "{srv.base_url}"\n'
+                                'tpd = ["gpt-4o-mini=20"]\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 2), tmp_path / "out.jsonl"
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out)],
+                    cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=90)
+        assert srv.stats()["requests"] == 0
+    results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
+    assert not results and len(errors) == 2, proc.stderr[-2000:]
+    assert all(e["error"]["code"] == "request_too_large" for e in errors)
+    message = errors[0]["error"]["message"]
+    assert "tpd" in message and "tiny" in message, message
+
+
+@pytest.mark.redis
+def test_a_request_too_large_for_one_endpoints_day_goes_to_another(real_redis_url, tmp_path):
+    with MockServerThread(MockConfig()) as tiny, MockServerThread(MockConfig()) as big:
+        path = _write(tmp_path, f'[[endpoints]]\nname = "tiny"\nbase_url = "{tiny.base_url}"\n'
+                                'tpd = ["gpt-4o-mini=20"]\n'
+                                f'[[endpoints]]\nname = "big"\nbase_url = "{big.base_url}"\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 4), tmp_path / "out.jsonl"
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out)],
+                    cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=90)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert tiny.stats()["requests"] == 0
+    results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
+    assert not errors and {r["batchrun_endpoint"] for r in results} == {"big"}
+    assert read_lines(out)
