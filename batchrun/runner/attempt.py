@@ -48,6 +48,12 @@ def unserved_job_sentence(custom_id: str, model: str, routes) -> str:
             f"(endpoints: {names}); add it to an endpoint's models and submit the job again")
 
 
+def day_too_large_sentence(custom_id: str, tokens: int, model: str, routes) -> str:
+    days = ", ".join(f"{r.name} tpd {r.endpoint.day_limits(model)[1]:,}" for r in routes)
+    return (f"job {custom_id} needs up to {tokens:,} tokens, more than a whole day of {model} on every endpoint "
+            f"serving it ({days}); it can never be sent (reduce its prompt or max_tokens, or raise the tpd)")
+
+
 @dataclass(frozen=True, slots=True)
 class Sending:
     """An attempt on the wire: what it was sent with."""
@@ -120,6 +126,10 @@ class JobAttempts:
         server_in = server_charge_estimate(url, body) - estimate.output_tokens
         budget_in = max(estimate.input_tokens, server_in)
         least_input = min(estimate.input_tokens, server_in)
+        if too_small := self.routes.day_too_small(model, budget_in + estimate.output_tokens):  # (as day_take counts)
+            await self._finish_error(job, "request_too_large", day_too_large_sentence(
+                job.custom_id, budget_in + estimate.output_tokens, model, too_small))
+            return
         route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
         if route is None and admission is not None:  # every endpoint's day is spent: back when one starts again
             await self.requeuer.submit(RequeueItem(job.custom_id, int(admission * 1000), False, "", False))
