@@ -72,3 +72,22 @@ def test_a_request_too_large_for_one_endpoints_day_goes_to_another(real_redis_ur
     results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
     assert not errors and {r["batchrun_endpoint"] for r in results} == {"big"}
     assert read_lines(out)
+
+
+# -- an endpoint told to wait long, the other one down: a sentence, not a silent wait ----------------
+
+@pytest.mark.redis
+def test_one_endpoint_cooling_for_an_hour_and_the_other_down_pause_the_batch_with_a_sentence(real_redis_url, tmp_path):
+    from tests.hostile import HostileServer, Reply, closed_port, error_body
+
+    hour = error_body("Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 "
+                      "have exceeded call rate limit of your current OpenAI S0 pricing tier. Please retry after "
+                      "3600 seconds.", code="429")
+    with HostileServer(lambda seen: Reply(429, {"retry-after-ms": "3600000", "retry-after": "3600"}, hour)) as srv:
+        path = _write(tmp_path, f'[[endpoints]]\nname = "cooling"\nbase_url = "{srv.base_url}"\n'
+                                f'[[endpoints]]\nname = "down"\nbase_url = "http://127.0.0.1:{closed_port()}/v1"\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 3), tmp_path / "out.jsonl"
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out), "--give-up-after", "5",
+                     "--backoff-cap", "2"], cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=120)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert "paused" in proc.stderr and "3600" in proc.stderr, proc.stderr[-3000:]

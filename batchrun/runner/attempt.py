@@ -306,7 +306,8 @@ class JobAttempts:
                           maybe_paid=self._maybe_paid(job.custom_id, response), rng=self.rng)
         status = (response or {}).get("status_code")
         if route is not None and len(self.routes.serving(model)) > 1:  # another endpoint may take it: its next attempt goes there
-            decision = reroute(decision, verdict, status, elsewhere=self.routes.elsewhere(model, route))
+            decision = reroute(decision, verdict, status, elsewhere=self.routes.elsewhere(model, route),
+                               cap=self.policy.cap)
             if is_endpoint_trouble(verdict, status):
                 self._avoid[job.custom_id] = route.name
         if decision.cool_down is not None:
