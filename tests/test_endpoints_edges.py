@@ -91,3 +91,20 @@ def test_one_endpoint_cooling_for_an_hour_and_the_other_down_pause_the_batch_wit
                      "--backoff-cap", "2"], cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=120)
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
     assert "paused" in proc.stderr and "3600" in proc.stderr, proc.stderr[-3000:]
+
+
+# -- --mock never sends to the config file's endpoints ------------------------------------------------
+
+@pytest.mark.redis
+def test_run_with_mock_does_not_send_to_the_config_files_endpoints(real_redis_url, tmp_path):
+    with MockServerThread(MockConfig()) as real:  # stands for a paid endpoint
+        path = _write(tmp_path, f'[[endpoints]]\nname = "paid"\nbase_url = "{real.base_url}"\n'
+                                'models = ["some-other-model"]\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 3), tmp_path / "out.jsonl"
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out), "--mock"],
+                    cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=90)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert real.stats()["requests"] == 0
+    results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
+    assert len(results) == 3 and not errors and not any("batchrun_endpoint" in r for r in results)
+    assert "[[endpoints]]" in proc.stderr + proc.stdout  # it says they are not used
