@@ -108,3 +108,22 @@ def test_run_with_mock_does_not_send_to_the_config_files_endpoints(real_redis_ur
     results, errors = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
     assert len(results) == 3 and not errors and not any("batchrun_endpoint" in r for r in results)
     assert "[[endpoints]]" in proc.stderr + proc.stdout  # it says they are not used
+
+
+# -- a key refused on one endpoint: the pause names which endpoint and which variable -------------
+
+@pytest.mark.redis
+def test_a_key_refused_by_one_endpoint_pauses_naming_that_endpoint_and_its_variable(real_redis_url, tmp_path):
+    from tests.hostile import HostileServer, Reply, error_body
+
+    refused = error_body("Access denied due to invalid subscription key or wrong API endpoint.", code="401")
+    with HostileServer(lambda seen: Reply(401, {}, refused)) as bad, MockServerThread(MockConfig()) as good:
+        path = _write(tmp_path, f'[[endpoints]]\nname = "good"\nbase_url = "{good.base_url}"\n'
+                                f'[[endpoints]]\nname = "east"\nkind = "azure"\nbase_url = "{bad.base_url}"\n'
+                                'api_key_env = "EAST_KEY"\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 6), tmp_path / "out.jsonl"
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out)],
+                    cli_env(BATCHRUN_REDIS_URL=real_redis_url, EAST_KEY="wrong"), timeout=90)
+    paused = [line for line in proc.stderr.splitlines() if "paused" in line]
+    assert paused and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "east" in paused[-1] and "EAST_KEY" in paused[-1], paused

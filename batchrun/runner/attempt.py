@@ -9,6 +9,7 @@ set up the state it uses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -46,6 +47,12 @@ def unserved_job_sentence(custom_id: str, model: str, routes) -> str:
     names = ", ".join(r.name for r in routes.all)
     return (f"job {custom_id} asks for model {model!r}, which no endpoint of this worker's config serves "
             f"(endpoints: {names}); add it to an endpoint's models and submit the job again")
+
+
+def endpoint_key_phrase(route) -> str:
+    """' (its key from $VAR)': which variable to fix when an endpoint refuses its key."""
+    env = route.endpoint.api_key_env if route.endpoint is not None else ""
+    return f" (its key from ${env})" if env else ""
 
 
 def day_too_large_sentence(custom_id: str, tokens: int, model: str, routes) -> str:
@@ -294,6 +301,9 @@ class JobAttempts:
                               probe: bool, error: BaseException | None = None, route: Route | None = None) -> None:
         # (route None: a failure before any endpoint was chosen, judged on the first one's circuit)
         limiter = route.limiter if route is not None else self.limiter
+        if verdict.action is Action.PAUSE and route is not None and route.name:  # (a refused key): whose
+            verdict = dataclasses.replace(verdict, message=f"endpoint {route.name!r}{endpoint_key_phrase(route)}: "
+                                                           f"{verdict.message}")
         circuit = await limiter.record(verdict.circuit, probe)
         if route is not None:
             route.circuit = circuit
