@@ -25,6 +25,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # An OpenAI key, or a long token of digits and lower-case letters (an Azure key): not a variable's name.
 _KEY_RE = re.compile(r"^(sk|rk)[-_]|^(?=.*\d)(?=.*[a-z])[A-Za-z0-9]{32,}$")
+_DATED_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _API_VERSION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}(-preview)?|v1|latest|preview)$")
 
 
@@ -47,6 +48,12 @@ class Endpoint:
     limits: Limits = field(default_factory=Limits)  # its own per-minute limits (tpm, rpm)
     max_in_flight: int = 0  # requests open at once across the fleet; 0: no cap
     per_day: Limits = field(default_factory=Limits)  # rpd, tpd: kept as rpm/tpm entries of a day's worth
+
+    @property
+    def deployment_paths(self) -> bool:
+        """Azure's deployment paths (a dated api_version: they take no other); else the v1 path,
+        where 'v1', 'latest' or 'preview' go as its api-version."""
+        return self.kind is EndpointKind.AZURE and bool(_DATED_VERSION_RE.match(self.api_version))
 
     def day_limits(self, model: str) -> tuple[int, int]:
         """(requests, tokens) per day for a model; 0 means no limit."""

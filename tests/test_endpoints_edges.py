@@ -127,3 +127,33 @@ def test_a_key_refused_by_one_endpoint_pauses_naming_that_endpoint_and_its_varia
     paused = [line for line in proc.stderr.splitlines() if "paused" in line]
     assert paused and "Traceback" not in proc.stderr, proc.stderr[-2000:]
     assert "east" in paused[-1] and "EAST_KEY" in paused[-1], paused
+
+
+# -- Azure: only a dated api-version selects deployment paths ------------------------------------------
+
+@pytest.mark.parametrize("version", ["v1", "latest", "preview"])
+def test_an_azure_v1_api_version_keeps_the_v1_path_and_names_the_deployment_as_the_model(version):
+    from batchrun.endpoints import Endpoint, EndpointKind
+    from batchrun.runner.azure import azure_body, azure_base_url
+    from batchrun.runner.routes import Route
+
+    ep = Endpoint("az", "https://r.openai.azure.com", EndpointKind.AZURE, deployments={"gpt-4o-mini": "d1"},
+                  api_version=version)
+    assert not ep.deployment_paths
+    assert azure_body(ep, {"model": "gpt-4o-mini"}) == {"model": "d1"}
+    assert azure_base_url(ep, "").startswith("https://r.openai.azure.com/openai/v1")
+    route = Route.__new__(Route)
+    route.endpoint, route.clients = ep, {}
+    route.settings = __import__("batchrun.settings", fromlist=["WorkerSettings"]).WorkerSettings(api_key="k")
+    client = route.client_for("gpt-4o-mini")
+    assert "/deployments/" not in str(client.base_url) and "/openai/v1" in str(client.base_url)
+
+
+def test_a_model_without_a_deployment_on_the_v1_path_gets_no_dated_api_version():
+    from batchrun.endpoints import Endpoint, EndpointKind
+    from batchrun.runner.azure import azure_base_url
+
+    ep = Endpoint("az", "https://r.openai.azure.com", EndpointKind.AZURE, api_version="2024-10-21")
+    assert azure_base_url(ep, "") == "https://r.openai.azure.com/openai/v1"
+    assert azure_base_url(Endpoint("az", "https://r", EndpointKind.AZURE, api_version="preview"), "") \
+        == "https://r/openai/v1?api-version=preview"

@@ -78,7 +78,7 @@ class Route:
     def client_for(self, model: str) -> AsyncOpenAI:
         ep = self.endpoint
         azure = ep is not None and ep.kind is EndpointKind.AZURE
-        deployment = ep.deployments.get(model, "") if azure and ep.api_version else ""  # else the v1 path
+        deployment = ep.deployments.get(model, "") if azure and ep.deployment_paths else ""  # else the v1 path
         client = self.clients.get(deployment)
         if client is None:
             client = self.clients[deployment] = (make_azure_client(ep, self.settings, deployment)
