@@ -157,3 +157,40 @@ def test_a_model_without_a_deployment_on_the_v1_path_gets_no_dated_api_version()
     assert azure_base_url(ep, "") == "https://r.openai.azure.com/openai/v1"
     assert azure_base_url(Endpoint("az", "https://r", EndpointKind.AZURE, api_version="preview"), "") \
         == "https://r/openai/v1?api-version=preview"
+
+
+# -- a slot taken while its waiter was cancelled is given back, not held for a lease ----------------
+
+@pytest.mark.parametrize("redis_client", ["real"], indirect=True)
+def test_a_slot_taken_as_its_waiter_is_cancelled_is_given_back(redis_client):
+    import asyncio
+    import threading
+    import time
+
+    from batchrun.state.slots import FleetSlots
+    from batchrun.state.store import BatchStore
+
+    slots = FleetSlots(BatchStore(redis_client), "http://x/v1", 1, lease_ms=60_000, token="t")
+    real_take, go, entered = slots._take, threading.Event(), threading.Event()
+
+    def slow_take(member):  # the script runs after the waiter is cancelled (its thread goes on)
+        entered.set()
+        go.wait(10)
+        return real_take(member)
+
+    slots._take = slow_take
+
+    async def scenario():
+        task = asyncio.create_task(slots.acquire())
+        while not entered.is_set():
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        go.set()
+
+    asyncio.run(scenario())
+    deadline = time.monotonic() + 10
+    while redis_client.zcard(slots.key) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert redis_client.zcard(slots.key) == 0  # not held until its lease (60 s) runs out
