@@ -194,3 +194,21 @@ def test_a_slot_taken_as_its_waiter_is_cancelled_is_given_back(redis_client):
     while redis_client.zcard(slots.key) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert redis_client.zcard(slots.key) == 0  # not held until its lease (60 s) runs out
+
+
+# -- `batchrun endpoints` in a shell without the workers' keys still shows their budgets and days ------
+
+@pytest.mark.redis
+def test_endpoints_without_the_key_in_this_shell_still_shows_the_budget_and_todays_count(real_redis_url, tmp_path):
+    with MockServerThread(MockConfig()) as srv:
+        path = _write(tmp_path, f'[[endpoints]]\nname = "daily"\nbase_url = "{srv.base_url}"\n'
+                                'api_key_env = "DAILY_KEY"\nrpd = ["gpt-4o-mini=2"]\n')
+        jobs, out = write_jobs(tmp_path / "jobs.jsonl", 2), tmp_path / "out.jsonl"
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, DAILY_KEY="sk-worker-only")
+        proc = _cli(["--config", path, "run", str(jobs), "-o", str(out)], env, timeout=90)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    env.pop("DAILY_KEY")  # the operator's shell
+    listed = _cli(["--config", path, "endpoints"], env).stdout
+    assert "NOT SET" in listed and "budget gpt-4o-mini" in listed, listed
+    assert "today (UTC): 2 of 2 requests" in listed and "its day is spent" in listed, listed
+    assert "sk-worker-only" not in listed
