@@ -17,11 +17,15 @@ from enum import Enum
 from urllib.parse import urlsplit
 
 from batchrun.settings import Limits, WorkerSettings
+from batchrun.urls import mask_url
 
 CONFIG_ENV = "BATCHRUN_CONFIG"
 MAX_IN_FLIGHT = 100_000  # past this a typo: no server holds that many requests open
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _ENV_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# An OpenAI key, or a long token of digits and lower-case letters (an Azure key): not a variable's name.
+_KEY_RE = re.compile(r"^(sk|rk)[-_]|^(?=.*\d)(?=.*[a-z])[A-Za-z0-9]{32,}$")
+_DATED_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _API_VERSION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}(-preview)?|v1|latest|preview)$")
 
 
@@ -44,6 +48,12 @@ class Endpoint:
     limits: Limits = field(default_factory=Limits)  # its own per-minute limits (tpm, rpm)
     max_in_flight: int = 0  # requests open at once across the fleet; 0: no cap
     per_day: Limits = field(default_factory=Limits)  # rpd, tpd: kept as rpm/tpm entries of a day's worth
+
+    @property
+    def deployment_paths(self) -> bool:
+        """Azure's deployment paths (a dated api_version: they take no other); else the v1 path,
+        where 'v1', 'latest' or 'preview' go as its api-version."""
+        return self.kind is EndpointKind.AZURE and bool(_DATED_VERSION_RE.match(self.api_version))
 
     def day_limits(self, model: str) -> tuple[int, int]:
         """(requests, tokens) per day for a model; 0 means no limit."""
@@ -111,8 +121,8 @@ def parse_endpoints(path: str, raw: object) -> tuple[Endpoint, ...]:
 def _parse_one(where: str, t: dict, problems: list[str]) -> Endpoint | None:
     before = len(problems)
 
-    def bad(key: str, why: str) -> None:
-        problems.append(f"{where}: {key} = {t.get(key)!r}: {why}")
+    def bad(key: str, why: str, shown=None) -> None:
+        problems.append(f"{where}: {key} = {t.get(key) if shown is None else shown!r}: {why}")
 
     for key in t:
         if key not in _FIELDS:
@@ -132,11 +142,18 @@ def _parse_one(where: str, t: dict, problems: list[str]) -> Endpoint | None:
     base_url = t.get("base_url")
     parts = urlsplit(base_url) if isinstance(base_url, str) else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.netloc:
-        bad("base_url", "must be an http:// or https:// URL")
+        # (shown masked: a URL that does not parse may still carry a password)
+        bad("base_url", "must be an http:// or https:// URL", mask_url(base_url) if isinstance(base_url, str) else None)
     elif parts.username or parts.password:
         problems.append(f"{where}: base_url must not hold credentials; name the key's variable in api_key_env")
     key_env = t.get("api_key_env", "")
-    if not isinstance(key_env, str) or (key_env and not _ENV_RE.match(key_env)):
+    if isinstance(key_env, str) and key_env and (not _ENV_RE.match(key_env) or _KEY_RE.match(key_env)):
+        # Never echoed: what is written there may well be the key itself.
+        problems.append(f"{where}: api_key_env " + ("looks like a key itself" if _KEY_RE.match(key_env) else
+                                                    "is not the name of an environment variable")
+                        + "; put the key in an environment variable and name that variable here "
+                          "(the key itself never goes in the file)")
+    elif not isinstance(key_env, str):
         bad("api_key_env", "must be the name of an environment variable (the key itself never goes in the file)")
     models = t.get("models", [])
     if not isinstance(models, list) or not all(isinstance(m, str) and m.strip() for m in models):

@@ -143,15 +143,18 @@ OUTAGE = Verdict(Action.RETRY, "server_error", "HTTP 500", circuit=True)
     (Decision(Requeue(30.0)), RATE_LIMITED, 429, Decision(Requeue(REROUTE_DELAY_S), 30.0)),
     (Decision(HoldForCircuit(10.0, True)), OUTAGE, 500, Decision(GiveBack(True))),
     (Decision(Pause(PauseKind.GAVE_UP)), OUTAGE, 500, Decision(GiveBack())),
-    (Decision(Pause(PauseKind.LONG_WAIT), 60.0), RATE_LIMITED.__class__(Action.RETRY, "rate_limit", "day", 40_000.0,
+    (Decision(Pause(PauseKind.LONG_WAIT), 60.0), RATE_LIMITED.__class__(Action.RETRY, "rate_limit", "per day", 40_000.0,
                                                                         True), 429, Decision(GiveBack(), 40_000.0)),
+    # a per-minute hint past the backoff cap (60 s here) cools the endpoint for the cap, no longer
+    (Decision(Pause(PauseKind.LONG_WAIT), 60.0), RATE_LIMITED.__class__(Action.RETRY, "rate_limit", "429", 3_600.0,
+                                                                        True), 429, Decision(GiveBack(), 60.0)),
     (Decision(Fail("bad_request", "x")), Verdict(Action.FAIL, "bad_request", "x"), 400,
      Decision(Fail("bad_request", "x"))),
 ])
 def test_trouble_of_one_endpoint_sends_the_job_elsewhere_instead_of_waiting_or_pausing(decision, verdict, status,
                                                                                         expected):
-    assert reroute(decision, verdict, status, elsewhere=True) == expected
-    assert reroute(decision, verdict, status, elsewhere=False) == decision  # nowhere else: as decided
+    assert reroute(decision, verdict, status, elsewhere=True, cap=60.0) == expected
+    assert reroute(decision, verdict, status, elsewhere=False, cap=60.0) == decision  # nowhere else: as decided
 
 
 # -- the command line ------------------------------------------------------------------------------

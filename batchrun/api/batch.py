@@ -9,6 +9,7 @@ prints: every line goes to the caller's RunOutput (the CLI prints, the library l
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from contextlib import ExitStack
@@ -25,7 +26,7 @@ from batchrun.ops import hints, local_workers
 from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
 from batchrun.ops.submit import submit_file, submit_requests
-from batchrun.endpoints import configured_endpoints, missing_keys
+from batchrun.endpoints import CONFIG_ENV, configured_endpoints, missing_keys
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.state.jobcounts import jobs_left
@@ -168,6 +169,7 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
             server = stack.enter_context(MockServerThread(MockConfig()))
             settings.base_url, settings.api_key = server.base_url, settings.api_key or "sk-mock"
             out.note(f"using the built-in mock OpenAI server at {server.base_url}")
+            _without_endpoints(stack, out)
 
         store = BatchStore(connect(cfg.redis_url))
         if not cfg.batch_id and not cfg.only_missing:
@@ -200,6 +202,17 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
             return interrupted
         store.expire_ended()  # a finished batch's keys start their --keep-days now
     return _report_end(run, prior_errors)
+
+
+def _without_endpoints(stack: ExitStack, out: RunOutput) -> None:
+    """--mock: the config file's [[endpoints]] are not sent to (they may be paid ones), neither by
+    this run's workers nor in the submit's check of the models, which read them from CONFIG_ENV."""
+    path = os.environ.pop(CONFIG_ENV, None)
+    if path is None:
+        return
+    stack.callback(os.environ.__setitem__, CONFIG_ENV, path)
+    if configured_endpoints({CONFIG_ENV: path}):
+        out.note(f"the [[endpoints]] of {path} are not used with --mock: every request goes to the mock server")
 
 
 def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: ExitStack) -> int:

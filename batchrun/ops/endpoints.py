@@ -27,13 +27,16 @@ def endpoint_health(store: BatchStore, base_url: str, now_ms: float) -> dict:
     return {"health": "up" if h else "unused", "retry_in_seconds": 0.0}
 
 
-def day_usage(store: BatchStore, ep: Endpoint, model: str, now_ms: float) -> dict:
+def day_usage(store: BatchStore, ep: Endpoint, model: str, now_ms: float, fingerprint: str | None = None) -> dict:
     """Today's requests and tokens against the endpoint's per-day limits of a model (none: {}),
-    and when the day starts again if they are spent."""
+    and when the day starts again if they are spent (``fingerprint``: the budget's key's; default
+    the key of this process's environment)."""
     rpd, tpd = ep.day_limits(model)
     if not (rpd or tpd):
         return {}
-    budget = keys.budget(keys.budget_id(ep.base_url, ep.worker_settings(WorkerSettings()).key_fingerprint(), model))
+    if fingerprint is None:
+        fingerprint = ep.worker_settings(WorkerSettings()).key_fingerprint()
+    budget = keys.budget(keys.budget_id(ep.base_url, fingerprint, model))
     day, req, tok = (_s(x) for x in store.redis.hmget(keys.day_counts(budget), "day", "req", "tok"))
     today = int(now_ms // 86_400_000)
     req, tok = (int(float(req or 0)), int(float(tok or 0))) if day is not None and int(day) == today else (0, 0)
@@ -60,8 +63,11 @@ def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings
         }
         if store is not None:
             endpoint_id, fingerprint = keys.endpoint_id(ep.base_url), s.key_fingerprint()
-            entry["budgets"] = [{**b, **day_usage(store, ep, b["model"], now_ms)} for b in budgets
-                                if b["endpoint"] == endpoint_id and b["key_fingerprint"] == fingerprint]
+            # Without the key here (an operator's shell, not the worker's), every key's budgets at its URL.
+            keyless = bool(ep.api_key_env) and not s.api_key
+            entry["budgets"] = [{**b, **day_usage(store, ep, b["model"], now_ms, b["key_fingerprint"])}
+                                for b in budgets if b["endpoint"] == endpoint_id
+                                and (keyless or b["key_fingerprint"] == fingerprint)]
             entry["in_flight"] = slots_in_use(store, ep.base_url) if ep.max_in_flight else None
             entry.update(endpoint_health(store, ep.base_url, now_ms))
         out.append(entry)

@@ -45,21 +45,31 @@ def pick(options: list[RouteOption]) -> int | None:
     return min(range(len(options)), key=rank)
 
 
+def is_per_day(verdict: Verdict) -> bool:
+    """A 429 of a per-day limit (classify words it "... per day by the server")."""
+    return "per day" in verdict.message
+
+
 def is_endpoint_trouble(verdict: Verdict, status: int | None) -> bool:
     """A failure of the endpoint, not of the request: another endpoint may well answer it."""
     return verdict.circuit or verdict.budget_exhausted or status == 429
 
 
-def reroute(decision: Decision, verdict: Verdict, status: int | None, *, elsewhere: bool) -> Decision:
+def reroute(decision: Decision, verdict: Verdict, status: int | None, *, elsewhere: bool,
+            cap: float = MAX_ENDPOINT_COOLDOWN_S) -> Decision:
     """``decide()``'s decision, when another endpoint serving the model can take the job
     (``elsewhere``): trouble of this endpoint sends the job there instead of holding it, backing
-    it off or pausing the batch; this endpoint's budget cools down for the server's hint."""
+    it off or pausing the batch; this endpoint's budget cools down for the server's hint, up to
+    ``cap`` (the backoff cap) unless the hint is for a per-day limit (then up to a day). Cooling
+    longer on a per-minute hint would leave a job routed there later (the others down) waiting
+    that long without a word, where one endpoint alone pauses the batch and says why."""
     if not elsewhere or not is_endpoint_trouble(verdict, status):
         return decision
     outcome = decision.outcome
     cool_down = decision.cool_down
     if verdict.budget_exhausted and verdict.hint:
-        cool_down = min(max(verdict.hint, cool_down or 0.0), MAX_ENDPOINT_COOLDOWN_S)
+        longest = MAX_ENDPOINT_COOLDOWN_S if is_per_day(verdict) else min(cap, MAX_ENDPOINT_COOLDOWN_S)
+        cool_down = min(max(verdict.hint, cool_down or 0.0), longest)
     if isinstance(outcome, Pause) and outcome.kind in (PauseKind.GAVE_UP, PauseKind.LONG_WAIT):
         return Decision(GiveBack(outcome.maybe_paid), cool_down)
     if isinstance(outcome, HoldForCircuit):

@@ -9,6 +9,7 @@ set up the state it uses.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
@@ -47,6 +48,18 @@ def unserved_job_sentence(custom_id: str, model: str, routes) -> str:
     names = ", ".join(r.name for r in routes.all)
     return (f"job {custom_id} asks for model {model!r}, which no endpoint of this worker's config serves "
             f"(endpoints: {names}); add it to an endpoint's models and submit the job again")
+
+
+def endpoint_key_phrase(route) -> str:
+    """' (its key from $VAR)': which variable to fix when an endpoint refuses its key."""
+    env = route.endpoint.api_key_env if route.endpoint is not None else ""
+    return f" (its key from ${env})" if env else ""
+
+
+def day_too_large_sentence(custom_id: str, tokens: int, model: str, routes) -> str:
+    days = ", ".join(f"{r.name} tpd {r.endpoint.day_limits(model)[1]:,}" for r in routes)
+    return (f"job {custom_id} needs up to {tokens:,} tokens, more than a whole day of {model} on every endpoint "
+            f"serving it ({days}); it can never be sent (reduce its prompt or max_tokens, or raise the tpd)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +143,10 @@ class JobAttempts(CacheSteps):
         server_in = server_charge_estimate(url, body) - estimate.output_tokens
         budget_in = max(estimate.input_tokens, server_in)
         least_input = min(estimate.input_tokens, server_in)
+        if too_small := self.routes.day_too_small(model, budget_in + estimate.output_tokens):  # (as day_take counts)
+            await self._finish_error(job, "request_too_large", day_too_large_sentence(
+                job.custom_id, budget_in + estimate.output_tokens, model, too_small))
+            return
         route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
         if route is None and admission is not None:  # every endpoint's day is spent: back when one starts again
             await self.requeuer.submit(RequeueItem(job.custom_id, int(admission * 1000), False, "", False))
@@ -295,6 +312,9 @@ class JobAttempts(CacheSteps):
                               probe: bool, error: BaseException | None = None, route: Route | None = None) -> None:
         # (route None: a failure before any endpoint was chosen, judged on the first one's circuit)
         limiter = route.limiter if route is not None else self.limiter
+        if verdict.action is Action.PAUSE and route is not None and route.name:  # (a refused key): whose
+            verdict = dataclasses.replace(verdict, message=f"endpoint {route.name!r}{endpoint_key_phrase(route)}: "
+                                                           f"{verdict.message}")
         circuit = await limiter.record(verdict.circuit, probe)
         if route is not None:
             route.circuit = circuit
@@ -307,7 +327,8 @@ class JobAttempts(CacheSteps):
                           maybe_paid=self._maybe_paid(job.custom_id, response), rng=self.rng)
         status = (response or {}).get("status_code")
         if route is not None and len(self.routes.serving(model)) > 1:  # another endpoint may take it: its next attempt goes there
-            decision = reroute(decision, verdict, status, elsewhere=self.routes.elsewhere(model, route))
+            decision = reroute(decision, verdict, status, elsewhere=self.routes.elsewhere(model, route),
+                               cap=self.policy.cap)
             if is_endpoint_trouble(verdict, status):
                 self._avoid[job.custom_id] = route.name
         if decision.cool_down is not None:

@@ -36,8 +36,9 @@ def azure_base_url(endpoint: Endpoint, deployment: str) -> str:
         root = root.rsplit("/openai", 1)[0]
     if deployment:
         return f"{root}/openai/deployments/{deployment}?{urlencode({'api-version': endpoint.api_version})}"
-    version = endpoint.api_version
-    return f"{root}/openai/v1" + (f"?{urlencode({'api-version': version})}" if version and version != "v1" else "")
+    version = endpoint.api_version  # (a dated one is for deployment paths: the v1 path takes none)
+    v1_query = version and version != "v1" and not endpoint.deployment_paths
+    return f"{root}/openai/v1" + (f"?{urlencode({'api-version': version})}" if v1_query else "")
 
 
 def make_azure_client(endpoint: Endpoint, settings: WorkerSettings, deployment: str) -> LeanAzureOpenAI:
@@ -50,6 +51,6 @@ def azure_body(endpoint: Endpoint, body: dict) -> dict:
     """The v1 path names the deployment as the model; a deployment path ignores it (left as it is)."""
     model = body.get("model")
     deployment = endpoint.deployments.get(model) if isinstance(model, str) else None
-    if deployment and not endpoint.api_version:
+    if deployment and not endpoint.deployment_paths:
         return {**body, "model": deployment}
     return body

@@ -78,7 +78,7 @@ class Route:
     def client_for(self, model: str) -> AsyncOpenAI:
         ep = self.endpoint
         azure = ep is not None and ep.kind is EndpointKind.AZURE
-        deployment = ep.deployments.get(model, "") if azure and ep.api_version else ""  # else the v1 path
+        deployment = ep.deployments.get(model, "") if azure and ep.deployment_paths else ""  # else the v1 path
         client = self.clients.get(deployment)
         if client is None:
             client = self.clients[deployment] = (make_azure_client(ep, self.settings, deployment)
@@ -103,6 +103,12 @@ class Route:
             return 0.0
         self.day_spent_until[model] = time.monotonic() + int(reset_ms) / 1000  # not asked again until then
         return int(reset_ms) / 1000
+
+    def day_never_fits(self, model: str, tokens: int) -> bool:
+        """The request is more than this endpoint's whole day of tokens for the model (its tpd):
+        day_take.lua would refuse it every day, so it is never routed here."""
+        _, tpd = self.endpoint.day_limits(model) if self.endpoint is not None else (0, 0)
+        return bool(tpd) and tokens > tpd
 
     def day_until(self, model: str) -> float:
         """Seconds until this endpoint's spent day starts again for the model, as this runner learnt
@@ -155,10 +161,17 @@ class Routes:
         """Another endpoint serving the model that is up (its circuit not open)."""
         return any(r is not route and not r.circuit_open() for r in self.serving(model))
 
+    def day_too_small(self, model: str, tokens: int) -> list[Route]:
+        """The endpoints serving the model, if the request is more than each one's day of tokens
+        (it can never be sent); [] when one of them can take it."""
+        routes = self.serving(model)
+        return list(routes) if routes and all(r.day_never_fits(model, tokens) for r in routes) else []
+
     def choose(self, model: str, tokens: int, avoid: str | None = None, skip=()) -> Route | None:
         """The endpoint this request goes to: the soonest to take it (None: none serves the model,
         or those that do are in ``skip``)."""
-        routes = [r for r in self.serving(model) if r.name not in skip and not r.day_until(model)]
+        routes = [r for r in self.serving(model) if r.name not in skip and not r.day_until(model)
+                  and not r.day_never_fits(model, tokens)]
         if len(routes) <= 1:
             return routes[0] if routes else None
         now = time.monotonic()

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import threading
+from dataclasses import dataclass
 
 import redis
 
@@ -20,6 +22,14 @@ from batchrun.state.store import BatchStore
 
 POLL_MIN_S = 0.01  # a runner waiting for a slot asks again after this at the soonest...
 POLL_MAX_S = 0.25  # ...and this at the latest (a slot freed elsewhere is seen this late at most)
+
+
+@dataclass
+class _Take:
+    """One slot_acquire on its thread, against its waiter being cancelled meanwhile."""
+
+    abandoned: bool = False  # the waiter was cancelled
+    handed: bool = False  # the thread had returned its answer to the waiter
 
 
 class FleetSlots:
@@ -34,6 +44,7 @@ class FleetSlots:
         self._seq = itertools.count()
         self._held: set[str] = set()
         self._rng = random.Random()
+        self._lock = threading.Lock()  # a take's thread against its waiter's cancellation
 
     @property
     def held(self) -> int:
@@ -43,6 +54,16 @@ class FleetSlots:
         taken, held, wait = self._store.scripts.slot_acquire(keys=[self.key], args=[self.limit, self._lease_ms, member])
         return int(taken), int(held), int(wait)
 
+    def _take_unless_abandoned(self, member: str, take: _Take) -> tuple[int, int, int]:
+        got = self._take(member)
+        with self._lock:
+            if not take.abandoned:
+                take.handed = True  # from now on a cancelled waiter gives it back itself
+                return got
+        if got[0]:  # the waiter was cancelled meanwhile: nobody will send with it
+            self._release_quietly(member)
+        return got
+
     async def acquire(self) -> str:
         """Wait for a slot; returns its name, for ``release``. Every wait is short and the loop
         ends when a slot frees (an answer elsewhere, or a dead worker's lease running out)."""
@@ -50,9 +71,18 @@ class FleetSlots:
         delay = POLL_MIN_S
         while True:
             try:
-                taken, _, _ = await asyncio.to_thread(self._take, member)
+                taken, _, _ = await asyncio.to_thread(self._take_unless_abandoned, member, take := _Take())
             except (redis.ConnectionError, redis.TimeoutError):
                 taken = 0  # Redis away: wait and ask again, sending nothing meanwhile
+            except asyncio.CancelledError:
+                # Its thread goes on and may take the slot after all: that thread gives it back then
+                # (else nobody would, until its lease ran out, holding the endpoint's cap for a lease).
+                with self._lock:
+                    take.abandoned = True
+                    handed = take.handed  # it had returned, its answer not yet seen here
+                if handed:
+                    threading.Thread(target=self._release_quietly, args=(member,), daemon=True).start()
+                raise
             if taken:
                 self._held.add(member)
                 return member
@@ -64,6 +94,12 @@ class FleetSlots:
         try:
             await asyncio.to_thread(self._store.scripts.slot_release, keys=[self.key], args=[member])
         except (redis.ConnectionError, redis.TimeoutError):
+            pass  # its lease runs out by itself
+
+    def _release_quietly(self, member: str) -> None:
+        try:
+            self._store.scripts.slot_release(keys=[self.key], args=[member])
+        except redis.RedisError:
             pass  # its lease runs out by itself
 
     def renew(self) -> None:
