@@ -50,3 +50,26 @@ def test_a_large_request_is_sent_although_its_runner_yields_to_a_batch_that_shar
                 store.set_state(b, BatchState.CANCELLED, "test over")
             worker.send_signal(signal.SIGTERM)
             worker.wait(timeout=60)
+
+
+def _run(env, *args):
+    return subprocess.run(batchrun_cmd(*args), env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_priority_of_a_batch_that_does_not_run_says_when_it_applies(real_redis_url, tmp_path):
+    """`batchrun priority` on a cancelled or paused batch must not promise that its runners apply it
+    within seconds: a cancelled one has none and never will; a paused one takes it when resumed."""
+    env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    for name in ("c1", "p1"):
+        assert _run(env, "submit", str(jobs), "--batch-id", name).returncode == 0
+    assert _run(env, "cancel", "c1").returncode == 0
+    BatchStore(connect(real_redis_url)).set_state("p1", BatchState.PAUSED, "paused by the test")
+    proc = _run(env, "priority", "c1", "high")
+    assert proc.returncode == 0, proc.stderr
+    assert "within seconds" not in proc.stdout and "cancelled, so nothing of it runs any more" in proc.stdout
+    proc = _run(env, "priority", "p1", "low")
+    assert proc.returncode == 0 and "when the batch is resumed (batchrun resume p1)" in proc.stdout
+    assert _run(env, "purge", "c1", "--yes").returncode == 0
+    proc = _run(env, "priority", "c1", "high")
+    assert proc.returncode == 1 and "no batch 'c1' in this Redis" in proc.stderr and "Traceback" not in proc.stderr
