@@ -73,3 +73,70 @@ def test_priority_of_a_batch_that_does_not_run_says_when_it_applies(real_redis_u
     assert _run(env, "purge", "c1", "--yes").returncode == 0
     proc = _run(env, "priority", "c1", "high")
     assert proc.returncode == 1 and "no batch 'c1' in this Redis" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_one_worker_a_weighted_batch_still_takes_turns_and_nobody_yields_to_get_its_worker_back():
+    from batchrun.policy.fairshare import should_yield
+
+    # One worker, weights 2:1 (or high against normal): the weighted batch must still give its turn,
+    # else the other one never runs while it has work (strict priority, not a share).
+    assert should_yield("a", {"a": 2.0, "b": 1.0}, {"a": 1}, {"b"})
+    assert should_yield("a", {"a": 4.0, "b": 1.0}, {"a": 1}, {"b"})
+    # Two workers, high a and normal b on one each, a with shards waiting: b giving its worker up would
+    # see it come straight back (the free worker's fair choice is b again): a yield for nothing.
+    assert not should_yield("b", {"a": 4.0, "b": 1.0}, {"a": 1, "b": 1}, {"a"})
+
+
+def test_a_batch_keeps_its_turn_in_proportion_to_its_weight():
+    from batchrun.policy.fairshare import turn_seconds
+
+    assert turn_seconds(1.0, 3.0) == 3.0 and turn_seconds(0.0, 3.0) == 3.0
+    assert turn_seconds(4.0, 3.0) == 12.0  # high against normal on one worker: 12 s turns against 3 s, 80/20
+
+
+from hypothesis import given, strategies as st  # noqa: E402
+
+
+@given(st.dictionaries(st.sampled_from("abcde"), st.sampled_from([0.0, 0.5, 1.0, 2.0, 4.0]), min_size=2),
+       st.dictionaries(st.sampled_from("abcde"), st.integers(0, 6)), st.sampled_from("abcde"), st.data())
+def test_a_runner_yields_exactly_when_the_free_worker_would_go_to_another_batch(ws, running, own, data):
+    from batchrun.policy.fairshare import next_batch, should_yield
+
+    ws = {**ws, own: ws.get(own, 1.0)}
+    running = {**running, own: max(1, running.get(own, 0))}
+    waiting = set(data.draw(st.lists(st.sampled_from(sorted(ws)), unique=True))) - {own}
+    served = {b: float(i) for i, b in enumerate(sorted(ws))}
+    served[own] = 100.0  # it was served last: it got its worker at the start of its turn
+    after = {**running, own: running[own] - 1}
+    choice = next_batch(waiting | {own}, ws, after, served)
+    assert should_yield(own, ws, running, waiting) == (choice != own), (choice, after)
+
+
+def test_one_worker_a_normal_batch_is_not_stuck_behind_a_high_one(spawn, real_redis_url, tmp_path):
+    """One worker, a big `high` batch holding it: a small `normal` batch still gets turns (shorter ones)
+    and finishes long before the big one, rather than waiting for it to end (strict priority)."""
+    with MockServerThread(MockConfig()) as srv:
+        env = cli_env(BATCHRUN_REDIS_URL=real_redis_url, OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        store = BatchStore(connect(real_redis_url))
+        worker = spawn(batchrun_cmd("-q", "worker", "--concurrency", "50", "--grace", "5"), env=env)
+        try:
+            for name, n, extra in (("hi", 3000, ("--priority", "high", "--shard-size", "3000")),
+                                   ("norm", 10, ())):
+                path = write_jobs(tmp_path / f"{name}.jsonl", n, prefix=name)
+                proc = _run(env, "submit", str(path), "--tpm", "60000", "--batch-id", name, *extra)
+                assert proc.returncode == 0, proc.stderr
+                deadline = time.monotonic() + 30
+                while name == "hi" and int(store.meta("hi").get("done", 0)) < 20:
+                    assert time.monotonic() < deadline, "the high batch did not start"
+                    time.sleep(0.2)
+            started = time.monotonic()
+            while int(store.meta("norm").get("done", 0)) < 10:
+                assert time.monotonic() - started < 45, (
+                    f"the normal batch waits behind the high one: hi done {store.meta('hi').get('done')}")
+                time.sleep(0.2)
+            assert int(store.meta("hi").get("done", 0)) < 3000  # the high one was still running
+        finally:
+            for b in store.active_batches():
+                store.set_state(b, BatchState.CANCELLED, "test over")
+            worker.send_signal(signal.SIGTERM)
+            worker.wait(timeout=60)
