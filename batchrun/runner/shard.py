@@ -194,6 +194,8 @@ class ShardRunner(JobAttempts):
         for cid, task in self.inflight.items():
             if cid not in self._on_the_wire and not (self._yielding and cid in self._granted):
                 task.cancel()
+        if self._yielding:
+            await self._let_granted_go(self.settings.request_timeout + 5)
         # (not stopping: a request ends within its timeout, which bounds this wait too)
         grace = self.settings.grace_seconds if STOP.is_set() else self.settings.request_timeout + 5
         if STOP.is_set():
@@ -204,6 +206,19 @@ class ShardRunner(JobAttempts):
         for task in late:  # given back by _process, without costing an attempt
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+    async def _let_granted_go(self, limit: float) -> None:
+        """A yield's jobs whose budget is taken wait for their turn and go out, within ``limit``; a
+        stop meanwhile sends them back like the others (the stop's grace is for the wire only)."""
+        deadline = time.monotonic() + limit
+        while not STOP.is_set() and time.monotonic() < deadline:
+            waiting = [task for cid, task in self.inflight.items() if cid not in self._on_the_wire]
+            if not waiting:
+                return
+            await asyncio.wait(waiting, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        for cid, task in list(self.inflight.items()):
+            if cid not in self._on_the_wire:
+                task.cancel()
 
     async def _redis(self, fn, *args, **kwargs):
         """A store call from the event loop, retried while Redis is unreachable."""
