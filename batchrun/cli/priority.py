@@ -15,7 +15,7 @@ from batchrun.cli.options import redis_option
 def priority(batch_id, priority, redis_url):
     """Give BATCH_ID a new priority: high (weight 4), normal (1), low (only what the other batches
     leave) or a weight. Its runners apply it within seconds, to workers and budgets alike."""
-    from batchrun.ops.priority import NoSuchBatch, set_priority
+    from batchrun.ops.priority import NoSuchBatch, set_priority, when_it_applies
 
     store, _ = open_store(redis_url)
     try:
@@ -24,4 +24,4 @@ def priority(batch_id, priority, redis_url):
         raise click.BadParameter(str(exc), param_hint="PRIORITY") from None
     except NoSuchBatch as exc:
         fail(str(exc))
-    click.echo(f"batch {batch_id}: priority {new.describe()} (was {old.describe()}); its runners apply it within seconds")
+    click.echo(f"batch {batch_id}: priority {new.describe()} (was {old.describe()}); {when_it_applies(store, batch_id)}")

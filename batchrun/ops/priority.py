@@ -62,3 +62,17 @@ def set_priority(store: BatchStore, batch_id: str, text: str) -> tuple[Priority,
     if old is None:
         raise NoSuchBatch(f"no batch {batch_id!r} in this Redis")
     return old, new
+
+
+def when_it_applies(store: BatchStore, batch_id: str) -> str:
+    """When a priority just set takes effect, by the batch's state: a cancelled batch never runs again."""
+    from batchrun.state.states import BatchState
+
+    state = (store.meta(batch_id) or {}).get("state")
+    if state == BatchState.CANCELLED.value:
+        return "the batch is cancelled, so nothing of it runs any more"
+    if state == BatchState.PAUSED.value:
+        return f"it applies when the batch is resumed (batchrun resume {batch_id})"
+    if state == BatchState.FINISHED.value:
+        return "the batch is finished: it applies if new jobs make it run again"
+    return "its runners apply it within seconds"

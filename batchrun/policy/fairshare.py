@@ -82,24 +82,30 @@ def _load(running: int, weight: float) -> float:
 
 
 def should_yield(own: str, weights: Mapping[str, float], running: Mapping[str, int], waiting: set[str]) -> bool:
-    """Should a runner of batch ``own`` give its worker back, now that it has had it for a while?
-    Yes when another batch with shards waiting for a worker would be no more served than ``own``
-    is now if it got this worker: with fewer workers than batches, they take turns. A ``low``
-    batch yields to any waiting batch that is not low; nobody yields to a ``low`` one that is not
-    alone in being low. ``running`` counts this runner too."""
+    """Should a runner of batch ``own`` give its worker back, now that it has had it for its turn?
+    Exactly when the free worker's fair choice (``next_batch``) would then be another batch: one
+    waiting that would be no more served for its weight than ``own`` once it has let go (on a
+    tie the other one, since ``own`` was served last). With fewer workers than batches they take
+    turns, a weighted batch included (its turns are longer: ``turn_seconds``); a batch never yields
+    a worker that would come straight back to it. A ``low`` batch yields to any waiting batch that
+    is not low; nobody yields to a ``low`` one that is not alone in being low. ``running`` counts
+    this runner too."""
     own_w = weights.get(own, 1.0)
-    own_load = _load(max(running.get(own, 0), 1), own_w)
+    own_key = (own_w == 0, _load(max(running.get(own, 0), 1) - 1, own_w))
     for other in waiting:
         if other == own:
             continue
         other_w = weights.get(other, 1.0)
-        if own_w > 0 and other_w == 0:
-            continue
-        if own_w == 0 and other_w > 0:
-            return True
-        if _load(running.get(other, 0) + 1, other_w) <= own_load:
+        if (other_w == 0, _load(running.get(other, 0), other_w)) <= own_key:
             return True
     return False
+
+
+def turn_seconds(weight: float, base: float) -> float:
+    """How long a runner keeps its worker before it may yield: ``base`` for a normal or low batch, in
+    proportion to the weight above that, so that batches taking turns on one worker get it for
+    times in proportion to their weights (high: 4 turns' worth of a normal batch's)."""
+    return base * max(1.0, weight)
 
 
 def next_batch(waiting: set[str], weights: Mapping[str, float], running: Mapping[str, int],

@@ -121,6 +121,7 @@ class JobAttempts(CacheSteps):
         finally:
             self.inflight.pop(job.custom_id, None)
             self._on_the_wire.discard(job.custom_id)
+            self._granted.discard(job.custom_id)
 
     async def _attempt(self, job: LeasedJob) -> None:
         key = self._cache_key_of(job)  # None: the batch or the line bypasses the cache (runner/cached.py)
@@ -196,7 +197,8 @@ class JobAttempts(CacheSteps):
             give_way = (lambda: self.routes.elsewhere(model, route)) if len(self.routes.serving(model)) > 1 else None
             try:
                 return route, await route.limiter.admit(model, budget_in, output, least_input=least_input,
-                                                        give_way=give_way)
+                                                        give_way=give_way,
+                                                        on_granted=lambda: self._granted.add(job.custom_id))
             except EndpointDown:
                 route.circuit = CircuitState("open", int(time.time() * 1000) + 1000, int(time.time() * 1000))
                 avoid = route.name

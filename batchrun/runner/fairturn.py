@@ -1,10 +1,11 @@
 """Fair turns on the fleet's workers: when a runner gives its worker back, and which shard a free
 worker runs next (the rules: policy/fairshare.py; the Redis side: state/fairshare.py).
 
-A runner that has had its worker for SLICE_SECONDS looks, every CHECK_SECONDS, at the batches
-with shards waiting in the RQ queue; if one of them is less served for its weight than its own
-batch would be, it yields: it leaves its loop as at ``max_shard_seconds``, so the exactly-once
-path is the one of every stop (requests in flight finish, the shard is parked and queued again).
+A runner that has had its worker for its turn (SLICE_SECONDS, times its weight above 1) looks,
+every CHECK_SECONDS, at the batches with shards waiting in the RQ queue; if the free worker's fair
+choice would be one of them rather than its own batch, it yields: it leaves its loop as at
+``max_shard_seconds``, so the exactly-once path is the one of every stop (requests in flight, and
+those whose budget is taken, finish; the shard is parked and queued again).
 A free worker, before it takes a job, moves the first queued shard of the batch that
 ``next_batch`` chooses to the front of the queue: RQ's FIFO order becomes round robin between
 batches, weighted by priority.
@@ -20,14 +21,14 @@ import time
 
 import redis
 
-from batchrun.policy.fairshare import next_batch, should_yield
+from batchrun.policy.fairshare import next_batch, should_yield, turn_seconds
 from batchrun.state.fairshare import FairShare
 from batchrun.state.limiter import SharedLimiter
 from batchrun.state.store import BatchStore
 
 log = logging.getLogger("batchrun.worker")
 
-SLICE_SECONDS = 3.0  # a runner keeps its worker at least this long before it yields to another batch
+SLICE_SECONDS = 3.0  # a normal runner keeps its worker at least this long before it yields (turn_seconds)
 CHECK_SECONDS = 1.0  # how often a runner renews its entry, reads its priority, and looks at the queue
 
 
@@ -64,7 +65,7 @@ class FairTurn:
         """Renew, and tell whether this runner should give its worker to another batch now."""
         self.checked = time.monotonic()
         self._renew()
-        if time.monotonic() - self.started < SLICE_SECONDS:
+        if time.monotonic() - self.started < turn_seconds(self.weight, SLICE_SECONDS):
             return False
         fleet = self.fair.fleet()
         waiting = set(fleet.waiting) - {self.batch_id}

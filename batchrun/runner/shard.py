@@ -95,6 +95,11 @@ class ShardRunner(JobAttempts):
         self.stats = Counter()
         self.metrics = Counter()  # counts not yet reported to Redis (see store.add_metrics)
         self._on_the_wire: set[str] = set()  # jobs whose request has been sent, not yet answered
+        # Jobs whose budget is taken (waiting for their turn, or sent): a yield lets them go, since
+        # cancelling them wastes what they took, and a request needing more of the budget than a
+        # fair turn lasts would lose its place every turn and never be sent.
+        self._granted: set[str] = set()
+        self._yielding = False  # the loop gave the worker back (a fair turn, max_shard_seconds)
         self._events: dict[str, tuple[int, float | None]] = {}  # event class -> (count, soonest retry)
         self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
@@ -195,10 +200,13 @@ class ShardRunner(JobAttempts):
     async def _finish_in_flight(self) -> None:
         # Only requests on the wire are waited for: jobs waiting for the circuit, the budget or
         # the spending cap go back at once (given back by _process, no attempt lost), so neither
-        # a stop nor a pause waits on a server that is down.
+        # a stop nor a pause waits on a server that is down. A yield also lets the jobs whose budget
+        # is taken go (bounded like the rest by the grace below): its wait is the budget's, not a server's.
         for cid, task in self.inflight.items():
-            if cid not in self._on_the_wire:
+            if cid not in self._on_the_wire and not (self._yielding and cid in self._granted):
                 task.cancel()
+        if self._yielding:
+            await self._let_granted_go(self.settings.request_timeout + 5)
         # (not stopping: a request ends within its timeout, which bounds this wait too)
         grace = self.settings.grace_seconds if self.stop.is_set() else self.settings.request_timeout + 5
         if self.stop.is_set():
@@ -209,6 +217,19 @@ class ShardRunner(JobAttempts):
         for task in late:  # given back by _process, without costing an attempt
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
+
+    async def _let_granted_go(self, limit: float) -> None:
+        """A yield's jobs whose budget is taken wait for their turn and go out, within ``limit``; a
+        stop meanwhile sends them back like the others (the stop's grace is for the wire only)."""
+        deadline = time.monotonic() + limit
+        while not STOP.is_set() and time.monotonic() < deadline:
+            waiting = [task for cid, task in self.inflight.items() if cid not in self._on_the_wire]
+            if not waiting:
+                return
+            await asyncio.wait(waiting, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        for cid, task in list(self.inflight.items()):
+            if cid not in self._on_the_wire:
+                task.cancel()
 
     async def _redis(self, fn, *args, **kwargs):
         """A store call from the event loop, retried while Redis is unreachable."""
@@ -237,6 +258,7 @@ class ShardRunner(JobAttempts):
                 if time.monotonic() - started > self.settings.max_shard_seconds or (
                         self.turn.due() and await self._redis(self.turn.should_yield)):
                     # Give the RQ worker back so other batches get a turn; the shard continues later.
+                    self._yielding = True
                     return  # run() parks the shard on the way out if work is left
                 lease = await self._redis(self.store.lease, self.batch_id, self.shard,
                                           min(free, LEASE_BATCH), self.lease_ms, self.token)

@@ -127,13 +127,15 @@ class SharedLimiter:
 
     async def admit(self, model: str, input_tokens: int, output_tokens: int, *,
                     least_input: int | None = None, wait_turn: bool = True,
-                    give_way: Callable[[], bool] | None = None) -> Admission | None:
+                    give_way: Callable[[], bool] | None = None,
+                    on_granted: Callable[[], None] | None = None) -> Admission | None:
         """Wait for the circuit if it is open, reserve, and wait for this request's turn;
         None if it can never fit, judged on ``least_input`` (the smallest input estimate; default
         ``input_tokens``) + output. On return the request may be sent (with ``wait_turn=False``:
         after ``admission.wait``, as things stood when it was reserved). With ``give_way``, an open
         circuit for which it returns True raises EndpointDown instead of waiting (another endpoint
-        takes the request)."""
+        takes the request). ``on_granted`` is called once the budget is taken, before the wait for
+        its turn (a runner that yields its worker lets such a request go rather than waste it)."""
         gate = self._gates.get(model)
         if gate is None:
             gate = self._gates[model] = Batcher(self._reserver(model), name="reservation", max_delay=0.002)
@@ -157,6 +159,8 @@ class SharedLimiter:
             held = self._held[model]
             held[0] += 1
             held[1] += charge
+            if on_granted is not None:
+                on_granted()
             if ms > 0 and wait_turn:  # granted (as the probe or not): wait for its turn
                 if not await self._wait_turn(model, mark, mark_r, ms / 1000):
                     held[0] -= 1  # the budget was lost, and this reservation with it: reserve again
