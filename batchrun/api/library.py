@@ -84,10 +84,13 @@ class RunOptions:
 def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[Result]:
     """Run ``requests`` and yield each Result as it ends (not in input order); the requests the
     batch does not get to (paused, cap) come last, as ``not_run`` results saying why."""
-    opts = RunOptions(**options)
+    return _stream(requests, RunOptions(**options))
+
+
+def _stream(requests, opts: RunOptions, cancel: threading.Event | None = None) -> Iterator[Result]:
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
-        yield from _run_and_read(cfg, ids, opts)
+        yield from _run_and_read(cfg, ids, opts, cancel)
 
 
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
@@ -124,16 +127,27 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
 
 async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> AsyncIterator[Result]:
     """``stream`` for asyncio code: the run goes on its own thread, the event loop stays free."""
-    results = stream(requests, **options)
+    cancel = threading.Event()
+    results = _stream(requests, RunOptions(**options), cancel)
     done = object()
+    waiting: asyncio.Future | None = None
     try:
         while True:
-            result = await asyncio.to_thread(next, results, done)
+            # Shielded: a cancelled task leaves the thread inside the generator, which cannot be
+            # closed until that thread is out of it (ValueError: generator already executing).
+            waiting = asyncio.ensure_future(asyncio.to_thread(next, results, done))
+            result = await asyncio.shield(waiting)
+            waiting = None
             if result is done:
                 return
             yield result
     finally:
-        # Closing the generator (a cancelled task, a break) stops the run as Ctrl-C would.
+        # A cancelled task, a break, a closed generator: stop the run as Ctrl-C would (the thread
+        # in next() sees the flag within POLL_SECONDS), wait for it to be out, then close.
+        cancel.set()
+        if waiting is not None:
+            with contextlib.suppress(BaseException):  # Interrupted: the stop asked for
+                await waiting
         await asyncio.to_thread(results.close)
 
 
