@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
 from batchrun.api.continuing import library_call, reword
+from batchrun.api.errors import RequestsError
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
@@ -121,6 +122,12 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
         return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens is not None else {}),
                 **(body or {})}
 
+    if isinstance(prompts, str):  # iterating it would send one request per character
+        raise RequestsError("prompts is a str; pass a list of strings, e.g. [prompt]")
+    prompts = list(prompts)
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise RequestsError(f"prompt {index} is of type {type(prompt).__name__}, not a str; pass a list of strings")
     options.setdefault("endpoint", DEFAULT_ENDPOINT)
     return [r.text if r.ok else None for r in run([request(p) for p in prompts], **options)]
 
@@ -172,6 +179,7 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
 
 
 def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
+    _check_iterable(requests)
     if isinstance(requests, (str, os.PathLike)):
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
@@ -202,6 +210,15 @@ def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, li
 
         raise OptionsError("; ".join(problems))
     return cfg, ids
+
+
+def _check_iterable(requests: object) -> None:
+    if isinstance(requests, dict):  # one body: iterating it would give its keys
+        raise RequestsError("requests is a dict (one request?); pass a list of request bodies (dicts), "
+                            "e.g. [body], or a JSONL path")
+    if not isinstance(requests, (str, os.PathLike)) and not hasattr(requests, "__iter__"):
+        raise RequestsError(f"requests is of type {type(requests).__name__}; pass a list of request bodies (dicts) "
+                            f"or a JSONL path")
 
 
 def _specs(limit: int | str | dict | None) -> list[str]:
@@ -323,7 +340,7 @@ def _why_not_run(cfg: RunConfig, end: RunEnd | None) -> str:
     if end.state is BatchState.PAUSED:
         where = f"batch {end.batch_id} is paused: {reason or 'see the log'}"
     elif end.interrupted:
-        where = f"batch {end.batch_id} was stopped before it"
+        where = f"batch {end.batch_id} was stopped with requests left"  # the Interrupted's message
     else:
         where = f"batch {end.batch_id} is {end.state} with work left"
     if hints.has_command(end.reason or ""):
