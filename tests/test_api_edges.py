@@ -86,3 +86,14 @@ def test_an_interrupted_run_says_what_stopped_in_a_sentence_of_its_own(mock):
     assert "before it" not in message and "stopped with requests left" in message and "to continue" in message
     not_run = [r for r in caught.value.results if not r.ok]
     assert not_run and not_run[0].error.message == message
+
+
+def test_a_base64_embedding_is_given_as_floats(mock):
+    # encoding_format="base64" (OpenAI: the float32 vector's little-endian bytes, base64) came
+    # back as embedding None on an ok result.
+    line = {"url": "/v1/embeddings", "body": {"model": "text-embedding-3-small", "input": "x"}}
+    plain, packed = batchrun.run([{**line, "custom_id": "f"},
+                                  {**line, "custom_id": "b", "body": {**line["body"], "encoding_format": "base64"}}],
+                                 **on(mock, cache=False))
+    assert isinstance(packed.body["data"][0]["embedding"], str)
+    assert packed.embedding == pytest.approx(plain.embedding, rel=1e-6)

@@ -3,7 +3,10 @@ output line that `batchrun run` writes, so that files and objects agree."""
 
 from __future__ import annotations
 
+import array
+import base64
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +63,8 @@ class Result:
         data = (self.body or {}).get("data") if self.ok else None
         if isinstance(data, list) and data and isinstance(data[0], dict):
             vector = data[0].get("embedding")
+            if isinstance(vector, str):  # encoding_format="base64"
+                return _floats_of_base64(vector)
             return vector if isinstance(vector, list) else None
         return None
 
@@ -122,6 +127,20 @@ def _responses_text(output: Any) -> str | None:
     parts = [c.get("text") for item in output if isinstance(item, dict) and item.get("type") == "message"
              for c in item.get("content") or () if isinstance(c, dict) and isinstance(c.get("text"), str)]
     return "".join(parts) if parts else None
+
+
+def _floats_of_base64(packed: str) -> list[float] | None:
+    """An embedding sent as base64 (OpenAI: the float32 vector's little-endian bytes) as floats."""
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except ValueError:
+        return None
+    if len(raw) % 4:
+        return None
+    vector = array.array("f", raw)
+    if sys.byteorder == "big":
+        vector.byteswap()
+    return vector.tolist()
 
 
 def _cost(body: dict | None, prices: PriceTable | None) -> float | None:
