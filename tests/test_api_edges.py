@@ -97,3 +97,13 @@ def test_a_base64_embedding_is_given_as_floats(mock):
                                  **on(mock, cache=False))
     assert isinstance(packed.body["data"][0]["embedding"], str)
     assert packed.embedding == pytest.approx(plain.embedding, rel=1e-6)
+
+
+def test_a_results_error_names_the_keyword_not_the_flag(mock):
+    # A request larger than tpm= allows failed with "more than --tpm 100 allows": a flag the
+    # library caller never typed.
+    big = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * 500}], "max_tokens": 10}
+    [result] = batchrun.run([big], tpm=100, **on(mock))
+    assert result.error.code == "request_too_large"
+    assert "--tpm" not in result.error.message and "tpm=100" in result.error.message
+    assert mock.stats()["log"] == []

@@ -10,6 +10,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchrun.api.wording import in_python
 from batchrun.policy.pricing import PriceTable, cost_of_usage
 
 NOT_RUN = "not_run"  # ResultError.code of a request the batch did not get to (paused, interrupted)
@@ -90,7 +91,8 @@ def from_line(line: dict, prices: PriceTable | None = None) -> Result:
         error = None
         ok = status.__class__ is int and 200 <= status < 300
     else:
-        error = ResultError(str(err.get("code") or "error"), str(err.get("message") or "")) \
+        # The runner's sentence names the command's flags (--tpm 100); a caller of run() gave keywords.
+        error = ResultError(str(err.get("code") or "error"), in_python(str(err.get("message") or ""))) \
             if isinstance(err, dict) else None
         ok = error is None and isinstance(status, int) and 200 <= status < 300
     attempts = line.get("attempts")
