@@ -107,3 +107,14 @@ def test_a_results_error_names_the_keyword_not_the_flag(mock):
     assert result.error.code == "request_too_large"
     assert "--tpm" not in result.error.message and "tpm=100" in result.error.message
     assert mock.stats()["log"] == []
+
+
+@pytest.mark.parametrize("content", [5, None, "text", {"text": "x"}])
+def test_result_text_of_an_odd_responses_body_is_none_not_a_crash(content):
+    # A server's message item whose content is not a list (tests/hostile.py serves such bodies):
+    # Result.text raised TypeError ('int' object is not iterable).
+    from batchrun.api.results import from_line
+
+    line = {"custom_id": "a", "response": {"status_code": 200, "body": {
+        "object": "response", "output": [{"type": "message", "content": content}]}}, "error": None}
+    assert from_line(line).text is None

@@ -127,7 +127,8 @@ def _responses_text(output: Any) -> str | None:
     if not isinstance(output, list):
         return None
     parts = [c.get("text") for item in output if isinstance(item, dict) and item.get("type") == "message"
-             for c in item.get("content") or () if isinstance(c, dict) and isinstance(c.get("text"), str)]
+             and isinstance(item.get("content"), list)  # an odd server's content: a number, a string
+             for c in item["content"] if isinstance(c, dict) and isinstance(c.get("text"), str)]
     return "".join(parts) if parts else None
 
 
