@@ -118,3 +118,13 @@ def test_result_text_of_an_odd_responses_body_is_none_not_a_crash(content):
     line = {"custom_id": "a", "response": {"status_code": 200, "body": {
         "object": "response", "output": [{"type": "message", "content": content}]}}, "error": None}
     assert from_line(line).text is None
+
+
+def test_a_misspelt_option_is_named_with_the_one_meant(mock):
+    # It said "RunOptions.__init__() got an unexpected keyword argument", a class the caller never saw.
+    with pytest.raises(TypeError, match=r"'concurency'; did you mean concurrency=\?") as exc:
+        batchrun.run([body(0)], concurency=5, **on(mock))
+    assert "RunOptions" not in str(exc.value)
+    with pytest.raises(TypeError, match="did you mean max_cost="):
+        batchrun.complete(["hi"], model="gpt-4o-mini", max_costs=1, **on(mock))
+    assert mock.stats()["log"] == []

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import difflib
 import functools
 import gc
 import os
@@ -82,10 +84,22 @@ class RunOptions:
     on_event: EventHandler | None = None  # each line the run says; default: the "batchrun" logger
 
 
+def _options(options: dict) -> RunOptions:
+    """``options`` as RunOptions; a misspelt keyword is named with the one meant (a TypeError, as
+    Python says it of any function's keyword)."""
+    known = [f.name for f in dataclasses.fields(RunOptions)]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}=?" if close else f"; the options are {', '.join(known)}"
+            raise TypeError(f"batchrun got an unexpected keyword argument {name!r}{hint}")
+    return RunOptions(**options)
+
+
 def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[Result]:
     """Run ``requests`` and yield each Result as it ends (not in input order); the requests the
     batch does not get to (paused, cap) come last, as ``not_run`` results saying why."""
-    return _stream(requests, RunOptions(**options))
+    return _stream(requests, _options(options))
 
 
 def _stream(requests, opts: RunOptions, cancel: threading.Event | None = None) -> Iterator[Result]:
@@ -97,7 +111,7 @@ def _stream(requests, opts: RunOptions, cancel: threading.Event | None = None) -
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
     """Run ``requests`` (Batch API lines or bare request bodies, or a JSONL path) and return one
     Result per request, in input order. A failed request is a Result with ``ok`` False."""
-    return _run(requests, RunOptions(**options))
+    return _run(requests, _options(options))
 
 
 def _run(requests, opts: RunOptions, cancel: threading.Event | None = None) -> list[Result]:
@@ -135,7 +149,7 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
 async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> AsyncIterator[Result]:
     """``stream`` for asyncio code: the run goes on its own thread, the event loop stays free."""
     cancel = threading.Event()
-    results = _stream(requests, RunOptions(**options), cancel)
+    results = _stream(requests, _options(options), cancel)
     done = object()
     waiting: asyncio.Future | None = None
     try:
@@ -163,7 +177,7 @@ async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[
     as Ctrl-C does (requests in flight finish and are kept), and returns once it has stopped."""
     cancel = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(None, functools.partial(_run, requests,
-                                                                                 RunOptions(**options), cancel))
+                                                                                 _options(options), cancel))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
