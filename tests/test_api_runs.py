@@ -188,3 +188,32 @@ def test_a_worker_process_still_stops_on_the_process_flag():
     assert seen == [scope] and seen[0].stop is not PROCESS_STOP
     assert seen[0].serves("mine") and not seen[0].serves("another")
     assert current_scope().stop is PROCESS_STOP  # this thread keeps the process's
+
+
+def test_cancelling_a_task_iterating_astream_stops_its_run_and_raises_cancelled(two_mocks):
+    # The task is cancelled while astream waits on its thread for the next result: closing the
+    # stream's generator then (while that thread is inside it) raised "ValueError: generator
+    # already executing" in place of CancelledError, and left the run sending to its end.
+    mock_a, _ = two_mocks
+    mock_a.set_config(latency_ms=500)  # the thread waits long for each next result: the cancel lands then
+    got: list = []
+
+    async def consume():
+        async for result in batchrun.astream([body(i, "a") for i in range(300)], **on(mock_a, concurrency=2)):
+            got.append(result)
+
+    async def main():
+        task = asyncio.ensure_future(consume())
+        deadline = time.monotonic() + 60
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(main())
+    sent = mock_a.stats()["requests"]
+    assert 0 < sent < 300
+    time.sleep(1.5)
+    assert mock_a.stats()["requests"] == sent, "the run went on sending after its astream task was cancelled"
+    assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())

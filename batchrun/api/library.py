@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import difflib
 import functools
 import gc
 import os
@@ -21,6 +23,7 @@ from dataclasses import dataclass
 
 from batchrun.api.batch import DEFAULT_ENDPOINT, RunConfig, RunEnd, run_batch
 from batchrun.api.continuing import library_call, reword
+from batchrun.api.errors import RequestsError
 from batchrun.api.events import EventHandler, LoggedOutput
 from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
@@ -81,19 +84,34 @@ class RunOptions:
     on_event: EventHandler | None = None  # each line the run says; default: the "batchrun" logger
 
 
+def _options(options: dict) -> RunOptions:
+    """``options`` as RunOptions; a misspelt keyword is named with the one meant (a TypeError, as
+    Python says it of any function's keyword)."""
+    known = [f.name for f in dataclasses.fields(RunOptions)]
+    for name in options:
+        if name not in known:
+            close = difflib.get_close_matches(name, known, n=1)
+            hint = f"; did you mean {close[0]}=?" if close else f"; the options are {', '.join(known)}"
+            raise TypeError(f"batchrun got an unexpected keyword argument {name!r}{hint}")
+    return RunOptions(**options)
+
+
 def stream(requests: Iterable[dict] | str | os.PathLike, **options) -> Iterator[Result]:
     """Run ``requests`` and yield each Result as it ends (not in input order); the requests the
     batch does not get to (paused, cap) come last, as ``not_run`` results saying why."""
-    opts = RunOptions(**options)
+    return _stream(requests, _options(options))
+
+
+def _stream(requests, opts: RunOptions, cancel: threading.Event | None = None) -> Iterator[Result]:
     with tempfile.TemporaryDirectory(prefix="batchrun-") as tmp:
         cfg, ids = _config(requests, opts, tmp)
-        yield from _run_and_read(cfg, ids, opts)
+        yield from _run_and_read(cfg, ids, opts, cancel)
 
 
 def run(requests: Iterable[dict] | str | os.PathLike, **options) -> list[Result]:
     """Run ``requests`` (Batch API lines or bare request bodies, or a JSONL path) and return one
     Result per request, in input order. A failed request is a Result with ``ok`` False."""
-    return _run(requests, RunOptions(**options))
+    return _run(requests, _options(options))
 
 
 def _run(requests, opts: RunOptions, cancel: threading.Event | None = None) -> list[Result]:
@@ -118,22 +136,39 @@ def complete(prompts: Iterable[str], model: str, system: str | None = None, max_
         return {"model": model, "messages": messages, **({"max_tokens": max_tokens} if max_tokens is not None else {}),
                 **(body or {})}
 
+    if isinstance(prompts, str):  # iterating it would send one request per character
+        raise RequestsError("prompts is a str; pass a list of strings, e.g. [prompt]")
+    prompts = list(prompts)
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise RequestsError(f"prompt {index} is of type {type(prompt).__name__}, not a str; pass a list of strings")
     options.setdefault("endpoint", DEFAULT_ENDPOINT)
     return [r.text if r.ok else None for r in run([request(p) for p in prompts], **options)]
 
 
 async def astream(requests: Iterable[dict] | str | os.PathLike, **options) -> AsyncIterator[Result]:
     """``stream`` for asyncio code: the run goes on its own thread, the event loop stays free."""
-    results = stream(requests, **options)
+    cancel = threading.Event()
+    results = _stream(requests, _options(options), cancel)
     done = object()
+    waiting: asyncio.Future | None = None
     try:
         while True:
-            result = await asyncio.to_thread(next, results, done)
+            # Shielded: a cancelled task leaves the thread inside the generator, which cannot be
+            # closed until that thread is out of it (ValueError: generator already executing).
+            waiting = asyncio.ensure_future(asyncio.to_thread(next, results, done))
+            result = await asyncio.shield(waiting)
+            waiting = None
             if result is done:
                 return
             yield result
     finally:
-        # Closing the generator (a cancelled task, a break) stops the run as Ctrl-C would.
+        # A cancelled task, a break, a closed generator: stop the run as Ctrl-C would (the thread
+        # in next() sees the flag within POLL_SECONDS), wait for it to be out, then close.
+        cancel.set()
+        if waiting is not None:
+            with contextlib.suppress(BaseException):  # Interrupted: the stop asked for
+                await waiting
         await asyncio.to_thread(results.close)
 
 
@@ -142,7 +177,7 @@ async def arun(requests: Iterable[dict] | str | os.PathLike, **options) -> list[
     as Ctrl-C does (requests in flight finish and are kept), and returns once it has stopped."""
     cancel = threading.Event()
     future = asyncio.get_running_loop().run_in_executor(None, functools.partial(_run, requests,
-                                                                                 RunOptions(**options), cancel))
+                                                                                 _options(options), cancel))
     try:
         return await asyncio.shield(future)
     except asyncio.CancelledError:
@@ -158,6 +193,7 @@ def _config(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]
 
 
 def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, list[str]]:
+    _check_iterable(requests)
     if isinstance(requests, (str, os.PathLike)):
         jobs = os.fspath(requests)
         ids = ids_of_file(jobs)
@@ -188,6 +224,15 @@ def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, li
 
         raise OptionsError("; ".join(problems))
     return cfg, ids
+
+
+def _check_iterable(requests: object) -> None:
+    if isinstance(requests, dict):  # one body: iterating it would give its keys
+        raise RequestsError("requests is a dict (one request?); pass a list of request bodies (dicts), "
+                            "e.g. [body], or a JSONL path")
+    if not isinstance(requests, (str, os.PathLike)) and not hasattr(requests, "__iter__"):
+        raise RequestsError(f"requests is of type {type(requests).__name__}; pass a list of request bodies (dicts) "
+                            f"or a JSONL path")
 
 
 def _specs(limit: int | str | dict | None) -> list[str]:
@@ -309,7 +354,7 @@ def _why_not_run(cfg: RunConfig, end: RunEnd | None) -> str:
     if end.state is BatchState.PAUSED:
         where = f"batch {end.batch_id} is paused: {reason or 'see the log'}"
     elif end.interrupted:
-        where = f"batch {end.batch_id} was stopped before it"
+        where = f"batch {end.batch_id} was stopped with requests left"  # the Interrupted's message
     else:
         where = f"batch {end.batch_id} is {end.state} with work left"
     if hints.has_command(end.reason or ""):

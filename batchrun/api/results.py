@@ -3,10 +3,14 @@ output line that `batchrun run` writes, so that files and objects agree."""
 
 from __future__ import annotations
 
+import array
+import base64
 import copy
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
+from batchrun.api.wording import in_python
 from batchrun.policy.pricing import PriceTable, cost_of_usage
 
 NOT_RUN = "not_run"  # ResultError.code of a request the batch did not get to (paused, interrupted)
@@ -60,6 +64,8 @@ class Result:
         data = (self.body or {}).get("data") if self.ok else None
         if isinstance(data, list) and data and isinstance(data[0], dict):
             vector = data[0].get("embedding")
+            if isinstance(vector, str):  # encoding_format="base64"
+                return _floats_of_base64(vector)
             return vector if isinstance(vector, list) else None
         return None
 
@@ -85,7 +91,8 @@ def from_line(line: dict, prices: PriceTable | None = None) -> Result:
         error = None
         ok = status.__class__ is int and 200 <= status < 300
     else:
-        error = ResultError(str(err.get("code") or "error"), str(err.get("message") or "")) \
+        # The runner's sentence names the command's flags (--tpm 100); a caller of run() gave keywords.
+        error = ResultError(str(err.get("code") or "error"), in_python(str(err.get("message") or ""))) \
             if isinstance(err, dict) else None
         ok = error is None and isinstance(status, int) and 200 <= status < 300
     attempts = line.get("attempts")
@@ -120,8 +127,23 @@ def _responses_text(output: Any) -> str | None:
     if not isinstance(output, list):
         return None
     parts = [c.get("text") for item in output if isinstance(item, dict) and item.get("type") == "message"
-             for c in item.get("content") or () if isinstance(c, dict) and isinstance(c.get("text"), str)]
+             and isinstance(item.get("content"), list)  # an odd server's content: a number, a string
+             for c in item["content"] if isinstance(c, dict) and isinstance(c.get("text"), str)]
     return "".join(parts) if parts else None
+
+
+def _floats_of_base64(packed: str) -> list[float] | None:
+    """An embedding sent as base64 (OpenAI: the float32 vector's little-endian bytes) as floats."""
+    try:
+        raw = base64.b64decode(packed, validate=True)
+    except ValueError:
+        return None
+    if len(raw) % 4:
+        return None
+    vector = array.array("f", raw)
+    if sys.byteorder == "big":
+        vector.byteswap()
+    return vector.tolist()
 
 
 def _cost(body: dict | None, prices: PriceTable | None) -> float | None:

@@ -20,6 +20,7 @@ _IN_PYTHON = (
 )
 _FLAG = re.compile(r"(?<![\w-])--(max-cost|max-attempts|batch-id|prices|concurrency|grace|tpm|rpm|errors|processes)"
                    r"(?![\w-])")
+_FLAG_VALUE = re.compile(r"(?<![\w-])--(max-cost|max-attempts|concurrency|grace|tpm|rpm|processes) (\d[\d.,]*)(?![\w.])")
 _KEYWORD = {"max-cost": "max_cost", "max-attempts": "max_attempts", "batch-id": "batch_id", "prices": "prices",
             "concurrency": "concurrency", "grace": "grace", "tpm": "tpm", "rpm": "rpm", "errors": "errors",
             "processes": "processes"}
@@ -29,6 +30,7 @@ def in_python(message: str) -> str:
     """``message`` with each command-line option batchrun.run also takes named as its keyword."""
     for flag, keyword in _IN_PYTHON:
         message = message.replace(flag, keyword)
+    message = _FLAG_VALUE.sub(lambda m: f"{_KEYWORD[m.group(1)]}={m.group(2)}", message)  # "--tpm 100": "tpm=100"
     return _FLAG.sub(lambda m: _KEYWORD[m.group(1)] + "=", message)
 
 
