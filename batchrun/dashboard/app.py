@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from importlib import resources
 
+import redis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,6 +26,8 @@ from batchrun.dashboard.actions import Action, ActionRefused, act
 from batchrun.dashboard.prometheus import fleet_registry
 from batchrun.dashboard.snapshot import Dashboard
 from batchrun.state.keys import BATCH_ID_RE
+
+log = logging.getLogger("batchrun")
 
 REFRESH_SECONDS = 1.0  # snapshots at most this often (the page polls every 2 s)
 CONFIRM_HEADER = "X-Batchrun-Confirm"  # an action names its batch again here
@@ -74,6 +78,33 @@ def _auth_middleware(token: str | None):
         return await handler(request)
 
     return check
+
+
+def _redis_middleware():
+    """A Redis that is down or too slow answers 503 with a sentence (the page shows it and polls on),
+    said once in the dashboard's log until Redis answers again, never as a traceback."""
+    down = False
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        nonlocal down
+        try:
+            response = await handler(request)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            text = redis_trouble(exc)
+            if not down:
+                log.warning("%s", text)
+            down = True
+            raise web.HTTPServiceUnavailable(text=text + "\n") from None
+        down = False
+        return response
+
+    return check
+
+
+def redis_trouble(exc: BaseException) -> str:
+    return (f"cannot read Redis ({exc}); check that the server runs and --redis-url: the page tries again "
+            "every few seconds")
 
 
 def _json(data: object) -> web.Response:
@@ -140,7 +171,7 @@ REGISTRY = web.AppKey("registry", object)
 
 
 def create_app(dashboard: Dashboard, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(token)])
+    app = web.Application(middlewares=[_auth_middleware(token), _redis_middleware()])
     app[SNAPSHOTS] = Snapshots(dashboard)
     app[REGISTRY] = fleet_registry(dashboard.store)
     app.router.add_get("/", page)
