@@ -64,3 +64,33 @@ def test_worker_metrics_on_a_redis_gone_answer_503_with_a_sentence(capfd):
         server.server_close()
     assert "Traceback" not in capfd.readouterr().err
 
+
+
+@pytest.mark.redis
+def test_very_many_active_batches_keep_each_refresh_and_scrape_bounded(real_redis_url):
+    """Thousands of batches waiting for workers made every poll read each one (minutes per refresh,
+    megabytes of JSON) and /metrics too slow for a scrape: both now take the newest ones only and say
+    how many more there are."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from batchrun.dashboard import prometheus, snapshot
+    from batchrun.dashboard.snapshot import Dashboard
+    from batchrun.settings import BatchOptions
+    from batchrun.state.connections import connect
+    from batchrun.state.store import BatchStore
+
+    store = BatchStore(connect(real_redis_url))
+    n = snapshot.RECENT_BATCHES + snapshot.MAX_ACTIVE_ROWS + 40
+    for i in range(n):
+        store.create_batch(f"many-{i:04d}", BatchOptions())
+        store.redis.zadd("batchrun:batches", {f"many-{i:04d}": 1_000_000 + i})  # created one after another
+    over = Dashboard(store).overview()
+    shown = [b["batch_id"] for b in over["batches"]]
+    assert len(shown) == snapshot.RECENT_BATCHES + snapshot.MAX_ACTIVE_ROWS
+    assert over["batches_not_shown"] == 40
+    assert shown[0] == f"many-{n - 1:04d}" and "many-0000" not in shown  # the newest first, the oldest left out
+    text = generate_latest(prometheus.fleet_registry(store)).decode()
+    series = {s.labels["batch"] for f in text_string_to_metric_families(text) if f.name == "batchrun_jobs"
+              for s in f.samples}
+    assert len(series) <= prometheus.PER_BATCH + prometheus.MAX_ACTIVE_SERIES and f"many-{n - 1:04d}" in series

@@ -16,6 +16,7 @@ import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from batchrun.dashboard.snapshot import newest_first
 from batchrun.state import keys
 from batchrun.state.budgets import describe_budgets
 from batchrun.state.counters import batch_totals, parse_counter
@@ -24,7 +25,8 @@ from batchrun.state.store import BatchStore
 from batchrun.state.workers import list_workers
 
 METRICS_BATCHES = 1000  # the newest batches whose counts make the fleet's counters
-PER_BATCH = 30  # per-batch series (label batch): the newest this many, and every active one
+PER_BATCH = 30  # per-batch series (label batch): the newest this many, and the newest MAX_ACTIVE_SERIES active
+MAX_ACTIVE_SERIES = 100  # (a Redis may hold thousands of active batches: a scrape must stay quick)
 
 # name, help (counters get _total from prometheus_client)
 COUNTERS = {
@@ -48,7 +50,8 @@ class FleetCollector(Collector):
         ids += [bid for bid in active if bid not in ids]
         metas = _metas(store, ids)
         yield from self._budget_counters(ids)
-        yield from self._batch_series([bid for bid in ids[:PER_BATCH] + active if bid in metas], metas)
+        per_batch = ids[:PER_BATCH] + newest_first(store, [b for b in active if b not in ids[:PER_BATCH]])[:MAX_ACTIVE_SERIES]
+        yield from self._batch_series([bid for bid in per_batch if bid in metas], metas)
         yield from self._budget_gauges()
         yield from self._workers(active)
 
