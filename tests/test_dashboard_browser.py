@@ -45,10 +45,18 @@ def _main(dom: str) -> str:
 
 def _batch_row(dom: str, batch_id: str) -> dict[str, str]:
     dom = _main(dom)
-    found = re.search(r'<tr class="batch-row"([^>]*)>', dom)
+    found = re.search(r'<tr class="batch-row"([^>]*)>(.*?)</tr>', dom, re.S)
     assert found, "no batch row in the rendered page:\n" + dom[-3000:]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', found.group(1)))
     assert attrs["data-batch"] == batch_id
+    # What the user sees: "ENDED / TOTAL (P %)" and the bar's widths, drawn from the same figures
+    text = re.search(r'<span class="progress-text">([\d,]+) / ([\d,]+) \(([\d.]+) %\)</span>', found.group(2))
+    assert text, "no progress text in the row:\n" + found.group(2)
+    ended, total = (int(x.replace(",", "")) for x in text.group(1, 2))
+    assert (ended, total) == (int(attrs["data-ended"]), int(attrs["data-total"])), (text.group(0), attrs)
+    widths = [float(w) for w in re.findall(r'<span style="width:\s*([\d.]+)%', found.group(2))]
+    assert len(widths) == 2 and widths[0] == pytest.approx(100 * ended / total, abs=0.01), (widths, ended, total)
+    attrs["bar_width"] = str(widths[1])  # the done part (the other one counts failures too)
     return attrs
 
 
@@ -70,6 +78,7 @@ def test_chromium_renders_the_running_batch_and_its_progress_moves(real_redis_ur
                    > int(row["data-ended"]) + 5)
         second = _batch_row(_chromium(tmp_path / "p2", url, "--dump-dom"), "live")
         assert int(second["data-ended"]) > int(row["data-ended"]), (row, second)
+        assert float(second["bar_width"]) > float(row["bar_width"]) > 0, (row, second)  # the bar grew
 
         page = _chromium(tmp_path / "p3", f"http://127.0.0.1:{port}/batch/live", "--dump-dom")
         assert _batch_row(page, "live") and 'id="batch-history"' in page and 'id="jobs"' in page
