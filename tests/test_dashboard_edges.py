@@ -94,3 +94,36 @@ def test_very_many_active_batches_keep_each_refresh_and_scrape_bounded(real_redi
     series = {s.labels["batch"] for f in text_string_to_metric_families(text) if f.name == "batchrun_jobs"
               for s in f.samples}
     assert len(series) <= prometheus.PER_BATCH + prometheus.MAX_ACTIVE_SERIES and f"many-{n - 1:04d}" in series
+
+
+def _raw_status(port: int, request: bytes) -> bytes:
+    """The status line the dashboard answers ``request`` (raw bytes, as a hostile client sends them)."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
+        s.sendall(request)
+        data = b""
+        while b"\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return data.split(b"\r\n")[0]
+
+
+@pytest.mark.redis
+def test_the_token_header_any_case_scheme_and_bytes_that_are_not_utf8(real_redis_url, spawn):
+    token = "s3cret-token-for-the-tests"
+    port = spare_port()
+    dash = spawn(batchrun_cmd("dashboard", "--port", str(port)), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                 text=True, env=cli_env(BATCHRUN_REDIS_URL=real_redis_url, BATCHRUN_DASHBOARD_TOKEN=token))
+    assert "dashboard of" in dash.stderr.readline()
+    # RFC 7235: the scheme is case-insensitive ("bearer" from curl or a proxy is the same thing)
+    assert get(port, "/api/overview", headers={"Authorization": "bearer " + token})[0] == 200
+    assert get(port, "/api/overview", headers={"Authorization": "BEARER  " + token})[0] == 401  # not the token
+    # A header of bytes that are not UTF-8 is a wrong token (401), not a 500 and a traceback in the log
+    hostile = b"GET /api/overview HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3\r\nConnection: close\r\n\r\n"
+    assert _raw_status(port, hostile) == b"HTTP/1.1 401 Unauthorized"
+    dash.terminate()
+    err = dash.communicate(timeout=30)[1]
+    assert "Traceback" not in err, err[-3000:]

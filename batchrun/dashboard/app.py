@@ -56,9 +56,10 @@ class Snapshots:
 def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:
         return _host_name(request.host or "") in LOOPBACK_HOSTS
-    given = request.headers.get("Authorization", "")
-    given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
-    return hmac.compare_digest(given.encode(), token.encode())
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    given = value if scheme.lower() == "bearer" else request.query.get("token", "")  # (RFC 7235: any case)
+    # surrogateescape: a header of bytes that are not UTF-8 is a wrong token, not an exception
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape"))
 
 
 def _host_name(host: str) -> str:
