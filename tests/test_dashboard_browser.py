@@ -112,3 +112,32 @@ def test_the_page_sends_its_token_and_shows_server_text_as_text(real_redis_url, 
     assert '<tr class="error-row">' in main and " broke" in main  # (batchrun itself drops markup from messages)
     assert "&lt;i&gt;req-" in main  # the custom_id of the sample, shown as it is
     assert "<img" not in main and "<i>" not in main and "pwned" not in dom.split("<title>")[1].split("</title>")[0]
+
+
+def test_chromium_shows_what_the_page_leaves_out_and_a_bad_batch_address(real_redis_url, spawn, tmp_path):
+    """Review: batches beyond the ones shown, error counts from part of a batch's outcomes, and a
+    malformed /batch/ address are each a sentence on the page (not silence, not "loading" for ever)."""
+    import json
+
+    from batchrun.dashboard import errors, snapshot
+    from batchrun.settings import BatchOptions
+    from batchrun.state import keys
+    from batchrun.state.connections import connect
+    from batchrun.state.store import BatchStore
+
+    from helpers import cli_env
+
+    store = BatchStore(connect(real_redis_url))
+    n = snapshot.RECENT_BATCHES + snapshot.MAX_ACTIVE_ROWS + 7
+    for i in range(n):
+        store.create_batch(f"many-{i:04d}", BatchOptions())
+        store.redis.zadd(keys.BATCHES, {f"many-{i:04d}": 1_000_000 + i})
+    line = json.dumps({"custom_id": "x", "error": {"code": "server_error", "message": "boom"}})
+    store.redis.rpush(keys.sub(f"many-{n - 1:04d}", "results"), *(["E" + line] * (errors.FIRST_LOOK + 5)))
+    port = start_dashboard(spawn, cli_env(BATCHRUN_REDIS_URL=real_redis_url))
+    main = _main(_chromium(tmp_path / "p1", f"http://127.0.0.1:{port}/", "--dump-dom"))
+    assert re.search(r'id="not-shown"[^>]*>and 7 older active batches not shown', main), main[-2000:]
+    assert re.search(r'id="errors-not-read"[^>]*>[^<]*5 earlier outcomes not read', main), main[-2000:]
+    dom = _chromium(tmp_path / "p2", f"http://127.0.0.1:{port}/batch/%E0", "--dump-dom")
+    status = re.search(r'<span id="status-line"[^>]*>([^<]*)</span>', dom)
+    assert status and "is not a batch id" in status.group(1), dom.split("<script>")[0][-2000:]

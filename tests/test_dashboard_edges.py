@@ -127,3 +127,28 @@ def test_the_token_header_any_case_scheme_and_bytes_that_are_not_utf8(real_redis
     dash.terminate()
     err = dash.communicate(timeout=30)[1]
     assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.redis
+def test_errors_counted_from_part_of_a_long_batch_say_how_many_outcomes_were_not_read(real_redis_url):
+    """A dashboard started late in a long batch reads only its last outcomes: the counts it shows
+    then fall short of `status`, and the JSON (and page) must say by how much, not look complete."""
+    import json
+
+    from batchrun.dashboard import errors
+    from batchrun.dashboard.snapshot import Dashboard
+    from batchrun.settings import BatchOptions
+    from batchrun.state import keys
+    from batchrun.state.connections import connect
+    from batchrun.state.store import BatchStore
+
+    store = BatchStore(connect(real_redis_url))
+    store.create_batch("long", BatchOptions())
+    line = json.dumps({"custom_id": "x", "error": {"code": "server_error", "message": "boom"}})
+    store.redis.rpush(keys.sub("long", "results"), *(["E" + line] * (errors.FIRST_LOOK + 500)))
+    dash = Dashboard(store)
+    page = dash.batch_page("long")
+    assert [e["count"] for e in page["errors"]] == [errors.FIRST_LOOK]
+    assert page["errors_not_read"] == 500
+    over = dash.overview()
+    assert over["errors_not_read"] == {"long": 500}

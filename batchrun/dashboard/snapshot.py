@@ -67,6 +67,8 @@ class Dashboard:
             "budgets": self.budgets(by_budget, now_ms),
             "workers": [w.to_dict() for w in list_workers(self.store.redis, time.time(), active)],
             "errors": self.errors.groups(),
+            # outcomes from before the dashboard first saw a batch: not in the error counts
+            "errors_not_read": {b["batch_id"]: n for b in batches if (n := self.errors.skipped.get(b["batch_id"]))},
             "actions": self.allow_actions,
         }
 
@@ -140,6 +142,7 @@ class Dashboard:
         row = self.batch_row(batch_id, now_ms) or {}
         return {"now": now_ms / 1000, "status": status, "progress": row.get("progress", 0.0),
                 "history": series.to_dict() if series else None, "errors": self.errors.groups(batch_id),
+                "errors_not_read": self.errors.skipped.get(batch_id, 0),
                 "most_retried": self.most_retried(batch_id), "workers": workers, "actions": self.allow_actions}
 
     def most_retried(self, batch_id: str) -> list[dict]:
