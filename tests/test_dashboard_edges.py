@@ -152,3 +152,28 @@ def test_errors_counted_from_part_of_a_long_batch_say_how_many_outcomes_were_not
     assert page["errors_not_read"] == 500
     over = dash.overview()
     assert over["errors_not_read"] == {"long": 500}
+
+
+@pytest.mark.redis
+def test_errors_of_a_purged_batch_leave_the_overview(real_redis_url):
+    """The tally kept every batch it had ever read: a purged batch's errors stayed on the overview
+    (linking to a page that is gone), and a dashboard left open for months grew with every batch."""
+    import json
+
+    from batchrun.dashboard.snapshot import Dashboard
+    from batchrun.settings import BatchOptions
+    from batchrun.state import keys
+    from batchrun.state.connections import connect
+    from batchrun.state.store import BatchStore
+
+    store = BatchStore(connect(real_redis_url))
+    line = json.dumps({"custom_id": "x", "error": {"code": "server_error", "message": "boom"}})
+    for batch_id in ("old", "new"):
+        store.create_batch(batch_id, BatchOptions())
+        store.redis.rpush(keys.sub(batch_id, "results"), "E" + line, "E" + line)
+    dash = Dashboard(store)
+    assert dash.overview()["errors"][0]["batches"] == {"old": 2, "new": 2}
+    store.purge("old")
+    [group] = dash.overview()["errors"]
+    assert group["batches"] == {"new": 2} and group["count"] == 2
+    assert set(dash.errors._read) == {"new"}

@@ -59,6 +59,7 @@ class Dashboard:
             series = by_batch.get(b["batch_id"])
             b["history"] = series.to_dict() if series else None
         self.errors.refresh(self.store, [b["batch_id"] for b in batches])
+        self.errors.drop(self._gone(self.errors.known()))  # purged or expired: their errors go with them
         active = self.store.active_batches()
         return {
             "now": now_ms / 1000,
@@ -77,6 +78,13 @@ class Dashboard:
         recent = self.store.recent_batches(RECENT_BATCHES)
         active = newest_first(self.store, [bid for bid in self.store.active_batches() if bid not in recent])
         return recent + active[:MAX_ACTIVE_ROWS], max(0, len(active) - MAX_ACTIVE_ROWS)
+
+    def _gone(self, batch_ids: list[str]) -> list[str]:
+        """Those of ``batch_ids`` this Redis no longer holds, in one round trip."""
+        pipe = self.store.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.exists(keys.batch(batch_id))
+        return [bid for bid, there in zip(batch_ids, pipe.execute() if batch_ids else []) if not there]
 
     def batch_row(self, batch_id: str, now_ms: int) -> dict | None:
         """One line of the batches table: state, progress, ETA and cost (what `status` says, without
