@@ -38,7 +38,8 @@ def test_a_redis_that_goes_away_is_a_sentence_on_every_route_and_no_traceback(sp
         for path in ("/api/overview", "/api/batch/gone", "/metrics"):
             code, body = get(port, path)
             assert code == 503 and "cannot read Redis" in body and "Server got itself in trouble" not in body, body
-        server.start()  # back: the page carries on
+        server.start()  # back: the page carries on (once the failure kept for a second is past)
+        time.sleep(1.5)
         assert get(port, "/api/overview")[0] == 200 and get(port, "/metrics")[0] == 200
     finally:
         server.kill()
@@ -177,3 +178,27 @@ def test_errors_of_a_purged_batch_leave_the_overview(real_redis_url):
     [group] = dash.overview()["errors"]
     assert group["batches"] == {"new": 2} and group["count"] == 2
     assert set(dash.errors._read) == {"new"}
+
+
+def test_requests_queued_behind_a_failed_refresh_share_its_failure():
+    """A Redis that hangs makes a refresh wait its socket timeout (30 s) and fail: every poll queued
+    behind it (a page polls every 2 s) used to wait its own 30 s in turn, a backlog growing for as
+    long as Redis hung. They now get the same failure as soon as it comes."""
+    import asyncio
+
+    import redis
+
+    from batchrun.dashboard.app import Snapshots
+
+    calls = []
+
+    def make():
+        calls.append(1)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    async def main():
+        snapshots = Snapshots(dashboard=None)
+        return await asyncio.gather(*(snapshots.get("overview", make) for _ in range(5)), return_exceptions=True)
+
+    results = asyncio.run(main())
+    assert all(isinstance(r, redis.TimeoutError) for r in results) and len(calls) == 1

@@ -46,10 +46,17 @@ class Snapshots:
         async with self._lock:  # one refresh at a time: the Dashboard's caches are not thread-safe
             at, value = self._cache.get(name, (0.0, None))
             if value is None or time.monotonic() - at >= REFRESH_SECONDS:
-                value = await asyncio.to_thread(make)
+                try:
+                    value = await asyncio.to_thread(make)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # kept too: the requests queued behind a refresh that waited out a hung Redis
+                    # fail with it at once, instead of each waiting its own socket timeout in turn
+                    value = exc
                 self._cache[name] = (time.monotonic(), value)
                 if len(self._cache) > 100:  # batch pages viewed long ago
                     self._cache = {name: self._cache[name]}
+            if isinstance(value, BaseException):
+                raise value
             return value
 
 
