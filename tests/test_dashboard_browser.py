@@ -45,10 +45,18 @@ def _main(dom: str) -> str:
 
 def _batch_row(dom: str, batch_id: str) -> dict[str, str]:
     dom = _main(dom)
-    found = re.search(r'<tr class="batch-row"([^>]*)>', dom)
+    found = re.search(r'<tr class="batch-row"([^>]*)>(.*?)</tr>', dom, re.S)
     assert found, "no batch row in the rendered page:\n" + dom[-3000:]
     attrs = dict(re.findall(r'([\w-]+)="([^"]*)"', found.group(1)))
     assert attrs["data-batch"] == batch_id
+    # What the user sees: "ENDED / TOTAL (P %)" and the bar's widths, drawn from the same figures
+    text = re.search(r'<span class="progress-text">([\d,]+) / ([\d,]+) \(([\d.]+) %\)</span>', found.group(2))
+    assert text, "no progress text in the row:\n" + found.group(2)
+    ended, total = (int(x.replace(",", "")) for x in text.group(1, 2))
+    assert (ended, total) == (int(attrs["data-ended"]), int(attrs["data-total"])), (text.group(0), attrs)
+    widths = [float(w) for w in re.findall(r'<span style="width:\s*([\d.]+)%', found.group(2))]
+    assert len(widths) == 2 and widths[0] == pytest.approx(100 * ended / total, abs=0.01), (widths, ended, total)
+    attrs["bar_width"] = str(widths[1])  # the done part (the other one counts failures too)
     return attrs
 
 
@@ -70,6 +78,7 @@ def test_chromium_renders_the_running_batch_and_its_progress_moves(real_redis_ur
                    > int(row["data-ended"]) + 5)
         second = _batch_row(_chromium(tmp_path / "p2", url, "--dump-dom"), "live")
         assert int(second["data-ended"]) > int(row["data-ended"]), (row, second)
+        assert float(second["bar_width"]) > float(row["bar_width"]) > 0, (row, second)  # the bar grew
 
         page = _chromium(tmp_path / "p3", f"http://127.0.0.1:{port}/batch/live", "--dump-dom")
         assert _batch_row(page, "live") and 'id="batch-history"' in page and 'id="jobs"' in page
@@ -103,3 +112,32 @@ def test_the_page_sends_its_token_and_shows_server_text_as_text(real_redis_url, 
     assert '<tr class="error-row">' in main and " broke" in main  # (batchrun itself drops markup from messages)
     assert "&lt;i&gt;req-" in main  # the custom_id of the sample, shown as it is
     assert "<img" not in main and "<i>" not in main and "pwned" not in dom.split("<title>")[1].split("</title>")[0]
+
+
+def test_chromium_shows_what_the_page_leaves_out_and_a_bad_batch_address(real_redis_url, spawn, tmp_path):
+    """Review: batches beyond the ones shown, error counts from part of a batch's outcomes, and a
+    malformed /batch/ address are each a sentence on the page (not silence, not "loading" for ever)."""
+    import json
+
+    from batchrun.dashboard import errors, snapshot
+    from batchrun.settings import BatchOptions
+    from batchrun.state import keys
+    from batchrun.state.connections import connect
+    from batchrun.state.store import BatchStore
+
+    from helpers import cli_env
+
+    store = BatchStore(connect(real_redis_url))
+    n = snapshot.RECENT_BATCHES + snapshot.MAX_ACTIVE_ROWS + 7
+    for i in range(n):
+        store.create_batch(f"many-{i:04d}", BatchOptions())
+        store.redis.zadd(keys.BATCHES, {f"many-{i:04d}": 1_000_000 + i})
+    line = json.dumps({"custom_id": "x", "error": {"code": "server_error", "message": "boom"}})
+    store.redis.rpush(keys.sub(f"many-{n - 1:04d}", "results"), *(["E" + line] * (errors.FIRST_LOOK + 5)))
+    port = start_dashboard(spawn, cli_env(BATCHRUN_REDIS_URL=real_redis_url))
+    main = _main(_chromium(tmp_path / "p1", f"http://127.0.0.1:{port}/", "--dump-dom"))
+    assert re.search(r'id="not-shown"[^>]*>and 7 older active batches not shown', main), main[-2000:]
+    assert re.search(r'id="errors-not-read"[^>]*>[^<]*5 earlier outcomes not read', main), main[-2000:]
+    dom = _chromium(tmp_path / "p2", f"http://127.0.0.1:{port}/batch/%E0", "--dump-dom")
+    status = re.search(r'<span id="status-line"[^>]*>([^<]*)</span>', dom)
+    assert status and "is not a batch id" in status.group(1), dom.split("<script>")[0][-2000:]

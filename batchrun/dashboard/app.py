@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
+import logging
 import time
 from importlib import resources
 
+import redis
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -24,6 +26,8 @@ from batchrun.dashboard.actions import Action, ActionRefused, act
 from batchrun.dashboard.prometheus import fleet_registry
 from batchrun.dashboard.snapshot import Dashboard
 from batchrun.state.keys import BATCH_ID_RE
+
+log = logging.getLogger("batchrun")
 
 REFRESH_SECONDS = 1.0  # snapshots at most this often (the page polls every 2 s)
 CONFIRM_HEADER = "X-Batchrun-Confirm"  # an action names its batch again here
@@ -42,19 +46,27 @@ class Snapshots:
         async with self._lock:  # one refresh at a time: the Dashboard's caches are not thread-safe
             at, value = self._cache.get(name, (0.0, None))
             if value is None or time.monotonic() - at >= REFRESH_SECONDS:
-                value = await asyncio.to_thread(make)
+                try:
+                    value = await asyncio.to_thread(make)
+                except (redis.ConnectionError, redis.TimeoutError) as exc:
+                    # kept too: the requests queued behind a refresh that waited out a hung Redis
+                    # fail with it at once, instead of each waiting its own socket timeout in turn
+                    value = exc
                 self._cache[name] = (time.monotonic(), value)
                 if len(self._cache) > 100:  # batch pages viewed long ago
                     self._cache = {name: self._cache[name]}
+            if isinstance(value, BaseException):
+                raise value
             return value
 
 
 def _authorized(request: web.Request, token: str | None) -> bool:
     if token is None:
         return _host_name(request.host or "") in LOOPBACK_HOSTS
-    given = request.headers.get("Authorization", "")
-    given = given[7:] if given.startswith("Bearer ") else request.query.get("token", "")
-    return hmac.compare_digest(given.encode(), token.encode())
+    scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+    given = value if scheme.lower() == "bearer" else request.query.get("token", "")  # (RFC 7235: any case)
+    # surrogateescape: a header of bytes that are not UTF-8 is a wrong token, not an exception
+    return hmac.compare_digest(given.encode("utf-8", "surrogateescape"), token.encode("utf-8", "surrogateescape"))
 
 
 def _host_name(host: str) -> str:
@@ -74,6 +86,33 @@ def _auth_middleware(token: str | None):
         return await handler(request)
 
     return check
+
+
+def _redis_middleware():
+    """A Redis that is down or too slow answers 503 with a sentence (the page shows it and polls on),
+    said once in the dashboard's log until Redis answers again, never as a traceback."""
+    down = False
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        nonlocal down
+        try:
+            response = await handler(request)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            text = redis_trouble(exc)
+            if not down:
+                log.warning("%s", text)
+            down = True
+            raise web.HTTPServiceUnavailable(text=text + "\n") from None
+        down = False
+        return response
+
+    return check
+
+
+def redis_trouble(exc: BaseException) -> str:
+    return (f"cannot read Redis ({exc}); check that the server runs and --redis-url: the page tries again "
+            "every few seconds")
 
 
 def _json(data: object) -> web.Response:
@@ -140,7 +179,7 @@ REGISTRY = web.AppKey("registry", object)
 
 
 def create_app(dashboard: Dashboard, token: str | None = None) -> web.Application:
-    app = web.Application(middlewares=[_auth_middleware(token)])
+    app = web.Application(middlewares=[_auth_middleware(token), _redis_middleware()])
     app[SNAPSHOTS] = Snapshots(dashboard)
     app[REGISTRY] = fleet_registry(dashboard.store)
     app.router.add_get("/", page)

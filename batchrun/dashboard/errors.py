@@ -50,6 +50,17 @@ class ErrorTally:
                 self._add(batch_id, raw)
             self._read[batch_id] = got.next
 
+    def known(self) -> list[str]:
+        """The batches tallied so far."""
+        return list(self._read)
+
+    def drop(self, batch_ids: list[str]) -> None:
+        """Forget batches (purged or expired ones): their errors leave the groups."""
+        for batch_id in batch_ids:
+            self._forget(batch_id)
+            self._read.pop(batch_id, None)
+            self.skipped.pop(batch_id, None)
+
     def _forget(self, batch_id: str) -> None:
         for group in self._groups.values():
             group.count -= group.batches.pop(batch_id, 0)

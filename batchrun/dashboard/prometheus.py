@@ -12,9 +12,11 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 
+import redis
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from batchrun.dashboard.snapshot import newest_first
 from batchrun.state import keys
 from batchrun.state.budgets import describe_budgets
 from batchrun.state.counters import batch_totals, parse_counter
@@ -23,7 +25,8 @@ from batchrun.state.store import BatchStore
 from batchrun.state.workers import list_workers
 
 METRICS_BATCHES = 1000  # the newest batches whose counts make the fleet's counters
-PER_BATCH = 30  # per-batch series (label batch): the newest this many, and every active one
+PER_BATCH = 30  # per-batch series (label batch): the newest this many, and the newest MAX_ACTIVE_SERIES active
+MAX_ACTIVE_SERIES = 100  # (a Redis may hold thousands of active batches: a scrape must stay quick)
 
 # name, help (counters get _total from prometheus_client)
 COUNTERS = {
@@ -47,7 +50,8 @@ class FleetCollector(Collector):
         ids += [bid for bid in active if bid not in ids]
         metas = _metas(store, ids)
         yield from self._budget_counters(ids)
-        yield from self._batch_series([bid for bid in ids[:PER_BATCH] + active if bid in metas], metas)
+        per_batch = ids[:PER_BATCH] + newest_first(store, [b for b in active if b not in ids[:PER_BATCH]])[:MAX_ACTIVE_SERIES]
+        yield from self._batch_series([bid for bid in per_batch if bid in metas], metas)
         yield from self._budget_gauges()
         yield from self._workers(active)
 
@@ -155,8 +159,35 @@ def fleet_registry(store: BatchStore) -> CollectorRegistry:
 
 def serve_metrics(store: BatchStore, host: str, port: int):
     """/metrics of the fleet on host:port, from a daemon thread (`worker --metrics-port`). Returns the
-    server (its ``server_port`` is the port, for port 0). Raises OSError if it cannot listen."""
-    from prometheus_client import start_http_server
+    server (its ``server_port`` is the port, for port 0). Raises OSError if it cannot listen.
+    A scrape while Redis is down answers 503 with a sentence (not wsgiref's traceback)."""
+    import socket
+    import threading
+    from socketserver import ThreadingMixIn
+    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-    server, _ = start_http_server(port, addr=host, registry=fleet_registry(store))
+    from prometheus_client import make_wsgi_app
+
+    family, _, _, _, sockaddr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+
+    class Server(ThreadingMixIn, WSGIServer):
+        address_family = family
+        daemon_threads = True
+
+    class Quiet(WSGIRequestHandler):
+        def log_message(self, *args) -> None:  # a line per scrape is noise in the worker's log
+            pass
+
+    app = make_wsgi_app(fleet_registry(store))
+
+    def guarded(environ, start_response):
+        try:
+            return app(environ, start_response)
+        except (redis.ConnectionError, redis.TimeoutError) as exc:
+            text = f"cannot read Redis ({exc}); check that the server runs and --redis-url\n"
+            start_response("503 Service Unavailable", [("Content-Type", "text/plain; charset=utf-8")])
+            return [text.encode()]
+
+    server = make_server(sockaddr[0], port, guarded, Server, handler_class=Quiet)
+    threading.Thread(target=server.serve_forever, daemon=True, name="batchrun-metrics").start()
     return server

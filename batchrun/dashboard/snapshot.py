@@ -25,7 +25,8 @@ from batchrun.state.workers import list_workers
 from batchrun.text import decoded as _s
 from batchrun.urls import mask_url
 
-RECENT_BATCHES = 30  # the overview's batches: the newest this many, and every active one
+RECENT_BATCHES = 30  # the overview's batches: the newest this many, and the newest MAX_ACTIVE_ROWS active ones
+MAX_ACTIVE_ROWS = 100  # active batches beyond the newest: a Redis may hold thousands waiting for workers
 HISTORY_BATCHES = 50  # at most this many batches' buckets make the budgets' history
 RATE_WINDOW = 60  # seconds of recent counts behind a batch's pace (as `status`)
 TOP_RETRIED = 10
@@ -50,7 +51,7 @@ class Dashboard:
 
     def overview(self) -> dict:
         now_ms = self.store.server_time_ms()
-        ids = self._batch_ids()
+        ids, not_shown = self._batch_ids()
         batches = [b for b in (self.batch_row(bid, now_ms) for bid in ids) if b is not None]
         recent = [b["batch_id"] for b in batches if _in_last_hour(b, now_ms / 1000)][:HISTORY_BATCHES]
         by_budget, by_batch = minute_series(self.history.buckets(self.store, recent, now_ms))
@@ -58,19 +59,32 @@ class Dashboard:
             series = by_batch.get(b["batch_id"])
             b["history"] = series.to_dict() if series else None
         self.errors.refresh(self.store, [b["batch_id"] for b in batches])
+        self.errors.drop(self._gone(self.errors.known()))  # purged or expired: their errors go with them
         active = self.store.active_batches()
         return {
             "now": now_ms / 1000,
             "batches": batches,
+            "batches_not_shown": not_shown,
             "budgets": self.budgets(by_budget, now_ms),
             "workers": [w.to_dict() for w in list_workers(self.store.redis, time.time(), active)],
             "errors": self.errors.groups(),
+            # outcomes from before the dashboard first saw a batch: not in the error counts
+            "errors_not_read": {b["batch_id"]: n for b in batches if (n := self.errors.skipped.get(b["batch_id"]))},
             "actions": self.allow_actions,
         }
 
-    def _batch_ids(self) -> list[str]:
+    def _batch_ids(self) -> tuple[list[str], int]:
+        """The batches the overview shows, and how many active ones it leaves out."""
         recent = self.store.recent_batches(RECENT_BATCHES)
-        return recent + [bid for bid in self.store.active_batches() if bid not in recent]
+        active = newest_first(self.store, [bid for bid in self.store.active_batches() if bid not in recent])
+        return recent + active[:MAX_ACTIVE_ROWS], max(0, len(active) - MAX_ACTIVE_ROWS)
+
+    def _gone(self, batch_ids: list[str]) -> list[str]:
+        """Those of ``batch_ids`` this Redis no longer holds, in one round trip."""
+        pipe = self.store.redis.pipeline(transaction=False)
+        for batch_id in batch_ids:
+            pipe.exists(keys.batch(batch_id))
+        return [bid for bid, there in zip(batch_ids, pipe.execute() if batch_ids else []) if not there]
 
     def batch_row(self, batch_id: str, now_ms: int) -> dict | None:
         """One line of the batches table: state, progress, ETA and cost (what `status` says, without
@@ -136,6 +150,7 @@ class Dashboard:
         row = self.batch_row(batch_id, now_ms) or {}
         return {"now": now_ms / 1000, "status": status, "progress": row.get("progress", 0.0),
                 "history": series.to_dict() if series else None, "errors": self.errors.groups(batch_id),
+                "errors_not_read": self.errors.skipped.get(batch_id, 0),
                 "most_retried": self.most_retried(batch_id), "workers": workers, "actions": self.allow_actions}
 
     def most_retried(self, batch_id: str) -> list[dict]:
@@ -156,6 +171,15 @@ class Dashboard:
                         "last_status": last.get("status"), "last_message": (last.get("message") or "")[:200],
                         "ended": self.store.redis.hget(keys.sub(batch_id, "status"), cid) is not None})
         return out
+
+
+def newest_first(store: BatchStore, batch_ids: list[str]) -> list[str]:
+    """``batch_ids`` the newest first (by when they were created), in one round trip."""
+    pipe = store.redis.pipeline(transaction=False)
+    for batch_id in batch_ids:
+        pipe.zscore(keys.BATCHES, batch_id)
+    created = pipe.execute() if batch_ids else []
+    return [bid for _, bid in sorted(zip(created, batch_ids), key=lambda t: (-(t[0] or 0), t[1]))]
 
 
 def _in_last_hour(row: dict, now: float) -> bool:
