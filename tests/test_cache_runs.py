@@ -286,3 +286,32 @@ def test_the_python_api_counts_hits_and_what_they_saved():
     assert sum(r.cached for r in first) == 3 and all(r.cached for r in second)
     assert all(r.cost_usd == 0.0 and r.saved_usd > 0 for r in second)
     assert not any(r.cached for r in fresh) and all(r.cost_usd > 0 for r in fresh)
+
+
+@pytest.mark.parametrize("how", ["not a database", "no directory"])
+def test_a_cache_file_that_cannot_be_opened_is_a_warning_and_every_request_is_sent(how, tmp_path):
+    cache_dir = tmp_path / "cache"
+    if how == "not a database":
+        cache_dir.mkdir()
+        (cache_dir / "responses.sqlite3").write_bytes(b"this is no sqlite file, " * 400)
+    else:
+        (tmp_path / "a-file").write_text("x")
+        cache_dir = tmp_path / "a-file" / "cache"  # its parent is a file: it cannot be made
+    jobs = write_repeated_jobs(tmp_path / "jobs.jsonl", 6, 3)
+    with MockServerThread(MockConfig()) as srv:
+        env = _env(srv, BATCHRUN_CACHE_DIR=str(cache_dir))
+        done = _cli(["run", str(jobs), "-o", str(tmp_path / "o.jsonl")], env, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert srv.stats()["requests"] == 6  # as with --no-cache: nothing to dedupe against
+        estimate = _cli(["estimate", str(jobs)], env)
+        stats = _cli(["cache", "stats"], env)
+        clear = _cli(["cache", "clear"], env)
+    assert len(read_lines(tmp_path / "o.jsonl")) == 6
+    for out in (done, estimate, stats, clear):
+        assert "Traceback" not in out.stderr, out.stderr
+        if out is estimate and how == "no directory":
+            continue  # (no file: an estimate does not look, and says nothing)
+        assert f"the response cache file {cache_dir / 'responses.sqlite3'} cannot be used" in out.stderr
+    assert done.stderr.count("cannot be used") == 1  # one warning, not one per shard or job
+    assert estimate.returncode == 0 and stats.returncode == 1 and clear.returncode == 1
+    assert "BATCHRUN_CACHE_DIR" in stats.stderr

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import time
+
 from batchrun.policy.cache_entries import cache_key, decode_entry, line_opts_out
 from batchrun.policy.pricing import answer_cost, worst_case_cost
 from batchrun.policy.tokens import estimate_tokens
-from batchrun.state.cache_storage import CACHE_FILE, CacheStats, CacheStorage, default_cache_dir, open_storage
+from batchrun.state.cache_storage import (CACHE_FILE, CacheStats, CacheStorage, CacheUnavailable, default_cache_dir,
+                                          open_storage)
 from batchrun.state.connections import connect, is_memory, resolve_url
 from batchrun.text import format_duration, format_usd
+
+log = logging.getLogger("batchrun")
 
 
 def storage_for(redis_url: str | None) -> CacheStorage:
@@ -85,8 +90,9 @@ def estimate_coverage(redis_url: str | None, base_url: str, prices) -> CoverageC
     if it exists: an estimate writes nothing)."""
     url = resolve_url(redis_url)
     storage = None
-    if not is_memory(url):
-        storage = storage_for(url)
-    elif (default_cache_dir() / CACHE_FILE).exists():
-        storage = storage_for(url)
+    try:
+        if not is_memory(url) or (default_cache_dir() / CACHE_FILE).exists():
+            storage = storage_for(url)
+    except CacheUnavailable as exc:  # the estimate goes on, as if the cache held nothing
+        log.warning("%s; the estimate does not look in it", exc)
     return CoverageCounter(storage, base_url, prices)

@@ -21,12 +21,14 @@ from batchrun.files.outputs import result_line
 from batchrun.policy.cache_entries import CachedAnswer, cache_key, line_opts_out
 from batchrun.policy.pricing import answer_cost
 from batchrun.state.cache import CachePolicy, ResponseCache
+from batchrun.state.cache_storage import CacheUnavailable
 from batchrun.state.items import CompleteItem, OutcomeKind
 from batchrun.state.store import LeasedJob
 
 log = logging.getLogger("batchrun.worker")
 
 CACHED_FIELD = "cached"  # the batchrun extension field of a result line served from the cache
+_SAID: set[str] = set()  # the cache-unavailable sentences this process has logged (one each, not one per shard)
 _FIRST_POLL, _LONGEST_POLL = 0.05, 1.0  # seconds between looks while an identical request is sent
 
 
@@ -43,7 +45,14 @@ class CacheSteps:
 
     def _set_up_cache(self, meta: dict[str, str], options) -> None:
         self.cache_policy = cache_policy_of(options)
-        self.cache = ResponseCache.for_store(self.store, self.owner) if self.cache_policy.enabled else None
+        self.cache = None
+        if self.cache_policy.enabled:
+            try:
+                self.cache = ResponseCache.for_store(self.store, self.owner)
+            except CacheUnavailable as exc:  # every request is sent, as with --no-cache
+                if str(exc) not in _SAID:
+                    _SAID.add(str(exc))
+                    log.warning("batch %s: %s; until then requests are sent without it", self.batch_id, exc)
         self._claimed: dict[str, str] = {}  # custom_id -> the cache key whose sending it claimed
         self._cache_failing = False
 

@@ -44,6 +44,20 @@ class SqliteCacheStorage:
         # One connection for the process's threads (the runner's loop and `run`'s thread), behind a lock.
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        try:
+            self._prepare()
+        except BaseException:  # (not a database, a read-only file): the caller says so
+            self._db.close()
+            raise
+        self._pending: dict[str, tuple[bytes, float, int, int]] = {}  # key -> (value, ttl s, bound, stored ms)
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._writer = threading.Thread(target=self._write_behind, name="batchrun-cache-writer", daemon=True)
+        self._writer.start()
+        atexit.register(self.flush)
+
+    def _prepare(self) -> None:
         with self._lock:
             self._db.execute("PRAGMA busy_timeout = 30000")
             try:
@@ -54,13 +68,6 @@ class SqliteCacheStorage:
             except sqlite3.OperationalError:
                 pass  # (a file system without shared memory: the default journal works too)
             self._db.executescript(_SCHEMA)
-        self._pending: dict[str, tuple[bytes, float, int, int]] = {}  # key -> (value, ttl s, bound, stored ms)
-        self._pending_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._writer = threading.Thread(target=self._write_behind, name="batchrun-cache-writer", daemon=True)
-        self._writer.start()
-        atexit.register(self.flush)
 
     def get(self, key: str) -> bytes | None:
         waiting = self._pending.get(key)
