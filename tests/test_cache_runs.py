@@ -315,3 +315,22 @@ def test_a_cache_file_that_cannot_be_opened_is_a_warning_and_every_request_is_se
     assert done.stderr.count("cannot be used") == 1  # one warning, not one per shard or job
     assert estimate.returncode == 0 and stats.returncode == 1 and clear.returncode == 1
     assert "BATCHRUN_CACHE_DIR" in stats.stderr
+
+
+def test_estimate_counts_lines_that_opt_out_as_sent(tmp_path):
+    """A line with "batchrun": {"cache": false} is sent by a run even when an earlier line repeats
+    its body or the cache holds it: the estimate must not count it as served."""
+    jobs = tmp_path / "jobs.jsonl"
+    body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "same"}]}
+    with open(jobs, "w") as f:
+        for i, ext in enumerate([{}, {"batchrun": {"cache": False}}, {"batchrun": {"cache": False}}]):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": body, **ext}) + "\n")
+    with MockServerThread(MockConfig()) as srv:
+        env = _env(srv)
+        before = json.loads(_cli(["estimate", str(jobs), "--json"], env).stdout)["cache"]
+        assert _cli(["run", str(jobs), "-o", str(tmp_path / "o.jsonl")], env).returncode == 0
+        assert srv.stats()["requests"] == 3  # the run sends all three
+        after = json.loads(_cli(["estimate", str(jobs), "--json"], env).stdout)["cache"]
+    assert before["duplicates"] == 0 and before["from_cache"] == 0
+    assert after["from_cache"] == 1 and after["duplicates"] == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import time
 
-from batchrun.policy.cache_entries import cache_key, decode_entry, line_opts_out
+from batchrun.policy.cache_entries import cache_key, decode_entry
 from batchrun.policy.pricing import answer_cost, worst_case_cost
 from batchrun.policy.tokens import estimate_tokens
 from batchrun.state.cache_storage import (CACHE_FILE, CacheStats, CacheStorage, CacheUnavailable, default_cache_dir,
@@ -44,8 +44,8 @@ class CoverageCounter:
         self.from_cache = self.duplicates = self.unreadable = 0
         self.saved_cache = self.saved_duplicates = 0.0
 
-    def add(self, url: str, body: dict, request: dict | None = None) -> None:
-        if request is not None and line_opts_out(request):
+    def add(self, url: str, body: dict, cache: bool = True) -> None:
+        if not cache:  # the line opts out: a run sends it whatever the cache holds
             return
         key = cache_key(self.base_url, url, body)
         price = self.prices.price_for(str(body.get("model", "")))
