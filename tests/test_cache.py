@@ -194,3 +194,16 @@ def test_a_corrupt_entry_is_ignored_logged_and_removed(tmp_path, caplog, redis_c
         assert cache.lookup("bad") is None
     assert "cannot be read" in caplog.text and "ignored" in caplog.text
     assert storage.get("bad") is None and cache.corrupt == 1
+
+
+def test_the_key_names_the_endpoints_serving_a_model_and_their_azure_deployments():
+    from batchrun.policy.cache_entries import cache_server
+
+    body = {"model": "m", "messages": []}
+    one = cache_key("https://default/v1", "/v1/chat/completions", body, cache_server([("http://a/v1", "")]))
+    assert one == cache_key("http://a/v1/", "/v1/chat/completions", body)  # one server: as without endpoints
+    two = cache_server([("http://a/v1", ""), ("http://b/v1", "")])
+    assert two == cache_server([("http://b/v1", ""), ("http://a/v1", "")])
+    assert cache_key("", "/v1/chat/completions", body, two) != one
+    east, west = cache_server([("https://x.azure.com", "gpt4o-0513")]), cache_server([("https://x.azure.com", "gpt4o-0806")])
+    assert cache_key("", "/v1/chat/completions", body, east) != cache_key("", "/v1/chat/completions", body, west)

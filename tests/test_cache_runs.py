@@ -334,3 +334,25 @@ def test_estimate_counts_lines_that_opt_out_as_sent(tmp_path):
         after = json.loads(_cli(["estimate", str(jobs), "--json"], env).stdout)["cache"]
     assert before["duplicates"] == 0 and before["from_cache"] == 0
     assert after["from_cache"] == 1 and after["duplicates"] == 0
+
+
+def test_answers_of_one_endpoints_config_do_not_serve_a_config_sending_elsewhere(tmp_path):
+    """With [[endpoints]] the request goes to an endpoint's server, not to OPENAI_BASE_URL: an
+    answer of server A (its model, its weights) must not serve a run whose config sends to B."""
+    jobs = write_repeated_jobs(tmp_path / "jobs.jsonl", 4, 4)
+    with MockServerThread(MockConfig()) as a, MockServerThread(MockConfig()) as b:
+        env = cli_env(OPENAI_API_KEY="sk-test")
+        env.pop("BATCHRUN_REDIS_URL", None)
+        env.pop("OPENAI_BASE_URL", None)
+        for name, srv in (("a", a), ("b", b)):
+            config = tmp_path / f"{name}.toml"
+            config.write_text(f'[[endpoints]]\nname = "{name}"\nbase_url = "{srv.base_url}"\n')
+            done = _cli(["--config", str(config), "run", str(jobs), "-o", str(tmp_path / f"{name}.jsonl")], env)
+            assert done.returncode == 0, done.stderr
+        assert a.stats()["requests"] == 4
+        assert b.stats()["requests"] == 4, "server A's answers were served to the run sending to server B"
+        estimate = _cli(["--config", str(tmp_path / "b.toml"), "estimate", str(jobs), "--json"], env)
+        assert json.loads(estimate.stdout)["cache"]["from_cache"] == 4  # the estimate keys as the run does
+        again = _cli(["--config", str(tmp_path / "b.toml"), "run", str(jobs), "-o", str(tmp_path / "b2.jsonl")], env)
+        assert again.returncode == 0 and b.stats()["requests"] == 4  # its own answers do serve it
+    assert all(r.get("cached") for r in read_lines(tmp_path / "b2.jsonl"))
