@@ -240,6 +240,13 @@ def configured_endpoints(env=None) -> tuple[Endpoint, ...]:
     return _CACHE[version]
 
 
+def cache_servers(endpoints: tuple[Endpoint, ...], model: str) -> list[tuple[str, str]]:
+    """The (base URL, Azure deployment or '') of the endpoints serving a model, for the response
+    cache's key (policy/cache_entries.py cache_server)."""
+    return [(e.base_url, e.deployments.get(model, "") if e.kind is EndpointKind.AZURE else "")
+            for e in endpoints if e.serves(model)]
+
+
 def missing_keys(endpoints: tuple[Endpoint, ...], env=None) -> list[str]:
     """One sentence per endpoint whose key variable is unset in this process."""
     return [p for p in (e.missing_key(env) for e in endpoints) if p]

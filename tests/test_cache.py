@@ -194,3 +194,47 @@ def test_a_corrupt_entry_is_ignored_logged_and_removed(tmp_path, caplog, redis_c
         assert cache.lookup("bad") is None
     assert "cannot be read" in caplog.text and "ignored" in caplog.text
     assert storage.get("bad") is None and cache.corrupt == 1
+
+
+def test_the_key_names_the_endpoints_serving_a_model_and_their_azure_deployments():
+    from batchrun.policy.cache_entries import cache_server
+
+    body = {"model": "m", "messages": []}
+    one = cache_key("https://default/v1", "/v1/chat/completions", body, cache_server([("http://a/v1", "")]))
+    assert one == cache_key("http://a/v1/", "/v1/chat/completions", body)  # one server: as without endpoints
+    two = cache_server([("http://a/v1", ""), ("http://b/v1", "")])
+    assert two == cache_server([("http://b/v1", ""), ("http://a/v1", "")])
+    assert cache_key("", "/v1/chat/completions", body, two) != one
+    east, west = cache_server([("https://x.azure.com", "gpt4o-0513")]), cache_server([("https://x.azure.com", "gpt4o-0806")])
+    assert cache_key("", "/v1/chat/completions", body, east) != cache_key("", "/v1/chat/completions", body, west)
+
+
+def _written_behind(s) -> None:
+    """Wake the writer thread and wait (generously) until it has taken what was put."""
+    deadline = time.monotonic() + 20
+    s._wake.set()
+    while s._pending and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)  # (it took them; its transaction ends, or fails, soon after)
+
+
+def test_a_full_cache_file_is_a_warning_once_and_the_answers_are_not_kept(tmp_path, caplog):
+    import logging
+
+    s = SqliteCacheStorage(tmp_path / "c" / "responses.sqlite3")
+    try:
+        pages = s._db.execute("PRAGMA page_count").fetchone()[0]
+        s._db.execute(f"PRAGMA max_page_count = {pages}")  # sqlite's own 'database or disk is full'
+        with caplog.at_level(logging.WARNING, logger="batchrun.worker"):
+            for i in range(3):
+                s.put(f"{i:064x}", b"x" * 20_000, 60, 10**9)
+                _written_behind(s)
+        said = [r.getMessage() for r in caplog.records if "cannot be written" in r.getMessage()]
+        assert len(said) == 1 and "full" in said[0] and str(s.path) in said[0]
+        assert s.get(f"{0:064x}") is None
+        s._db.execute("PRAGMA max_page_count = 1073741823")
+        s.put("f" * 64, b"y", 60, 10**9)
+        _written_behind(s)
+        assert s.get("f" * 64) == b"y"
+    finally:
+        s.close()

@@ -286,3 +286,73 @@ def test_the_python_api_counts_hits_and_what_they_saved():
     assert sum(r.cached for r in first) == 3 and all(r.cached for r in second)
     assert all(r.cost_usd == 0.0 and r.saved_usd > 0 for r in second)
     assert not any(r.cached for r in fresh) and all(r.cost_usd > 0 for r in fresh)
+
+
+@pytest.mark.parametrize("how", ["not a database", "no directory"])
+def test_a_cache_file_that_cannot_be_opened_is_a_warning_and_every_request_is_sent(how, tmp_path):
+    cache_dir = tmp_path / "cache"
+    if how == "not a database":
+        cache_dir.mkdir()
+        (cache_dir / "responses.sqlite3").write_bytes(b"this is no sqlite file, " * 400)
+    else:
+        (tmp_path / "a-file").write_text("x")
+        cache_dir = tmp_path / "a-file" / "cache"  # its parent is a file: it cannot be made
+    jobs = write_repeated_jobs(tmp_path / "jobs.jsonl", 6, 3)
+    with MockServerThread(MockConfig()) as srv:
+        env = _env(srv, BATCHRUN_CACHE_DIR=str(cache_dir))
+        done = _cli(["run", str(jobs), "-o", str(tmp_path / "o.jsonl")], env, timeout=90)
+        assert done.returncode == 0, done.stderr
+        assert srv.stats()["requests"] == 6  # as with --no-cache: nothing to dedupe against
+        estimate = _cli(["estimate", str(jobs)], env)
+        stats = _cli(["cache", "stats"], env)
+        clear = _cli(["cache", "clear"], env)
+    assert len(read_lines(tmp_path / "o.jsonl")) == 6
+    for out in (done, estimate, stats, clear):
+        assert "Traceback" not in out.stderr, out.stderr
+        if out is estimate and how == "no directory":
+            continue  # (no file: an estimate does not look, and says nothing)
+        assert f"the response cache file {cache_dir / 'responses.sqlite3'} cannot be used" in out.stderr
+    assert done.stderr.count("cannot be used") == 1  # one warning, not one per shard or job
+    assert estimate.returncode == 0 and stats.returncode == 1 and clear.returncode == 1
+    assert "BATCHRUN_CACHE_DIR" in stats.stderr
+
+
+def test_estimate_counts_lines_that_opt_out_as_sent(tmp_path):
+    """A line with "batchrun": {"cache": false} is sent by a run even when an earlier line repeats
+    its body or the cache holds it: the estimate must not count it as served."""
+    jobs = tmp_path / "jobs.jsonl"
+    body = {"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": "same"}]}
+    with open(jobs, "w") as f:
+        for i, ext in enumerate([{}, {"batchrun": {"cache": False}}, {"batchrun": {"cache": False}}]):
+            f.write(json.dumps({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": body, **ext}) + "\n")
+    with MockServerThread(MockConfig()) as srv:
+        env = _env(srv)
+        before = json.loads(_cli(["estimate", str(jobs), "--json"], env).stdout)["cache"]
+        assert _cli(["run", str(jobs), "-o", str(tmp_path / "o.jsonl")], env).returncode == 0
+        assert srv.stats()["requests"] == 3  # the run sends all three
+        after = json.loads(_cli(["estimate", str(jobs), "--json"], env).stdout)["cache"]
+    assert before["duplicates"] == 0 and before["from_cache"] == 0
+    assert after["from_cache"] == 1 and after["duplicates"] == 0
+
+
+def test_answers_of_one_endpoints_config_do_not_serve_a_config_sending_elsewhere(tmp_path):
+    """With [[endpoints]] the request goes to an endpoint's server, not to OPENAI_BASE_URL: an
+    answer of server A (its model, its weights) must not serve a run whose config sends to B."""
+    jobs = write_repeated_jobs(tmp_path / "jobs.jsonl", 4, 4)
+    with MockServerThread(MockConfig()) as a, MockServerThread(MockConfig()) as b:
+        env = cli_env(OPENAI_API_KEY="sk-test")
+        env.pop("BATCHRUN_REDIS_URL", None)
+        env.pop("OPENAI_BASE_URL", None)
+        for name, srv in (("a", a), ("b", b)):
+            config = tmp_path / f"{name}.toml"
+            config.write_text(f'[[endpoints]]\nname = "{name}"\nbase_url = "{srv.base_url}"\n')
+            done = _cli(["--config", str(config), "run", str(jobs), "-o", str(tmp_path / f"{name}.jsonl")], env)
+            assert done.returncode == 0, done.stderr
+        assert a.stats()["requests"] == 4
+        assert b.stats()["requests"] == 4, "server A's answers were served to the run sending to server B"
+        estimate = _cli(["--config", str(tmp_path / "b.toml"), "estimate", str(jobs), "--json"], env)
+        assert json.loads(estimate.stdout)["cache"]["from_cache"] == 4  # the estimate keys as the run does
+        again = _cli(["--config", str(tmp_path / "b.toml"), "run", str(jobs), "-o", str(tmp_path / "b2.jsonl")], env)
+        assert again.returncode == 0 and b.stats()["requests"] == 4  # its own answers do serve it
+    assert all(r.get("cached") for r in read_lines(tmp_path / "b2.jsonl"))

@@ -49,6 +49,7 @@ class Group(click.Group):
         import redis
 
         from batchrun.files.outputs import OutputFileError
+        from batchrun.state.cache_storage import CacheUnavailable
 
         from batchrun.state import connections
 
@@ -71,6 +72,8 @@ class Group(click.Group):
             fail(f"{describe(connections.last_url or '')} names a database this Redis server does not have (a Redis "
                  f"has 16 by default, 0 to 15): give another one in --redis-url / {ENV_URL}", 2)
         except OutputFileError as exc:
+            fail(str(exc))
+        except CacheUnavailable as exc:  # `cache stats|clear` on a file that is not a database
             fail(str(exc))
 
 

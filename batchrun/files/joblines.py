@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 
 from batchrun.files.seen_ids import SeenIds
-from batchrun.policy.cache_entries import OPT_OUT_FIELD, opt_out_problem
+from batchrun.policy.cache_entries import OPT_OUT_FIELD, line_opts_out, opt_out_problem
 
 __all__ = ["URLS", "Job", "LineError", "parse_line", "scan_json"]
 
@@ -34,6 +34,7 @@ class Job:
     url: str
     body: dict
     line_no: int
+    cache: bool = True  # False: the line's "batchrun": {"cache": false} (it is always sent)
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,7 +127,7 @@ def _parse_batch_line(obj: dict, line_no: int, seen: SeenIds, build: bool = True
     problem = _count_problem(body) or (opt_out_problem(obj) if OPT_OUT_FIELD in obj else None)
     if problem:
         return problem
-    return Job(custom_id, "POST", url, body, line_no) if build else True
+    return Job(custom_id, "POST", url, body, line_no, not line_opts_out(obj)) if build else True
 
 
 def _parse_bare_body(body: dict, line_no: int, endpoint: str, seen: SeenIds, build: bool = True) -> Job | bool | str:

@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import time
-from batchrun.policy.cache_entries import cache_key, decode_entry, line_opts_out
+
+from batchrun.endpoints import cache_servers, configured_endpoints
+from batchrun.policy.cache_entries import cache_key, cache_server, decode_entry
 from batchrun.policy.pricing import answer_cost, worst_case_cost
 from batchrun.policy.tokens import estimate_tokens
-from batchrun.state.cache_storage import CACHE_FILE, CacheStats, CacheStorage, default_cache_dir, open_storage
+from batchrun.state.cache_storage import (CACHE_FILE, CacheStats, CacheStorage, CacheUnavailable, default_cache_dir,
+                                          open_storage)
 from batchrun.state.connections import connect, is_memory, resolve_url
 from batchrun.text import format_duration, format_usd
+
+log = logging.getLogger("batchrun")
 
 
 def storage_for(redis_url: str | None) -> CacheStorage:
@@ -33,17 +39,25 @@ class CoverageCounter:
     A line the cache holds saves what its stored answer cost (its real usage); a line whose
     request an earlier line repeats is sent once, and saves up to its worst case."""
 
-    def __init__(self, storage: CacheStorage | None, base_url: str, prices):
+    def __init__(self, storage: CacheStorage | None, base_url: str, prices, endpoints=()):
         self.storage, self.base_url, self.prices = storage, base_url, prices
+        self.endpoints = tuple(endpoints)  # the worker config's [[endpoints]]: keys name their servers
+        self._servers: dict[str, str] = {}
         self.seen: set[str] = set()
         self.from_cache = self.duplicates = self.unreadable = 0
         self.saved_cache = self.saved_duplicates = 0.0
 
-    def add(self, url: str, body: dict, request: dict | None = None) -> None:
-        if request is not None and line_opts_out(request):
+    def add(self, url: str, body: dict, cache: bool = True) -> None:
+        if not cache:  # the line opts out: a run sends it whatever the cache holds
             return
-        key = cache_key(self.base_url, url, body)
-        price = self.prices.price_for(str(body.get("model", "")))
+        model = str(body.get("model", ""))
+        server = None
+        if self.endpoints:  # as a runner keys it (runner/cached.py)
+            server = self._servers.get(model)
+            if server is None:
+                server = self._servers[model] = cache_server(cache_servers(self.endpoints, model))
+        key = cache_key(self.base_url, url, body, server)
+        price = self.prices.price_for(model)
         if key in self.seen:
             self.duplicates += 1
             if price is not None:
@@ -85,8 +99,9 @@ def estimate_coverage(redis_url: str | None, base_url: str, prices) -> CoverageC
     if it exists: an estimate writes nothing)."""
     url = resolve_url(redis_url)
     storage = None
-    if not is_memory(url):
-        storage = storage_for(url)
-    elif (default_cache_dir() / CACHE_FILE).exists():
-        storage = storage_for(url)
-    return CoverageCounter(storage, base_url, prices)
+    try:
+        if not is_memory(url) or (default_cache_dir() / CACHE_FILE).exists():
+            storage = storage_for(url)
+    except CacheUnavailable as exc:  # the estimate goes on, as if the cache held nothing
+        log.warning("%s; the estimate does not look in it", exc)
+    return CoverageCounter(storage, base_url, prices, configured_endpoints())

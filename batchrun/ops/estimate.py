@@ -213,7 +213,7 @@ def estimate_file(
             else:
                 _add_job(item, totals, counter, typical_output, limits)
                 if coverage is not None:  # what the response cache would serve (ops/cache.py)
-                    coverage.add(item.url, item.body)
+                    coverage.add(item.url, item.body, cache=item.cache)
         text_tokens = counter.finish()
     finally:
         if pool is not None:

@@ -15,7 +15,7 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["CachedAnswer", "MAGIC", "OPT_OUT_FIELD", "cache_key", "canonical_body", "decode_entry",
+__all__ = ["CachedAnswer", "MAGIC", "OPT_OUT_FIELD", "cache_key", "cache_server", "canonical_body", "decode_entry",
            "encode_entry", "line_opts_out", "normalised_base_url"]
 
 MAGIC = b"BRC1"  # a version tag: entries of another format read as corrupt, not as answers
@@ -52,9 +52,19 @@ def canonical_body(body: dict) -> str:
     return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
-def cache_key(base_url: str, path: str, body: dict) -> str:
-    """The hex SHA-256 naming a request's answer in the cache."""
-    text = "\n".join((normalised_base_url(base_url), path, canonical_body(body)))
+def cache_server(servers) -> str:
+    """The server part of a key when [[endpoints]] send a model's requests: every endpoint that
+    serves it, as (base URL, Azure deployment or ''), so that answers of one config's servers
+    never serve a config sending elsewhere. One plain server keys as its base URL alone (as
+    without [[endpoints]]: both send to the same place)."""
+    names = sorted({normalised_base_url(url) + (f" deployment={dep}" if dep else "") for url, dep in servers})
+    return "\t".join(names)
+
+
+def cache_key(base_url: str, path: str, body: dict, server: str | None = None) -> str:
+    """The hex SHA-256 naming a request's answer in the cache (``server``: cache_server's, in
+    place of the base URL)."""
+    text = "\n".join((normalised_base_url(base_url) if server is None else server, path, canonical_body(body)))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
 
 

@@ -18,15 +18,18 @@ import logging
 import time
 
 from batchrun.files.outputs import result_line
-from batchrun.policy.cache_entries import CachedAnswer, cache_key, line_opts_out
+from batchrun.endpoints import cache_servers
+from batchrun.policy.cache_entries import CachedAnswer, cache_key, cache_server, line_opts_out
 from batchrun.policy.pricing import answer_cost
 from batchrun.state.cache import CachePolicy, ResponseCache
+from batchrun.state.cache_storage import CacheUnavailable
 from batchrun.state.items import CompleteItem, OutcomeKind
 from batchrun.state.store import LeasedJob
 
 log = logging.getLogger("batchrun.worker")
 
 CACHED_FIELD = "cached"  # the batchrun extension field of a result line served from the cache
+_SAID: set[str] = set()  # the cache-unavailable sentences this process has logged (one each, not one per shard)
 _FIRST_POLL, _LONGEST_POLL = 0.05, 1.0  # seconds between looks while an identical request is sent
 
 
@@ -43,15 +46,31 @@ class CacheSteps:
 
     def _set_up_cache(self, meta: dict[str, str], options) -> None:
         self.cache_policy = cache_policy_of(options)
-        self.cache = ResponseCache.for_store(self.store, self.owner) if self.cache_policy.enabled else None
+        self.cache = None
+        if self.cache_policy.enabled:
+            try:
+                self.cache = ResponseCache.for_store(self.store, self.owner)
+            except CacheUnavailable as exc:  # every request is sent, as with --no-cache
+                if str(exc) not in _SAID:
+                    _SAID.add(str(exc))
+                    log.warning("batch %s: %s; until then requests are sent without it", self.batch_id, exc)
         self._claimed: dict[str, str] = {}  # custom_id -> the cache key whose sending it claimed
+        self._cache_servers: dict[str, str] = {}  # model -> its key's server part (with [[endpoints]])
         self._cache_failing = False
 
     def _cache_key_of(self, job: LeasedJob) -> str | None:
         """The job's cache key; None when the batch or its line bypasses the cache."""
         if self.cache is None or line_opts_out(job.request):
             return None
-        return cache_key(self.settings.base_url, job.request["url"], job.request["body"])
+        body = job.request["body"]
+        server = None
+        if self.routes.named:  # [[endpoints]]: the servers the request may go to, not OPENAI_BASE_URL
+            model = str(body.get("model", ""))
+            server = self._cache_servers.get(model)
+            if server is None:
+                eps = [r.endpoint for r in self.routes.serving(model) if r.endpoint is not None]
+                server = self._cache_servers[model] = cache_server(cache_servers(tuple(eps), model))
+        return cache_key(self.settings.base_url, job.request["url"], body, server)
 
     async def _served_from_cache(self, job: LeasedJob, key: str) -> bool:
         """True: the job ended with a cached answer. False: send it (this job now holds the claim,

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import atexit
 import json
+import logging
 import sqlite3
 import threading
 import time
 from pathlib import Path
 
 from batchrun.state.cache_storage import CacheStats
+
+log = logging.getLogger("batchrun.worker")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
@@ -44,6 +47,21 @@ class SqliteCacheStorage:
         # One connection for the process's threads (the runner's loop and `run`'s thread), behind a lock.
         self._db = sqlite3.connect(self.path, timeout=30, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
+        try:
+            self._prepare()
+        except BaseException:  # (not a database, a read-only file): the caller says so
+            self._db.close()
+            raise
+        self._pending: dict[str, tuple[bytes, float, int, int]] = {}  # key -> (value, ttl s, bound, stored ms)
+        self._pending_lock = threading.Lock()
+        self._wake = threading.Event()
+        self._closed = False
+        self._failing = False  # the last flush failed (said once)
+        self._writer = threading.Thread(target=self._write_behind, name="batchrun-cache-writer", daemon=True)
+        self._writer.start()
+        atexit.register(self._flush_or_warn)
+
+    def _prepare(self) -> None:
         with self._lock:
             self._db.execute("PRAGMA busy_timeout = 30000")
             try:
@@ -54,13 +72,6 @@ class SqliteCacheStorage:
             except sqlite3.OperationalError:
                 pass  # (a file system without shared memory: the default journal works too)
             self._db.executescript(_SCHEMA)
-        self._pending: dict[str, tuple[bytes, float, int, int]] = {}  # key -> (value, ttl s, bound, stored ms)
-        self._pending_lock = threading.Lock()
-        self._wake = threading.Event()
-        self._closed = False
-        self._writer = threading.Thread(target=self._write_behind, name="batchrun-cache-writer", daemon=True)
-        self._writer.start()
-        atexit.register(self.flush)
 
     def get(self, key: str) -> bytes | None:
         waiting = self._pending.get(key)
@@ -81,12 +92,12 @@ class SqliteCacheStorage:
             self._wake.set()
         return True
 
-    def flush(self) -> None:
-        """Write the answers waiting in memory, in one transaction."""
+    def flush(self) -> bool:
+        """Write the answers waiting in memory, in one transaction (False: there were none)."""
         with self._pending_lock:
             batch, self._pending = self._pending, {}
         if not batch or self._closed:
-            return
+            return False
         with self._lock:
             db = self._db
             db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes: the bound holds
@@ -95,17 +106,31 @@ class SqliteCacheStorage:
                     self._put_one(key, value, ttl, bound, stored)
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:  # (sqlite rolls back by itself on a full disk)
+                    db.execute("ROLLBACK")
                 raise
+        return True
 
     def _write_behind(self) -> None:
         while not self._closed:
             self._wake.wait(FLUSH_EVERY)
             self._wake.clear()
-            try:
-                self.flush()
-            except sqlite3.Error:  # (a full disk, a locked file past its timeout): those answers are not kept
-                pass
+            self._flush_or_warn()
+
+    def _flush_or_warn(self) -> None:
+        """A flush whose failure (a full disk, a locked file past its timeout) loses those answers
+        (a rerun sends them again) and is said once until a flush works again."""
+        try:
+            wrote = self.flush()
+        except sqlite3.Error as exc:
+            if not self._failing:
+                log.warning("response cache (%s): answers cannot be written (%s); they are not kept, so a later "
+                            "run sends those requests again (free some space, or run `batchrun cache clear`)",
+                            self.where, exc)
+            self._failing = True
+        else:
+            if wrote:
+                self._failing = False
 
     def _put_one(self, key: str, value: bytes, ttl_seconds: float, max_bytes: int, now: int) -> None:
         size = len(value) + len(key)
@@ -154,7 +179,8 @@ class SqliteCacheStorage:
                 db.execute("UPDATE total SET bytes = MAX(0, bytes - ?)", (size,))
                 db.execute("COMMIT")
             except BaseException:
-                db.execute("ROLLBACK")
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
                 raise
         return n
 
@@ -174,7 +200,7 @@ class SqliteCacheStorage:
 
     def close(self) -> None:
         self.flush()
-        atexit.unregister(self.flush)
+        atexit.unregister(self._flush_or_warn)
         self._closed = True
         self._wake.set()
         with self._lock:

@@ -21,6 +21,11 @@ _files: dict = {}  # path -> the SqliteCacheStorage of this process
 _lock = threading.Lock()
 
 
+class CacheUnavailable(Exception):
+    """The cache file cannot be opened (not a database, a directory that cannot be made): a
+    sentence naming the file, the reason and what to do. A run goes on without the cache."""
+
+
 @dataclass(frozen=True)
 class CacheStats:
     where: str  # "Redis redis://host:6379/0" or the file's path
@@ -71,8 +76,19 @@ def open_storage(redis, url: str = "") -> CacheStorage:
         with _lock:
             storage = _files.get(path)
             if storage is None or storage.closed:
-                storage = _files[path] = SqliteCacheStorage(path)
+                storage = _files[path] = _open_file(SqliteCacheStorage, path)
         return storage
     from batchrun.state.cache_redis import RedisCacheStorage
 
     return RedisCacheStorage(redis, url)
+
+
+def _open_file(cls, path: Path):
+    import sqlite3
+
+    try:
+        return cls(path)
+    except (sqlite3.Error, OSError) as exc:
+        raise CacheUnavailable(
+            f"the response cache file {path} cannot be used ({exc}); remove it (a new one is made) or point "
+            f"{CACHE_DIR_ENV} at a writable directory") from None
