@@ -86,7 +86,7 @@ def test_a_runs_worker_leaves_another_runs_shard_to_that_run(two_mocks, monkeypa
 
     from batchrun.ops.submit import submit_requests
     from batchrun.runner import shard
-    from batchrun.runner.run_scope import RunScope, serve
+    from batchrun.run_scope import RunScope, serve
     from batchrun.settings import WorkerSettings
     from batchrun.state import keys
     from batchrun.state.connections import connect
@@ -175,7 +175,7 @@ def test_a_worker_process_still_stops_on_the_process_flag():
     # `batchrun worker` and RQ's work horses: SIGTERM sets the process's flag (shard.STOP), which
     # every runner without a run's own scope obeys.
     from batchrun.runner import shard
-    from batchrun.runner.run_scope import PROCESS_STOP, RunScope, current_scope, serve
+    from batchrun.run_scope import PROCESS_STOP, RunScope, current_scope, serve
     from batchrun.settings import WorkerSettings
 
     assert shard.STOP is PROCESS_STOP

@@ -297,7 +297,7 @@ def _gc_frozen() -> Iterator[None]:
 def _run_and_read(cfg: RunConfig, ids: list[str], opts: RunOptions,
                   cancel: threading.Event | None = None) -> Iterator[Result]:
     # Several runs may go at once (threads, asyncio tasks): each has its own workers, settings and
-    # stop flag (runner/run_scope.py).
+    # stop flag (run_scope.py).
     with _gc_frozen():
         yield from _run_and_read_frozen(cfg, ids, opts, cancel)
 

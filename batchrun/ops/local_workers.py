@@ -60,7 +60,7 @@ class LocalWorkers:
         self.threads: list[threading.Thread] = []
         self.procs: list[subprocess.Popen] = []
         self.rq_workers = []
-        # The stop flag of this run's worker threads (runner/run_scope.py): this run's alone, so
+        # The stop flag of this run's worker threads (run_scope.py): this run's alone, so
         # stopping it stops no other run of the process.
         self.stop_flag = threading.Event()
 
@@ -95,7 +95,7 @@ class LocalWorkers:
 def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings, batch_id: str | None = None) -> None:
     """Worker threads on the in-process Redis (only this process sees it), for batch ``batch_id``'s
     shards alone (None: any batch's)."""
-    from batchrun.runner.run_scope import RunScope, serve
+    from batchrun.run_scope import RunScope, serve
     from batchrun.runner.worker import make_worker, preload_encodings
 
     # The threads' shards send with this run's settings (base URL, API key) and stop on this run's

@@ -22,7 +22,7 @@ from batchrun.remote.client import RemoteClient
 from batchrun.remote.collect import Recorder, input_line
 from batchrun.remote.start import enqueue_remote
 from batchrun.remote.steps import PartSteps
-from batchrun.settings import current_worker_settings
+from batchrun.run_scope import current_scope
 from batchrun.state import keys
 from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, RemoteParts
 from batchrun.state.states import BatchState
@@ -44,7 +44,7 @@ def run_remote(batch_id: str, generation: int) -> dict:
     check wants two arguments: a batch id and a number)."""
     from rq import get_current_job
 
-    settings = current_worker_settings()
+    settings = current_scope().settings  # a run's own key and base URL in-process; else the worker's
     client = RemoteClient(settings.base_url, settings.api_key)
     return RemoteRunner(BatchStore(get_current_job().connection), batch_id, client).run()
 

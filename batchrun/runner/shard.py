@@ -38,7 +38,7 @@ from batchrun.state.counters import CounterNames
 from batchrun.runner.routes import Routes
 from batchrun.runner.sender import heard_at, send
 from batchrun.runner.wording import event_phrase, human_wait, outage_cause, v1_suggestion
-from batchrun.runner.run_scope import PROCESS_STOP, current_scope
+from batchrun.run_scope import PROCESS_STOP, current_scope
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.retry import until_reachable
 from batchrun.state.states import BatchState, PauseKind
@@ -52,7 +52,7 @@ log = logging.getLogger("batchrun.worker")
 
 # Set when this process should stop taking jobs (SIGTERM in a work horse): runners finish their
 # in-flight requests within the grace period and give back the rest. A run's in-process runners
-# stop on their run's own flag instead (runner/run_scope.py).
+# stop on their run's own flag instead (run_scope.py).
 STOP = PROCESS_STOP
 
 LEASE_BATCH = 500  # jobs per lease call at most
