@@ -1,6 +1,6 @@
 """The Batch API calls batchrun makes (/v1/files, /v1/batches), through the official SDK.
 
-Every call is bounded (a timeout, two SDK retries); what fails comes back as one of three
+Every call is bounded (a timeout, two SDK retries; none for a create, which is not idempotent); what fails comes back as one of three
 exceptions the runner acts on: the model's queue is full (wait), the upstream refused the
 request for good (say why), or it could not be reached now (try again at the next poll).
 """
@@ -60,7 +60,11 @@ class RemoteClient:
         return f.id
 
     def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict:
-        b = self._call("creating the remote batch", self.sdk.batches.create, input_file_id=file_id,
+        # Never retried by the SDK: a create whose answer was lost (a 5xx, a timeout) may have made
+        # the batch upstream, and sending it again would make a second one, billed twice. The
+        # runner retries it itself, after looking the batch up by its metadata (steps.py CREATING).
+        once = self.sdk.with_options(max_retries=0)
+        b = self._call("creating the remote batch", once.batches.create, input_file_id=file_id,
                        endpoint=endpoint, completion_window="24h", metadata=metadata)
         return b.model_dump()
 

@@ -1,0 +1,91 @@
+"""--via batch-api against a hostile Batch API (tests/hostile.py): what the upstream does that our
+mock does not (a create answered 5xx after it created the batch, uploads that keep failing), and
+the batch's own promises (the spending cap) with remote batches."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+import redis
+
+from batchrun.mock import MockServerThread
+from batchrun.ops.submit import submit_file
+from batchrun.remote.client import RemoteClient
+from batchrun.remote.runner import RemoteRunner
+from batchrun.settings import BatchOptions
+from batchrun.state.remote_parts import PartState, RemoteParts
+from batchrun.state.store import BatchStore
+from tests.helpers import write_jobs
+from tests.hostile import HostileServer, Reply, Seen, error_body
+
+pytestmark = pytest.mark.redis
+
+
+@pytest.fixture
+def real_store(real_redis_url):
+    conn = redis.Redis.from_url(real_redis_url)
+    yield BatchStore(conn)
+    conn.close()
+
+
+class FakeBatchApi:
+    """A Batch API whose answers a test bends: every create makes a batch upstream, and the first
+    ``create_5xx`` creates answer 500 all the same (the answer lost, the batch made); uploads
+    answer ``upload_status`` (200: a file)."""
+
+    def __init__(self, create_5xx: int = 0, upload_status: int = 200):
+        self.create_5xx, self.upload_status = create_5xx, upload_status
+        self.batches: list[dict] = []
+        self.creates = self.uploads = 0
+        self.lock = threading.Lock()
+
+    def __call__(self, seen: Seen) -> Reply:
+        with self.lock:
+            return self._answer(seen)
+
+    def _answer(self, seen: Seen) -> Reply:
+        if seen.method == "POST" and seen.path == "/v1/files":
+            self.uploads += 1
+            if self.upload_status != 200:
+                return Reply(self.upload_status, body=error_body("upstream trouble", "server_error"))
+            return Reply(200, body={"id": f"file-{self.uploads}", "object": "file", "bytes": 10, "created_at": 1,
+                                    "filename": "x.jsonl", "purpose": "batch", "status": "processed"})
+        if seen.method == "POST" and seen.path == "/v1/batches":
+            self.creates += 1
+            body = seen.body
+            batch = {"id": f"batch_{self.creates}", "object": "batch", "endpoint": body["endpoint"],
+                     "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "in_progress",
+                     "created_at": 1, "metadata": body.get("metadata"),
+                     "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+            self.batches.insert(0, batch)  # newest first, as the list answers
+            if self.creates <= self.create_5xx:
+                return Reply(500, body=error_body("The server had an error", "server_error"))
+            return Reply(200, body=batch)
+        if seen.method == "GET" and seen.path == "/v1/batches":
+            return Reply(200, body={"object": "list", "data": self.batches, "has_more": False})
+        if seen.method == "GET" and seen.path.startswith("/v1/batches/"):
+            bid = seen.path.rsplit("/", 1)[1]
+            return Reply(200, body=next(b for b in self.batches if b["id"] == bid))
+        return Reply(404, body=error_body("no such path", "invalid_request_error"))
+
+
+def _drive(store, batch_id, srv, seconds):
+    runner = RemoteRunner(store, batch_id, RemoteClient(srv.base_url, "sk-test"), max_seconds=seconds, poll_cap=0.3)
+    return runner.run()
+
+
+def test_a_create_answered_5xx_after_it_created_the_batch_is_not_sent_again(real_store, tmp_path):
+    # The upstream made the batch and its answer was a 500 (or lost): sending the create again
+    # makes a second remote batch of the same jobs, billed twice. The runner must look it up by
+    # its metadata instead (the SDK's own retries must not re-send it).
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    api = FakeBatchApi(create_5xx=1)
+    with HostileServer(api) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        _drive(real_store, report.batch_id, srv, seconds=4)
+    assert api.creates == 1, f"{api.creates} remote batches created for one part"
+    [part] = RemoteParts(real_store.redis).parts(report.batch_id)
+    assert (part.state, part.remote_id) == (PartState.RUNNING, "batch_1")
