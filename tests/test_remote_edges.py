@@ -5,6 +5,7 @@ the batch's own promises (the spending cap) with remote batches."""
 from __future__ import annotations
 
 import json
+import subprocess
 import threading
 import time
 
@@ -18,7 +19,7 @@ from batchrun.remote.runner import RemoteRunner
 from batchrun.settings import BatchOptions
 from batchrun.state.remote_parts import PartState, RemoteParts
 from batchrun.state.store import BatchStore
-from tests.helpers import write_jobs
+from tests.helpers import batchrun_cmd, cli_env, write_jobs
 from tests.hostile import HostileServer, Reply, Seen, error_body
 
 pytestmark = pytest.mark.redis
@@ -89,3 +90,26 @@ def test_a_create_answered_5xx_after_it_created_the_batch_is_not_sent_again(real
     assert api.creates == 1, f"{api.creates} remote batches created for one part"
     [part] = RemoteParts(real_store.redis).parts(report.batch_id)
     assert (part.state, part.remote_id) == (PartState.RUNNING, "batch_1")
+
+
+def _cli(args, env, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run(batchrun_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("via", [["--via", "batch-api"], ["--via", "auto", "--deadline", "1h", "--rpm", "60"]])
+def test_a_spending_cap_with_the_batch_api_is_refused_not_ignored(tmp_path, via):
+    # The remote batches were uploaded whole and billed past the cap ($0.0094 of a $0.0002 cap).
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20, max_tokens=200)
+    out = tmp_path / "out.jsonl"
+    done = _cli(["run", str(jobs), "-o", str(out), "--mock", *via, "--max-cost", "0.0002"], cli_env())
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "--max-cost caps live sending only" in done.stderr and not out.exists()
+
+
+def test_resume_with_a_cap_on_a_batch_api_batch_is_refused(real_redis_url, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
+    assert _cli(["submit", str(jobs), "--batch-id", "capb", "--via", "batch-api"], env).returncode == 0
+    done = _cli(["resume", "capb", "--max-cost", "5"], env)
+    assert done.returncode == 1 and "would not hold its remote batches" in done.stderr, done.stderr
+    assert redis.Redis.from_url(real_redis_url).hget("batchrun:batch:capb", "max_cost") in (None, b"0", b"0.0")
