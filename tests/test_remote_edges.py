@@ -113,3 +113,28 @@ def test_resume_with_a_cap_on_a_batch_api_batch_is_refused(real_redis_url, tmp_p
     done = _cli(["resume", "capb", "--max-cost", "5"], env)
     assert done.returncode == 1 and "would not hold its remote batches" in done.stderr, done.stderr
     assert redis.Redis.from_url(real_redis_url).hget("batchrun:batch:capb", "max_cost") in (None, b"0", b"0.0")
+
+
+def test_an_upload_that_keeps_failing_pauses_the_batch_after_give_up_after(real_store, tmp_path):
+    # /v1/files answering 500 for ever was tried again at every poll, for ever: the batch never
+    # ended and nobody was told. Like a live server that is down, it pauses after --give-up-after.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    api = FakeBatchApi(upload_status=500)
+    with HostileServer(api) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", give_up_seconds=2))
+        started = time.monotonic()
+        out = _drive(real_store, report.batch_id, srv, seconds=60)
+        took = time.monotonic() - started
+    meta = real_store.meta(report.batch_id)
+    assert meta["state"] == "paused", meta
+    assert out["again"] is False and took < 50  # the runner ends: nothing of the batch is upstream
+    assert "uploading the input file" in meta.get("reason", "") and "--give-up-after" in meta.get("reason", "")
+    assert f"batchrun resume {report.batch_id}" in meta.get("reason", "")
+    assert api.creates == 0 and real_store.meta(report.batch_id)["done"] == "0"
+    api.upload_status = 200  # the upstream is back; resumed, the batch goes out (not paused again at once)
+    with HostileServer(api) as srv:
+        real_store.resume(report.batch_id)
+        _drive(real_store, report.batch_id, srv, seconds=3)
+    [part] = RemoteParts(real_store.redis).parts(report.batch_id)
+    assert real_store.meta(report.batch_id)["state"] == "running" and part.state is PartState.RUNNING
+    assert api.creates == 1

@@ -39,6 +39,7 @@ def _message(exc: openai.APIStatusError) -> str:
 
 class RemoteClient:
     def __init__(self, base_url: str, api_key: str):
+        self.base_url = base_url
         self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2, timeout=CALL_TIMEOUT)
 
     def _call(self, what: str, fn, *args, **kwargs):

@@ -24,7 +24,7 @@ from batchrun.remote.start import enqueue_remote
 from batchrun.remote.steps import PartSteps
 from batchrun.settings import current_worker_settings
 from batchrun.state import keys
-from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, RemoteParts
+from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, PartState, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
@@ -90,8 +90,12 @@ class RemoteRunner:
             parts = self.parts.parts(self.batch_id)
             changed = steps.cancel_all(parts) if state == BatchState.CANCELLED else steps.advance(parts)
             planning = state == BatchState.RUNNING and self._unplanned_left(self.store.meta(self.batch_id))
-            if all(p.state.ended for p in self.parts.parts(self.batch_id)) and not planning:
+            now = self.parts.parts(self.batch_id)
+            if all(p.state.ended for p in now) and not planning:
                 return False  # (a batch that is not running plans nothing: its unplanned jobs wait for a resume)
+            if self.store.meta(self.batch_id).get("state") == BatchState.PAUSED and \
+                    not any(p.state is PartState.RUNNING for p in now):
+                return False  # paused with nothing upstream to collect: a resume brings a runner back
             if time.monotonic() >= ends:
                 return True
             time.sleep(delay)

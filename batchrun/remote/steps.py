@@ -18,7 +18,9 @@ from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
 from batchrun.state import keys
 from batchrun.state.remote_parts import Part, PartState, RemoteParts
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
+from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun.remote")
 
@@ -42,10 +44,11 @@ class PartSteps:
         """Move each part one step on; True if any changed."""
         changed = False
         held = {p.model for p in parts if p.state is PartState.HELD}
-        late = is_late(self.store.meta(self.batch_id))
+        meta = self.store.meta(self.batch_id)
+        late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
         for part in parts:
-            if part.state.ended:
-                continue
+            if part.state.ended or (paused and part.state is not PartState.RUNNING):
+                continue  # (paused: nothing new goes upstream; what is there is still collected)
             if late and not part.late:
                 changed |= self._late(part)
                 continue
@@ -54,8 +57,9 @@ class PartSteps:
             before = part.to_json()
             try:
                 self.step(part)
+                part.down_since_ms = 0
             except Unavailable as exc:
-                part.note = f"{exc} (tried again at the next poll)"
+                paused |= self._unavailable(part, str(exc))
             except Refused as exc:
                 self._refused(part, str(exc))
             if part.to_json() != before:
@@ -85,6 +89,24 @@ class PartSteps:
                     self._create(part)
             case PartState.RUNNING:
                 self._poll(part)
+
+    def _unavailable(self, part: Part, why: str) -> bool:
+        """A call failed for now (5xx, 429, unreachable): tried again at the next poll, until the
+        part has failed for --give-up-after; then the batch pauses (True) rather than trying for ever."""
+        part.down_since_ms = part.down_since_ms or now_ms()
+        part.note = f"{why} (tried again at the next poll)"
+        give_up = self.recorder.options.give_up_seconds
+        down_for = (now_ms() - part.down_since_ms) / 1000
+        if not give_up > 0 or down_for < give_up:
+            return False
+        part.note = (f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s ({why}), "
+                     f"past --give-up-after {give_up:g} s, so the batch is paused rather than trying for ever; no "
+                     f"job failed. Check OPENAI_BASE_URL and that the server is up, then run "
+                     f"`batchrun resume {self.batch_id}`")
+        self.store.set_state(self.batch_id, BatchState.PAUSED, part.note, only_from=(BatchState.RUNNING,))
+        part.down_since_ms = 0  # a resume starts the count again
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+        return True
 
     def _metadata(self, part: Part) -> dict[str, str]:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
