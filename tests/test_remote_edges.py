@@ -4,7 +4,6 @@ the batch's own promises (the spending cap) with remote batches."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import threading
 import time
@@ -12,7 +11,6 @@ import time
 import pytest
 import redis
 
-from batchrun.mock import MockServerThread
 from batchrun.ops.submit import submit_file
 from batchrun.remote.client import RemoteClient
 from batchrun.remote.runner import RemoteRunner
@@ -37,8 +35,8 @@ class FakeBatchApi:
     ``create_5xx`` creates answer 500 all the same (the answer lost, the batch made); uploads
     answer ``upload_status`` (200: a file)."""
 
-    def __init__(self, create_5xx: int = 0, upload_status: int = 200):
-        self.create_5xx, self.upload_status = create_5xx, upload_status
+    def __init__(self, create_5xx: int = 0, upload_status: int = 200, create_seconds: float = 0.0):
+        self.create_5xx, self.upload_status, self.create_seconds = create_5xx, upload_status, create_seconds
         self.batches: list[dict] = []
         self.creates = self.uploads = 0
         self.lock = threading.Lock()
@@ -61,12 +59,14 @@ class FakeBatchApi:
                      "input_file_id": body["input_file_id"], "completion_window": "24h", "status": "in_progress",
                      "created_at": 1, "metadata": body.get("metadata"),
                      "request_counts": {"total": 0, "completed": 0, "failed": 0}}
+            batch["_listed_at"] = time.time() + self.create_seconds  # a slow create: listed once it answers
             self.batches.insert(0, batch)  # newest first, as the list answers
             if self.creates <= self.create_5xx:
                 return Reply(500, body=error_body("The server had an error", "server_error"))
-            return Reply(200, body=batch)
+            return Reply(200, body=batch, delay=self.create_seconds)
         if seen.method == "GET" and seen.path == "/v1/batches":
-            return Reply(200, body={"object": "list", "data": self.batches, "has_more": False})
+            listed = [b for b in self.batches if b["_listed_at"] <= time.time()]
+            return Reply(200, body={"object": "list", "data": listed, "has_more": False})
         if seen.method == "GET" and seen.path.startswith("/v1/batches/"):
             bid = seen.path.rsplit("/", 1)[1]
             return Reply(200, body=next(b for b in self.batches if b["id"] == bid))
@@ -138,3 +138,27 @@ def test_an_upload_that_keeps_failing_pauses_the_batch_after_give_up_after(real_
     [part] = RemoteParts(real_store.redis).parts(report.batch_id)
     assert real_store.meta(report.batch_id)["state"] == "running" and part.state is PartState.RUNNING
     assert api.creates == 1
+
+
+def test_a_runner_in_a_slow_create_keeps_its_lock_so_no_second_runner_creates_again(real_store, tmp_path,
+                                                                                      monkeypatch):
+    # A call may take up to its 120 s timeout (a 200 MB upload, a slow create), longer than the
+    # 60 s lock renewed between calls: the lock lapsed, maintenance queued a second runner, which
+    # found no batch by its metadata yet (the create still in flight) and created another one.
+    from batchrun.remote import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "LOCK_MS", 1000)  # the create takes 3 lock lengths
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    api = FakeBatchApi(create_seconds=3.0)
+    with HostileServer(api) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        first = threading.Thread(target=_drive, args=(real_store, report.batch_id, srv, 6), daemon=True)
+        first.start()
+        deadline = time.monotonic() + 30
+        while api.creates == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.5)  # the first runner is inside its create, past its lock's length
+        second = _drive(real_store, report.batch_id, srv, 3)
+        first.join(30)
+    assert "another runner" in second.get("left", ""), second
+    assert api.creates == 1, f"{api.creates} remote batches created for one part"

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -64,15 +65,31 @@ class RemoteRunner:
         if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
             return {"batch": self.batch_id, "left": "another runner drives its remote batches"}
         again = False
+        stop = threading.Event()
+        beat = threading.Thread(target=self._keep_lock, args=(stop,), name="remote-lock", daemon=True)
+        beat.start()
         try:
             again = self._loop()
         except LostLock as exc:
             log.warning("%s; this runner stops", exc)
         finally:
+            stop.set()
+            beat.join()
             self.parts.unlock(self.batch_id, self.token)
         if again:
             enqueue_remote(self.store, self.batch_id)  # after the unlock: the successor takes the lock
         return {"batch": self.batch_id, "again": again}
+
+    def _keep_lock(self, stop: threading.Event) -> None:
+        """Renew the lock every third of its length while this runner lives, also while a call
+        runs (an upload or a create may take up to the client's timeout, longer than the lock):
+        a second runner must never take over a create still in flight. A dead runner renews nothing."""
+        while not stop.wait(LOCK_MS / 3000):
+            try:
+                if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
+                    return  # taken over (this runner stalled past it): its next save says so
+            except Exception as exc:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
+                log.warning("batch %s: renewing the remote lock failed: %s", self.batch_id, exc)
 
     def _loop(self) -> bool:
         """Passes until nothing is left to drive; True if time ran out with work left."""
