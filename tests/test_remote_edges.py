@@ -162,3 +162,38 @@ def test_a_runner_in_a_slow_create_keeps_its_lock_so_no_second_runner_creates_ag
         first.join(30)
     assert "another runner" in second.get("left", ""), second
     assert api.creates == 1, f"{api.creates} remote batches created for one part"
+
+
+class Killed(BaseException):
+    """The runner's process dies here (no except clause of the runner catches it)."""
+
+
+def test_a_runner_killed_after_making_a_resend_batch_does_not_make_it_twice(real_store, tmp_path):
+    # The resend part was saved, the collected part not yet marked done: the next runner collected
+    # it again and made a second resend batch of the same lines, each sent (and billed) twice.
+    from batchrun.mock import MockServerThread
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 60)
+    with MockServerThread(batch_seconds=0.3, batch_error_rate=0.3, seed=1) as srv:
+        options = BatchOptions(via="batch-api", resend_via="batch-api", max_attempts=20)
+        report = submit_file(real_store, str(jobs), options=options)
+        bid = report.batch_id
+        client = RemoteClient(srv.base_url, "sk-test")
+        first = RemoteRunner(real_store, bid, client, max_seconds=60, poll_cap=0.3)
+        save = first._save
+
+        def save_then_die(parts, ids=None):
+            save(parts, ids)
+            if any(p.resend for p in parts):
+                raise Killed()
+
+        first._save = save_then_die
+        with pytest.raises(Killed):
+            first.run()
+        real_store.redis.delete(f"batchrun:batch:{bid}:rlock")  # its lock lapsed
+        RemoteRunner(real_store, bid, client, max_seconds=120, poll_cap=0.3).run()
+    store_parts = RemoteParts(real_store.redis)
+    id_sets = [tuple(sorted(store_parts.ids(bid, p.no))) for p in store_parts.parts(bid) if p.resend]
+    # (a later round resends a subset of the one before: the same lines twice is one part made twice)
+    assert id_sets and len(id_sets) == len(set(id_sets)), [len(s) for s in id_sets]
+    assert real_store.meta(bid)["done"] == "60"

@@ -169,30 +169,37 @@ class PartSteps:
             if file_id:
                 read_file_lines(self.client.content(file_id), ours, lines)
         got = self.recorder.record(part.model, ids, lines)
-        self._resend(part, got.resend)
+        again = self._resend(part, got.resend)
         part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
         part.note = f"{got.results} result(s), {got.errors} error(s), {len(got.resend)} sent again"
+        if again is not None:
+            # The new part and this one's end in one write: a runner killed between two writes
+            # would collect this part again and make a second new part of the same lines.
+            new, items = again
+            self.save([new, part], {new.no: [c for c, _, _ in items]})
+            self.recorder.count_attempt(items)  # after the write: a kill before it costs no attempt twice
         log.info("batch %s, remote batch %d (%s) %s: %s", self.batch_id, part.no, part.remote_id,
                  part.remote_status, part.note)
 
-    def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> None:
+    def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> tuple[Part, list] | None:
+        """Send these lines again; with --resend-via batch-api, returns the new part (and its lines)
+        for the caller to save with this part's end."""
         if not items:
-            return
+            return None
         if self._cancelled() or part.late:
             # A cancelled batch takes nothing back (the leases go); a late part's lines were not tried.
             self.recorder.resend_live(items, counts=False)
-            return
+            return None
         again, last = self.recorder.over_limit(items)
         if last:
             self.recorder.fail(last)
         if not again:
-            return
+            return None
         if self.recorder.options.resend_via == "batch-api":
-            self.recorder.count_attempt(again)
             no = max(p.no for p in self._all_parts()) + 1
-            self.save([Part(no, part.url, part.model, len(again), resend=True)], {no: [c for c, _, _ in again]})
-        else:
-            self.recorder.resend_live(again)
+            return Part(no, part.url, part.model, len(again), resend=True), again
+        self.recorder.resend_live(again)
+        return None
 
     def _late(self, part: Part) -> bool:
         """--via auto, the deadline near: cancel the remote batch upstream (what it finished is kept,
