@@ -197,3 +197,29 @@ def test_a_runner_killed_after_making_a_resend_batch_does_not_make_it_twice(real
     # (a later round resends a subset of the one before: the same lines twice is one part made twice)
     assert id_sets and len(id_sets) == len(set(id_sets)), [len(s) for s in id_sets]
     assert real_store.meta(bid)["done"] == "60"
+
+
+def test_a_refused_key_pauses_the_batch_with_a_sentence_and_never_reaches_redis(real_store, tmp_path):
+    # A 401 on the upload ended every job as an error (a worker with a wrong OPENAI_API_KEY turned
+    # a whole batch into errors); live sending pauses the batch, since every job would fail alike.
+    key = "sk-proj-Secret0123456789abcdefXYZ"
+
+    def script(seen: Seen) -> Reply:
+        return Reply(401, body=error_body(f"Incorrect API key provided: {key}. You can find your API key at "
+                                          "https://platform.openai.com/account/api-keys.", "invalid_request_error",
+                                          "invalid_api_key"))
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    with HostileServer(script) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        RemoteRunner(real_store, report.batch_id, RemoteClient(srv.base_url, key), max_seconds=20, poll_cap=0.3).run()
+        assert all(s.headers.get("Authorization") == f"Bearer {key}" for s in srv.requests)
+    meta = real_store.meta(report.batch_id)
+    assert (meta["state"], meta["failed"], meta["done"]) == ("paused", "0", "0"), meta
+    assert "API key was refused" in meta["reason"] and f"batchrun resume {report.batch_id}" in meta["reason"]
+    r = real_store.redis
+    for k in r.scan_iter("batchrun:*"):
+        kind = r.type(k)
+        dump = {b"hash": lambda: r.hgetall(k), b"string": lambda: r.get(k), b"list": lambda: r.lrange(k, 0, -1),
+                b"set": lambda: r.smembers(k), b"zset": lambda: r.zrange(k, 0, -1)}.get(kind, lambda: b"")()
+        assert "Secret0123456789" not in repr(dump), k

@@ -28,6 +28,10 @@ class Refused(RemoteError):
     """The upstream refused the request for good (a 4xx other than 429)."""
 
 
+class KeyRefused(RemoteError):
+    """The API key was refused (401) or may not do this (403): every call would fail alike."""
+
+
 class Unavailable(RemoteError):
     """The upstream could not be reached or answered 5xx/429: try again later."""
 
@@ -50,6 +54,8 @@ class RemoteClient:
             code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
             if exc.status_code == 400 and is_queue_full(code, message):
                 raise QueueFull(f"{what}: {message}") from None
+            if exc.status_code in (401, 403):
+                raise KeyRefused(f"{what}: HTTP {exc.status_code}: {message}") from None
             if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
                 raise Unavailable(f"{what}: HTTP {exc.status_code}: {message}") from None
             raise Refused(f"{what}: HTTP {exc.status_code}: {message}") from None

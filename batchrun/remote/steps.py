@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 
 from batchrun.remote.auto import is_late
-from batchrun.remote.client import QueueFull, Refused, RemoteClient, RemoteError, Unavailable
+from batchrun.remote.client import KeyRefused, QueueFull, Refused, RemoteClient, RemoteError, Unavailable
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
 from batchrun.state import keys
@@ -60,6 +60,11 @@ class PartSteps:
                 part.down_since_ms = 0
             except Unavailable as exc:
                 paused |= self._unavailable(part, str(exc))
+            except KeyRefused as exc:  # every job would fail alike: pause, as live sending does
+                paused = True
+                self._pause(part, f"the API key was refused at {mask_url(self.client.base_url)} ({exc}), so the "
+                                  f"batch is paused; no job failed. Set a valid OPENAI_API_KEY for the workers, "
+                                  f"then run `batchrun resume {self.batch_id}`")
             except Refused as exc:
                 self._refused(part, str(exc))
             if part.to_json() != before:
@@ -99,14 +104,16 @@ class PartSteps:
         down_for = (now_ms() - part.down_since_ms) / 1000
         if not give_up > 0 or down_for < give_up:
             return False
-        part.note = (f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s ({why}), "
-                     f"past --give-up-after {give_up:g} s, so the batch is paused rather than trying for ever; no "
-                     f"job failed. Check OPENAI_BASE_URL and that the server is up, then run "
-                     f"`batchrun resume {self.batch_id}`")
-        self.store.set_state(self.batch_id, BatchState.PAUSED, part.note, only_from=(BatchState.RUNNING,))
-        part.down_since_ms = 0  # a resume starts the count again
-        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, part.note)
+        self._pause(part, f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s "
+                          f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
+                          f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
+                          f"`batchrun resume {self.batch_id}`")
         return True
+
+    def _pause(self, part: Part, reason: str) -> None:
+        part.note, part.down_since_ms = reason, 0  # (a resume starts the count again)
+        self.store.set_state(self.batch_id, BatchState.PAUSED, reason, only_from=(BatchState.RUNNING,))
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, reason)
 
     def _metadata(self, part: Part) -> dict[str, str]:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
