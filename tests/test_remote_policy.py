@@ -119,3 +119,18 @@ def test_the_live_share_cases():
     assert live_share(1000, 100, 600, 0, 60) == 360  # 600 requests in the minute, 0.6 of them
     assert live_share(1000, 100, 0, 60_000, 60) == 360  # 600 jobs' tokens in the minute
     assert live_share(1000, 100, 600, 60_000, 0) == 0  # the deadline has passed: all remote
+
+
+@pytest.mark.parametrize("url, body, fate", [
+    ("/v1/chat/completions", {"choices": [{"message": {"content": "hi"}}], "usage": {}}, LineFate.RESULT),
+    ("/v1/chat/completions", {"id": "x"}, LineFate.RESEND),  # a 200 without choices: no result (as live)
+    ("/v1/responses", {"status": "completed", "output": []}, LineFate.RESULT),
+    ("/v1/responses", {"status": "incomplete", "output": []}, LineFate.RESULT),  # a normal, billed ending
+    ("/v1/responses", {"status": "failed", "output": [],
+                       "error": {"code": "invalid_prompt", "message": "bad prompt"}}, LineFate.ERROR),
+    ("/v1/responses", {"status": "failed", "output": [],
+                       "error": {"code": "server_error", "message": "oops"}}, LineFate.RESEND),
+])
+def test_a_200_line_is_judged_as_a_live_answer_is(url, body, fate):
+    # A Responses line with status "failed" (a 200 upstream) was recorded as the job's result.
+    assert line_outcome(_line(200, body), url).fate is fate

@@ -175,7 +175,7 @@ class PartSteps:
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if file_id:
                 read_file_lines(self.client.content(file_id), ours, lines)
-        got = self.recorder.record(part.model, ids, lines)
+        got = self.recorder.record(part.model, ids, lines, part.url)
         again = self._resend(part, got.resend)
         part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
         part.note = f"{got.results} result(s), {got.errors} error(s), {len(got.resend)} sent again"
