@@ -223,3 +223,27 @@ def test_a_refused_key_pauses_the_batch_with_a_sentence_and_never_reaches_redis(
         dump = {b"hash": lambda: r.hgetall(k), b"string": lambda: r.get(k), b"list": lambda: r.lrange(k, 0, -1),
                 b"set": lambda: r.smembers(k), b"zset": lambda: r.zrange(k, 0, -1)}.get(kind, lambda: b"")()
         assert "Secret0123456789" not in repr(dump), k
+
+
+def test_a_cancel_during_a_pass_stops_the_creates_still_to_come(real_store, tmp_path):
+    # The batch was cancelled while its runner was creating remote batches: the rest of that
+    # pass still created theirs upstream, which then ran (and billed) until cancelled.
+    from batchrun.state.states import BatchState
+
+    class CancelledOnFirstCreate(FakeBatchApi):
+        def _answer(self, seen):
+            if seen.method == "POST" and seen.path == "/v1/batches" and self.creates == 0:
+                real_store.set_state(bid, BatchState.CANCELLED, "cancelled by the user")
+            if seen.method == "POST" and seen.path.endswith("/cancel"):
+                batch = next(b for b in self.batches if b["id"] == seen.path.split("/")[-2])
+                batch["status"] = "cancelled"
+                return Reply(200, body=batch)
+            return super()._answer(seen)
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 6)
+    api = CancelledOnFirstCreate()
+    with HostileServer(api) as srv:
+        bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api")).batch_id
+        RemoteRunner(real_store, bid, RemoteClient(srv.base_url, "sk-test"), max_seconds=5, poll_cap=0.3,
+                     max_requests=2).run()
+    assert api.creates == 1, f"{api.creates} remote batches created after the cancel"

@@ -54,6 +54,8 @@ class PartSteps:
                 continue
             if part.state is PartState.UPLOADED and part.model in held:
                 continue  # the model's queue is full: this file waits behind the held one
+            if part.state is not PartState.RUNNING and self._cancelled():
+                break  # cancelled during this pass: nothing more goes upstream (cancel_all takes over)
             before = part.to_json()
             try:
                 self.step(part)
