@@ -38,11 +38,17 @@ def test_every_job_lands_in_exactly_one_part_within_the_limits(specs, max_reques
 def test_120000_jobs_of_one_model_are_three_files_at_openais_limits():
     parts = split_parts(JobSize(f"r{i}", "/v1/chat/completions", "gpt-4o-mini", 300) for i in range(120_000))
     assert [len(p.custom_ids) for p in parts] == [50_000, 50_000, 20_000]
-    assert MAX_REQUESTS == 50_000 and MAX_BYTES == 200 * 1024 * 1024
+    assert MAX_REQUESTS == 50_000 and MAX_BYTES == 200_000_000
+
+
+def test_200_mb_is_read_as_decimal_megabytes_not_mebibytes():
+    # 200,000,002 bytes: over 200 MB, under 200 MiB (209,715,200): two files, not one the upstream may refuse
+    parts = split_parts(JobSize(f"r{i}", "/v1/chat/completions", "m", 100_000_001) for i in range(2))
+    assert [len(p.custom_ids) for p in parts] == [1, 1]
 
 
 def test_a_file_is_cut_at_200_mb():
-    parts = split_parts(JobSize(f"r{i}", "/v1/chat/completions", "m", 10 * 1024 * 1024) for i in range(45))
+    parts = split_parts(JobSize(f"r{i}", "/v1/chat/completions", "m", 10_000_000) for i in range(45))
     assert [len(p.custom_ids) for p in parts] == [20, 20, 5]
 
 
@@ -113,3 +119,18 @@ def test_the_live_share_cases():
     assert live_share(1000, 100, 600, 0, 60) == 360  # 600 requests in the minute, 0.6 of them
     assert live_share(1000, 100, 0, 60_000, 60) == 360  # 600 jobs' tokens in the minute
     assert live_share(1000, 100, 600, 60_000, 0) == 0  # the deadline has passed: all remote
+
+
+@pytest.mark.parametrize("url, body, fate", [
+    ("/v1/chat/completions", {"choices": [{"message": {"content": "hi"}}], "usage": {}}, LineFate.RESULT),
+    ("/v1/chat/completions", {"id": "x"}, LineFate.RESEND),  # a 200 without choices: no result (as live)
+    ("/v1/responses", {"status": "completed", "output": []}, LineFate.RESULT),
+    ("/v1/responses", {"status": "incomplete", "output": []}, LineFate.RESULT),  # a normal, billed ending
+    ("/v1/responses", {"status": "failed", "output": [],
+                       "error": {"code": "invalid_prompt", "message": "bad prompt"}}, LineFate.ERROR),
+    ("/v1/responses", {"status": "failed", "output": [],
+                       "error": {"code": "server_error", "message": "oops"}}, LineFate.RESEND),
+])
+def test_a_200_line_is_judged_as_a_live_answer_is(url, body, fate):
+    # A Responses line with status "failed" (a 200 upstream) was recorded as the job's result.
+    assert line_outcome(_line(200, body), url).fate is fate

@@ -116,6 +116,8 @@ def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | N
             set_cap(store, batch_id, max_cost)
         except CapTooLow as exc:
             fail(f"{exc} (give more, or 0 for no cap)")
+        except ValueError as exc:  # CapNotApplied: a --via batch-api batch
+            fail(str(exc))
         click.echo(f"batch {batch_id}: spending cap now " + (format_usd(max_cost) if max_cost else "none"))
     if prices:
         try:

@@ -11,7 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from batchrun.enums import StoredText
+from batchrun.policy.classify import classify_answer
 from batchrun.policy.errors import error_fields
+from batchrun.policy.verdict import Action
 
 RETRYABLE_4XX = frozenset({408, 409, 429})
 
@@ -31,8 +33,10 @@ class LineOutcome:
     message: str
 
 
-def line_outcome(line: object) -> LineOutcome | None:
-    """The fate of one output/error file line; None for a line that names no job."""
+def line_outcome(line: object, url: str = "") -> LineOutcome | None:
+    """The fate of one output/error file line (its request sent to ``url``); None for a line that
+    names no job. A 200 is judged as a live answer is (policy/classify.py): a Responses body with
+    status ``failed``, or a body without the endpoint's result field, is no result."""
     if not isinstance(line, dict) or not isinstance(line.get("custom_id"), str):
         return None
     cid = line["custom_id"]
@@ -41,7 +45,11 @@ def line_outcome(line: object) -> LineOutcome | None:
     status = response.get("status_code") if response else None
     status = status if isinstance(status, int) and not isinstance(status, bool) else None
     if status == 200 and not error:
-        return LineOutcome(LineFate.RESULT, cid, 200, "", "")
+        verdict = classify_answer(url, None, response.get("body"), now=0.0)
+        if verdict is None:
+            return LineOutcome(LineFate.RESULT, cid, 200, "", "")
+        fate = LineFate.RESEND if verdict.action is Action.RETRY else LineFate.ERROR
+        return LineOutcome(fate, cid, 200, verdict.kind, verdict.message)
     if status is not None:
         fields = error_fields(response.get("body"))
         code = fields.code or fields.type or str(error.get("code") or "") or f"http_{status}"

@@ -8,7 +8,9 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 MAX_REQUESTS = 50_000  # OpenAI's limit per input file
-MAX_BYTES = 200 * 1024 * 1024  # ... and its size limit
+# ... and its size limit, "200 MB": read as 200,000,000 bytes, the smaller reading (a file between
+# 200 MB and 200 MiB refused upstream would fail all its jobs; one more file costs nothing)
+MAX_BYTES = 200_000_000
 
 
 class JobSize(NamedTuple):

@@ -1,6 +1,6 @@
 """The Batch API calls batchrun makes (/v1/files, /v1/batches), through the official SDK.
 
-Every call is bounded (a timeout, two SDK retries); what fails comes back as one of three
+Every call is bounded (a timeout, two SDK retries; none for a create, which is not idempotent); what fails comes back as one of three
 exceptions the runner acts on: the model's queue is full (wait), the upstream refused the
 request for good (say why), or it could not be reached now (try again at the next poll).
 """
@@ -28,6 +28,10 @@ class Refused(RemoteError):
     """The upstream refused the request for good (a 4xx other than 429)."""
 
 
+class KeyRefused(RemoteError):
+    """The API key was refused (401) or may not do this (403): every call would fail alike."""
+
+
 class Unavailable(RemoteError):
     """The upstream could not be reached or answered 5xx/429: try again later."""
 
@@ -39,6 +43,7 @@ def _message(exc: openai.APIStatusError) -> str:
 
 class RemoteClient:
     def __init__(self, base_url: str, api_key: str):
+        self.base_url = base_url
         self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2, timeout=CALL_TIMEOUT)
 
     def _call(self, what: str, fn, *args, **kwargs):
@@ -49,6 +54,8 @@ class RemoteClient:
             code = (exc.body or {}).get("code") if isinstance(exc.body, dict) else None
             if exc.status_code == 400 and is_queue_full(code, message):
                 raise QueueFull(f"{what}: {message}") from None
+            if exc.status_code in (401, 403):
+                raise KeyRefused(f"{what}: HTTP {exc.status_code}: {message}") from None
             if exc.status_code in (408, 409, 429) or exc.status_code >= 500:
                 raise Unavailable(f"{what}: HTTP {exc.status_code}: {message}") from None
             raise Refused(f"{what}: HTTP {exc.status_code}: {message}") from None
@@ -60,7 +67,11 @@ class RemoteClient:
         return f.id
 
     def create(self, file_id: str, endpoint: str, metadata: dict[str, str]) -> dict:
-        b = self._call("creating the remote batch", self.sdk.batches.create, input_file_id=file_id,
+        # Never retried by the SDK: a create whose answer was lost (a 5xx, a timeout) may have made
+        # the batch upstream, and sending it again would make a second one, billed twice. The
+        # runner retries it itself, after looking the batch up by its metadata (steps.py CREATING).
+        once = self.sdk.with_options(max_retries=0)
+        b = self._call("creating the remote batch", once.batches.create, input_file_id=file_id,
                        endpoint=endpoint, completion_window="24h", metadata=metadata)
         return b.model_dump()
 

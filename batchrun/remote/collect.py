@@ -60,7 +60,7 @@ class Recorder:
         raw = self.store.redis.hmget(keys.sub(self.batch_id, "owner"), cids) if cids else []
         return {cid: _s(o) if o else "" for cid, o in zip(cids, raw)}
 
-    def record(self, model: str, ids: list[str], lines: dict[str, dict]) -> Collected:
+    def record(self, model: str, ids: list[str], lines: dict[str, dict], url: str = "") -> Collected:
         """Outcomes for the lines that are final; the rest (and ids without a line) to resend."""
         out = Collected()
         price = self.table.price_for(model)
@@ -68,7 +68,7 @@ class Recorder:
         owners = self.owners(ids)
         for cid in ids:
             line = lines.get(cid)
-            outcome = line_outcome(line) if line is not None else None
+            outcome = line_outcome(line, url) if line is not None else None
             if outcome is None:
                 out.resend.append((cid, "remote_line_missing", "the remote batch returned no line for this request"))
                 continue

@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 
@@ -24,7 +25,7 @@ from batchrun.remote.start import enqueue_remote
 from batchrun.remote.steps import PartSteps
 from batchrun.run_scope import current_scope
 from batchrun.state import keys
-from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, RemoteParts
+from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, PartState, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.text import decoded as _s
@@ -64,15 +65,31 @@ class RemoteRunner:
         if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
             return {"batch": self.batch_id, "left": "another runner drives its remote batches"}
         again = False
+        stop = threading.Event()
+        beat = threading.Thread(target=self._keep_lock, args=(stop,), name="remote-lock", daemon=True)
+        beat.start()
         try:
             again = self._loop()
         except LostLock as exc:
             log.warning("%s; this runner stops", exc)
         finally:
+            stop.set()
+            beat.join()
             self.parts.unlock(self.batch_id, self.token)
         if again:
             enqueue_remote(self.store, self.batch_id)  # after the unlock: the successor takes the lock
         return {"batch": self.batch_id, "again": again}
+
+    def _keep_lock(self, stop: threading.Event) -> None:
+        """Renew the lock every third of its length while this runner lives, also while a call
+        runs (an upload or a create may take up to the client's timeout, longer than the lock):
+        a second runner must never take over a create still in flight. A dead runner renews nothing."""
+        while not stop.wait(LOCK_MS / 3000):
+            try:
+                if not self.parts.lock(self.batch_id, self.token, LOCK_MS):
+                    return  # taken over (this runner stalled past it): its next save says so
+            except Exception as exc:  # noqa: BLE001 - Redis away for a moment: the next beat tries again
+                log.warning("batch %s: renewing the remote lock failed: %s", self.batch_id, exc)
 
     def _loop(self) -> bool:
         """Passes until nothing is left to drive; True if time ran out with work left."""
@@ -90,8 +107,12 @@ class RemoteRunner:
             parts = self.parts.parts(self.batch_id)
             changed = steps.cancel_all(parts) if state == BatchState.CANCELLED else steps.advance(parts)
             planning = state == BatchState.RUNNING and self._unplanned_left(self.store.meta(self.batch_id))
-            if all(p.state.ended for p in self.parts.parts(self.batch_id)) and not planning:
+            now = self.parts.parts(self.batch_id)
+            if all(p.state.ended for p in now) and not planning:
                 return False  # (a batch that is not running plans nothing: its unplanned jobs wait for a resume)
+            if self.store.meta(self.batch_id).get("state") == BatchState.PAUSED and \
+                    not any(p.state is PartState.RUNNING for p in now):
+                return False  # paused with nothing upstream to collect: a resume brings a runner back
             if time.monotonic() >= ends:
                 return True
             time.sleep(delay)

@@ -7,7 +7,7 @@ from rq import Queue
 
 from batchrun.settings import BatchOptions
 from batchrun.state import keys
-from batchrun.state.remote_parts import RemoteParts
+from batchrun.state.remote_parts import PartState, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
@@ -53,6 +53,8 @@ def revive(store: BatchStore) -> int:
 
 
 def needs_runner(store: BatchStore, parts: RemoteParts, batch_id: str, meta: dict[str, str]) -> bool:
+    if meta.get("state") == BatchState.PAUSED:  # nothing new goes upstream; what is there is collected
+        return any(p.state is PartState.RUNNING for p in parts.parts(batch_id))
     if int(meta.get("remote_gen") or 0) > int(meta.get("remote_planned") or 0):
         return True
     return any(not p.state.ended for p in parts.parts(batch_id))

@@ -13,12 +13,14 @@ import time
 from collections.abc import Callable
 
 from batchrun.remote.auto import is_late
-from batchrun.remote.client import QueueFull, Refused, RemoteClient, RemoteError, Unavailable
+from batchrun.remote.client import KeyRefused, QueueFull, Refused, RemoteClient, RemoteError, Unavailable
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
 from batchrun.state import keys
 from batchrun.state.remote_parts import Part, PartState, RemoteParts
+from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
+from batchrun.urls import mask_url
 
 log = logging.getLogger("batchrun.remote")
 
@@ -42,20 +44,29 @@ class PartSteps:
         """Move each part one step on; True if any changed."""
         changed = False
         held = {p.model for p in parts if p.state is PartState.HELD}
-        late = is_late(self.store.meta(self.batch_id))
+        meta = self.store.meta(self.batch_id)
+        late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
         for part in parts:
-            if part.state.ended:
-                continue
+            if part.state.ended or (paused and part.state is not PartState.RUNNING):
+                continue  # (paused: nothing new goes upstream; what is there is still collected)
             if late and not part.late:
                 changed |= self._late(part)
                 continue
             if part.state is PartState.UPLOADED and part.model in held:
                 continue  # the model's queue is full: this file waits behind the held one
+            if part.state is not PartState.RUNNING and self._cancelled():
+                break  # cancelled during this pass: nothing more goes upstream (cancel_all takes over)
             before = part.to_json()
             try:
                 self.step(part)
+                part.down_since_ms = 0
             except Unavailable as exc:
-                part.note = f"{exc} (tried again at the next poll)"
+                paused |= self._unavailable(part, str(exc))
+            except KeyRefused as exc:  # every job would fail alike: pause, as live sending does
+                paused = True
+                self._pause(part, f"the API key was refused at {mask_url(self.client.base_url)} ({exc}), so the "
+                                  f"batch is paused; no job failed. Set a valid OPENAI_API_KEY for the workers, "
+                                  f"then run `batchrun resume {self.batch_id}`")
             except Refused as exc:
                 self._refused(part, str(exc))
             if part.to_json() != before:
@@ -85,6 +96,26 @@ class PartSteps:
                     self._create(part)
             case PartState.RUNNING:
                 self._poll(part)
+
+    def _unavailable(self, part: Part, why: str) -> bool:
+        """A call failed for now (5xx, 429, unreachable): tried again at the next poll, until the
+        part has failed for --give-up-after; then the batch pauses (True) rather than trying for ever."""
+        part.down_since_ms = part.down_since_ms or now_ms()
+        part.note = f"{why} (tried again at the next poll)"
+        give_up = self.recorder.options.give_up_seconds
+        down_for = (now_ms() - part.down_since_ms) / 1000
+        if not give_up > 0 or down_for < give_up:
+            return False
+        self._pause(part, f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s "
+                          f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
+                          f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
+                          f"`batchrun resume {self.batch_id}`")
+        return True
+
+    def _pause(self, part: Part, reason: str) -> None:
+        part.note, part.down_since_ms = reason, 0  # (a resume starts the count again)
+        self.store.set_state(self.batch_id, BatchState.PAUSED, reason, only_from=(BatchState.RUNNING,))
+        log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, reason)
 
     def _metadata(self, part: Part) -> dict[str, str]:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
@@ -146,31 +177,38 @@ class PartSteps:
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if file_id:
                 read_file_lines(self.client.content(file_id), ours, lines)
-        got = self.recorder.record(part.model, ids, lines)
-        self._resend(part, got.resend)
+        got = self.recorder.record(part.model, ids, lines, part.url)
+        again = self._resend(part, got.resend)
         part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
         part.note = f"{got.results} result(s), {got.errors} error(s), {len(got.resend)} sent again"
+        if again is not None:
+            # The new part and this one's end in one write: a runner killed between two writes
+            # would collect this part again and make a second new part of the same lines.
+            new, items = again
+            self.save([new, part], {new.no: [c for c, _, _ in items]})
+            self.recorder.count_attempt(items)  # after the write: a kill before it costs no attempt twice
         log.info("batch %s, remote batch %d (%s) %s: %s", self.batch_id, part.no, part.remote_id,
                  part.remote_status, part.note)
 
-    def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> None:
+    def _resend(self, part: Part, items: list[tuple[str, str, str]]) -> tuple[Part, list] | None:
+        """Send these lines again; with --resend-via batch-api, returns the new part (and its lines)
+        for the caller to save with this part's end."""
         if not items:
-            return
+            return None
         if self._cancelled() or part.late:
             # A cancelled batch takes nothing back (the leases go); a late part's lines were not tried.
             self.recorder.resend_live(items, counts=False)
-            return
+            return None
         again, last = self.recorder.over_limit(items)
         if last:
             self.recorder.fail(last)
         if not again:
-            return
+            return None
         if self.recorder.options.resend_via == "batch-api":
-            self.recorder.count_attempt(again)
             no = max(p.no for p in self._all_parts()) + 1
-            self.save([Part(no, part.url, part.model, len(again), resend=True)], {no: [c for c, _, _ in again]})
-        else:
-            self.recorder.resend_live(again)
+            return Part(no, part.url, part.model, len(again), resend=True), again
+        self.recorder.resend_live(again)
+        return None
 
     def _late(self, part: Part) -> bool:
         """--via auto, the deadline near: cancel the remote batch upstream (what it finished is kept,

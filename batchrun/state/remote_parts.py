@@ -54,6 +54,7 @@ class Part:
     note: str = ""  # the last thing worth telling the user (a failed create, a hold)
     resend: bool = False  # a part of lines sent again (they cost an attempt already)
     late: bool = False  # --via auto: cancelled for the deadline; its unfinished lines go live
+    down_since_ms: int = 0  # its calls have failed (5xx, 429, unreachable) since then; 0: the last one worked
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "state": str(self.state)})
