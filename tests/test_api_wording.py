@@ -188,3 +188,18 @@ def test_a_responses_stream_cut_short_is_not_an_answer(mock):
     mock.set_config(error_rates={"stream_error": 1.0})
     [result] = batchrun.run([RESPONSES[2]], **on(mock, endpoint="/v1/responses", max_attempts=1))
     assert not result.ok and result.text is None
+
+
+def test_a_batch_id_given_other_requests_is_refused_not_answered_with_the_old_ones(mock, real_redis_url):
+    # The same custom_ids (0..4) with other prompts: the answers the batch holds belong to the first
+    # prompts, so handing them back would be wrong answers; sending nothing new would hide it.
+    options = on(mock, redis_url=real_redis_url, batch_id="api-wording-other-requests")
+    first = batchrun.run([body(i) for i in range(5)], **options)
+    assert all(r.ok for r in first)
+    with pytest.raises(ValueError) as exc:
+        batchrun.run([body(i + 100) for i in range(5)], **options)
+    assert "was made from other requests than these" in str(exc.value)
+    again = batchrun.run([body(i) for i in range(5)], **options)  # the same requests continue the batch
+    assert [r.text for r in again] == [r.text for r in first]
+    sent = [entry[1] for entry in mock.stats()["log"]]
+    assert sorted(sent) == sorted(request_digest(body(i)) for i in range(5))  # each first prompt once, no other

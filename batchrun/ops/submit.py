@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -192,8 +193,10 @@ def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str |
         raise ValueError(f"there is no request to submit ({'none is valid' if errors else 'none was given'}); "
                          f"nothing was submitted")
     pairs = ((job.custom_id, raw) for job, raw in zip(jobs, raws))
+    digest = hashlib.sha256(b"\n".join(raws)).hexdigest()[:32]  # which requests made the batch
     return _submit_valid(store, _Source(jobs=jobs), pairs, len(jobs), errors, batch_id=batch_id, options=options,
-                         on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading)
+                         on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading,
+                         requests_digest=digest)
 
 
 def _check_served_models(source: _Source) -> None:
@@ -210,7 +213,8 @@ def _check_served_models(source: _Source) -> None:
 
 def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[str, bytes]], valid: int,
                   errors: list[LineError], *, batch_id: str | None, options: BatchOptions | None,
-                  on_skip, skip_ids: set[str] | None, prices: str | None, on_loading) -> SubmitReport:
+                  on_skip, skip_ids: set[str] | None, prices: str | None, on_loading,
+                  requests_digest: str = "") -> SubmitReport:
     """The submit once every job is known valid: the batch made (or extended), its jobs loaded."""
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
@@ -219,12 +223,17 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     if not options.shard_size:
         options = dataclasses.replace(options, shard_size=auto_shard_size(valid))
     existing = store.meta(batch_id)
+    made_from = existing.get("requests_digest")
+    if made_from and requests_digest and made_from != requests_digest:
+        # The same custom_ids would come back with the answers to the requests the batch was made of.
+        raise ValueError(f"batch {batch_id} was made from other requests than these: a batch id continues the "
+                         f"requests it was made of; give another batch id for new ones (nothing was submitted)")
     table = merged_prices(existing.get("prices"), prices)  # jobs added to a batch: its own table, updated by a new file
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(source, table)
     _check_limit_models(source, options)
     _check_served_models(source)
-    store.create_batch(batch_id, options, source=source.name, prices=table.to_json())
+    store.create_batch(batch_id, options, source=source.name, prices=table.to_json(), requests_digest=requests_digest)
     if existing and prices:
         store.set_prices(batch_id, table.to_json())
     if errors and on_skip is not None:

@@ -54,14 +54,18 @@ class BatchStore:
 
     # -- batches ---------------------------------------------------------
 
-    def create_batch(self, batch_id: str, options: BatchOptions, source: str = "", prices: str = "") -> bool:
+    def create_batch(self, batch_id: str, options: BatchOptions, source: str = "", prices: str = "",
+                     requests_digest: str = "") -> bool:
         """Create the batch if it is new; returns False if it existed (its options stay).
-        ``prices`` is the price table (JSON) its workers use, so every machine counts alike."""
+        ``prices`` is the price table (JSON) its workers use, so every machine counts alike;
+        ``requests_digest`` names the requests given from Python, so a later call can tell its own."""
         key = keys.batch(batch_id)
         fields = {"state": BatchState.RUNNING, "total": 0, "done": 0, "failed": 0, "retries": 0,
                   "shards": 0, "created": self.server_time_ms() // 1000, "source": source, **options.to_fields()}
         if prices:
             fields["prices"] = prices
+        if requests_digest:
+            fields["requests_digest"] = requests_digest
         created = self.redis.hsetnx(key, "created", fields["created"])
         if created:
             pipe = self.redis.pipeline()
