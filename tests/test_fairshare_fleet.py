@@ -34,7 +34,7 @@ class Fleet:
 
     def submit(self, name: str, n: int, *args: str) -> str:
         jobs = write_jobs(self.tmp / f"{name}.jsonl", n, prefix=name)
-        proc = subprocess.run(batchrun_cmd("submit", str(jobs), "--tpm", TPM, "--batch-id", name, *args),
+        proc = subprocess.run(batchrun_cmd("submit", str(jobs), "--tpm", TPM, "--batch-id", name, "--no-cache", *args),
                               env=self.env, capture_output=True, text=True, timeout=60)
         assert proc.returncode == 0, proc.stderr
         return name
@@ -131,7 +131,7 @@ def test_one_worker_takes_turns_between_two_batches_and_every_job_ends_once(spaw
         files = {}
         for name in ("first", "second"):
             files[name] = write_jobs(tmp_path / f"{name}.jsonl", 400, prefix=name)
-            proc = subprocess.run(batchrun_cmd("submit", str(files[name]), "--tpm", "90000", "--batch-id", name),
+            proc = subprocess.run(batchrun_cmd("submit", str(files[name]), "--tpm", "90000", "--batch-id", name, "--no-cache"),
                                   env=env, capture_output=True, text=True, timeout=60)
             assert proc.returncode == 0, proc.stderr
         worker = spawn(batchrun_cmd("worker", "--burst", "--concurrency", "100"), env=env,
