@@ -139,7 +139,8 @@ def test_one_worker_takes_turns_between_two_batches_and_every_job_ends_once(spaw
         _, log = worker.communicate(timeout=180)
         assert worker.returncode == 0, log[-2000:]
     assert "batch first shard 0: gives its worker to batch second (fair share)" in log, log[-2000:]
-    assert "gives its worker to batch first" in log  # and back: turns
+    # and back: first runs a second turn (second hands the worker back, or ends within its own turn)
+    assert log.count("batch first shard 0: started") >= 2, log[-2000:]
     for name, jobs in files.items():
         out, err = tmp_path / f"{name}.out.jsonl", tmp_path / f"{name}.err.jsonl"
         col = subprocess.run(batchrun_cmd("collect", name, "-o", str(out), "--errors", str(err)), env=env,
