@@ -63,6 +63,24 @@ def spare_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_catching(proc, signum: int, timeout: float = 60) -> None:
+    """Wait until ``proc`` has its own handler for ``signum`` (Linux: the SigCgt mask of
+    /proc/PID/status), so a test's signal hits the code it means to test, not a start-up that is
+    still importing (a loaded CI machine takes over a second for that)."""
+    import time
+
+    bit = 1 << (signum - 1)
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, f"the process ended (exit {proc.returncode}) before it caught signal {signum}"
+        with open(f"/proc/{proc.pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+        if caught & bit:
+            return
+        assert time.monotonic() < deadline, f"the process did not catch signal {signum} within {timeout} s"
+        time.sleep(0.01)
+
+
 def batchrun_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "batchrun", *args]
 

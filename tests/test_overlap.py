@@ -117,9 +117,8 @@ def test_a_sigterm_before_the_first_job_is_sent_exits_130(tmp_path):
     import os
     import signal
     import subprocess
-    import time
 
-    from tests.helpers import batchrun_cmd, cli_env
+    from tests.helpers import batchrun_cmd, cli_env, wait_until_catching
 
     # Seconds of validation before the first shard (of 500 jobs, which lands in ~0.03 s after it).
     jobs = write_jobs(tmp_path / "jobs.jsonl", 200_000)
@@ -129,7 +128,7 @@ def test_a_sigterm_before_the_first_job_is_sent_exits_130(tmp_path):
         proc = subprocess.Popen(batchrun_cmd("run", str(jobs), "-o", str(tmp_path / "out.jsonl")), env=env,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         try:
-            time.sleep(1.0)
+            wait_until_catching(proc, signal.SIGTERM)
             proc.send_signal(signal.SIGTERM)
             _, stderr = proc.communicate(timeout=60)
         finally:
