@@ -133,6 +133,16 @@ def make_batch_fixture():
 
 
 @pytest.fixture
+def mock():
+    """A mock OpenAI server that logs what it was sent (point the Python API at it with
+    ``tests.helpers.on(mock)``)."""
+    from batchrun.mock import MockConfig, MockServerThread
+
+    with MockServerThread(MockConfig(log_requests=True)) as server:
+        yield server
+
+
+@pytest.fixture
 def spawn():
     """subprocess.Popen for tests, each process in its own group; whatever is still running when the
     test ends (it failed half way) is killed with its children, so no worker outlives its test."""

@@ -142,3 +142,8 @@ def run_in_processes(body, arg_tuples: list[tuple], timeout: float) -> list:
     assert not errors, errors[0]
     assert all(p.exitcode == 0 for p in procs)
     return results
+
+
+def on(server, **options) -> dict:
+    """The Python API's options that point a call at a mock ``server`` (never a real key, no progress lines)."""
+    return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}

@@ -18,23 +18,13 @@ import pytest
 import batchrun
 from batchrun.api.results import NOT_RUN
 from batchrun.files.jobfile import JobFileError
-from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
+from tests.helpers import on
 
 
 def body(i: int, max_tokens: int = 16) -> dict:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"question {i}"}],
             "max_tokens": max_tokens}
-
-
-@pytest.fixture
-def mock():
-    with MockServerThread(MockConfig(log_requests=True)) as server:
-        yield server
-
-
-def on(server, **options) -> dict:
-    return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}
 
 
 def sent_digests(server) -> Counter:

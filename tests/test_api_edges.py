@@ -6,21 +6,11 @@ import pytest
 
 import batchrun
 from batchrun.files.jobfile import JobFileError
-from batchrun.mock import MockConfig, MockServerThread
+from tests.helpers import on
 
 
 def body(i: int) -> dict:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"q{i}"}], "max_tokens": 8}
-
-
-@pytest.fixture
-def mock():
-    with MockServerThread(MockConfig(log_requests=True)) as server:
-        yield server
-
-
-def on(server, **options) -> dict:
-    return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}
 
 
 def test_a_refused_list_names_the_request_not_a_deleted_temporary_file(mock):

@@ -14,6 +14,7 @@ import pytest
 import batchrun
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
+from tests.helpers import on
 
 
 def body(i: int, tag: str = "q") -> dict:
@@ -24,10 +25,6 @@ def body(i: int, tag: str = "q") -> dict:
 def two_mocks():
     with MockServerThread(MockConfig(log_requests=True)) as a, MockServerThread(MockConfig(log_requests=True)) as b:
         yield a, b
-
-
-def on(server, **options) -> dict:
-    return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}
 
 
 def digests(server) -> Counter:

@@ -13,6 +13,7 @@ from batchrun.files.jobfile import JobFileError
 from batchrun.files.outputs import OutputFileError
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
+from tests.helpers import on
 
 FLAGS = ("--max-cost", "--batch-id", "--prices", "--rpm", "--tpm", "--max-attempts", "--concurrency", "--grace",
          "--skip-invalid", "--mock", "-o ", "--errors", "batchrun ")
@@ -20,16 +21,6 @@ FLAGS = ("--max-cost", "--batch-id", "--prices", "--rpm", "--tpm", "--max-attemp
 
 def body(i: int, max_tokens: int = 16) -> dict:
     return {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"w{i}"}], "max_tokens": max_tokens}
-
-
-@pytest.fixture
-def mock():
-    with MockServerThread(MockConfig(log_requests=True)) as server:
-        yield server
-
-
-def on(server, **options) -> dict:
-    return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}
 
 
 def assert_in_python(message: str, *keywords: str) -> None:
