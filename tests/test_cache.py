@@ -173,14 +173,15 @@ def test_a_claim_is_one_runners_until_it_lapses_and_a_lapsed_one_is_not_released
     storage = SqliteCacheStorage(tmp_path / "r.sqlite3")
     a = ResponseCache(storage, redis_client, scripts, "runner-a|0")
     b = ResponseCache(storage, redis_client, scripts, "runner-b|0")
-    assert a.claim("k", 300) and not b.claim("k", 300)
-    a.renew_claims(300)
+    # Claims of 1.5 s: a loaded machine's gap between two calls stays well inside one.
+    assert a.claim("k", 1500) and not b.claim("k", 1500)
+    a.renew_claims(1500)
     assert a.being_sent("k")
-    time.sleep(0.8)  # a died: nothing renews its claim
+    time.sleep(1.8)  # a died: nothing renews its claim
     assert b.claim("k", 10_000)
     a.release("k")  # a comes back late: b's claim stays
     assert b.being_sent("k")
-    a.renew_claims(300)
+    a.renew_claims(1500)
     assert "k" not in a.claims
     b.release("k")
     assert not b.being_sent("k")

@@ -117,20 +117,22 @@ def test_an_outage_opens_the_circuit_and_costs_no_job_its_attempts(store: BatchS
     circuit = CircuitPolicy(min_outcomes=5, first_cooling_ms=500, max_cooling_ms=1000)
     with MockServerThread(MockConfig(error_rates={"500": 1.0})) as srv:
         rep = submit_file(store, str(jobs), options=BatchOptions(max_attempts=3, **FAST_RETRIES))
-        healer = threading.Timer(3.0, lambda: srv.set_config(error_rates={}))
-        healer.start()
         seen, watching = [], threading.Event()
 
-        def watch():  # what `status` and the progress display would show
+        def watch():  # what `status` and the progress display would show; the server heals 1 s
+            healed_at = time.monotonic() + 30  # after the circuit is seen open (30 s at the latest)
             while not watching.wait(0.1):
                 seen.extend(c["endpoint"] for c in store.fleet_conditions()["circuits"])
+                if srv.base_url in seen and healed_at > time.monotonic() + 1:
+                    healed_at = time.monotonic() + 1
+                if time.monotonic() >= healed_at:
+                    srv.set_config(error_rates={})
 
         watcher = threading.Thread(target=watch)
         watcher.start()
         run_thread_worker(store.redis, settings_for(srv, concurrency=10, circuit=circuit))
         watching.set()
         watcher.join()
-        healer.join()
         assert srv.base_url in seen, "the open circuit should be visible while it is open"
         sent_500 = srv.stats()["by_status"]["500"]
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"

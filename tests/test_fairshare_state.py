@@ -4,6 +4,9 @@ and on the real Redis."""
 
 from __future__ import annotations
 
+import math
+import time
+
 from batchrun.runner.fairturn import choose_next_shard
 from batchrun.state import keys
 from batchrun.state.fairshare import FairShare
@@ -22,33 +25,42 @@ def reserve(store, batch: str | None, weight: float, n: int) -> list[int]:
     return [int(x) for x in out[1::5]]
 
 
+def came_due(since: float) -> int:
+    """Requests of CHARGE tokens the budget refilled since ``since`` (time.monotonic()), rounded up:
+    what a loaded machine's slow calls let through beside the share (25 a second)."""
+    return math.ceil((time.monotonic() - since) * TPM / 60 / CHARGE)
+
+
 def test_a_batch_alone_may_queue_the_whole_horizon(store):
     verdicts = reserve(store, "a", 1.0, 80)
     assert verdicts.count(0) == 50 and verdicts[50:] == [3] * 30  # in order: the first 50 go
 
 
 def test_a_second_batch_gets_its_share_at_once_and_the_first_waits(store):
+    started = time.monotonic()
     assert reserve(store, "a", 1.0, 50).count(0) == 50
     assert reserve(store, "b", 1.0, 20) == [0] * 20  # half the horizon is its own, although a holds it all
     # a is over its half until its queue drains (a request or two comes due as the calls go: 1 token a ms)
-    assert reserve(store, "a", 1.0, 10).count(0) <= 3
+    assert reserve(store, "a", 1.0, 10).count(0) <= 2 + came_due(started)
     shares = {b: FairShare(store).budget_shares(b)[0].share for b in "ab"}
     assert shares == {"a": 0.5, "b": 0.5}
 
 
 def test_weights_split_the_horizon(store):
+    started = time.monotonic()
     assert reserve(store, "b", 1.0, 1) == [0]
     # 2/3 of 50 requests, 1/3 (with the one it holds); what came due between the calls aside
-    assert 34 <= reserve(store, "a", 2.0, 60).count(0) <= 37
-    assert 16 <= reserve(store, "b", 1.0, 60).count(0) <= 19
+    assert 34 <= reserve(store, "a", 2.0, 60).count(0) <= 35 + came_due(started)
+    assert 16 <= reserve(store, "b", 1.0, 60).count(0) <= 17 + came_due(started)
 
 
 def test_a_low_batch_takes_only_what_the_others_leave(store):
     assert reserve(store, "low", 0.0, 10) == [0] * 10  # alone: as much as it wants
     # The normal one may queue the whole horizon (2 s of debt: the 1 s bucket and 2 s more)
     assert reserve(store, "n", 1.0, 50) == [0] * 50
+    started = time.monotonic()
     assert reserve(store, "n", 1.0, 50).count(0) >= 10
-    assert reserve(store, "low", 0.0, 10).count(0) <= 3  # 50 requests queued: nothing left (but what came due)
+    assert reserve(store, "low", 0.0, 10).count(0) <= 2 + came_due(started)  # 50 requests queued: nothing left (but what came due)
     assert FairShare(store).budget_shares("low")[0].share == 0
 
 

@@ -48,7 +48,7 @@ def test_every_job_is_sent_once_whatever_the_sizes(store, tmp_path, lines, shard
         settings = WorkerSettings(base_url=srv.base_url, api_key="sk-test", concurrency=50)
         rep = submit_file(store, str(jobs), options=BatchOptions(shard_size=shard_size), on_loading=lambda bid: None)
         assert sum(shard_sizes(store, rep.batch_id)) == lines
-        run_thread_worker(store.redis, settings, 60)
+        run_thread_worker(store.redis, settings)
         assert store.meta(rep.batch_id)["state"] == "finished"
         assert srv.stats()["requests"] == lines
     out, err = tmp_path / "r.jsonl", tmp_path / "e.jsonl"
