@@ -25,6 +25,14 @@ def test_a_refused_list_names_the_request_not_a_deleted_temporary_file(mock):
     assert mock.stats()["log"] == []  # nothing was sent
 
 
+def test_a_batchrun_config_that_is_not_a_file_is_refused_not_ignored(mock, tmp_path, monkeypatch):
+    # Its [[endpoints]] (other keys, other limits) must not silently give way to the default endpoint.
+    monkeypatch.setenv("BATCHRUN_CONFIG", str(tmp_path / "nope.toml"))
+    with pytest.raises(ValueError, match=r"BATCHRUN_CONFIG names .*nope.toml, which is not a file"):
+        batchrun.run([body(1)], **on(mock))
+    assert mock.stats()["requests"] == 0
+
+
 def test_run_in_progress_still_imports_for_code_that_catches_it():
     # Runs no longer exclude each other (tests/test_api_runs.py); code written against the version
     # that refused a second run still imports the class.

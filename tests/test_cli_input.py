@@ -119,6 +119,13 @@ def test_config_file_mistakes_name_the_file_and_the_key(tmp_path, text, words):
     assert "cannot reach Redis" not in proc.stderr  # refused before anything is tried
 
 
+def test_a_config_file_that_is_not_there_is_refused_naming_the_option_and_the_variable(tmp_path):
+    missing = tmp_path / "nope.toml"
+    for args, env in ((["--config", str(missing)], no_redis_env()), ([], {**no_redis_env(), "BATCHRUN_CONFIG": str(missing)})):
+        proc = cli(*args, "list", "--redis-url", "redis://127.0.0.1:1/0", env=env)
+        one_sentence(proc, 2, str(missing), "--config", "BATCHRUN_CONFIG", "No such file")
+
+
 def test_a_good_config_file_still_applies(tmp_path):
     config = tmp_path / "batchrun.toml"
     config.write_text('[estimate]\ntpm = ["gpt-4o-mini=1000000"]\n')

@@ -29,6 +29,7 @@ from batchrun.api.filetail import FileTail
 from batchrun.api.requests import batch_lines, ids_of_file
 from batchrun.api.results import Result, from_line, not_run
 from batchrun.api.wording import in_python_words
+from batchrun.endpoints import CONFIG_ENV
 from batchrun.ops import hints
 from batchrun.ops.collect import default_errors_path
 from batchrun.policy.pricing import PriceTable
@@ -216,6 +217,10 @@ def _config_checked(requests, opts: RunOptions, tmp: str) -> tuple[RunConfig, li
     if opts.refresh and not opts.cache:
         problems.append("refresh=True stores new answers in the response cache, which cache=False bypasses: "
                         "give one of them")
+    config = os.environ.get(CONFIG_ENV, "").strip()
+    if config and not os.path.isfile(config):  # the CLI refuses it too: its [[endpoints]] must not be ignored
+        problems.append(f"{CONFIG_ENV} names {config}, which is not a file: fix the path, or unset "
+                        f"{CONFIG_ENV} to send to the one endpoint of base_url= / OPENAI_BASE_URL")
     if opts.processes > 1 and is_memory(cfg.redis_url):  # the CLI's check_run, in the library's words
         problems.append(f"processes={opts.processes} needs a shared Redis (redis_url=, or BATCHRUN_REDIS_URL): "
                         f"without one the run keeps its Redis inside this process, with one in-process worker")

@@ -18,7 +18,7 @@ def load_config(path: str, group: click.Group) -> dict:
         with open(path, "rb") as f:
             data = tomllib.load(f)
     except OSError as exc:
-        raise click.FileError(path, hint=exc.strerror) from None
+        raise click.BadParameter(f"{path}: {exc.strerror}", param_hint="'--config' (or BATCHRUN_CONFIG)") from None
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{path}: {exc}", param_hint="--config") from None
     problems = config_problems(path, data, group.commands)
