@@ -138,7 +138,8 @@ def endpoint_pace(recent: dict[str, int], per_minute: float | None, span: float 
 def endpoint_pace_phrase(e: dict) -> str:
     """'openai-a 300 requests/min 12,000 tokens/min' (or the counts over the first seconds)."""
     if e["requests_per_minute"] is None:
-        return f"{e['endpoint']} {e['requests']:,} requests {e.get('tokens', 0):,} tokens"
+        return (f"{e['endpoint']} {e['requests']:,} request{'s' if e['requests'] != 1 else ''} "
+                f"{e.get('tokens', 0):,} tokens")
     return (f"{e['endpoint']} {e['requests_per_minute']:,.0f} requests/min "
             f"{e.get('tokens_per_minute') or 0:,.0f} tokens/min")
 

@@ -191,6 +191,7 @@ class JobAttempts(CacheSteps):
         serving it has spent its day, the soonest starts again in that many seconds."""
         avoid = self._avoid.pop(job.custom_id, None)
         spent: dict[str, float] = {}  # endpoint -> seconds until its day starts again
+        await self.routes.ready(model)
         while True:
             route = self.routes.choose(model, budget_in + output, avoid, skip=spent)
             if route is None:  # none serves it, or every one that does has spent its day

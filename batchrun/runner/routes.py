@@ -34,6 +34,7 @@ from batchrun.text import decoded as _s
 log = logging.getLogger("batchrun.worker")
 
 LEVEL_REFRESH_S = 0.25  # an endpoint's budget level is read this often at most, per model
+READY_WAIT_S = 2.0  # a runner's first request waits this long at most for the endpoints' first read
 
 
 def merged_limits(batch: Limits, endpoint: Limits) -> Limits:
@@ -230,6 +231,18 @@ class Routes:
         level.tok -= tokens  # counts against it until the next read
         level.req -= 1
         return route
+
+    async def ready(self, model: str) -> None:
+        """Each endpoint serving the model read once before the first request chooses (its budget,
+        circuit and day's record): a runner that starts after another found an endpoint's day
+        spent skips it from its first request, rather than routing a burst there to wait."""
+        routes = self.serving(model)
+        if len(routes) <= 1 or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
+            return
+        now = time.monotonic()
+        tasks = [t for t in (self._level(r, model, now).reading for r in routes) if t is not None and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=READY_WAIT_S)
 
     def _level(self, route: Route, model: str, now: float) -> _Level:
         level = route.levels.get(model)
