@@ -93,7 +93,8 @@ def test_every_endpoint_spent_is_a_pause_naming_each_and_the_first_to_resume():
 @pytest.mark.parametrize("kind, message, expected", [
     ("rate_limit_requests", "Rate limit reached for gpt-4o-mini in organization org-x on requests per day (RPD): "
                             "Limit 10000, Used 10000, Requested 1. Please try again in 7h12m0s.", ("rpd", 10_000)),
-    ("rate_limit_tokens", "... on tokens per day (TPD): Limit 2,000,000, Used 1999990, Requested 40.", ("tpd", 2_000_000)),
+    ("rate_limit_tokens", "... on tokens per day (TPD): Limit 2,000,000, Used 1999990, Requested 40.",
+     ("tpd", 2_000_000)),
     ("rate_limit", "You exceeded your per day limit.", ("", 0)),
 ])
 def test_a_per_day_429_names_its_limit(kind, message, expected):
@@ -123,8 +124,8 @@ def test_one_endpoints_rpd_spent_is_said_by_status_with_when_it_resumes_and_the_
     assert text.returncode == 0, text.stderr
     assert re.search(r"endpoint daily: gpt-4o-mini's requests-per-day limit \(3\) is spent; it resumes at 00:00 UTC "
                      r"\(in \d+ (h|min|s)[^)]*\); other endpoints carry on", text.stdout), text.stdout
-    assert re.search(r"endpoints: daily 3 requests \d[\d,]* tokens, other 9 requests [1-9][\d,]* tokens", text.stdout), \
-        text.stdout
+    pace = r"endpoints: daily 3 requests \d[\d,]* tokens, other 9 requests [1-9][\d,]* tokens"
+    assert re.search(pace, text.stdout), text.stdout
     st = json.loads(_status(config, real_redis_url, "days", "--json").stdout)
     by_name = {e["endpoint"]: e for e in st["endpoints"]}
     assert by_name["daily"]["requests"] == 3 and by_name["other"]["requests"] == 9

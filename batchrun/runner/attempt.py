@@ -42,6 +42,7 @@ log = logging.getLogger("batchrun.worker")
 # (OpenAI does not count refused requests against the limits).
 REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
 _V1_HINTED: set[str] = set()  # base URLs this process has said lack /v1
+GIVE_BACK_DELAY_MS = 50  # a job given back to go elsewhere comes due again after this
 ENDPOINT_FIELD = "batchrun_endpoint"  # the result line's field naming the endpoint that answered
 
 
@@ -397,7 +398,9 @@ class JobAttempts(CacheSteps):
             case Requeue():
                 await self._retry(job, outcome, verdict, response)
             case GiveBack(maybe_paid=paid):
-                await self.requeuer.submit(RequeueItem(cid, 0, False, "", paid))
+                # (due a moment later, not at once: leased again before this task has ended, the job
+                # would be taken for this attempt still in flight, skipped, and held until its lease ran out)
+                await self.requeuer.submit(RequeueItem(cid, GIVE_BACK_DELAY_MS, False, "", paid))
 
     def _pause_message(self, kind: PauseKind, verdict: Verdict, circuit: CircuitState) -> str:
         if kind is PauseKind.GAVE_UP:

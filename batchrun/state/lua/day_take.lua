@@ -8,7 +8,8 @@
 -- ARGV[2]  tokens per day (0: no limit)
 -- ARGV[3]  tokens this request is charged
 -- ARGV[4]  the endpoint's name (for the record)
--- Returns  {0, the day counted on, ''} when counted (day_give_back.lua takes it back if unsent), or {1, ms until it may be asked again, 'rpd' or 'tpd'} when
+-- Returns  {0, the day counted on, ''} when counted (day_give_back.lua takes it back if unsent),
+--          or {1, ms until it may be asked again, 'rpd' or 'tpd'} when
 --          the day's limit cannot take it (nothing is counted then; the record says until when),
 --          or when the server's own per-day 429 is still in force
 local now = now_whole_ms()
