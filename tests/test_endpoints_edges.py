@@ -210,5 +210,6 @@ def test_endpoints_without_the_key_in_this_shell_still_shows_the_budget_and_toda
     env.pop("DAILY_KEY")  # the operator's shell
     listed = _cli(["--config", path, "endpoints"], env).stdout
     assert "NOT SET" in listed and "budget gpt-4o-mini" in listed, listed
-    assert "today (UTC): 2 of 2 requests" in listed and "its day is spent" in listed, listed
+    assert "today (UTC): 2 of 2 requests" in listed, listed
+    assert "requests-per-day limit (2) is spent; it resumes at 00:00 UTC (in " in listed, listed
     assert "sk-worker-only" not in listed

@@ -223,7 +223,9 @@ def test_an_endpoint_whose_day_is_spent_stops_and_the_others_carry_on(real_redis
         listed = subprocess.run(batchrun_cmd("--config", config, "endpoints"), capture_output=True, text=True,
                                 env=cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=60).stdout
     daily_part = listed.split("other (")[0]
-    assert "today (UTC): 5 of 5 requests" in daily_part and "its day is spent: resumes in" in daily_part
+    assert "today (UTC): 5 of 5 requests" in daily_part
+    assert "requests-per-day limit (5) is spent; it resumes at 00:00 UTC (in " in daily_part
+    assert "other endpoints carry on" in daily_part
 
 
 def test_bad_per_day_limits_are_named(tmp_path):

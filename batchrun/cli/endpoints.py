@@ -8,7 +8,6 @@ import click
 
 from batchrun.cli.helpers import worker_settings
 from batchrun.cli.options import redis_option
-from batchrun.text import format_duration
 from batchrun.endpoints import EndpointsError, configured_endpoints, default_endpoint
 
 
@@ -39,9 +38,10 @@ def _lines(e: dict) -> list[str]:
         if "requests_today" in b:
             day = [f"{b['requests_today']:,} of {b['rpd']:,} requests" if b["rpd"] else "",
                    f"{b['tokens_today']:,} of {b['tpd']:,} tokens" if b["tpd"] else ""]
-            out.append(f"    today (UTC): {', '.join(d for d in day if d)}"
-                       + (f"; its day is spent: resumes in {format_duration(b['day_resumes_in_seconds'])}, at "
-                          f"midnight UTC (other endpoints carry on)" if b["day_resumes_in_seconds"] else ""))
+            if any(day):
+                out.append(f"    today (UTC): {', '.join(d for d in day if d)}")
+            if b.get("day_spent_line"):  # "endpoint x: gpt-4o-mini's requests-per-day limit (5) is spent; ..."
+                out.append(f"    {b['day_spent_line']}")
     return out
 
 

@@ -8,6 +8,7 @@ import time
 import redis
 from tqdm import tqdm
 
+from batchrun.ops.endpoints import day_phrases, endpoint_pace_phrase
 from batchrun.ops.status import batch_status, describe_conditions, eta_phrase, pace
 from batchrun.state.jobcounts import jobs_ended
 from batchrun.state.states import BatchState
@@ -100,6 +101,8 @@ def summary(st: dict, *, short: bool) -> str:
         parts.append(f"{st['last_minute']['jobs_per_second']:.1f} jobs/s")
     for m in st["models"]:
         parts.append(f"{m['model']} " + " ".join(pace(m)))
+    parts += [endpoint_pace_phrase(e) for e in st.get("endpoints") or []]  # [[endpoints]] only
+    parts += day_phrases(st.get("endpoints") or [])
     eta = eta_phrase(st)
     if eta:
         parts.append(eta)

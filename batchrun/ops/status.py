@@ -5,12 +5,13 @@ fields are documented in the README and kept stable); ``describe`` is the human 
 
 from __future__ import annotations
 
-from batchrun.ops.endpoints import endpoint_pace, pace_line
+from batchrun.ops.endpoints import batch_days_spent, day_lines, endpoint_pace, pace_line
 from batchrun.ops.priority import ShareView, share_view
 from batchrun.state.keys import split_budget
 from batchrun.remote.start import describe_remote, remote_summary
 from batchrun.state import keys
 from batchrun.state.budget_headers import stored_number
+from batchrun.state.counters import batch_totals
 from batchrun.policy.pricing import PriceTable
 from batchrun.settings import BatchOptions, Limits
 from batchrun.state.jobcounts import jobs_ended, jobs_left
@@ -49,6 +50,8 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
     per_minute = 60.0 / span
 
     rate = recent.get("ended", 0) / span  # jobs per second, recently
+    totals = batch_totals(store.redis, [batch_id])[0]  # the named counters since the start (endpoints, budgets)
+    days = batch_days_spent(store, batch_id, now * 1000, totals)
     state = meta.state
     eta = _eta(state, jobs_left(jobs), rate)
     return {
@@ -76,7 +79,8 @@ def batch_status(store: BatchStore, batch_id: str) -> dict:
             "retries": meta.retries,
         },
         "models": _models(store, options.limits, recent, per_minute if span >= MIN_RATE_SECONDS else None, span),
-        "endpoints": endpoint_pace(recent, per_minute if span >= MIN_RATE_SECONDS else None),  # [[endpoints]]
+        "endpoints": endpoint_pace(recent, per_minute if span >= MIN_RATE_SECONDS else None, span, totals,
+                                   days),  # [[endpoints]]: [] without
         "eta_seconds": None if eta is None else round(eta, 1),
         "cost": _cost(meta, jobs, options),
         "cache": cache_counts(meta.fields, options),
@@ -207,6 +211,7 @@ def describe(status: dict) -> list[str]:
                      f"{m['tokens_per_minute']:,.0f} tokens/min{tpm}")
     if pace_line(status.get("endpoints") or []):
         lines.append(pace_line(status["endpoints"]))
+    lines += [f"  {line}" for line in day_lines(status.get("endpoints") or [])]
     lines.append(f"  in all: {tot['requests']} requests, {tot['rate_limited']} rate limited, {tot['retries']} retries")
     money = f"  cost: {format_usd(cost['spent_usd'])} so far"
     if cost["projected_usd"] is not None and status["state"] != BatchState.FINISHED:

@@ -27,7 +27,8 @@ from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge
 from batchrun.runner.cached import CacheSteps
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
-from batchrun.policy.routing import is_endpoint_trouble, reroute
+from batchrun.policy.days import all_spent_sentence, per_day_limit
+from batchrun.policy.routing import MAX_ENDPOINT_COOLDOWN_S, is_endpoint_trouble, is_per_day, reroute
 from batchrun.runner.routes import Route
 from batchrun.state.counters import counter_names, status_class
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
@@ -41,6 +42,7 @@ log = logging.getLogger("batchrun.worker")
 # (OpenAI does not count refused requests against the limits).
 REFUSED_UNCHARGED = frozenset({400, 401, 403, 404, 422, 429})
 _V1_HINTED: set[str] = set()  # base URLs this process has said lack /v1
+GIVE_BACK_DELAY_MS = 50  # a job given back to go elsewhere comes due again after this
 ENDPOINT_FIELD = "batchrun_endpoint"  # the result line's field naming the endpoint that answered
 
 
@@ -122,6 +124,8 @@ class JobAttempts(CacheSteps):
             self.inflight.pop(job.custom_id, None)
             self._on_the_wire.discard(job.custom_id)
             self._granted.discard(job.custom_id)
+            if (counted := self._day_counted.pop(job.custom_id, None)) is not None:  # counted, never sent
+                self._background(self._give_day_back(*counted))
 
     async def _attempt(self, job: LeasedJob) -> None:
         key = self._cache_key_of(job)  # None: the batch or the line bypasses the cache (runner/cached.py)
@@ -150,6 +154,9 @@ class JobAttempts(CacheSteps):
             return
         route, admission = await self._route_and_admit(job, model, budget_in, estimate.output_tokens, least_input)
         if route is None and admission is not None:  # every endpoint's day is spent: back when one starts again
+            if admission > self.policy.cap:  # hours, not seconds: a pause that says until when, not a silent wait
+                await self._pause_for_days(job, model)
+                return
             await self.requeuer.submit(RequeueItem(job.custom_id, int(admission * 1000), False, "", False))
             self._note_event("day_limit", admission)
             return
@@ -166,6 +173,7 @@ class JobAttempts(CacheSteps):
                 slot = await route.slots.acquire()
             route.limiter.sent(model, admission)
             sending = Sending(job, model, price, estimate, budget_in, admission, time.monotonic(), route)
+            self._day_counted.pop(job.custom_id, None)  # sent: its day's count stays
             self._on_the_wire.add(job.custom_id)
             exchange = await self._exchange(job, url, route.body_for(body), route)
         finally:
@@ -184,13 +192,19 @@ class JobAttempts(CacheSteps):
         serving it has spent its day, the soonest starts again in that many seconds."""
         avoid = self._avoid.pop(job.custom_id, None)
         spent: dict[str, float] = {}  # endpoint -> seconds until its day starts again
+        await self.routes.ready(model)
         while True:
             route = self.routes.choose(model, budget_in + output, avoid, skip=spent)
             if route is None:  # none serves it, or every one that does has spent its day
                 lefts = [r.day_until(model) for r in self.routes.serving(model)] + list(spent.values())
                 return None, min((left for left in lefts if left > 0), default=None)
-            day_left = route.day_until(model) or await self._redis(route.day_spent, self.store, model,
-                                                                     budget_in + output)
+            day_left = route.day_until(model)
+            if not day_left:
+                day_left, day = await self._redis(route.day_spent, self.store, model, budget_in + output)
+                if day_left:  # `status` reads this budget's record
+                    self.routes.noticed[f"day:{route.limiter.budget_key(model)}"] += 1
+                elif day is not None:  # counted: given back if it is never sent (_process)
+                    self._day_counted[job.custom_id] = (route, model, day, budget_in + output)
             if day_left:  # (requests it counted already go on: a cooldown of its budget would hold them too)
                 spent[route.name] = day_left
                 continue
@@ -202,6 +216,25 @@ class JobAttempts(CacheSteps):
             except EndpointDown:
                 route.circuit = CircuitState("open", int(time.time() * 1000) + 1000, int(time.time() * 1000))
                 avoid = route.name
+                if (counted := self._day_counted.pop(job.custom_id, None)) is not None:  # not sent there
+                    await self._give_day_back(*counted)
+
+    async def _give_day_back(self, route: Route, model: str, day: int, tokens: int) -> None:
+        try:
+            await asyncio.to_thread(route.day_give_back, self.store, model, day, tokens)
+        except Exception as exc:  # Redis away: the count stays (a request of the day lost, no more)
+            log.debug("batch %s: a day's count of %s could not be given back: %s", self.batch_id, route.name, exc)
+
+    async def _pause_for_days(self, job: LeasedJob, model: str) -> None:
+        """Every endpoint serving the model has spent its day, and the first resumes later than the
+        backoff cap: the batch pauses with a sentence saying when (the job keeps its attempts)."""
+        message = all_spent_sentence(model, self.routes.days_spent(model), self.policy.cap)
+        message = message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
+        if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
+                             only_from=(BatchState.RUNNING,), pause_kind=PauseKind.LONG_WAIT):
+            log.error("batch %s paused: %s", self.batch_id, message)
+        await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", False))
+        self.stats["paused"] += 1
 
     async def _within_cost_cap(self, job: LeasedJob, model: str, price, estimate: TokenEstimate) -> bool:
         """Under --max-cost: set the job's worst case aside, or give the job back (False)."""
@@ -303,8 +336,9 @@ class JobAttempts(CacheSteps):
         m[names.via] += 1
         m[names.tokens] += charged
         m[names.by_class[status_class(status_code)]] += 1
-        if route.name:  # pace per endpoint, for `status`
+        if route.name:  # pace per endpoint, for `status`, the progress line and the library's events
             m[f"endpoint:{route.name}"] += 1
+            m[f"endpoint_tok:{route.name}"] += charged
         m["tokens"] += usage_total_tokens(usage)  # 0 for usage that cannot be read: never raises
         if rate_limited:
             m["rate_limited"] += 1
@@ -335,6 +369,12 @@ class JobAttempts(CacheSteps):
                 self._avoid[job.custom_id] = route.name
         if decision.cool_down is not None:
             await limiter.cool_down(model, decision.cool_down)
+        if route is not None and route.name and status == 429 and is_per_day(verdict) and verdict.hint:
+            # the server's own day spent: recorded beside the day's counts, as a day counted spent is
+            limit, value = per_day_limit(verdict.kind, verdict.message)
+            await self._redis(route.server_day_spent, self.store, model, min(verdict.hint, MAX_ENDPOINT_COOLDOWN_S),
+                              limit, value)
+            self.routes.noticed[f"day:{route.limiter.budget_key(model)}"] += 1
         await self._carry_out(job, decision.outcome, verdict, response, circuit)
 
     async def _carry_out(self, job: LeasedJob, outcome: Outcome, verdict: Verdict, response: dict | None,
@@ -358,7 +398,9 @@ class JobAttempts(CacheSteps):
             case Requeue():
                 await self._retry(job, outcome, verdict, response)
             case GiveBack(maybe_paid=paid):
-                await self.requeuer.submit(RequeueItem(cid, 0, False, "", paid))
+                # (due a moment later, not at once: leased again before this task has ended, the job
+                # would be taken for this attempt still in flight, skipped, and held until its lease ran out)
+                await self.requeuer.submit(RequeueItem(cid, GIVE_BACK_DELAY_MS, False, "", paid))
 
     def _pause_message(self, kind: PauseKind, verdict: Verdict, circuit: CircuitState) -> str:
         if kind is PauseKind.GAVE_UP:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 
 import redis
@@ -19,6 +20,7 @@ from openai import AsyncOpenAI
 
 from batchrun.endpoints import Endpoint, EndpointKind, configured_endpoints
 from batchrun.policy.classify import remember_secrets
+from batchrun.policy.days import DaySpent
 from batchrun.policy.routing import RouteOption, pick
 from batchrun.runner.azure import azure_body, make_azure_client
 from batchrun.runner.sender import make_client
@@ -32,6 +34,7 @@ from batchrun.text import decoded as _s
 log = logging.getLogger("batchrun.worker")
 
 LEVEL_REFRESH_S = 0.25  # an endpoint's budget level is read this often at most, per model
+READY_WAIT_S = 2.0  # a runner's first request waits this long at most for the endpoints' first read
 
 
 def merged_limits(batch: Limits, endpoint: Limits) -> Limits:
@@ -74,6 +77,7 @@ class Route:
     circuit: CircuitState | None = None  # its circuit as last seen by this runner
     levels: dict[str, _Level] = field(default_factory=dict)
     day_spent_until: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic() its day restarts
+    day_why: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # model -> (limit, its number, by)
 
     def client_for(self, model: str) -> AsyncOpenAI:
         ep = self.endpoint
@@ -91,18 +95,49 @@ class Route:
         ep = self.endpoint
         return azure_body(ep, body) if ep is not None and ep.kind is EndpointKind.AZURE else body
 
-    def day_spent(self, store: BatchStore, model: str, tokens: int) -> float:
-        """Count this request against the endpoint's per-day limits of the model: 0 when counted,
-        else the seconds until the day's counts start again (the request is not counted)."""
+    def day_spent(self, store: BatchStore, model: str, tokens: int) -> tuple[float, int | None]:
+        """Count this request against the endpoint's per-day limits of the model: (0, the day it
+        was counted on, None with no per-day limit) when counted, else (the seconds until the
+        endpoint takes the model again, None): the request is not counted."""
         rpd, tpd = self.endpoint.day_limits(model) if self.endpoint is not None else (0, 0)
         if not (rpd or tpd):
-            return 0.0
+            return 0.0, None
         key = keys.day_counts(self.limiter.budget_key(model))
-        refused, reset_ms = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens])  # (from a thread)
+        refused, reset_ms, which = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens, self.name])  # (a thread)
         if not int(refused):
-            return 0.0
-        self.day_spent_until[model] = time.monotonic() + int(reset_ms) / 1000  # not asked again until then
-        return int(reset_ms) / 1000
+            return 0.0, int(reset_ms)  # (the day counted on)
+        which = _s(which)
+        self.note_day(model, int(reset_ms) / 1000, which, rpd if which == "rpd" else tpd if which == "tpd" else 0,
+                      "count")  # not asked again until then
+        return int(reset_ms) / 1000, None
+
+    def day_give_back(self, store: BatchStore, model: str, day: int, tokens: int) -> None:
+        """A request counted against the day (on ``day``) and never sent: its count goes back."""
+        store.scripts.day_give_back(keys=[keys.day_counts(self.limiter.budget_key(model))], args=[day, tokens])
+        if self.day_why.get(model, ("", 0, ""))[2] == "count":  # its room is back: asked again
+            self.day_spent_until.pop(model, None)
+
+    def server_day_spent(self, store: BatchStore, model: str, seconds: float, limit: str, value: int) -> float:
+        """The server's per-day 429 recorded beside the day's counts (day_spent.lua), for the fleet
+        (day_take.lua refuses until then) and for `status`: the seconds until the endpoint takes
+        the model again."""
+        key = keys.day_counts(self.limiter.budget_key(model))
+        left_ms = int(store.scripts.day_spent(keys=[key], args=[int(seconds * 1000), limit, value, self.name]))
+        self.note_day(model, left_ms / 1000, limit, value, "server")
+        return left_ms / 1000
+
+    def note_day(self, model: str, seconds: float, limit: str, value: int, by: str) -> None:
+        self.day_spent_until[model] = time.monotonic() + seconds
+        self.day_why[model] = (limit, value, by)
+
+    def day_record(self, model: str) -> DaySpent | None:
+        """Its spent day for the model as this runner knows it (None: not known to be spent)."""
+        left = self.day_until(model)
+        if not left:
+            return None
+        limit, value, by = self.day_why.get(model, ("", 0, "count"))
+        now_ms = time.time() * 1000
+        return DaySpent(self.name, model, limit, value, by, now_ms + left * 1000, now_ms)
 
     def day_never_fits(self, model: str, tokens: int) -> bool:
         """The request is more than this endpoint's whole day of tokens for the model (its tpd):
@@ -133,6 +168,9 @@ class Routes:
         else:
             self.all = [self._route(store, settings, options, token, ep) for ep in endpoints]
         self._by_model: dict[str, list[Route]] = {}
+        # ``day:BUDGET`` per budget found with its day spent (the shard runner reports them with its
+        # metrics: `status` reads the records of those budgets, and of those the batch drew from)
+        self.noticed: Counter = Counter()
 
     @staticmethod
     def _route(store, settings, options, token, ep: Endpoint) -> Route:
@@ -194,6 +232,18 @@ class Routes:
         level.req -= 1
         return route
 
+    async def ready(self, model: str) -> None:
+        """Each endpoint serving the model read once before the first request chooses (its budget,
+        circuit and day's record): a runner that starts after another found an endpoint's day
+        spent skips it from its first request, rather than routing a burst there to wait."""
+        routes = self.serving(model)
+        if len(routes) <= 1 or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
+            return
+        now = time.monotonic()
+        tasks = [t for t in (self._level(r, model, now).reading for r in routes) if t is not None and not t.done()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=READY_WAIT_S)
+
     def _level(self, route: Route, model: str, now: float) -> _Level:
         level = route.levels.get(model)
         if level is None:
@@ -214,15 +264,32 @@ class Routes:
         level.tok, level.rate = avail - spent, rate * 1000
         level.req, level.rate_r = avail_r - spent_r, rate_r * 1000
         level.cool_s = max(0.0, (cool_until - now_ms) / 1000)
-        try:  # its circuit too: a route down is skipped while another is up
-            state, open_until = await asyncio.to_thread(self._store.redis.hmget, route.limiter.circuit_key,
-                                                        "state", "open_until")
+        try:  # its circuit too: a route down is skipped while another is up; and its day's record
+            (state, open_until), day = await asyncio.to_thread(self._circuit_and_day, route, model)
         except (redis.ConnectionError, redis.TimeoutError):
             return
+        until, limit, value, by, tok = (_s(x) if x is not None else "" for x in day)
+        # Spent, as another runner found: its requests, or the server said so. A tokens' day that
+        # refused a large request may still take smaller ones: skipped only once (nearly) all used.
+        whole = limit == "rpd" or by == "server" or float(tok or 0) >= 0.99 * float(value or 0)
+        if until and float(until) > now_ms and whole and not route.day_until(model):
+            route.note_day(model, (float(until) - now_ms) / 1000, limit, int(float(value or 0)), by or "count")
+            self.noticed[f"day:{route.limiter.budget_key(model)}"] += 1
         if state is not None:
             # (open_until is server time; kept as this machine's, shifted by the difference)
             shift = time.time() * 1000 - now_ms
             route.circuit = CircuitState(_s(state), int(float(_s(open_until) or 0) + shift), int(now_ms + shift))
+
+    def _circuit_and_day(self, route: Route, model: str):
+        pipe = self._store.redis.pipeline(transaction=False)
+        pipe.hmget(route.limiter.circuit_key, "state", "open_until")
+        pipe.hmget(keys.day_counts(route.limiter.budget_key(model)), "spent_until", "spent_limit", "spent_of",
+                   "spent_by", "tok")
+        return pipe.execute()
+
+    def days_spent(self, model: str) -> list[DaySpent]:
+        """The spent days of the endpoints serving the model, as this runner knows them."""
+        return [d for d in (r.day_record(model) for r in self.serving(model)) if d is not None]
 
     def renew_slots(self) -> None:
         for r in self.all:

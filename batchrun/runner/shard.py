@@ -104,6 +104,7 @@ class ShardRunner(JobAttempts):
         self._capped: dict[str, float] = {}  # event class -> longest server hint cut to the backoff cap
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
+        self._day_counted: dict[str, tuple] = {}  # job -> (route, model, day, tokens) counted by day_take, not sent
         self._via: dict[tuple[str, str], CounterNames] = {}  # (endpoint, model) -> its budget's metric names
         self._avoid: dict[str, str] = {}  # custom_id -> the endpoint its last attempt failed on (a 429, an outage)
         self._last_summary = time.monotonic()
@@ -356,6 +357,10 @@ class ShardRunner(JobAttempts):
             await self._flush_metrics()
 
     async def _flush_metrics(self) -> None:
+        routes = getattr(self, "routes", None)
+        if routes is not None and routes.noticed:  # budgets found with their day spent (runner/routes.py)
+            self.metrics.update(routes.noticed)
+            routes.noticed.clear()
         if not self.metrics:
             return
         counts, self.metrics = self.metrics, Counter()

@@ -15,8 +15,8 @@ from redis.commands.core import Script
 
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
-         "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take", "set_priority",
-         "to_front", "cache_put", "cache_delete", "cache_release")
+         "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take", "day_spent",
+         "day_give_back", "set_priority", "to_front", "cache_put", "cache_delete", "cache_release")
 
 
 PRELUDE = "_prelude"
@@ -64,6 +64,8 @@ class Scripts:
     slot_release: Script
     slot_renew: Script
     day_take: Script
+    day_spent: Script
+    day_give_back: Script
     set_priority: Script
     to_front: Script
     cache_put: Script
