@@ -21,7 +21,7 @@ from batchrun.policy.remote_split import MAX_BYTES, MAX_REQUESTS, JobSize, split
 from batchrun.remote.auto import split_once
 from batchrun.remote.client import RemoteClient
 from batchrun.remote.collect import Recorder, input_line
-from batchrun.remote.start import enqueue_remote
+from batchrun.remote.start import enqueue_remote, goes_on_at_the_cap
 from batchrun.remote.steps import PartSteps
 from batchrun.run_scope import current_scope
 from batchrun.state import keys
@@ -96,7 +96,7 @@ class RemoteRunner:
         ends = time.monotonic() + self.max_seconds
         delay = POLL_FIRST
         recorder = Recorder(self.store, self.batch_id)
-        steps = PartSteps(self.store, self.batch_id, self.client, recorder, self._save)
+        steps = PartSteps(self.store, self.batch_id, self.client, recorder, self._save, self._reserve)
         while True:
             meta = self.store.meta(self.batch_id)
             if not meta or not self.parts.lock(self.batch_id, self.token, LOCK_MS):
@@ -110,9 +110,10 @@ class RemoteRunner:
             now = self.parts.parts(self.batch_id)
             if all(p.state.ended for p in now) and not planning:
                 return False  # (a batch that is not running plans nothing: its unplanned jobs wait for a resume)
-            if self.store.meta(self.batch_id).get("state") == BatchState.PAUSED and \
-                    not any(p.state is PartState.RUNNING for p in now):
-                return False  # paused with nothing upstream to collect: a resume brings a runner back
+            meta = self.store.meta(self.batch_id)
+            if meta.get("state") == BatchState.PAUSED and \
+                    not any(p.state is PartState.RUNNING or goes_on_at_the_cap(p, meta) for p in now):
+                return False  # paused with nothing upstream (or paid for) to drive: a resume brings a runner back
             if time.monotonic() >= ends:
                 return True
             time.sleep(delay)
@@ -121,6 +122,12 @@ class RemoteRunner:
     def _save(self, parts: list[Part], ids: dict[int, list[str]] | None = None) -> None:
         if not self.parts.save(self.batch_id, self.token, parts, ids):
             raise LostLock(f"batch {self.batch_id}: another runner took its remote batches over")
+
+    def _reserve(self, part: Part, label: str, costs: list[tuple[str, float]]) -> tuple[int, str]:
+        done, reason = self.parts.reserve(self.batch_id, self.token, part, label, costs)
+        if done < 0:
+            raise LostLock(f"batch {self.batch_id}: another runner took its remote batches over")
+        return done, reason
 
     def _unplanned_left(self, meta: dict[str, str]) -> bool:
         return int(meta.get("remote_gen") or 0) > int(meta.get("remote_planned") or 0)

@@ -12,7 +12,9 @@ import logging
 import time
 from collections.abc import Callable
 
+from batchrun.policy.decision import PauseKind
 from batchrun.remote.auto import is_late
+from batchrun.remote.cap import part_costs
 from batchrun.remote.client import KeyRefused, QueueFull, Refused, RemoteClient, RemoteError, Unavailable
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
@@ -34,10 +36,15 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class CapPaused(Exception):
+    """The part does not fit under --max-cost (or its model has no price): the batch is paused."""
+
+
 class PartSteps:
     def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, recorder: Recorder,
-                 save: Callable[..., None]):
+                 save: Callable[..., None], reserve: Callable[[Part, str, list], tuple[int, str]] | None = None):
         self.store, self.batch_id, self.client, self.recorder, self.save = store, batch_id, client, recorder, save
+        self.reserve = reserve
         self.cancel_started: float | None = None
 
     def advance(self, parts: list[Part]) -> bool:
@@ -46,9 +53,11 @@ class PartSteps:
         held = {p.model for p in parts if p.state is PartState.HELD}
         meta = self.store.meta(self.batch_id)
         late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
+        at_cap = meta.get("pause_kind") == PauseKind.COST_CAP
         for part in parts:
-            if part.state.ended or (paused and part.state is not PartState.RUNNING):
-                continue  # (paused: nothing new goes upstream; what is there is still collected)
+            if part.state.ended or (paused and part.state is not PartState.RUNNING
+                                    and not (at_cap and part.reserved)):
+                continue  # (paused: nothing new goes upstream; what is there, or paid for, still goes on)
             if late and not part.late:
                 changed |= self._late(part)
                 continue
@@ -69,6 +78,8 @@ class PartSteps:
                                   f"then run `batchrun resume {self.batch_id}`")
             except Refused as exc:
                 self._refused(part, str(exc))
+            except CapPaused:
+                paused = at_cap = True
             if part.to_json() != before:
                 self.save([part])
                 changed = True
@@ -131,8 +142,35 @@ class PartSteps:
         if not lines:
             part.state, part.note = PartState.DONE, "every job had ended before the upload"
             return
+        if not self._within_cap(part, cids):
+            return
         part.file_id = self.client.upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
         part.state, part.note = PartState.UPLOADED, ""
+
+    def _within_cap(self, part: Part, cids: list[str]) -> bool:
+        """Under --max-cost: set the part's worst case aside before its file goes up, or pause the
+        batch (CapPaused) and leave the part planned; False if the batch stopped running meanwhile."""
+        cap = float(self.store.meta(self.batch_id).get("max_cost") or 0)
+        if cap <= 0 or part.reserved or self.reserve is None:
+            return True
+        costs, unpriced = part_costs(self.store.redis, self.batch_id, cids, self.recorder.table)
+        if unpriced:
+            message = (f"no price is known for model {unpriced!r} (remote batch #{part.no}), so the --max-cost "
+                       f"cannot be kept; give its price with: batchrun resume {self.batch_id} --prices FILE")
+            if self.store.set_state(self.batch_id, BatchState.PAUSED, message, only_from=(BatchState.RUNNING,),
+                                    pause_kind=PauseKind.NO_PRICE):
+                log.error("batch %s paused: %s", self.batch_id, message)
+            raise CapPaused(message)
+        label = f"remote batch (#{part.no}: {len(costs):,} job(s) of {part.model})"
+        done, reason = self.reserve(part, label, costs)
+        if done == 1:
+            part.reserved = True
+            return True
+        if reason:
+            log.warning("batch %s paused: %s", self.batch_id, reason)
+            part.note = "not uploaded: it would take the batch past its --max-cost"
+            raise CapPaused(reason)
+        return False
 
     def _create(self, part: Part) -> None:
         part.state = PartState.CREATING
