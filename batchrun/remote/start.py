@@ -3,6 +3,8 @@ maintenance when its runner died, and by cancel (which then cancels upstream).""
 
 from __future__ import annotations
 
+import json
+
 from rq import Queue
 
 from batchrun.policy.decision import PauseKind
@@ -20,6 +22,18 @@ WAKE_MS = 30_000  # a revived batch is not queued again for this long (its runne
 def uses_batch_api(options: BatchOptions) -> bool:
     """Does the batch send through the Batch API (all of it, or the share --via auto gives it)?"""
     return options.via in ("batch-api", "auto")
+
+
+def remote_models_of(meta: dict[str, str]) -> set[str]:
+    """Under the batch's --via live: the models its [[endpoints]] send through the Batch API only
+    (every endpoint serving them is via = "batch-api"), as submit recorded them."""
+    raw = meta.get("remote_models")
+    return set(json.loads(raw)) if raw else set()
+
+
+def sends_remote(meta: dict[str, str]) -> bool:
+    """Does the batch (its meta hash) have jobs for the Batch API: by its --via, or its endpoints'?"""
+    return meta.get("via") in ("batch-api", "auto") or bool(remote_models_of(meta))
 
 
 def goes_on_at_the_cap(part: Part, meta: dict[str, str]) -> bool:
@@ -49,7 +63,7 @@ def revive(store: BatchStore) -> int:
     queued = 0
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("via") not in ("batch-api", "auto") or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
+        if not sends_remote(meta) or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
             continue
         if parts.locked(batch_id) or not needs_runner(store, parts, batch_id, meta):
             continue
@@ -70,7 +84,7 @@ def needs_runner(store: BatchStore, parts: RemoteParts, batch_id: str, meta: dic
 def remote_paid_for_open(store: BatchStore, batch_id: str) -> bool:
     """Paused at its --max-cost with remote batches whose cost was set aside still to collect?"""
     meta = store.meta(batch_id)
-    return meta.get("via") in ("batch-api", "auto") and \
+    return sends_remote(meta) and \
         any(goes_on_at_the_cap(p, meta) or (p.reserved and p.state is PartState.RUNNING)
             for p in RemoteParts(store.redis).parts(batch_id))
 

@@ -42,9 +42,11 @@ class CapPaused(Exception):
 
 class PartSteps:
     def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, recorder: Recorder,
-                 save: Callable[..., None], reserve: Callable[[Part, str, list], tuple[int, str]] | None = None):
+                 save: Callable[..., None], reserve: Callable[[Part, str, list], tuple[int, str]] | None = None,
+                 clients: Callable[[Part], RemoteClient] | None = None):
         self.store, self.batch_id, self.client, self.recorder, self.save = store, batch_id, client, recorder, save
         self.reserve = reserve
+        self.clients = clients  # a part's client when it names an [[endpoints]] endpoint (may raise Unavailable)
         self.cancel_started: float | None = None
 
     def advance(self, parts: list[Part]) -> bool:
@@ -73,8 +75,8 @@ class PartSteps:
                 paused |= self._unavailable(part, str(exc))
             except KeyRefused as exc:  # every job would fail alike: pause, as live sending does
                 paused = True
-                self._pause(part, f"the API key was refused at {mask_url(self.client.base_url)} ({exc}), so the "
-                                  f"batch is paused; no job failed. Set a valid OPENAI_API_KEY for the workers, "
+                self._pause(part, f"the API key was refused at {self._where(part)} ({exc}), so the "
+                                  f"batch is paused; no job failed. Set a valid {self._key_var(part)} for the workers, "
                                   f"then run `batchrun resume {self.batch_id}`")
             except Refused as exc:
                 self._refused(part, str(exc))
@@ -94,7 +96,7 @@ class PartSteps:
             case PartState.UPLOADED:
                 self._create(part)
             case PartState.CREATING:
-                found = self.client.find(self._metadata(part))
+                found = self._client(part).find(self._metadata(part))
                 if found:
                     self._running(part, found)
                 else:
@@ -117,7 +119,7 @@ class PartSteps:
         down_for = (now_ms() - part.down_since_ms) / 1000
         if not give_up > 0 or down_for < give_up:
             return False
-        self._pause(part, f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s "
+        self._pause(part, f"the Batch API at {self._where(part)} has failed for {down_for:.0f} s "
                           f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
                           f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
                           f"`batchrun resume {self.batch_id}`")
@@ -127,6 +129,23 @@ class PartSteps:
         part.note, part.down_since_ms = reason, 0  # (a resume starts the count again)
         self.store.set_state(self.batch_id, BatchState.PAUSED, reason, only_from=(BatchState.RUNNING,))
         log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, reason)
+
+    def _client(self, part: Part) -> RemoteClient:
+        if self.clients is None or not part.endpoint:
+            return self.client
+        return self.clients(part)
+
+    def _where(self, part: Part) -> str:
+        try:
+            return mask_url(self._client(part).base_url) + (f" (endpoint {part.endpoint!r})" if part.endpoint else "")
+        except RemoteError:
+            return f"endpoint {part.endpoint!r}"
+
+    def _key_var(self, part: Part) -> str:
+        try:
+            return self._client(part).key_env
+        except RemoteError:
+            return "API key"
 
     def _metadata(self, part: Part) -> dict[str, str]:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
@@ -144,7 +163,7 @@ class PartSteps:
             return
         if not self._within_cap(part, cids):
             return
-        part.file_id = self.client.upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
+        part.file_id = self._client(part).upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
         part.state, part.note = PartState.UPLOADED, ""
 
     def _within_cap(self, part: Part, cids: list[str]) -> bool:
@@ -176,7 +195,7 @@ class PartSteps:
         part.state = PartState.CREATING
         self.save([part])  # the intent first: a crash after the create finds the batch by its metadata
         try:
-            created = self.client.create(part.file_id, part.url, self._metadata(part))
+            created = self._client(part).create(part.file_id, part.url, self._metadata(part))
         except QueueFull as exc:
             self._hold(part, str(exc))
             return
@@ -197,7 +216,7 @@ class PartSteps:
         part.held_since_ms, part.note = 0, ""
 
     def _poll(self, part: Part) -> None:
-        batch = self.client.retrieve(part.remote_id)
+        batch = self._client(part).retrieve(part.remote_id)
         part.remote_status, part.counts = batch.get("status") or "", dict(batch.get("request_counts") or {})
         if part.remote_status in ENDED_UPSTREAM:
             self._collect(part, batch)
@@ -214,7 +233,7 @@ class PartSteps:
         ours, lines = set(ids), {}
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if file_id:
-                read_file_lines(self.client.content(file_id), ours, lines)
+                read_file_lines(self._client(part).content(file_id), ours, lines)
         got = self.recorder.record(part.model, ids, lines, part.url)
         again = self._resend(part, got.resend)
         part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
@@ -244,7 +263,7 @@ class PartSteps:
             return None
         if self.recorder.options.resend_via == "batch-api":
             no = max(p.no for p in self._all_parts()) + 1
-            return Part(no, part.url, part.model, len(again), resend=True), again
+            return Part(no, part.url, part.model, len(again), resend=True, endpoint=part.endpoint), again
         self.recorder.resend_live(again)
         return None
 
@@ -254,11 +273,11 @@ class PartSteps:
         part.late = True
         try:
             if part.state is PartState.CREATING:
-                found = self.client.find(self._metadata(part))
+                found = self._client(part).find(self._metadata(part))
                 if found:
                     self._running(part, found)
             if part.state is PartState.RUNNING:
-                if self.client.cancel(part.remote_id) is not None:
+                if self._client(part).cancel(part.remote_id) is not None:
                     part.remote_status = "cancelling"
                 part.note = "late for the deadline: cancelled upstream, its unfinished lines go live"
             else:
@@ -304,7 +323,7 @@ class PartSteps:
 
     def _cancel_one(self, part: Part, late: bool) -> None:
         if part.state is PartState.CREATING:
-            found = self.client.find(self._metadata(part))
+            found = self._client(part).find(self._metadata(part))
             if found:
                 self._running(part, found)
         if part.state is not PartState.RUNNING or late:
@@ -313,7 +332,7 @@ class PartSteps:
             part.note = part.note or "cancelled before it was created upstream"
             return
         if part.remote_status not in ("cancelling", "cancelled", *ENDED_UPSTREAM):
-            self.client.cancel(part.remote_id)
+            self._client(part).cancel(part.remote_id)
             part.remote_status = "cancelling"
             return
         self._poll(part)
