@@ -13,7 +13,10 @@ from batchrun.endpoints import (EndpointsError, EndpointVia, load_endpoints, rem
 from batchrun.mock import MockServerThread
 from tests.helpers import batchrun_cmd, check_exactly_once, cli_env, write_jobs
 from tests.test_endpoints_fleet import _config, _endpoint
+from tests import test_remote
 from tests.test_remote import mock_summary
+
+real_store = test_remote.real_store  # the fixture, shared
 
 MIXED = '''
 [[endpoints]]
@@ -141,3 +144,38 @@ def test_the_batchs_via_batch_api_overrides_live_endpoints(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert a_batches["created"] == 1 and stray_batches["created"] == 0 and a_live == 0
     assert not check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")[1]
+
+
+def test_the_plan_takes_every_remote_models_job_however_many_live_ones_come_first(real_store, tmp_path,
+                                                                                     monkeypatch):
+    # (the remote runner gave up on a shard at the first lease chunk that was all live jobs: a
+    # batch-api model's jobs behind 2,000 live ones were never sent)
+    import batchrun.remote.runner as runner_mod
+    from batchrun.endpoints import CONFIG_ENV
+    from batchrun.ops.submit import submit_file
+    from batchrun.remote.client import RemoteClient
+    from batchrun.state import keys
+    from batchrun.state.remote_parts import RemoteParts
+
+    # (the todo set is ordered by name among equal due times: the live ones are leased first)
+    mini = write_jobs(tmp_path / "mini.jsonl", 12, model="gpt-4o-mini", prefix="a-mini")
+    big = write_jobs(tmp_path / "big.jsonl", 8, model="gpt-4o", prefix="z-big")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(mini.read_text() + big.read_text())
+    config = _config(tmp_path, _endpoint("live-a", "http://127.0.0.1:9/v1", 'models = ["gpt-4o-mini"]'),
+                     _endpoint("batch-b", "http://127.0.0.1:9/v1", 'via = "batch-api"'))
+    monkeypatch.setenv(CONFIG_ENV, config)
+    monkeypatch.setattr(runner_mod, "LEASE_CHUNK", 5)
+    report = submit_file(real_store, str(jobs))
+    bid = report.batch_id
+    meta = real_store.meta(bid)
+    assert json.loads(meta["remote_models"]) == ["gpt-4o"]
+    runner = runner_mod.RemoteRunner(real_store, bid, RemoteClient("http://127.0.0.1:9/v1", ""))
+    assert runner.parts.lock(bid, runner.token, 60_000)
+    runner.plan(meta)
+    parts = RemoteParts(real_store.redis)
+    [part] = parts.parts(bid)
+    assert (part.model, part.size, part.endpoint) == ("gpt-4o", 8, "batch-b")
+    assert sorted(parts.ids(bid, 0)) == sorted(f"z-big-{i}" for i in range(8))
+    todo = {m.decode() for m in real_store.redis.zrange(keys.todo(bid, 0), 0, -1)}
+    assert todo == {f"a-mini-{i}" for i in range(12)}  # the live model's jobs, back for live runners

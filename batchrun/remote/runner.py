@@ -169,7 +169,7 @@ class RemoteRunner:
             if only is not None:
                 self.store.wake_all_shards(self.batch_id)  # the other models' jobs: live runners take them
                 self.store.promote_parked(limit=1000)
-        made = self._make_parts()
+        made = self._make_parts(only)
         self.store.redis.hset(keys.batch(self.batch_id), "remote_planned", gen)
         return made
 
@@ -177,32 +177,39 @@ class RemoteRunner:
         """Take the shard's jobs for remote batches; those that stay live go back to it: a job sent
         again live (it failed in a remote batch), and under per-endpoint via (``only``: the models
         whose endpoints are all via = "batch-api") the other models' jobs."""
-        while True:
+        live: list[str] = []
+        while True:  # (what stays live goes back once the shard is empty: leased again, it would loop)
             lease = self.store.lease(self.batch_id, shard, LEASE_CHUNK, REMOTE_LEASE_MS, REMOTE_TOKEN)
             if not lease.jobs:
-                return
-            live = [j.custom_id for j in lease.jobs if (j.attempts > 0 and resend_live) or
-                    (only is not None and str((j.request.get("body") or {}).get("model", "")) not in only)]
-            if live:
-                Recorder(self.store, self.batch_id).resend_live([(c, "", "") for c in live], counts=False)
-                if len(live) == len(lease.jobs):
-                    return
+                break
+            live += [j.custom_id for j in lease.jobs if (j.attempts > 0 and resend_live) or
+                     (only is not None and str((j.request.get("body") or {}).get("model", "")) not in only)]
+        if live:
+            Recorder(self.store, self.batch_id).resend_live([(c, "", "") for c in live], counts=False)
 
-    def _make_parts(self) -> int:
-        """Parts for every job leased to the remote token that no part holds yet."""
+    def _make_parts(self, only: set[str] | None = None) -> int:
+        """Parts for every job leased to the remote token that no part holds yet (under per-endpoint
+        via, of the models in ``only``: others a runner killed while leasing held go back live)."""
         planned = self.parts.all_ids(self.batch_id)
         mine = [_s(cid) for cid, owner in self.store.redis.hscan_iter(keys.sub(self.batch_id, "owner"), count=5000)
                 if _s(owner).startswith(REMOTE_TOKEN + "|") and _s(cid) not in planned]
         if not mine:
             return 0
-        sizes = []
+        sizes, live = [], []
         for i in range(0, len(mine), LEASE_CHUNK):
             chunk = mine[i:i + LEASE_CHUNK]
             for cid, raw in zip(chunk, self.store.redis.hmget(keys.sub(self.batch_id, "req"), chunk)):
                 if raw:
                     req = json.loads(raw)
-                    sizes.append(JobSize(cid, req.get("url", ""), str((req.get("body") or {}).get("model", "")),
-                                         len(input_line(cid, raw))))
+                    model = str((req.get("body") or {}).get("model", ""))
+                    if only is not None and model not in only:
+                        live.append((cid, "", ""))
+                        continue
+                    sizes.append(JobSize(cid, req.get("url", ""), model, len(input_line(cid, raw))))
+        if live:
+            Recorder(self.store, self.batch_id).resend_live(live, counts=False)
+        if not sizes:
+            return 0
         first = max((p.no for p in self.parts.parts(self.batch_id)), default=-1) + 1
         plans = split_parts(sizes, self.max_requests, self.max_bytes)
         new = [Part(first + i, plan.url, plan.model, len(plan.custom_ids), endpoint=self._endpoint_of(plan.model))
