@@ -29,6 +29,13 @@ _DATED_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 _API_VERSION_RE = re.compile(r"^(\d{4}-\d{2}-\d{2}(-preview)?|v1|latest|preview)$")
 
 
+class EndpointVia(str, Enum):
+    """How an endpoint is sent to (its ``via`` field)."""
+
+    LIVE = "live"  # one request at a time, at its limits
+    BATCH_API = "batch-api"  # remote batches: /v1/files and /v1/batches, at half price
+
+
 class EndpointKind(str, Enum):
     OPENAI = "openai"  # OpenAI, or any server speaking its API (vLLM, a proxy)
     AZURE = "azure"  # Azure OpenAI: the api-key header, deployment paths
@@ -48,6 +55,7 @@ class Endpoint:
     limits: Limits = field(default_factory=Limits)  # its own per-minute limits (tpm, rpm)
     max_in_flight: int = 0  # requests open at once across the fleet; 0: no cap
     per_day: Limits = field(default_factory=Limits)  # rpd, tpd: kept as rpm/tpm entries of a day's worth
+    via: EndpointVia = EndpointVia.LIVE  # batch-api: it takes its models' remote batches, live requests only as a last resort
 
     @property
     def deployment_paths(self) -> bool:
@@ -91,7 +99,7 @@ class EndpointsError(ValueError):
 
 
 _FIELDS = ("name", "kind", "base_url", "api_key_env", "models", "deployments", "api_version", "tpm", "rpm",
-           "rpd", "tpd", "max_in_flight")
+           "rpd", "tpd", "max_in_flight", "via")
 
 
 def parse_endpoints(path: str, raw: object) -> tuple[Endpoint, ...]:
@@ -177,12 +185,33 @@ def _parse_one(where: str, t: dict, problems: list[str]) -> Endpoint | None:
             or not 0 <= max_in_flight <= MAX_IN_FLIGHT:
         bad("max_in_flight", f"must be a whole number from 1 to {MAX_IN_FLIGHT:,} (leave it out for no cap)")
         max_in_flight = 0
+    via = _via(where, t, kind, problems)
     if len(problems) > before:
         return None
     return Endpoint(name=name, base_url=base_url.rstrip("/"), kind=kind, api_key_env=key_env,
                     models=tuple(m.strip() for m in models), deployments=dict(deployments),
                     api_version=api_version, limits=limits, max_in_flight=max_in_flight,
-                    per_day=per_day)
+                    per_day=per_day, via=via)
+
+
+def _via(where: str, t: dict, kind: EndpointKind, problems: list[str]) -> EndpointVia:
+    raw = t.get("via", "live")
+    if raw == "auto":
+        problems.append(f"{where}: via = 'auto': an endpoint has no deadline to split by; give the batch "
+                        f"--via auto --deadline DURATION instead (its remote share goes to the model's "
+                        f"via = \"batch-api\" endpoints), or set via to 'live' or 'batch-api'")
+        return EndpointVia.LIVE
+    try:
+        via = EndpointVia(raw)
+    except (ValueError, TypeError):
+        problems.append(f"{where}: via = {raw!r}: must be 'live' (the default: requests one by one) or "
+                        f"'batch-api' (remote batches through /v1/files and /v1/batches, at half price)")
+        return EndpointVia.LIVE
+    if via is EndpointVia.BATCH_API and kind is EndpointKind.AZURE:
+        problems.append(f"{where}: via = 'batch-api' is for OpenAI's Batch API; batchrun does not send remote "
+                        f"batches to Azure OpenAI (its Batch API needs global-batch deployments and other paths), "
+                        f"so leave via out (live) for kind = \"azure\" endpoints")
+    return via
 
 
 def _limits(where: str, t: dict, problems: list[str], per_day: bool = False) -> Limits:
@@ -262,6 +291,25 @@ def unserved_models(endpoints: tuple[Endpoint, ...], models) -> list[str]:
     if not endpoints:
         return []
     return sorted(m for m in set(models) if not any(e.serves(m) for e in endpoints))
+
+
+def remote_models(endpoints: tuple[Endpoint, ...], models) -> set[str]:
+    """The models every endpoint serving them is via = "batch-api" for: under the batch's
+    --via live (the default) they go through the Batch API."""
+    out = set()
+    for m in set(models):
+        serving = [e for e in endpoints if e.serves(m)]
+        if serving and all(e.via is EndpointVia.BATCH_API for e in serving):
+            out.add(m)
+    return out
+
+
+def remote_endpoint(endpoints: tuple[Endpoint, ...], model: str) -> Endpoint | None:
+    """Where a model's remote batches go: its first via = "batch-api" endpoint, else (the batch's
+    --via batch-api or auto) its first endpoint that is not Azure; None if none can take them."""
+    serving = [e for e in endpoints if e.serves(model)]
+    return next((e for e in serving if e.via is EndpointVia.BATCH_API), None) or \
+        next((e for e in serving if e.kind is not EndpointKind.AZURE), None)
 
 
 def unserved_sentence(path: str, endpoints: tuple[Endpoint, ...], models: list[str]) -> str:

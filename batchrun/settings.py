@@ -171,12 +171,6 @@ def check_batch_options(o: "BatchOptions") -> list[str]:
     if o.via == "auto" and not o.deadline_seconds:
         out.append("--via auto needs --deadline DURATION (how long the batch may take, e.g. 6h): the live share "
                    "is what the budget can send by then")
-    if o.max_cost and o.via != "live":
-        # The remote batches are uploaded whole and billed when they end: nothing holds them to a
-        # cap (a cap that is not a ceiling is worse than none), so refuse it rather than ignore it.
-        out.append(f"--max-cost caps live sending only, and this batch is --via {o.via}: remote batches are "
-                   f"billed when they end, with nothing to stop them at a cap (see `batchrun estimate --via "
-                   f"batch-api` for their cost)")
     if o.deadline_seconds and o.via != "auto":
         out.append(f"--deadline applies to --via auto only (this batch is --via {o.via})")
     need("--cache-ttl", o.cache_ttl_days, lambda x: 0 <= x <= MAX_KEEP_DAYS,

@@ -1,9 +1,10 @@
 """--via batch-api against a hostile Batch API (tests/hostile.py): what the upstream does that our
 mock does not (a create answered 5xx after it created the batch, uploads that keep failing), and
-the batch's own promises (the spending cap) with remote batches."""
+the batch's own promises (the spending cap, shared by live and remote) with remote batches."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -12,12 +13,13 @@ import pytest
 import redis
 
 from batchrun.ops.submit import submit_file
+from batchrun.policy.pricing import PriceTable, batch_price, cost_of_usage
 from batchrun.remote.client import RemoteClient
 from batchrun.remote.runner import RemoteRunner
 from batchrun.settings import BatchOptions
 from batchrun.state.remote_parts import PartState, RemoteParts
 from batchrun.state.store import BatchStore
-from tests.helpers import batchrun_cmd, cli_env, write_jobs
+from tests.helpers import batchrun_cmd, cli_env, read_lines, write_jobs
 from tests.hostile import HostileServer, Reply, Seen, error_body
 
 pytestmark = pytest.mark.redis
@@ -96,23 +98,33 @@ def _cli(args, env, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run(batchrun_cmd(*args), env=env, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("via", [["--via", "batch-api"], ["--via", "auto", "--deadline", "1h", "--rpm", "60"]])
-def test_a_spending_cap_with_the_batch_api_is_refused_not_ignored(tmp_path, via):
-    # The remote batches were uploaded whole and billed past the cap ($0.0094 of a $0.0002 cap).
+def test_via_auto_live_and_remote_share_one_spending_cap(tmp_path):
+    # (the remote batches used to be uploaded whole and billed past the cap: $0.0094 of $0.0002;
+    # so the cap was refused with them. Now both draw on it.)
     jobs = write_jobs(tmp_path / "jobs.jsonl", 20, max_tokens=200)
     out = tmp_path / "out.jsonl"
-    done = _cli(["run", str(jobs), "-o", str(out), "--mock", *via, "--max-cost", "0.0002"], cli_env())
-    assert done.returncode == 2, done.stdout + done.stderr
-    assert "--max-cost caps live sending only" in done.stderr and not out.exists()
+    done = _cli(["run", str(jobs), "-o", str(out), "--mock", "--via", "auto", "--deadline", "60s", "--rpm", "20",
+                 "--max-cost", "0.0009"], cli_env())
+    assert done.returncode == 4, done.stdout + done.stderr  # paused at the cap
+    assert "through the Batch API" in done.stderr and "past its --max-cost of $0.0009" in done.stderr
+    results = read_lines(out)
+    assert 0 < len(results) < 20
+    usage = [r["response"]["body"]["usage"] for r in results]
+    price = PriceTable.load().price_for("gpt-4o-mini")
+    low = sum(cost_of_usage(batch_price(price), u) for u in usage)  # every answer at the Batch API price...
+    high = sum(cost_of_usage(price, u) for u in usage)  # ... or every one live
+    spent = float(re.search(r"this run spent \$([0-9.]+)", done.stderr).group(1))
+    assert low - 0.00005 <= spent <= min(high, 0.0009) + 0.00005  # (as printed, to $0.0001)
+    assert low <= 0.0009
 
 
-def test_resume_with_a_cap_on_a_batch_api_batch_is_refused(real_redis_url, tmp_path):
+def test_resume_gives_a_batch_api_batch_a_cap(real_redis_url, tmp_path):
     jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
     env = cli_env(BATCHRUN_REDIS_URL=real_redis_url)
     assert _cli(["submit", str(jobs), "--batch-id", "capb", "--via", "batch-api"], env).returncode == 0
     done = _cli(["resume", "capb", "--max-cost", "5"], env)
-    assert done.returncode == 1 and "would not hold its remote batches" in done.stderr, done.stderr
-    assert redis.Redis.from_url(real_redis_url).hget("batchrun:batch:capb", "max_cost") in (None, b"0", b"0.0")
+    assert done.returncode == 0 and "spending cap now $5" in done.stdout, done.stdout + done.stderr
+    assert float(redis.Redis.from_url(real_redis_url).hget("batchrun:batch:capb", "max_cost")) == 5.0
 
 
 def test_an_upload_that_keeps_failing_pauses_the_batch_after_give_up_after(real_store, tmp_path):

@@ -31,6 +31,7 @@ from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, is_memory
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
+from batchrun.remote.start import remote_paid_for_open
 from batchrun.state.store import BatchStore
 
 __all__ = ["DEFAULT_ENDPOINT", "RunConfig", "RunEnd", "RunOutput", "run_batch"]
@@ -132,6 +133,8 @@ class _Run:
             state = self.store.meta(self.batch_id).get("state")
         except (redis.ConnectionError, redis.TimeoutError):
             state = None  # Redis away: collect waits it out, and so does this run
+        if state == BatchState.PAUSED and remote_paid_for_open(self.store, self.batch_id):
+            return not self.workers.alive()  # at the cap: the remote batches it paid for are still collected
         return state == BatchState.PAUSED or not self.workers.alive()
 
 

@@ -15,7 +15,9 @@ def _lines(e: dict) -> list[str]:
     head = f"{e['name']} ({e['kind']}, {e['base_url']})"
     if "health" in e:
         head += f": {e['health']}" + (f", retried in {e['retry_in_seconds']:.0f} s" if e["health"] == "down" else "")
-    out = [head, f"  models: {', '.join(e['models'])}"]
+    out = [head, f"  models: {', '.join(e['models'])}",
+           "  via: " + ("batch-api (remote batches: /v1/files and /v1/batches, at half price)"
+                        if e["via"] == "batch-api" else "live")]
     if e["deployments"]:
         out.append("  deployments: " + ", ".join(f"{m} -> {d}" for m, d in sorted(e["deployments"].items()))
                    + (f" (api-version {e['api_version']})" if e["api_version"] else " (v1 path)"))

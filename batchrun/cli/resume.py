@@ -99,6 +99,7 @@ def _resume_files(ctx, jobs: str, output: str, errors: str | None, given: dict, 
 def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | None, prices: str | None) -> None:
     """`resume BATCH_ID`: its work queued again, with a new cap or price file if given."""
     from batchrun.ops.resume import CapTooLow, merged_prices, paused_at_cap, set_cap
+    from batchrun.remote.start import enqueue_remote, sends_remote
 
     store, url = open_store(redis_url)
     if not store.exists(batch_id):
@@ -116,8 +117,6 @@ def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | N
             set_cap(store, batch_id, max_cost)
         except CapTooLow as exc:
             fail(f"{exc} (give more, or 0 for no cap)")
-        except ValueError as exc:  # CapNotApplied: a --via batch-api batch
-            fail(str(exc))
         click.echo(f"batch {batch_id}: spending cap now " + (format_usd(max_cost) if max_cost else "none"))
     if prices:
         try:
@@ -127,4 +126,6 @@ def _resume_batch(ctx, batch_id: str, redis_url: str | None, max_cost: float | N
         store.set_prices(batch_id, table.to_json())
         click.echo(f"batch {batch_id}: prices from {prices} added to its price table")
     n = store.resume(batch_id)
+    if sends_remote(store.meta(batch_id)):
+        enqueue_remote(store, batch_id)  # its remote batches go on (those the cap held back too)
     click.echo(f"batch {batch_id} is running; {n} shard(s) with work left were queued for the workers")

@@ -86,7 +86,7 @@ def describe_endpoints(endpoints: tuple[Endpoint, ...], settings: WorkerSettings
                                           else ["(any)"]),
             "deployments": dict(ep.deployments), "api_version": ep.api_version,
             "api_key_env": ep.api_key_env, "key_set": bool(s.api_key) if ep.api_key_env else None,
-            "limits": ep.limits.by_model, "max_in_flight": ep.max_in_flight,
+            "limits": ep.limits.by_model, "max_in_flight": ep.max_in_flight, "via": ep.via.value,
         }
         if store is not None:
             endpoint_id, fingerprint = keys.endpoint_id(ep.base_url), s.key_fingerprint()

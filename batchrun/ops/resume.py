@@ -23,14 +23,6 @@ class CapTooLow(ValueError):
                          f"{format_usd(cap)} would pause it again at once")
 
 
-class CapNotApplied(ValueError):
-    """A cap on a batch sent through the Batch API: nothing would hold its remote batches to it."""
-
-    def __init__(self, batch_id: str, via: str):
-        super().__init__(f"batch {batch_id} is --via {via}: a spending cap would not hold its remote batches "
-                         f"(billed when they end), so it takes none")
-
-
 def paused_at_cap(meta: Mapping[str, str]) -> bool:
     """Whether the batch (its meta hash) is paused because its spending cap was reached."""
     return pause_kind_of(meta) is PauseKind.COST_CAP
@@ -39,8 +31,6 @@ def paused_at_cap(meta: Mapping[str, str]) -> bool:
 def set_cap(store: BatchStore, batch_id: str, max_cost: float) -> None:
     """Give the batch the spending cap ``max_cost`` (0: none). Raises CapTooLow, changing
     nothing, when the batch has spent or set aside that much already."""
-    if max_cost and store.options(batch_id).via != "live":
-        raise CapNotApplied(batch_id, store.options(batch_id).via)
     if max_cost:
         committed = store.committed_cost(batch_id)
         if max_cost <= committed:

@@ -20,8 +20,9 @@ from batchrun.files.joblines import parse_line
 from batchrun.files.seen_ids import SeenIds
 from batchrun.ops.resume import merged_prices
 from batchrun.policy.pricing import PriceTable
-from batchrun.endpoints import CONFIG_ENV, configured_endpoints, unserved_models, unserved_sentence
-from batchrun.remote.start import request_plan, uses_batch_api
+from batchrun.endpoints import (CONFIG_ENV, configured_endpoints, remote_endpoint, remote_models, unserved_models,
+                                unserved_sentence)
+from batchrun.remote.start import remote_models_of, request_plan, sends_remote
 from batchrun.settings import BatchOptions, auto_shard_size
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
@@ -65,8 +66,8 @@ class _Source:
 
     def option(self, name: str) -> str:
         """An option as the caller gave it: a flag for a file, a keyword for requests from Python."""
-        flags = {"max_cost": "--max-cost", "prices": "--prices FILE", "limits": "--rpm/--tpm MODEL=N"}
-        keywords = {"max_cost": "max_cost=", "prices": "prices=PATH", "limits": "rpm=/tpm= {MODEL: N}"}
+        flags = {"max_cost": "--max-cost", "prices": "--prices FILE", "limits": "--rpm/--tpm MODEL=N", "via": "--via"}
+        keywords = {"max_cost": "max_cost=", "prices": "prices=PATH", "limits": "rpm=/tpm= {MODEL: N}", "via": "via="}
         return (flags if self.jobs is None else keywords)[name]
 
     @property
@@ -199,16 +200,28 @@ def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str |
                          requests_digest=digest)
 
 
-def _check_served_models(source: _Source) -> None:
-    """With [[endpoints]] in the config file, a model no endpoint serves could never be sent
-    (an extra pass, only then)."""
+def _check_served_models(source: _Source, via: str) -> set[str]:
+    """With [[endpoints]] in the config file (an extra pass, only then): a model no endpoint serves
+    could never be sent, nor one bound for the Batch API that no endpoint takes remote batches of.
+    Returns the models the endpoints send through the Batch API under --via live (every endpoint
+    serving them is via = "batch-api")."""
     endpoints = configured_endpoints()
     if not endpoints:
-        return
-    unserved = unserved_models(endpoints, (str(job.body.get("model", "")) for job in source.iter_jobs()))
+        return set()
+    path = os.environ.get(CONFIG_ENV, "")
+    models = {str(job.body.get("model", "")) for job in source.iter_jobs()}
+    unserved = unserved_models(endpoints, models)
     if unserved:
-        raise ValueError(f"{source.name}: {unserved_sentence(os.environ.get(CONFIG_ENV, ''), endpoints, unserved)}; "
-                         f"nothing was submitted")
+        raise ValueError(f"{source.name}: {unserved_sentence(path, endpoints, unserved)}; nothing was submitted")
+    remote = remote_models(endpoints, models) if via == "live" else models
+    stuck = sorted(m for m in remote if remote_endpoint(endpoints, m) is None)
+    if stuck:
+        listed = ", ".join(repr(m) for m in stuck)
+        raise ValueError(f"{source.name}: {listed} would go through the Batch API ({source.option('via')} {via}), "
+                         f"but every endpoint of {path} serving {'them' if len(stuck) > 1 else 'it'} is Azure "
+                         f"OpenAI, which batchrun sends no remote batches to; serve it from an OpenAI endpoint "
+                         f"too, or send the batch {source.option('via')} live; nothing was submitted")
+    return remote if via == "live" else set()
 
 
 def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[str, bytes]], valid: int,
@@ -232,14 +245,17 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     if options.max_cost or float(existing.get("max_cost") or 0):
         _check_prices(source, table)
     _check_limit_models(source, options)
-    _check_served_models(source)
+    remote_models = _check_served_models(source, existing.get("via") or options.via)
     store.create_batch(batch_id, options, source=source.name, prices=table.to_json(), requests_digest=requests_digest)
+    if remote_models:  # per-endpoint via: these models go through the Batch API (the runner reads them)
+        store.redis.hset(keys.batch(batch_id), "remote_models",
+                         json.dumps(sorted(remote_models | remote_models_of(existing))))
     if existing and prices:
         store.set_prices(batch_id, table.to_json())
     if errors and on_skip is not None:
         for err in errors:
             on_skip(err)
-    remote = uses_batch_api(store.options(batch_id))  # --via batch-api: remote batches, no live shards
+    remote = sends_remote(store.meta(batch_id))  # --via batch-api (or its endpoints'): remote batches first
     loader = _Loader(store, batch_id, store.options(batch_id).shard_size,  # an existing batch keeps its own
                      early=None if existing or remote else on_loading, reserve=valid)
     added = loader.load(cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))

@@ -42,8 +42,8 @@ def _message(exc: openai.APIStatusError) -> str:
 
 
 class RemoteClient:
-    def __init__(self, base_url: str, api_key: str):
-        self.base_url = base_url
+    def __init__(self, base_url: str, api_key: str, key_env: str = "OPENAI_API_KEY"):
+        self.base_url, self.key_env = base_url, key_env  # (the variable named in a sentence; never the key)
         self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2, timeout=CALL_TIMEOUT)
 
     def _call(self, what: str, fn, *args, **kwargs):

@@ -14,8 +14,9 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 from batchrun.files.outputs import error_line
-from batchrun.policy.pricing import PriceTable, answer_cost, batch_price
+from batchrun.policy.pricing import PriceTable, answer_cost, batch_price, usage_is_readable
 from batchrun.policy.remote_lines import LineFate, line_outcome
+from batchrun.remote.cap import worst_tokens
 from batchrun.state import keys
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
 from batchrun.state.remote_parts import REMOTE_TOKEN
@@ -76,7 +77,10 @@ class Recorder:
             owner = owner if owner.startswith(REMOTE_TOKEN + "|") else ""
             if outcome.fate is LineFate.RESULT:
                 usage = ((line.get("response") or {}).get("body") or {}).get("usage")
-                cost = answer_cost([batch_price(price) if price else None], usage, 0, 0)
+                # Usage that cannot be read counts the job's worst case, as a live answer's does.
+                worst = (0, 0) if not price or usage_is_readable(usage) else \
+                    worst_tokens(self.store.redis, self.batch_id, cid)
+                cost = answer_cost([batch_price(price) if price else None], usage, *worst)
                 by_owner[owner].append(CompleteItem(OutcomeKind.RESULT, cid, json.dumps(line), cost))
                 out.results += 1
             elif outcome.fate is LineFate.ERROR:

@@ -3,11 +3,14 @@ maintenance when its runner died, and by cancel (which then cancels upstream).""
 
 from __future__ import annotations
 
+import json
+
 from rq import Queue
 
+from batchrun.policy.decision import PauseKind
 from batchrun.settings import BatchOptions
 from batchrun.state import keys
-from batchrun.state.remote_parts import PartState, RemoteParts
+from batchrun.state.remote_parts import Part, PartState, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 
@@ -19,6 +22,24 @@ WAKE_MS = 30_000  # a revived batch is not queued again for this long (its runne
 def uses_batch_api(options: BatchOptions) -> bool:
     """Does the batch send through the Batch API (all of it, or the share --via auto gives it)?"""
     return options.via in ("batch-api", "auto")
+
+
+def remote_models_of(meta: dict[str, str]) -> set[str]:
+    """Under the batch's --via live: the models its [[endpoints]] send through the Batch API only
+    (every endpoint serving them is via = "batch-api"), as submit recorded them."""
+    raw = meta.get("remote_models")
+    return set(json.loads(raw)) if raw else set()
+
+
+def sends_remote(meta: dict[str, str]) -> bool:
+    """Does the batch (its meta hash) have jobs for the Batch API: by its --via, or its endpoints'?"""
+    return meta.get("via") in ("batch-api", "auto") or bool(remote_models_of(meta))
+
+
+def goes_on_at_the_cap(part: Part, meta: dict[str, str]) -> bool:
+    """A part whose cost was set aside is paid for in advance, as a live request in flight is:
+    a batch paused at its --max-cost still uploads, creates and collects it."""
+    return part.reserved and not part.state.ended and meta.get("pause_kind") == PauseKind.COST_CAP
 
 
 def enqueue_remote(store: BatchStore, batch_id: str) -> None:
@@ -42,7 +63,7 @@ def revive(store: BatchStore) -> int:
     queued = 0
     for batch_id in store.active_batches():
         meta = store.meta(batch_id)
-        if meta.get("via") not in ("batch-api", "auto") or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
+        if not sends_remote(meta) or meta.get("state") not in (BatchState.RUNNING, BatchState.PAUSED):
             continue
         if parts.locked(batch_id) or not needs_runner(store, parts, batch_id, meta):
             continue
@@ -53,11 +74,19 @@ def revive(store: BatchStore) -> int:
 
 
 def needs_runner(store: BatchStore, parts: RemoteParts, batch_id: str, meta: dict[str, str]) -> bool:
-    if meta.get("state") == BatchState.PAUSED:  # nothing new goes upstream; what is there is collected
-        return any(p.state is PartState.RUNNING for p in parts.parts(batch_id))
+    if meta.get("state") == BatchState.PAUSED:  # nothing new goes upstream; what is there (or paid for) goes on
+        return any(p.state is PartState.RUNNING or goes_on_at_the_cap(p, meta) for p in parts.parts(batch_id))
     if int(meta.get("remote_gen") or 0) > int(meta.get("remote_planned") or 0):
         return True
     return any(not p.state.ended for p in parts.parts(batch_id))
+
+
+def remote_paid_for_open(store: BatchStore, batch_id: str) -> bool:
+    """Paused at its --max-cost with remote batches whose cost was set aside still to collect?"""
+    meta = store.meta(batch_id)
+    return sends_remote(meta) and \
+        any(goes_on_at_the_cap(p, meta) or (p.reserved and p.state is PartState.RUNNING)
+            for p in RemoteParts(store.redis).parts(batch_id))
 
 
 def cancel_upstream(store: BatchStore, batch_id: str) -> int:

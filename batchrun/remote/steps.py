@@ -12,7 +12,9 @@ import logging
 import time
 from collections.abc import Callable
 
+from batchrun.policy.decision import PauseKind
 from batchrun.remote.auto import is_late
+from batchrun.remote.cap import part_costs
 from batchrun.remote.client import KeyRefused, QueueFull, Refused, RemoteClient, RemoteError, Unavailable
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
@@ -34,10 +36,17 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
+class CapPaused(Exception):
+    """The part does not fit under --max-cost (or its model has no price): the batch is paused."""
+
+
 class PartSteps:
     def __init__(self, store: BatchStore, batch_id: str, client: RemoteClient, recorder: Recorder,
-                 save: Callable[..., None]):
+                 save: Callable[..., None], reserve: Callable[[Part, str, list], tuple[int, str]] | None = None,
+                 clients: Callable[[Part], RemoteClient] | None = None):
         self.store, self.batch_id, self.client, self.recorder, self.save = store, batch_id, client, recorder, save
+        self.reserve = reserve
+        self.clients = clients  # a part's client when it names an [[endpoints]] endpoint (may raise Unavailable)
         self.cancel_started: float | None = None
 
     def advance(self, parts: list[Part]) -> bool:
@@ -46,9 +55,11 @@ class PartSteps:
         held = {p.model for p in parts if p.state is PartState.HELD}
         meta = self.store.meta(self.batch_id)
         late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
+        at_cap = meta.get("pause_kind") == PauseKind.COST_CAP
         for part in parts:
-            if part.state.ended or (paused and part.state is not PartState.RUNNING):
-                continue  # (paused: nothing new goes upstream; what is there is still collected)
+            if part.state.ended or (paused and part.state is not PartState.RUNNING
+                                    and not (at_cap and part.reserved)):
+                continue  # (paused: nothing new goes upstream; what is there, or paid for, still goes on)
             if late and not part.late:
                 changed |= self._late(part)
                 continue
@@ -64,11 +75,13 @@ class PartSteps:
                 paused |= self._unavailable(part, str(exc))
             except KeyRefused as exc:  # every job would fail alike: pause, as live sending does
                 paused = True
-                self._pause(part, f"the API key was refused at {mask_url(self.client.base_url)} ({exc}), so the "
-                                  f"batch is paused; no job failed. Set a valid OPENAI_API_KEY for the workers, "
+                self._pause(part, f"the API key was refused at {self._where(part)} ({exc}), so the "
+                                  f"batch is paused; no job failed. Set a valid {self._key_var(part)} for the workers, "
                                   f"then run `batchrun resume {self.batch_id}`")
             except Refused as exc:
                 self._refused(part, str(exc))
+            except CapPaused:
+                paused = at_cap = True
             if part.to_json() != before:
                 self.save([part])
                 changed = True
@@ -83,7 +96,7 @@ class PartSteps:
             case PartState.UPLOADED:
                 self._create(part)
             case PartState.CREATING:
-                found = self.client.find(self._metadata(part))
+                found = self._client(part).find(self._metadata(part))
                 if found:
                     self._running(part, found)
                 else:
@@ -106,7 +119,7 @@ class PartSteps:
         down_for = (now_ms() - part.down_since_ms) / 1000
         if not give_up > 0 or down_for < give_up:
             return False
-        self._pause(part, f"the Batch API at {mask_url(self.client.base_url)} has failed for {down_for:.0f} s "
+        self._pause(part, f"the Batch API at {self._where(part)} has failed for {down_for:.0f} s "
                           f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
                           f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
                           f"`batchrun resume {self.batch_id}`")
@@ -116,6 +129,23 @@ class PartSteps:
         part.note, part.down_since_ms = reason, 0  # (a resume starts the count again)
         self.store.set_state(self.batch_id, BatchState.PAUSED, reason, only_from=(BatchState.RUNNING,))
         log.warning("batch %s, remote batch %d: %s", self.batch_id, part.no, reason)
+
+    def _client(self, part: Part) -> RemoteClient:
+        if self.clients is None or not part.endpoint:
+            return self.client
+        return self.clients(part)
+
+    def _where(self, part: Part) -> str:
+        try:
+            return mask_url(self._client(part).base_url) + (f" (endpoint {part.endpoint!r})" if part.endpoint else "")
+        except RemoteError:
+            return f"endpoint {part.endpoint!r}"
+
+    def _key_var(self, part: Part) -> str:
+        try:
+            return self._client(part).key_env
+        except RemoteError:
+            return "API key"
 
     def _metadata(self, part: Part) -> dict[str, str]:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
@@ -131,14 +161,41 @@ class PartSteps:
         if not lines:
             part.state, part.note = PartState.DONE, "every job had ended before the upload"
             return
-        part.file_id = self.client.upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
+        if not self._within_cap(part, cids):
+            return
+        part.file_id = self._client(part).upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
         part.state, part.note = PartState.UPLOADED, ""
+
+    def _within_cap(self, part: Part, cids: list[str]) -> bool:
+        """Under --max-cost: set the part's worst case aside before its file goes up, or pause the
+        batch (CapPaused) and leave the part planned; False if the batch stopped running meanwhile."""
+        cap = float(self.store.meta(self.batch_id).get("max_cost") or 0)
+        if cap <= 0 or part.reserved or self.reserve is None:
+            return True
+        costs, unpriced = part_costs(self.store.redis, self.batch_id, cids, self.recorder.table)
+        if unpriced:
+            message = (f"no price is known for model {unpriced!r} (remote batch #{part.no}), so the --max-cost "
+                       f"cannot be kept; give its price with: batchrun resume {self.batch_id} --prices FILE")
+            if self.store.set_state(self.batch_id, BatchState.PAUSED, message, only_from=(BatchState.RUNNING,),
+                                    pause_kind=PauseKind.NO_PRICE):
+                log.error("batch %s paused: %s", self.batch_id, message)
+            raise CapPaused(message)
+        label = f"remote batch (#{part.no}: {len(costs):,} job(s) of {part.model})"
+        done, reason = self.reserve(part, label, costs)
+        if done == 1:
+            part.reserved = True
+            return True
+        if reason:
+            log.warning("batch %s paused: %s", self.batch_id, reason)
+            part.note = "not uploaded: it would take the batch past its --max-cost"
+            raise CapPaused(reason)
+        return False
 
     def _create(self, part: Part) -> None:
         part.state = PartState.CREATING
         self.save([part])  # the intent first: a crash after the create finds the batch by its metadata
         try:
-            created = self.client.create(part.file_id, part.url, self._metadata(part))
+            created = self._client(part).create(part.file_id, part.url, self._metadata(part))
         except QueueFull as exc:
             self._hold(part, str(exc))
             return
@@ -159,7 +216,7 @@ class PartSteps:
         part.held_since_ms, part.note = 0, ""
 
     def _poll(self, part: Part) -> None:
-        batch = self.client.retrieve(part.remote_id)
+        batch = self._client(part).retrieve(part.remote_id)
         part.remote_status, part.counts = batch.get("status") or "", dict(batch.get("request_counts") or {})
         if part.remote_status in ENDED_UPSTREAM:
             self._collect(part, batch)
@@ -176,7 +233,7 @@ class PartSteps:
         ours, lines = set(ids), {}
         for file_id in (batch.get("output_file_id"), batch.get("error_file_id")):
             if file_id:
-                read_file_lines(self.client.content(file_id), ours, lines)
+                read_file_lines(self._client(part).content(file_id), ours, lines)
         got = self.recorder.record(part.model, ids, lines, part.url)
         again = self._resend(part, got.resend)
         part.state = PartState.CANCELLED if self._cancelled() else PartState.DONE
@@ -206,7 +263,7 @@ class PartSteps:
             return None
         if self.recorder.options.resend_via == "batch-api":
             no = max(p.no for p in self._all_parts()) + 1
-            return Part(no, part.url, part.model, len(again), resend=True), again
+            return Part(no, part.url, part.model, len(again), resend=True, endpoint=part.endpoint), again
         self.recorder.resend_live(again)
         return None
 
@@ -216,11 +273,11 @@ class PartSteps:
         part.late = True
         try:
             if part.state is PartState.CREATING:
-                found = self.client.find(self._metadata(part))
+                found = self._client(part).find(self._metadata(part))
                 if found:
                     self._running(part, found)
             if part.state is PartState.RUNNING:
-                if self.client.cancel(part.remote_id) is not None:
+                if self._client(part).cancel(part.remote_id) is not None:
                     part.remote_status = "cancelling"
                 part.note = "late for the deadline: cancelled upstream, its unfinished lines go live"
             else:
@@ -266,7 +323,7 @@ class PartSteps:
 
     def _cancel_one(self, part: Part, late: bool) -> None:
         if part.state is PartState.CREATING:
-            found = self.client.find(self._metadata(part))
+            found = self._client(part).find(self._metadata(part))
             if found:
                 self._running(part, found)
         if part.state is not PartState.RUNNING or late:
@@ -275,7 +332,7 @@ class PartSteps:
             part.note = part.note or "cancelled before it was created upstream"
             return
         if part.remote_status not in ("cancelling", "cancelled", *ENDED_UPSTREAM):
-            self.client.cancel(part.remote_id)
+            self._client(part).cancel(part.remote_id)
             part.remote_status = "cancelling"
             return
         self._poll(part)

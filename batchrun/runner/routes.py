@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 import redis
 from openai import AsyncOpenAI
 
-from batchrun.endpoints import Endpoint, EndpointKind, configured_endpoints
+from batchrun.endpoints import Endpoint, EndpointKind, EndpointVia, configured_endpoints
 from batchrun.policy.classify import remember_secrets
 from batchrun.policy.days import DaySpent
 from batchrun.policy.routing import RouteOption, pick
@@ -192,7 +192,11 @@ class Routes:
     def serving(self, model: str) -> list[Route]:
         routes = self._by_model.get(model)
         if routes is None:
-            routes = self._by_model[model] = [r for r in self.all if r.endpoint is None or r.endpoint.serves(model)]
+            routes = [r for r in self.all if r.endpoint is None or r.endpoint.serves(model)]
+            # A via = "batch-api" endpoint takes live requests only for a model no live endpoint serves
+            # (the live share of --via auto, lines sent again live): it is there for remote batches.
+            live = [r for r in routes if r.endpoint is None or r.endpoint.via is not EndpointVia.BATCH_API]
+            routes = self._by_model[model] = live or routes
         return routes
 
     def elsewhere(self, model: str, route: Route) -> bool:

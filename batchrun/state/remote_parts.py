@@ -55,6 +55,8 @@ class Part:
     resend: bool = False  # a part of lines sent again (they cost an attempt already)
     late: bool = False  # --via auto: cancelled for the deadline; its unfinished lines go live
     down_since_ms: int = 0  # its calls have failed (5xx, 429, unreachable) since then; 0: the last one worked
+    reserved: bool = False  # --max-cost: its jobs' worst case is set aside (reserve_part.lua); it may go on at the cap
+    endpoint: str = ""  # the [[endpoints]] name it goes to ('': the worker's OPENAI_BASE_URL)
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "state": str(self.state)})
@@ -75,6 +77,7 @@ class RemoteParts:
         self.redis = redis
         self._lock = redis.register_script(source("remote_lock"))
         self._save = redis.register_script(source("remote_save"))
+        self._reserve = redis.register_script(source("reserve_part"))
 
     def lock(self, batch_id: str, token: str, ms: int) -> bool:
         """Take or keep the batch's remote lock for ``ms``; False if another runner holds it."""
@@ -93,6 +96,20 @@ class RemoteParts:
             args += (part.no, part.to_json(), "\n".join((ids or {}).get(part.no, ())))
         return bool(self._save(keys=[keys.sub(batch_id, "rlock"), keys.sub(batch_id, "rparts"),
                                      keys.sub(batch_id, "rids")], args=args))
+
+    def reserve(self, batch_id: str, token: str, part: Part, label: str,
+                costs: list[tuple[str, float]]) -> tuple[int, str]:
+        """Set aside ``costs`` (custom_id, worst-case USD) for ``part`` under the batch's --max-cost,
+        all or none, and record the part as reserved. Returns (1 reserved, 0 not: the reason if the
+        cap refused it, -1 ``token`` lost the lock; the reason or '')."""
+        record = Part.from_json(part.to_json())
+        record.reserved = True
+        args: list = [batch_id, token, part.no, record.to_json(), label]
+        for cid, worst in costs:
+            args += (cid, repr(float(worst)))
+        out = self._reserve(keys=[keys.batch(batch_id), keys.sub(batch_id, "owner"), keys.sub(batch_id, "costres"),
+                                  keys.sub(batch_id, "rlock"), keys.sub(batch_id, "rparts")], args=args)
+        return int(out[0]), _s(out[1])
 
     def parts(self, batch_id: str) -> list[Part]:
         raw = self.redis.hgetall(keys.sub(batch_id, "rparts"))

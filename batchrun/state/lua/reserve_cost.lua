@@ -21,13 +21,6 @@ local reserved = tonumber(f[3] or '0') or 0
 local unknown = tonumber(f[4] or '0') or 0
 local refused = f[5] ~= 'running'
 local out = {''}
--- Dollars with enough digits that a tiny sum does not read as $0.0000.
-local function usd(x)
-  if x > 0 and x < 0.0001 then  -- (math.log10 is gone after Lua 5.1, which fakeredis may not be)
-    return string.format('$%.' .. (1 - math.floor(math.log(x) / math.log(10))) .. 'f', x)
-  end
-  return string.format('$%.4f', x)
-end
 local added = 0
 for i = 3, #ARGV, 2 do
   local cid, worst = ARGV[i], tonumber(ARGV[i + 1])

@@ -1,0 +1,119 @@
+"""--max-cost with remote batches (--via batch-api, --via auto): each part's worst case at the
+Batch API price is set aside before its file goes up, against the one cap live requests draw on;
+a part that does not fit is not uploaded and pauses the batch as the live cap does; what comes
+back settles to its real cost, so the money spent never passes the cap."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from batchrun.mock import MockServerThread
+from batchrun.ops.resume import set_cap
+from batchrun.ops.submit import submit_file
+from batchrun.policy.pricing import PriceTable, batch_price, cost_of_usage, worst_case_cost
+from batchrun.policy.tokens import estimate_tokens
+from batchrun.remote.client import RemoteClient
+from batchrun.remote.runner import RemoteRunner
+from batchrun.settings import BatchOptions
+from batchrun.state.remote_parts import PartState, RemoteParts
+from tests.helpers import batchrun_cmd, cli_env, read_lines, write_jobs
+from tests import test_remote
+from tests.test_remote import mock_summary
+
+pytestmark = pytest.mark.redis
+TABLE = PriceTable.load()
+real_store = test_remote.real_store  # the fixture, shared
+
+
+def worst_at_batch_price(path) -> list[float]:
+    """Each line's worst case at the Batch API price, in file order (what the cap sets aside)."""
+    out = []
+    for line in read_lines(path):
+        est = estimate_tokens(line["url"], line["body"])
+        out.append(worst_case_cost(batch_price(TABLE.price_for(line["body"]["model"])), est.input_tokens,
+                                   est.output_tokens))
+    return out
+
+
+def _drive(store, batch_id, srv):
+    return RemoteRunner(store, batch_id, RemoteClient(srv.base_url, "sk-test"), max_seconds=30, poll_cap=0.3,
+                        max_requests=10).run()
+
+
+def test_a_cap_that_fits_two_of_three_parts_uploads_two_and_pauses_before_the_third(real_store, tmp_path):
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30, max_tokens=40)
+    worst = worst_at_batch_price(jobs)
+    cap = sum(worst[:20]) + sum(worst[20:]) / 2  # two parts of ten fit, the third does not
+    with MockServerThread(batch_seconds=0.3) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=cap))
+        bid = report.batch_id
+        assert _drive(real_store, bid, srv)["again"] is False
+        first = mock_summary(srv)
+        meta = real_store.meta(bid)
+        parts = RemoteParts(real_store.redis).parts(bid)
+        assert first["created"] == 2 and sorted(first["batches"].values()) == ["completed"] * 2
+        assert [p.state for p in parts] == [PartState.DONE, PartState.DONE, PartState.PLANNED]
+        assert not parts[2].file_id and "past its --max-cost" in parts[2].note
+        assert (meta["state"], meta["pause_kind"], meta["done"]) == ("paused", "cost_cap", "20")
+        assert f"would take the batch past its --max-cost of ${cap:.4f}" in meta["reason"]
+        assert "the next remote batch (#2: 10 job(s) of gpt-4o-mini" in meta["reason"]
+        assert f"raise the cap with: batchrun resume {bid} --max-cost USD" in meta["reason"]
+        assert 0 < float(meta["cost"]) <= cap  # settled to the real cost...
+        assert abs(float(meta.get("cost_reserved") or 0)) < 1e-12  # ... and nothing left set aside
+        # A higher cap and a resume: the third part goes up, and the batch ends within the new cap.
+        set_cap(real_store, bid, cap * 2)
+        real_store.resume(bid)
+        assert _drive(real_store, bid, srv)["again"] is False
+        second = mock_summary(srv)
+    meta = real_store.meta(bid)
+    assert second["created"] == 3 and (meta["state"], meta["done"]) == ("finished", "30")
+    assert float(meta["cost"]) <= cap * 2 and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
+
+
+def test_a_remote_line_without_usage_counts_its_worst_case(real_store, tmp_path):
+    # (a line whose usage cannot be read used to count $0: under a cap that is money unaccounted)
+    from batchrun.remote.collect import Recorder
+    from batchrun.state.remote_parts import REMOTE_TOKEN
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2, max_tokens=40)
+    report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=1.0))
+    bid = report.batch_id
+    real_store.lease(bid, 0, 10, 60_000, REMOTE_TOKEN)
+    line = {"custom_id": "req-0", "response": {"status_code": 200, "body": {
+        "object": "chat.completion", "model": "gpt-4o-mini",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]}}}
+    Recorder(real_store, bid).record("gpt-4o-mini", ["req-0"], {"req-0": line}, "/v1/chat/completions")
+    assert float(real_store.meta(bid)["cost"]) == pytest.approx(worst_at_batch_price(jobs)[0], rel=1e-9)
+
+
+def test_run_via_the_batch_api_stops_at_the_cap_and_never_spends_past_it(tmp_path):
+    # Three models: three remote batches, made in no set order. The cap holds any two of them
+    # (the two dearest included), never all three: two go up, the third is held back.
+    parts = [write_jobs(tmp_path / f"{m}.jsonl", 8, max_tokens=60, model=m, prefix=m)
+             for m in ("gpt-4o-mini", "gpt-4.1-mini", "gpt-4o")]
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text("".join(p.read_text() for p in parts))
+    worst = sorted(sum(worst_at_batch_price(p)) for p in parts)
+    cap = worst[1] + worst[2] + worst[0] / 2
+    out = tmp_path / "out.jsonl"
+    with MockServerThread(batch_seconds=0.3) as srv:
+        env = cli_env(OPENAI_BASE_URL=srv.base_url, OPENAI_API_KEY="sk-test")
+        done = subprocess.run(batchrun_cmd("run", str(jobs), "-o", str(out), "--via", "batch-api",
+                                           "--max-cost", repr(cap)), env=env, capture_output=True, text=True,
+                              timeout=120)
+        summary = mock_summary(srv)
+    assert done.returncode == 4, done.stdout + done.stderr  # paused, as at the live cap
+    assert re.search(r"is paused: the next remote batch \(#\d: 8 job\(s\) of gpt-[a-z0-9.-]+\) \(up to \$[0-9.]+ "
+                     r"at the Batch API price\) would take the batch past its --max-cost of \$", done.stderr), done.stderr
+    assert f"batchrun resume {jobs} -o {out} --max-cost USD" in done.stderr
+    assert summary["created"] == 2 and sorted(summary["batches"].values()) == ["completed"] * 2
+    results = read_lines(out)
+    models = [r["response"]["body"]["model"] for r in results]
+    assert len(results) == 16 and len(set(models)) == 2 and all(models.count(m) == 8 for m in models)
+    spent = sum(cost_of_usage(batch_price(TABLE.price_for(m)), r["response"]["body"]["usage"])
+                for m, r in zip(models, results))
+    assert 0 < spent <= cap
+    assert "16 result(s) written" in done.stdout
