@@ -247,3 +247,12 @@ def test_status_and_limits_read_a_budget_poisoned_with_nan_and_inf(real_redis_ur
                            text=True, timeout=60)
         assert p.returncode == 0, p.stderr
         assert "Traceback" not in p.stderr and "nan" not in p.stdout.lower().replace("nanosecond", ""), p.stdout
+
+
+def test_a_cooldown_of_hours_is_said_in_hours_not_seconds():
+    # A server's per-day 429 cools its budget down for hours: "25919.7 s" is not for reading.
+    from batchrun.ops.status import describe_conditions
+
+    said = describe_conditions({"circuits": [], "cooldowns": [{"model": "gpt-4o-mini", "seconds_left": 25_919.7},
+                                                             {"model": "gpt-4o", "seconds_left": 1.34}]})
+    assert said == "rate limited (gpt-4o-mini): cooling down 7 h 12 min; rate limited (gpt-4o): cooling down 1.3 s"

@@ -63,7 +63,9 @@ def worker(redis_url, concurrency, processes, burst, name, grace, request_timeou
     preload_encodings(freeze=True)
     redis = connect(url)
     w = make_worker(redis, burst=burst, name=name)
-    log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), mask_url(settings.base_url),
+    named = configured_endpoints()  # the config file's [[endpoints]] replace OPENAI_BASE_URL
+    target = ("endpoints " + ", ".join(e.name for e in named)) if named else mask_url(settings.base_url)
+    log.info("worker %s on %s, sending to %s with %d in flight%s", w.name, describe(url), target,
              settings.concurrency, " (burst)" if burst else "")
     w.work(burst=burst, logging_level=logging.getLogger("rq.worker").getEffectiveLevel())  # as -v/-vv set it
 

@@ -238,5 +238,7 @@ def describe(status: dict) -> list[str]:
 def describe_conditions(conditions: dict[str, list[dict]]) -> str:
     """'circuit open for http://…/v1 (4.2 s left); rate limited (gpt-4o-mini): cooling down 1.3 s'."""
     parts = [f"circuit open for {c['endpoint']} ({c['seconds_left']:.1f} s left)" for c in conditions["circuits"]]
-    parts += [f"rate limited ({c['model']}): cooling down {c['seconds_left']:.1f} s" for c in conditions["cooldowns"]]
+    parts += [f"rate limited ({c['model']}): cooling down " + (f"{c['seconds_left']:.1f} s" if c["seconds_left"] < 60
+                                                               else format_duration(c["seconds_left"]))
+              for c in conditions["cooldowns"]]
     return "; ".join(parts)
