@@ -177,7 +177,9 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
         if cfg.batch_id and store.exists(cfg.batch_id):
             prepare_existing(store, cfg, skip)  # before any worker runs its shards
         run = _Run(cfg, out, errors_path, skip, store, LocalWorkers(cfg.grace), stop_requested)
-        stack.callback(run.workers.stop)
+        # However the run ends (an error, a Ctrl-C outside the steps that handle it), its runners
+        # stop at once rather than go on sending while this waits the grace period + 30 s for them.
+        stack.callback(run.workers.halt)
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
             # dropped, and the command that continues is printed. From before the submit: on the
@@ -265,6 +267,7 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> RunEnd | None:
         run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
                     should_stop=run.should_stop)
     except KeyboardInterrupt:
+        run.workers.stop_flag.set()  # first: the runners stop taking jobs whatever the display does
         progress.close()
         return _interrupted(run)
     if store.meta(bid).get("state") != BatchState.FINISHED:
@@ -295,8 +298,7 @@ def _interrupted(run: _Run) -> RunEnd:
 
 def _stop_and_collect(run: _Run) -> None:
     """Stop the workers gracefully (requests in flight get the grace period) and write what landed."""
-    run.workers.stop_flag.set()  # this run's worker threads only: another run of the process goes on
-    run.workers.stop()
+    run.workers.halt()  # this run's worker threads only: another run of the process goes on
     run.collect()
 
 

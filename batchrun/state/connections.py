@@ -111,10 +111,18 @@ def _direct_connection_class():
                 if not self._sock:
                     self.connect_check_health(check_health=False)
                 sock = self._sock
-                for item in command:
-                    if not sock._server or not sock._server.connected or sock._killed:
-                        raise redis.ConnectionError("Connection closed by server.")
-                    sock._process_command(item.arguments)
+                try:
+                    for item in command:
+                        if not sock._server or not sock._server.connected or sock._killed:
+                            raise redis.ConnectionError("Connection closed by server.")
+                        sock._process_command(item.arguments)
+                except BaseException:
+                    # As redis-py's own send: a batch cut short (a Ctrl-C between a MULTI and its
+                    # EXEC, say) must not go back to the pool half done. Its client would be left
+                    # inside the transaction, and every later command on it, this thread's or a
+                    # worker thread's, would be answered QUEUED or with another command's reply.
+                    self.disconnect()
+                    raise
 
         _direct_class = DirectConnection
     return _direct_class
