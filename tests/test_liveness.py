@@ -265,29 +265,44 @@ def test_ctrl_c_in_the_middle_of_an_in_process_redis_transaction_still_ends_the_
     assert "to finish the batch: batchrun resume" in err and "Traceback" not in err, err
 
 
-@pytest.mark.parametrize("cut_before", [2, 3, 4])  # the first queued command, the second, the EXEC
+# Where a Ctrl-C can land in a transaction (MULTI, GET, GET, EXEC) on the in-process Redis, whose
+# server side runs in the interrupted thread: ("send", n) before the n-th command is carried out,
+# ("read", n) as the n-th reply is read (taken from the socket, n > 0), or before any (n = 0).
+@pytest.mark.parametrize("where, n", [("send", 2), ("send", 3), ("send", 4), ("read", 0), ("read", 1),
+                                      ("read", 3)])
 def test_a_ctrl_c_inside_a_transaction_leaves_the_in_process_redis_answering_each_command_its_own_reply(
-        monkeypatch, cut_before):
+        monkeypatch, where, n):
     from fakeredis._socket._base import BaseFakeSocket
 
-    from batchrun.state.connections import connect
+    from batchrun.state.connections import _direct_connection_class, connect
 
-    client = connect(f"memory://ctrl-c-in-a-transaction-{cut_before}")
+    client = connect(f"memory://ctrl-c-in-a-transaction-{where}-{n}")
     client.hset("h", "f", "v")
-    process, seen = BaseFakeSocket._process_command, []
+    direct = _direct_connection_class()
+    process, read, seen = BaseFakeSocket._process_command, direct.read_response, []
 
     def process_or_cut(sock, fields):
         seen.append(fields[0].upper())
-        if len(seen) == cut_before:
+        if len(seen) == n:
             raise KeyboardInterrupt  # as a Ctrl-C landing here, in the main thread, would
         return process(sock, fields)
 
-    monkeypatch.setattr(BaseFakeSocket, "_process_command", process_or_cut)
+    def read_or_cut(conn, *args, **kwargs):
+        seen.append("read")
+        if len(seen) == max(n, 1):
+            if n:
+                conn._sock.responses.get()  # the reply is taken, the Ctrl-C lands before it is returned
+            raise KeyboardInterrupt
+        return read(conn, *args, **kwargs)
+
+    if where == "send":
+        monkeypatch.setattr(BaseFakeSocket, "_process_command", process_or_cut)
+    else:
+        monkeypatch.setattr(direct, "read_response", read_or_cut)
     with pytest.raises(KeyboardInterrupt):
         client.pipeline().get("a").get("a").execute()
-    monkeypatch.setattr(BaseFakeSocket, "_process_command", process)
-    assert seen[0] == b"MULTI" and len(seen) == cut_before
-    # (the pool hands the connection used last out first: the one the cut left behind, if kept)
+    monkeypatch.undo()
+    # (the pool hands out first the connection used last: the one the cut left behind, if kept)
     assert client.hgetall("h") == {b"f": b"v"}
     assert client.get("a") is None
     assert client.pipeline().hget("h", "f").get("a").execute() == [b"v", None]

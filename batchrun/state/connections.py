@@ -87,6 +87,17 @@ def _direct_connection_class():
         from fakeredis import FakeRedisConnection
 
         class DirectConnection(FakeRedisConnection):
+            def connect(self) -> None:
+                # The pool connects each connection it hands out: one holding replies nobody read (a
+                # Ctrl-C landed between a send and its reads) starts again, or its next command would
+                # read them. (redis-py's own check for this is off while its maintenance
+                # notifications are "auto", its default.) In this process, where a command runs in
+                # the interrupted thread itself, such a cut is far from rare.
+                sock = self._sock
+                if sock is not None and sock.responses is not None and not sock.responses.empty():
+                    self.disconnect()
+                super().connect()
+
             def send_command(self, *args, **kwargs) -> None:
                 self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
@@ -120,7 +131,8 @@ def _direct_connection_class():
                     # As redis-py's own send: a batch cut short (a Ctrl-C between a MULTI and its
                     # EXEC, say) must not go back to the pool half done. Its client would be left
                     # inside the transaction, and every later command on it, this thread's or a
-                    # worker thread's, would be answered QUEUED or with another command's reply.
+                    # worker thread's (they share the pool), would be answered QUEUED or with
+                    # another command's reply.
                     self.disconnect()
                     raise
 
