@@ -210,14 +210,14 @@ def test_ctrl_c_while_the_circuit_is_open_does_not_wait_the_grace(spawn, tmp_pat
     assert "to finish the batch: batchrun resume" in errors.read()
 
 
-# `batchrun` whose main thread is interrupted, as by a Ctrl-C landing there, in the middle of a
-# transaction on the in-process Redis (after its MULTI, before its EXEC): the first one it sends a
-# second after its first progress line, while the circuit is open. Under load a real Ctrl-C lands
-# there now and then (the main thread reads the batch's counts in transactions every second); it
+# `batchrun` whose main thread gets a Ctrl-C (SIGINT) in the middle of a transaction on the
+# in-process Redis (after its MULTI, before its EXEC): the first one it sends a second after its
+# first progress line, while the circuit is open. Under load a real Ctrl-C lands there now and then
+# (the main thread reads the batch's counts in transactions every second); raised in there, it
 # left the shared connection inside the transaction, every later command on it answered QUEUED or
 # with another command's reply, and the run ended in a traceback, at times after 60 s and more.
 _CUT_IN_A_TRANSACTION = """
-import sys, threading, time
+import os, signal, sys, threading, time
 from fakeredis._socket._base import BaseFakeSocket
 from batchrun.ops import progress
 from batchrun.cli.main import main
@@ -235,7 +235,7 @@ def process_or_cut(sock, fields):
             and threading.current_thread() is threading.main_thread():
         armed_at[0] = float("inf")
         print("cut: between MULTI and EXEC", file=sys.stderr, flush=True)
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs at the next bytecode: in the fake server
     return process(sock, fields)
 BaseFakeSocket._process_command = process_or_cut
 main(sys.argv[1:], prog_name="batchrun")
@@ -306,6 +306,43 @@ def test_a_ctrl_c_inside_a_transaction_leaves_the_in_process_redis_answering_eac
     assert client.hgetall("h") == {b"f": b"v"}
     assert client.get("a") is None
     assert client.pipeline().hget("h", "f").get("a").execute() == [b"v", None]
+
+
+def test_a_ctrl_c_at_the_entry_of_a_lock_release_in_the_in_process_redis_leaves_no_lock_held():
+    """The fake server runs in the calling thread, under Python-level locks (the Conditions of its
+    queues and events). A KeyboardInterrupt raised as one's ``__exit__`` begins (where the
+    interpreter may run a signal handler) left the lock held for good: the next command waited on
+    it for ever (in the fuzzing of `run`, 457 s until another signal). In `run`, whose handler this
+    is, the interrupt waits for the call to the in-process Redis to end."""
+    from batchrun.state.connections import connect, interrupt_unless_in_redis
+
+    client = connect(f"memory://ctrl-c-at-a-lock-release-{os.getpid()}")
+    client.set("a", "1")
+    release, held = threading.Condition.__exit__.__code__, []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is release and not held and frame.f_back.f_code.co_name == "set":
+            held.append(frame.f_locals["self"])  # the Condition of the socket's response_ready Event
+            sys.settrace(None)
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, frame)  # the handler, run where the interpreter may
+        return tracer
+
+    def hung(signum, frame):
+        raise TimeoutError("the call waits for a lock the interrupt left held")
+
+    before, alarm = signal.signal(signal.SIGINT, interrupt_unless_in_redis), signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 5)
+    try:
+        sys.settrace(tracer)
+        with pytest.raises(KeyboardInterrupt):
+            client.get("a")
+    finally:
+        sys.settrace(None)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGINT, before)
+        signal.signal(signal.SIGALRM, alarm)
+    assert held and not held[0]._lock.locked()
+    assert client.get("a") == b"1"
 
 
 def test_a_run_that_ends_on_an_error_stops_its_runners_at_once(tmp_path):

@@ -28,7 +28,7 @@ from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
 from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.endpoints import CONFIG_ENV, configured_endpoints, missing_keys
 from batchrun.settings import BatchOptions, WorkerSettings
-from batchrun.state.connections import connect, describe, is_memory
+from batchrun.state.connections import connect, describe, interrupt_unless_in_redis, is_memory
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
@@ -184,7 +184,11 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
             # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
             # dropped, and the command that continues is printed. From before the submit: on the
             # in-process Redis, sending starts while the file loads.
-            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
+            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, interrupt_unless_in_redis))
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                # Ctrl-C too, except inside a call to the in-process Redis, which gets it as it returns
+                # (raised in there, it could leave a lock of the fake server held for good).
+                stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, interrupt_unless_in_redis))
         try:
             total = _submit_and_start(run, settings, sidecar, stack)
         except BaseException as exc:
@@ -336,10 +340,6 @@ def _state_of(meta: dict) -> BatchState | None:
         return BatchState(meta.get("state"))
     except ValueError:
         return None
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _summary(cfg: RunConfig, errors_path: str, written: CollectReport, skip: set[str]) -> str:
