@@ -28,7 +28,7 @@ from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
 from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.endpoints import CONFIG_ENV, configured_endpoints, missing_keys
 from batchrun.settings import BatchOptions, WorkerSettings
-from batchrun.state.connections import connect, describe, is_memory
+from batchrun.state.connections import connect, describe, interrupt_unless_in_redis, is_memory
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
 from batchrun.remote.start import remote_paid_for_open
@@ -180,12 +180,18 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
         if cfg.batch_id and store.exists(cfg.batch_id):
             prepare_existing(store, cfg, skip)  # before any worker runs its shards
         run = _Run(cfg, out, errors_path, skip, store, LocalWorkers(cfg.grace), stop_requested)
-        stack.callback(run.workers.stop)
+        # However the run ends (an error, a Ctrl-C outside the steps that handle it), its runners
+        # stop at once rather than go on sending while this waits the grace period + 30 s for them.
+        stack.callback(run.workers.halt)
         if threading.current_thread() is threading.main_thread():
             # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
             # dropped, and the command that continues is printed. From before the submit: on the
             # in-process Redis, sending starts while the file loads.
-            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, _interrupt))
+            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, interrupt_unless_in_redis))
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                # Ctrl-C too, except inside a call to the in-process Redis, which gets it as it returns
+                # (raised in there, it could leave a lock of the fake server held for good).
+                stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, interrupt_unless_in_redis))
         try:
             total = _submit_and_start(run, settings, sidecar, stack)
         except BaseException as exc:
@@ -268,6 +274,7 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> RunEnd | None:
         run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
                     should_stop=run.should_stop)
     except KeyboardInterrupt:
+        run.workers.stop_flag.set()  # first: the runners stop taking jobs whatever the display does
         progress.close()
         return _interrupted(run)
     if store.meta(bid).get("state") != BatchState.FINISHED:
@@ -298,8 +305,7 @@ def _interrupted(run: _Run) -> RunEnd:
 
 def _stop_and_collect(run: _Run) -> None:
     """Stop the workers gracefully (requests in flight get the grace period) and write what landed."""
-    run.workers.stop_flag.set()  # this run's worker threads only: another run of the process goes on
-    run.workers.stop()
+    run.workers.halt()  # this run's worker threads only: another run of the process goes on
     run.collect()
 
 
@@ -337,10 +343,6 @@ def _state_of(meta: dict) -> BatchState | None:
         return BatchState(meta.get("state"))
     except ValueError:
         return None
-
-
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt
 
 
 def _summary(cfg: RunConfig, errors_path: str, written: CollectReport, skip: set[str]) -> str:

@@ -58,6 +58,11 @@ class LocalWorkers:
         self.grace = grace
         self.abandoned = False
         self.threads: list[threading.Thread] = []
+        # Set as each thread's work ends: what alive() and stop() go by, not Thread.is_alive()/join(). A
+        # Ctrl-C that lands inside Thread.is_alive() (which alive() calls at every poll of `run`) marks
+        # a thread that still runs as stopped (CPython 3.11's bpo-45274 handling); `run` would then
+        # not wait for its requests in flight and exit with the thread still sending.
+        self.ended: list[threading.Event] = []
         self.procs: list[subprocess.Popen] = []
         self.rq_workers = []
         # The stop flag of this run's worker threads (run_scope.py): this run's alone, so
@@ -65,7 +70,7 @@ class LocalWorkers:
         self.stop_flag = threading.Event()
 
     def alive(self) -> bool:
-        return any(t.is_alive() for t in self.threads) or any(p.poll() is None for p in self.procs)
+        return any(not e.is_set() for e in self.ended) or any(p.poll() is None for p in self.procs)
 
     def abandon(self) -> None:
         """Stop at once: worker threads die with this process; worker processes are killed (their
@@ -75,7 +80,17 @@ class LocalWorkers:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
 
+    def halt(self) -> None:
+        """Stop now (Ctrl-C, SIGTERM, a run ending on an error): this run's runners stop taking
+        jobs, their requests on the wire get the grace period, the rest goes back to the queue;
+        waits for them as ``stop`` does. Without the flag a runner would go on until its shard
+        parks or ends (a circuit open: until --give-up-after) and ``stop`` would wait it out."""
+        self.stop_flag.set()
+        self.stop()
+
     def stop(self) -> None:
+        """Let the workers end: no new shard jobs; a runner under way ends by itself (its batch
+        paused or done), or at once on ``halt``. Each wait is capped at the grace period + 30 s."""
         if self.abandoned:
             return
         for w in self.rq_workers:
@@ -83,8 +98,8 @@ class LocalWorkers:
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
-        for t in self.threads:
-            t.join(timeout=self.grace + 30)
+        for ended in self.ended:
+            ended.wait(timeout=self.grace + 30)
         for p in self.procs:
             try:
                 p.wait(timeout=self.grace + 30)
@@ -104,11 +119,23 @@ def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings, batch_
     preload_encodings()
     for _ in range(IN_PROCESS_WORKERS):
         w = make_worker(redis, burst=True, threaded=True)
-        t = threading.Thread(target=serve(scope, w.work, burst=True, logging_level="WARNING"),
+        ended = threading.Event()
+        t = threading.Thread(target=_then_set(serve(scope, w.work, burst=True, logging_level="WARNING"), ended),
                              name="batchrun-local-worker", daemon=True)
         t.start()
         workers.rq_workers.append(w)
         workers.threads.append(t)
+        workers.ended.append(ended)
+
+
+def _then_set(target, ended: threading.Event):
+    def run() -> None:
+        try:
+            target()
+        finally:
+            ended.set()
+
+    return run
 
 
 def start_processes(workers: LocalWorkers, redis_url: str, settings: WorkerSettings, *, processes: int,

@@ -214,16 +214,28 @@ class ShardRunner(JobAttempts):
             log.warning("batch %s shard %d: stopping; %d request(s) in flight get %.0f s to finish, "
                         "the shard's other jobs go back to the queue", self.batch_id, self.shard,
                         len(self._on_the_wire), grace)
-        _, late = await asyncio.wait(list(self.inflight.values()), timeout=grace)
+        late = await self._wait_in_flight(grace)
         for task in late:  # given back by _process, without costing an attempt
             task.cancel()
         await asyncio.gather(*late, return_exceptions=True)
 
+    async def _wait_in_flight(self, limit: float) -> set[asyncio.Task]:
+        """Wait up to ``limit`` s for the tasks in flight; a stop meanwhile (a Ctrl-C while a pause or a
+        yield winds down) cuts it to the grace period from then. Returns the tasks still running."""
+        deadline, stopping = time.monotonic() + limit, self.stop.is_set()
+        pending = set(self.inflight.values())
+        while pending and time.monotonic() < deadline:
+            if not stopping and self.stop.is_set():
+                stopping, deadline = True, min(deadline, time.monotonic() + self.settings.grace_seconds)
+            _, pending = await asyncio.wait(pending, timeout=min(1.0, max(0.01, deadline - time.monotonic())))
+        return pending
+
     async def _let_granted_go(self, limit: float) -> None:
         """A yield's jobs whose budget is taken wait for their turn and go out, within ``limit``; a
-        stop meanwhile sends them back like the others (the stop's grace is for the wire only)."""
+        stop meanwhile (this runner's: its run's, or the process's) sends them back like the others
+        (the stop's grace is for the wire only)."""
         deadline = time.monotonic() + limit
-        while not STOP.is_set() and time.monotonic() < deadline:
+        while not self.stop.is_set() and time.monotonic() < deadline:
             waiting = [task for cid, task in self.inflight.items() if cid not in self._on_the_wire]
             if not waiting:
                 return

@@ -75,6 +75,43 @@ def connect(url: str | None = None) -> redis.Redis:
 
 
 _direct_class = None
+_MAIN_THREAD = threading.main_thread().ident
+_in_redis = 0  # the main thread's depth in calls to the in-process Redis
+_held = False  # an interrupt came during one: raised once it is done
+
+
+def interrupt_unless_in_redis(signum, frame) -> None:
+    """A SIGINT/SIGTERM handler for a process whose worker threads share an in-process Redis with
+    its main thread (`run`): KeyboardInterrupt at once, except while the main thread is inside a
+    call to that Redis, where it is held and raised as the call returns. Its server side runs in
+    the calling thread under Python-level locks (threading.Condition, queue.Queue): one raised in
+    there (at the entry of a Condition's ``__exit__``, say) leaves a lock held for good, and the
+    next command, this thread's or a worker's, waits on it for ever."""
+    global _held
+    if _in_redis:
+        _held = True
+        return
+    raise KeyboardInterrupt
+
+
+class _Uninterrupted:
+    """The body of a call to the in-process Redis, during which the main thread holds an interrupt."""
+
+    def __enter__(self) -> None:
+        global _in_redis
+        if threading.get_ident() == _MAIN_THREAD:
+            _in_redis += 1
+
+    def __exit__(self, *exc) -> None:
+        global _in_redis, _held
+        if threading.get_ident() == _MAIN_THREAD:
+            _in_redis -= 1
+            if _held and not _in_redis:
+                _held = False
+                raise KeyboardInterrupt  # the Ctrl-C that came meanwhile, now that the call is done
+
+
+_UNINTERRUPTED = _Uninterrupted()
 
 
 def _direct_connection_class():
@@ -87,6 +124,30 @@ def _direct_connection_class():
         from fakeredis import FakeRedisConnection
 
         class DirectConnection(FakeRedisConnection):
+            def connect(self) -> None:
+                # The pool connects each connection it hands out: one holding replies nobody read (a
+                # Ctrl-C landed between a send and its reads) starts again, or its next command would
+                # read them. (redis-py's own check for this is off while its maintenance
+                # notifications are "auto", its default.) In this process, where a command runs in
+                # the interrupted thread itself, such a cut is far from rare.
+                with _UNINTERRUPTED:
+                    sock = self._sock
+                    if sock is not None and sock.responses is not None and not sock.responses.empty():
+                        self.disconnect()
+                    super().connect()
+
+            def disconnect(self, *args, **kwargs) -> None:
+                with _UNINTERRUPTED:
+                    super().disconnect(*args, **kwargs)
+
+            def can_read(self, *args, **kwargs) -> bool:
+                with _UNINTERRUPTED:
+                    return super().can_read(*args, **kwargs)
+
+            def read_response(self, *args, **kwargs):
+                with _UNINTERRUPTED:
+                    return super().read_response(*args, **kwargs)
+
             def send_command(self, *args, **kwargs) -> None:
                 self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
@@ -111,10 +172,20 @@ def _direct_connection_class():
                 if not self._sock:
                     self.connect_check_health(check_health=False)
                 sock = self._sock
-                for item in command:
-                    if not sock._server or not sock._server.connected or sock._killed:
-                        raise redis.ConnectionError("Connection closed by server.")
-                    sock._process_command(item.arguments)
+                try:
+                    with _UNINTERRUPTED:
+                        for item in command:
+                            if not sock._server or not sock._server.connected or sock._killed:
+                                raise redis.ConnectionError("Connection closed by server.")
+                            sock._process_command(item.arguments)
+                except BaseException:
+                    # As redis-py's own send: a batch cut short (a Ctrl-C between a MULTI and its
+                    # EXEC, say) must not go back to the pool half done. Its client would be left
+                    # inside the transaction, and every later command on it, this thread's or a
+                    # worker thread's (they share the pool), would be answered QUEUED or with
+                    # another command's reply.
+                    self.disconnect()
+                    raise
 
         _direct_class = DirectConnection
     return _direct_class
