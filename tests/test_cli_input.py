@@ -587,3 +587,19 @@ def test_huge_concurrency_and_shard_size_are_refused_naming_the_ceiling(real_red
                                                       BATCHRUN_CONCURRENCY="20000")), 2, "BATCHRUN_CONCURRENCY",
                  "10,000")
     assert "at most 10,000" in cli("run", "-h").stdout and "at most 1,000,000" in cli("run", "-h").stdout
+
+
+def test_a_ctrl_c_before_a_commands_own_handling_exits_130_saying_interrupted(monkeypatch):
+    # click alone prints "Aborted!" and exits 1, which scripts and shells do not read as an interrupt.
+    from click.testing import CliRunner
+
+    from batchrun.cli.main import main
+    from batchrun.state.store import BatchStore
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(BatchStore, "recent_batches", interrupted)
+    res = CliRunner().invoke(main, ["list"], env={"BATCHRUN_REDIS_URL": "redis://127.0.0.1:1/0"})
+    assert res.exit_code == 130, res.output
+    assert "batchrun: interrupted" in res.output and "Aborted" not in res.output, res.output

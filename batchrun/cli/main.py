@@ -75,6 +75,8 @@ class Group(click.Group):
             fail(str(exc))
         except CacheUnavailable as exc:  # `cache stats|clear` on a file that is not a database
             fail(str(exc))
+        except KeyboardInterrupt:  # a Ctrl-C before the command's own handling (run's starts at its submit)
+            fail("interrupted", 130)  # as a shell reports it, not click's "Aborted!" and exit 1
 
 
 @click.group(cls=Group, context_settings={"auto_envvar_prefix": "BATCHRUN", "help_option_names": ["-h", "--help"]})
