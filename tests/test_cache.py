@@ -239,3 +239,33 @@ def test_a_full_cache_file_is_a_warning_once_and_the_answers_are_not_kept(tmp_pa
         assert s.get("f" * 64) == b"y"
     finally:
         s.close()
+
+
+def test_the_flush_at_exit_waits_for_the_writer_threads_flush_to_commit(tmp_path, monkeypatch):
+    """The writer thread is a daemon: the interpreter stops it after the atexit flush. A flush at
+    exit that found nothing waiting because the writer had just taken the answers must wait for
+    that commit, or a run's last answers are lost and its rerun sends them again."""
+    import sqlite3
+
+    path = tmp_path / "responses.sqlite3"
+    storage = SqliteCacheStorage(path)
+    entered, release = threading.Event(), threading.Event()
+    real = storage._put_one
+
+    def slow(*args):
+        entered.set()
+        release.wait(10)
+        real(*args)
+
+    monkeypatch.setattr(storage, "_put_one", slow)
+    storage.put("k", b"BRC1 value", 60, 1 << 20)
+    threading.Thread(target=storage.flush, daemon=True).start()
+    assert entered.wait(10)  # a flush (this thread's or the writer's) holds the answer, not committed
+    threading.Timer(0.2, release.set).start()
+    storage._flush_or_warn()  # as atexit calls it
+    db = sqlite3.connect(path)
+    try:
+        assert db.execute("SELECT COUNT(*) FROM entries").fetchone()[0] == 1
+    finally:
+        db.close()
+        storage.close()

@@ -27,6 +27,7 @@ from batchrun.ops.collect import CollectReport, collect, default_errors_path
 from batchrun.ops.local_workers import LocalWorkers, RunLogFilter
 from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.endpoints import CONFIG_ENV, configured_endpoints, missing_keys
+from batchrun.policy.cache_entries import RequestKeys
 from batchrun.settings import BatchOptions, WorkerSettings
 from batchrun.state.connections import connect, describe, interrupt_unless_in_redis, is_memory
 from batchrun.state.jobcounts import jobs_left
@@ -193,7 +194,7 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
                 # (raised in there, it could leave a lock of the fake server held for good).
                 stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, interrupt_unless_in_redis))
         try:
-            total = _submit_and_start(run, settings, sidecar, stack)
+            total = _submit_and_start(run, settings, endpoints, sidecar, stack)
         except BaseException as exc:
             if not run.workers.threads:
                 if isinstance(exc, KeyboardInterrupt):  # an interrupt exits 130, also before any job is sent
@@ -224,11 +225,13 @@ def _without_endpoints(stack: ExitStack, out: RunOutput) -> None:
         out.note(f"the [[endpoints]] of {path} are not used with --mock: every request goes to the mock server")
 
 
-def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: ExitStack) -> int:
+def _submit_and_start(run: _Run, settings: WorkerSettings, endpoints, sidecar: str, stack: ExitStack) -> int:
     """Submit the file and start the local workers; returns the batch's total.
 
     On the in-process Redis the worker threads start as soon as the first shard has its jobs, and
-    send while the rest of the file loads; on a real Redis the worker processes start after it."""
+    send while the rest of the file loads; on a real Redis the worker processes start after it.
+    The lines the response cache answers end in the submit (keyed as these workers key them), and
+    a batch they end whole gets no worker at all."""
     cfg, store = run.cfg, run.store
 
     def accepted(bid: str) -> None:
@@ -245,7 +248,8 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
     given = {"batch_id": cfg.batch_id, "options": cfg.options, "endpoint": cfg.endpoint,
              "skip_invalid": cfg.skip_invalid, "skip_ids": run.skip, "prices": cfg.prices,
              "on_skip": lambda e: run.out.warn(f"skipped: {e}"),
-             "on_loading": start_threads if is_memory(cfg.redis_url) else None}
+             "on_loading": start_threads if is_memory(cfg.redis_url) else None,
+             "request_keys": RequestKeys(settings.base_url, endpoints)}
     if cfg.requests is not None:  # the library's requests, validated and loaded without a file
         report = submit_requests(store, cfg.requests, **given)
     else:
@@ -256,6 +260,8 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, sidecar: str, stack: 
     run.out.note(f"batch {bid}: {report.total} job(s) on {describe(cfg.redis_url)}")
     if run.workers.threads:
         pass  # started while the file loaded
+    elif not jobs_left(store.meta(bid)):
+        pass  # nothing to send: every line was there already, or the cache served it
     elif is_memory(cfg.redis_url):
         local_workers.start_threads(run.workers, store.redis, settings, bid)
     else:

@@ -19,6 +19,8 @@ from batchrun.files.jobfile import MAX_LINE_BYTES, Job, JobFileError, LineError,
 from batchrun.files.joblines import parse_line
 from batchrun.files.seen_ids import SeenIds
 from batchrun.ops.resume import merged_prices
+from batchrun.ops.submit_cache import HitServer
+from batchrun.policy.cache_entries import RequestKeys
 from batchrun.policy.pricing import PriceTable
 from batchrun.endpoints import (CONFIG_ENV, configured_endpoints, remote_endpoint, remote_models, unserved_models,
                                 unserved_sentence)
@@ -43,6 +45,7 @@ class SubmitReport:
     added: int  # jobs new to the batch (0 when the file was submitted before)
     total: int  # jobs in the batch now
     skipped: list[LineError] = field(default_factory=list)
+    served: int = 0  # jobs ended at submit with answers from the response cache (never in a shard)
 
 
 class _Source:
@@ -117,7 +120,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
                 endpoint: str = "/v1/chat/completions", skip_invalid: bool = False,
                 on_skip: Callable[[LineError], None] | None = None,
                 skip_ids: set[str] | None = None, prices: str | None = None,
-                on_loading: Callable[[str], None] | None = None) -> SubmitReport:
+                on_loading: Callable[[str], None] | None = None,
+                request_keys: RequestKeys | None = None) -> SubmitReport:
     """Load the jobs of ``path`` into batch ``batch_id`` (new if None) and enqueue the shards that got jobs.
 
     Nothing is written unless the whole file is valid or ``skip_invalid`` is set. Jobs whose
@@ -127,6 +131,10 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     With ``on_loading``, a new batch's shards are enqueued as they fill, and ``on_loading(batch_id)``
     is called once the first can run: workers may send while the rest of the file loads. It is not
     called for a batch that existed (its workers start after the submit, as without it).
+
+    With ``request_keys`` (how the workers that will run the batch key a request: `run`'s), the
+    lines the response cache answers end at once as cached results and are not loaded as jobs
+    (ops/submit_cache.py), unless the batch bypasses the cache.
     """
     validated = _fingerprint(path)
     valid, errors = validate_file(path, endpoint=endpoint)
@@ -141,7 +149,8 @@ def submit_file(store: BatchStore, path: str, *, batch_id: str | None = None, op
     # validate_file has checked every line: the second pass trusts them (see iter_requests).
     requests = iter_requests(path, endpoint=endpoint, skip_lines=[e.line_no for e in errors], size=validated[0])
     return _submit_valid(store, _Source(path, endpoint), requests, valid, errors, batch_id=batch_id,
-                         options=options, on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading)
+                         options=options, on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading,
+                         request_keys=request_keys)
 
 
 _FIRST_ON_LINE = re.compile(r"\(first on line (\d+)\)")
@@ -158,7 +167,8 @@ def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str |
                     options: BatchOptions | None = None, endpoint: str = "/v1/chat/completions",
                     skip_invalid: bool = False, on_skip: Callable[[LineError], None] | None = None,
                     skip_ids: set[str] | None = None, prices: str | None = None,
-                    on_loading: Callable[[str], None] | None = None) -> SubmitReport:
+                    on_loading: Callable[[str], None] | None = None,
+                    request_keys: RequestKeys | None = None) -> SubmitReport:
     """``submit_file`` for requests given in Python: Batch API lines as dicts (custom_id, method,
     url, body), or bare bodies. Every request is checked as a line of a file is, with the same
     sentences naming its index (``request 3: ...``), BEFORE anything is written: nothing is
@@ -197,7 +207,7 @@ def submit_requests(store: BatchStore, lines: Iterable[dict], *, batch_id: str |
     digest = hashlib.sha256(b"\n".join(raws)).hexdigest()[:32]  # which requests made the batch
     return _submit_valid(store, _Source(jobs=jobs), pairs, len(jobs), errors, batch_id=batch_id, options=options,
                          on_skip=on_skip, skip_ids=skip_ids, prices=prices, on_loading=on_loading,
-                         requests_digest=digest)
+                         requests_digest=digest, request_keys=request_keys)
 
 
 def _check_served_models(source: _Source, via: str) -> set[str]:
@@ -227,7 +237,7 @@ def _check_served_models(source: _Source, via: str) -> set[str]:
 def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[str, bytes]], valid: int,
                   errors: list[LineError], *, batch_id: str | None, options: BatchOptions | None,
                   on_skip, skip_ids: set[str] | None, prices: str | None, on_loading,
-                  requests_digest: str = "") -> SubmitReport:
+                  requests_digest: str = "", request_keys: RequestKeys | None = None) -> SubmitReport:
     """The submit once every job is known valid: the batch made (or extended), its jobs loaded."""
     if batch_id is not None and not keys.BATCH_ID_RE.match(batch_id):
         raise ValueError(f"batch id {batch_id!r} must be letters, digits, '.', '_' or '-' (at most 128)")
@@ -255,16 +265,23 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     if errors and on_skip is not None:
         for err in errors:
             on_skip(err)
+    batch_options = store.options(batch_id)  # an existing batch keeps its own
     remote = sends_remote(store.meta(batch_id))  # --via batch-api (or its endpoints'): remote batches first
-    loader = _Loader(store, batch_id, store.options(batch_id).shard_size,  # an existing batch keeps its own
+    loader = _Loader(store, batch_id, batch_options.shard_size,
                      early=None if existing or remote else on_loading, reserve=valid)
-    added = loader.load(cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))
-    if added:
-        store.reopen(batch_id)
+    pairs = (cid_req for cid_req in requests if not (skip_ids and cid_req[0] in skip_ids))
+    # A rerun's hits end here, never leased or uploaded (--via batch-api): only misses are loaded.
+    hits = HitServer.open(store, batch_id, batch_options, request_keys, table) if request_keys else None
+    added = loader.load(hits.misses(pairs) if hits else pairs)
+    served = hits.served if hits else 0
+    if added or served:
+        store.reopen(batch_id)  # (a finished batch's keys no longer expire; it finishes again below)
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
     if not jobs_left(meta):
-        store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,))  # empty, or all done before
+        # empty, all done before, or all served from the cache
+        if store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,)) and served:
+            store.redis.hsetnx(keys.batch(batch_id), "finished_at", store.server_time_ms() // 1000)
     elif remote:
         request_plan(store, batch_id)
     elif meta.get("state") == BatchState.RUNNING and not loader.ready_below:
@@ -274,7 +291,7 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
         store.wake_all_shards(batch_id)
         while store.promote_parked(limit=1000) == 1000:
             pass
-    return SubmitReport(batch_id, valid, added, total, errors)
+    return SubmitReport(batch_id, valid, added, total, errors, served)
 
 
 class _Loader:

@@ -15,7 +15,9 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-__all__ = ["CachedAnswer", "MAGIC", "OPT_OUT_FIELD", "cache_key", "cache_server", "canonical_body", "decode_entry",
+from batchrun.endpoints import cache_servers
+
+__all__ = ["CachedAnswer", "MAGIC", "OPT_OUT_FIELD", "RequestKeys", "cache_key", "cache_server", "canonical_body", "decode_entry",
            "encode_entry", "line_opts_out", "normalised_base_url"]
 
 MAGIC = b"BRC1"  # a version tag: entries of another format read as corrupt, not as answers
@@ -66,6 +68,32 @@ def cache_key(base_url: str, path: str, body: dict, server: str | None = None) -
     place of the base URL)."""
     text = "\n".join((normalised_base_url(base_url) if server is None else server, path, canonical_body(body)))
     return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
+
+
+class RequestKeys:
+    """The cache key of each request sent from one place: ``base_url``, or with ``endpoints`` (the
+    worker config's [[endpoints]]) every endpoint serving the body's model, as cache_server keys
+    it. What a shard runner keys a job by, and what `run`'s submit looks a line up by: the two
+    must agree, or a hit served at submit would not be the answer the runner would have used."""
+
+    def __init__(self, base_url: str, endpoints=()):
+        self.base_url = base_url
+        self._base = normalised_base_url(base_url)  # (once, not once per line)
+        self.endpoints = tuple(endpoints)
+        self._servers: dict[str, str] = {}  # model -> its key's server part
+
+    def key(self, request: dict) -> str | None:
+        """The key of a job's request ({"url", "body", ...}); None when its line opts out."""
+        if line_opts_out(request):
+            return None
+        body = request["body"]
+        server = self._base
+        if self.endpoints:
+            model = str(body.get("model", ""))
+            server = self._servers.get(model)
+            if server is None:
+                server = self._servers[model] = cache_server(cache_servers(self.endpoints, model))
+        return cache_key(self.base_url, request["url"], body, server)
 
 
 def line_opts_out(request: dict) -> bool:

@@ -18,8 +18,7 @@ import logging
 import time
 
 from batchrun.files.outputs import result_line
-from batchrun.endpoints import cache_servers
-from batchrun.policy.cache_entries import CachedAnswer, cache_key, cache_server, line_opts_out
+from batchrun.policy.cache_entries import CachedAnswer, RequestKeys
 from batchrun.policy.pricing import answer_cost
 from batchrun.state.cache import CachePolicy, ResponseCache
 from batchrun.state.cache_storage import CacheUnavailable
@@ -40,6 +39,18 @@ def cache_policy_of(options) -> CachePolicy:
                        not_before=options.cache_refresh)
 
 
+def hit_outcome(custom_id: str, model: str, hit: CachedAnswer, price_of) -> tuple[str, float]:
+    """A job served by the cache: its result line (the stored answer, marked ``"cached": true``)
+    and what it saved, at the batch's prices (``price_of(model)``) from the answer's usage."""
+    line = result_line(custom_id, status_code=hit.status_code, request_id=hit.request_id, body=hit.body)
+    line[CACHED_FIELD] = True
+    answered = hit.body.get("model")
+    asked = price_of(model)
+    other = price_of(answered) if isinstance(answered, str) and answered and answered != model else None
+    saved = answer_cost([asked] if other is None or other == asked else [asked, other], hit.body.get("usage"), 0, 0)
+    return json.dumps(line), saved
+
+
 class CacheSteps:
     cache: ResponseCache | None = None  # (set by _set_up_cache; None: the batch bypasses the cache)
     _claimed: dict[str, str] = {}  # (replaced by _set_up_cache; only a runner with a cache adds to it)
@@ -55,22 +66,16 @@ class CacheSteps:
                     _SAID.add(str(exc))
                     log.warning("batch %s: %s; until then requests are sent without it", self.batch_id, exc)
         self._claimed: dict[str, str] = {}  # custom_id -> the cache key whose sending it claimed
-        self._cache_servers: dict[str, str] = {}  # model -> its key's server part (with [[endpoints]])
+        # [[endpoints]]: a key names the servers the request may go to, not OPENAI_BASE_URL
+        self._request_keys = RequestKeys(self.settings.base_url,
+                                         tuple(r.endpoint for r in self.routes.all if r.endpoint is not None))
         self._cache_failing = False
 
     def _cache_key_of(self, job: LeasedJob) -> str | None:
         """The job's cache key; None when the batch or its line bypasses the cache."""
-        if self.cache is None or line_opts_out(job.request):
+        if self.cache is None:
             return None
-        body = job.request["body"]
-        server = None
-        if self.routes.named:  # [[endpoints]]: the servers the request may go to, not OPENAI_BASE_URL
-            model = str(body.get("model", ""))
-            server = self._cache_servers.get(model)
-            if server is None:
-                eps = [r.endpoint for r in self.routes.serving(model) if r.endpoint is not None]
-                server = self._cache_servers[model] = cache_server(cache_servers(tuple(eps), model))
-        return cache_key(self.settings.base_url, job.request["url"], body, server)
+        return self._request_keys.key(job.request)
 
     async def _served_from_cache(self, job: LeasedJob, key: str) -> bool:
         """True: the job ended with a cached answer. False: send it (this job now holds the claim,
@@ -118,14 +123,8 @@ class CacheSteps:
         return out
 
     async def _record_hit(self, job: LeasedJob, hit: CachedAnswer) -> None:
-        line = result_line(job.custom_id, status_code=hit.status_code, request_id=hit.request_id, body=hit.body)
-        line[CACHED_FIELD] = True
-        model = str(job.request["body"].get("model", ""))
-        answered = hit.body.get("model")
-        saved = answer_cost([self._price(model), self._price(answered) if isinstance(answered, str) and answered
-                             else None], hit.body.get("usage"), 0, 0)
-        await self.completer.submit(CompleteItem(OutcomeKind.RESULT, job.custom_id, json.dumps(line), saved,
-                                                 False, True))
+        line, saved = hit_outcome(job.custom_id, str(job.request["body"].get("model", "")), hit, self._price)
+        await self.completer.submit(CompleteItem(OutcomeKind.RESULT, job.custom_id, line, saved, False, True))
         self.stats["done"] += 1
         self.stats["cache_hits"] += 1
         self.metrics["ended"] += 1

@@ -88,7 +88,18 @@ class ResponseCache:
 
     def lookup(self, key: str, not_before: float = 0.0) -> CachedAnswer | None:
         """The stored answer, or None (none, too old for --refresh, or corrupt: then logged and dropped)."""
-        raw = self.storage.get(key)
+        return self._read(key, self.storage.get(key), not_before)
+
+    def lookup_many(self, keys: list[str], not_before: float = 0.0) -> dict[str, CachedAnswer]:
+        """``lookup`` of many keys in one read of the storage: the answers found, by key."""
+        found = {}
+        for key, raw in self.storage.get_many(keys).items():
+            answer = self._read(key, raw, not_before)
+            if answer is not None:
+                found[key] = answer
+        return found
+
+    def _read(self, key: str, raw: bytes | None, not_before: float) -> CachedAnswer | None:
         try:
             answer = decode_entry(raw)
         except ValueError as exc:

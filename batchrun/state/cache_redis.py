@@ -37,6 +37,13 @@ class RedisCacheStorage:
     def get(self, key: str) -> bytes | None:
         return self.redis.get(ENTRY + key)
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        for i in range(0, len(keys), _CHUNK):
+            part = keys[i:i + _CHUNK]
+            found.update((k, v) for k, v in zip(part, self.redis.mget([ENTRY + k for k in part])) if v is not None)
+        return found
+
     def put(self, key: str, value: bytes, ttl_seconds: float, max_bytes: int) -> bool:
         ttl_ms = max(1, int(ttl_seconds * 1000))
         out = self.scripts.cache_put(keys=[ENTRY + key, INDEX, SIZES, BYTES],

@@ -54,6 +54,10 @@ class SqliteCacheStorage:
             raise
         self._pending: dict[str, tuple[bytes, float, int, int]] = {}  # key -> (value, ttl s, bound, stored ms)
         self._pending_lock = threading.Lock()
+        # Held for a whole flush, from taking the answers waiting to their commit: the flush at exit
+        # waits for the writer thread's, which the interpreter would otherwise stop half way (a
+        # daemon thread), losing the answers it had taken.
+        self._flush_lock = threading.Lock()
         self._wake = threading.Event()
         self._closed = False
         self._failing = False  # the last flush failed (said once)
@@ -82,6 +86,24 @@ class SqliteCacheStorage:
                                    (key, _now_ms())).fetchone()
         return bytes(row[0]) if row else None
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The live entries of ``keys`` (those missing are left out): one query, not one per key."""
+        now = _now_ms()
+        found: dict[str, bytes] = {}
+        rest = []
+        for key in keys:
+            waiting = self._pending.get(key)
+            if waiting is not None and waiting[3] + waiting[1] * 1000 > now:
+                found[key] = waiting[0]
+            else:
+                rest.append(key)
+        if rest:
+            with self._lock:
+                rows = self._db.execute("SELECT key, value FROM entries WHERE key IN (SELECT value FROM json_each(?)) "
+                                        "AND expires_ms > ?", (json.dumps(rest), now)).fetchall()
+            found.update((key, bytes(value)) for key, value in rows)
+        return found
+
     def put(self, key: str, value: bytes, ttl_seconds: float, max_bytes: int) -> bool:
         if len(value) + len(key) > max_bytes:
             return False
@@ -94,22 +116,23 @@ class SqliteCacheStorage:
 
     def flush(self) -> bool:
         """Write the answers waiting in memory, in one transaction (False: there were none)."""
-        with self._pending_lock:
-            batch, self._pending = self._pending, {}
-        if not batch or self._closed:
-            return False
-        with self._lock:
-            db = self._db
-            db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes: the bound holds
-            try:
-                for key, (value, ttl, bound, stored) in batch.items():
-                    self._put_one(key, value, ttl, bound, stored)
-                db.execute("COMMIT")
-            except BaseException:
-                if db.in_transaction:  # (sqlite rolls back by itself on a full disk)
-                    db.execute("ROLLBACK")
-                raise
-        return True
+        with self._flush_lock:
+            with self._pending_lock:
+                batch, self._pending = self._pending, {}
+            if not batch or self._closed:
+                return False
+            with self._lock:
+                db = self._db
+                db.execute("BEGIN IMMEDIATE")  # one writer at a time across processes: the bound holds
+                try:
+                    for key, (value, ttl, bound, stored) in batch.items():
+                        self._put_one(key, value, ttl, bound, stored)
+                    db.execute("COMMIT")
+                except BaseException:
+                    if db.in_transaction:  # (sqlite rolls back by itself on a full disk)
+                        db.execute("ROLLBACK")
+                    raise
+            return True
 
     def _write_behind(self) -> None:
         while not self._closed:

@@ -40,6 +40,9 @@ class CacheStorage(Protocol):
 
     def get(self, key: str) -> bytes | None: ...
 
+    def get_many(self, keys: list[str]) -> dict[str, bytes]:
+        """The entries of ``keys`` that are there, in one round trip (a rerun's submit looks up a block at once)."""
+
     def put(self, key: str, value: bytes, ttl_seconds: float, max_bytes: int) -> bool:
         """Store ``value`` (False: bigger than the bound on its own), evicting what the bound needs."""
 

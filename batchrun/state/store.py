@@ -135,6 +135,17 @@ class BatchStore:
             args=[keys.todo_prefix(batch_id), *args])
         return int(out[0]), [int(s) for s in out[1:]]
 
+    def serve_cached(self, batch_id: str, items: list[tuple[str, str, float]]) -> tuple[int, float]:
+        """End (custom_id, result line JSON, USD saved) jobs with answers from the response cache as
+        they are submitted (serve_cached.lua); those the batch knows already are left as they are.
+        Returns (jobs served, USD saved)."""
+        args: list = []
+        for cid, line, saved in items:
+            args += (cid, line, repr(float(saved)) if saved else "0")
+        out = self.scripts.serve_cached(keys=[keys.batch(batch_id), keys.sub(batch_id, "status"),
+                                              keys.sub(batch_id, "req"), keys.sub(batch_id, "results")], args=args)
+        return int(out[0]), float(_s(out[1]))
+
     def reopen(self, batch_id: str) -> None:
         """New jobs in a finished batch: it runs again, and its keys no longer expire."""
         if self.set_state(batch_id, BatchState.RUNNING, only_from=(BatchState.FINISHED,)):
