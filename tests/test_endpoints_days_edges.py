@@ -128,6 +128,35 @@ def test_one_job_too_large_for_the_rest_of_the_day_lets_the_others_go_then_pause
                      r"of gpt-4o-mini on every endpoint serving it that has not spent its day \(tokens left: d "
                      r"[\d,]+\), and no other job of the batch is ready to go; .* so the batch is paused; no job "
                      r"failed", proc.stderr), proc.stderr[-3000:]
+    # the printed command names the config file: pasted without it, the batch would go to OPENAI_BASE_URL
+    assert f"to finish the batch: batchrun --config {config} run " in proc.stderr, proc.stderr[-3000:]
     status = subprocess.run(batchrun_cmd("--config", config, "status", "short"), capture_output=True, text=True,
                             env=cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=60).stdout
     assert "4 done" in status and "is spent" not in status, status
+    assert f"Run `batchrun --config {config} resume short` after " in status, status
+
+
+def test_printed_commands_name_a_config_given_on_the_command_line_not_one_from_the_environment(tmp_path,
+                                                                                              monkeypatch):
+    from click.testing import CliRunner
+
+    from batchrun.cli.main import main
+    from batchrun.ops import hints
+
+    config = tmp_path / "my config.toml"
+    config.write_text("")
+    real, calls = hints.given_config, []
+    monkeypatch.setattr(hints, "given_config", lambda path: calls.append(path) or real(path))
+    monkeypatch.delenv("BATCHRUN_CONFIG", raising=False)
+    CliRunner().invoke(main, ["--config", str(config), "endpoints"])
+    assert calls == [str(config), None]  # named while the command runs, forgotten when it ends
+    assert hints.command(["resume", "b"]) == "batchrun resume b"  # (reset when the command ends)
+    hints.given_config(str(config))
+    assert hints.command(["resume", "b"]) == f"batchrun --config '{config}' resume b"
+    assert hints.complete("Run `batchrun resume b` after 00:00", lambda i, extra: ["resume", i]) == (
+        f"Run `batchrun --config '{config}' resume b` after 00:00")
+    hints.given_config(None)
+    monkeypatch.setenv("BATCHRUN_CONFIG", str(config))
+    calls.clear()
+    result = CliRunner().invoke(main, ["endpoints"])
+    assert result.exit_code == 0 and calls == [] and hints.command(["resume", "b"]) == "batchrun resume b"
