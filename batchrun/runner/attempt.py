@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import json
 import logging
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -275,9 +276,10 @@ class JobAttempts(CacheSteps):
             await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", False))
             self.stats["paused"] += 1
             return
-        await self.requeuer.submit(RequeueItem(job.custom_id, int(min(seconds, self.policy.cap) * 1000), False, "",
-                                               False))
-        self._note_event("day_too_small", min(seconds, self.policy.cap))
+        # (spread: two such jobs of two workers, back at the same moment, would each see the other in flight)
+        delay = min(seconds, self.policy.cap * (0.5 + random.random() / 2))
+        await self.requeuer.submit(RequeueItem(job.custom_id, int(delay * 1000), False, "", False))
+        self._note_event("day_too_small", delay)
         if job.custom_id not in self._said_short:
             self._said_short.add(job.custom_id)
             log.warning("batch %s: %s", self.batch_id, day_short_sentence(job.custom_id, tokens, model, left, seconds))
