@@ -160,3 +160,24 @@ def test_printed_commands_name_a_config_given_on_the_command_line_not_one_from_t
     calls.clear()
     result = CliRunner().invoke(main, ["endpoints"])
     assert result.exit_code == 0 and calls == [] and hints.command(["resume", "b"]) == "batchrun resume b"
+
+
+def test_a_runner_keeps_an_endpoint_whose_day_refused_one_large_request_for_the_smaller_ones(redis_client):
+    from batchrun.endpoints import parse_endpoints
+    from batchrun.runner.routes import Routes
+    from batchrun.settings import BatchOptions, WorkerSettings
+
+    store = BatchStore(redis_client)
+    ep = parse_endpoints("f.toml", [{"name": "d", "base_url": "http://d/v1", "tpd": ["m=4000"]}])[0]
+    routes = Routes(store, WorkerSettings(), BatchOptions(), "t", endpoints=(ep,))
+    d = routes.all[0]
+    for _ in range(4):
+        assert d.day_spent(store, "m", 300)[0] == 0
+    left, day = d.day_spent(store, "m", 3000)
+    assert left > 0 and day is None and d.day_short["m"] == 2800
+    assert d.day_until("m") == 0 and routes.choose("m", 300) is d and routes.days_spent("m") == []
+    assert d.day_spent(store, "m", 300)[0] == 0
+    # a day that cannot take today's average request any more is spent, for this runner too
+    for _ in range(8):
+        d.day_spent(store, "m", 300)
+    assert d.day_spent(store, "m", 300)[0] > 0 and d.day_until("m") > 0 and routes.choose("m", 10) is None
