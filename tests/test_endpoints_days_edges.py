@@ -181,3 +181,27 @@ def test_a_runner_keeps_an_endpoint_whose_day_refused_one_large_request_for_the_
     for _ in range(8):
         d.day_spent(store, "m", 300)
     assert d.day_spent(store, "m", 300)[0] > 0 and d.day_until("m") > 0 and routes.choose("m", 10) is None
+
+
+def test_a_runner_of_a_single_endpoint_reads_the_servers_spent_day_before_its_first_request(redis_client):
+    """The server's per-day 429 recorded by another worker: a runner whose config has that one endpoint
+    (no rpd/tpd of its own) sends nothing there until then, and knows why (the pause names it)."""
+    import asyncio
+
+    from batchrun.endpoints import Endpoint
+    from batchrun.runner.routes import Routes
+    from batchrun.settings import BatchOptions, WorkerSettings
+
+    store = BatchStore(redis_client)
+    eps = (Endpoint("only", "http://only/v1"),)
+
+    async def scenario():
+        earlier = Routes(store, WorkerSettings(), BatchOptions(), "t1", endpoints=eps)
+        await asyncio.to_thread(earlier.all[0].server_day_spent, store, "m", 3600.0, "rpd", 10_000)
+        later = Routes(store, WorkerSettings(), BatchOptions(), "t2", endpoints=eps)
+        await later.ready("m")
+        return later.choose("m", 10), later.days_spent("m")
+
+    chosen, days = asyncio.run(scenario())
+    assert chosen is None
+    assert [(d.endpoint, d.limit, d.by) for d in days] == [("only", "rpd", "server")]

@@ -243,7 +243,9 @@ class Routes:
         circuit and day's record): a runner that starts after another found an endpoint's day
         spent skips it from its first request, rather than routing a burst there to wait."""
         routes = self.serving(model)
-        if len(routes) <= 1 or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
+        # (one endpoint of a config too: a day the server said spent is then a pause that says until
+        # when, not a burst of requests sent to be refused again)
+        if not routes or not routes[0].name or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
             return
         now = time.monotonic()
         tasks = [t for t in (self._level(r, model, now).reading for r in routes) if t is not None and not t.done()]
