@@ -205,3 +205,26 @@ def test_a_runner_of_a_single_endpoint_reads_the_servers_spent_day_before_its_fi
     chosen, days = asyncio.run(scenario())
     assert chosen is None
     assert [(d.endpoint, d.limit, d.by) for d in days] == [("only", "rpd", "server")]
+
+
+@pytest.mark.redis
+def test_jobs_all_too_large_for_what_is_left_pause_the_batch_rather_than_go_round_until_midnight(real_redis_url,
+                                                                                                   tmp_path):
+    """What is left (2,760 tokens) still takes today's average request, but each of 36 jobs needs more,
+    20 leased at a time: they wait, and once none is in flight or due the batch pauses, saying why."""
+    small, jobs = tmp_path / "small.jsonl", tmp_path / "jobs.jsonl"
+    small.write_text("\n".join(_job(i, 300) for i in range(4)) + "\n")
+    jobs.write_text("\n".join(_job(i, 3000) for i in range(4, 40)) + "\n")
+    with MockServerThread(MockConfig()) as srv:
+        config = _config(tmp_path, _endpoint("d", srv.base_url, 'tpd = ["gpt-4o-mini=4000"]'))
+        first = _run(config, small, tmp_path / "first.jsonl", real_redis_url, "--batch-id", "small", "--no-cache",
+                     timeout=60)
+        assert first.returncode == 0 and srv.stats()["requests"] == 4, first.stderr[-3000:]
+        # (the day's 1,240 tokens counted: the batch of the large ones leases 20 at a time, each seeing the others)
+        proc = _run(config, jobs, tmp_path / "out.jsonl", real_redis_url, "--batch-id", "stall", "--concurrency",
+                    "20", "--backoff-cap", "1", "--no-cache", timeout=60)
+        assert srv.stats()["requests"] == 4, proc.stderr[-3000:]
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert re.search(r"job j\d+ needs up to [\d,]+ tokens, more than what is left today .* \(tokens left: d 2,760\), "
+                     r"and no other job of the batch is ready to go; .* so the batch is paused", proc.stderr), \
+        proc.stderr[-3000:]
