@@ -228,3 +228,22 @@ def test_jobs_all_too_large_for_what_is_left_pause_the_batch_rather_than_go_roun
     assert re.search(r"job j\d+ needs up to [\d,]+ tokens, more than what is left today .* \(tokens left: d 2,760\), "
                      r"and no other job of the batch is ready to go; .* so the batch is paused", proc.stderr), \
         proc.stderr[-3000:]
+
+
+@pytest.mark.redis
+def test_pace_per_endpoint_with_two_worker_processes_is_what_each_server_saw_not_doubled(real_redis_url, tmp_path):
+    from tests.helpers import write_jobs
+
+    with MockServerThread(MockConfig(latency_ms=50)) as a, MockServerThread(MockConfig(latency_ms=50)) as b:
+        config = _config(tmp_path, _endpoint("a", a.base_url), _endpoint("b", b.base_url, 'rpd = ["gpt-4o-mini=5"]'))
+        jobs = write_jobs(tmp_path / "jobs.jsonl", 12)
+        proc = _run(config, jobs, tmp_path / "out.jsonl", real_redis_url, "--batch-id", "two", "--processes", "2",
+                    "--concurrency", "4", "--no-cache", timeout=90)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        seen = {"a": a.stats()["requests"], "b": b.stats()["requests"]}
+    assert seen["b"] == 5 and sum(seen.values()) == 12  # the rpd a ceiling across both processes
+    st = json.loads(subprocess.run(batchrun_cmd("--config", config, "status", "two", "--json"), capture_output=True,
+                                   text=True, env=cli_env(BATCHRUN_REDIS_URL=real_redis_url), timeout=60).stdout)
+    by_name = {e["endpoint"]: e for e in st["endpoints"]}
+    assert {n: e["requests"] for n, e in by_name.items()} == seen
+    assert sum(e["tokens"] for e in by_name.values()) == st["models"][0]["tokens"] > 0
