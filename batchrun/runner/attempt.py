@@ -280,8 +280,8 @@ class JobAttempts(CacheSteps):
         delay = min(seconds, self.policy.cap * (0.5 + random.random() / 2))
         await self.requeuer.submit(RequeueItem(job.custom_id, int(delay * 1000), False, "", False))
         self._note_event("day_too_small", delay)
-        if job.custom_id not in self._said_short:
-            self._said_short.add(job.custom_id)
+        if model not in self._said_short:  # (once per model: the next ones are counted in the shard's summary line)
+            self._said_short.add(model)
             log.warning("batch %s: %s", self.batch_id, day_short_sentence(job.custom_id, tokens, model, left, seconds))
 
     async def _pause_for_days(self, job: LeasedJob, model: str) -> None:
