@@ -247,3 +247,16 @@ def test_pace_per_endpoint_with_two_worker_processes_is_what_each_server_saw_not
     by_name = {e["endpoint"]: e for e in st["endpoints"]}
     assert {n: e["requests"] for n, e in by_name.items()} == seen
     assert sum(e["tokens"] for e in by_name.values()) == st["models"][0]["tokens"] > 0
+
+
+def test_a_run_event_is_still_a_kind_and_text_pair_with_the_status_beside_it():
+    """Handlers written before progress events unpack ``kind, text = event``: that still works."""
+    import pickle
+
+    from batchrun.api.events import EventKind, RunEvent
+
+    progress = RunEvent(EventKind.PROGRESS, "progress: 1/2 jobs ended", {"jobs": {"total": 2}})
+    kind, text = progress
+    assert (kind, text, progress.status) == ("progress", "progress: 1/2 jobs ended", {"jobs": {"total": 2}})
+    assert RunEvent(EventKind.WARNING, "w").status is None and len(RunEvent(EventKind.NOTE, "n")) == 2
+    assert pickle.loads(pickle.dumps(progress)).status == {"jobs": {"total": 2}}
