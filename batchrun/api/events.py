@@ -28,10 +28,21 @@ class EventKind(StoredText):
     PROGRESS = "progress"  # where the batch is: its text is `run`'s progress line, its status `status --json`
 
 
-class RunEvent(NamedTuple):
+class _KindAndText(NamedTuple):
     kind: EventKind
     text: str
-    status: dict | None = None  # progress events: the batch's status (`batchrun status --json`'s fields)
+
+
+class RunEvent(_KindAndText):
+    """What a run says: (kind, text), a pair as before (``kind, text = event`` still works), and
+    ``status`` for progress events: the batch's status (`batchrun status --json`'s fields)."""
+
+    status: dict | None
+
+    def __new__(cls, kind: EventKind, text: str, status: dict | None = None):
+        event = super().__new__(cls, kind, text)
+        event.status = status
+        return event
 
 
 EventHandler = Callable[[RunEvent], None]

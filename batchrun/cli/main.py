@@ -10,6 +10,7 @@ import logging
 import os
 
 import click
+from click.core import ParameterSource
 
 from batchrun import __version__
 from batchrun.cli import cache as cache_cli
@@ -17,6 +18,7 @@ from batchrun.cli import dashboard, endpoints, estimate, manage, priority, resum
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
 from batchrun.endpoints import CONFIG_ENV
+from batchrun.ops import hints
 from batchrun.cli.verbosity import lift_verbosity
 from batchrun.state.connections import ENV_URL, db_out_of_range, describe
 
@@ -102,6 +104,9 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
         os.environ[CONFIG_ENV] = os.path.abspath(config_path)
         ctx.call_on_close(lambda: os.environ.pop(CONFIG_ENV, None) if before is None
                           else os.environ.__setitem__(CONFIG_ENV, before))
+        if ctx.get_parameter_source("config_path") is ParameterSource.COMMANDLINE:
+            hints.given_config(config_path)  # (the commands it prints name it; from the environment, the shell keeps it)
+            ctx.call_on_close(lambda: hints.given_config(None))
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:

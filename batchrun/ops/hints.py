@@ -55,8 +55,18 @@ class RedisRef:
         return None
 
 
+_GLOBAL: list[str] = []  # `--config FILE` when this command was given one on its command line
+
+
+def given_config(path: str | None) -> None:
+    """The config file this command was given with --config (None: none, or from BATCHRUN_CONFIG,
+    which the shell keeps): every printed command names it, or pasted it would lose the file's
+    [[endpoints]] and option defaults."""
+    _GLOBAL[:] = ["--config", path] if path else []
+
+
 def command(args: Sequence[str]) -> str:
-    return "batchrun " + shlex.join(args)
+    return "batchrun " + shlex.join([*_GLOBAL, *args])
 
 
 def resume_files(jobs: str, output: str, errors: str | None, redis: RedisRef, *, mock: bool,

@@ -118,6 +118,12 @@ def resume_words(d: DaySpent) -> str:
     return f"{clock(d.resumes_ms)} (in {wait_words(d.seconds_left)})"
 
 
+def resume_words_at(seconds: float, now_ms: float | None = None) -> str:
+    """'00:00 UTC (in 3 h 12 min)', ``seconds`` from now."""
+    now_ms = time.time() * 1000 if now_ms is None else now_ms
+    return f"{clock(now_ms + seconds * 1000)} (in {wait_words(seconds)})"
+
+
 def spent_sentence(d: DaySpent, *, others_carry_on: bool, of: str = "this batch") -> str:
     """"endpoint openai-a: gpt-4o-mini's requests-per-day limit (10,000) is spent; it resumes at
     00:00 UTC (in 3 h 12 min); other endpoints carry on"."""

@@ -78,6 +78,7 @@ class Route:
     levels: dict[str, _Level] = field(default_factory=dict)
     day_spent_until: dict[str, float] = field(default_factory=dict)  # model -> time.monotonic() its day restarts
     day_why: dict[str, tuple[str, int, str]] = field(default_factory=dict)  # model -> (limit, its number, by)
+    day_short: dict[str, int] = field(default_factory=dict)  # model -> tokens its day had left at a refusal
 
     def client_for(self, model: str) -> AsyncOpenAI:
         ep = self.endpoint
@@ -98,15 +99,20 @@ class Route:
     def day_spent(self, store: BatchStore, model: str, tokens: int) -> tuple[float, int | None]:
         """Count this request against the endpoint's per-day limits of the model: (0, the day it
         was counted on, None with no per-day limit) when counted, else (the seconds until the
-        endpoint takes the model again, None): the request is not counted."""
+        endpoint takes the model again, None): the request is not counted. A request refused
+        only for its size (the day's tokens left still take today's average request) leaves the
+        endpoint to the others: ``day_short`` says how many tokens it had left."""
         rpd, tpd = self.endpoint.day_limits(model) if self.endpoint is not None else (0, 0)
         if not (rpd or tpd):
             return 0.0, None
         key = keys.day_counts(self.limiter.budget_key(model))
-        refused, reset_ms, which = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens, self.name])  # (a thread)
-        if not int(refused):
+        refused, reset_ms, which, left = store.scripts.day_take(keys=[key], args=[rpd, tpd, tokens, self.name])
+        if not int(refused):  # (called from a thread)
             return 0.0, int(reset_ms)  # (the day counted on)
         which = _s(which)
+        if int(left) >= 0:  # its day still takes smaller requests: only this one is skipped here
+            self.day_short[model] = int(left)
+            return int(reset_ms) / 1000, None
         self.note_day(model, int(reset_ms) / 1000, which, rpd if which == "rpd" else tpd if which == "tpd" else 0,
                       "count")  # not asked again until then
         return int(reset_ms) / 1000, None
@@ -241,7 +247,9 @@ class Routes:
         circuit and day's record): a runner that starts after another found an endpoint's day
         spent skips it from its first request, rather than routing a burst there to wait."""
         routes = self.serving(model)
-        if len(routes) <= 1 or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
+        # (one endpoint of a config too: a day the server said spent is then a pause that says until
+        # when, not a burst of requests sent to be refused again)
+        if not routes or not routes[0].name or all(model in r.levels and r.levels[model].read_at > 0 for r in routes):
             return
         now = time.monotonic()
         tasks = [t for t in (self._level(r, model, now).reading for r in routes) if t is not None and not t.done()]

@@ -105,6 +105,9 @@ class ShardRunner(JobAttempts):
         self._outage: tuple[str, int, int] = ("", 0, 0)  # what the failures are, endpoint down since, now (ms)
         self._side_tasks: set[asyncio.Task] = set()
         self._day_counted: dict[str, tuple] = {}  # job -> (route, model, day, tokens) counted by day_take, not sent
+        self._short_today: dict[str, dict[str, int]] = {}  # job -> {endpoint: tokens left}: too large for today
+        self._said_short: set[str] = set()  # models whose jobs' wait for a new day was said (the first's)
+        self._deferring: set[str] = set()  # jobs of this runner being set aside for a new day just now
         self._via: dict[tuple[str, str], CounterNames] = {}  # (endpoint, model) -> its budget's metric names
         self._avoid: dict[str, str] = {}  # custom_id -> the endpoint its last attempt failed on (a 429, an outage)
         self._last_summary = time.monotonic()

@@ -22,6 +22,7 @@ def event_phrase(kind: str) -> str:
         "stream_broken": "stream broke mid-way",
         "stream_truncated": "stream ended without a finish_reason",
         "day_limit": "the per-day limit (rpd/tpd) of every endpoint serving the model is spent",
+        "day_too_small": "a request needs more tokens than what is left of today's tpd on every endpoint serving it",
     }.get(kind, kind.replace("_", " "))
 
 
