@@ -67,6 +67,11 @@ class Endpoint:
         """(requests, tokens) per day for a model; 0 means no limit."""
         return self.per_day.for_model(model)
 
+    def cache_identity(self, model: str) -> tuple[str, str]:
+        """(base URL, Azure deployment or '') of this endpoint for a model: the server part of the
+        response cache's key (policy/cache_entries.py cache_server)."""
+        return self.base_url, self.deployments.get(model, "") if self.kind is EndpointKind.AZURE else ""
+
     def serves(self, model: str) -> bool:
         if self.models:
             return model in self.models
@@ -272,8 +277,7 @@ def configured_endpoints(env=None) -> tuple[Endpoint, ...]:
 def cache_servers(endpoints: tuple[Endpoint, ...], model: str) -> list[tuple[str, str]]:
     """The (base URL, Azure deployment or '') of the endpoints serving a model, for the response
     cache's key (policy/cache_entries.py cache_server)."""
-    return [(e.base_url, e.deployments.get(model, "") if e.kind is EndpointKind.AZURE else "")
-            for e in endpoints if e.serves(model)]
+    return [e.cache_identity(model) for e in endpoints if e.serves(model)]
 
 
 def missing_keys(endpoints: tuple[Endpoint, ...], env=None) -> list[str]:

@@ -156,15 +156,8 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
     # Jobs the files hold already are never sent again, by `run` as by `resume`: a second
     # run onto a complete output must not pay again for answers it would then drop.
     skip, prior_errors = already_done(cfg, errors_path, out.note)
-    if skip and not cfg.only_missing and cfg.library:
-        out.note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
-                 + (f"; the {prior_errors} failed one(s) come back as they failed (to send them again, "
-                    f"take their lines out of {errors_path})" if prior_errors else ""))
-    elif skip and not cfg.only_missing:
-        again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
-        out.note(f"{len(skip)} job(s) already in {cfg.output} or {errors_path} are not sent again"
-                 + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
-                    else ""))
+    if skip and not cfg.only_missing:
+        _say_skipped(cfg, out, errors_path, len(skip), prior_errors)
     with ExitStack() as stack:
         _quiet_worker_lines(cfg, stack)
         if cfg.mock:
@@ -184,15 +177,7 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
         # However the run ends (an error, a Ctrl-C outside the steps that handle it), its runners
         # stop at once rather than go on sending while this waits the grace period + 30 s for them.
         stack.callback(run.workers.halt)
-        if threading.current_thread() is threading.main_thread():
-            # SIGTERM (timeout, CI, `docker stop`) stops as the first Ctrl-C does: no paid answer is
-            # dropped, and the command that continues is printed. From before the submit: on the
-            # in-process Redis, sending starts while the file loads.
-            stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, interrupt_unless_in_redis))
-            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-                # Ctrl-C too, except inside a call to the in-process Redis, which gets it as it returns
-                # (raised in there, it could leave a lock of the fake server held for good).
-                stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, interrupt_unless_in_redis))
+        _catch_interrupts(stack)
         try:
             total = _submit_and_start(run, settings, endpoints, sidecar, stack)
         except BaseException as exc:
@@ -212,6 +197,31 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
             return interrupted
         store.expire_ended()  # a finished batch's keys start their --keep-days now
     return _report_end(run, prior_errors)
+
+
+def _say_skipped(cfg: RunConfig, out: RunOutput, errors_path: str, skipped: int, prior_errors: int) -> None:
+    """The jobs the output files hold already, which this run does not send again."""
+    said = f"{skipped} job(s) already in {cfg.output} or {errors_path} are not sent again"
+    if cfg.library:
+        out.note(said + (f"; the {prior_errors} failed one(s) come back as they failed (to send them again, "
+                         f"take their lines out of {errors_path})" if prior_errors else ""))
+        return
+    again = hints.resume_files(cfg.jobs, cfg.output, cfg.errors, cfg.redis, mock=cfg.mock, extra=["--retry-failed"])
+    out.note(said + (f"; to send the {prior_errors} failed one(s) again: {hints.command(again)}" if prior_errors
+                     else ""))
+
+
+def _catch_interrupts(stack: ExitStack) -> None:
+    """In the main thread, until the run ends: SIGTERM (timeout, CI, `docker stop`) stops as the
+    first Ctrl-C does (no paid answer dropped, the command that continues printed), from before
+    the submit, since on the in-process Redis sending starts while the file loads. Ctrl-C too,
+    except inside a call to the in-process Redis, which gets it as it returns (raised in there, it
+    could leave a lock of the fake server held for good)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    stack.callback(signal.signal, signal.SIGTERM, signal.signal(signal.SIGTERM, interrupt_unless_in_redis))
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, interrupt_unless_in_redis))
 
 
 def _without_endpoints(stack: ExitStack, out: RunOutput) -> None:

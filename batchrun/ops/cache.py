@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 
-from batchrun.endpoints import cache_servers, configured_endpoints
-from batchrun.policy.cache_entries import cache_key, cache_server, decode_entry
+from batchrun.endpoints import configured_endpoints
+from batchrun.policy.cache_entries import RequestKeys, decode_entry
 from batchrun.policy.pricing import answer_cost, worst_case_cost
 from batchrun.policy.tokens import estimate_tokens
 from batchrun.state.cache_storage import (CACHE_FILE, CacheStats, CacheStorage, CacheUnavailable, default_cache_dir,
@@ -41,8 +41,7 @@ class CoverageCounter:
 
     def __init__(self, storage: CacheStorage | None, base_url: str, prices, endpoints=()):
         self.storage, self.base_url, self.prices = storage, base_url, prices
-        self.endpoints = tuple(endpoints)  # the worker config's [[endpoints]]: keys name their servers
-        self._servers: dict[str, str] = {}
+        self.keys = RequestKeys(base_url, endpoints)  # as a runner keys a job (runner/cached.py)
         self.seen: set[str] = set()
         self.from_cache = self.duplicates = self.unreadable = 0
         self.saved_cache = self.saved_duplicates = 0.0
@@ -51,12 +50,7 @@ class CoverageCounter:
         if not cache:  # the line opts out: a run sends it whatever the cache holds
             return
         model = str(body.get("model", ""))
-        server = None
-        if self.endpoints:  # as a runner keys it (runner/cached.py)
-            server = self._servers.get(model)
-            if server is None:
-                server = self._servers[model] = cache_server(cache_servers(self.endpoints, model))
-        key = cache_key(self.base_url, url, body, server)
+        key = self.keys.key({"url": url, "body": body})
         price = self.prices.price_for(model)
         if key in self.seen:
             self.duplicates += 1

@@ -15,7 +15,6 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit, urlunsplit
 
-from batchrun.endpoints import cache_servers
 
 __all__ = ["CachedAnswer", "MAGIC", "OPT_OUT_FIELD", "RequestKeys", "cache_key", "cache_server", "canonical_body", "decode_entry",
            "encode_entry", "line_opts_out", "normalised_base_url"]
@@ -76,7 +75,7 @@ class RequestKeys:
     it. What a shard runner keys a job by, and what `run`'s submit looks a line up by: the two
     must agree, or a hit served at submit would not be the answer the runner would have used."""
 
-    def __init__(self, base_url: str, endpoints=()):
+    def __init__(self, base_url: str, endpoints=()):  # (endpoints.Endpoint: cache_identity, serves)
         self.base_url = base_url
         self._base = normalised_base_url(base_url)  # (once, not once per line)
         self.endpoints = tuple(endpoints)
@@ -92,7 +91,8 @@ class RequestKeys:
             model = str(body.get("model", ""))
             server = self._servers.get(model)
             if server is None:
-                server = self._servers[model] = cache_server(cache_servers(self.endpoints, model))
+                server = self._servers[model] = cache_server([e.cache_identity(model) for e in self.endpoints
+                                                              if e.serves(model)])
         return cache_key(self.base_url, request["url"], body, server)
 
 

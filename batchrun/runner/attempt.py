@@ -12,7 +12,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -26,14 +25,15 @@ from batchrun.policy.decision import (Fail, GiveBack, GiveUp, HoldForCircuit, Ou
 from batchrun.policy.pricing import answer_cost, usage_total_tokens, worst_case_cost
 from batchrun.policy.tokens import TokenEstimate, estimate_tokens, server_charge_estimate
 from batchrun.runner.cached import CacheSteps
+from batchrun.runner.days import DaySteps, day_too_large_sentence
 from batchrun.runner.sender import Answer, StreamFailed, StreamTruncated, may_have_reached_server
 from batchrun.runner.wording import event_phrase, gave_up_sentence, long_wait_sentence, outage_cause, v1_suggestion
-from batchrun.policy.days import all_spent_sentence, per_day_limit, resume_words_at
+from batchrun.policy.days import per_day_limit
 from batchrun.policy.routing import MAX_ENDPOINT_COOLDOWN_S, is_endpoint_trouble, is_per_day, reroute
 from batchrun.runner.routes import Route
 from batchrun.state.counters import counter_names, status_class
 from batchrun.state.items import CompleteItem, OutcomeKind, RequeueItem
-from batchrun.state.limiter import Admission, CircuitState, EndpointDown, stored_number
+from batchrun.state.limiter import Admission, CircuitState, stored_number
 from batchrun.state.states import BatchState
 from batchrun.state.store import LeasedJob
 
@@ -57,29 +57,6 @@ def endpoint_key_phrase(route) -> str:
     """' (its key from $VAR)': which variable to fix when an endpoint refuses its key."""
     env = route.endpoint.api_key_env if route.endpoint is not None else ""
     return f" (its key from ${env})" if env else ""
-
-
-def day_too_large_sentence(custom_id: str, tokens: int, model: str, routes) -> str:
-    days = ", ".join(f"{r.name} tpd {r.endpoint.day_limits(model)[1]:,}" for r in routes)
-    return (f"job {custom_id} needs up to {tokens:,} tokens, more than a whole day of {model} on every endpoint "
-            f"serving it ({days}); it can never be sent (reduce its prompt or max_tokens, or raise the tpd)")
-
-
-def _day_short_words(custom_id: str, tokens: int, model: str, left: str) -> str:
-    return (f"job {custom_id} needs up to {tokens:,} tokens, more than what is left today of the tokens-per-day "
-            f"limit of {model} on every endpoint serving it that has not spent its day (tokens left: {left})")
-
-
-def day_short_sentence(custom_id: str, tokens: int, model: str, left: str, seconds: float) -> str:
-    return (f"{_day_short_words(custom_id, tokens, model, left)}; the batch's other jobs go on while this one "
-            f"waits for room, at the latest until the day starts again at {resume_words_at(seconds)}")
-
-
-def day_short_pause_sentence(custom_id: str, tokens: int, model: str, left: str, seconds: float, cap: float) -> str:
-    return (f"{_day_short_words(custom_id, tokens, model, left)}, and no other job of the batch is ready to go; "
-            f"a day starts again at {resume_words_at(seconds)}, longer than the --backoff-cap of {cap:g} s, so the "
-            f"batch is paused; no job failed. Run `batchrun resume {BATCH_ID_PLACEHOLDER}` after "
-            f"{time.strftime('%H:%M UTC (%Y-%m-%d)', time.gmtime(time.time() + seconds))}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,7 +98,7 @@ def _failed_response(exc: Exception) -> dict | None:
     return {"status_code": status, "request_id": request_id, "body": body}
 
 
-class JobAttempts(CacheSteps):
+class JobAttempts(CacheSteps, DaySteps):
     async def _process(self, job: LeasedJob) -> None:
         try:
             await self._attempt(job)
@@ -205,95 +182,6 @@ class JobAttempts(CacheSteps):
             await self._record_result(sending, exchange.answer)
         else:
             await self._record_failure(sending, exchange)
-
-    async def _route_and_admit(self, job: LeasedJob, model: str, budget_in: int, output: int, least_input: int):
-        """The endpoint for this attempt and its budget's admission: an endpoint found down on the
-        way (its circuit open) or with its day's limit spent gives way to another one serving the
-        model, while there is one. (route, None): it can never fit; (None, seconds): every endpoint
-        serving it has spent its day, the soonest starts again in that many seconds."""
-        avoid = self._avoid.pop(job.custom_id, None)
-        spent: dict[str, float] = {}  # endpoint -> seconds until its day starts again
-        short: dict[str, int] = {}  # endpoint -> its day's tokens left, too few for this request alone
-        self._short_today.pop(job.custom_id, None)
-        await self.routes.ready(model)
-        while True:
-            route = self.routes.choose(model, budget_in + output, avoid, skip=spent)
-            if route is None:  # none serves it, or every one that does has spent its day
-                lefts = [r.day_until(model) for r in self.routes.serving(model)] + list(spent.values())
-                if short:  # (some only too small for this request today: _send_attempt says so)
-                    self._short_today[job.custom_id] = short
-                return None, min((left for left in lefts if left > 0), default=None)
-            day_left = route.day_until(model)
-            if not day_left:
-                day_left, day = await self._redis(route.day_spent, self.store, model, budget_in + output)
-                if day_left and not route.day_until(model):  # its day takes smaller requests, not this one
-                    short[route.name] = route.day_short.get(model, 0)
-                elif day_left:  # `status` reads this budget's record
-                    self.routes.noticed[f"day:{route.limiter.budget_key(model)}"] += 1
-                elif day is not None:  # counted: given back if it is never sent (_process)
-                    self._day_counted[job.custom_id] = (route, model, day, budget_in + output)
-            if day_left:  # (requests it counted already go on: a cooldown of its budget would hold them too)
-                spent[route.name] = day_left
-                continue
-            give_way = (lambda: self.routes.elsewhere(model, route)) if len(self.routes.serving(model)) > 1 else None
-            try:
-                return route, await route.limiter.admit(model, budget_in, output, least_input=least_input,
-                                                        give_way=give_way,
-                                                        on_granted=lambda: self._granted.add(job.custom_id))
-            except EndpointDown:
-                route.circuit = CircuitState("open", int(time.time() * 1000) + 1000, int(time.time() * 1000))
-                avoid = route.name
-                if (counted := self._day_counted.pop(job.custom_id, None)) is not None:  # not sent there
-                    await self._give_day_back(*counted)
-
-    async def _give_day_back(self, route: Route, model: str, day: int, tokens: int) -> None:
-        try:
-            await asyncio.to_thread(route.day_give_back, self.store, model, day, tokens)
-        except Exception as exc:  # Redis away: the count stays (a request of the day lost, no more)
-            log.debug("batch %s: a day's count of %s could not be given back: %s", self.batch_id, route.name, exc)
-
-    async def _wait_for_a_day(self, job: LeasedJob, model: str, tokens: int, short: dict[str, int],
-                              seconds: float) -> None:
-        """The request needs more tokens than what is left of the day on each endpoint serving its
-        model that still takes smaller ones: not a spent day, so the batch's other jobs go on and
-        this one waits (no attempt lost), up to the backoff cap at a time; when no other job of the
-        batch is in flight or due, the batch pauses with a sentence saying until when."""
-        left = ", ".join(f"{name} {n:,}" for name, n in sorted(short.items()))
-        self._deferring.add(job.custom_id)
-        try:
-            counts = await self._redis(self.store.counts, self.batch_id)
-            others = counts.get("in_flight", 0) - len(self._deferring) > 0 or counts.get("queued", 0) > 0
-        except Exception:  # Redis away: wait as if the others went on (the run says what is wrong)
-            others = True
-        finally:
-            self._deferring.discard(job.custom_id)
-        if seconds > self.policy.cap and not others:
-            message = day_short_pause_sentence(job.custom_id, tokens, model, left, seconds, self.policy.cap)
-            message = message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
-            if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                                 only_from=(BatchState.RUNNING,), pause_kind=PauseKind.LONG_WAIT):
-                log.error("batch %s paused: %s", self.batch_id, message)
-            await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", False))
-            self.stats["paused"] += 1
-            return
-        # (spread: two such jobs of two workers, back at the same moment, would each see the other in flight)
-        delay = min(seconds, self.policy.cap * (0.5 + random.random() / 2))
-        await self.requeuer.submit(RequeueItem(job.custom_id, int(delay * 1000), False, "", False))
-        self._note_event("day_too_small", delay)
-        if model not in self._said_short:  # (once per model: the next ones are counted in the shard's summary line)
-            self._said_short.add(model)
-            log.warning("batch %s: %s", self.batch_id, day_short_sentence(job.custom_id, tokens, model, left, seconds))
-
-    async def _pause_for_days(self, job: LeasedJob, model: str) -> None:
-        """Every endpoint serving the model has spent its day, and the first resumes later than the
-        backoff cap: the batch pauses with a sentence saying when (the job keeps its attempts)."""
-        message = all_spent_sentence(model, self.routes.days_spent(model), self.policy.cap)
-        message = message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
-        if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                             only_from=(BatchState.RUNNING,), pause_kind=PauseKind.LONG_WAIT):
-            log.error("batch %s paused: %s", self.batch_id, message)
-        await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", False))
-        self.stats["paused"] += 1
 
     async def _within_cost_cap(self, job: LeasedJob, model: str, price, estimate: TokenEstimate) -> bool:
         """Under --max-cost: set the job's worst case aside, or give the job back (False)."""

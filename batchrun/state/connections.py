@@ -152,19 +152,10 @@ def _direct_connection_class():
                 self.send_packed_command(self.pack_command(*args), check_health=kwargs.get("check_health", True))
 
             def pack_command(self, *args) -> list[_Command]:
-                return [_Command(self._arguments(args))]
+                return [_Command(_arguments(self.encoder, args))]
 
             def pack_commands(self, commands) -> list[_Command]:
-                return [_Command(self._arguments(args)) for args in commands]
-
-            def _arguments(self, args: tuple) -> list[bytes]:
-                # As redis-py's packer: a first argument may hold words of the command ("CONFIG GET").
-                if isinstance(args[0], str):
-                    args = tuple(args[0].encode().split()) + args[1:]
-                elif b" " in args[0]:
-                    args = tuple(args[0].split()) + args[1:]
-                encode = self.encoder.encode
-                return [bytes(a) if isinstance(a, (bytearray, memoryview)) else encode(a) for a in args]
+                return [_Command(_arguments(self.encoder, args)) for args in commands]
 
             def send_packed_command(self, command, check_health: bool = True) -> None:
                 if not (isinstance(command, list) and command and isinstance(command[0], _Command)):
@@ -189,6 +180,17 @@ def _direct_connection_class():
 
         _direct_class = DirectConnection
     return _direct_class
+
+
+def _arguments(encoder, args: tuple) -> list[bytes]:
+    """A command's arguments as bytes, as redis-py's packer makes them: a first argument may hold
+    words of the command ("CONFIG GET")."""
+    if isinstance(args[0], str):
+        args = tuple(args[0].encode().split()) + args[1:]
+    elif b" " in args[0]:
+        args = tuple(args[0].split()) + args[1:]
+    encode = encoder.encode
+    return [bytes(a) if isinstance(a, (bytearray, memoryview)) else encode(a) for a in args]
 
 
 class _Command:
