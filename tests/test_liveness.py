@@ -452,6 +452,51 @@ def test_a_ctrl_c_while_a_paused_run_waits_for_its_requests_in_flight_stops_as_a
     assert "interrupted: requests in flight" in text and "to finish the batch: batchrun resume" in text, text
 
 
+def test_a_ctrl_c_as_the_wait_for_a_worker_thread_returns_leaves_the_halt_after_it_bounded():
+    """`run` waits for its worker thread's end (a pause's wind-down, the grace after a Ctrl-C). A Ctrl-C
+    landing as Event.wait returned (at the entry of its Condition's ``__exit__``, where the interpreter
+    may run a signal handler) left the Event's lock held by the main thread: the halt that follows
+    the interrupt waited on it for ever, and so did the thread's own end."""
+    from batchrun.ops.local_workers import LocalWorkers
+
+    workers = LocalWorkers(grace=0.2)
+    ended, thread_done = threading.Event(), threading.Event()
+    workers.ended.append(ended)
+    release, cut = threading.Condition.__exit__.__code__, []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is release and not cut and frame.f_back.f_code.co_name == "wait":
+            cut.append(frame.f_locals["self"])
+            sys.settrace(None)
+            signal.default_int_handler(signal.SIGINT, frame)  # a Ctrl-C, where the interpreter may take it
+        return tracer
+
+    def hung(signum, frame):
+        raise TimeoutError("the halt waits for a lock the interrupt left held")
+
+    def worker_thread():
+        time.sleep(0.5)
+        ended.set()
+        thread_done.set()
+
+    threading.Thread(target=worker_thread, daemon=True).start()
+    alarm = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 4)
+    try:
+        sys.settrace(tracer)
+        try:
+            workers.stop()  # the wait times out (grace + 30 s cut short by the Ctrl-C) or sees the end
+        except KeyboardInterrupt:
+            pass
+        sys.settrace(None)
+        workers.halt()  # as _interrupted does after the Ctrl-C
+        assert thread_done.wait(2), "the worker thread's end waits for a lock the interrupt left held"
+    finally:
+        sys.settrace(None)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+
+
 def test_a_run_that_ends_on_an_error_stops_its_runners_at_once(tmp_path):
     """Not only Ctrl-C: however the run ends, its runners stop taking jobs (here they wait for an
     open circuit, which they would do for --give-up-after) rather than being waited for."""
