@@ -497,6 +497,46 @@ def test_a_ctrl_c_as_the_wait_for_a_worker_thread_returns_leaves_the_halt_after_
         signal.signal(signal.SIGALRM, alarm)
 
 
+def test_a_double_tap_of_ctrl_c_stops_run_at_once_even_as_the_display_closes(tmp_path):
+    """The second Ctrl-C of a quick double tap lands as the progress display writes its last line
+    (it reads the batch's counts). It escaped `run` there: no summary, no command to continue, and
+    the halt on the way out waited the grace for the requests on the wire instead of stopping at once."""
+    from batchrun.api.batch import RunConfig, run_batch
+
+    class Display:
+        def __init__(self, store, batch_id, total):
+            self.store, self.batch_id, self.closes = store, batch_id, 0
+
+        def update(self):
+            if self.store.counts(self.batch_id)["in_flight"] and not hasattr(self, "first_at"):
+                self.first_at = time.monotonic()
+                raise KeyboardInterrupt  # the first Ctrl-C
+
+        def close(self):
+            self.closes += 1
+            if self.closes == 1 and hasattr(self, "first_at"):
+                raise KeyboardInterrupt  # the second, as the last line is written
+
+    displays, lines = [], []
+    out = type("Out", (), {"result": lambda self, line: lines.append(line),
+                           "warn": lambda self, line: lines.append(line), "note": lambda self, line: None,
+                           "progress": lambda self, *a: displays.append(Display(*a)) or displays[-1]})()
+    with HostileServer(lambda seen: Reply(200, {}, ok().body, delay=30)) as server:
+        cfg = RunConfig(jobs=str(write_jobs(tmp_path / "jobs.jsonl", 5)), output=str(tmp_path / "out.jsonl"),
+                        errors=None, redis_url=f"memory://double-tap-{os.getpid()}-{time.monotonic_ns()}",
+                        batch_id=None, endpoint="/v1/chat/completions", skip_invalid=False,
+                        options=BatchOptions(), concurrency=10, processes=1, mock=False, grace=3,
+                        base_url=server.base_url, api_key="sk-test")
+        try:
+            end = run_batch(cfg, out)
+        except KeyboardInterrupt:
+            pytest.fail("the second Ctrl-C escaped run: no summary, no command to continue")
+    assert end.interrupted and end.exit_code == 130
+    assert time.monotonic() - displays[0].first_at < 2.5, "the second Ctrl-C waited the grace"
+    text = "\n".join(lines)
+    assert "stopped at once" in text and "to finish the batch: batchrun" in text, text
+
+
 def test_a_run_that_ends_on_an_error_stops_its_runners_at_once(tmp_path):
     """Not only Ctrl-C: however the run ends, its runners stop taking jobs (here they wait for an
     open circuit, which they would do for --give-up-after) rather than being waited for."""

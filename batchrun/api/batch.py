@@ -283,21 +283,21 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> RunEnd | None:
             run.collect()
     except KeyboardInterrupt:
         run.workers.stop_flag.set()  # first: the runners stop taking jobs whatever the display does
-        after_interrupt(store.redis)
-        progress.close()
-        return _interrupted(run)
+        return _interrupted(run, before=progress.close)
     progress.close()
     return None
 
 
-def _interrupted(run: _Run) -> RunEnd:
+def _interrupted(run: _Run, before: Callable[[], None] = lambda: None) -> RunEnd:
     """After a Ctrl-C (or SIGTERM): requests in flight get the grace period and their answers are
-    written; a second Ctrl-C stops at once."""
+    written; a second Ctrl-C stops at once, also one that comes during ``before`` (the progress
+    display's last line, which reads the batch's counts: a double tap of Ctrl-C lands there)."""
     cfg, store, bid, out = run.cfg, run.store, run.batch_id, run.out
     after_interrupt(store.redis)  # a reply the Ctrl-C left unread must not answer the next command
-    out.warn(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
-             f"(Ctrl-C again to stop at once; nothing finished is lost)")
     try:
+        before()
+        out.warn(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
+                 f"(Ctrl-C again to stop at once; nothing finished is lost)")
         _stop_and_collect(run)
     except KeyboardInterrupt:
         run.workers.abandon()
