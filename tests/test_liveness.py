@@ -537,6 +537,32 @@ def test_a_double_tap_of_ctrl_c_stops_run_at_once_even_as_the_display_closes(tmp
     assert "stopped at once" in text and "to finish the batch: batchrun" in text, text
 
 
+@pytest.mark.redis
+def test_a_ctrl_c_once_worker_processes_started_does_not_say_no_job_was_sent(real_redis_url, tmp_path, monkeypatch):
+    from batchrun.api.batch import RunConfig, run_batch
+    from batchrun.ops import local_workers
+
+    def start_then_ctrl_c(workers, *args, **kwargs):
+        # a worker process that sends (here: one that just runs until stopped), then the Ctrl-C
+        workers.procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                              start_new_session=True))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_workers, "start_processes", start_then_ctrl_c)
+    lines = []
+    out = type("Out", (), {"result": lambda self, line: lines.append(line),
+                           "warn": lambda self, line: lines.append(line), "note": lambda self, line: None,
+                           "progress": lambda self, *a: None})()
+    cfg = RunConfig(jobs=str(write_jobs(tmp_path / "jobs.jsonl", 3)), output=str(tmp_path / "out.jsonl"), errors=None,
+                    redis_url=real_redis_url, batch_id=None, endpoint="/v1/chat/completions", skip_invalid=False,
+                    options=BatchOptions(), concurrency=10, processes=1, mock=False, grace=1,
+                    base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key="sk-test")
+    end = run_batch(cfg, out)
+    text = "\n".join(lines)
+    assert end.interrupted and end.exit_code == 130 and end.batch_id
+    assert "no job was sent" not in text and "to finish the batch: batchrun" in text, text
+
+
 def test_a_run_that_ends_on_an_error_stops_its_runners_at_once(tmp_path):
     """Not only Ctrl-C: however the run ends, its runners stop taking jobs (here they wait for an
     open circuit, which they would do for --give-up-after) rather than being waited for."""
