@@ -345,6 +345,224 @@ def test_a_ctrl_c_at_the_entry_of_a_lock_release_in_the_in_process_redis_leaves_
     assert client.get("a") == b"1"
 
 
+# `batchrun` on a real Redis whose main thread gets a real Ctrl-C (SIGINT) just after it sent a
+# command, before it reads the reply (the first one it sends a moment after its first progress
+# line). redis-py gave the connection back to the pool with the reply unread and, its maintenance
+# notifications "auto", handed it out again unchecked: every later command read the reply of the one
+# before, and the run ended in a traceback (an HGETALL answered with an LRANGE's list), exit 1.
+_CUT_BEFORE_A_READ = """
+import os, signal, sys, threading, time
+import redis.connection
+from batchrun.ops import progress
+from batchrun.cli.main import main
+
+armed_at = []
+update = progress.Progress.update
+def update_then_arm(self, force=False):
+    update(self, force)
+    if self._last_plain and not armed_at:
+        armed_at.append(time.monotonic() + 0.2)
+progress.Progress.update = update_then_arm
+send = redis.connection.AbstractConnection.send_command
+def send_then_cut(conn, *args, **kwargs):
+    send(conn, *args, **kwargs)
+    if armed_at and time.monotonic() >= armed_at[0] and threading.current_thread() is threading.main_thread():
+        armed_at[0] = float("inf")
+        print("cut: between a send and its read", file=sys.stderr, flush=True)
+        os.kill(os.getpid(), signal.SIGINT)  # its handler runs at the next bytecode: before the read
+redis.connection.AbstractConnection.send_command = send_then_cut
+main(sys.argv[1:], prog_name="batchrun")
+"""
+
+
+@pytest.mark.redis
+def test_a_ctrl_c_between_a_send_and_its_read_on_a_real_redis_still_ends_run_saying_how_to_continue(
+        real_redis_url, tmp_path):
+    jobs, env = _jobs_and_env(tmp_path, f"http://127.0.0.1:{closed_port()}/v1")
+    proc = subprocess.run([sys.executable, "-c", _CUT_BEFORE_A_READ, "run", str(jobs), "-o", str(tmp_path / "out.jsonl"),
+                           "--redis-url", real_redis_url, "--grace", "5", "--concurrency", "10"],
+                          env=env, capture_output=True, text=True, timeout=60)
+    assert "cut: between a send and its read" in proc.stderr, proc.stderr
+    assert proc.returncode == 130, proc.stderr
+    assert "to finish the batch: batchrun run" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.redis
+def test_after_an_interrupt_a_real_redis_client_reads_each_commands_own_reply(real_redis_url, monkeypatch):
+    from batchrun.state.connections import after_interrupt, connect
+
+    client = connect(real_redis_url)
+    client.hset("h", "f", "v")
+    send = redis.connection.AbstractConnection.send_command
+
+    def send_then_cut(conn, *args, **kwargs):
+        send(conn, *args, **kwargs)
+        raise KeyboardInterrupt  # as a Ctrl-C landing before the read would
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_command", send_then_cut)
+    with pytest.raises(KeyboardInterrupt):
+        client.lrange("l", 0, -1)
+    monkeypatch.undo()
+    after_interrupt(client)
+    assert client.hgetall("h") == {b"f": b"v"}
+    assert client.lrange("l", 0, -1) == []
+    client.close()
+
+
+def test_a_ctrl_c_while_a_paused_run_waits_for_its_requests_in_flight_stops_as_any_other(tmp_path, monkeypatch):
+    """A pause (quota, the cap) waits for the requests on the wire, up to the request timeout. A Ctrl-C
+    then escaped `run` with no summary and no command to continue ('batchrun: interrupted' alone)."""
+    from batchrun.api.batch import RunConfig, run_batch
+    from batchrun.ops.local_workers import LocalWorkers
+
+    def script(seen):
+        if seen.body["messages"][-1]["content"].endswith(" 0."):
+            return Reply(429, {}, error_body("You exceeded your current quota.", "insufficient_quota",
+                                             "insufficient_quota"))
+        return Reply(200, {}, ok().body, delay=30)  # on the wire as the batch pauses
+
+    stop, stops = LocalWorkers.stop, []
+
+    def stop_then_ctrl_c(workers):
+        if not stops:  # the pause's wait, not the halt's
+            stops.append(time.monotonic())
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        stop(workers)
+
+    monkeypatch.setattr(LocalWorkers, "stop", stop_then_ctrl_c)
+    lines = []
+    out = type("Out", (), {"result": lambda self, line: lines.append(line),
+                           "warn": lambda self, line: lines.append(line), "note": lambda self, line: None,
+                           "progress": lambda self, *a: types.SimpleNamespace(update=lambda: None,
+                                                                             close=lambda: None)})()
+    with HostileServer(script) as server:
+        cfg = RunConfig(jobs=str(write_jobs(tmp_path / "jobs.jsonl", 5)), output=str(tmp_path / "out.jsonl"),
+                        errors=None, redis_url=f"memory://paused-then-ctrl-c-{os.getpid()}-{time.monotonic_ns()}",
+                        batch_id=None, endpoint="/v1/chat/completions", skip_invalid=False,
+                        options=BatchOptions(), concurrency=10, processes=1, mock=False, grace=0.5,
+                        base_url=server.base_url, api_key="sk-test")
+        try:
+            end = run_batch(cfg, out)
+        except KeyboardInterrupt:
+            pytest.fail("the Ctrl-C escaped run: no summary, no command to continue")
+    assert stops, "the batch did not pause"
+    assert end.interrupted and end.exit_code == 130
+    assert time.monotonic() - stops[0] < 10
+    text = "\n".join(lines)
+    assert "interrupted: requests in flight" in text and "to finish the batch: batchrun resume" in text, text
+
+
+def test_a_ctrl_c_as_the_wait_for_a_worker_thread_returns_leaves_the_halt_after_it_bounded():
+    """`run` waits for its worker thread's end (a pause's wind-down, the grace after a Ctrl-C). A Ctrl-C
+    landing as Event.wait returned (at the entry of its Condition's ``__exit__``, where the interpreter
+    may run a signal handler) left the Event's lock held by the main thread: the halt that follows
+    the interrupt waited on it for ever, and so did the thread's own end."""
+    from batchrun.ops.local_workers import LocalWorkers
+
+    workers = LocalWorkers(grace=0.2)
+    ended, thread_done = threading.Event(), threading.Event()
+    workers.ended.append(ended)
+    release, cut = threading.Condition.__exit__.__code__, []
+
+    def tracer(frame, event, arg):
+        if event == "call" and frame.f_code is release and not cut and frame.f_back.f_code.co_name == "wait":
+            cut.append(frame.f_locals["self"])
+            sys.settrace(None)
+            signal.default_int_handler(signal.SIGINT, frame)  # a Ctrl-C, where the interpreter may take it
+        return tracer
+
+    def hung(signum, frame):
+        raise TimeoutError("the halt waits for a lock the interrupt left held")
+
+    def worker_thread():
+        time.sleep(0.5)
+        ended.set()
+        thread_done.set()
+
+    threading.Thread(target=worker_thread, daemon=True).start()
+    alarm = signal.signal(signal.SIGALRM, hung)
+    signal.setitimer(signal.ITIMER_REAL, 4)
+    try:
+        sys.settrace(tracer)
+        try:
+            workers.stop()  # the wait times out (grace + 30 s cut short by the Ctrl-C) or sees the end
+        except KeyboardInterrupt:
+            pass
+        sys.settrace(None)
+        workers.halt()  # as _interrupted does after the Ctrl-C
+        assert thread_done.wait(2), "the worker thread's end waits for a lock the interrupt left held"
+    finally:
+        sys.settrace(None)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, alarm)
+
+
+def test_a_double_tap_of_ctrl_c_stops_run_at_once_even_as_the_display_closes(tmp_path):
+    """The second Ctrl-C of a quick double tap lands as the progress display writes its last line
+    (it reads the batch's counts). It escaped `run` there: no summary, no command to continue, and
+    the halt on the way out waited the grace for the requests on the wire instead of stopping at once."""
+    from batchrun.api.batch import RunConfig, run_batch
+
+    class Display:
+        def __init__(self, store, batch_id, total):
+            self.store, self.batch_id, self.closes = store, batch_id, 0
+
+        def update(self):
+            if self.store.counts(self.batch_id)["in_flight"] and not hasattr(self, "first_at"):
+                self.first_at = time.monotonic()
+                raise KeyboardInterrupt  # the first Ctrl-C
+
+        def close(self):
+            self.closes += 1
+            if self.closes == 1 and hasattr(self, "first_at"):
+                raise KeyboardInterrupt  # the second, as the last line is written
+
+    displays, lines = [], []
+    out = type("Out", (), {"result": lambda self, line: lines.append(line),
+                           "warn": lambda self, line: lines.append(line), "note": lambda self, line: None,
+                           "progress": lambda self, *a: displays.append(Display(*a)) or displays[-1]})()
+    with HostileServer(lambda seen: Reply(200, {}, ok().body, delay=30)) as server:
+        cfg = RunConfig(jobs=str(write_jobs(tmp_path / "jobs.jsonl", 5)), output=str(tmp_path / "out.jsonl"),
+                        errors=None, redis_url=f"memory://double-tap-{os.getpid()}-{time.monotonic_ns()}",
+                        batch_id=None, endpoint="/v1/chat/completions", skip_invalid=False,
+                        options=BatchOptions(), concurrency=10, processes=1, mock=False, grace=3,
+                        base_url=server.base_url, api_key="sk-test")
+        try:
+            end = run_batch(cfg, out)
+        except KeyboardInterrupt:
+            pytest.fail("the second Ctrl-C escaped run: no summary, no command to continue")
+    assert end.interrupted and end.exit_code == 130
+    assert time.monotonic() - displays[0].first_at < 2.5, "the second Ctrl-C waited the grace"
+    text = "\n".join(lines)
+    assert "stopped at once" in text and "to finish the batch: batchrun" in text, text
+
+
+@pytest.mark.redis
+def test_a_ctrl_c_once_worker_processes_started_does_not_say_no_job_was_sent(real_redis_url, tmp_path, monkeypatch):
+    from batchrun.api.batch import RunConfig, run_batch
+    from batchrun.ops import local_workers
+
+    def start_then_ctrl_c(workers, *args, **kwargs):
+        # a worker process that sends (here: one that just runs until stopped), then the Ctrl-C
+        workers.procs.append(subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"],
+                                              start_new_session=True))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(local_workers, "start_processes", start_then_ctrl_c)
+    lines = []
+    out = type("Out", (), {"result": lambda self, line: lines.append(line),
+                           "warn": lambda self, line: lines.append(line), "note": lambda self, line: None,
+                           "progress": lambda self, *a: None})()
+    cfg = RunConfig(jobs=str(write_jobs(tmp_path / "jobs.jsonl", 3)), output=str(tmp_path / "out.jsonl"), errors=None,
+                    redis_url=real_redis_url, batch_id=None, endpoint="/v1/chat/completions", skip_invalid=False,
+                    options=BatchOptions(), concurrency=10, processes=1, mock=False, grace=1,
+                    base_url=f"http://127.0.0.1:{closed_port()}/v1", api_key="sk-test")
+    end = run_batch(cfg, out)
+    text = "\n".join(lines)
+    assert end.interrupted and end.exit_code == 130 and end.batch_id
+    assert "no job was sent" not in text and "to finish the batch: batchrun" in text, text
+
+
 def test_a_run_that_ends_on_an_error_stops_its_runners_at_once(tmp_path):
     """Not only Ctrl-C: however the run ends, its runners stop taking jobs (here they wait for an
     open circuit, which they would do for --give-up-after) rather than being waited for."""

@@ -29,7 +29,7 @@ from batchrun.ops.submit import submit_file, submit_requests
 from batchrun.endpoints import CONFIG_ENV, configured_endpoints, missing_keys
 from batchrun.policy.cache_entries import RequestKeys
 from batchrun.settings import BatchOptions, WorkerSettings
-from batchrun.state.connections import connect, describe, interrupt_unless_in_redis, is_memory
+from batchrun.state.connections import after_interrupt, connect, describe, interrupt_unless_in_redis, is_memory
 from batchrun.state.jobcounts import jobs_left
 from batchrun.state.states import BatchState
 from batchrun.remote.start import remote_paid_for_open
@@ -181,7 +181,7 @@ def run_batch(cfg: RunConfig, out: RunOutput, stop_requested: Callable[[], bool]
         try:
             total = _submit_and_start(run, settings, endpoints, sidecar, stack)
         except BaseException as exc:
-            if not run.workers.threads:
+            if not run.workers.threads and not run.workers.procs:
                 if isinstance(exc, KeyboardInterrupt):  # an interrupt exits 130, also before any job is sent
                     again = "call the same run again" if cfg.library else "run the same command again"
                     run.out.warn(f"\ninterrupted while the file was being submitted: no job was sent; {again} "
@@ -249,7 +249,9 @@ def _submit_and_start(run: _Run, settings: WorkerSettings, endpoints, sidecar: s
         # this command after a crash continues this batch instead of paying for its jobs again.
         run.batch_id = bid
         saved = save_run_settings(cfg, sidecar, bid)
-        stack.callback(lambda: record_spent(sidecar, saved, bid, store))
+        # After all else, and however the run ended: on a connection a Ctrl-C cut between a send and its
+        # read, its meta would be another command's reply (after_interrupt).
+        stack.callback(lambda: (after_interrupt(store.redis), record_spent(sidecar, saved, bid, store)))
 
     def start_threads(bid: str) -> None:
         accepted(bid)  # the file is valid and the batch exists: from here on the run is not refused
@@ -289,29 +291,33 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> RunEnd | None:
     try:
         run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
                     should_stop=run.should_stop)
+        if store.meta(bid).get("state") != BatchState.FINISHED:
+            # Paused (quota, the spending cap): the requests in flight still land and were paid
+            # for; wait for the workers to finish them, and write them too. A Ctrl-C meanwhile (the
+            # wait can be the request timeout) stops as any other does, saying how to continue.
+            run.workers.stop()
+            run.collect()
     except KeyboardInterrupt:
         run.workers.stop_flag.set()  # first: the runners stop taking jobs whatever the display does
-        progress.close()
-        return _interrupted(run)
-    if store.meta(bid).get("state") != BatchState.FINISHED:
-        # Paused (quota, the spending cap): the requests in flight still land and were paid
-        # for; wait for the workers to finish them, and write them too.
-        run.workers.stop()
-        run.collect()
+        return _interrupted(run, before=progress.close)
     progress.close()
     return None
 
 
-def _interrupted(run: _Run) -> RunEnd:
+def _interrupted(run: _Run, before: Callable[[], None] = lambda: None) -> RunEnd:
     """After a Ctrl-C (or SIGTERM): requests in flight get the grace period and their answers are
-    written; a second Ctrl-C stops at once."""
+    written; a second Ctrl-C stops at once, also one that comes during ``before`` (the progress
+    display's last line, which reads the batch's counts: a double tap of Ctrl-C lands there)."""
     cfg, store, bid, out = run.cfg, run.store, run.batch_id, run.out
-    out.warn(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
-             f"(Ctrl-C again to stop at once; nothing finished is lost)")
+    after_interrupt(store.redis)  # a reply the Ctrl-C left unread must not answer the next command
     try:
+        before()
+        out.warn(f"\ninterrupted: requests in flight get up to {cfg.grace:.0f} s to finish "
+                 f"(Ctrl-C again to stop at once; nothing finished is lost)")
         _stop_and_collect(run)
     except KeyboardInterrupt:
         run.workers.abandon()
+        after_interrupt(store.redis)
         out.warn("stopped at once; the jobs in flight come back to the queue as after a crash")
     counts = store.counts(bid)
     out.warn(_summary(cfg, run.errors_path, run.written, run.skip) + f"; {jobs_left(counts)} job(s) not done")

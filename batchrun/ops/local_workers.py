@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 from batchrun.ops import hints
 from batchrun.settings import WorkerSettings
@@ -99,12 +100,22 @@ class LocalWorkers:
             if p.poll() is None:
                 p.terminate()
         for ended in self.ended:
-            ended.wait(timeout=self.grace + 30)
+            _wait_for(ended, self.grace + 30)
         for p in self.procs:
             try:
                 p.wait(timeout=self.grace + 30)
             except subprocess.TimeoutExpired:
                 p.kill()
+
+
+def _wait_for(ended: threading.Event, limit: float) -> None:
+    """Up to ``limit`` s for ``ended``, by looking at its flag, not by Event.wait: a Ctrl-C landing as
+    Event.wait returns (at the entry of its Condition's ``__exit__``) leaves that Condition's lock
+    held by this thread for good, and the next wait on it (the halt after the interrupt) waits for
+    ever, as does the thread's own ``set`` at its end. A sleep can be interrupted anywhere."""
+    deadline = time.monotonic() + limit
+    while not ended.is_set() and time.monotonic() < deadline:
+        time.sleep(min(0.02, max(0.0, deadline - time.monotonic())))
 
 
 def start_threads(workers: LocalWorkers, redis, settings: WorkerSettings, batch_id: str | None = None) -> None:

@@ -74,6 +74,17 @@ def connect(url: str | None = None) -> redis.Redis:
     return redis.Redis.from_url(url, socket_timeout=30, socket_connect_timeout=5, health_check_interval=30)
 
 
+def after_interrupt(client: redis.Redis) -> None:
+    """Call before a thread that caught a KeyboardInterrupt uses ``client`` again (`run` goes on to
+    collect, count and print the command that continues). Landing between a command's send and the
+    read of its reply, the interrupt leaves the reply on a connection that redis-py gives back to
+    the pool, and its check for that is off while its maintenance notifications are "auto" (its
+    default): every later command on it would read the reply of the one before (an HGETALL answered
+    with an LRANGE's list, on a real Redis). The idle connections are dropped; the next command
+    connects again. (Those in use by other threads are theirs, and were not cut.)"""
+    client.connection_pool.disconnect(inuse_connections=False)
+
+
 _direct_class = None
 _MAIN_THREAD = threading.main_thread().ident
 _in_redis = 0  # the main thread's depth in calls to the in-process Redis
