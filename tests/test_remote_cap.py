@@ -117,3 +117,38 @@ def test_run_via_the_batch_api_stops_at_the_cap_and_never_spends_past_it(tmp_pat
                 for m, r in zip(models, results))
     assert 0 < spent <= cap
     assert "16 result(s) written" in done.stdout
+
+
+def test_jobs_whose_remote_lease_lapsed_while_paused_at_the_cap_are_not_uploaded(real_store, tmp_path):
+    # A batch paused at its cap for longer than the remote lease (four days) has its planned part's
+    # jobs reclaimed: back in their shard, where live runners take them at the resume. The part's
+    # file must then hold only the jobs still leased to it: the others would be sent twice (live and
+    # remote) with nothing set aside for their remote copy, and a remote answer landing first would
+    # take the live request's reservation away, so that its cost never counted.
+    from batchrun.state import keys
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 20, max_tokens=40)
+    worst = worst_at_batch_price(jobs)
+    cap = sum(worst[:10]) + sum(worst[10:]) / 2
+    with MockServerThread(batch_seconds=0.3) as srv:
+        bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=cap)).batch_id
+        assert _drive(real_store, bid, srv)["again"] is False
+        parts = RemoteParts(real_store.redis)
+        assert [p.state for p in parts.parts(bid)] == [PartState.DONE, PartState.PLANNED]
+        held = parts.ids(bid, 1)
+        lapsed = held[:4]
+        for cid in lapsed:  # four days later: their remote leases have run out
+            real_store.redis.zadd(keys.sub(bid, "leases"), {cid: 1})
+        set_cap(real_store, bid, cap * 3)
+        real_store.resume(bid)  # reclaims them: back in their shard...
+        live = real_store.lease(bid, 0, 100, 60_000, "live-runner")  # ... and a live runner takes them
+        assert sorted(j.custom_id for j in live.jobs) == sorted(lapsed)
+        assert _drive(real_store, bid, srv)["again"] is False
+    last = parts.parts(bid)[1]
+    assert last.state is PartState.DONE and last.counts.get("total") == len(held) - len(lapsed)
+    assert sorted(parts.ids(bid, 1)) == sorted(held[len(lapsed):])
+    owners = real_store.redis.hmget(keys.sub(bid, "owner"), lapsed)
+    assert all(o == b"live-runner|0" for o in owners)  # still the live runner's, not ended by the remote part
+    assert real_store.redis.hmget(keys.sub(bid, "status"), lapsed) == [None] * len(lapsed)
+    meta = real_store.meta(bid)
+    assert int(meta["done"]) == 20 - len(lapsed) and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
