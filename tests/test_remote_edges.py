@@ -237,6 +237,32 @@ def test_a_refused_key_pauses_the_batch_with_a_sentence_and_never_reaches_redis(
         assert "Secret0123456789" not in repr(dump), k
 
 
+def test_a_key_not_shaped_like_sk_echoed_by_a_refusal_never_reaches_redis(real_store, tmp_path):
+    # A self-hosted endpoint's token (no sk- prefix), echoed bare by the server refusing the upload,
+    # went into every job's error line and the part's note: only keys shaped like OpenAI's were
+    # redacted, since the remote runner never told the redaction which key it sends.
+    key = "vllm-token-Secret0123456789"
+
+    def script(seen: Seen) -> Reply:
+        token = seen.headers.get("Authorization", "").split(" ")[-1]
+        return Reply(400, body=error_body(f"key {token} may not upload files", "invalid_request_error"))
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    with HostileServer(script) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        RemoteRunner(real_store, report.batch_id, RemoteClient(srv.base_url, key), max_seconds=20, poll_cap=0.3).run()
+    meta = real_store.meta(report.batch_id)
+    assert meta["failed"] == "3", meta  # refused for good: each job ends with the reason...
+    r = real_store.redis
+    lines = r.lrange(f"batchrun:batch:{report.batch_id}:results", 0, -1)
+    assert len(lines) == 3 and all(b"may not upload files" in x and b"[redacted]" in x for x in lines)
+    for k in r.scan_iter("batchrun:*"):  # ... without the key
+        kind = r.type(k)
+        dump = {b"hash": lambda: r.hgetall(k), b"string": lambda: r.get(k), b"list": lambda: r.lrange(k, 0, -1),
+                b"set": lambda: r.smembers(k), b"zset": lambda: r.zrange(k, 0, -1)}.get(kind, lambda: b"")()
+        assert "Secret0123456789" not in repr(dump), k
+
+
 def test_a_cancel_during_a_pass_stops_the_creates_still_to_come(real_store, tmp_path):
     # The batch was cancelled while its runner was creating remote batches: the rest of that
     # pass still created theirs upstream, which then ran (and billed) until cancelled.
