@@ -19,6 +19,7 @@ from batchrun.remote.client import RemoteClient
 from batchrun.remote.runner import RemoteRunner
 from batchrun.settings import BatchOptions
 from batchrun.state.remote_parts import PartState, RemoteParts
+from batchrun.state.states import BatchState
 from tests.helpers import batchrun_cmd, cli_env, read_lines, write_jobs
 from tests import test_remote
 from tests.test_remote import mock_summary
@@ -152,3 +153,50 @@ def test_jobs_whose_remote_lease_lapsed_while_paused_at_the_cap_are_not_uploaded
     assert real_store.redis.hmget(keys.sub(bid, "status"), lapsed) == [None] * len(lapsed)
     meta = real_store.meta(bid)
     assert int(meta["done"]) == 20 - len(lapsed) and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
+
+
+def test_prices_given_at_the_resume_reach_a_remote_runner_that_kept_going(real_store, tmp_path):
+    # Paused for a model without a price while another remote batch is still upstream, the runner
+    # goes on polling that one. `resume --prices FILE` then gave the batch the price, but the runner
+    # kept the table it started with: it paused the batch again at once, for the same model.
+    import threading
+    import time
+
+    from batchrun.ops.resume import merged_prices
+
+    priced = write_jobs(tmp_path / "a.jsonl", 5, max_tokens=40, prefix="a")
+    unpriced = write_jobs(tmp_path / "b.jsonl", 5, max_tokens=40, model="my-llama", prefix="llama")
+    prices = tmp_path / "prices.toml"
+    prices.write_text('as_of = "2026-12-01"\n[models."my-llama"]\ninput = 0.1\ncached_input = 0.1\noutput = 0.2\n')
+    parts = RemoteParts(real_store.redis)
+
+    def wait_for(what, seconds=15):
+        ends = time.monotonic() + seconds
+        while not what() and time.monotonic() < ends:
+            time.sleep(0.05)
+        assert what()
+
+    with MockServerThread(batch_seconds=1.0) as srv:
+        bid = submit_file(real_store, str(priced), options=BatchOptions(via="batch-api")).batch_id
+        runner = RemoteRunner(real_store, bid, RemoteClient(srv.base_url, "sk-test"), max_seconds=30, poll_cap=0.1)
+        done = threading.Thread(target=runner.run)
+        done.start()
+        try:
+            wait_for(lambda: [p.state for p in parts.parts(bid)] == [PartState.RUNNING])
+            # Jobs of a model without a price added while the batch is paused, then a cap (as
+            # `resume --max-cost` gives it: it checks no price) and the resume.
+            real_store.set_state(bid, BatchState.PAUSED, "paused by hand", only_from=(BatchState.RUNNING,))
+            submit_file(real_store, str(unpriced), batch_id=bid, options=BatchOptions(via="batch-api"))
+            set_cap(real_store, bid, 1.0)
+            real_store.resume(bid)
+            wait_for(lambda: real_store.meta(bid).get("pause_kind") == "no_price")
+            assert parts.parts(bid)[0].state is PartState.RUNNING  # the runner goes on, polling it
+            real_store.set_prices(bid, merged_prices(real_store.meta(bid).get("prices"), str(prices)).to_json())
+            real_store.resume(bid)
+        finally:
+            done.join(timeout=40)
+        summary = mock_summary(srv)
+    meta = real_store.meta(bid)
+    assert (meta["state"], meta["done"]) == ("finished", "10"), meta.get("reason")
+    assert summary["created"] == 2
+    assert float(meta["cost"]) > 0 and abs(float(meta.get("cost_reserved") or 0)) < 1e-12

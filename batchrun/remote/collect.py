@@ -52,9 +52,17 @@ class Recorder:
 
     def __init__(self, store: BatchStore, batch_id: str):
         self.store, self.batch_id = store, batch_id
-        meta = store.meta(batch_id)
-        self.table = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
+        self._prices: str | None = None
+        self.refresh(store.meta(batch_id))
         self.options = store.options(batch_id)
+
+    def refresh(self, meta: dict[str, str]) -> None:
+        """Take the batch's price table again if it changed (`resume ID --prices FILE`): a runner
+        that keeps going meanwhile (a remote batch still upstream) must not price by the old one."""
+        stored = meta.get("prices") or ""
+        if stored != self._prices:
+            self.table = PriceTable.from_json(stored) if stored else PriceTable.load()
+            self._prices = stored
 
     def owners(self, cids: list[str]) -> dict[str, str]:
         """custom_id -> lease owner ('remote|SHARD' while the job is in a remote batch; '' if not)."""

@@ -54,6 +54,7 @@ class PartSteps:
         changed = False
         held = {p.model for p in parts if p.state is PartState.HELD}
         meta = self.store.meta(self.batch_id)
+        self.recorder.refresh(meta)  # prices given at a resume count from this pass on
         late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
         at_cap = meta.get("pause_kind") == PauseKind.COST_CAP
         for part in parts:
