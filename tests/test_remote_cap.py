@@ -90,6 +90,29 @@ def test_a_remote_line_without_usage_counts_its_worst_case(real_store, tmp_path)
     assert float(real_store.meta(bid)["cost"]) == pytest.approx(worst_at_batch_price(jobs)[0], rel=1e-9)
 
 
+def test_a_remote_line_answered_by_a_dearer_model_counts_at_its_price(real_store, tmp_path):
+    # A live answer is priced by the dearer of the model asked for and the model its body names;
+    # a remote line was priced by the model asked for only, so under a cap it counted too little.
+    from batchrun.remote.collect import Recorder
+    from batchrun.state.remote_parts import REMOTE_TOKEN
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2, max_tokens=40)
+    bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=1.0)).batch_id
+    real_store.lease(bid, 0, 10, 60_000, REMOTE_TOKEN)
+    usage = {"prompt_tokens": 1000, "completion_tokens": 500, "total_tokens": 1500}
+
+    def line(cid, model):
+        return {"custom_id": cid, "response": {"status_code": 200, "body": {
+            "object": "chat.completion", "model": model, "usage": usage,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "x"}, "finish_reason": "stop"}]}}}
+
+    lines = {"req-0": line("req-0", "gpt-4o"), "req-1": line("req-1", "gpt-4o-mini-2024-07-18")}
+    Recorder(real_store, bid).record("gpt-4o-mini", ["req-0", "req-1"], lines, "/v1/chat/completions")
+    expected = cost_of_usage(batch_price(TABLE.price_for("gpt-4o")), usage) + \
+        cost_of_usage(batch_price(TABLE.price_for("gpt-4o-mini")), usage)
+    assert float(real_store.meta(bid)["cost"]) == pytest.approx(expected, rel=1e-9)
+
+
 def test_run_via_the_batch_api_stops_at_the_cap_and_never_spends_past_it(tmp_path):
     # Three models: three remote batches, made in no set order. The cap holds any two of them
     # (the two dearest included), never all three: two go up, the third is held back.

@@ -84,11 +84,17 @@ class Recorder:
             owner = owners.get(cid, "")
             owner = owner if owner.startswith(REMOTE_TOKEN + "|") else ""
             if outcome.fate is LineFate.RESULT:
-                usage = ((line.get("response") or {}).get("body") or {}).get("usage")
-                # Usage that cannot be read counts the job's worst case, as a live answer's does.
-                worst = (0, 0) if not price or usage_is_readable(usage) else \
+                body = (line.get("response") or {}).get("body")
+                body = body if isinstance(body, dict) else {}
+                usage = body.get("usage")
+                # Priced by the dearer of the model asked for and the one that answered, as a live
+                # answer is; usage that cannot be read counts the job's worst case, as a live answer's does.
+                answered = body.get("model")
+                prices = [p for p in (price, self.table.price_for(answered) if isinstance(answered, str) and answered
+                                      else None) if p is not None]
+                worst = (0, 0) if not prices or usage_is_readable(usage) else \
                     worst_tokens(self.store.redis, self.batch_id, cid)
-                cost = answer_cost([batch_price(price) if price else None], usage, *worst)
+                cost = answer_cost([batch_price(p) for p in prices], usage, *worst)
                 by_owner[owner].append(CompleteItem(OutcomeKind.RESULT, cid, json.dumps(line), cost))
                 out.results += 1
             elif outcome.fate is LineFate.ERROR:
