@@ -223,3 +223,32 @@ def test_prices_given_at_the_resume_reach_a_remote_runner_that_kept_going(real_s
     assert (meta["state"], meta["done"]) == ("finished", "10"), meta.get("reason")
     assert summary["created"] == 2
     assert float(meta["cost"]) > 0 and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
+
+
+def test_a_runner_killed_between_the_reservation_and_the_upload_sets_nothing_aside_twice(real_store, tmp_path):
+    class Killed(BaseException):
+        pass
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 10, max_tokens=40)
+    worst = sum(worst_at_batch_price(jobs))
+    with MockServerThread(batch_seconds=0.3) as srv:
+        bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=worst * 1.5)).batch_id
+        client = RemoteClient(srv.base_url, "sk-test")
+        upload = client.upload
+
+        def die(*args, **kwargs):
+            raise Killed()
+
+        client.upload = die
+        with pytest.raises(Killed):
+            RemoteRunner(real_store, bid, client, max_seconds=10, poll_cap=0.2).run()
+        assert float(real_store.meta(bid)["cost_reserved"]) == pytest.approx(worst, rel=1e-9)
+        assert RemoteParts(real_store.redis).parts(bid)[0].reserved
+        real_store.redis.delete(f"batchrun:batch:{bid}:rlock")  # its lock lapsed
+        client.upload = upload
+        # Set aside again, the worst case would be 2 x worst > the cap: the batch would pause.
+        assert RemoteRunner(real_store, bid, client, max_seconds=20, poll_cap=0.2).run()["again"] is False
+        assert mock_summary(srv)["created"] == 1
+    meta = real_store.meta(bid)
+    assert (meta["state"], meta["done"]) == ("finished", "10")
+    assert 0 < float(meta["cost"]) <= worst and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
