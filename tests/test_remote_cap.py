@@ -252,3 +252,15 @@ def test_a_runner_killed_between_the_reservation_and_the_upload_sets_nothing_asi
     meta = real_store.meta(bid)
     assert (meta["state"], meta["done"]) == ("finished", "10")
     assert 0 < float(meta["cost"]) <= worst and abs(float(meta.get("cost_reserved") or 0)) < 1e-12
+
+
+def test_status_says_the_amount_set_aside_holds_remote_batches_too(real_store, tmp_path):
+    from batchrun.ops.status import batch_status, describe
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 10, max_tokens=40)
+    worst = sum(worst_at_batch_price(jobs))
+    with MockServerThread(batch_seconds=30) as srv:
+        bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=1.0)).batch_id
+        RemoteRunner(real_store, bid, RemoteClient(srv.base_url, "sk-test"), max_seconds=0.5, poll_cap=0.1).run()
+    text = "\n".join(describe(batch_status(real_store, bid)))
+    assert f"cap $1.0000, ${worst:.4f} set aside for requests in flight and remote batches" in text, text
