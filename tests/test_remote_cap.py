@@ -264,3 +264,25 @@ def test_status_says_the_amount_set_aside_holds_remote_batches_too(real_store, t
         RemoteRunner(real_store, bid, RemoteClient(srv.base_url, "sk-test"), max_seconds=0.5, poll_cap=0.1).run()
     text = "\n".join(describe(batch_status(real_store, bid)))
     assert f"cap $1.0000, ${worst:.4f} set aside for requests in flight and remote batches" in text, text
+
+
+def test_the_command_printed_at_the_cap_names_the_config_file_given(real_store, real_redis_url, tmp_path):
+    # `batchrun --config FILE run …` paused at its cap printed `batchrun run … --max-cost USD`
+    # without the file: pasted, it ran without its [[endpoints]], and the remote batch bound for one
+    # of them was retried for --give-up-after, then paused again (or it asked for OPENAI_API_KEY).
+    # Every printed command goes through hints.command: seen here through `resume` at the cap.
+    from batchrun.ops import hints
+    from batchrun.state.states import PauseKind
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2, max_tokens=40)
+    bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", max_cost=1.0)).batch_id
+    real_store.set_state(bid, BatchState.PAUSED, "at the cap", only_from=(BatchState.RUNNING,),
+                         pause_kind=PauseKind.COST_CAP)
+    config = tmp_path / "batchrun.toml"
+    config.write_text('[[endpoints]]\nname = "bapi"\nbase_url = "http://127.0.0.1:9/v1"\nvia = "batch-api"\n')
+    done = subprocess.run(batchrun_cmd("--config", str(config), "resume", bid, "--redis-url", real_redis_url),
+                          env=cli_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"resume it with a higher one: batchrun --config {config} resume {bid} --max-cost USD" in done.stderr, \
+        done.stderr
+    assert hints.command(["status", bid]) == f"batchrun status {bid}"  # (this process was given no --config)

@@ -17,6 +17,7 @@ from batchrun.cli import dashboard, endpoints, estimate, manage, priority, resum
 from batchrun.cli.config import load_config
 from batchrun.cli.helpers import fail
 from batchrun.endpoints import CONFIG_ENV
+from batchrun.ops import hints
 from batchrun.cli.verbosity import lift_verbosity
 from batchrun.state.connections import ENV_URL, db_out_of_range, describe
 
@@ -100,6 +101,8 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
         os.environ[CONFIG_ENV] = os.path.abspath(config_path)
         ctx.call_on_close(lambda: os.environ.pop(CONFIG_ENV, None) if before is None
                           else os.environ.__setitem__(CONFIG_ENV, before))
+        printed_before = hints.given_config(os.path.abspath(config_path))  # printed commands name it too
+        ctx.call_on_close(lambda: hints.given_config(printed_before))
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:
