@@ -122,8 +122,8 @@ class PartSteps:
             return False
         self._pause(part, f"the Batch API at {self._where(part)} has failed for {down_for:.0f} s "
                           f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
-                          f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
-                          f"`batchrun resume {self.batch_id}`")
+                          f"for ever; no job failed. Check {self._url_source(part)} and that the server is up, then "
+                          f"run `batchrun resume {self.batch_id}`")
         return True
 
     def _pause(self, part: Part, reason: str) -> None:
@@ -141,6 +141,10 @@ class PartSteps:
             return mask_url(self._client(part).base_url) + (f" (endpoint {part.endpoint!r})" if part.endpoint else "")
         except RemoteError:
             return f"endpoint {part.endpoint!r}"
+
+    def _url_source(self, part: Part) -> str:
+        """Where the part's URL comes from, for a sentence: the worker's OPENAI_BASE_URL, or its endpoint."""
+        return f"endpoint {part.endpoint!r} in the workers' config file" if part.endpoint else "OPENAI_BASE_URL"
 
     def _key_var(self, part: Part) -> str:
         try:
