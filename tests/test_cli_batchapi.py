@@ -102,6 +102,19 @@ def test_estimate_via_the_batch_api_shows_both_prices(tmp_path):
     assert "Batch API" not in plain.stdout
 
 
+def test_estimate_via_the_batch_api_names_the_models_it_could_not_price(tmp_path):
+    # The live cost line said "(without my-llama: no price known)"; the Batch API line beside it
+    # gave the same partial sum as if it were the whole file's.
+    priced = write_jobs(tmp_path / "a.jsonl", 3, max_tokens=100)
+    unpriced = write_jobs(tmp_path / "b.jsonl", 3, max_tokens=100, model="my-llama", prefix="llama")
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text(priced.read_text() + unpriced.read_text())
+    text = _cli(["estimate", str(jobs), "--via", "batch-api", "--no-cache"], cli_env())
+    assert text.returncode == 0, text.stderr
+    line = next(x for x in text.stdout.splitlines() if x.startswith("via the Batch API:"))
+    assert "without my-llama: no price known" in line, line
+
+
 def _run_auto(srv, jobs, out, deadline, *extra):
     """`run --via auto`; returns it and the seconds from the batch's creation (the deadline counts
     from there: the line naming the batch is printed as it is made) to the run's end."""

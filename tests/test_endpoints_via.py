@@ -179,3 +179,31 @@ def test_the_plan_takes_every_remote_models_job_however_many_live_ones_come_firs
     assert sorted(parts.ids(bid, 0)) == sorted(f"z-big-{i}" for i in range(8))
     todo = {m.decode() for m in real_store.redis.zrange(keys.todo(bid, 0), 0, -1)}
     assert todo == {f"a-mini-{i}" for i in range(12)}  # the live model's jobs, back for live runners
+
+
+def test_a_remote_batch_bound_for_an_endpoint_the_worker_lacks_pauses_naming_the_endpoint(real_store, tmp_path):
+    # Past --give-up-after the pause said "Check OPENAI_BASE_URL", which this part does not use.
+    import time
+
+    from batchrun.endpoints import parse_endpoints
+    from batchrun.ops.submit import submit_file
+    from batchrun.remote.client import RemoteClient
+    from batchrun.remote.runner import RemoteRunner
+    from batchrun.settings import BatchOptions
+    from batchrun.state.remote_parts import RemoteParts
+
+    eps = parse_endpoints("c.toml", [{"name": "batch-b", "base_url": "http://127.0.0.1:9/v1",
+                                     "via": "batch-api"}])
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 2)
+    bid = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api", give_up_seconds=0.3)).batch_id
+    client = RemoteClient("http://127.0.0.1:9/v1", "sk-test")
+    planner = RemoteRunner(real_store, bid, client, endpoints=eps)
+    assert planner.parts.lock(bid, planner.token, 60_000) and planner.plan(real_store.meta(bid)) == 1
+    planner.parts.unlock(bid, planner.token)
+    assert RemoteParts(real_store.redis).parts(bid)[0].endpoint == "batch-b"
+    started = time.monotonic()
+    RemoteRunner(real_store, bid, client, endpoints=(), max_seconds=10, poll_cap=0.1).run()  # a worker without it
+    meta = real_store.meta(bid)
+    assert meta["state"] == "paused" and time.monotonic() - started < 10, meta
+    assert "which this worker's [[endpoints]]" in meta["reason"] and "OPENAI_BASE_URL" not in meta["reason"]
+    assert "Check endpoint 'batch-b' in the workers' config file" in meta["reason"], meta["reason"]

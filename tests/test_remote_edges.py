@@ -237,6 +237,32 @@ def test_a_refused_key_pauses_the_batch_with_a_sentence_and_never_reaches_redis(
         assert "Secret0123456789" not in repr(dump), k
 
 
+def test_a_key_not_shaped_like_sk_echoed_by_a_refusal_never_reaches_redis(real_store, tmp_path):
+    # A self-hosted endpoint's token (no sk- prefix), echoed bare by the server refusing the upload,
+    # went into every job's error line and the part's note: only keys shaped like OpenAI's were
+    # redacted, since the remote runner never told the redaction which key it sends.
+    key = "vllm-token-Secret0123456789"
+
+    def script(seen: Seen) -> Reply:
+        token = seen.headers.get("Authorization", "").split(" ")[-1]
+        return Reply(400, body=error_body(f"key {token} may not upload files", "invalid_request_error"))
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 3)
+    with HostileServer(script) as srv:
+        report = submit_file(real_store, str(jobs), options=BatchOptions(via="batch-api"))
+        RemoteRunner(real_store, report.batch_id, RemoteClient(srv.base_url, key), max_seconds=20, poll_cap=0.3).run()
+    meta = real_store.meta(report.batch_id)
+    assert meta["failed"] == "3", meta  # refused for good: each job ends with the reason...
+    r = real_store.redis
+    lines = r.lrange(f"batchrun:batch:{report.batch_id}:results", 0, -1)
+    assert len(lines) == 3 and all(b"may not upload files" in x and b"[redacted]" in x for x in lines)
+    for k in r.scan_iter("batchrun:*"):  # ... without the key
+        kind = r.type(k)
+        dump = {b"hash": lambda: r.hgetall(k), b"string": lambda: r.get(k), b"list": lambda: r.lrange(k, 0, -1),
+                b"set": lambda: r.smembers(k), b"zset": lambda: r.zrange(k, 0, -1)}.get(kind, lambda: b"")()
+        assert "Secret0123456789" not in repr(dump), k
+
+
 def test_a_cancel_during_a_pass_stops_the_creates_still_to_come(real_store, tmp_path):
     # The batch was cancelled while its runner was creating remote batches: the rest of that
     # pass still created theirs upstream, which then ran (and billed) until cancelled.
@@ -259,3 +285,35 @@ def test_a_cancel_during_a_pass_stops_the_creates_still_to_come(real_store, tmp_
         RemoteRunner(real_store, bid, RemoteClient(srv.base_url, "sk-test"), max_seconds=5, poll_cap=0.3,
                      max_requests=2).run()
     assert api.creates == 1, f"{api.creates} remote batches created after the cancel"
+
+
+def test_jobs_a_failed_remote_batch_gave_to_live_are_not_taken_back_by_a_later_submit(real_store, tmp_path):
+    # A remote batch that failed validation sends its jobs live: back in their shard, unleased. A
+    # submit into the same batch before a live runner took them planned again: it leased the whole
+    # shard to the remote runner, these jobs too, and made no part of them (they were in the failed
+    # part's ids already): held by nobody for the four days of the remote lease, sent by no one.
+    from batchrun.remote.collect import Recorder
+    from batchrun.remote.steps import PartSteps
+    from batchrun.state import keys
+
+    first = write_jobs(tmp_path / "a.jsonl", 5, prefix="a")
+    more = write_jobs(tmp_path / "b.jsonl", 3, prefix="b")
+    bid = submit_file(real_store, str(first), options=BatchOptions(via="batch-api")).batch_id
+    runner = RemoteRunner(real_store, bid, RemoteClient("http://127.0.0.1:9/v1", "sk-test"), max_seconds=1)
+    assert runner.parts.lock(bid, runner.token, 60_000)
+    assert runner.plan(real_store.meta(bid)) == 1
+    part = runner.parts.parts(bid)[0]
+    steps = PartSteps(real_store, bid, runner.client, Recorder(real_store, bid), runner._save)
+    steps._to_live(part, "the remote batch failed: no reason given")
+    runner._save([part])
+    submit_file(real_store, str(more), batch_id=bid, options=BatchOptions(via="batch-api"))
+    runner.plan(real_store.meta(bid))
+    open_parts = [p for p in runner.parts.parts(bid) if not p.state.ended]
+    in_open = {cid for p in open_parts for cid in runner.parts.ids(bid, p.no)}
+    owners = {cid: (o or b"").decode() for cid, o in
+              zip([f"a-{i}" for i in range(5)], real_store.redis.hmget(keys.sub(bid, "owner"), [f"a-{i}" for i in range(5)]))}
+    todo = {m.decode() for m in real_store.redis.zrange(keys.todo(bid, 0), 0, -1)}
+    for cid, owner in owners.items():
+        # each job is either waiting for a live runner, or in a remote batch still to go up
+        assert (not owner and cid in todo) or (owner.startswith("remote|") and cid in in_open), (cid, owner)
+    assert {f"b-{i}" for i in range(3)} <= in_open

@@ -120,6 +120,7 @@ def batch_api_costs(report: EstimateReport) -> dict:
 
 def batch_api_text(report: EstimateReport) -> str:
     c = batch_api_costs(report)
+    without = f", without {', '.join(report.unpriced_models)}: no price known" if report.unpriced_models else ""
     return (f"via the Batch API: {format_usd(c['cost_low_usd'])} to {format_usd(c['cost_high_usd'])} "
-            f"({BATCH_API_SHARE:.0%} of the live {format_usd(report.cost_low)} to {format_usd(report.cost_high)}; "
-            f"done within 24 hours, outside your rate limits)")
+            f"({BATCH_API_SHARE:.0%} of the live {format_usd(report.cost_low)} to {format_usd(report.cost_high)}"
+            f"{without}; done within 24 hours, outside your rate limits)")

@@ -105,8 +105,9 @@ def main(ctx: click.Context, verbose: int, quiet: int, config_path: str | None) 
         ctx.call_on_close(lambda: os.environ.pop(CONFIG_ENV, None) if before is None
                           else os.environ.__setitem__(CONFIG_ENV, before))
         if ctx.get_parameter_source("config_path") is ParameterSource.COMMANDLINE:
-            hints.given_config(config_path)  # (the commands it prints name it; from the environment, the shell keeps it)
-            ctx.call_on_close(lambda: hints.given_config(None))
+            # Printed commands name it too (from BATCHRUN_CONFIG, the shell keeps it for them).
+            printed_before = hints.given_config(os.path.abspath(config_path))
+            ctx.call_on_close(lambda: hints.given_config(printed_before))
 
 
 def _lift_verbosity(args: list[str]) -> list[str]:

@@ -55,18 +55,20 @@ class RedisRef:
         return None
 
 
-_GLOBAL: list[str] = []  # `--config FILE` when this command was given one on its command line
+_GIVEN: list[str] = []  # the options given before the command that every printed command repeats
 
 
-def given_config(path: str | None) -> None:
-    """The config file this command was given with --config (None: none, or from BATCHRUN_CONFIG,
-    which the shell keeps): every printed command names it, or pasted it would lose the file's
-    [[endpoints]] and option defaults."""
-    _GLOBAL[:] = ["--config", path] if path else []
+def given_config(path: str | None) -> str | None:
+    """``batchrun --config FILE …``: every command printed from now on names FILE too (its
+    [[endpoints]] and option defaults: without them a pasted `run` sends elsewhere). Returns the
+    path it replaces, for the caller to put back (None: none)."""
+    before = _GIVEN[1] if _GIVEN else None
+    _GIVEN[:] = ["--config", path] if path else []
+    return before
 
 
 def command(args: Sequence[str]) -> str:
-    return "batchrun " + shlex.join([*_GLOBAL, *args])
+    return "batchrun " + shlex.join([*_GIVEN, *args])
 
 
 def resume_files(jobs: str, output: str, errors: str | None, redis: RedisRef, *, mock: bool,

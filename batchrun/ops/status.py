@@ -218,7 +218,7 @@ def describe(status: dict) -> list[str]:
         money += f", about {format_usd(cost['projected_usd'])} for the whole batch"
     if cost["max_cost_usd"]:
         money += f"; cap {format_usd(cost['max_cost_usd'])}, {format_usd(cost['in_flight_usd'])} set aside for " \
-                 f"requests in flight"
+                 f"requests in flight" + (" and remote batches" if status.get("remote_batches") else "")
     if cost["unaccounted_usd"]:
         money += f", {format_usd(cost['unaccounted_usd'])} counted for requests whose worker died"
     if cost["prices_as_of"]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import openai
 
-from batchrun.policy.messages import redact
+from batchrun.policy.messages import redact, remember_secrets
 from batchrun.policy.remote_lines import is_queue_full
 
 CALL_TIMEOUT = 120.0  # seconds per call (uploads and downloads of up to 200 MB included)
@@ -44,6 +44,7 @@ def _message(exc: openai.APIStatusError) -> str:
 class RemoteClient:
     def __init__(self, base_url: str, api_key: str, key_env: str = "OPENAI_API_KEY"):
         self.base_url, self.key_env = base_url, key_env  # (the variable named in a sentence; never the key)
+        remember_secrets(api_key, base_url)  # a server may echo them (a bare token, no sk-): messages hide them
         self.sdk = openai.OpenAI(base_url=base_url, api_key=api_key or "none", max_retries=2, timeout=CALL_TIMEOUT)
 
     def _call(self, what: str, fn, *args, **kwargs):

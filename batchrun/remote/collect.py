@@ -52,9 +52,17 @@ class Recorder:
 
     def __init__(self, store: BatchStore, batch_id: str):
         self.store, self.batch_id = store, batch_id
-        meta = store.meta(batch_id)
-        self.table = PriceTable.from_json(meta["prices"]) if meta.get("prices") else PriceTable.load()
+        self._prices: str | None = None
+        self.refresh(store.meta(batch_id))
         self.options = store.options(batch_id)
+
+    def refresh(self, meta: dict[str, str]) -> None:
+        """Take the batch's price table again if it changed (`resume ID --prices FILE`): a runner
+        that keeps going meanwhile (a remote batch still upstream) must not price by the old one."""
+        stored = meta.get("prices") or ""
+        if stored != self._prices:
+            self.table = PriceTable.from_json(stored) if stored else PriceTable.load()
+            self._prices = stored
 
     def owners(self, cids: list[str]) -> dict[str, str]:
         """custom_id -> lease owner ('remote|SHARD' while the job is in a remote batch; '' if not)."""
@@ -76,11 +84,17 @@ class Recorder:
             owner = owners.get(cid, "")
             owner = owner if owner.startswith(REMOTE_TOKEN + "|") else ""
             if outcome.fate is LineFate.RESULT:
-                usage = ((line.get("response") or {}).get("body") or {}).get("usage")
-                # Usage that cannot be read counts the job's worst case, as a live answer's does.
-                worst = (0, 0) if not price or usage_is_readable(usage) else \
+                body = (line.get("response") or {}).get("body")
+                body = body if isinstance(body, dict) else {}
+                usage = body.get("usage")
+                # Priced by the dearer of the model asked for and the one that answered, as a live
+                # answer is; usage that cannot be read counts the job's worst case, as a live answer's does.
+                answered = body.get("model")
+                prices = [p for p in (price, self.table.price_for(answered) if isinstance(answered, str) and answered
+                                      else None) if p is not None]
+                worst = (0, 0) if not prices or usage_is_readable(usage) else \
                     worst_tokens(self.store.redis, self.batch_id, cid)
-                cost = answer_cost([batch_price(price) if price else None], usage, *worst)
+                cost = answer_cost([batch_price(p) for p in prices], usage, *worst)
                 by_owner[owner].append(CompleteItem(OutcomeKind.RESULT, cid, json.dumps(line), cost))
                 out.results += 1
             elif outcome.fate is LineFate.ERROR:

@@ -190,7 +190,7 @@ class RemoteRunner:
     def _make_parts(self, only: set[str] | None = None) -> int:
         """Parts for every job leased to the remote token that no part holds yet (under per-endpoint
         via, of the models in ``only``: others a runner killed while leasing held go back live)."""
-        planned = self.parts.all_ids(self.batch_id)
+        planned, went_live = self._planned_ids()
         mine = [_s(cid) for cid, owner in self.store.redis.hscan_iter(keys.sub(self.batch_id, "owner"), count=5000)
                 if _s(owner).startswith(REMOTE_TOKEN + "|") and _s(cid) not in planned]
         if not mine:
@@ -199,7 +199,9 @@ class RemoteRunner:
         for i in range(0, len(mine), LEASE_CHUNK):
             chunk = mine[i:i + LEASE_CHUNK]
             for cid, raw in zip(chunk, self.store.redis.hmget(keys.sub(self.batch_id, "req"), chunk)):
-                if raw:
+                if raw and cid in went_live:  # an ended part sent it live; a later plan leased it again
+                    live.append((cid, "", ""))
+                elif raw:
                     req = json.loads(raw)
                     model = str((req.get("body") or {}).get("model", ""))
                     if only is not None and model not in only:
@@ -218,6 +220,16 @@ class RemoteRunner:
         log.info("batch %s: %d job(s) in %d new remote batch(es)", self.batch_id, len(sizes), len(new))
         return len(new)
 
+
+    def _planned_ids(self) -> tuple[set[str], set[str]]:
+        """(the jobs of parts still open, those only ended parts name). A job leased to the remote
+        token that only an ended part names was sent live by it (the remote batch failed, waited a
+        day on a full queue, was late) and leased again by a later plan (jobs added to the batch)."""
+        open_ids: set[str] = set()
+        ended: set[str] = set()
+        for part in self.parts.parts(self.batch_id):
+            (ended if part.state.ended else open_ids).update(self.parts.ids(self.batch_id, part.no))
+        return open_ids, ended - open_ids
 
     def _endpoint_of(self, model: str) -> str:
         """The [[endpoints]] name a model's remote batches go to ('': the worker's OPENAI_BASE_URL)."""

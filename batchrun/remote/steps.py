@@ -19,7 +19,7 @@ from batchrun.remote.client import KeyRefused, QueueFull, Refused, RemoteClient,
 from batchrun.remote.collect import Recorder, input_line, read_file_lines
 from batchrun.policy.remote_lines import is_queue_full
 from batchrun.state import keys
-from batchrun.state.remote_parts import Part, PartState, RemoteParts
+from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN, Part, PartState, RemoteParts
 from batchrun.state.states import BatchState
 from batchrun.state.store import BatchStore
 from batchrun.urls import mask_url
@@ -54,6 +54,7 @@ class PartSteps:
         changed = False
         held = {p.model for p in parts if p.state is PartState.HELD}
         meta = self.store.meta(self.batch_id)
+        self.recorder.refresh(meta)  # prices given at a resume count from this pass on
         late, paused = is_late(meta), meta.get("state") == BatchState.PAUSED
         at_cap = meta.get("pause_kind") == PauseKind.COST_CAP
         for part in parts:
@@ -121,8 +122,8 @@ class PartSteps:
             return False
         self._pause(part, f"the Batch API at {self._where(part)} has failed for {down_for:.0f} s "
                           f"({why}), past --give-up-after {give_up:g} s, so the batch is paused rather than trying "
-                          f"for ever; no job failed. Check OPENAI_BASE_URL and that the server is up, then run "
-                          f"`batchrun resume {self.batch_id}`")
+                          f"for ever; no job failed. Check {self._url_source(part)} and that the server is up, then "
+                          f"run `batchrun resume {self.batch_id}`")
         return True
 
     def _pause(self, part: Part, reason: str) -> None:
@@ -141,6 +142,10 @@ class PartSteps:
         except RemoteError:
             return f"endpoint {part.endpoint!r}"
 
+    def _url_source(self, part: Part) -> str:
+        """Where the part's URL comes from, for a sentence: the worker's OPENAI_BASE_URL, or its endpoint."""
+        return f"endpoint {part.endpoint!r} in the workers' config file" if part.endpoint else "OPENAI_BASE_URL"
+
     def _key_var(self, part: Part) -> str:
         try:
             return self._client(part).key_env
@@ -151,7 +156,7 @@ class PartSteps:
         return {"batchrun_batch": self.batch_id, "batchrun_part": str(part.no)}
 
     def _upload(self, part: Part) -> None:
-        cids = self._ids(part)
+        cids = self._still_ours(part)
         lines = []
         for i in range(0, len(cids), 5000):
             chunk = cids[i:i + 5000]
@@ -159,12 +164,37 @@ class PartSteps:
                 if raw:  # (no request: the job ended meanwhile)
                     lines.append(input_line(cid, raw))
         if not lines:
-            part.state, part.note = PartState.DONE, "every job had ended before the upload"
+            part.state, part.note = PartState.DONE, "every job had ended (or gone to live sending) before the upload"
             return
         if not self._within_cap(part, cids):
             return
         part.file_id = self._client(part).upload(f"batchrun-{self.batch_id}-part{part.no}.jsonl", b"".join(lines))
         part.state, part.note = PartState.UPLOADED, ""
+
+    def _still_ours(self, part: Part) -> list[str]:
+        """The part's jobs still leased to the remote token, their leases renewed for the whole
+        remote lease from now (the upload). A part planned long ago (its batch paused longer than
+        the lease) may have had jobs reclaimed into their shards, where live runners send them:
+        uploaded too, they would be sent twice, with nothing set aside for their remote copy. They
+        leave the part (its ids are rewritten), so that the part holds what went up."""
+        cids = self._ids(part)
+        by_owner: dict[str, list[str]] = {}
+        for cid, owner in self.recorder.owners(cids).items():
+            if owner.startswith(REMOTE_TOKEN + "|"):
+                by_owner.setdefault(owner, []).append(cid)
+        for owner, group in by_owner.items():
+            for i in range(0, len(group), 5000):
+                self.store.renew(self.batch_id, owner, REMOTE_LEASE_MS, group[i:i + 5000])
+        # (read again after the renewal: a lease that lapsed just before it was not renewed)
+        kept = [cid for cid, owner in self.recorder.owners(cids).items() if owner.startswith(REMOTE_TOKEN + "|")]
+        if len(kept) < len(cids):
+            log.warning("batch %s, remote batch %d: %d of its %d job(s) are no longer leased to it (their lease "
+                        "ran out while it waited; live sending has them): they are not uploaded", self.batch_id,
+                        part.no, len(cids) - len(kept), len(cids))
+            if kept:
+                part.size = len(kept)
+                self.save([part], {part.no: kept})
+        return kept
 
     def _within_cap(self, part: Part, cids: list[str]) -> bool:
         """Under --max-cost: set the part's worst case aside before its file goes up, or pause the
