@@ -204,3 +204,22 @@ def test_a_rerun_killed_with_misses_in_flight_resumes_each_job_once(spawn, tmp_p
         assert srv.stats()["requests"] == 10 + 5 + 5  # no hit was ever sent again
     results, _ = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
     assert {r["custom_id"] for r in results if r.get("cached")} == {f"req-{i}" for i in range(10)}
+
+
+def test_via_auto_splits_the_misses_not_the_total_with_the_hits(store, tmp_path):
+    # (the split took the batch's total, hits included: 30 jobs, 18 of them live by the deadline,
+    # so 12 went to the Batch API, all 10 misses, although every one could be sent live in time)
+    from batchrun.remote.auto import split_once
+    from batchrun.settings import Limits
+    from batchrun.state.remote_parts import REMOTE_TOKEN
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30)
+    _seed(store, jobs, range(20))
+    options = BatchOptions(shard_size=10, via="auto", deadline_seconds=60, limits=Limits({"*": {"rpm": 30}}))
+    rep = submit_file(store, str(jobs), options=options, request_keys=RequestKeys(BASE))
+    assert (rep.served, rep.added) == (20, 10)
+    assert split_once(store, rep.batch_id, store.meta(rep.batch_id))
+    meta = store.meta(rep.batch_id)
+    assert (meta["auto_live"], meta["auto_remote"]) == ("10", "0")
+    owners = [decoded(o) for o in store.redis.hvals(keys.sub(rep.batch_id, "owner"))]
+    assert not [o for o in owners if o.startswith(REMOTE_TOKEN)], "misses that fit the deadline went remote"
