@@ -223,3 +223,39 @@ def test_via_auto_splits_the_misses_not_the_total_with_the_hits(store, tmp_path)
     assert (meta["auto_live"], meta["auto_remote"]) == ("10", "0")
     owners = [decoded(o) for o in store.redis.hvals(keys.sub(rep.batch_id, "owner"))]
     assert not [o for o in owners if o.startswith(REMOTE_TOKEN)], "misses that fit the deadline went remote"
+
+
+def test_a_finished_batch_the_cache_ends_again_gets_a_new_finished_at(store, tmp_path):
+    # (the submit kept the first finish's time: a batch that ran again showed when it ended before)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 12)
+    first = write_jobs(tmp_path / "first.jsonl", 6)
+    _seed(store, jobs, range(12))
+    rep = submit_file(store, str(first), batch_id="again", request_keys=RequestKeys(BASE))
+    assert store.meta("again")["state"] == "finished"
+    store.redis.hset(keys.batch("again"), "finished_at", 1000)  # as if it ended long ago
+    more = submit_file(store, str(jobs), batch_id="again", request_keys=RequestKeys(BASE))
+    meta = store.meta("again")
+    assert (rep.served, more.served, meta["state"], meta["done"], meta["total"]) == (6, 6, "finished", "12", "12")
+    assert int(meta["finished_at"]) > time.time() - 60
+
+
+def test_a_submit_does_not_finish_a_batch_another_submit_added_jobs_to_meanwhile(store, tmp_path, monkeypatch):
+    # Two runs of one batch id at once: this one's lines all hits, the other's adding jobs between
+    # this submit's read of the counts and its finish. The finish judged the old counts: the batch
+    # ended with jobs never sent, and the other run's workers found it finished.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    _seed(store, jobs, range(5))
+    real_meta = store.meta
+
+    def meta_then_another_submit(batch_id):
+        seen = real_meta(batch_id)
+        if seen.get("cache_hits") == "5" and not store.redis.hexists(keys.sub(batch_id, "req"), "other-0"):
+            store.add_jobs(batch_id, [("other-0", 0, json.dumps(read_lines(jobs)[0]))])
+        return seen
+
+    monkeypatch.setattr(store, "meta", meta_then_another_submit)
+    rep = submit_file(store, str(jobs), batch_id="both", request_keys=RequestKeys(BASE))
+    monkeypatch.undo()
+    meta = store.meta("both")
+    assert rep.served == 5 and (meta["total"], meta["done"]) == ("6", "5")
+    assert meta["state"] == "running", "finished with a job never sent"
