@@ -259,3 +259,27 @@ def test_a_submit_does_not_finish_a_batch_another_submit_added_jobs_to_meanwhile
     meta = store.meta("both")
     assert rep.served == 5 and (meta["total"], meta["done"]) == ("6", "5")
     assert meta["state"] == "running", "finished with a job never sent"
+
+
+def test_a_run_whose_follow_stops_before_another_worker_ends_the_batch_writes_its_last_outcomes(
+        tmp_path, monkeypatch):
+    # `run --batch-id` of a batch a `batchrun worker` elsewhere runs: this run's own workers found
+    # nothing left to take and exited, so the follow stopped while the batch still ran; the other
+    # worker ended it before the state was read again, and its last outcomes were never written
+    # (exit 0, "32 result(s) written" of 50). Here the follow stops at once and the batch then ends.
+    import batchrun
+    from batchrun.api import batch as run_module
+
+    def stops_and_then_it_ends(self):
+        deadline = time.monotonic() + 20
+        while self.store.meta(self.batch_id).get("state") != "finished" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return True
+
+    monkeypatch.setattr(run_module._Run, "should_stop", stops_and_then_it_ends)
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(tmp_path / "cache"))
+    bodies = [{"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": f"last {i}"}]}
+              for i in range(6)]
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        results = batchrun.run(bodies, base_url=srv.base_url, api_key="sk-test")
+    assert [r.ok for r in results] == [True] * 6, [r.error for r in results if not r.ok]
