@@ -204,3 +204,82 @@ def test_a_rerun_killed_with_misses_in_flight_resumes_each_job_once(spawn, tmp_p
         assert srv.stats()["requests"] == 10 + 5 + 5  # no hit was ever sent again
     results, _ = check_exactly_once(jobs, out, tmp_path / "out.errors.jsonl")
     assert {r["custom_id"] for r in results if r.get("cached")} == {f"req-{i}" for i in range(10)}
+
+
+def test_via_auto_splits_the_misses_not_the_total_with_the_hits(store, tmp_path):
+    # (the split took the batch's total, hits included: 30 jobs, 18 of them live by the deadline,
+    # so 12 went to the Batch API, all 10 misses, although every one could be sent live in time)
+    from batchrun.remote.auto import split_once
+    from batchrun.settings import Limits
+    from batchrun.state.remote_parts import REMOTE_TOKEN
+
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 30)
+    _seed(store, jobs, range(20))
+    options = BatchOptions(shard_size=10, via="auto", deadline_seconds=60, limits=Limits({"*": {"rpm": 30}}))
+    rep = submit_file(store, str(jobs), options=options, request_keys=RequestKeys(BASE))
+    assert (rep.served, rep.added) == (20, 10)
+    assert split_once(store, rep.batch_id, store.meta(rep.batch_id))
+    meta = store.meta(rep.batch_id)
+    assert (meta["auto_live"], meta["auto_remote"]) == ("10", "0")
+    owners = [decoded(o) for o in store.redis.hvals(keys.sub(rep.batch_id, "owner"))]
+    assert not [o for o in owners if o.startswith(REMOTE_TOKEN)], "misses that fit the deadline went remote"
+
+
+def test_a_finished_batch_the_cache_ends_again_gets_a_new_finished_at(store, tmp_path):
+    # (the submit kept the first finish's time: a batch that ran again showed when it ended before)
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 12)
+    first = write_jobs(tmp_path / "first.jsonl", 6)
+    _seed(store, jobs, range(12))
+    rep = submit_file(store, str(first), batch_id="again", request_keys=RequestKeys(BASE))
+    assert store.meta("again")["state"] == "finished"
+    store.redis.hset(keys.batch("again"), "finished_at", 1000)  # as if it ended long ago
+    more = submit_file(store, str(jobs), batch_id="again", request_keys=RequestKeys(BASE))
+    meta = store.meta("again")
+    assert (rep.served, more.served, meta["state"], meta["done"], meta["total"]) == (6, 6, "finished", "12", "12")
+    assert int(meta["finished_at"]) > time.time() - 60
+
+
+def test_a_submit_does_not_finish_a_batch_another_submit_added_jobs_to_meanwhile(store, tmp_path, monkeypatch):
+    # Two runs of one batch id at once: this one's lines all hits, the other's adding jobs between
+    # this submit's read of the counts and its finish. The finish judged the old counts: the batch
+    # ended with jobs never sent, and the other run's workers found it finished.
+    jobs = write_jobs(tmp_path / "jobs.jsonl", 5)
+    _seed(store, jobs, range(5))
+    real_meta = store.meta
+
+    def meta_then_another_submit(batch_id):
+        seen = real_meta(batch_id)
+        if seen.get("cache_hits") == "5" and not store.redis.hexists(keys.sub(batch_id, "req"), "other-0"):
+            store.add_jobs(batch_id, [("other-0", 0, json.dumps(read_lines(jobs)[0]))])
+        return seen
+
+    monkeypatch.setattr(store, "meta", meta_then_another_submit)
+    rep = submit_file(store, str(jobs), batch_id="both", request_keys=RequestKeys(BASE))
+    monkeypatch.undo()
+    meta = store.meta("both")
+    assert rep.served == 5 and (meta["total"], meta["done"]) == ("6", "5")
+    assert meta["state"] == "running", "finished with a job never sent"
+
+
+def test_a_run_whose_follow_stops_before_another_worker_ends_the_batch_writes_its_last_outcomes(
+        tmp_path, monkeypatch):
+    # `run --batch-id` of a batch a `batchrun worker` elsewhere runs: this run's own workers found
+    # nothing left to take and exited, so the follow stopped while the batch still ran; the other
+    # worker ended it before the state was read again, and its last outcomes were never written
+    # (exit 0, "32 result(s) written" of 50). Here the follow stops at once and the batch then ends.
+    import batchrun
+    from batchrun.api import batch as run_module
+
+    def stops_and_then_it_ends(self):
+        deadline = time.monotonic() + 20
+        while self.store.meta(self.batch_id).get("state") != "finished" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return True
+
+    monkeypatch.setattr(run_module._Run, "should_stop", stops_and_then_it_ends)
+    monkeypatch.setenv("BATCHRUN_CACHE_DIR", str(tmp_path / "cache"))
+    bodies = [{"model": "gpt-4o-mini", "max_tokens": 5, "messages": [{"role": "user", "content": f"last {i}"}]}
+              for i in range(6)]
+    with MockServerThread(MockConfig(latency_ms=100)) as srv:
+        results = batchrun.run(bodies, base_url=srv.base_url, api_key="sk-test")
+    assert [r.ok for r in results] == [True] * 6, [r.error for r in results if not r.ok]

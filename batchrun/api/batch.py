@@ -114,7 +114,7 @@ class _Run:
     written: CollectReport = field(default_factory=CollectReport)  # what this command wrote, over its collects
     batch_id: str = ""
 
-    def collect(self, **kw) -> None:
+    def collect(self, **kw) -> CollectReport:
         r = CollectReport()
         try:
             collect(self.store, self.batch_id, self.cfg.output, self.errors_path,
@@ -124,6 +124,7 @@ class _Run:
             self.written.results_written += r.results_written
             self.written.errors_written += r.errors_written
             self.written.other_there += r.other_there
+        return r
 
     def should_stop(self) -> bool:
         import redis
@@ -289,13 +290,17 @@ def _follow(run: _Run, stack: ExitStack, total: int) -> RunEnd | None:
     progress = run.out.progress(store, bid, total)
     stack.callback(progress.close)
     try:
-        run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
-                    should_stop=run.should_stop)
+        followed = run.collect(follow=True, poll=COLLECT_POLL_SECONDS, on_progress=lambda r: progress.update(),
+                               should_stop=run.should_stop)
         if store.meta(bid).get("state") != BatchState.FINISHED:
             # Paused (quota, the spending cap): the requests in flight still land and were paid
             # for; wait for the workers to finish them, and write them too. A Ctrl-C meanwhile (the
             # wait can be the request timeout) stops as any other does, saying how to continue.
             run.workers.stop()
+            run.collect()
+        elif not followed.finished:
+            # The follow stopped before the batch finished (this run's workers had nothing left to
+            # take: another worker held its last jobs), and it finished since: its last outcomes too.
             run.collect()
     except KeyboardInterrupt:
         run.workers.stop_flag.set()  # first: the runners stop taking jobs whatever the display does

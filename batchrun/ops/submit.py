@@ -279,9 +279,9 @@ def _submit_valid(store: BatchStore, source: _Source, requests: Iterable[tuple[s
     meta = store.meta(batch_id)
     total = int(meta.get("total", 0))
     if not jobs_left(meta):
-        # empty, all done before, or all served from the cache
-        if store.set_state(batch_id, BatchState.FINISHED, only_from=(BatchState.RUNNING,)) and served:
-            store.redis.hsetnx(keys.batch(batch_id), "finished_at", store.server_time_ms() // 1000)
+        # Empty, all done before, or all served from the cache: finished, unless another submit
+        # added jobs since the counts above were read (judged again in the script, as they are then).
+        store.finish_ended(batch_id)
     elif remote:
         request_plan(store, batch_id)
     elif meta.get("state") == BatchState.RUNNING and not loader.ready_below:

@@ -16,6 +16,7 @@ from collections import Counter
 
 from batchrun.policy.via_split import live_share, request_tokens
 from batchrun.state import keys
+from batchrun.state.jobcounts import jobs_left
 from batchrun.state.remote_parts import REMOTE_LEASE_MS, REMOTE_TOKEN
 from batchrun.state.store import BatchStore
 
@@ -43,7 +44,9 @@ def split_once(store: BatchStore, batch_id: str, meta: dict[str, str]) -> bool:
     """Make the batch's live/remote split if it has none yet; True if it made it now."""
     if meta.get("auto_live") is not None:
         return False
-    total = int(meta.get("total") or 0)
+    # The jobs still to send, not the batch's total: a rerun's cache hits (ended at submit) and
+    # jobs ended before are in the total, and would push sendable jobs to the Batch API.
+    total = jobs_left(meta)
     avg, model = _sample(store, batch_id)
     rpm, tpm = store.options(batch_id).limits.for_model(model)
     left = deadline_s(meta) - store.server_time_ms() / 1000

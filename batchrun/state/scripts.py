@@ -16,7 +16,8 @@ from redis.commands.core import Script
 NAMES = ("add_jobs", "lease", "complete", "requeue", "renew", "reclaim", "park", "promote", "reserve",
          "cool_down", "circuit", "set_state", "settle", "observe", "release_held", "level", "reserve_cost", "metrics",
          "expire_batch", "error_outcomes", "slot_acquire", "slot_release", "slot_renew", "day_take", "day_spent",
-         "day_give_back", "set_priority", "to_front", "cache_put", "cache_delete", "cache_release", "serve_cached")
+         "day_give_back", "set_priority", "to_front", "cache_put", "cache_delete", "cache_release", "serve_cached",
+         "finish_ended")
 
 
 PRELUDE = "_prelude"
@@ -72,3 +73,4 @@ class Scripts:
     cache_delete: Script
     cache_release: Script
     serve_cached: Script
+    finish_ended: Script

@@ -146,6 +146,11 @@ class BatchStore:
                                               keys.sub(batch_id, "req"), keys.sub(batch_id, "results")], args=args)
         return int(out[0]), float(_s(out[1]))
 
+    def finish_ended(self, batch_id: str) -> bool:
+        """Finish the batch if it is running and every job has ended, judged atomically on the counts
+        as they are now (finish_ended.lua); True if it finished now."""
+        return bool(self.scripts.finish_ended(keys=[keys.batch(batch_id), keys.ACTIVE, keys.ENDED], args=[batch_id]))
+
     def reopen(self, batch_id: str) -> None:
         """New jobs in a finished batch: it runs again, and its keys no longer expire."""
         if self.set_state(batch_id, BatchState.RUNNING, only_from=(BatchState.FINISHED,)):
