@@ -108,13 +108,8 @@ class DaySteps:
         finally:
             self._deferring.discard(job.custom_id)
         if seconds > self.policy.cap and not others:
-            message = day_short_pause_sentence(job.custom_id, tokens, model, left, seconds, self.policy.cap)
-            message = message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
-            if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
-                                 only_from=(BatchState.RUNNING,), pause_kind=PauseKind.LONG_WAIT):
-                log.error("batch %s paused: %s", self.batch_id, message)
-            await self.requeuer.submit(RequeueItem(job.custom_id, 0, False, "", False))
-            self.stats["paused"] += 1
+            await self._pause_until_a_day(job, day_short_pause_sentence(job.custom_id, tokens, model, left, seconds,
+                                                                        self.policy.cap))
             return
         # (spread: two such jobs of two workers, back at the same moment, would each see the other in flight)
         delay = min(seconds, self.policy.cap * (0.5 + random.random() / 2))
@@ -127,7 +122,10 @@ class DaySteps:
     async def _pause_for_days(self, job: LeasedJob, model: str) -> None:
         """Every endpoint serving the model has spent its day, and the first resumes later than the
         backoff cap: the batch pauses with a sentence saying when (the job keeps its attempts)."""
-        message = all_spent_sentence(model, self.routes.days_spent(model), self.policy.cap)
+        await self._pause_until_a_day(job, all_spent_sentence(model, self.routes.days_spent(model), self.policy.cap))
+
+    async def _pause_until_a_day(self, job: LeasedJob, message: str) -> None:
+        """The batch pauses (a long wait, said with when it can go on); the job goes back, attempts kept."""
         message = message.replace(BATCH_ID_PLACEHOLDER, self.batch_id)
         if await self._redis(self.store.set_state, self.batch_id, BatchState.PAUSED, message,
                              only_from=(BatchState.RUNNING,), pause_kind=PauseKind.LONG_WAIT):
