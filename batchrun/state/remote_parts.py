@@ -119,8 +119,3 @@ class RemoteParts:
         raw = self.redis.hget(keys.sub(batch_id, "rids"), str(no))
         return _s(raw).split("\n") if raw else []
 
-    def all_ids(self, batch_id: str) -> set[str]:
-        out: set[str] = set()
-        for raw in self.redis.hvals(keys.sub(batch_id, "rids")):
-            out.update(_s(raw).split("\n"))
-        return out
