@@ -118,4 +118,3 @@ class RemoteParts:
     def ids(self, batch_id: str, no: int) -> list[str]:
         raw = self.redis.hget(keys.sub(batch_id, "rids"), str(no))
         return _s(raw).split("\n") if raw else []
-
