@@ -147,3 +147,15 @@ def run_in_processes(body, arg_tuples: list[tuple], timeout: float) -> list:
 def on(server, **options) -> dict:
     """The Python API's options that point a call at a mock ``server`` (never a real key, no progress lines)."""
     return {"base_url": server.base_url, "api_key": "sk-mock", "progress": False, **options}
+
+
+def assert_stopped_sending(server, total: int, settle: float) -> None:
+    """A cancelled library run sent some of its ``total`` requests, sends no more within ``settle``
+    seconds, and leaves no run thread behind."""
+    import time
+
+    sent = server.stats()["requests"]
+    assert 0 < sent < total
+    time.sleep(settle)
+    assert server.stats()["requests"] == sent, "the run went on sending after it was cancelled"
+    assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())

@@ -14,7 +14,7 @@ import pytest
 import batchrun
 from batchrun.mock import MockConfig, MockServerThread
 from batchrun.mock.replies import reply_text, request_digest
-from tests.helpers import on
+from tests.helpers import assert_stopped_sending, on
 
 
 def body(i: int, tag: str = "q") -> dict:
@@ -209,8 +209,4 @@ def test_cancelling_a_task_iterating_astream_stops_its_run_and_raises_cancelled(
             await task
 
     asyncio.run(main())
-    sent = mock_a.stats()["requests"]
-    assert 0 < sent < 300
-    time.sleep(1.5)
-    assert mock_a.stats()["requests"] == sent, "the run went on sending after its astream task was cancelled"
-    assert not any(t.name == "batchrun-run" and t.is_alive() for t in threading.enumerate())
+    assert_stopped_sending(mock_a, 300, 1.5)
